@@ -1,0 +1,3 @@
+//! Typed changes (placeholder, being written).
+
+pub mod value;

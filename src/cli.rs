@@ -1,0 +1,146 @@
+//! Command-line interface of the `walcast` binary (clap), kept out of the
+//! library: it turns flags and environment variables into library calls.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use walcast::cluster::{Cluster, ClusterConfig};
+use walcast::schema::{self, Migrations};
+
+/// Realtime change-data-capture relay for PostgreSQL (Supabase Realtime compatible).
+#[derive(Debug, Parser)]
+#[command(name = "walcast", version, about)]
+pub(crate) struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "human",
+        env = "WALCAST_LOG_FORMAT"
+    )]
+    pub(crate) log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Apply the SQL schema (sql/) to a database.
+    ///
+    /// Without a database URL, walcast uses its embedded PostgreSQL in
+    /// --data-dir (created on first use), migrates it and stops it again.
+    Migrate {
+        /// PostgreSQL URL or key=value connection string.
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: Option<String>,
+        /// Read the migrations from this directory instead of the ones built in.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Data directory of the embedded PostgreSQL (used without a URL).
+        #[arg(long, default_value = ".walcast/postgres", env = "WALCAST_DATA_DIR")]
+        data_dir: PathBuf,
+    },
+}
+
+/// Installs the global tracing subscriber (`RUST_LOG`, default `info`).
+pub(crate) fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Runs the parsed command.
+pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Migrate {
+            database_url,
+            dir,
+            data_dir,
+        } => {
+            let migrations = match dir {
+                Some(dir) => Migrations::from_dir(&dir)?,
+                None => Migrations::embedded(),
+            };
+            match database_url {
+                Some(url) => migrate(&url, &migrations).await,
+                None => {
+                    let dir = data_dir.clone();
+                    let mut cluster = tokio::task::spawn_blocking(move || {
+                        Cluster::start(ClusterConfig::persistent(dir))
+                    })
+                    .await?
+                    .with_context(|| {
+                        format!("starting the embedded PostgreSQL in {}", data_dir.display())
+                    })?;
+                    println!(
+                        "embedded PostgreSQL {} in {} (port {})",
+                        cluster.version(),
+                        data_dir.display(),
+                        cluster.port()
+                    );
+                    ensure_database(&cluster.url("postgres"), "walcast").await?;
+                    let result = migrate(&cluster.url("walcast"), &migrations).await;
+                    tokio::task::spawn_blocking(move || cluster.stop()).await??;
+                    result
+                }
+            }
+        }
+    }
+}
+
+async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .context("connecting to PostgreSQL")?;
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::warn!(error = %err, "database connection ended");
+        }
+    });
+    Ok(client)
+}
+
+async fn ensure_database(admin_url: &str, name: &str) -> anyhow::Result<()> {
+    let client = connect(admin_url).await?;
+    let exists = client
+        .query_opt("select 1 from pg_database where datname = $1", &[&name])
+        .await?
+        .is_some();
+    if !exists {
+        client
+            .batch_execute(&format!("create database {name}"))
+            .await?;
+    }
+    Ok(())
+}
+
+async fn migrate(url: &str, migrations: &Migrations) -> anyhow::Result<()> {
+    let mut client = connect(url).await?;
+    let report = schema::migrate(&mut client, migrations).await?;
+    for name in &report.applied {
+        println!("applied   {name}");
+    }
+    println!(
+        "schema up to date: {} applied now, {} already applied",
+        report.applied.len(),
+        report.unchanged.len()
+    );
+    Ok(())
+}

@@ -1,0 +1,47 @@
+//! # walcast
+//!
+//! A self-hosted realtime change-data-capture relay for PostgreSQL: it streams
+//! the `supabase_realtime` publication (pgoutput) over its own replication
+//! connection, decides in memory which users may see each change (mirroring the
+//! database's Row Level Security from a WAL-ordered membership cache), and fans
+//! the changes out over WebSockets speaking Supabase Realtime's Phoenix protocol,
+//! so `@supabase/supabase-js` clients work unchanged.
+//!
+//! ## Pipeline
+//!
+//! Data flows one way; stages are joined by bounded channels, and no stage ever
+//! waits on a WebSocket client.
+//!
+//! ```text
+//!  PostgreSQL ──walsender (CopyBoth)──▶ replication ──XLogData──▶ pgoutput (sans-IO decode)
+//!      ▲                                    │                            │
+//!      │ standby status (flush = acked      │                            ▼
+//!      │ Commit.end_lsn / idle keepalive)   │                 change (relation cache,
+//!      └────────────────────────────────────┘                  txn assembly, value→JSON)
+//!                                    ▲                               │ committed txns, in order
+//!                                    │ ack end_lsn                   ▼
+//!                                    └─────────────────── policy (membership cache, rules,
+//!                                                          filters) ─▶ hub (serialize once,
+//!                                                          per-connection bounded queues)
+//!                                                                     │ shared Bytes
+//!                                                                     ▼
+//!                                                    realtime (Phoenix vsn 1/2, JWT) ◀─▶ clients
+//! ```
+//!
+//! ## Modules
+//!
+//! - [`schema`]: the SQL schema walcast serves (`sql/`) and its migration runner.
+//! - [`cluster`]: a local PostgreSQL cluster walcast starts itself (tests,
+//!   benchmarks, the embedded default run).
+//! - [`lsn`]: WAL positions.
+//! - [`pgoutput`]: the pure, sans-IO decoder of the pgoutput wire format.
+//! - [`change`]: typed changes; PostgreSQL text values to Supabase-style JSON.
+//!
+//! The replication, policy, hub and realtime stages arrive with their own
+//! issues; the diagram above is the contract they follow.
+
+pub mod change;
+pub mod cluster;
+pub mod lsn;
+pub mod pgoutput;
+pub mod schema;

@@ -1,0 +1,1 @@
+//! WAL positions (placeholder, being written).

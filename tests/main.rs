@@ -1,0 +1,3 @@
+//! Integration tests against a real PostgreSQL (one binary; see support/).
+
+mod support;
