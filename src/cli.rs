@@ -13,13 +13,7 @@ use walcast::schema::{self, Migrations};
 #[command(name = "walcast", version, about)]
 pub(crate) struct Cli {
     /// Log format.
-    #[arg(
-        long,
-        global = true,
-        value_enum,
-        default_value = "human",
-        env = "WALCAST_LOG_FORMAT"
-    )]
+    #[arg(long, global = true, value_enum, default_value = "human", env = "WALCAST_LOG_FORMAT")]
     pub(crate) log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -57,9 +51,7 @@ enum Command {
 pub(crate) fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -69,11 +61,7 @@ pub(crate) fn init_tracing(format: LogFormat) {
 /// Runs the parsed command.
 pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Migrate {
-            database_url,
-            dir,
-            data_dir,
-        } => {
+        Command::Migrate { database_url, dir, data_dir } => {
             let migrations = match dir {
                 Some(dir) => Migrations::from_dir(&dir)?,
                 None => Migrations::embedded(),
@@ -82,13 +70,10 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(url) => migrate(&url, &migrations).await,
                 None => {
                     let dir = data_dir.clone();
-                    let mut cluster = tokio::task::spawn_blocking(move || {
-                        Cluster::start(ClusterConfig::persistent(dir))
-                    })
-                    .await?
-                    .with_context(|| {
-                        format!("starting the embedded PostgreSQL in {}", data_dir.display())
-                    })?;
+                    let mut cluster =
+                        tokio::task::spawn_blocking(move || Cluster::start(ClusterConfig::persistent(dir)))
+                            .await?
+                            .with_context(|| format!("starting the embedded PostgreSQL in {}", data_dir.display()))?;
                     println!(
                         "embedded PostgreSQL {} in {} (port {})",
                         cluster.version(),
@@ -106,9 +91,8 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .context("connecting to PostgreSQL")?;
+    let (client, connection) =
+        tokio_postgres::connect(url, tokio_postgres::NoTls).await.context("connecting to PostgreSQL")?;
     tokio::spawn(async move {
         if let Err(err) = connection.await {
             tracing::warn!(error = %err, "database connection ended");
@@ -119,14 +103,9 @@ async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
 
 async fn ensure_database(admin_url: &str, name: &str) -> anyhow::Result<()> {
     let client = connect(admin_url).await?;
-    let exists = client
-        .query_opt("select 1 from pg_database where datname = $1", &[&name])
-        .await?
-        .is_some();
+    let exists = client.query_opt("select 1 from pg_database where datname = $1", &[&name]).await?.is_some();
     if !exists {
-        client
-            .batch_execute(&format!("create database {name}"))
-            .await?;
+        client.batch_execute(&format!("create database {name}")).await?;
     }
     Ok(())
 }
@@ -137,10 +116,6 @@ async fn migrate(url: &str, migrations: &Migrations) -> anyhow::Result<()> {
     for name in &report.applied {
         println!("applied   {name}");
     }
-    println!(
-        "schema up to date: {} applied now, {} already applied",
-        report.applied.len(),
-        report.unchanged.len()
-    );
+    println!("schema up to date: {} applied now, {} already applied", report.applied.len(), report.unchanged.len());
     Ok(())
 }

@@ -1,3 +1,10 @@
 //! Integration tests against a real PostgreSQL (one binary; see support/).
 
+#![allow(unreachable_pub)]
+
 mod support;
+
+mod schema_migrations;
+mod schema_orders;
+mod schema_realtime;
+mod schema_rls;

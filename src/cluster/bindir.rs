@@ -22,14 +22,11 @@ pub fn find_bindir() -> Option<PathBuf> {
     if let Some(dir) = newest_debian_bindir(Path::new("/usr/lib/postgresql")) {
         return Some(dir);
     }
-    std::env::var_os("PATH")
-        .and_then(|path| std::env::split_paths(&path).find(|dir| is_bindir(dir)))
+    std::env::var_os("PATH").and_then(|path| std::env::split_paths(&path).find(|dir| is_bindir(dir)))
 }
 
 fn is_bindir(dir: &Path) -> bool {
-    ["initdb", "pg_ctl", "postgres"]
-        .iter()
-        .all(|p| dir.join(p).is_file())
+    ["initdb", "pg_ctl", "postgres"].iter().all(|p| dir.join(p).is_file())
 }
 
 /// `/usr/lib/postgresql/<major>/bin` with the highest major version.
@@ -53,12 +50,7 @@ pub(super) fn has_library(bindir: &Path, name: &str) -> bool {
     let Some(prefix) = bindir.parent() else {
         return false;
     };
-    [
-        prefix.join("lib").join(&file),
-        prefix.join("lib/postgresql").join(&file),
-    ]
-    .iter()
-    .any(|p| p.is_file())
+    [prefix.join("lib").join(&file), prefix.join("lib/postgresql").join(&file)].iter().any(|p| p.is_file())
 }
 
 #[cfg(test)]
@@ -77,9 +69,6 @@ mod tests {
         }
         // An incomplete newer install is skipped.
         std::fs::create_dir_all(dir.path().join("16/bin")).unwrap();
-        assert_eq!(
-            newest_debian_bindir(dir.path()),
-            Some(dir.path().join("15/bin"))
-        );
+        assert_eq!(newest_debian_bindir(dir.path()), Some(dir.path().join("15/bin")));
     }
 }

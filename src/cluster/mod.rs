@@ -91,11 +91,7 @@ pub enum ClusterError {
 
 impl ClusterError {
     fn io(what: &'static str, path: &Path, source: std::io::Error) -> Self {
-        ClusterError::Io {
-            what,
-            path: path.to_owned(),
-            source,
-        }
+        ClusterError::Io { what, path: path.to_owned(), source }
     }
 }
 
@@ -117,22 +113,12 @@ pub struct ClusterConfig {
 impl ClusterConfig {
     /// A throw-away cluster tuned for tests.
     pub fn ephemeral() -> Self {
-        ClusterConfig {
-            data_dir: None,
-            bindir: None,
-            settings: Vec::new(),
-            fast_unsafe: true,
-        }
+        ClusterConfig { data_dir: None, bindir: None, settings: Vec::new(), fast_unsafe: true }
     }
 
     /// A durable cluster kept in `dir`.
     pub fn persistent(dir: impl Into<PathBuf>) -> Self {
-        ClusterConfig {
-            data_dir: Some(dir.into()),
-            bindir: None,
-            settings: Vec::new(),
-            fast_unsafe: false,
-        }
+        ClusterConfig { data_dir: Some(dir.into()), bindir: None, settings: Vec::new(), fast_unsafe: false }
     }
 
     /// Adds a server setting.
@@ -180,21 +166,14 @@ impl Cluster {
         let (temp, root) = match &config.data_dir {
             Some(dir) => {
                 fs::create_dir_all(dir).map_err(|e| ClusterError::io("creating", dir, e))?;
-                let root =
-                    fs::canonicalize(dir).map_err(|e| ClusterError::io("resolving", dir, e))?;
+                let root = fs::canonicalize(dir).map_err(|e| ClusterError::io("resolving", dir, e))?;
                 (None, root)
             }
             None => {
                 let temp = tempfile::Builder::new()
                     .prefix("walcast-pg-")
                     .tempdir()
-                    .map_err(|e| {
-                        ClusterError::io(
-                            "creating a temporary directory in",
-                            &std::env::temp_dir(),
-                            e,
-                        )
-                    })?;
+                    .map_err(|e| ClusterError::io("creating a temporary directory in", &std::env::temp_dir(), e))?;
                 let root = temp.path().to_owned();
                 (Some(temp), root)
             }
@@ -205,8 +184,7 @@ impl Cluster {
         // The server user must be able to enter the root; the data directory
         // itself is 0700, as PostgreSQL insists.
         set_mode(&root, 0o755)?;
-        fs::create_dir_all(&socket_dir)
-            .map_err(|e| ClusterError::io("creating", &socket_dir, e))?;
+        fs::create_dir_all(&socket_dir).map_err(|e| ClusterError::io("creating", &socket_dir, e))?;
         if let Some(who) = run_as {
             chown(&socket_dir, who)?;
             if !log.exists() {
@@ -237,18 +215,8 @@ impl Cluster {
             .trim()
             .to_owned();
 
-        let mut cluster = Cluster {
-            bindir,
-            root,
-            temp,
-            data,
-            socket_dir,
-            log,
-            port: 0,
-            run_as,
-            version,
-            stopped: true,
-        };
+        let mut cluster =
+            Cluster { bindir, root, temp, data, socket_dir, log, port: 0, run_as, version, stopped: true };
         cluster.start_server(&config)?;
         Ok(cluster)
     }
@@ -256,17 +224,13 @@ impl Cluster {
     fn start_server(&mut self, config: &ClusterConfig) -> Result<(), ClusterError> {
         let mut last_err = None;
         for _ in 0..START_ATTEMPTS {
-            let port = free_port().map_err(|e| {
-                ClusterError::io("finding a free port on", Path::new("127.0.0.1"), e)
-            })?;
+            let port =
+                free_port().map_err(|e| ClusterError::io("finding a free port on", Path::new("127.0.0.1"), e))?;
             let log_start = fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
             let mut options = vec![
                 ("listen_addresses".to_owned(), "127.0.0.1".to_owned()),
                 ("port".to_owned(), port.to_string()),
-                (
-                    "unix_socket_directories".to_owned(),
-                    self.socket_dir.display().to_string(),
-                ),
+                ("unix_socket_directories".to_owned(), self.socket_dir.display().to_string()),
                 ("wal_level".to_owned(), "logical".to_owned()),
                 ("max_wal_senders".to_owned(), "40".to_owned()),
                 ("max_replication_slots".to_owned(), "40".to_owned()),
@@ -274,25 +238,15 @@ impl Cluster {
             ];
             // pg_stat_statements (for sql/monitoring) when the contrib module is installed.
             if bindir::has_library(&self.bindir, "pg_stat_statements") {
-                options.push((
-                    "shared_preload_libraries".to_owned(),
-                    "pg_stat_statements".to_owned(),
-                ));
+                options.push(("shared_preload_libraries".to_owned(), "pg_stat_statements".to_owned()));
             }
             if config.fast_unsafe {
-                for (k, v) in [
-                    ("fsync", "off"),
-                    ("synchronous_commit", "off"),
-                    ("full_page_writes", "off"),
-                ] {
+                for (k, v) in [("fsync", "off"), ("synchronous_commit", "off"), ("full_page_writes", "off")] {
                     options.push((k.to_owned(), v.to_owned()));
                 }
             }
             options.extend(config.settings.iter().cloned());
-            let opts: Vec<String> = options
-                .iter()
-                .map(|(k, v)| format!("-c {k}={}", quote_option(v)))
-                .collect();
+            let opts: Vec<String> = options.iter().map(|(k, v)| format!("-c {k}={}", quote_option(v))).collect();
             let mut pg_ctl = Command::new(self.bindir.join("pg_ctl"));
             pg_ctl
                 .arg("-D")
@@ -312,22 +266,14 @@ impl Cluster {
                 }
                 Err(err) => {
                     let log = read_from(&self.log, log_start);
-                    if log.contains("already in use")
-                        || log.contains("could not create any TCP/IP sockets")
-                    {
+                    if log.contains("already in use") || log.contains("could not create any TCP/IP sockets") {
                         last_err = Some(err);
                         continue;
                     }
                     return Err(match err {
-                        ClusterError::Command {
-                            program,
-                            status,
-                            output,
-                        } => ClusterError::Command {
-                            program,
-                            status,
-                            output: format!("{output}\n{}", tail(&log, 2000)),
-                        },
+                        ClusterError::Command { program, status, output } => {
+                            ClusterError::Command { program, status, output: format!("{output}\n{}", tail(&log, 2000)) }
+                        }
                         other => other,
                     });
                 }
@@ -373,11 +319,7 @@ impl Cluster {
 
     /// A key=value connection string for `database` over the unix socket.
     pub fn socket_conninfo(&self, database: &str) -> String {
-        format!(
-            "host={} port={} user=postgres dbname={database}",
-            self.socket_dir.display(),
-            self.port
-        )
+        format!("host={} port={} user=postgres dbname={database}", self.socket_dir.display(), self.port)
     }
 
     /// Restarts the server on the same port (settings from the last start are
@@ -387,12 +329,7 @@ impl Cluster {
     /// When `pg_ctl restart` fails.
     pub fn restart(&mut self) -> Result<(), ClusterError> {
         let mut pg_ctl = Command::new(self.bindir.join("pg_ctl"));
-        pg_ctl
-            .arg("-D")
-            .arg(&self.data)
-            .arg("-l")
-            .arg(&self.log)
-            .args(["-m", "fast", "-w", "restart"]);
+        pg_ctl.arg("-D").arg(&self.data).arg("-l").arg(&self.log).args(["-m", "fast", "-w", "restart"]);
         run(&mut pg_ctl, self.run_as)
     }
 
@@ -406,10 +343,7 @@ impl Cluster {
         }
         self.stopped = true;
         let mut pg_ctl = Command::new(self.bindir.join("pg_ctl"));
-        pg_ctl
-            .arg("-D")
-            .arg(&self.data)
-            .args(["-m", "fast", "-w", "stop"]);
+        pg_ctl.arg("-D").arg(&self.data).args(["-m", "fast", "-w", "stop"]);
         run(&mut pg_ctl, self.run_as)
     }
 
@@ -425,10 +359,7 @@ impl Drop for Cluster {
             // Fall back to an immediate stop so no server outlives us.
             tracing::warn!(error = %err, "fast shutdown of the local cluster failed; stopping immediately");
             let mut pg_ctl = Command::new(self.bindir.join("pg_ctl"));
-            pg_ctl
-                .arg("-D")
-                .arg(&self.data)
-                .args(["-m", "immediate", "-w", "stop"]);
+            pg_ctl.arg("-D").arg(&self.data).args(["-m", "immediate", "-w", "stop"]);
             let _ = run(&mut pg_ctl, self.run_as);
         }
         // `temp` removes the directory when it drops.
@@ -445,18 +376,13 @@ fn stop_orphan(root: &Path) {
         return;
     }
     let mut pg_ctl = Command::new(bindir.join("pg_ctl"));
-    pg_ctl
-        .arg("-D")
-        .arg(&data)
-        .args(["-m", "immediate", "-w", "stop"]);
+    pg_ctl.arg("-D").arg(&data).args(["-m", "immediate", "-w", "stop"]);
     let _ = run(&mut pg_ctl, run_as().ok().flatten());
 }
 
 /// Runs a PostgreSQL program, as the `postgres` user when we are root.
 fn run(cmd: &mut Command, run_as: Option<RunAs>) -> Result<(), ClusterError> {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     // A PostgreSQL program run as the postgres user must not inherit a working
     // directory it cannot read.
     cmd.current_dir("/");
@@ -465,19 +391,13 @@ fn run(cmd: &mut Command, run_as: Option<RunAs>) -> Result<(), ClusterError> {
         cmd.env("HOME", "/tmp");
     }
     let program = cmd.get_program().to_string_lossy().into_owned();
-    let output = cmd
-        .output()
-        .map_err(|e| ClusterError::io("running", Path::new(&program), e))?;
+    let output = cmd.output().map_err(|e| ClusterError::io("running", Path::new(&program), e))?;
     if output.status.success() {
         return Ok(());
     }
     let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&output.stderr));
-    Err(ClusterError::Command {
-        program,
-        status: output.status.to_string(),
-        output: tail(&text, 2000),
-    })
+    Err(ClusterError::Command { program, status: output.status.to_string(), output: tail(&text, 2000) })
 }
 
 /// The user to run PostgreSQL as: `None` when we are not root.
@@ -486,17 +406,13 @@ fn run_as() -> Result<Option<RunAs>, ClusterError> {
     if unsafe { libc::geteuid() } != 0 {
         return Ok(None);
     }
-    let passwd = fs::read_to_string("/etc/passwd")
-        .map_err(|e| ClusterError::io("reading", Path::new("/etc/passwd"), e))?;
+    let passwd =
+        fs::read_to_string("/etc/passwd").map_err(|e| ClusterError::io("reading", Path::new("/etc/passwd"), e))?;
     for line in passwd.lines() {
         let fields: Vec<&str> = line.split(':').collect();
         if fields.len() >= 4 && fields[0] == "postgres" {
-            let uid = fields[2]
-                .parse()
-                .map_err(|_| ClusterError::NoPostgresUser)?;
-            let gid = fields[3]
-                .parse()
-                .map_err(|_| ClusterError::NoPostgresUser)?;
+            let uid = fields[2].parse().map_err(|_| ClusterError::NoPostgresUser)?;
+            let gid = fields[3].parse().map_err(|_| ClusterError::NoPostgresUser)?;
             return Ok(Some(RunAs { uid, gid }));
         }
     }
@@ -521,10 +437,7 @@ fn free_port() -> std::io::Result<u16> {
 
 /// Quotes a value for `postgres -c name=value` inside `pg_ctl -o`.
 fn quote_option(value: &str) -> String {
-    if value
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || "._-/:,".contains(c))
-    {
+    if value.chars().all(|c| c.is_ascii_alphanumeric() || "._-/:,".contains(c)) {
         value.to_owned()
     } else {
         format!("'{}'", value.replace('\'', "'\\''"))

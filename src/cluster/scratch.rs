@@ -63,9 +63,7 @@ pub struct ScratchServer {
 impl std::fmt::Debug for ScratchServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The URL may hold a password: keep it out of debug output.
-        f.debug_struct("ScratchServer")
-            .field("version", &self.version)
-            .finish_non_exhaustive()
+        f.debug_struct("ScratchServer").field("version", &self.version).finish_non_exhaustive()
     }
 }
 
@@ -99,21 +97,11 @@ impl ScratchServer {
     fn start() -> Result<ScratchServer, ScratchError> {
         if let Ok(url) = std::env::var("TEST_DATABASE_URL") {
             let (base_url, params) = split_url(&url);
-            return Ok(ScratchServer {
-                backend: Backend::External,
-                base_url,
-                params,
-                version: String::new(),
-            });
+            return Ok(ScratchServer { backend: Backend::External, base_url, params, version: String::new() });
         }
         reap_orphans();
-        let cluster =
-            Cluster::start(ClusterConfig::ephemeral().setting("wal_sender_timeout", "10s"))?;
-        std::fs::write(
-            cluster.root().join("owner.pid"),
-            std::process::id().to_string(),
-        )
-        .ok();
+        let cluster = Cluster::start(ClusterConfig::ephemeral().setting("wal_sender_timeout", "10s"))?;
+        std::fs::write(cluster.root().join("owner.pid"), std::process::id().to_string()).ok();
         let base_url = format!("postgres://postgres@127.0.0.1:{}", cluster.port());
         let version = cluster.version().to_owned();
         // SAFETY: registering a plain `extern "C" fn` with atexit has no preconditions.
@@ -167,15 +155,12 @@ impl ScratchServer {
             .get_or_try_init(|| async {
                 let name = format!("walcast_template_{}", std::process::id());
                 let admin = self.connect("postgres").await?;
-                admin
-                    .batch_execute(&format!(
-                        "drop database if exists {name}; create database {name}"
-                    ))
-                    .await
-                    .map_err(|source| ScratchError::Database {
-                        what: "create the template database",
-                        source,
-                    })?;
+                for sql in [format!("drop database if exists {name}"), format!("create database {name}")] {
+                    admin
+                        .batch_execute(&sql)
+                        .await
+                        .map_err(|source| ScratchError::Database { what: "create the template database", source })?;
+                }
                 let mut client = self.connect(&name).await?;
                 schema::migrate(&mut client, &Migrations::embedded()).await?;
                 drop(client);
@@ -185,10 +170,7 @@ impl ScratchServer {
         self.create(Some(template)).await
     }
 
-    async fn create(
-        &'static self,
-        template: Option<&str>,
-    ) -> Result<ScratchDatabase, ScratchError> {
+    async fn create(&'static self, template: Option<&str>) -> Result<ScratchDatabase, ScratchError> {
         let name = unique_name();
         let admin = self.connect("postgres").await?;
         let sql = match template {
@@ -201,26 +183,14 @@ impl ScratchServer {
         loop {
             match admin.batch_execute(&sql).await {
                 Ok(()) => break,
-                Err(err)
-                    if attempt < 50
-                        && err.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) =>
-                {
+                Err(err) if attempt < 50 && err.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) => {
                     attempt += 1;
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
-                Err(source) => {
-                    return Err(ScratchError::Database {
-                        what: "create a scratch database",
-                        source,
-                    })
-                }
+                Err(source) => return Err(ScratchError::Database { what: "create a scratch database", source }),
             }
         }
-        Ok(ScratchDatabase {
-            server: self,
-            url: self.url(&name),
-            name,
-        })
+        Ok(ScratchDatabase { server: self, url: self.url(&name), name })
     }
 
     /// Connects to `database` as a superuser, driving the connection on the
@@ -237,10 +207,7 @@ impl ScratchServer {
 async fn connect(url: &str) -> Result<Client, ScratchError> {
     let (client, connection) = tokio_postgres::connect(url, NoTls)
         .await
-        .map_err(|source| ScratchError::Database {
-            what: "connect",
-            source,
-        })?;
+        .map_err(|source| ScratchError::Database { what: "connect", source })?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
@@ -256,9 +223,7 @@ pub struct ScratchDatabase {
 
 impl std::fmt::Debug for ScratchDatabase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ScratchDatabase")
-            .field("name", &self.name)
-            .finish_non_exhaustive()
+        f.debug_struct("ScratchDatabase").field("name", &self.name).finish_non_exhaustive()
     }
 }
 
@@ -295,10 +260,7 @@ impl Drop for ScratchDatabase {
         let admin_url = self.server.url("postgres");
         let name = std::mem::take(&mut self.name);
         let cleanup = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
                 return;
             };
             rt.block_on(async move {
@@ -313,9 +275,7 @@ impl Drop for ScratchDatabase {
                         &[&name],
                     )
                     .await;
-                let _ = admin
-                    .batch_execute(&format!("drop database if exists {name} with (force)"))
-                    .await;
+                let _ = admin.batch_execute(&format!("drop database if exists {name} with (force)")).await;
             });
         });
         let _ = cleanup.join();
@@ -326,10 +286,8 @@ fn unique_name() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     format!("walcast_test_{}_{n}_{nanos:x}", std::process::id())
 }
 
@@ -355,16 +313,11 @@ fn reap_orphans() {
     };
     for entry in entries.flatten() {
         let path = entry.path();
-        let is_ours = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("walcast-pg-"));
+        let is_ours = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("walcast-pg-"));
         if !is_ours {
             continue;
         }
-        let Some(pid) = std::fs::read_to_string(path.join("owner.pid"))
-            .ok()
-            .and_then(|s| s.trim().parse::<i32>().ok())
+        let Some(pid) = std::fs::read_to_string(path.join("owner.pid")).ok().and_then(|s| s.trim().parse::<i32>().ok())
         else {
             continue;
         };
@@ -390,15 +343,9 @@ mod tests {
     fn splits_urls() {
         assert_eq!(
             split_url("postgres://u:p@h:5432/db?sslmode=disable"),
-            (
-                "postgres://u:p@h:5432".to_owned(),
-                "?sslmode=disable".to_owned()
-            )
+            ("postgres://u:p@h:5432".to_owned(), "?sslmode=disable".to_owned())
         );
-        assert_eq!(
-            split_url("postgres://u@h"),
-            ("postgres://u@h".to_owned(), String::new())
-        );
+        assert_eq!(split_url("postgres://u@h"), ("postgres://u@h".to_owned(), String::new()));
     }
 
     #[test]

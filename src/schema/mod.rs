@@ -75,10 +75,7 @@ impl Migrations {
         Migrations {
             items: EMBEDDED
                 .iter()
-                .map(|(name, sql)| Migration {
-                    name: (*name).to_owned(),
-                    sql: (*sql).to_owned(),
-                })
+                .map(|(name, sql)| Migration { name: (*name).to_owned(), sql: (*sql).to_owned() })
                 .collect(),
         }
     }
@@ -88,10 +85,7 @@ impl Migrations {
     /// # Errors
     /// When the directory or a file cannot be read.
     pub fn from_dir(dir: &Path) -> Result<Self, SchemaError> {
-        let io = |source| SchemaError::Io {
-            path: dir.display().to_string(),
-            source,
-        };
+        let io = |source| SchemaError::Io { path: dir.display().to_string(), source };
         let mut items = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(io)? {
             let path = entry.map_err(io)?.path();
@@ -101,14 +95,9 @@ impl Migrations {
             if !is_migration_name(name) {
                 continue;
             }
-            let sql = std::fs::read_to_string(&path).map_err(|source| SchemaError::Io {
-                path: path.display().to_string(),
-                source,
-            })?;
-            items.push(Migration {
-                name: name.to_owned(),
-                sql,
-            });
+            let sql = std::fs::read_to_string(&path)
+                .map_err(|source| SchemaError::Io { path: path.display().to_string(), source })?;
+            items.push(Migration { name: name.to_owned(), sql });
         }
         items.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Migrations { items })
@@ -123,10 +112,7 @@ impl Migrations {
 /// `NNNN_name.sql`: four digits, an underscore, a name.
 fn is_migration_name(name: &str) -> bool {
     let bytes = name.as_bytes();
-    name.len() > 9
-        && name.ends_with(".sql")
-        && bytes[..4].iter().all(u8::is_ascii_digit)
-        && bytes[4] == b'_'
+    name.len() > 9 && name.ends_with(".sql") && bytes[..4].iter().all(u8::is_ascii_digit) && bytes[4] == b'_'
 }
 
 /// What a migration run did.
@@ -197,9 +183,7 @@ impl SchemaError {
     /// an operator's fix.
     pub fn is_transient(&self) -> bool {
         match self {
-            SchemaError::Database { source, .. } | SchemaError::Apply { source, .. } => {
-                source.is_closed()
-            }
+            SchemaError::Database { source, .. } | SchemaError::Apply { source, .. } => source.is_closed(),
             _ => false,
         }
     }
@@ -212,10 +196,7 @@ impl SchemaError {
 /// [`SchemaError::ChecksumMismatch`] / [`SchemaError::UnknownApplied`] before
 /// anything is applied; [`SchemaError::Apply`] when a file's SQL fails (that
 /// file is rolled back, earlier files of this run stay applied).
-pub async fn migrate(
-    client: &mut Client,
-    migrations: &Migrations,
-) -> Result<MigrationReport, SchemaError> {
+pub async fn migrate(client: &mut Client, migrations: &Migrations) -> Result<MigrationReport, SchemaError> {
     let db = |what| move |source| SchemaError::Database { what, source };
     client
         .batch_execute(
@@ -243,20 +224,11 @@ pub async fn migrate(
     Ok(report)
 }
 
-async fn apply_pending(
-    client: &mut Client,
-    migrations: &Migrations,
-) -> Result<MigrationReport, SchemaError> {
+async fn apply_pending(client: &mut Client, migrations: &Migrations) -> Result<MigrationReport, SchemaError> {
     let rows = client
-        .query(
-            "select name, checksum from walcast.schema_migrations order by name",
-            &[],
-        )
+        .query("select name, checksum from walcast.schema_migrations order by name", &[])
         .await
-        .map_err(|source| SchemaError::Database {
-            what: "read walcast.schema_migrations",
-            source,
-        })?;
+        .map_err(|source| SchemaError::Database { what: "read walcast.schema_migrations", source })?;
     let applied: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
 
     // Verify everything before applying anything.
@@ -280,10 +252,7 @@ async fn apply_pending(
             report.unchanged.push(migration.name.clone());
             continue;
         }
-        let apply_err = |source| SchemaError::Apply {
-            name: migration.name.clone(),
-            source,
-        };
+        let apply_err = |source| SchemaError::Apply { name: migration.name.clone(), source };
         let tx = client.transaction().await.map_err(apply_err)?;
         tx.batch_execute(&migration.sql).await.map_err(apply_err)?;
         tx.execute(
@@ -309,11 +278,7 @@ mod tests {
         let on_disk = Migrations::from_dir(&dir).unwrap();
         let embedded = Migrations::embedded();
         let names = |m: &Migrations| m.iter().map(|x| x.name.clone()).collect::<Vec<_>>();
-        assert_eq!(
-            names(&embedded),
-            names(&on_disk),
-            "update EMBEDDED in src/schema/mod.rs"
-        );
+        assert_eq!(names(&embedded), names(&on_disk), "update EMBEDDED in src/schema/mod.rs");
         for (a, b) in embedded.iter().zip(on_disk.iter()) {
             assert_eq!(a.checksum(), b.checksum(), "{}", a.name);
         }
@@ -330,13 +295,7 @@ mod tests {
 
     #[test]
     fn checksum_is_sha256_hex() {
-        let m = Migration {
-            name: "0001_x.sql".into(),
-            sql: "abc".into(),
-        };
-        assert_eq!(
-            m.checksum(),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        let m = Migration { name: "0001_x.sql".into(), sql: "abc".into() };
+        assert_eq!(m.checksum(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 }
