@@ -4,6 +4,7 @@
 
 mod support;
 
+mod cli_migrate;
 mod schema_migrations;
 mod schema_orders;
 mod schema_realtime;

@@ -75,7 +75,10 @@ async fn migrations_apply_to_an_empty_database() {
 
     for table in ["dealerships", "profiles", "dealer_memberships", "orders"] {
         let rls: bool = client
-            .query_one("select relrowsecurity from pg_class where oid = $1::text::regclass", &[&format!("public.{table}")])
+            .query_one(
+                "select relrowsecurity from pg_class where oid = $1::text::regclass",
+                &[&format!("public.{table}")],
+            )
             .await
             .unwrap()
             .get(0);

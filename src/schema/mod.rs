@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
 
 /// Advisory lock key serializing migration runs ("walcast" in ASCII).
-const MIGRATION_LOCK_KEY: i64 = 0x7761_6c63_6173_74;
+const MIGRATION_LOCK_KEY: i64 = 0x0077_616c_6361_7374;
 
 /// One migration file.
 #[derive(Debug, Clone, PartialEq, Eq)]
