@@ -36,6 +36,8 @@
 //! - [`lsn`]: WAL positions.
 //! - [`pgoutput`]: the pure, sans-IO decoder of the pgoutput wire format.
 //! - [`change`]: typed changes; PostgreSQL text values to Supabase-style JSON.
+//! - [`replication`]: our own logical-replication client (walsender protocol,
+//!   slots, the copy-both stream with standby status updates).
 //!
 //! The replication, policy, hub and realtime stages arrive with their own
 //! issues; the diagram above is the contract they follow.
@@ -44,4 +46,5 @@ pub mod change;
 pub mod cluster;
 pub mod lsn;
 pub mod pgoutput;
+pub mod replication;
 pub mod schema;

@@ -5,6 +5,7 @@
 mod support;
 
 mod cli_migrate;
+mod replication;
 mod schema_migrations;
 mod schema_orders;
 mod schema_realtime;

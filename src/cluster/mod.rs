@@ -333,6 +333,23 @@ impl Cluster {
         run(&mut pg_ctl, self.run_as)
     }
 
+    /// Puts `lines` at the top of `pg_hba.conf` (first match wins) and reloads
+    /// the configuration; used to require passwords for particular users.
+    ///
+    /// # Errors
+    /// When the file cannot be written or the reload fails.
+    pub fn prepend_hba(&mut self, lines: &[&str]) -> Result<(), ClusterError> {
+        let path = self.data.join("pg_hba.conf");
+        let current = fs::read_to_string(&path).map_err(|e| ClusterError::io("reading", &path, e))?;
+        let mut text = lines.join("\n");
+        text.push('\n');
+        text.push_str(&current);
+        fs::write(&path, text).map_err(|e| ClusterError::io("writing", &path, e))?;
+        let mut pg_ctl = Command::new(self.bindir.join("pg_ctl"));
+        pg_ctl.arg("-D").arg(&self.data).arg("reload");
+        run(&mut pg_ctl, self.run_as)
+    }
+
     /// Stops the server ("fast" shutdown: active sessions are disconnected).
     ///
     /// # Errors

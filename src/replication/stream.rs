@@ -1,0 +1,341 @@
+//! The copy-both stream after `START_REPLICATION`: XLogData and primary
+//! keepalives in, standby status updates out.
+//!
+//! Invariants:
+//! - `write`, `flush` and `apply` sent to the server never go backwards, and
+//!   `flush` never passes what downstream acknowledged except by an idle
+//!   keepalive position (see the module doc of [`super`]);
+//! - a status update goes out at least every [`StreamConfig::status_interval`]
+//!   even while downstream applies backpressure ([`ReplicationStream::pump`]
+//!   keeps answering the timer while it waits for channel capacity), and at
+//!   once when a keepalive asks for a reply;
+//! - messages are passed on in the order received; nothing is dropped.
+//!
+//! The stream peeks at the first byte of each pgoutput payload only to know
+//! whether a transaction is open (`B` … `C`) and the last Commit's `end_lsn`;
+//! decoding is the pgoutput module's job.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::conn::Backend;
+use super::{ReplicationError, WalConnection};
+use crate::lsn::Lsn;
+
+/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01 UTC).
+const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+/// One message from the walsender.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WalEvent {
+    /// An XLogData message carrying one pgoutput message.
+    XLogData {
+        /// WAL start of this data (0 for messages that are not the last of a change).
+        wal_start: Lsn,
+        /// Server's WAL end at sending time (same rule).
+        wal_end: Lsn,
+        /// Server clock when sent, µs since 2000-01-01 UTC.
+        send_time: i64,
+        /// The pgoutput message.
+        data: Bytes,
+    },
+    /// A primary keepalive: everything before `wal_end` has been sent.
+    Keepalive {
+        /// The server's sent position.
+        wal_end: Lsn,
+        /// Server clock when sent, µs since 2000-01-01 UTC.
+        send_time: i64,
+    },
+}
+
+/// Tuning of the stream.
+#[derive(Debug, Clone)]
+pub struct StreamConfig {
+    /// Status updates at least this often; keep it ≤ 1 s and ≤ half of the
+    /// server's `wal_sender_timeout`.
+    pub status_interval: Duration,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig { status_interval: Duration::from_secs(1) }
+    }
+}
+
+/// Downstream's acknowledgement of processed transactions: the `end_lsn` of
+/// the last transaction fully handed on. Cloneable; acknowledgements only move
+/// forward.
+#[derive(Debug, Clone, Default)]
+pub struct AckHandle(Arc<AtomicU64>);
+
+impl AckHandle {
+    /// A handle starting at `lsn`.
+    pub fn new(lsn: Lsn) -> Self {
+        AckHandle(Arc::new(AtomicU64::new(lsn.0)))
+    }
+
+    /// Acknowledges everything up to `end_lsn` (a Commit's `end_lsn`).
+    pub fn ack(&self, end_lsn: Lsn) {
+        self.0.fetch_max(end_lsn.0, Ordering::AcqRel);
+    }
+
+    /// The highest acknowledged position.
+    pub fn acked(&self) -> Lsn {
+        Lsn(self.0.load(Ordering::Acquire))
+    }
+}
+
+/// A started replication stream.
+#[derive(Debug)]
+pub struct ReplicationStream {
+    conn: WalConnection,
+    ack: AckHandle,
+    config: StreamConfig,
+    /// Highest WAL position received (`write`).
+    received: Lsn,
+    /// Last `flush` reported; never reported lower again.
+    reported_flush: Lsn,
+    /// Last keepalive `wal_end`.
+    keepalive_end: Lsn,
+    /// Between a Begin and its Commit.
+    in_transaction: bool,
+    /// `end_lsn` of the last Commit (or Stream Commit) received.
+    last_commit_end: Lsn,
+    next_status: Instant,
+}
+
+impl ReplicationStream {
+    /// Wraps a connection on which `START_REPLICATION` succeeded. `confirmed`
+    /// is the slot's `confirmed_flush_lsn` (nothing lower is ever reported).
+    pub fn new(conn: WalConnection, ack: AckHandle, config: StreamConfig, confirmed: Lsn) -> Self {
+        ack.ack(confirmed);
+        ReplicationStream {
+            conn,
+            ack,
+            next_status: Instant::now() + config.status_interval,
+            config,
+            received: confirmed,
+            reported_flush: confirmed,
+            keepalive_end: Lsn::ZERO,
+            in_transaction: false,
+            last_commit_end: confirmed,
+        }
+    }
+
+    /// The acknowledgement handle downstream uses.
+    pub fn ack_handle(&self) -> AckHandle {
+        self.ack.clone()
+    }
+
+    /// Highest WAL position received.
+    pub fn received(&self) -> Lsn {
+        self.received
+    }
+
+    /// The backend pid of the walsender.
+    pub fn pid(&self) -> i32 {
+        self.conn.pid()
+    }
+
+    /// The next message. Sends status updates when due or asked for while it
+    /// waits.
+    ///
+    /// # Errors
+    /// I/O, EOF, server errors (e.g. a publication that does not exist).
+    pub async fn next(&mut self) -> Result<WalEvent, ReplicationError> {
+        loop {
+            let msg = match tokio::time::timeout_at(self.next_status, self.conn.read()).await {
+                Err(_elapsed) => {
+                    self.send_status(false).await?;
+                    continue;
+                }
+                Ok(msg) => msg?,
+            };
+            match msg {
+                Backend::CopyData(payload) => {
+                    if let Some(event) = self.on_copy_data(payload).await? {
+                        return Ok(event);
+                    }
+                }
+                Backend::CopyDone => return Err(ReplicationError::Eof),
+                Backend::Other(postgres_protocol::message::backend::Message::ErrorResponse(body)) => {
+                    return Err(super::PgError::from_body(&body)?.into())
+                }
+                Backend::Other(_) | Backend::CopyBoth => {}
+            }
+        }
+    }
+
+    async fn on_copy_data(&mut self, payload: Bytes) -> Result<Option<WalEvent>, ReplicationError> {
+        match payload.first() {
+            Some(b'w') => {
+                if payload.len() < 25 {
+                    return Err(ReplicationError::Protocol(format!("XLogData of {} bytes", payload.len())));
+                }
+                let wal_start = Lsn(read_u64(&payload[1..9]));
+                let wal_end = Lsn(read_u64(&payload[9..17]));
+                let send_time = read_u64(&payload[17..25]) as i64;
+                let data = payload.slice(25..);
+                // Positions of 0 mark messages that are not the last of a change.
+                self.received = self.received.max(wal_start).max(wal_end);
+                self.track_transaction(&data);
+                Ok(Some(WalEvent::XLogData { wal_start, wal_end, send_time, data }))
+            }
+            Some(b'k') => {
+                if payload.len() < 18 {
+                    return Err(ReplicationError::Protocol(format!("keepalive of {} bytes", payload.len())));
+                }
+                let wal_end = Lsn(read_u64(&payload[1..9]));
+                let send_time = read_u64(&payload[9..17]) as i64;
+                let reply = payload[17] != 0;
+                self.keepalive_end = self.keepalive_end.max(wal_end);
+                self.received = self.received.max(wal_end);
+                if reply {
+                    self.send_status(false).await?;
+                }
+                Ok(Some(WalEvent::Keepalive { wal_end, send_time }))
+            }
+            Some(other) => Err(ReplicationError::Protocol(format!("unknown copy message {:?}", *other as char))),
+            None => Err(ReplicationError::Protocol("empty copy message".into())),
+        }
+    }
+
+    /// Follows transaction boundaries from the pgoutput tag (by position:
+    /// these are top-level message types).
+    fn track_transaction(&mut self, data: &[u8]) {
+        match data.first() {
+            Some(b'B') => self.in_transaction = true,
+            // Commit: flags(1) commit_lsn(8) end_lsn(8)
+            Some(b'C') if data.len() >= 18 => {
+                self.in_transaction = false;
+                self.last_commit_end = self.last_commit_end.max(Lsn(read_u64(&data[10..18])));
+            }
+            // Stream Commit: xid(4) flags(1) commit_lsn(8) end_lsn(8)
+            Some(b'c') if data.len() >= 22 => {
+                self.last_commit_end = self.last_commit_end.max(Lsn(read_u64(&data[14..22])));
+            }
+            _ => {}
+        }
+    }
+
+    /// The `flush` position to report now.
+    fn flush_position(&self) -> Lsn {
+        let acked = self.ack.acked();
+        let idle = !self.in_transaction && acked >= self.last_commit_end;
+        let flush = if idle { acked.max(self.keepalive_end) } else { acked };
+        flush.max(self.reported_flush)
+    }
+
+    /// Sends a standby status update now.
+    ///
+    /// # Errors
+    /// I/O.
+    pub async fn send_status(&mut self, reply_requested: bool) -> Result<(), ReplicationError> {
+        let flush = self.flush_position();
+        let write = self.received.max(flush);
+        let mut msg = BytesMut::with_capacity(34);
+        msg.put_u8(b'r');
+        msg.put_u64(write.0);
+        msg.put_u64(flush.0);
+        msg.put_u64(flush.0);
+        msg.put_i64(pg_now_micros());
+        msg.put_u8(u8::from(reply_requested));
+        self.conn.queue_copy_data(&msg)?;
+        self.conn.flush().await?;
+        self.reported_flush = flush;
+        self.next_status = Instant::now() + self.config.status_interval;
+        tracing::trace!(%write, %flush, "standby status update");
+        Ok(())
+    }
+
+    /// The last `flush` position reported to the server.
+    pub fn reported_flush(&self) -> Lsn {
+        self.reported_flush
+    }
+
+    /// Moves messages into `out` until shutdown or an error, answering the
+    /// status timer also while `out` is full, so backpressure never starves the
+    /// server of feedback.
+    ///
+    /// # Errors
+    /// [`ReplicationError::Shutdown`] when `shutdown` fires (after a final
+    /// status update), or the stream's error.
+    pub async fn pump(
+        &mut self,
+        out: &mpsc::Sender<WalEvent>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), ReplicationError> {
+        loop {
+            // 1. shutdown, 2. status timer while waiting for capacity, 3. capacity.
+            let permit = tokio::select! {
+                biased;
+                _ = stopped(shutdown) => {
+                    self.send_status(false).await?;
+                    return Err(ReplicationError::Shutdown);
+                }
+                _ = tokio::time::sleep_until(self.next_status) => {
+                    self.send_status(false).await?;
+                    continue;
+                }
+                permit = out.reserve() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return Err(ReplicationError::Shutdown),
+                },
+            };
+            let event = tokio::select! {
+                biased;
+                _ = stopped(shutdown) => {
+                    self.send_status(false).await?;
+                    return Err(ReplicationError::Shutdown);
+                }
+                event = self.next() => event?,
+            };
+            permit.send(event);
+        }
+    }
+
+    /// Ends streaming cleanly: a final status update, CopyDone, and reading
+    /// until the server is ready for commands again. Returns the connection.
+    ///
+    /// # Errors
+    /// I/O or a server error while ending.
+    pub async fn stop(mut self) -> Result<WalConnection, ReplicationError> {
+        self.send_status(false).await?;
+        self.conn.queue_copy_done();
+        self.conn.flush().await?;
+        loop {
+            // Keepalives may still arrive after the server's CopyDone.
+            match self.conn.read().await? {
+                Backend::Other(postgres_protocol::message::backend::Message::ReadyForQuery(_)) => return Ok(self.conn),
+                Backend::Other(postgres_protocol::message::backend::Message::ErrorResponse(body)) => {
+                    return Err(super::PgError::from_body(&body)?.into())
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Resolves once shutdown is signalled (never, if the sender is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    if shutdown.wait_for(|stop| *stop).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+fn read_u64(bytes: &[u8]) -> u64 {
+    let mut raw = [0u8; 8];
+    raw.copy_from_slice(&bytes[..8]);
+    u64::from_be_bytes(raw)
+}
+
+/// Now, in µs since 2000-01-01 UTC.
+fn pg_now_micros() -> i64 {
+    let unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
+    unix - PG_EPOCH_OFFSET_MICROS
+}
