@@ -34,6 +34,7 @@
 //! - [`cluster`]: a local PostgreSQL cluster walcast starts itself (tests,
 //!   benchmarks, the embedded default run).
 //! - [`lsn`]: WAL positions.
+//! - [`capture`]: record/replay files of the raw replication stream.
 //! - [`pgoutput`]: the pure, sans-IO decoder of the pgoutput wire format.
 //! - [`change`]: typed changes; PostgreSQL text values to Supabase-style JSON.
 //! - [`replication`]: our own logical-replication client (walsender protocol,
@@ -42,6 +43,7 @@
 //! The replication, policy, hub and realtime stages arrive with their own
 //! issues; the diagram above is the contract they follow.
 
+pub mod capture;
 pub mod change;
 pub mod cluster;
 pub mod lsn;
