@@ -13,6 +13,8 @@
 //!   snapshot) and `START_REPLICATION`.
 //! - [`stream`]: the copy-both stream: XLogData and keepalives in, standby
 //!   status updates out.
+//! - [`source`]: the long-lived task: ensure the slot, stream, reconnect with
+//!   backoff after transient errors.
 //!
 //! # Progress (what the slot is told)
 //!
@@ -40,10 +42,12 @@
 
 pub mod conn;
 pub mod slot;
+pub mod source;
 pub mod stream;
 
 pub use conn::{QueryResult, WalConnection};
 pub use slot::{CreatedSlot, SlotOptions, SystemIdentity};
+pub use source::{run_source, SourceConfig, SourceEvent};
 pub use stream::{AckHandle, ReplicationStream, StreamConfig, WalEvent};
 
 use postgres_protocol::message::backend::ErrorResponseBody;
