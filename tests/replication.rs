@@ -326,3 +326,165 @@ async fn errors_are_classified_and_tell_the_fix() {
     .expect("an error");
     assert!(err.is_transient(), "{err:?}");
 }
+
+/// Runs the source task and collects the ids of committed inserts, acking
+/// each Commit; a `Started` event drops the ids of a transaction left open by
+/// the broken connection (the server resends it whole).
+struct Collector {
+    ids: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+    starts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<Result<(), ReplicationError>>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+fn collect_source(url: &str, slot: &str) -> Collector {
+    use walcast::pgoutput::{decode, Message, TupleValue};
+    use walcast::replication::{run_source, SourceConfig, SourceEvent};
+    let config = SourceConfig {
+        connection: tokio_postgres::Config::from_str(url).unwrap(),
+        slot: SlotOptions::new(slot, "supabase_realtime"),
+        stream: StreamConfig { status_interval: Duration::from_millis(100) },
+        connect_timeout: CONNECT_TIMEOUT,
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let ack = AckHandle::default();
+    let task = tokio::spawn(run_source(config, tx, ack.clone(), stop_rx));
+    let ids = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    let starts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (ids2, starts2) = (ids.clone(), starts.clone());
+    tokio::spawn(async move {
+        let mut pending: Vec<String> = Vec::new();
+        while let Some(event) = rx.recv().await {
+            match event {
+                SourceEvent::Started { .. } => {
+                    starts2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    pending.clear();
+                }
+                SourceEvent::Wal(WalEvent::XLogData { data, .. }) => match decode(&data).unwrap() {
+                    Message::Insert(insert) => {
+                        if let Some(TupleValue::Text(id)) = insert.new.columns.first() {
+                            pending.push(String::from_utf8(id.to_vec()).unwrap());
+                        }
+                    }
+                    Message::Commit(commit) => {
+                        ids2.lock().unwrap().extend(pending.drain(..));
+                        ack.ack(commit.end_lsn);
+                    }
+                    _ => {}
+                },
+                SourceEvent::Wal(WalEvent::Keepalive { .. }) => {}
+            }
+        }
+    });
+    Collector { ids, starts, task, stop }
+}
+
+#[tokio::test]
+async fn the_source_reconnects_after_the_walsender_is_terminated_without_loss() {
+    let (db, client) = migrated_db().await;
+    let d = create_dealership(&client, "RECON").await;
+    let u = create_user(&client, "r@example.com").await;
+    let slot = format!("{}_s", db.name());
+    let collector = collect_source(db.url(), &slot);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while collector.starts.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "source never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut expected = std::collections::BTreeSet::new();
+    for round in 0..6 {
+        let ids: Vec<uuid::Uuid> = client
+            .query(
+                "insert into public.orders (dealership_id, type, customer_info, created_by)
+                 select $1, 'sales', '{}', $2 from generate_series(1, 50) returning id",
+                &[&d, &u],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        expected.extend(ids.iter().map(|id| id.to_string()));
+        if round % 2 == 1 {
+            // Kill the walsender (ours is the one streaming this slot).
+            let pid: Option<i32> = client
+                .query_opt("select active_pid from pg_replication_slots where slot_name = $1", &[&slot])
+                .await
+                .unwrap()
+                .and_then(|r| r.get(0));
+            if let Some(pid) = pid {
+                client.execute("select pg_terminate_backend($1)", &[&pid]).await.unwrap();
+            }
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = collector.ids.lock().unwrap().clone();
+        if expected.is_subset(&got) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "missing {} of {} committed rows after reconnects",
+            expected.difference(&got).count(),
+            expected.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(collector.starts.load(std::sync::atomic::Ordering::SeqCst) >= 2, "the source reconnected");
+    collector.stop.send(true).unwrap();
+    collector.task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_restarted_consumer_resumes_after_its_last_ack() {
+    let (db, client) = migrated_db().await;
+    let d = create_dealership(&client, "RESUME").await;
+    let u = create_user(&client, "q@example.com").await;
+    let slot = format!("{}_s", db.name());
+    let insert = |n: i64| {
+        let client = &client;
+        async move {
+            client
+                .query(
+                    "insert into public.orders (dealership_id, type, customer_info, created_by)
+                     select $1, 'sales', '{}', $2 from generate_series(1, $3::int8) returning id::text",
+                    &[&d, &u, &n],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<std::collections::BTreeSet<_>>()
+        }
+    };
+    // First consumer: creates the slot, sees and acks the first batch, stops.
+    let first = collect_source(db.url(), &slot);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while first.starts.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "source never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let batch1 = insert(30).await;
+    while !batch1.is_subset(&first.ids.lock().unwrap()) {
+        assert!(tokio::time::Instant::now() < deadline, "first batch not received");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.stop.send(true).unwrap();
+    first.task.await.unwrap().unwrap();
+
+    // Written while no consumer runs.
+    let batch2 = insert(40).await;
+
+    let second = collect_source(db.url(), &slot);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !batch2.is_subset(&second.ids.lock().unwrap()) {
+        assert!(tokio::time::Instant::now() < deadline, "rows written while stopped were lost");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seen = second.ids.lock().unwrap().clone();
+    assert!(seen.is_disjoint(&batch1), "a transaction acknowledged before the stop was sent again");
+    second.stop.send(true).unwrap();
+    second.task.await.unwrap().unwrap();
+}
