@@ -352,7 +352,7 @@ fn collect_source(url: &str, slot: &str) -> Collector {
     let task = tokio::spawn(run_source(config, tx, ack.clone(), stop_rx));
     let ids = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
     let starts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let (ids2, starts2) = (ids.clone(), starts.clone());
+    let (ids2, starts2) = (std::sync::Arc::clone(&ids), std::sync::Arc::clone(&starts));
     tokio::spawn(async move {
         let mut pending: Vec<String> = Vec::new();
         while let Some(event) = rx.recv().await {
