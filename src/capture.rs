@@ -308,6 +308,13 @@ mod tests {
     }
 
     #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(civil_from_days(20_782), (2026, 11, 25));
+    }
+
+    #[test]
     fn round_trip() {
         let bytes = write(&sample());
         let reader = CaptureReader::new(&bytes[..]).unwrap();
@@ -360,4 +367,140 @@ mod tests {
             let _ = CaptureReader::new(&tail[..]).map(|r| r.take(100).count());
         }
     }
+}
+
+/// When a recording stops.
+#[derive(Debug, Clone, Default)]
+pub struct RecordLimits {
+    /// Stop after this many committed transactions.
+    pub max_transactions: Option<u64>,
+    /// Stop after this long.
+    pub duration: Option<std::time::Duration>,
+}
+
+/// What a recording captured.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecordReport {
+    /// Records written.
+    pub records: u64,
+    /// Committed transactions captured (and acknowledged to the slot).
+    pub transactions: u64,
+    /// Payload bytes captured.
+    pub bytes: u64,
+}
+
+/// Streams from the slot in `config` into a capture at `writer` until a
+/// limit or `shutdown`. Each transaction is acknowledged to the slot once its
+/// Commit is written and flushed, so a recording resumes where it stopped.
+///
+/// # Errors
+/// A definite replication error, or I/O on the capture.
+pub async fn record<W: Write + Send>(
+    config: crate::replication::SourceConfig,
+    writer: W,
+    limits: RecordLimits,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<RecordReport, RecordError> {
+    use crate::replication::{run_source, AckHandle, SourceEvent};
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let ack = AckHandle::default();
+    let source = tokio::spawn(run_source(config.clone(), tx, ack.clone(), stop_rx));
+    let mut capture: Option<CaptureWriter<W>> = None;
+    let mut writer = Some(writer);
+    let mut report = RecordReport::default();
+    let deadline = limits.duration.map(|d| tokio::time::Instant::now() + d);
+    let result = loop {
+        let event = tokio::select! {
+            biased;
+            _ = crate::replication::stream::stopped(&mut shutdown) => break Ok(()),
+            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break Ok(()),
+            event = rx.recv() => event,
+        };
+        let Some(event) = event else { break Ok(()) };
+        match event {
+            SourceEvent::Started { confirmed, .. } => {
+                if capture.is_none() {
+                    let meta = CaptureMeta {
+                        slot: config.slot.slot.clone(),
+                        publications: config.slot.publications.clone(),
+                        proto_version: config.slot.proto_version,
+                        streaming: config.slot.streaming,
+                        server_version: String::new(),
+                        start_lsn: confirmed,
+                        recorded_at: humantime_now(),
+                    };
+                    match writer.take().map(|w| CaptureWriter::new(w, &meta)) {
+                        Some(Ok(w)) => capture = Some(w),
+                        Some(Err(err)) => break Err(RecordError::Capture(err)),
+                        None => {}
+                    }
+                }
+            }
+            SourceEvent::Wal(event) => {
+                let Some(w) = capture.as_mut() else { continue };
+                if let Err(err) = w.write(&event) {
+                    break Err(RecordError::Capture(err));
+                }
+                report.records += 1;
+                if let WalEvent::XLogData { data, .. } = &event {
+                    report.bytes += data.len() as u64;
+                    if let Ok(crate::pgoutput::Message::Commit(commit)) = crate::pgoutput::decode(data) {
+                        if let Err(err) = w.out.flush() {
+                            break Err(RecordError::Capture(err.into()));
+                        }
+                        ack.ack(commit.end_lsn);
+                        report.transactions += 1;
+                        if limits.max_transactions.is_some_and(|max| report.transactions >= max) {
+                            break Ok(());
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let _ = stop_tx.send(true);
+    let source_result = source.await;
+    if let Some(w) = capture {
+        w.finish().map_err(RecordError::Capture)?;
+    }
+    result?;
+    match source_result {
+        Ok(Err(err)) => Err(RecordError::Replication(err)),
+        _ => Ok(report),
+    }
+}
+
+/// Errors of [`record`].
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// Replication failed definitely.
+    #[error(transparent)]
+    Replication(#[from] crate::replication::ReplicationError),
+    /// The capture could not be written.
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+}
+
+/// Now as an RFC 3339 UTC timestamp (seconds precision).
+fn humantime_now() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days as i64);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
 }

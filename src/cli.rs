@@ -45,6 +45,60 @@ enum Command {
         #[arg(long, default_value = ".walcast/postgres", env = "WALCAST_DATA_DIR")]
         data_dir: PathBuf,
     },
+    /// Capture the raw replication stream into a file (for `walcast replay`).
+    ///
+    /// Each transaction is acknowledged to the slot once written, so a
+    /// recording resumes where the last one stopped. Stops on Ctrl-C or a limit.
+    Record {
+        #[command(flatten)]
+        source: SourceArgs,
+        /// The capture file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Stop after this many transactions.
+        #[arg(long)]
+        max_transactions: Option<u64>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        duration_secs: Option<u64>,
+    },
+}
+
+/// Where to stream from (shared by the streaming subcommands).
+#[derive(Debug, clap::Args)]
+struct SourceArgs {
+    /// PostgreSQL URL or key=value connection string (a role with REPLICATION).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    /// Replication slot (created when missing).
+    #[arg(long, env = "SLOT_NAME", default_value = "walcast")]
+    slot: String,
+    /// Publication to stream.
+    #[arg(long, env = "PUBLICATION", default_value = "supabase_realtime")]
+    publication: String,
+    /// pgoutput protocol version (1, or 2 with --streaming).
+    #[arg(long, default_value_t = 1)]
+    proto_version: u8,
+    /// Stream large in-progress transactions (protocol 2).
+    #[arg(long)]
+    streaming: bool,
+}
+
+impl SourceArgs {
+    fn config(&self) -> anyhow::Result<walcast::replication::SourceConfig> {
+        use std::str::FromStr;
+        let connection = tokio_postgres::Config::from_str(&self.database_url)
+            .map_err(|_| anyhow::anyhow!("--database-url is not a valid PostgreSQL URL or connection string"))?;
+        let mut slot = walcast::replication::SlotOptions::new(&self.slot, &self.publication);
+        slot.proto_version = self.proto_version;
+        slot.streaming = self.streaming;
+        Ok(walcast::replication::SourceConfig {
+            connection,
+            slot,
+            stream: walcast::replication::StreamConfig::default(),
+            connect_timeout: std::time::Duration::from_secs(10),
+        })
+    }
 }
 
 /// Installs the global tracing subscriber (`RUST_LOG`, default `info`).
@@ -87,7 +141,40 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Record { source, out, max_transactions, duration_secs } => {
+            record(source, out, max_transactions, duration_secs).await
+        }
     }
+}
+
+async fn record(
+    source: SourceArgs,
+    out: PathBuf,
+    max_transactions: Option<u64>,
+    duration_secs: Option<u64>,
+) -> anyhow::Result<()> {
+    let config = source.config()?;
+    let file = std::fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?;
+    let writer = std::io::BufWriter::with_capacity(1 << 20, file);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            let _ = stop_tx.send(true);
+        }
+    });
+    let limits = walcast::capture::RecordLimits {
+        max_transactions,
+        duration: duration_secs.map(std::time::Duration::from_secs),
+    };
+    let report = walcast::capture::record(config, writer, limits, stop_rx).await?;
+    println!(
+        "recorded {} records, {} transactions, {} payload bytes to {}",
+        report.records,
+        report.transactions,
+        report.bytes,
+        out.display()
+    );
+    Ok(())
 }
 
 async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {

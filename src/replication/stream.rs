@@ -322,7 +322,7 @@ impl ReplicationStream {
 }
 
 /// Resolves once shutdown is signalled (never, if the sender is gone).
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     if shutdown.wait_for(|stop| *stop).await.is_err() {
         std::future::pending::<()>().await;
     }
