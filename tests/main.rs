@@ -4,6 +4,7 @@
 
 mod support;
 
+mod changes;
 mod cli_migrate;
 mod replication;
 mod schema_migrations;
