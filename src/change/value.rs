@@ -54,8 +54,11 @@
 //! - `int2vector`/`oidvector` (catalog types, `1 2` text) are sent as strings; `to_jsonb` makes arrays of them.
 //! - Composite types: the caller has no field list here, so it passes [`ValueKind::Text`] and the record's text
 //!   (`(1,x)`) is sent as a string; `to_jsonb` would build an object.
-//! - A `json`/`jsonb` document nested deeper than 1000 levels is sent as a string (see below). PostgreSQL accepts
-//!   deeper documents, but a [`serde_json::Value`] that deep overflows the stack when it is dropped.
+//! - A `json`/`jsonb` document nested deeper than 1000 levels is sent as a string. PostgreSQL accepts deeper
+//!   documents (up to its stack limit: over 10000 levels by default), but a [`serde_json::Value`] a few thousand
+//!   levels deep overflows a 2 MiB thread stack when it is dropped, and both entry points must agree.
+//! - A `json` number whose exponent exceeds ±1000 makes the document a string; `to_jsonb` rejects it (the cast
+//!   fails on Supabase).
 //!
 //! # Invariants
 //!
@@ -67,7 +70,8 @@
 //! - Nothing here panics on any input. Text that does not parse as the kind says (an array literal with
 //!   unbalanced braces, invalid JSON in a `json` column, a bool that is not `t`/`f`, …) is encoded as the JSON
 //!   string of the raw text, whole: one bad element makes the whole array a string. PostgreSQL never sends such
-//!   text for the built-in types; the rule only makes a wrong [`ValueKind`] harmless.
+//!   text for the built-in types (apart from the two `json` exceptions above); the rule makes a wrong
+//!   [`ValueKind`] harmless.
 //! - No allocation for scalars on the [`write_json`] path except what `out` needs; arrays and `json` allocate a
 //!   little scratch, `jsonb` only allocates for the container stack.
 
@@ -247,7 +251,7 @@ static BUILTIN_TYPES: &[(u32, &str, u32)] = &[
     (6157, "_int8multirange", 4536),
 ];
 
-/// OIDs this module maps to a non-text [`ValueKind`] or treats specially.
+// OIDs this module maps to a non-text [`ValueKind`] or treats specially.
 const BOOL_OID: u32 = 16;
 const BYTEA_OID: u32 = 17;
 const INT8_OID: u32 = 20;
