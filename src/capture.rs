@@ -445,7 +445,12 @@ pub async fn record<W: Write + Send>(
                 report.records += 1;
                 if let WalEvent::XLogData { data, .. } = &event {
                     report.bytes += data.len() as u64;
-                    if let Ok(crate::pgoutput::Message::Commit(commit)) = crate::pgoutput::decode(data) {
+                    // Only a Commit needs decoding here (its end_lsn is acknowledged).
+                    let commit = match data.first() {
+                        Some(b'C') => crate::pgoutput::decode(data).ok(),
+                        _ => None,
+                    };
+                    if let Some(crate::pgoutput::Message::Commit(commit)) = commit {
                         if let Err(err) = w.out.flush() {
                             break Err(RecordError::Capture(err.into()));
                         }

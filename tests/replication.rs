@@ -290,15 +290,7 @@ async fn errors_are_classified_and_tell_the_fix() {
         )
         .await
         .unwrap();
-    let err = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            if let Err(err) = stream.next().await {
-                return err;
-            }
-        }
-    })
-    .await
-    .expect("an error");
+    let err = first_error(&mut stream).await;
     assert_eq!(err.sqlstate(), Some("42704"), "{err}");
     assert!(err.to_string().contains("CREATE PUBLICATION"), "{err}");
     assert!(!err.is_transient());
@@ -315,7 +307,13 @@ async fn errors_are_classified_and_tell_the_fix() {
     let pid = first.pid();
     let mut stream = ReplicationStream::new(first, AckHandle::default(), StreamConfig::default(), Lsn::ZERO);
     client.execute("select pg_terminate_backend($1)", &[&pid]).await.unwrap();
-    let err = tokio::time::timeout(Duration::from_secs(20), async {
+    let err = first_error(&mut stream).await;
+    assert!(err.is_transient(), "{err:?}");
+}
+
+/// Reads until the stream fails; returns that error.
+async fn first_error(stream: &mut ReplicationStream) -> ReplicationError {
+    tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             if let Err(err) = stream.next().await {
                 return err;
@@ -323,8 +321,16 @@ async fn errors_are_classified_and_tell_the_fix() {
         }
     })
     .await
-    .expect("an error");
-    assert!(err.is_transient(), "{err:?}");
+    .expect("an error")
+}
+
+/// Waits until the collector's source has started streaming once.
+async fn wait_started(collector: &Collector) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while collector.starts.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "source never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Runs the source task and collects the ids of committed inserts, acking
@@ -387,11 +393,7 @@ async fn the_source_reconnects_after_the_walsender_is_terminated_without_loss() 
     let u = create_user(&client, "r@example.com").await;
     let slot = format!("{}_s", db.name());
     let collector = collect_source(db.url(), &slot);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while collector.starts.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "source never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_started(&collector).await;
     let mut expected = std::collections::BTreeSet::new();
     for round in 0..6 {
         let ids: Vec<uuid::Uuid> = client
@@ -461,11 +463,8 @@ async fn a_restarted_consumer_resumes_after_its_last_ack() {
     };
     // First consumer: creates the slot, sees and acks the first batch, stops.
     let first = collect_source(db.url(), &slot);
+    wait_started(&first).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while first.starts.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "source never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     let batch1 = insert(30).await;
     while !batch1.is_subset(&first.ids.lock().unwrap()) {
         assert!(tokio::time::Instant::now() < deadline, "first batch not received");

@@ -396,8 +396,10 @@ impl WalConnection {
         }
         let total = len + 1;
         if self.read_buf.len() < total {
-            // Grow towards the whole frame, bounded by what was announced and checked.
-            self.read_buf.reserve(total - self.read_buf.len());
+            // Grow towards the frame in steps of at most 1 MiB: the announced
+            // length is checked against MAX_FRAME, but memory follows the bytes
+            // that actually arrive, not what a peer claims.
+            self.read_buf.reserve((total - self.read_buf.len()).min(1 << 20));
             return Ok(None);
         }
         match tag {
