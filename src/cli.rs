@@ -62,6 +62,28 @@ enum Command {
         #[arg(long)]
         duration_secs: Option<u64>,
     },
+    /// Feed a capture through the decoder and change stage, without PostgreSQL.
+    ///
+    /// Prints what was replayed and the rates (changes/s, MB/s).
+    Replay {
+        /// The capture file (written by `walcast record`).
+        file: PathBuf,
+        /// `fastest` (benchmarks) or `recorded` (the pace the server sent it).
+        #[arg(long, value_enum, default_value = "fastest")]
+        pace: PaceArg,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Replay pacing.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum PaceArg {
+    /// As fast as possible.
+    Fastest,
+    /// At the recorded pace.
+    Recorded,
 }
 
 /// Where to stream from (shared by the streaming subcommands).
@@ -144,7 +166,61 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Record { source, out, max_transactions, duration_secs } => {
             record(source, out, max_transactions, duration_secs).await
         }
+        Command::Replay { file, pace, json } => {
+            let pace = match pace {
+                PaceArg::Fastest => walcast::capture::Pace::Fastest,
+                PaceArg::Recorded => walcast::capture::Pace::Recorded,
+            };
+            tokio::task::spawn_blocking(move || replay(&file, pace, json)).await?
+        }
     }
+}
+
+fn replay(file: &std::path::Path, pace: walcast::capture::Pace, json: bool) -> anyhow::Result<()> {
+    let input = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let reader = walcast::capture::CaptureReader::new(std::io::BufReader::with_capacity(1 << 20, input))
+        .with_context(|| format!("reading {}", file.display()))?;
+    let meta = reader.meta().clone();
+    let report = walcast::capture::replay(reader, pace, |_| {})?;
+    if json {
+        let value = serde_json::json!({
+            "file": file.display().to_string(),
+            "slot": meta.slot,
+            "proto_version": meta.proto_version,
+            "records": report.records,
+            "messages": report.messages,
+            "transactions": report.transactions,
+            "changes": report.changes,
+            "payload_bytes": report.payload_bytes,
+            "elapsed_secs": report.elapsed.as_secs_f64(),
+            "changes_per_sec": report.changes_per_sec(),
+            "megabytes_per_sec": report.megabytes_per_sec(),
+            "peak_buffered_bytes": report.peak_buffered_bytes,
+            "incomplete_transaction": report.incomplete_transaction,
+        });
+        println!("{value}");
+    } else {
+        println!(
+            "replayed {} records ({} messages, {:.1} MB) from {}: {} transactions, {} changes in {:.3} s",
+            report.records,
+            report.messages,
+            report.payload_bytes as f64 / 1e6,
+            file.display(),
+            report.transactions,
+            report.changes,
+            report.elapsed.as_secs_f64()
+        );
+        println!(
+            "rate: {:.0} changes/s, {:.1} MB/s; peak streamed-transaction buffer {} bytes",
+            report.changes_per_sec(),
+            report.megabytes_per_sec(),
+            report.peak_buffered_bytes
+        );
+        if report.incomplete_transaction {
+            println!("note: the capture ends inside a transaction; its changes were replayed, its commit is missing");
+        }
+    }
+    Ok(())
 }
 
 async fn record(

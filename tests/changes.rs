@@ -2,85 +2,10 @@
 //! assembler, typed JSON compared with PostgreSQL's own `to_jsonb`, old-record
 //! rules per replica identity, unchanged TOAST, transactions and rollbacks.
 
-use std::str::FromStr;
-use std::time::Duration;
-
-use tokio::sync::mpsc;
-use walcast::change::{Assembler, Op, TxEvent};
-use walcast::replication::{run_source, AckHandle, SlotOptions, SourceConfig, SourceEvent, StreamConfig, WalEvent};
+use walcast::change::{Op, TxEvent};
 
 use crate::support::migrated_db;
-
-/// A running source + assembler; committed transactions arrive on `txs`.
-struct Pipeline {
-    txs: mpsc::Receiver<Vec<TxEvent>>,
-    stop: tokio::sync::watch::Sender<bool>,
-}
-
-impl Pipeline {
-    async fn start(url: &str, slot: &str, publication: &str) -> Pipeline {
-        let config = SourceConfig {
-            connection: tokio_postgres::Config::from_str(url).unwrap(),
-            slot: SlotOptions::new(slot, publication),
-            stream: StreamConfig { status_interval: Duration::from_millis(200) },
-            connect_timeout: Duration::from_secs(10),
-        };
-        let (tx, mut rx) = mpsc::channel(256);
-        let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let ack = AckHandle::default();
-        tokio::spawn(run_source(config, tx, ack.clone(), stop_rx));
-        let (out_tx, out_rx) = mpsc::channel(64);
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            let mut ready = Some(ready_tx);
-            let mut assembler = Assembler::new();
-            let mut current = Vec::new();
-            let mut events = Vec::new();
-            while let Some(event) = rx.recv().await {
-                match event {
-                    SourceEvent::Started { .. } => {
-                        assembler.reset();
-                        current.clear();
-                        if let Some(r) = ready.take() {
-                            let _ = r.send(());
-                        }
-                    }
-                    SourceEvent::Wal(WalEvent::XLogData { data, .. }) => {
-                        assembler.push(&data, &mut events).expect("assemble");
-                        for e in events.drain(..) {
-                            let commit = matches!(&e, TxEvent::Commit(_));
-                            let end = if let TxEvent::Commit(info) = &e { Some(info.end_lsn) } else { None };
-                            current.push(e);
-                            if commit {
-                                if out_tx.send(std::mem::take(&mut current)).await.is_err() {
-                                    return;
-                                }
-                                ack.ack(end.unwrap());
-                            }
-                        }
-                    }
-                    SourceEvent::Wal(WalEvent::Keepalive { .. }) => {}
-                }
-            }
-        });
-        tokio::time::timeout(Duration::from_secs(30), ready_rx).await.expect("source started").unwrap();
-        Pipeline { txs: out_rx, stop }
-    }
-
-    async fn next_tx(&mut self) -> Vec<TxEvent> {
-        tokio::time::timeout(Duration::from_secs(30), self.txs.recv()).await.expect("a transaction").expect("open")
-    }
-}
-
-impl Drop for Pipeline {
-    fn drop(&mut self) {
-        let _ = self.stop.send(true);
-    }
-}
-
-fn changes(tx: &[TxEvent]) -> Vec<&walcast::change::Change> {
-    tx.iter().filter_map(|e| if let TxEvent::Change(c) = e { Some(c) } else { None }).collect()
-}
+use crate::support::pipeline::{changes, Pipeline};
 
 #[tokio::test]
 async fn every_type_matches_postgres_to_jsonb() {

@@ -6,6 +6,8 @@ mod support;
 
 mod changes;
 mod cli_migrate;
+mod large_transactions;
+mod replay;
 mod replication;
 mod schema_migrations;
 mod schema_orders;

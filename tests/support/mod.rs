@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod pipeline;
+
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row};
 use uuid::Uuid;

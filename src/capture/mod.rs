@@ -30,6 +30,10 @@
 //! allocating, never panics on a corrupt file, and yields records in file
 //! order.
 
+mod replay;
+
+pub use replay::{replay, Pace, ReplayError, ReplayReport};
+
 use std::io::{self, BufRead, Read, Write};
 
 use bytes::Bytes;
