@@ -3,6 +3,8 @@
 //! Messages are built with walcast's own encoder in the shape of the
 //! `orders` table walcast serves (uuids, text, jsonb, timestamptz).
 
+#![allow(missing_docs)] // criterion_group! generates an undocumented pub fn
+
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use std::hint::black_box;

@@ -119,6 +119,7 @@ impl SourceArgs {
             slot,
             stream: walcast::replication::StreamConfig::default(),
             connect_timeout: std::time::Duration::from_secs(10),
+            export_snapshot: false,
         })
     }
 }

@@ -351,6 +351,7 @@ fn collect_source(url: &str, slot: &str) -> Collector {
         slot: SlotOptions::new(slot, "supabase_realtime"),
         stream: StreamConfig { status_interval: Duration::from_millis(100) },
         connect_timeout: CONNECT_TIMEOUT,
+        export_snapshot: false,
     };
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
@@ -363,6 +364,7 @@ fn collect_source(url: &str, slot: &str) -> Collector {
         let mut pending: Vec<String> = Vec::new();
         while let Some(event) = rx.recv().await {
             match event {
+                SourceEvent::Snapshot(lease) => lease.release(),
                 SourceEvent::Started { .. } => {
                     starts2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     pending.clear();

@@ -423,6 +423,7 @@ pub async fn record<W: Write + Send>(
         };
         let Some(event) = event else { break Ok(()) };
         match event {
+            SourceEvent::Snapshot(lease) => lease.release(),
             SourceEvent::Started { confirmed, .. } => {
                 if capture.is_none() {
                     let meta = CaptureMeta {

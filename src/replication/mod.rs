@@ -47,7 +47,7 @@ pub mod stream;
 
 pub use conn::{QueryResult, WalConnection};
 pub use slot::{CreatedSlot, SlotOptions, SystemIdentity};
-pub use source::{run_source, SourceConfig, SourceEvent};
+pub use source::{run_source, SnapshotLease, SourceConfig, SourceEvent};
 pub use stream::{AckHandle, ReplicationStream, StreamConfig, WalEvent};
 
 use postgres_protocol::message::backend::ErrorResponseBody;
@@ -191,7 +191,10 @@ fn fix_for(err: &PgError) -> Option<&'static str> {
             "create the publication before the slot: run `walcast migrate`, or \
              CREATE PUBLICATION supabase_realtime FOR TABLE public.orders, public.dealer_memberships",
         ),
-        "42704" if msg.contains("slot") => Some("the replication slot is missing; restart walcast to recreate it"),
+        "42704" if msg.contains("slot") => Some(
+            "the replication slot is missing; restart walcast to recreate it (changes committed while it \
+             was missing are not delivered; clients should reload)",
+        ),
         "42501" => Some(
             "the role needs the REPLICATION attribute (ALTER ROLE <user> REPLICATION) and access to the \
              database; on Supabase use the postgres role",

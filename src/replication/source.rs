@@ -10,10 +10,21 @@
 //!
 //! A definite error (see [`ReplicationError::is_transient`]) ends the task with
 //! that error; the operator must act.
+//!
+//! The slot is created only by the task's first connection. With
+//! [`SourceConfig::export_snapshot`], creating it exports a snapshot and the
+//! task hands it downstream as [`SourceEvent::Snapshot`], waiting until the
+//! lease is released (the snapshot lives only until the walsender runs its
+//! next command), so downstream can read the database exactly as of the
+//! slot's consistent point. A slot that disappears after streaming started
+//! is a definite error: WAL since then is gone for walcast, and recreating
+//! the slot silently would skip it.
 
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{AckHandle, ReplicationError, ReplicationStream, SlotOptions, StreamConfig, WalConnection, WalEvent};
 use crate::lsn::Lsn;
@@ -34,11 +45,60 @@ pub struct SourceConfig {
     pub stream: StreamConfig,
     /// Connect timeout per attempt.
     pub connect_timeout: Duration,
+    /// When the slot has to be created, export its snapshot downstream.
+    pub export_snapshot: bool,
 }
+
+impl SourceConfig {
+    /// Defaults: status every second, 10 s connect timeout, no snapshot export.
+    pub fn new(connection: tokio_postgres::Config, slot: SlotOptions) -> Self {
+        SourceConfig {
+            connection,
+            slot,
+            stream: StreamConfig::default(),
+            connect_timeout: Duration::from_secs(10),
+            export_snapshot: false,
+        }
+    }
+}
+
+/// Longest wait for downstream to release an exported snapshot.
+const SNAPSHOT_LEASE_MAX: Duration = Duration::from_secs(600);
+
+/// An exported snapshot, valid until released (or every clone dropped).
+#[derive(Debug, Clone)]
+pub struct SnapshotLease {
+    /// The snapshot's name, for `SET TRANSACTION SNAPSHOT`.
+    pub name: String,
+    /// The slot's consistent point: the first transaction streamed commits
+    /// after it, and the snapshot sees exactly everything before it.
+    pub consistent_point: Lsn,
+    release: Arc<Mutex<Option<oneshot::Sender<()>>>>,
+}
+
+impl SnapshotLease {
+    /// Lets the source go on (the snapshot becomes invalid).
+    pub fn release(&self) {
+        if let Some(tx) = self.release.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl PartialEq for SnapshotLease {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name && self.consistent_point == other.consistent_point
+    }
+}
+
+impl Eq for SnapshotLease {}
 
 /// What the source passes downstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceEvent {
+    /// The slot was just created with an exported snapshot (only with
+    /// [`SourceConfig::export_snapshot`]); streaming waits for its release.
+    Snapshot(SnapshotLease),
     /// A (re)connection started streaming from the slot; downstream resets its
     /// per-connection state.
     Started {
@@ -65,11 +125,12 @@ pub async fn run_source(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ReplicationError> {
     let mut backoff = BACKOFF_START;
+    let mut streamed_before = false;
     loop {
         if *shutdown.borrow() {
             return Ok(());
         }
-        let result = stream_once(&config, &out, &ack, &mut shutdown, &mut backoff).await;
+        let result = stream_once(&config, &out, &ack, &mut shutdown, &mut backoff, &mut streamed_before).await;
         match result {
             Err(ReplicationError::Shutdown) => return Ok(()),
             Err(err) if err.is_transient() => {
@@ -95,10 +156,39 @@ async fn stream_once(
     ack: &AckHandle,
     shutdown: &mut watch::Receiver<bool>,
     backoff: &mut Duration,
+    streamed_before: &mut bool,
 ) -> Result<(), ReplicationError> {
     let mut conn = WalConnection::connect(&config.connection, config.connect_timeout).await?;
-    let created = ensure_slot(&mut conn, &config.slot.slot).await?;
+    let created = if *streamed_before {
+        false
+    } else {
+        match ensure_slot(&mut conn, &config.slot.slot, config.export_snapshot).await? {
+            Some(slot) => {
+                if let Some(name) = slot.snapshot_name {
+                    let (tx, rx) = oneshot::channel();
+                    let lease = SnapshotLease {
+                        name,
+                        consistent_point: slot.consistent_point,
+                        release: Arc::new(Mutex::new(Some(tx))),
+                    };
+                    if out.send(SourceEvent::Snapshot(lease)).await.is_err() {
+                        return Err(ReplicationError::Shutdown);
+                    }
+                    tokio::select! {
+                        _ = rx => {}
+                        _ = tokio::time::sleep(SNAPSHOT_LEASE_MAX) => {
+                            tracing::warn!("the exported snapshot was not released in time; streaming anyway");
+                        }
+                        _ = super::stream::stopped(shutdown) => return Err(ReplicationError::Shutdown),
+                    }
+                }
+                true
+            }
+            None => false,
+        }
+    };
     let confirmed = confirmed_flush(&mut conn, &config.slot.slot).await?;
+    *streamed_before = true;
     conn.start_replication(&config.slot, Lsn::ZERO).await?;
     let pid = conn.pid();
     tracing::info!(slot = %config.slot.slot, %confirmed, created, pid, "streaming");
@@ -136,11 +226,15 @@ async fn stream_once(
     }
 }
 
-/// Creates the slot when it is missing; returns whether it did.
-async fn ensure_slot(conn: &mut WalConnection, slot: &str) -> Result<bool, ReplicationError> {
-    match conn.create_slot(slot, false).await {
-        Ok(_) => Ok(true),
-        Err(err) if err.sqlstate() == Some("42710") => Ok(false),
+/// Creates the slot when it is missing; returns it when it did.
+async fn ensure_slot(
+    conn: &mut WalConnection,
+    slot: &str,
+    export_snapshot: bool,
+) -> Result<Option<super::CreatedSlot>, ReplicationError> {
+    match conn.create_slot(slot, export_snapshot).await {
+        Ok(created) => Ok(Some(created)),
+        Err(err) if err.sqlstate() == Some("42710") => Ok(None),
         Err(err) => Err(err),
     }
 }
@@ -165,6 +259,14 @@ async fn confirmed_flush(conn: &mut WalConnection, slot: &str) -> Result<Lsn, Re
     }
     match result.first("lsn") {
         Some(text) => text.parse().map_err(|_| ReplicationError::Protocol(format!("bad confirmed_flush_lsn {text:?}"))),
+        None if result.rows.is_empty() => Err(super::PgError {
+            severity: "ERROR".into(),
+            code: "42704".into(),
+            message: format!("replication slot \"{slot}\" was dropped while walcast was streaming from it"),
+            detail: None,
+            hint: None,
+        }
+        .into()),
         None => Ok(Lsn::ZERO),
     }
 }

@@ -36,6 +36,7 @@ impl Pipeline {
             slot: slot.clone(),
             stream: StreamConfig { status_interval: Duration::from_millis(200) },
             connect_timeout: Duration::from_secs(10),
+            export_snapshot: false,
         };
         let (tx, mut rx) = mpsc::channel(256);
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
@@ -53,6 +54,7 @@ impl Pipeline {
             let mut events = Vec::new();
             while let Some(event) = rx.recv().await {
                 match event {
+                    SourceEvent::Snapshot(lease) => lease.release(),
                     SourceEvent::Started { confirmed, .. } => {
                         assembler.reset();
                         if let Some(file) = capture_file.take() {
