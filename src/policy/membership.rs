@@ -104,13 +104,16 @@ pub struct LoadedAt {
     pub rows: usize,
 }
 
+/// A membership as held per user: its row key and role.
+type Held = (Box<str>, Option<Arc<str>>);
+
 /// The cache. Cheap to share behind an `Arc`.
 #[derive(Debug, Default)]
 pub struct MembershipCache {
     /// Membership row key → (user, dealership).
     rows: DashMap<Box<str>, (Uuid, Uuid)>,
     /// user → dealership → (row key, role).
-    by_user: DashMap<Uuid, HashMap<Uuid, (Box<str>, Option<Arc<str>>)>>,
+    by_user: DashMap<Uuid, HashMap<Uuid, Held>>,
     /// dealership → its members.
     by_dealership: DashMap<Uuid, HashSet<Uuid>>,
 }

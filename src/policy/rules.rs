@@ -324,7 +324,8 @@ mod tests {
         let ev = |c: &Change, v: Viewer| rules.judge(c).and_then(|j| j.event_for(v, &w.cache));
         use EventType::*;
         use Viewer::*;
-        let cases: Vec<(Change, Vec<(Viewer, Option<EventType>)>)> = vec![
+        type Case = (Change, Vec<(Viewer, Option<EventType>)>);
+        let cases: Vec<Case> = vec![
             (
                 change("orders", Op::Insert, None, Some(Some(w.a))),
                 vec![(User(w.in_a), Some(Insert)), (User(w.in_b), None), (User(w.in_both), Some(Insert))],
