@@ -139,18 +139,26 @@ impl Change {
     /// Appends `row` as a JSON object (column → value as Supabase encodes it),
     /// leaving out absent columns.
     pub fn write_row_json(&self, row: &Row, out: &mut Vec<u8>) {
+        self.write_row_json_limited(row, None, out);
+    }
+
+    /// As [`Change::write_row_json`]; with `max_value_len`, columns whose JSON
+    /// value is longer are left out (Supabase's rule for records over its
+    /// payload limit: keep the values of at most 64 bytes).
+    pub fn write_row_json_limited(&self, row: &Row, max_value_len: Option<usize>, out: &mut Vec<u8>) {
         out.push(b'{');
         let mut first = true;
         for (column, datum) in self.relation.columns.iter().zip(&row.0) {
             if matches!(datum, Datum::Absent) {
                 continue;
             }
+            let rollback = out.len();
             if !first {
                 out.push(b',');
             }
-            first = false;
             write_json_string(&column.name, out);
             out.push(b':');
+            let value_start = out.len();
             match datum {
                 Datum::Null | Datum::Absent => out.extend_from_slice(b"null"),
                 Datum::Text(bytes) => match std::str::from_utf8(bytes) {
@@ -160,6 +168,11 @@ impl Change {
                     Err(_) => write_json_string(&String::from_utf8_lossy(bytes), out),
                 },
             }
+            if max_value_len.is_some_and(|max| out.len() - value_start > max) {
+                out.truncate(rollback);
+                continue;
+            }
+            first = false;
         }
         out.push(b'}');
     }
