@@ -37,6 +37,7 @@
 //! - [`capture`]: record/replay files of the raw replication stream.
 //! - [`pgoutput`]: the pure, sans-IO decoder of the pgoutput wire format.
 //! - [`change`]: typed changes; PostgreSQL text values to Supabase-style JSON.
+//! - [`policy`]: who may see a change; so far the `postgres_changes` filters.
 //! - [`replication`]: our own logical-replication client (walsender protocol,
 //!   slots, the copy-both stream with standby status updates).
 //!
@@ -48,5 +49,6 @@ pub mod change;
 pub mod cluster;
 pub mod lsn;
 pub mod pgoutput;
+pub mod policy;
 pub mod replication;
 pub mod schema;
