@@ -5,9 +5,11 @@
 //! Sits between the change stage and the hub; pure except for
 //! [`membership::load`], which reads the membership table once at start.
 
+pub mod filter;
 pub mod membership;
 pub mod rules;
 
+pub use filter::{Filter, FilterError};
 pub use membership::{LoadedAt, Membership, MembershipCache, MembershipTable};
 pub use rules::{EventType, Judgment, PolicyConfig, Rules, TableRule, Viewer, Visibility};
 
