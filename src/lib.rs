@@ -48,6 +48,7 @@
 pub mod capture;
 pub mod change;
 pub mod cluster;
+pub mod hub;
 pub mod lsn;
 pub mod pgoutput;
 pub mod policy;
