@@ -92,6 +92,9 @@
 //!   rejected where PostgreSQL might accept them (`jsonb` has an order).
 //! - Date/time values accept the ISO forms only (see `datetime`); PostgreSQL also takes `Nov 25 2026`, named
 //!   zones and `now`. Integers and numerics do not take PostgreSQL 16's `0x…` and `1_000` forms.
+//! - Unquoted values lose their surrounding whitespace (`eq. a ` is `eq.a`); operators are lower-case only;
+//!   `*` is an ordinary character in `like` patterns (PostgREST's URL alias for `%` is not taken).
+//! - Syntax errors anywhere in the string are reported before an unknown column or a bad value.
 //! - The column must exist in the table; Supabase additionally requires the subscriber's role to be able to
 //!   select it (checked elsewhere, if at all).
 

@@ -87,10 +87,24 @@ const CASES: &[(&str, Option<&str>, &str, bool)] = &[
     ("int4", None, "isdistinct.5", true),
     ("int2", Some("32767"), "eq.32767", true),
     ("int2", Some("-32768"), "lt.32767", true),
+    ("int2", Some("7"), "neq.7", false),
+    ("int2", Some("7"), "lte.7", true),
+    ("int2", Some("7"), "gt.-7", true),
+    ("int2", Some("7"), "gte.8", false),
+    ("int2", Some("7"), "in.(6,7)", true),
+    ("int2", Some("7"), "isdistinct.7", false),
+    ("int2", Some("7"), "is.null", false),
     ("int8", Some("9223372036854775807"), "gt.9223372036854775806", true),
     ("int8", Some("-9223372036854775808"), "eq.-9223372036854775808", true),
     ("int8", Some("9007199254740993"), "eq.9007199254740992", false),
     ("int8", Some("9007199254740993"), "gt.9007199254740992", true),
+    ("int8", Some("42"), "neq.42", false),
+    ("int8", Some("42"), "lt.-42", false),
+    ("int8", Some("42"), "lte.42", true),
+    ("int8", Some("42"), "gte.9223372036854775807", false),
+    ("int8", Some("42"), "in.(9223372036854775807,42)", true),
+    ("int8", Some("42"), "isdistinct.43", true),
+    ("int8", Some("42"), "is.null", false),
     ("int8", None, "is.null", true),
     // floats
     ("float8", Some("1.5"), "eq.1.5", true),
@@ -111,6 +125,12 @@ const CASES: &[(&str, Option<&str>, &str, bool)] = &[
     ("float8", Some("1.5e-07"), "eq.0.00000015", true),
     ("float8", Some("1.5"), "in.(1, 1.5)", true),
     ("float8", Some("1.5"), "isdistinct.1.5", false),
+    ("float8", Some("1.5"), "neq.1.5", false),
+    ("float8", Some("NaN"), "neq.NaN", false),
+    ("float8", Some("1.5"), "lte.1.4999999999999999", true),
+    ("float8", Some("1.5"), "lte.1.49999999999999", false),
+    ("float8", Some("1.5"), "gte.1.5", true),
+    ("float8", Some("1.5"), "is.null", false),
     ("float8", None, "lt.1", false),
     ("float8", None, "is.null", true),
     ("float4", Some("0.1"), "eq.0.1", true),
@@ -118,6 +138,11 @@ const CASES: &[(&str, Option<&str>, &str, bool)] = &[
     ("float4", Some("3.4028235e+38"), "eq.3.4028235e38", true),
     ("float4", Some("NaN"), "gte.Infinity", true),
     ("float4", Some("1.5"), "in.(2,NaN)", false),
+    ("float4", Some("1.5"), "neq.1.5", false),
+    ("float4", Some("1.5"), "lte.1.5", true),
+    ("float4", Some("1.5"), "gt.-Infinity", true),
+    ("float4", Some("NaN"), "isdistinct.NaN", false),
+    ("float4", Some("1.5"), "is.null", false),
     // numeric
     ("numeric", Some("1.50"), "eq.1.5", true),
     ("numeric", Some("1.50"), "neq.1.500001", true),
@@ -139,6 +164,7 @@ const CASES: &[(&str, Option<&str>, &str, bool)] = &[
     ("numeric", Some("2.5"), "isdistinct.2.500", false),
     ("numeric", Some("2.5"), "lte.2.5", true),
     ("numeric", Some("2.5"), "gte.2.6", false),
+    ("numeric", Some("2.5"), "is.null", false),
     ("numeric", None, "eq.1", false),
     ("numeric", None, "isdistinct.1", true),
     // text
@@ -201,20 +227,57 @@ const CASES: &[(&str, Option<&str>, &str, bool)] = &[
     ("varchar", Some("abc"), "eq.abc", true),
     ("varchar", Some("abc"), "lt.abd", true),
     ("varchar", Some("abc"), "like.a%", true),
+    ("varchar", Some("abc"), "neq.abc", false),
+    ("varchar", Some("abc"), "lte.ab", false),
+    ("varchar", Some("abc"), "gt.ABC", true),
+    ("varchar", Some("abc"), "gte.abc", true),
+    ("varchar", Some("abc"), "in.(abc)", true),
+    ("varchar", Some("abc"), "ilike.A_C", true),
+    ("varchar", Some("abc"), "match.b", true),
+    ("varchar", Some("abc"), "imatch.^B", false),
+    ("varchar", Some("abc"), "isdistinct.abc", false),
+    ("varchar", Some("abc"), "is.null", false),
     ("name", Some("abc"), "gte.abc", true),
     ("name", Some("abc"), "ilike.A%", true),
+    ("name", Some("abc"), "eq.abc", true),
+    ("name", Some("abc"), "neq.abc", false),
+    ("name", Some("abc"), "lt.abd", true),
+    ("name", Some("abc"), "lte.abb", false),
+    ("name", Some("abc"), "gt.Z", true),
+    ("name", Some("abc"), "in.(x,y)", false),
+    ("name", Some("abc"), "like.%c", true),
+    ("name", Some("abc"), "match.^a", true),
+    ("name", Some("abc"), "imatch.C$", true),
+    ("name", Some("abc"), "isdistinct.abc", false),
+    ("name", Some("abc"), "is.null", false),
     ("bpchar", Some("ab   "), "eq.ab", true),
     ("bpchar", Some("ab   "), "eq.\"ab \"", true),
     ("bpchar", Some("ab   "), "lt.abc", true),
     ("bpchar", Some("ab   "), "in.(x,ab)", true),
     ("bpchar", Some("ab   "), "like.ab", false),
     ("bpchar", Some("ab   "), "like.ab%", true),
+    ("bpchar", Some("ab   "), "neq.ab", false),
+    ("bpchar", Some("ab   "), "lte.ab", true),
+    ("bpchar", Some("ab   "), "gt.aa", true),
+    ("bpchar", Some("ab   "), "gte.abc", false),
+    ("bpchar", Some("ab   "), "ilike.AB%", true),
+    ("bpchar", Some("ab   "), "match.^ab   $", true),
+    ("bpchar", Some("ab   "), "imatch.^AB$", false),
+    ("bpchar", Some("ab   "), "isdistinct.ab", false),
+    ("bpchar", Some("ab   "), "is.null", false),
     ("citext", Some("Hello"), "eq.hELLO", true),
     ("citext", Some("Hello"), "neq.hELLO", false),
     ("citext", Some("B"), "gt.a", true),
     ("citext", Some("Hello"), "like.h%", true),
     ("citext", Some("Hello"), "match.^HE", true),
     ("citext", Some("Hello"), "in.(x,HELLO)", true),
+    ("citext", Some("Hello"), "lt.HELLP", true),
+    ("citext", Some("Hello"), "lte.HELLO", true),
+    ("citext", Some("Hello"), "gte.i", false),
+    ("citext", Some("Hello"), "ilike.%LL%", true),
+    ("citext", Some("Hello"), "imatch.^h", true),
+    ("citext", Some("Hello"), "isdistinct.HELLO", false),
+    ("citext", Some("Hello"), "is.null", false),
     // uuid
     ("uuid", Some(U), "eq.a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", true),
     ("uuid", Some(U), "eq.A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11", true),
@@ -226,6 +289,8 @@ const CASES: &[(&str, Option<&str>, &str, bool)] = &[
     ("uuid", Some(U), "gt.a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a10", true),
     ("uuid", Some(U), "gte.A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11", true),
     ("uuid", Some(U), "lt.0aeebc99-9c0b-4ef8-bb6d-6bb9bd380a11", false),
+    ("uuid", Some(U), "lte.a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", true),
+    ("uuid", Some(U), "is.null", false),
     ("uuid", Some(U), "in.(00000000-0000-0000-0000-000000000000,A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11)", true),
     ("uuid", Some(U), "isdistinct.A0EEBC999C0B4EF8BB6D6BB9BD380A11", false),
     ("uuid", None, "eq.a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", false),
@@ -241,6 +306,9 @@ const CASES: &[(&str, Option<&str>, &str, bool)] = &[
     ("bool", Some("f"), "eq.0", true),
     ("bool", Some("f"), "lt.true", true),
     ("bool", Some("t"), "gt.f", true),
+    ("bool", Some("t"), "neq.f", true),
+    ("bool", Some("t"), "lte.f", false),
+    ("bool", Some("f"), "gte.f", true),
     ("bool", Some("t"), "is.true", true),
     ("bool", Some("t"), "is.TRUE", true),
     ("bool", Some("t"), "is.false", false),
@@ -268,6 +336,10 @@ const CASES: &[(&str, Option<&str>, &str, bool)] = &[
     ("date", Some("0044-03-15 BC"), "lt.0001-01-01", true),
     ("date", Some("2026-11-25"), "in.(2026-01-01,2026-11-25)", true),
     ("date", Some("2026-11-25"), "isdistinct.2026-11-25", false),
+    ("date", Some("2026-11-25"), "neq.2026-11-25", false),
+    ("date", Some("2026-11-25"), "lte.2026-11-25", true),
+    ("date", Some("2026-11-25"), "gte.2026-11-26", false),
+    ("date", Some("2026-11-25"), "is.null", false),
     ("date", None, "lt.2026-11-26", false),
     // timestamptz
     ("timestamptz", Some(T), "eq.2026-11-25T10:00:00.123456Z", true),
@@ -283,6 +355,9 @@ const CASES: &[(&str, Option<&str>, &str, bool)] = &[
     ("timestamptz", Some(T), "gte.2026-11-25", true),
     ("timestamptz", Some(T), "in.(2026-11-25T10:00:00Z,2026-11-25T10:00:00.123456Z)", true),
     ("timestamptz", Some("2026-11-25 10:00:00+00"), "eq.2026-11-25T10:00:00", true),
+    ("timestamptz", Some(T), "neq.2026-11-25T11:00:00.123456+01", false),
+    ("timestamptz", Some(T), "isdistinct.2026-11-25T10:00:00.123456Z", false),
+    ("timestamptz", Some(T), "is.null", false),
     ("timestamptz", Some("infinity"), "gt.294276-01-01T00:00:00Z", true),
     ("timestamptz", Some("0044-03-15 12:00:00+00 BC"), "lt.0001-01-01T00:00:00Z", true),
     ("timestamptz", None, "gt.-infinity", false),
@@ -293,6 +368,12 @@ const CASES: &[(&str, Option<&str>, &str, bool)] = &[
     ("timestamp", Some("2026-11-25 10:00:00"), "eq.2026-11-25 10:00:00+05", true),
     ("timestamp", Some("2026-11-25 10:00:00"), "gt.2026-11-25", true),
     ("timestamp", Some("infinity"), "gt.2026-11-25", true),
+    ("timestamp", Some("2026-11-25 10:00:00"), "neq.2026-11-25T10:00:00", false),
+    ("timestamp", Some("2026-11-25 10:00:00"), "lte.2026-11-25T09:59:59.999999", false),
+    ("timestamp", Some("2026-11-25 10:00:00"), "gte.2026-11-25T10:00:00", true),
+    ("timestamp", Some("2026-11-25 10:00:00"), "in.(2026-11-25T10:00:00,infinity)", true),
+    ("timestamp", Some("2026-11-25 10:00:00"), "isdistinct.2026-11-25 10:00:00.000001", true),
+    ("timestamp", Some("2026-11-25 10:00:00"), "is.null", false),
     ("timestamp", None, "eq.2026-11-25", false),
     // types compared by their text
     ("jsonb", Some("{\"a\": 1}"), "eq.{\"a\": 1}", true),
@@ -300,14 +381,20 @@ const CASES: &[(&str, Option<&str>, &str, bool)] = &[
     ("jsonb", Some("{\"a\": 1, \"b\": 2}"), "eq.\"{\\\"a\\\": 1, \\\"b\\\": 2}\"", true),
     ("jsonb", Some("{\"a\": 1}"), "neq.{}", true),
     ("jsonb", Some("{\"a\": 1}"), "isdistinct.{\"a\": 1}", false),
+    ("jsonb", Some("{\"a\": 1}"), "in.({},\"{\\\"a\\\": 1}\")", true),
+    ("jsonb", Some("{\"a\": 1}"), "is.null", false),
     ("jsonb", None, "eq.{}", false),
     ("jsonb", None, "is.null", true),
     ("_int4", Some("{1,2}"), "eq.\"{1,2}\"", true),
     ("_int4", Some("{1,2}"), "in.(\"{1,2}\",\"{3}\")", true),
     ("_int4", Some("{1,2}"), "neq.{3}", true),
+    ("_int4", Some("{1,2}"), "isdistinct.\"{1,2}\"", false),
+    ("_int4", Some("{1,2}"), "is.null", false),
     ("mood", Some("happy"), "eq.happy", true),
     ("mood", Some("happy"), "in.(sad,ok)", false),
     ("mood", Some("happy"), "isdistinct.sad", true),
+    ("mood", Some("happy"), "neq.happy", false),
+    ("mood", Some("happy"), "is.null", false),
     ("interval", Some("1 day"), "eq.1 day", true),
     ("interval", Some("1 day"), "eq.24:00:00", false),
 ];
@@ -322,17 +409,32 @@ fn negated(value: Option<&str>, spec: &str, expected: bool) -> bool {
     }
 }
 
+/// The expected result of `<spec>` on NULL: only `is.null`, `is.unknown` and `isdistinct` hold.
+fn on_null(spec: &str) -> bool {
+    let spec = spec.to_ascii_lowercase();
+    spec == "is.null" || spec == "is.unknown" || spec.starts_with("isdistinct.")
+}
+
 #[test]
 fn operators_by_type() {
     for &(type_name, value, spec, expected) in CASES {
         assert_eq!(eval(type_name, value, spec), expected, "c={spec} on {type_name} {value:?}");
         let not = negated(value, spec, expected);
         assert_eq!(eval(type_name, value, &format!("not.{spec}")), not, "c=not.{spec} on {type_name} {value:?}");
+        // Every case once more on NULL, plain and under `not.`.
+        let null = on_null(spec);
+        assert_eq!(eval(type_name, None, spec), null, "c={spec} on {type_name} NULL");
+        let not_null = negated(None, spec, null);
+        assert_eq!(eval(type_name, None, &format!("not.{spec}")), not_null, "c=not.{spec} on {type_name} NULL");
     }
 }
 
+/// Every operator on every listed type either has cases above (each also run on NULL) or is rejected.
 #[test]
-fn every_listed_type_has_cases() {
+fn operator_type_matrix_is_covered() {
+    const OPS: [&str; 13] =
+        ["eq", "neq", "lt", "lte", "gt", "gte", "in", "like", "ilike", "match", "imatch", "is", "isdistinct"];
+    let mut missing = Vec::new();
     for type_name in [
         "int2",
         "int4",
@@ -351,14 +453,37 @@ fn every_listed_type_has_cases() {
         "timestamptz",
         "timestamp",
         "jsonb",
+        "_int4",
+        "mood",
     ] {
-        let ops: std::collections::BTreeSet<&str> = CASES
-            .iter()
-            .filter(|case| case.0 == type_name)
-            .map(|case| case.2.split('.').next().unwrap_or_default())
-            .collect();
-        assert!(!ops.is_empty(), "{type_name}");
+        let rel = relation(&[("c", type_name)]);
+        for op in OPS {
+            let cases: Vec<_> =
+                CASES.iter().filter(|case| case.0 == type_name && case.2.split('.').next() == Some(op)).collect();
+            let spec = match op {
+                "in" => "c=in.(x)".to_owned(),
+                "is" => "c=is.null".to_owned(),
+                _ => format!("c={op}.x"),
+            };
+            let rejected = matches!(
+                Filter::for_relation(&spec, &rel),
+                Err(FilterError::UnsupportedOperator { .. } | FilterError::IsNeedsBool { .. })
+            );
+            if rejected {
+                assert!(cases.is_empty(), "{op} on {type_name} has cases but is rejected");
+            } else if !cases.iter().any(|case| case.1.is_some()) {
+                missing.push(format!("{type_name} {op}"));
+            }
+        }
     }
+    assert!(missing.is_empty(), "operators without cases:\n{}", missing.join("\n"));
+}
+
+#[test]
+fn filters_can_be_shared_between_threads() {
+    fn shared<T: Send + Sync + Clone + 'static>() {}
+    shared::<Filter>();
+    shared::<FilterError>();
 }
 
 #[test]
