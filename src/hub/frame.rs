@@ -182,11 +182,9 @@ mod tests {
     fn frames_in_both_vsn_parse_and_carry_the_right_keys() {
         let c = change(Op::Update, false);
         let columns = columns_json(&c.relation);
-        for (event, record, old) in [
-            (EventType::Update, true, true),
-            (EventType::Insert, true, false),
-            (EventType::Delete, false, true),
-        ] {
+        for (event, record, old) in
+            [(EventType::Update, true, true), (EventType::Insert, true, false), (EventType::Delete, false, true)]
+        {
             let data = data_json(&c, event, "2026-01-01T00:00:00.000Z", &columns);
             let v1: serde_json::Value =
                 serde_json::from_slice(&postgres_changes(Vsn::V1, "realtime:a\"b", &[3, 4], &data)).unwrap();

@@ -246,12 +246,7 @@ impl HubHandle {
 
 /// Creates a hub; run [`Hub::run`] on a task and give the handle to the
 /// realtime layer.
-pub fn hub(
-    config: HubConfig,
-    rules: Rules,
-    memberships: Arc<MembershipCache>,
-    ack: AckHandle,
-) -> (Hub, HubHandle) {
+pub fn hub(config: HubConfig, rules: Rules, memberships: Arc<MembershipCache>, ack: AckHandle) -> (Hub, HubHandle) {
     let (control_tx, control_rx) = mpsc::channel(1024);
     let stats = Arc::new(HubStats::default());
     let handle = HubHandle { control: control_tx, stats: Arc::clone(&stats), memberships: Arc::clone(&memberships) };
