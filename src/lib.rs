@@ -52,5 +52,6 @@ pub mod hub;
 pub mod lsn;
 pub mod pgoutput;
 pub mod policy;
+pub mod relay;
 pub mod replication;
 pub mod schema;

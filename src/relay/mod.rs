@@ -1,0 +1,231 @@
+//! The relay: replication source → change stage → hub, wired with bounded
+//! channels, plus the one-time membership load.
+//!
+//! ```text
+//!  run_source ──SourceEvent (256)──▶ change stage ──Vec<StageEvent> (64)──▶ Hub ──▶ outboxes
+//!      ▲                              │ Snapshot: load memberships in the slot's snapshot
+//!      │                              │ Started:  reset assembler; first start on an existing
+//!      │                              │           slot: load memberships now (catch-up window)
+//!      └──────── AckHandle ◀──────────┴───────────────────────────── hub acks end_lsn
+//! ```
+//!
+//! The change stage batches events (up to 256 per send, or whatever is there
+//! when the source is momentarily idle) so the channel costs little per
+//! change. [`Relay::start`] returns once memberships are loaded and the
+//! stream has started, so subscriptions made after it see every later
+//! commit. Shutdown: stop the source (final standby status), let the hub
+//! close every outbox, then return.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use crate::change::{Assembler, ChangeError};
+use crate::hub::{self, HubConfig, HubError, HubHandle, StageEvent};
+use crate::policy::{self, MembershipCache, PolicyConfig, PolicyError, Rules};
+use crate::replication::{run_source, AckHandle, ReplicationError, SourceConfig, SourceEvent, WalEvent};
+
+/// Most events per batch sent to the hub.
+const BATCH: usize = 256;
+
+/// Everything the relay needs.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// The replication source (its connection is also used for the SQL
+    /// membership load; `export_snapshot` is forced on).
+    pub source: SourceConfig,
+    /// Policy rules and the membership table.
+    pub policy: PolicyConfig,
+    /// Hub settings.
+    pub hub: HubConfig,
+    /// How long [`Relay::start`] waits for the first stream start.
+    pub start_timeout: Duration,
+}
+
+impl RelayConfig {
+    /// Defaults around `source`.
+    pub fn new(source: SourceConfig) -> RelayConfig {
+        RelayConfig {
+            source,
+            policy: PolicyConfig::default(),
+            hub: HubConfig::default(),
+            start_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Errors that stop the relay.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// Replication failed definitely.
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    /// A change could not be assembled.
+    #[error(transparent)]
+    Change(#[from] ChangeError),
+    /// Memberships could not be loaded or applied.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// The hub stopped.
+    #[error(transparent)]
+    Hub(#[from] HubError),
+    /// The relay did not start in time.
+    #[error("the relay did not start streaming within {0:?}; check the database URL and that PostgreSQL is up")]
+    StartTimeout(Duration),
+    /// A stage ended unexpectedly.
+    #[error("relay stage ended: {0}")]
+    Stopped(&'static str),
+}
+
+/// A running relay.
+#[derive(Debug)]
+pub struct Relay {
+    /// For the realtime layer.
+    pub hub: HubHandle,
+    shutdown: watch::Sender<bool>,
+    source: JoinHandle<Result<(), ReplicationError>>,
+    stage: JoinHandle<Result<(), RelayError>>,
+    hub_task: JoinHandle<Result<(), HubError>>,
+}
+
+impl Relay {
+    /// Starts the pipeline; returns once memberships are loaded and streaming
+    /// has started.
+    ///
+    /// # Errors
+    /// A definite error before streaming started, or the start timeout.
+    pub async fn start(mut config: RelayConfig) -> Result<Relay, RelayError> {
+        config.source.export_snapshot = true;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let ack = AckHandle::default();
+        let memberships = Arc::new(MembershipCache::new());
+        let rules = Rules::new(config.policy.clone());
+        let (hub, handle) = hub::hub(config.hub.clone(), rules, Arc::clone(&memberships), ack.clone());
+        let (source_tx, source_rx) = mpsc::channel(256);
+        let (stage_tx, stage_rx) = mpsc::channel(64);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let source = tokio::spawn(
+            run_source(config.source.clone(), source_tx, ack.clone(), shutdown_rx.clone())
+                .instrument(tracing::info_span!("replication", slot = %config.source.slot.slot)),
+        );
+        let stage = tokio::spawn(change_stage(
+            config.source.connection.clone(),
+            config.policy.memberships.clone(),
+            memberships,
+            source_rx,
+            stage_tx,
+            ready_tx,
+        )
+        .instrument(tracing::info_span!("change_stage")));
+        let hub_task = tokio::spawn(hub.run(stage_rx, shutdown_rx).instrument(tracing::info_span!("hub")));
+        let relay = Relay { hub: handle, shutdown, source, stage, hub_task };
+        match tokio::time::timeout(config.start_timeout, ready_rx).await {
+            Ok(Ok(())) => Ok(relay),
+            Ok(Err(_)) => Err(relay.stop().await.err().unwrap_or(RelayError::Stopped("change stage"))),
+            Err(_) => {
+                let _ = relay.stop().await;
+                Err(RelayError::StartTimeout(config.start_timeout))
+            }
+        }
+    }
+
+    /// Stops the pipeline (source first, with a final status update) and
+    /// returns the first error any stage ended with.
+    ///
+    /// # Errors
+    /// That error.
+    pub async fn stop(self) -> Result<(), RelayError> {
+        let _ = self.shutdown.send(true);
+        let source = self.source.await.map_err(|_| RelayError::Stopped("replication source"))?;
+        let stage = self.stage.await.map_err(|_| RelayError::Stopped("change stage"))?;
+        let hub = self.hub_task.await.map_err(|_| RelayError::Stopped("hub"))?;
+        source?;
+        stage?;
+        hub?;
+        Ok(())
+    }
+
+    /// Whether every stage is still running.
+    pub fn is_running(&self) -> bool {
+        !self.source.is_finished() && !self.stage.is_finished() && !self.hub_task.is_finished()
+    }
+}
+
+async fn connect_sql(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, PolicyError> {
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::debug!(error = %err, "membership load connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// Source events → typed, committed changes in batches, plus the membership
+/// load at the first start.
+async fn change_stage(
+    connection: tokio_postgres::Config,
+    table: policy::MembershipTable,
+    memberships: Arc<MembershipCache>,
+    mut input: mpsc::Receiver<SourceEvent>,
+    output: mpsc::Sender<Vec<StageEvent>>,
+    ready: oneshot::Sender<()>,
+) -> Result<(), RelayError> {
+    let mut ready = Some(ready);
+    let mut loaded = false;
+    let mut assembler = Assembler::new();
+    let mut events = Vec::new();
+    let mut batch: Vec<StageEvent> = Vec::with_capacity(BATCH);
+    while let Some(event) = input.recv().await {
+        match event {
+            SourceEvent::Snapshot(lease) => {
+                let mut client = connect_sql(&connection).await?;
+                let at = policy::membership::load(
+                    &mut client,
+                    &table,
+                    &memberships,
+                    Some((&lease.name, lease.consistent_point)),
+                )
+                .await?;
+                lease.release();
+                tracing::info!(rows = at.rows, lsn = %at.lsn, "memberships loaded in the slot's snapshot");
+                loaded = true;
+                batch.push(StageEvent::Loaded(at));
+            }
+            SourceEvent::Started { .. } => {
+                assembler.reset();
+                batch.push(StageEvent::Reset);
+                if !loaded {
+                    let mut client = connect_sql(&connection).await?;
+                    let at = policy::membership::load(&mut client, &table, &memberships, None).await?;
+                    tracing::info!(rows = at.rows, lsn = %at.lsn, "memberships loaded; catch-up window until lsn");
+                    loaded = true;
+                    batch.push(StageEvent::Loaded(at));
+                }
+            }
+            SourceEvent::Wal(WalEvent::XLogData { data, .. }) => {
+                if let Err(err) = assembler.push(&data, &mut events) {
+                    tracing::error!(error = %err, "change stage stopped");
+                    return Err(err.into());
+                }
+                batch.extend(events.drain(..).map(StageEvent::Tx));
+            }
+            SourceEvent::Wal(WalEvent::Keepalive { .. }) => {}
+        }
+        if !batch.is_empty() && (batch.len() >= BATCH || input.is_empty()) {
+            let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+            if output.send(full).await.is_err() {
+                return Ok(());
+            }
+            if loaded {
+                if let Some(ready) = ready.take() {
+                    let _ = ready.send(());
+                }
+            }
+        }
+    }
+    Ok(())
+}
