@@ -7,6 +7,7 @@ mod support;
 mod changes;
 mod cli_migrate;
 mod large_transactions;
+mod policy_differential;
 mod replay;
 mod replication;
 mod schema_migrations;

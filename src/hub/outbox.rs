@@ -146,6 +146,15 @@ impl Outbox {
         (state.queue.len(), state.bytes)
     }
 
+    /// Moves every queued frame into `out` without waiting; returns how many.
+    pub fn try_drain(&self, out: &mut Vec<Bytes>) -> usize {
+        let mut state = self.lock();
+        let n = state.queue.len();
+        out.extend(state.queue.drain(..));
+        state.bytes = 0;
+        n
+    }
+
     /// Moves every queued frame into `out`, waiting for at least one.
     ///
     /// # Errors

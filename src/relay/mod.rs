@@ -111,15 +111,17 @@ impl Relay {
             run_source(config.source.clone(), source_tx, ack.clone(), shutdown_rx.clone())
                 .instrument(tracing::info_span!("replication", slot = %config.source.slot.slot)),
         );
-        let stage = tokio::spawn(change_stage(
-            config.source.connection.clone(),
-            config.policy.memberships.clone(),
-            memberships,
-            source_rx,
-            stage_tx,
-            ready_tx,
-        )
-        .instrument(tracing::info_span!("change_stage")));
+        let stage = tokio::spawn(
+            change_stage(
+                config.source.connection.clone(),
+                config.policy.memberships.clone(),
+                memberships,
+                source_rx,
+                stage_tx,
+                ready_tx,
+            )
+            .instrument(tracing::info_span!("change_stage")),
+        );
         let hub_task = tokio::spawn(hub.run(stage_rx, shutdown_rx).instrument(tracing::info_span!("hub")));
         let relay = Relay { hub: handle, shutdown, source, stage, hub_task };
         match tokio::time::timeout(config.start_timeout, ready_rx).await {
