@@ -103,7 +103,8 @@ async fn a_restart_never_delivers_to_a_revoked_member_and_resumes_exactly() {
         assert!(tokio::time::Instant::now() < deadline, "service_role got {:?}", parse_frames(&frames));
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let service_ids: Vec<_> = parse_frames(&frames).into_iter().filter(|(t, _, _)| t == "orders").map(|(_, id, _)| id).collect();
+    let service_ids: Vec<_> =
+        parse_frames(&frames).into_iter().filter(|(t, _, _)| t == "orders").map(|(_, id, _)| id).collect();
     assert!(!service_ids.contains(&before), "acknowledged before the stop: not repeated");
     assert!(service_ids.contains(&during_1) && service_ids.contains(&during_2));
     for (user, outbox) in &boxes {

@@ -708,3 +708,6 @@ impl Core {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,305 @@
+//! Hub core tests without PostgreSQL: synthetic transactions through
+//! [`Core::stage`], checked against a model of the memberships.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use proptest::prelude::*;
+use uuid::Uuid;
+
+use super::*;
+use crate::change::{ColumnInfo, Datum, Op, Row, TxBegin, TxInfo};
+use crate::pgoutput::{PgTimestamp, ReplicaIdentity};
+use crate::policy::{LoadedAt, Rules};
+
+fn relation(oid: u32, table: &str, columns: &[&str]) -> Arc<RelationInfo> {
+    Arc::new(RelationInfo {
+        oid,
+        schema: "public".into(),
+        table: table.into(),
+        replica_identity: ReplicaIdentity::Full,
+        columns: columns
+            .iter()
+            .map(|name| ColumnInfo {
+                name: (*name).into(),
+                type_name: "text".into(),
+                type_oid: 25,
+                is_key: *name == "id",
+                kind: crate::change::value::kind_of(25),
+            })
+            .collect(),
+    })
+}
+
+fn text(s: impl ToString) -> Datum {
+    Datum::Text(Bytes::from(s.to_string()))
+}
+
+struct Fixture {
+    hub: Hub,
+    orders: Arc<RelationInfo>,
+    memberships_rel: Arc<RelationInfo>,
+    lsn: u64,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let (hub, _handle) =
+            hub(HubConfig::default(), Rules::default(), Arc::new(MembershipCache::new()), AckHandle::default());
+        Fixture {
+            hub,
+            orders: relation(1, "orders", &["id", "dealership_id", "status"]),
+            memberships_rel: relation(2, "dealer_memberships", &["id", "user_id", "dealership_id", "role"]),
+            lsn: 100,
+        }
+    }
+
+    fn join(&mut self, conn: ConnId, viewer: Viewer, topic: &str) -> Arc<Outbox> {
+        let outbox = Arc::new(Outbox::new(OutboxLimits { max_messages: 1 << 20, max_bytes: 1 << 30 }));
+        self.hub.core_mut().control(Control::Join(Subscription {
+            conn,
+            topic: topic.into(),
+            vsn: Vsn::V2,
+            viewer,
+            bindings: vec![Binding {
+                id: 5,
+                schema: Some("public".into()),
+                table: None,
+                event: EventMatch::All,
+                filter: Filter::default(),
+            }],
+            outbox: Arc::clone(&outbox),
+            on_live: None,
+        }));
+        outbox
+    }
+
+    fn order(&self, op: Op, id: u32, old: Option<Uuid>, new: Option<Uuid>) -> Change {
+        let row = |d: Uuid| Row(vec![text(id), text(d), text("pending")]);
+        Change {
+            relation: Arc::clone(&self.orders),
+            op,
+            record: new.map(row),
+            old_record: old.map(row),
+            missing_toast: vec![],
+        }
+    }
+
+    fn membership(&self, op: Op, key: &str, user: Uuid, d: Uuid) -> Change {
+        let row = Row(vec![text(key), text(user), text(d), text("user")]);
+        let (record, old_record) = if op == Op::Delete { (None, Some(row)) } else { (Some(row), None) };
+        Change { relation: Arc::clone(&self.memberships_rel), op, record, old_record, missing_toast: vec![] }
+    }
+
+    fn commit_at(&mut self, commit_lsn: u64, changes: Vec<Change>) {
+        let core = self.hub.core_mut();
+        core.stage(StageEvent::Tx(TxEvent::Begin(TxBegin {
+            xid: 1,
+            commit_lsn: Lsn(commit_lsn),
+            commit_timestamp: PgTimestamp(0),
+        })))
+        .unwrap();
+        for c in changes {
+            core.stage(StageEvent::Tx(TxEvent::Change(c))).unwrap();
+        }
+        core.stage(StageEvent::Tx(TxEvent::Commit(TxInfo {
+            xid: 1,
+            commit_lsn: Lsn(commit_lsn),
+            end_lsn: Lsn(commit_lsn + 8),
+            commit_timestamp: PgTimestamp(0),
+        })))
+        .unwrap();
+    }
+
+    fn commit(&mut self, changes: Vec<Change>) {
+        self.lsn += 16;
+        let lsn = self.lsn;
+        self.commit_at(lsn, changes);
+    }
+}
+
+fn drain(outbox: &Outbox) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    outbox.try_drain(&mut out);
+    out
+}
+
+/// (table, type, dealership of the row the event carries)
+fn events(frames: &[Bytes]) -> Vec<(String, String, Uuid)> {
+    frames
+        .iter()
+        .map(|f| {
+            let v: serde_json::Value = serde_json::from_slice(f).unwrap();
+            let data = &v[4]["data"];
+            let row = if data["type"] == "DELETE" { &data["old_record"] } else { &data["record"] };
+            (
+                data["table"].as_str().unwrap().to_owned(),
+                data["type"].as_str().unwrap().to_owned(),
+                Uuid::parse_str(row["dealership_id"].as_str().unwrap()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn frames_are_shared_between_subscribers_of_the_same_topic() {
+    let mut f = Fixture::new();
+    let d = Uuid::new_v4();
+    let (u1, u2) = (Uuid::new_v4(), Uuid::new_v4());
+    f.commit(vec![f.membership(Op::Insert, "m1", u1, d), f.membership(Op::Insert, "m2", u2, d)]);
+    let a = f.join(1, Viewer::User(u1), "realtime:orders");
+    let b = f.join(2, Viewer::User(u2), "realtime:orders");
+    let c = f.join(3, Viewer::User(u2), "realtime:other");
+    f.commit(vec![f.order(Op::Insert, 1, None, Some(d))]);
+    let (fa, fb, fc) = (drain(&a), drain(&b), drain(&c));
+    assert_eq!((fa.len(), fb.len(), fc.len()), (1, 1, 1));
+    assert_eq!(fa[0].as_ptr(), fb[0].as_ptr(), "one serialization shared by both");
+    assert_ne!(fa[0].as_ptr(), fc[0].as_ptr(), "another topic is another frame");
+    assert_eq!(f.hub.core_mut().stats.frames_built.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn duplicates_after_a_reconnect_are_skipped_and_the_catch_up_window_reaches_only_service_role() {
+    let mut f = Fixture::new();
+    let d = Uuid::new_v4();
+    let u = Uuid::new_v4();
+    f.hub.core_mut().stage(StageEvent::Loaded(LoadedAt { lsn: Lsn(1000), exact: false, rows: 0 })).unwrap();
+    let user = f.join(1, Viewer::User(u), "realtime:x");
+    let service = f.join(2, Viewer::Service, "realtime:x");
+    // In the window: membership applied, row change to service_role only.
+    f.commit_at(500, vec![f.membership(Op::Insert, "m", u, d), f.order(Op::Insert, 1, None, Some(d))]);
+    assert!(drain(&user).is_empty());
+    assert_eq!(drain(&service).len(), 2);
+    f.commit_at(1000, vec![f.order(Op::Insert, 2, None, Some(d))]);
+    assert_eq!(drain(&user).len(), 1, "from the load point on, exact");
+    assert_eq!(drain(&service).len(), 1);
+    // A reconnect re-sends the last transaction: skipped.
+    f.hub.core_mut().stage(StageEvent::Reset).unwrap();
+    f.commit_at(1000, vec![f.order(Op::Insert, 2, None, Some(d))]);
+    assert!(drain(&user).is_empty() && drain(&service).is_empty());
+    assert_eq!(f.hub.core_mut().stats.duplicate_transactions.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn an_overflowing_transaction_is_judged_change_by_change() {
+    let (hub, _h) =
+        hub(HubConfig { max_tx_bytes: 1000 }, Rules::default(), Arc::new(MembershipCache::new()), AckHandle::default());
+    let mut f = Fixture { hub, ..Fixture::new() };
+    let (d, u) = (Uuid::new_v4(), Uuid::new_v4());
+    f.commit(vec![f.membership(Op::Insert, "m", u, d)]);
+    let user = f.join(1, Viewer::User(u), "realtime:x");
+    let changes: Vec<Change> = (0..100).map(|i| f.order(Op::Insert, i, None, Some(d))).collect();
+    f.commit(changes);
+    assert_eq!(drain(&user).len(), 100);
+    assert_eq!(f.hub.core_mut().stats.overflowed_transactions.load(Ordering::Relaxed), 1);
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Grant(usize, usize),
+    Revoke(usize, usize),
+    Insert(usize),
+    Move(usize, usize),
+    Delete(usize),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        (0..6usize, 0..3usize).prop_map(|(u, d)| Step::Grant(u, d)),
+        (0..6usize, 0..3usize).prop_map(|(u, d)| Step::Revoke(u, d)),
+        (0..3usize).prop_map(Step::Insert),
+        (0..12usize, 0..3usize).prop_map(|(o, d)| Step::Move(o, d)),
+        (0..12usize).prop_map(Step::Delete),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// No subscriber ever receives a change for a dealership it was not a
+    /// member of as of that change's commit; and every member gets it.
+    #[test]
+    fn deliveries_follow_memberships_as_of_each_commit(txs in prop::collection::vec(prop::collection::vec(step(), 1..6), 1..25)) {
+        let mut f = Fixture::new();
+        let users: Vec<Uuid> = (0..6).map(|_| Uuid::new_v4()).collect();
+        let dealers: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+        let outboxes: Vec<Arc<Outbox>> =
+            users.iter().enumerate().map(|(i, &u)| f.join(i as ConnId, Viewer::User(u), "realtime:p")).collect();
+        let mut members: BTreeSet<(usize, usize)> = BTreeSet::new();
+        let mut orders: BTreeMap<u32, usize> = BTreeMap::new();
+        let mut next_order = 0u32;
+        for tx in txs {
+            let mut changes = Vec::new();
+            // (order id, old dealership, new dealership) per row change, in order
+            let mut row_changes: Vec<(Option<usize>, Option<usize>)> = Vec::new();
+            let mut touched = BTreeSet::new();
+            for s in tx {
+                match s {
+                    Step::Grant(u, d) if !members.contains(&(u, d)) => {
+                        members.insert((u, d));
+                        changes.push(f.membership(Op::Insert, &format!("{u}-{d}"), users[u], dealers[d]));
+                        row_changes.push((None, Some(d)));
+                    }
+                    Step::Revoke(u, d) if members.contains(&(u, d)) => {
+                        members.remove(&(u, d));
+                        changes.push(f.membership(Op::Delete, &format!("{u}-{d}"), users[u], dealers[d]));
+                        row_changes.push((Some(d), None));
+                    }
+                    Step::Insert(d) => {
+                        next_order += 1;
+                        orders.insert(next_order, d);
+                        touched.insert(next_order);
+                        changes.push(f.order(Op::Insert, next_order, None, Some(dealers[d])));
+                        row_changes.push((None, Some(d)));
+                    }
+                    Step::Move(o, d) => {
+                        let Some((&id, &old)) = orders.iter().nth(o % orders.len().max(1)) else { continue };
+                        if touched.contains(&id) { continue; }
+                        orders.insert(id, d);
+                        touched.insert(id);
+                        changes.push(f.order(Op::Update, id, Some(dealers[old]), Some(dealers[d])));
+                        row_changes.push((Some(old), Some(d)));
+                    }
+                    Step::Delete(o) => {
+                        let Some((&id, &old)) = orders.iter().nth(o % orders.len().max(1)) else { continue };
+                        if touched.contains(&id) { continue; }
+                        orders.remove(&id);
+                        touched.insert(id);
+                        changes.push(f.order(Op::Delete, id, Some(dealers[old]), None));
+                        row_changes.push((Some(old), None));
+                    }
+                    _ => {}
+                }
+            }
+            if changes.is_empty() { continue; }
+            f.commit(changes);
+            for (u, outbox) in outboxes.iter().enumerate() {
+                let got = events(&drain(outbox));
+                let member = |d: Option<usize>| d.is_some_and(|d| members.contains(&(u, d)));
+                let mut want = Vec::new();
+                for (old, new) in &row_changes {
+                    let ty = match (old.is_some(), new.is_some(), member(*old), member(*new)) {
+                        (false, true, _, true) => Some("INSERT"),
+                        (true, false, true, _) => Some("DELETE"),
+                        (true, true, true, true) => Some("UPDATE"),
+                        (true, true, false, true) => Some("INSERT"),
+                        (true, true, true, false) => Some("DELETE"),
+                        _ => None,
+                    };
+                    if let Some(ty) = ty {
+                        let d = if ty == "DELETE" { old.unwrap() } else { new.unwrap() };
+                        want.push((ty.to_owned(), dealers[d]));
+                    }
+                }
+                for (_, ty, d) in &got {
+                    let di = dealers.iter().position(|x| x == d).unwrap();
+                    prop_assert!(members.contains(&(u, di)) || ty == "DELETE",
+                        "user {u} got {ty} for dealership {di} without membership at commit");
+                }
+                let got: Vec<(String, Uuid)> = got.into_iter().map(|(_, ty, d)| (ty, d)).collect();
+                prop_assert_eq!(got, want);
+            }
+        }
+    }
+}
