@@ -42,8 +42,12 @@
 //! - [`replication`]: our own logical-replication client (walsender protocol,
 //!   slots, the copy-both stream with standby status updates).
 //!
-//! The replication, policy, hub and realtime stages arrive with their own
-//! issues; the diagram above is the contract they follow.
+//! - [`hub`]: judges each committed change against memberships, rules and
+//!   bindings; serializes each distinct frame once; per-connection outboxes.
+//! - [`relay`]: wires replication → change stage → hub with bounded channels.
+//!
+//! The realtime (WebSocket, Phoenix protocol, JWT) stage arrives with its own
+//! issue; the diagram above is the contract it follows.
 
 pub mod capture;
 pub mod change;
