@@ -649,9 +649,11 @@ impl Core {
         }
         for &user in &users {
             let Some(event) = judgment.event_for(Viewer::User(user), &self.memberships) else { continue };
-            let Some(list) = self.by_user.get(&user) else { continue };
-            let list = list.clone();
-            for idx in list {
+            // Index instead of cloning the list: `deliver` needs `&mut self`
+            // but never changes the registry (closures are reaped later).
+            let count = self.by_user.get(&user).map_or(0, Vec::len);
+            for i in 0..count {
+                let Some(&idx) = self.by_user.get(&user).and_then(|list| list.get(i)) else { break };
                 self.deliver(idx, event, change, &tx.commit_timestamp, &columns, &mut data);
             }
         }
