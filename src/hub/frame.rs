@@ -12,6 +12,9 @@
 //! keeps only values of ≤ 64 bytes and says `"errors":["Error 413: Payload
 //! Too Large"]`, as Supabase does.
 
+use std::fmt::Write as _;
+use std::io::Write as _;
+
 use bytes::Bytes;
 
 use crate::change::{Change, RelationInfo};
@@ -39,7 +42,10 @@ pub fn commit_timestamp(ts: PgTimestamp) -> String {
     let millis = micros.rem_euclid(1_000_000) / 1000;
     let (y, m, d) = crate::capture::civil_from_days(secs.div_euclid(86_400));
     let rem = secs.rem_euclid(86_400);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z", rem / 3600, rem / 60 % 60, rem % 60)
+    // Sized up front: `format!` would grow its buffer twice.
+    let mut out = String::with_capacity(24);
+    let _ = write!(out, "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z", rem / 3600, rem / 60 % 60, rem % 60);
+    out
 }
 
 /// `[{"name":…,"type":…},…]` of a relation (cache it per relation).
@@ -62,7 +68,18 @@ pub fn columns_json(relation: &RelationInfo) -> Bytes {
 
 /// The `data` object of `change` delivered as `event`.
 pub fn data_json(change: &Change, event: EventType, commit_timestamp: &str, columns: &[u8]) -> Bytes {
-    let mut out = Vec::with_capacity(256);
+    // Room for the rows written (their text plus a per-column allowance
+    // covers keys and quoting in the usual case), so the buffer seldom grows.
+    let record = matches!(event, EventType::Insert | EventType::Update).then_some(change.record.as_ref()).flatten();
+    let old = matches!(event, EventType::Update | EventType::Delete).then_some(change.old_record.as_ref()).flatten();
+    let rows = record.map_or(0, crate::change::Row::byte_size) + old.map_or(0, crate::change::Row::byte_size);
+    let mut out = Vec::with_capacity(
+        160 + change.relation.schema.len()
+            + change.relation.table.len()
+            + commit_timestamp.len()
+            + columns.len()
+            + rows,
+    );
     out.extend_from_slice(b"{\"schema\":");
     json_string(&change.relation.schema, &mut out);
     out.extend_from_slice(b",\"table\":");
@@ -122,7 +139,7 @@ pub fn postgres_changes(vsn: Vsn, topic: &str, ids: &[u32], data: &[u8]) -> Byte
         if i > 0 {
             out.push(b',');
         }
-        out.extend_from_slice(id.to_string().as_bytes());
+        let _ = write!(out, "{id}");
     }
     out.extend_from_slice(b"],\"data\":");
     out.extend_from_slice(data);

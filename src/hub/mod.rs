@@ -344,6 +344,8 @@ pub struct Core {
     key: Vec<u8>,
     ids: Vec<u32>,
     users: Vec<Uuid>,
+    /// Scratch: one user's subscriptions while delivering to them.
+    targets: Vec<usize>,
     doomed: Vec<ConnId>,
 }
 
@@ -377,6 +379,7 @@ impl Core {
             key: Vec::new(),
             ids: Vec::new(),
             users: Vec::new(),
+            targets: Vec::new(),
             doomed: Vec::new(),
         }
     }
@@ -591,9 +594,9 @@ impl Core {
 
     /// Membership changes first (as of commit), then every change judged.
     fn handle_changes(&mut self, tx: &OpenTx, changes: &[Change]) -> Result<(), HubError> {
-        let table = self.rules.memberships().clone();
+        let table = self.rules.memberships();
         for change in changes.iter().filter(|c| table.is(&c.relation)) {
-            self.memberships.apply(&table, change)?;
+            self.memberships.apply(table, change)?;
         }
         for change in changes {
             self.fan_out(tx, change);
@@ -647,16 +650,19 @@ impl Core {
             users.sort_unstable();
             users.dedup();
         }
+        // A reused copy of each user's list (`deliver` needs `&mut self`),
+        // rather than a fresh allocation per user and change.
+        let mut targets = std::mem::take(&mut self.targets);
         for &user in &users {
             let Some(event) = judgment.event_for(Viewer::User(user), &self.memberships) else { continue };
-            // Index instead of cloning the list: `deliver` needs `&mut self`
-            // but never changes the registry (closures are reaped later).
-            let count = self.by_user.get(&user).map_or(0, Vec::len);
-            for i in 0..count {
-                let Some(&idx) = self.by_user.get(&user).and_then(|list| list.get(i)) else { break };
+            let Some(list) = self.by_user.get(&user) else { continue };
+            targets.clear();
+            targets.extend_from_slice(list);
+            for &idx in &targets {
                 self.deliver(idx, event, change, &tx.commit_timestamp, &columns, &mut data);
             }
         }
+        self.targets = targets;
         self.users = users;
     }
 

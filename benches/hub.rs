@@ -1,0 +1,389 @@
+//! Filter evaluation and hub fan-out, in memory (no PostgreSQL, no sockets):
+//! `cargo bench --bench hub` (short: `cargo bench --bench hub -- --warm-up-time 1 --measurement-time 3`).
+//!
+//! - `filter_eval`: [`Filter::matches_row`] on an `orders` row (the columns of
+//!   `public.orders` in sql/0002) for typical filters, on a row that matches
+//!   and one that does not; time per evaluation.
+//! - `hub_fanout`: 10,000 subscribers (10,000 users, one connection and one
+//!   `realtime:orders` subscription each, vsn 2.0.0, `public.orders`, event
+//!   `*`, no filter) over 1,000 dealerships (10 members each). One iteration
+//!   is one committed transaction (Begin, 1 or 100 INSERTs into `orders` for
+//!   random dealerships, Commit) pushed through [`Core::stage`]: judging,
+//!   membership lookups, serialization (one frame per change, shared by its 10
+//!   receivers) and 10 outbox pushes per change. Throughput is in deliveries.
+//!   Changes are built before the timed section; outboxes are drained between
+//!   timed chunks (never inside them), so memory stays bounded and the
+//!   queues' capacity is warm, as with a live writer task.
+//! - Before criterion runs, a counting global allocator reports the heap
+//!   allocations (`alloc`, `alloc_zeroed` and `realloc` calls) the hub makes
+//!   per change for the 1-change transaction over 10,000 transactions, after
+//!   a 10,000-transaction warm-up.
+//!
+//! The counting allocator costs one relaxed atomic add per allocation in every
+//! benchmark of this file.
+
+#![allow(missing_docs)] // criterion_group! generates an undocumented pub fn
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{criterion_group, Criterion, Throughput};
+use futures::FutureExt;
+use uuid::Uuid;
+use walcast::change::{value, Change, ColumnInfo, Datum, Op, RelationInfo, Row, TxBegin, TxEvent, TxInfo};
+use walcast::hub::{
+    hub, Binding, Control, Core, EventMatch, Hub, HubConfig, HubHandle, Outbox, OutboxLimits, StageEvent, Subscription,
+    Vsn,
+};
+use walcast::lsn::Lsn;
+use walcast::pgoutput::{PgTimestamp, ReplicaIdentity};
+use walcast::policy::{Filter, Membership, MembershipCache, Rules, Viewer};
+use walcast::replication::AckHandle;
+
+// ---------------------------------------------------------------------------
+// Counting allocator
+
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is forwarded unchanged to the system allocator.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+// ---------------------------------------------------------------------------
+// The orders relation and rows
+
+const DEALERSHIPS: usize = 1_000;
+const USERS_PER_DEALERSHIP: usize = 10;
+const BINDING_ID: u32 = 74_182_923;
+
+/// `public.orders` as published (sql/0002), REPLICA IDENTITY FULL.
+fn orders_relation() -> Arc<RelationInfo> {
+    // uuid 2950, text 25, jsonb 3802, timestamptz 1184
+    let columns: [(&str, u32); 13] = [
+        ("id", 2950),
+        ("dealership_id", 2950),
+        ("order_number", 25),
+        ("type", 25),
+        ("status", 25),
+        ("customer_info", 3802),
+        ("vehicle_info", 3802),
+        ("service_details", 3802),
+        ("metadata", 3802),
+        ("created_by", 2950),
+        ("assigned_to", 2950),
+        ("created_at", 1184),
+        ("updated_at", 1184),
+    ];
+    Arc::new(RelationInfo {
+        oid: 16_500,
+        schema: "public".into(),
+        table: "orders".into(),
+        replica_identity: ReplicaIdentity::Full,
+        columns: columns
+            .iter()
+            .map(|&(name, oid)| ColumnInfo {
+                name: name.into(),
+                type_name: value::builtin_type_name(oid).expect("built-in type").into(),
+                type_oid: oid,
+                is_key: name == "id",
+                kind: value::kind_of(oid),
+            })
+            .collect(),
+    })
+}
+
+fn text(s: &str) -> Datum {
+    Datum::Text(Bytes::copy_from_slice(s.as_bytes()))
+}
+
+/// One orders row, as pgoutput text values.
+fn orders_row(id: Uuid, dealership: Uuid, seq: u64, status: &str, created_at: &str) -> Row {
+    Row(vec![
+        text(&id.to_string()),
+        text(&dealership.to_string()),
+        text(&format!("NORTH-SALES-{seq:06}")),
+        Datum::Text(Bytes::from_static(b"sales")),
+        text(status),
+        Datum::Text(Bytes::from_static(
+            br#"{"name": "Jane Doe", "email": "jane@example.com", "phone": "+1 555 0100"}"#,
+        )),
+        Datum::Text(Bytes::from_static(
+            br#"{"vin": "1HGCM82633A004352", "make": "Honda", "year": 2024, "model": "Accord"}"#,
+        )),
+        Datum::Null,
+        Datum::Text(Bytes::from_static(b"{}")),
+        Datum::Text(Bytes::from_static(b"3f2504e0-4f89-11d3-9a0c-0305e82c3301")),
+        Datum::Null,
+        text(created_at),
+        text(created_at),
+    ])
+}
+
+/// splitmix64: deterministic, dependency-free.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn uuid(&mut self) -> Uuid {
+        uuid::Builder::from_random_bytes(((u128::from(self.next()) << 64) | u128::from(self.next())).to_be_bytes())
+            .into_uuid()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// filter_eval
+
+fn bench_filter(c: &mut Criterion) {
+    let relation = orders_relation();
+    let dealership = Uuid::parse_str("7d9f3c1e-2b4a-4c6d-8e0f-1a2b3c4d5e6f").unwrap();
+    let other = Uuid::parse_str("0b6f1d2e-3c4a-4b5d-9e6f-7a8b9c0d1e2f").unwrap();
+    let hit = orders_row(Uuid::new_v4(), dealership, 1, "pending", "2026-11-25 10:00:00.123456+00");
+    let miss = orders_row(Uuid::new_v4(), other, 2, "completed", "2025-06-30 23:59:59.999999+00");
+    let filters = [
+        ("status_eq", "status=eq.pending".to_owned()),
+        ("dealership_eq_uuid", format!("dealership_id=eq.{dealership}")),
+        ("status_in_3", "status=in.(draft,pending,in_progress)".to_owned()),
+        ("created_at_gte", "created_at=gte.2026-01-01T00:00:00Z".to_owned()),
+        ("and_dealership_status_in", format!("dealership_id=eq.{dealership},status=in.(draft,pending,in_progress)")),
+    ];
+    let mut group = c.benchmark_group("filter_eval");
+    group.throughput(Throughput::Elements(1));
+    for (name, spec) in &filters {
+        let filter = Filter::for_relation(spec, &relation).expect("filter parses");
+        assert!(filter.matches_row(&relation, &hit), "{spec} should match");
+        assert!(!filter.matches_row(&relation, &miss), "{spec} should not match");
+        for (which, row) in [("match", &hit), ("no_match", &miss)] {
+            group.bench_function(format!("{name}/{which}"), |b| {
+                b.iter(|| black_box(&filter).matches_row(black_box(&relation), black_box(row)))
+            });
+        }
+    }
+    group.finish();
+}
+
+// ---------------------------------------------------------------------------
+// hub_fanout
+
+/// A hub with 10,000 subscribed users over 1,000 dealerships.
+struct World {
+    hub: Hub,
+    handle: HubHandle,
+    outboxes: Vec<Arc<Outbox>>,
+    dealerships: Vec<Uuid>,
+    relation: Arc<RelationInfo>,
+    rng: Rng,
+    lsn: u64,
+    seq: u64,
+    drained: Vec<Bytes>,
+}
+
+impl World {
+    fn new() -> World {
+        let mut rng = Rng(0x5eed);
+        let memberships = Arc::new(MembershipCache::new());
+        let (mut hub, handle) =
+            hub(HubConfig::default(), Rules::default(), Arc::clone(&memberships), AckHandle::default());
+        let limits = OutboxLimits { max_messages: 1 << 20, max_bytes: 1 << 30 };
+        let dealerships: Vec<Uuid> = (0..DEALERSHIPS).map(|_| rng.uuid()).collect();
+        let mut outboxes = Vec::with_capacity(DEALERSHIPS * USERS_PER_DEALERSHIP);
+        let core = hub.core_mut();
+        for &dealership in &dealerships {
+            for _ in 0..USERS_PER_DEALERSHIP {
+                let user = rng.uuid();
+                memberships
+                    .grant(&rng.uuid().to_string(), Membership { user, dealership, role: Some(Arc::from("user")) });
+                let outbox = Arc::new(Outbox::new(limits));
+                core.control(Control::Join(Subscription {
+                    conn: outboxes.len() as u64,
+                    topic: "realtime:orders".into(),
+                    vsn: Vsn::V2,
+                    viewer: Viewer::User(user),
+                    bindings: vec![Binding {
+                        id: BINDING_ID,
+                        schema: Some("public".into()),
+                        table: Some("orders".into()),
+                        event: EventMatch::All,
+                        filter: Filter::default(),
+                    }],
+                    outbox: Arc::clone(&outbox),
+                    on_live: None,
+                }));
+                outboxes.push(outbox);
+            }
+        }
+        World {
+            hub,
+            handle,
+            outboxes,
+            dealerships,
+            relation: orders_relation(),
+            rng,
+            lsn: 0x100_0000,
+            seq: 0,
+            drained: Vec::new(),
+        }
+    }
+
+    /// Appends one committed transaction of `changes` orders INSERTs.
+    fn transaction(&mut self, changes: usize, out: &mut Vec<StageEvent>) {
+        let commit_lsn = Lsn(self.lsn + 0x100 * changes as u64);
+        let end_lsn = Lsn(commit_lsn.0 + 0x30);
+        self.lsn = end_lsn.0;
+        let xid = (self.seq & 0xffff_ffff) as u32;
+        // 2026-11-25 10:00:00 UTC plus a millisecond per transaction.
+        let commit_timestamp = PgTimestamp(848_916_000_000_000 + self.seq as i64 * 1000);
+        out.push(StageEvent::Tx(TxEvent::Begin(TxBegin { xid, commit_lsn, commit_timestamp })));
+        for _ in 0..changes {
+            self.seq += 1;
+            let dealership = self.dealerships[self.rng.below(self.dealerships.len())];
+            let id = self.rng.uuid();
+            out.push(StageEvent::Tx(TxEvent::Change(Change {
+                relation: Arc::clone(&self.relation),
+                op: Op::Insert,
+                record: Some(orders_row(id, dealership, self.seq, "pending", "2026-11-25 10:00:00.123456+00")),
+                old_record: None,
+                missing_toast: Vec::new(),
+            })));
+        }
+        out.push(StageEvent::Tx(TxEvent::Commit(TxInfo { xid, commit_lsn, end_lsn, commit_timestamp })));
+    }
+
+    fn core(&mut self) -> &mut Core {
+        self.hub.core_mut()
+    }
+
+    /// Empties every outbox (what the writer tasks would do).
+    fn drain(&mut self) {
+        for outbox in &self.outboxes {
+            if outbox.depth().0 > 0 {
+                let ready = outbox.next_batch(&mut self.drained).now_or_never();
+                assert!(matches!(ready, Some(Ok(()))), "outbox closed");
+                self.drained.clear();
+            }
+        }
+    }
+
+    fn deliveries(&self) -> u64 {
+        self.handle.stats.deliveries.load(Ordering::Relaxed)
+    }
+}
+
+/// Stages `events`, all of them.
+fn stage_all(core: &mut Core, events: &mut Vec<StageEvent>) {
+    for event in events.drain(..) {
+        core.stage(event).expect("hub stage");
+    }
+}
+
+fn bench_fanout(c: &mut Criterion) {
+    let mut world = World::new();
+    let mut group = c.benchmark_group("hub_fanout");
+    for changes in [1usize, 100] {
+        let deliveries_per_tx = (changes * USERS_PER_DEALERSHIP) as u64;
+        group.throughput(Throughput::Elements(deliveries_per_tx));
+        // Transactions per untimed drain.
+        let chunk = (1000 / changes).max(1) as u64;
+        group.bench_function(format!("10k_subs_1k_dealerships/tx_{changes}_changes"), |b| {
+            b.iter_custom(|iters| {
+                let mut events = Vec::with_capacity(chunk as usize * (changes + 2));
+                let mut elapsed = Duration::ZERO;
+                let before = world.deliveries();
+                let mut done = 0;
+                while done < iters {
+                    let n = chunk.min(iters - done);
+                    for _ in 0..n {
+                        world.transaction(changes, &mut events);
+                    }
+                    let start = Instant::now();
+                    stage_all(world.core(), &mut events);
+                    elapsed += start.elapsed();
+                    world.drain();
+                    done += n;
+                }
+                assert_eq!(world.deliveries() - before, iters * deliveries_per_tx, "every change reaches 10");
+                elapsed
+            })
+        });
+    }
+    group.finish();
+}
+
+/// Heap allocations per change for 1-change transactions (10 deliveries each).
+fn allocations_report() {
+    const TRANSACTIONS: usize = 10_000;
+    const CHUNK: usize = 100;
+    let mut world = World::new();
+    let mut events = Vec::with_capacity(CHUNK * 3);
+    let mut run = |world: &mut World| -> (u64, u64) {
+        let mut allocations = 0;
+        let before = world.deliveries();
+        for _ in 0..TRANSACTIONS / CHUNK {
+            for _ in 0..CHUNK {
+                world.transaction(1, &mut events);
+            }
+            let start = ALLOCATIONS.load(Ordering::Relaxed);
+            stage_all(world.core(), &mut events);
+            allocations += ALLOCATIONS.load(Ordering::Relaxed) - start;
+            world.drain();
+        }
+        (allocations, world.deliveries() - before)
+    };
+    run(&mut world); // warm-up: registry maps, outbox queues, frame cache
+    let (allocations, deliveries) = run(&mut world);
+    assert_eq!(deliveries, (TRANSACTIONS * USERS_PER_DEALERSHIP) as u64);
+    println!(
+        "allocations per change: {:.2} ({allocations} allocations over {TRANSACTIONS} one-change transactions, \
+         {deliveries} deliveries)",
+        allocations as f64 / TRANSACTIONS as f64
+    );
+}
+
+criterion_group!(benches, bench_filter, bench_fanout);
+
+fn main() {
+    allocations_report();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
