@@ -34,7 +34,7 @@ use bytes::Bytes;
 use criterion::{criterion_group, Criterion, Throughput};
 use futures::FutureExt;
 use uuid::Uuid;
-use walcast::change::{value, Change, ColumnInfo, Datum, Op, RelationInfo, Row, TxBegin, TxEvent, TxInfo};
+use walcast::change::{Change, Datum, Op, RelationInfo, Row, TxBegin, TxEvent, TxInfo};
 use walcast::hub::{
     hub, Binding, Control, Core, EventMatch, Hub, HubConfig, HubHandle, Outbox, OutboxLimits, StageEvent, Subscription,
     Vsn,
@@ -43,6 +43,8 @@ use walcast::lsn::Lsn;
 use walcast::pgoutput::{PgTimestamp, ReplicaIdentity};
 use walcast::policy::{Filter, Membership, MembershipCache, Rules, Viewer};
 use walcast::replication::AckHandle;
+
+mod common;
 
 // ---------------------------------------------------------------------------
 // Counting allocator
@@ -89,38 +91,7 @@ const BINDING_ID: u32 = 74_182_923;
 
 /// `public.orders` as published (sql/0002), REPLICA IDENTITY FULL.
 fn orders_relation() -> Arc<RelationInfo> {
-    // uuid 2950, text 25, jsonb 3802, timestamptz 1184
-    let columns: [(&str, u32); 13] = [
-        ("id", 2950),
-        ("dealership_id", 2950),
-        ("order_number", 25),
-        ("type", 25),
-        ("status", 25),
-        ("customer_info", 3802),
-        ("vehicle_info", 3802),
-        ("service_details", 3802),
-        ("metadata", 3802),
-        ("created_by", 2950),
-        ("assigned_to", 2950),
-        ("created_at", 1184),
-        ("updated_at", 1184),
-    ];
-    Arc::new(RelationInfo {
-        oid: 16_500,
-        schema: "public".into(),
-        table: "orders".into(),
-        replica_identity: ReplicaIdentity::Full,
-        columns: columns
-            .iter()
-            .map(|&(name, oid)| ColumnInfo {
-                name: name.into(),
-                type_name: value::builtin_type_name(oid).expect("built-in type").into(),
-                type_oid: oid,
-                is_key: name == "id",
-                kind: value::kind_of(oid),
-            })
-            .collect(),
-    })
+    common::orders_relation(ReplicaIdentity::Full)
 }
 
 fn text(s: &str) -> Datum {

@@ -15,35 +15,22 @@ use walcast::pgoutput::{
     TupleValue,
 };
 
-const ORDERS_OID: u32 = 16_500;
+mod common;
+
+use common::{ORDERS_OID, ORDER_COLUMNS};
 
 fn column(name: &str, type_oid: u32, key: bool) -> Column {
     Column { flags: u8::from(key), name: name.into(), type_oid, type_modifier: -1 }
 }
 
 fn orders_relation() -> Message {
-    // uuid 2950, text 25, jsonb 3802, timestamptz 1184
     Message::Relation(Relation {
         xid: None,
         oid: ORDERS_OID,
         namespace: "public".into(),
         name: "orders".into(),
         replica_identity: ReplicaIdentity::Full,
-        columns: vec![
-            column("id", 2950, true),
-            column("dealership_id", 2950, false),
-            column("order_number", 25, false),
-            column("type", 25, false),
-            column("status", 25, false),
-            column("customer_info", 3802, false),
-            column("vehicle_info", 3802, false),
-            column("service_details", 3802, false),
-            column("metadata", 3802, false),
-            column("created_by", 2950, false),
-            column("assigned_to", 2950, false),
-            column("created_at", 1184, false),
-            column("updated_at", 1184, false),
-        ],
+        columns: ORDER_COLUMNS.iter().map(|&(name, oid)| column(name, oid, name == "id")).collect(),
     })
 }
 

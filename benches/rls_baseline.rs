@@ -44,10 +44,12 @@ use bytes::Bytes;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
 use uuid::Uuid;
-use walcast::change::{value, Change, ColumnInfo, Datum, Op, RelationInfo, Row};
+use walcast::change::{Change, Datum, Op, Row};
 use walcast::cluster::{Cluster, ClusterConfig};
 use walcast::pgoutput::ReplicaIdentity;
 use walcast::policy::{membership, MembershipCache, MembershipTable, Rules, Viewer};
+
+mod common;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -59,22 +61,7 @@ fn median(values: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// The `public.orders` columns, read back as text in this order.
-const ORDER_COLUMNS: [(&str, u32); 13] = [
-    ("id", 2950),
-    ("dealership_id", 2950),
-    ("order_number", 25),
-    ("type", 25),
-    ("status", 25),
-    ("customer_info", 3802),
-    ("vehicle_info", 3802),
-    ("service_details", 3802),
-    ("metadata", 3802),
-    ("created_by", 2950),
-    ("assigned_to", 2950),
-    ("created_at", 1184),
-    ("updated_at", 1184),
-];
+use common::ORDER_COLUMNS;
 
 struct Subscriber {
     user: Uuid,
@@ -162,22 +149,7 @@ async fn load_data(client: &Client, changes: usize) -> anyhow::Result<Data> {
         })
         .collect();
 
-    let relation = Arc::new(RelationInfo {
-        oid: 16_500,
-        schema: "public".into(),
-        table: "orders".into(),
-        replica_identity: ReplicaIdentity::Default,
-        columns: ORDER_COLUMNS
-            .iter()
-            .map(|&(name, oid)| ColumnInfo {
-                name: name.into(),
-                type_name: value::builtin_type_name(oid).expect("built-in type").into(),
-                type_oid: oid,
-                is_key: name == "id",
-                kind: value::kind_of(oid),
-            })
-            .collect(),
-    });
+    let relation = common::orders_relation(ReplicaIdentity::Default);
     let select = ORDER_COLUMNS.iter().map(|(name, _)| format!("{name}::text")).collect::<Vec<_>>().join(", ");
     let rows = client
         .query(&format!("select id, {select} from public.orders o order by o.id limit $1"), &[&(changes as i64)])

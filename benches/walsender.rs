@@ -23,7 +23,7 @@ use anyhow::{bail, Context};
 use walcast::change::{Assembler, TxEvent};
 use walcast::cluster::{Cluster, ClusterConfig};
 use walcast::lsn::Lsn;
-use walcast::replication::{run_source, AckHandle, SlotOptions, SourceConfig, SourceEvent, StreamConfig, WalEvent};
+use walcast::replication::{run_source, AckHandle, SlotOptions, SourceConfig, SourceEvent, WalEvent};
 
 const PUBLICATION: &str = "bench_pub";
 
@@ -39,13 +39,7 @@ fn median(values: &mut [f64]) -> f64 {
 /// walcast on `slot`: source + assembler until the first Commit. Returns (changes, commit end, elapsed).
 async fn walcast_run(url: &str, slot: &str) -> anyhow::Result<(u64, Lsn, Duration)> {
     let started = Instant::now();
-    let config = SourceConfig {
-        connection: tokio_postgres::Config::from_str(url)?,
-        slot: SlotOptions::new(slot, PUBLICATION),
-        stream: StreamConfig::default(),
-        connect_timeout: Duration::from_secs(10),
-        export_snapshot: false,
-    };
+    let config = SourceConfig::new(tokio_postgres::Config::from_str(url)?, SlotOptions::new(slot, PUBLICATION));
     let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let ack = AckHandle::default();
@@ -172,13 +166,7 @@ async fn main() -> anyhow::Result<()> {
     // walcast's own ceiling: the same backlog from a capture, no walsender.
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("backlog.walcast");
-    let config = SourceConfig {
-        connection: tokio_postgres::Config::from_str(&url)?,
-        slot: SlotOptions::new("capture", PUBLICATION),
-        stream: StreamConfig::default(),
-        connect_timeout: Duration::from_secs(10),
-        export_snapshot: false,
-    };
+    let config = SourceConfig::new(tokio_postgres::Config::from_str(&url)?, SlotOptions::new("capture", PUBLICATION));
     let (_stop, stop_rx) = tokio::sync::watch::channel(false);
     let writer = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&path)?);
     let limits = walcast::capture::RecordLimits { max_transactions: Some(1), duration: None };

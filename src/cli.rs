@@ -114,13 +114,7 @@ impl SourceArgs {
         let mut slot = walcast::replication::SlotOptions::new(&self.slot, &self.publication);
         slot.proto_version = self.proto_version;
         slot.streaming = self.streaming;
-        Ok(walcast::replication::SourceConfig {
-            connection,
-            slot,
-            stream: walcast::replication::StreamConfig::default(),
-            connect_timeout: std::time::Duration::from_secs(10),
-            export_snapshot: false,
-        })
+        Ok(walcast::replication::SourceConfig::new(connection, slot))
     }
 }
 

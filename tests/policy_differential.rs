@@ -25,7 +25,7 @@ use walcast::policy::{Filter, Viewer};
 use walcast::relay::{Relay, RelayConfig};
 use walcast::replication::{SlotOptions, SourceConfig};
 
-use crate::support::{add_member, create_dealership, create_order, create_user, migrated_db};
+use crate::support::{add_member, create_dealership, create_order, create_user, migrated_db, query_as, Who};
 
 /// Tiny deterministic PRNG (xorshift64*), so a failure can be replayed.
 struct Rng(u64);
@@ -98,17 +98,8 @@ pub(crate) fn parse_frames(frames: &[Bytes]) -> Vec<(String, Uuid, String)> {
 
 /// Whether `user` may see the current row `id` of `table`, through RLS.
 async fn sees_current(client: &mut Client, user: Uuid, table: &str, id: Uuid) -> bool {
-    let tx = client.transaction().await.unwrap();
-    tx.batch_execute("set local role authenticated").await.unwrap();
-    tx.execute(
-        "select set_config('request.jwt.claims', $1, true)",
-        &[&format!(r#"{{"sub":"{user}","role":"authenticated"}}"#)],
-    )
-    .await
-    .unwrap();
-    let seen = tx.query_opt(&format!("select 1 from public.{table} where id = $1"), &[&id]).await.unwrap().is_some();
-    tx.rollback().await.unwrap();
-    seen
+    let sql = format!("select 1 from public.{table} where id = $1");
+    !query_as(client, Who::User(user), &sql, &[&id]).await.unwrap().is_empty()
 }
 
 /// Whether `user` may see a row of `table` with this dealership, by the
@@ -120,18 +111,8 @@ async fn sees_values(
     table: &str,
     dealership: Uuid,
 ) -> bool {
-    let tx = client.transaction().await.unwrap();
-    tx.batch_execute("set local role authenticated").await.unwrap();
-    tx.execute(
-        "select set_config('request.jwt.claims', $1, true)",
-        &[&format!(r#"{{"sub":"{user}","role":"authenticated"}}"#)],
-    )
-    .await
-    .unwrap();
     let sql = format!("select exists (select 1 from (select $1::uuid as dealership_id) r where {})", quals[table]);
-    let seen: bool = tx.query_one(&sql, &[&dealership]).await.unwrap().get(0);
-    tx.rollback().await.unwrap();
-    seen
+    query_as(client, Who::User(user), &sql, &[&dealership]).await.unwrap()[0].get(0)
 }
 
 fn transition(op: &str, old: bool, new: bool) -> Option<&'static str> {

@@ -343,7 +343,8 @@ pub struct Core {
     frames: HashMap<Vec<u8>, Bytes>,
     key: Vec<u8>,
     ids: Vec<u32>,
-    users: Vec<Uuid>,
+    /// Scratch: (user, sees old row, sees new row) per change.
+    users: Vec<(Uuid, bool, bool)>,
     /// Scratch: one user's subscriptions while delivering to them.
     targets: Vec<usize>,
     doomed: Vec<ConnId>,
@@ -641,20 +642,37 @@ impl Core {
         if tx.catch_up || !judgment.by_dealership {
             return;
         }
+        // Candidates with what the member lists already say: (user, sees the
+        // old row, sees the new row). Reading the lists is the membership
+        // check; no second lookup per user.
         let mut users = std::mem::take(&mut self.users);
         users.clear();
-        for dealership in judgment.dealerships() {
-            self.memberships.for_each_member(dealership, |u| users.push(u));
+        if let Some(old) = judgment.old {
+            self.memberships.for_each_member(old, |u| users.push((u, true, false)));
         }
-        if judgment.old.is_some() && judgment.new.is_some() && judgment.old != judgment.new {
-            users.sort_unstable();
-            users.dedup();
+        match judgment.new {
+            Some(new) if judgment.old == Some(new) => users.iter_mut().for_each(|u| u.2 = true),
+            Some(new) => {
+                self.memberships.for_each_member(new, |u| users.push((u, false, true)));
+                if judgment.old.is_some() {
+                    users.sort_unstable_by_key(|u| u.0);
+                    users.dedup_by(|later, kept| {
+                        let same = later.0 == kept.0;
+                        if same {
+                            kept.1 |= later.1;
+                            kept.2 |= later.2;
+                        }
+                        same
+                    });
+                }
+            }
+            None => {}
         }
         // A reused copy of each user's list (`deliver` needs `&mut self`),
         // rather than a fresh allocation per user and change.
         let mut targets = std::mem::take(&mut self.targets);
-        for &user in &users {
-            let Some(event) = judgment.event_for(Viewer::User(user), &self.memberships) else { continue };
+        for &(user, sees_old, sees_new) in &users {
+            let Some(event) = judgment.transition(sees_old, sees_new) else { continue };
             let Some(list) = self.by_user.get(&user) else { continue };
             targets.clear();
             targets.extend_from_slice(list);

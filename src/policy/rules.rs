@@ -26,13 +26,11 @@
 //! The differential test in `tests/policy_differential.rs` checks these rules
 //! against PostgreSQL's own RLS.
 
-use std::collections::HashMap;
-
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::membership::{MembershipCache, MembershipTable};
-use crate::change::{Change, Datum, Op, RelationInfo, Row};
+use crate::change::{Change, Datum, Op, Row};
 
 /// The event a subscriber receives (after visibility transitions).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -144,7 +142,9 @@ impl Default for PolicyConfig {
 /// The rules, indexed for lookups per change.
 #[derive(Debug, Clone)]
 pub struct Rules {
-    tables: HashMap<(String, String), Visibility>,
+    /// Few rules: a linear probe per change, no key to build. A later rule
+    /// for the same table wins.
+    tables: Vec<TableRule>,
     memberships: MembershipTable,
 }
 
@@ -208,8 +208,7 @@ impl Judgment {
 impl Rules {
     /// Indexes a configuration.
     pub fn new(config: PolicyConfig) -> Rules {
-        let tables = config.tables.into_iter().map(|r| ((r.schema, r.table), r.visible_to)).collect();
-        Rules { tables, memberships: config.memberships }
+        Rules { tables: config.tables, memberships: config.memberships }
     }
 
     /// The membership table.
@@ -219,13 +218,12 @@ impl Rules {
 
     /// The rule for `schema.table`.
     pub fn visibility(&self, schema: &str, table: &str) -> Option<&Visibility> {
-        // Few rules: a linear probe avoids allocating a key per change.
-        self.tables.iter().find(|((s, t), _)| s == schema && t == table).map(|(_, v)| v)
+        self.tables.iter().rfind(|r| r.schema == schema && r.table == table).map(|r| &r.visible_to)
     }
 
     /// Every configured rule.
     pub fn tables(&self) -> impl Iterator<Item = (&str, &str, &Visibility)> {
-        self.tables.iter().map(|((s, t), v)| (s.as_str(), t.as_str(), v))
+        self.tables.iter().map(|r| (r.schema.as_str(), r.table.as_str(), &r.visible_to))
     }
 
     /// Judges one change; `None` for changes no subscriber receives (TRUNCATE).
@@ -242,20 +240,15 @@ impl Rules {
             // The table lost its dealership column: nobody but service_role.
             return Some(Judgment { event, by_dealership: false, old: None, new: None });
         };
-        let dealership = |row: Option<&Row>| row.and_then(|r| dealership_of(relation, r, column));
+        let dealership = |row: Option<&Row>| {
+            row.and_then(|r| r.0.get(column)).and_then(Datum::as_str).and_then(|s| Uuid::parse_str(s).ok())
+        };
         Some(Judgment {
             event,
             by_dealership: true,
             old: if event == EventType::Insert { None } else { dealership(change.old_record.as_ref()) },
             new: if event == EventType::Delete { None } else { dealership(change.record.as_ref()) },
         })
-    }
-}
-
-fn dealership_of(_relation: &RelationInfo, row: &Row, column: usize) -> Option<Uuid> {
-    match row.0.get(column)? {
-        Datum::Text(_) => row.0[column].as_str().and_then(|s| Uuid::parse_str(s).ok()),
-        Datum::Null | Datum::Absent => None,
     }
 }
 

@@ -32,11 +32,8 @@ impl Pipeline {
     /// written there before it is assembled.
     pub async fn start_with(url: &str, slot: SlotOptions, capture: Option<std::fs::File>) -> Pipeline {
         let config = SourceConfig {
-            connection: tokio_postgres::Config::from_str(url).unwrap(),
-            slot: slot.clone(),
             stream: StreamConfig { status_interval: Duration::from_millis(200) },
-            connect_timeout: Duration::from_secs(10),
-            export_snapshot: false,
+            ..SourceConfig::new(tokio_postgres::Config::from_str(url).unwrap(), slot.clone())
         };
         let (tx, mut rx) = mpsc::channel(256);
         let (stop, stop_rx) = tokio::sync::watch::channel(false);

@@ -1,0 +1,49 @@
+//! Shared by the benches: the `public.orders` table as sql/0002 publishes it.
+
+#![allow(dead_code)] // each bench uses part of it
+
+use std::sync::Arc;
+
+use walcast::change::{value, ColumnInfo, RelationInfo};
+use walcast::pgoutput::ReplicaIdentity;
+
+/// The OID the benches give `public.orders`.
+pub(crate) const ORDERS_OID: u32 = 16_500;
+
+/// `public.orders` columns and type OIDs, in table order
+/// (uuid 2950, text 25, jsonb 3802, timestamptz 1184).
+pub(crate) const ORDER_COLUMNS: [(&str, u32); 13] = [
+    ("id", 2950),
+    ("dealership_id", 2950),
+    ("order_number", 25),
+    ("type", 25),
+    ("status", 25),
+    ("customer_info", 3802),
+    ("vehicle_info", 3802),
+    ("service_details", 3802),
+    ("metadata", 3802),
+    ("created_by", 2950),
+    ("assigned_to", 2950),
+    ("created_at", 1184),
+    ("updated_at", 1184),
+];
+
+/// `public.orders` as the change stage describes it.
+pub(crate) fn orders_relation(replica_identity: ReplicaIdentity) -> Arc<RelationInfo> {
+    Arc::new(RelationInfo {
+        oid: ORDERS_OID,
+        schema: "public".into(),
+        table: "orders".into(),
+        replica_identity,
+        columns: ORDER_COLUMNS
+            .iter()
+            .map(|&(name, oid)| ColumnInfo {
+                name: name.into(),
+                type_name: value::builtin_type_name(oid).expect("built-in type").into(),
+                type_oid: oid,
+                is_key: name == "id",
+                kind: value::kind_of(oid),
+            })
+            .collect(),
+    })
+}
