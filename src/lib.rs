@@ -56,6 +56,7 @@ pub mod hub;
 pub mod lsn;
 pub mod pgoutput;
 pub mod policy;
+pub mod realtime;
 pub mod relay;
 pub mod replication;
 pub mod schema;
