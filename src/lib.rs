@@ -52,6 +52,7 @@
 pub mod capture;
 pub mod change;
 pub mod cluster;
+pub mod http;
 pub mod hub;
 pub mod lsn;
 pub mod pgoutput;
@@ -60,3 +61,4 @@ pub mod realtime;
 pub mod relay;
 pub mod replication;
 pub mod schema;
+pub mod server;

@@ -9,6 +9,7 @@ mod cli_migrate;
 mod hub;
 mod large_transactions;
 mod policy_differential;
+mod realtime;
 mod replay;
 mod replication;
 mod schema_migrations;

@@ -1,5 +1,106 @@
 //! The realtime layer: Supabase Realtime's Phoenix protocol over WebSocket
 //! (vsn 1.0.0 and 2.0.0), JWT auth, and the per-socket session that turns
 //! joins into hub subscriptions.
+//!
+//! ```text
+//!  http (upgrade, apikey) ──▶ session per socket ──Control──▶ hub
+//!                               │ join: auth + catalog → bindings
+//!                               └──▶ Outbox ──▶ writer ──▶ socket
+//! ```
+//!
+//! - [`protocol`]: sans-IO framing of both serializers.
+//! - [`auth`]: JWT verification (HS256 secret, JWKS).
+//! - [`join`]: join payloads → bindings with deterministic ids.
+//! - [`catalog`]: published tables and column types, for join validation.
+//! - [`session`]: the per-connection loop and writer.
 
 pub mod auth;
+pub mod catalog;
+pub mod join;
+pub mod protocol;
+pub mod session;
+
+use std::time::Duration;
+
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::hub::OutboxLimits;
+
+pub use session::{RealtimeStats, SessionContext};
+
+/// Per-socket and server limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Channels per socket (Supabase: 100).
+    pub max_channels: usize,
+    /// Largest client message (bytes); larger closes the socket with 1009.
+    pub max_message_bytes: usize,
+    /// Sustained joins per second per socket.
+    pub joins_per_second: u32,
+    /// Joins allowed in a burst (a reconnect rejoins every channel at once).
+    pub join_burst: u32,
+    /// A socket silent this long is closed (Phoenix: 60 s).
+    pub idle_timeout: Duration,
+    /// Longest a batch write (or the upgrade handshake) may take.
+    pub write_timeout: Duration,
+    /// Sockets open at once; more get HTTP 429.
+    pub max_connections: usize,
+    /// The outbox of each socket.
+    pub outbox: OutboxLimits,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_channels: 100,
+            max_message_bytes: 1 << 20,
+            joins_per_second: 20,
+            join_burst: 100,
+            idle_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            outbox: OutboxLimits::default(),
+        }
+    }
+}
+
+impl Limits {
+    /// tokio-tungstenite settings for many connections: a small read buffer,
+    /// writes buffered until the batch's flush, bounded write buffer and
+    /// message size.
+    pub fn websocket_config(&self) -> WebSocketConfig {
+        WebSocketConfig::default()
+            .read_buffer_size(8 << 10)
+            .write_buffer_size(32 << 10)
+            .max_write_buffer_size(self.outbox.max_bytes.max(1 << 20) * 2)
+            .max_message_size(Some(self.max_message_bytes))
+            .max_frame_size(Some(self.max_message_bytes))
+    }
+}
+
+/// Errors of the realtime layer.
+#[derive(Debug, thiserror::Error)]
+pub enum RealtimeError {
+    /// The published tables could not be read (transient: PostgreSQL unreachable).
+    #[error("reading the published tables failed: {0}")]
+    Catalog(#[source] tokio_postgres::Error),
+    /// The listener could not be bound (definite: pick a free port).
+    #[error("cannot listen on {addr}: {source}; choose another --port or free this one")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Auth configuration (definite).
+    #[error(transparent)]
+    Auth(#[from] auth::AuthConfigError),
+}
+
+impl RealtimeError {
+    /// Whether retrying may help.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, RealtimeError::Catalog(_))
+    }
+}

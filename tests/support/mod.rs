@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod pipeline;
+pub mod server;
 
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row};

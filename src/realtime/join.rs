@@ -1,0 +1,220 @@
+//! `phx_join` payloads: the channel's token and its `postgres_changes`
+//! bindings, resolved against the published tables into hub bindings.
+//!
+//! Invariants (what realtime-js checks, `realtime-protocol.md` §4.1):
+//! - the join reply echoes each client binding object verbatim, in order,
+//!   plus `id`, and nothing else (no `filter: null`);
+//! - `id` is a deterministic hash of the binding's parameters in
+//!   `[0, 2^27)`, so a rejoin gets the same ids; equal bindings share one.
+//!
+//! Resolution follows Supabase: `table` without `schema` means `public`, `*`
+//! is a wildcard, a filter needs a concrete schema and table, the table must
+//! be published, and one bad binding fails the channel's whole
+//! postgres_changes subscription (reported as a `system` error; the channel
+//! stays joined).
+
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use super::catalog::Catalog;
+use crate::hub::{Binding, EventMatch};
+use crate::policy::{EventType, Filter};
+
+/// Most bindings per channel.
+pub const MAX_BINDINGS: usize = 100;
+
+/// What a join asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JoinRequest {
+    /// `config.postgres_changes`, as sent.
+    pub bindings: Vec<Map<String, Value>>,
+    /// `access_token` (or the legacy `user_token`), unless absent, not a
+    /// string, or an `sb_…` key (which Supabase ignores too).
+    pub access_token: Option<String>,
+}
+
+/// A join payload that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JoinError {
+    /// `config.postgres_changes` is not a list of objects.
+    #[error("config.postgres_changes must be a list of objects")]
+    BindingsShape,
+    /// Too many bindings.
+    #[error("too many postgres_changes bindings: at most {MAX_BINDINGS} per channel")]
+    TooManyBindings,
+}
+
+/// The token to use from an `access_token` value.
+pub fn usable_token(value: Option<&Value>) -> Option<String> {
+    match value {
+        Some(Value::String(s)) if !s.is_empty() && !s.starts_with("sb_") => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// Reads a join payload. Unknown keys are ignored, as Supabase does.
+///
+/// # Errors
+/// See [`JoinError`].
+pub fn parse_join(payload: &Value) -> Result<JoinRequest, JoinError> {
+    let access_token = usable_token(payload.get("access_token")).or_else(|| usable_token(payload.get("user_token")));
+    let bindings = match payload.get("config").and_then(|c| c.get("postgres_changes")) {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => {
+            if items.len() > MAX_BINDINGS {
+                return Err(JoinError::TooManyBindings);
+            }
+            items
+                .iter()
+                .map(|item| item.as_object().cloned().ok_or(JoinError::BindingsShape))
+                .collect::<Result<_, _>>()?
+        }
+        Some(_) => return Err(JoinError::BindingsShape),
+    };
+    Ok(JoinRequest { bindings, access_token })
+}
+
+/// The binding's id: a hash of its parameters (keys sorted) in `[0, 2^27)`.
+pub fn binding_id(params: &Map<String, Value>) -> u32 {
+    // serde_json's Map is ordered by key, so equal bindings serialize equally.
+    let canonical = serde_json::to_vec(params).unwrap_or_default();
+    let digest = Sha256::digest(&canonical);
+    u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) & ((1 << 27) - 1)
+}
+
+/// The join reply's `postgres_changes`: each binding with its `id`.
+pub fn reply_bindings(bindings: &[Map<String, Value>]) -> Value {
+    Value::Array(
+        bindings
+            .iter()
+            .map(|params| {
+                let mut echoed = params.clone();
+                echoed.insert("id".into(), Value::from(binding_id(params)));
+                Value::Object(echoed)
+            })
+            .collect(),
+    )
+}
+
+fn text<'a>(params: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
+    params.get(key).and_then(Value::as_str)
+}
+
+/// Supabase's message for a binding that names nothing published.
+fn unable(params: &Map<String, Value>) -> String {
+    format!(
+        "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given \
+         connect parameters: [event: {}, schema: {}, table: {}, filters: [{}]]",
+        text(params, "event").unwrap_or("*"),
+        text(params, "schema").unwrap_or("public"),
+        text(params, "table").unwrap_or("*"),
+        text(params, "filter").unwrap_or(""),
+    )
+}
+
+/// Resolves every binding; the first failure is the `system` error message.
+///
+/// # Errors
+/// The message to send in a `system` push with `status: "error"`.
+pub async fn resolve(bindings: &[Map<String, Value>], catalog: &Catalog) -> Result<Vec<Binding>, String> {
+    let mut out = Vec::with_capacity(bindings.len());
+    for params in bindings {
+        out.push(resolve_one(params, catalog).await?);
+    }
+    Ok(out)
+}
+
+async fn resolve_one(params: &Map<String, Value>, catalog: &Catalog) -> Result<Binding, String> {
+    let event = match text(params, "event").map(str::to_ascii_uppercase).as_deref() {
+        Some("INSERT") => EventMatch::Only(EventType::Insert),
+        Some("UPDATE") => EventMatch::Only(EventType::Update),
+        Some("DELETE") => EventMatch::Only(EventType::Delete),
+        _ => EventMatch::All,
+    };
+    let wildcard = |v: Option<&str>| v.filter(|s| *s != "*").map(str::to_owned);
+    let (schema, table) = match (text(params, "schema"), text(params, "table")) {
+        (None, None) => return Err(unable(params)),
+        (None, table) => (Some("public".to_owned()), wildcard(table)),
+        (schema, table) => (wildcard(schema), wildcard(table)),
+    };
+    let spec = text(params, "filter").map(str::trim).filter(|s| !s.is_empty());
+    let filter = match (&schema, &table) {
+        (Some(s), Some(t)) => {
+            let info = catalog.lookup(s, t).await.ok_or_else(|| unable(params))?;
+            match spec {
+                Some(spec) => Filter::parse(spec, |column| info.column_type(column))
+                    .map_err(|err| format!("Error parsing `filter` params: {err}"))?,
+                None => Filter::default(),
+            }
+        }
+        _ => {
+            if spec.is_some() {
+                return Err("Error parsing `filter` params: a filter needs a concrete schema and table".into());
+            }
+            let mut tables = catalog.tables();
+            if tables.is_empty() {
+                let _ = catalog.refresh_if_stale().await;
+                tables = catalog.tables();
+            }
+            let any = tables.iter().any(|info| {
+                schema.as_deref().is_none_or(|s| s == info.schema) && table.as_deref().is_none_or(|t| t == info.table)
+            });
+            if !any {
+                return Err(unable(params));
+            }
+            Filter::default()
+        }
+    };
+    Ok(Binding { id: binding_id(params), schema, table, event, filter })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn parses_tokens_and_bindings() {
+        let payload = json!({
+            "config": {"broadcast": {"ack": false}, "postgres_changes": [
+                {"event": "*", "schema": "public", "table": "orders", "filter": "status=eq.pending"},
+                {"event": "INSERT", "schema": "public", "table": "dealer_memberships"}
+            ], "private": false},
+            "access_token": "eyJ.x.y",
+            "version": "realtime-js/2.0.0"
+        });
+        let join = parse_join(&payload).unwrap();
+        assert_eq!(join.bindings.len(), 2);
+        assert_eq!(join.access_token.as_deref(), Some("eyJ.x.y"));
+        assert_eq!(parse_join(&json!({"user_token": "t"})).unwrap().access_token.as_deref(), Some("t"));
+        assert_eq!(parse_join(&json!({"access_token": "sb_publishable_x"})).unwrap().access_token, None);
+        assert_eq!(parse_join(&json!({"access_token": null})).unwrap().access_token, None);
+        assert!(parse_join(&json!({})).unwrap().bindings.is_empty());
+        assert_eq!(parse_join(&json!({"config": {"postgres_changes": {}}})), Err(JoinError::BindingsShape));
+        assert_eq!(parse_join(&json!({"config": {"postgres_changes": [1]}})), Err(JoinError::BindingsShape));
+        let many: Vec<Value> = (0..=MAX_BINDINGS).map(|_| json!({"schema": "public"})).collect();
+        assert_eq!(parse_join(&json!({"config": {"postgres_changes": many}})), Err(JoinError::TooManyBindings));
+    }
+
+    #[test]
+    fn reply_echoes_verbatim_with_deterministic_ids() {
+        let a = json!({"event": "*", "schema": "public", "table": "orders", "select": ["id"]});
+        let b = json!({"event": "INSERT", "schema": "public", "table": "orders"});
+        let bindings: Vec<Map<String, Value>> = [&a, &b, &a].iter().map(|v| v.as_object().unwrap().clone()).collect();
+        let reply = reply_bindings(&bindings);
+        let items = reply.as_array().unwrap();
+        assert_eq!(items.len(), 3);
+        for (item, sent) in items.iter().zip([&a, &b, &a]) {
+            let mut item = item.as_object().unwrap().clone();
+            let id = item.remove("id").unwrap().as_u64().unwrap();
+            assert!(id < 1 << 27);
+            assert_eq!(&Value::Object(item), sent, "echoed verbatim, no keys added");
+        }
+        assert_eq!(items[0]["id"], items[2]["id"], "equal bindings share an id");
+        assert_ne!(items[0]["id"], items[1]["id"]);
+        // Key order of the client's object does not change the id.
+        let reordered: Map<String, Value> =
+            serde_json::from_str(r#"{"table":"orders","select":["id"],"schema":"public","event":"*"}"#).unwrap();
+        assert_eq!(binding_id(&reordered), binding_id(a.as_object().unwrap()));
+    }
+}

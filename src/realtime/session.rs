@@ -1,0 +1,543 @@
+//! One WebSocket connection: reads Phoenix messages, keeps the socket's
+//! channels, turns joins into hub subscriptions, and writes the connection's
+//! outbox to the socket.
+//!
+//! ```text
+//!  socket ──frames──▶ reader loop (this task) ──Control──▶ hub
+//!                        │ replies, system, phx_close            │ postgres_changes frames
+//!                        ▼                                        ▼
+//!                      Outbox (bounded, shared) ◀─────────────────┘
+//!                        │
+//!                        ▼ writer task: drain everything queued, one flush
+//!                      socket
+//! ```
+//!
+//! Invariants:
+//! - Everything sent goes through the outbox, so a join reply always precedes
+//!   the hub's "Subscribed to PostgreSQL" and nothing waits on the socket
+//!   except the writer.
+//! - A channel's viewer comes only from a verified token (the join's
+//!   `access_token`, else the socket's `apikey`); an expired token closes the
+//!   channel at `exp` and removes its subscription before anything else.
+//! - On exit the hub is told (`Disconnect`) before the task ends, so no
+//!   subscription outlives its socket.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message as WsMessage, Utf8Bytes};
+use tokio_tungstenite::WebSocketStream;
+
+use super::auth::{Claims, Verifier};
+use super::catalog::Catalog;
+use super::join::{self, JoinRequest};
+use super::protocol::{self, Message};
+use super::Limits;
+use crate::hub::{CloseReason, ConnId, Control, HubHandle, Outbox, Subscription, Vsn};
+
+/// What every session shares.
+#[derive(Debug)]
+pub struct SessionContext {
+    /// Token verification.
+    pub verifier: Verifier,
+    /// Published tables.
+    pub catalog: Arc<Catalog>,
+    /// The hub.
+    pub hub: HubHandle,
+    /// Limits.
+    pub limits: Limits,
+    /// Counters.
+    pub stats: RealtimeStats,
+    next_conn: AtomicU64,
+}
+
+impl SessionContext {
+    /// A context around the shared parts.
+    pub fn new(verifier: Verifier, catalog: Arc<Catalog>, hub: HubHandle, limits: Limits) -> SessionContext {
+        SessionContext { verifier, catalog, hub, limits, stats: RealtimeStats::default(), next_conn: AtomicU64::new(1) }
+    }
+}
+
+/// Counters of the realtime layer.
+#[derive(Debug, Default)]
+pub struct RealtimeStats {
+    /// Sockets open now.
+    pub sockets_open: AtomicU64,
+    /// Sockets accepted in all.
+    pub sockets_total: AtomicU64,
+    /// Channels joined now.
+    pub channels_open: AtomicU64,
+    /// Join requests handled.
+    pub joins: AtomicU64,
+    /// Joins refused (token, limits).
+    pub joins_refused: AtomicU64,
+    /// Frames that could not be decoded.
+    pub bad_frames: AtomicU64,
+    /// Channels closed because their token expired.
+    pub tokens_expired: AtomicU64,
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// The tokio instant at which a Unix time `exp` (seconds) is reached.
+fn instant_at(exp: i64) -> Instant {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let exp = Duration::from_secs(u64::try_from(exp).unwrap_or(0));
+    Instant::now() + exp.saturating_sub(now)
+}
+
+/// One joined channel.
+#[derive(Debug)]
+struct Channel {
+    join_ref: Option<String>,
+    /// The token in force (to ignore an unchanged `access_token`).
+    token: String,
+    claims: Claims,
+    /// Whether the hub holds a subscription for it.
+    subscribed: bool,
+}
+
+/// A token bucket for joins.
+#[derive(Debug)]
+struct JoinBucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl JoinBucket {
+    fn take(&mut self, limits: &Limits) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * f64::from(limits.joins_per_second);
+        self.tokens = (self.tokens + refill).min(f64::from(limits.join_burst));
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Why the reader loop ended.
+enum End {
+    /// Closed by the peer or the network.
+    Peer,
+    /// The server closes with this reason.
+    Close(CloseReason),
+}
+
+struct Session {
+    ctx: Arc<SessionContext>,
+    conn: ConnId,
+    vsn: Vsn,
+    apikey: String,
+    apikey_claims: Claims,
+    outbox: Arc<Outbox>,
+    channels: HashMap<String, Channel>,
+    joins: JoinBucket,
+}
+
+/// Runs a connection until it closes. `apikey` was verified at the upgrade.
+pub async fn run<S>(
+    ws: WebSocketStream<S>,
+    ctx: Arc<SessionContext>,
+    vsn: Vsn,
+    apikey: String,
+    apikey_claims: Claims,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
+    ctx.stats.sockets_open.fetch_add(1, Ordering::Relaxed);
+    ctx.stats.sockets_total.fetch_add(1, Ordering::Relaxed);
+    let outbox = Arc::new(Outbox::new(ctx.limits.outbox));
+    let (sink, mut stream) = ws.split();
+    let mut writer = tokio::spawn(write_loop(sink, Arc::clone(&outbox), ctx.limits.write_timeout));
+    let mut session = Session {
+        joins: JoinBucket { tokens: f64::from(ctx.limits.join_burst), last: Instant::now() },
+        ctx,
+        conn,
+        vsn,
+        apikey,
+        apikey_claims,
+        outbox: Arc::clone(&outbox),
+        channels: HashMap::new(),
+    };
+    tracing::debug!(conn, vsn = protocol::vsn_str(vsn), "socket open");
+    let idle = session.ctx.limits.idle_timeout;
+    let mut idle_deadline = Instant::now() + idle;
+    let end = loop {
+        let expiry = session.next_expiry();
+        tokio::select! {
+            biased;
+            // 1. Server shutdown.
+            () = stopped(&mut shutdown) => break End::Close(CloseReason::shutdown()),
+            // 2. The writer stopped (socket broken, or a close was sent).
+            _ = &mut writer => break End::Peer,
+            // 3. A channel's token expired.
+            () = tokio::time::sleep_until(expiry.unwrap_or(idle_deadline)), if expiry.is_some() => {
+                session.expire_channels().await;
+            }
+            // 4. Silence for the idle timeout.
+            () = tokio::time::sleep_until(idle_deadline) => {
+                break End::Close(CloseReason { code: 1000, reason: format!("no message for {}s (heartbeat timeout)", idle.as_secs()) });
+            }
+            // 5. A frame from the client.
+            frame = stream.next() => {
+                idle_deadline = Instant::now() + idle;
+                match frame {
+                    None => break End::Peer,
+                    Some(Ok(frame)) => {
+                        if let Some(end) = session.frame(frame).await {
+                            break end;
+                        }
+                    }
+                    Some(Err(err)) => break session.read_error(&err),
+                }
+            }
+        }
+    };
+    session.finish(end, writer).await;
+}
+
+impl Session {
+    fn next_expiry(&self) -> Option<Instant> {
+        self.channels.values().map(|c| c.claims.exp).min().map(instant_at)
+    }
+
+    fn push(&self, frame: Bytes) {
+        // A full outbox closes the connection; the writer then ends the session.
+        let _ = self.outbox.push(frame);
+    }
+
+    fn read_error(&self, err: &tungstenite::Error) -> End {
+        match err {
+            tungstenite::Error::Capacity(cap) => {
+                tracing::debug!(conn = self.conn, error = %err, "frame over the size limit");
+                let _ = cap;
+                End::Close(CloseReason {
+                    code: 1009,
+                    reason: format!("message too big: at most {} bytes", self.ctx.limits.max_message_bytes),
+                })
+            }
+            tungstenite::Error::Protocol(_) | tungstenite::Error::Utf8(_) => {
+                tracing::debug!(conn = self.conn, error = %err, "websocket protocol error");
+                End::Close(CloseReason { code: 1002, reason: "websocket protocol error".into() })
+            }
+            _ => End::Peer,
+        }
+    }
+
+    async fn frame(&mut self, frame: WsMessage) -> Option<End> {
+        match frame {
+            WsMessage::Text(text) => match protocol::decode_text(self.vsn, text.as_str()) {
+                Ok(message) => self.message(message).await,
+                Err(err) => {
+                    self.ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(conn = self.conn, error = %err, "ignoring an undecodable frame");
+                    None
+                }
+            },
+            WsMessage::Binary(data) => {
+                self.binary(&data);
+                None
+            }
+            WsMessage::Close(_) => Some(End::Peer),
+            WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => None,
+        }
+    }
+
+    fn binary(&self, data: &[u8]) {
+        if self.vsn == Vsn::V1 {
+            self.ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(conn = self.conn, "ignoring a binary frame on a 1.0.0 socket");
+            return;
+        }
+        match protocol::decode_binary(data) {
+            Ok(push) => self.push(protocol::error_reply(
+                self.vsn,
+                push.join_ref.as_deref(),
+                push.msg_ref.as_deref(),
+                &push.topic,
+                "broadcast is not supported by this server (postgres_changes only)",
+            )),
+            Err(err) => {
+                self.ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(conn = self.conn, error = %err, "ignoring a binary frame");
+            }
+        }
+    }
+
+    async fn message(&mut self, msg: Message) -> Option<End> {
+        if msg.topic == "phoenix" {
+            let reply = if msg.event == "heartbeat" {
+                protocol::reply(self.vsn, &msg, "ok", json!({}))
+            } else {
+                protocol::reply(self.vsn, &msg, "error", json!({"reason": "unknown event"}))
+            };
+            self.push(reply);
+            return None;
+        }
+        match msg.event.as_str() {
+            "phx_join" => return self.join(msg).await,
+            "phx_leave" => self.leave(&msg).await,
+            "access_token" => self.access_token(&msg).await,
+            _ if !self.channels.contains_key(&msg.topic) => {
+                self.push(protocol::reply(self.vsn, &msg, "error", json!({"reason": "unmatched topic"})));
+            }
+            "broadcast" | "presence" => {
+                let reason = format!("{} is not supported by this server (postgres_changes only)", msg.event);
+                self.push(protocol::reply(self.vsn, &msg, "error", json!({ "reason": reason })));
+            }
+            _ => self.push(protocol::reply(self.vsn, &msg, "error", json!({"reason": "unknown event"}))),
+        }
+        None
+    }
+
+    fn refuse(&self, msg: &Message, reason: &str) {
+        self.ctx.stats.joins_refused.fetch_add(1, Ordering::Relaxed);
+        self.push(protocol::reply(self.vsn, msg, "error", json!({ "reason": reason })));
+    }
+
+    async fn join(&mut self, msg: Message) -> Option<End> {
+        self.ctx.stats.joins.fetch_add(1, Ordering::Relaxed);
+        if !self.joins.take(&self.ctx.limits) {
+            self.refuse(&msg, "ClientJoinRateLimitReached: Too many joins per second");
+            return Some(End::Close(CloseReason { code: 1008, reason: "too many joins per second".into() }));
+        }
+        let Some(sub_topic) = msg.topic.strip_prefix("realtime:") else {
+            self.refuse(&msg, "unmatched topic");
+            return None;
+        };
+        if sub_topic.is_empty() {
+            self.refuse(&msg, "TopicNameRequired: You must provide a topic name");
+            return None;
+        }
+        if !self.channels.contains_key(&msg.topic) && self.channels.len() >= self.ctx.limits.max_channels {
+            self.refuse(&msg, "ChannelRateLimitReached: Too many channels");
+            return None;
+        }
+        let request = match join::parse_join(&msg.payload) {
+            Ok(request) => request,
+            Err(err) => {
+                self.refuse(&msg, &format!("InvalidJoinPayload: {err}"));
+                return None;
+            }
+        };
+        let JoinRequest { bindings, access_token } = request;
+        let (token, claims) = match access_token {
+            Some(token) => match self.ctx.verifier.verify(&token, now_unix()) {
+                Ok(claims) => (token, claims),
+                Err(err) => {
+                    self.refuse(&msg, &format!("{}: {err}", err.code()));
+                    return None;
+                }
+            },
+            None => (self.apikey.clone(), self.apikey_claims.clone()),
+        };
+        // A second join on a topic replaces the first: close the old channel.
+        if let Some(old) = self.channels.remove(&msg.topic) {
+            self.ctx.stats.channels_open.fetch_sub(1, Ordering::Relaxed);
+            self.push(protocol::phx_close(self.vsn, old.join_ref.as_deref(), &msg.topic));
+            if old.subscribed {
+                self.control(Control::Leave { conn: self.conn, topic: msg.topic.clone() }).await;
+            }
+        }
+        let resolved =
+            if bindings.is_empty() { Ok(Vec::new()) } else { join::resolve(&bindings, &self.ctx.catalog).await };
+        let response = json!({ "postgres_changes": join::reply_bindings(&bindings) });
+        self.push(protocol::reply(self.vsn, &msg, "ok", response));
+        let join_ref = msg.join_ref.clone().or_else(|| msg.msg_ref.clone());
+        let mut channel = Channel { join_ref, token, claims, subscribed: false };
+        match resolved {
+            Ok(hub_bindings) if !hub_bindings.is_empty() => {
+                let on_live = self.subscribed_frame(&msg.topic, channel.join_ref.as_deref());
+                let subscription = Subscription {
+                    conn: self.conn,
+                    topic: msg.topic.clone(),
+                    vsn: self.vsn,
+                    viewer: channel.claims.viewer(),
+                    bindings: hub_bindings,
+                    outbox: Arc::clone(&self.outbox),
+                    on_live: Some(on_live),
+                };
+                channel.subscribed = true;
+                self.control(Control::Join(subscription)).await;
+            }
+            Ok(_) => {}
+            Err(message) => self.push(protocol::system(
+                self.vsn,
+                channel.join_ref.as_deref(),
+                &msg.topic,
+                "postgres_changes",
+                "error",
+                &message,
+            )),
+        }
+        self.channels.insert(msg.topic, channel);
+        self.ctx.stats.channels_open.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+
+    fn subscribed_frame(&self, topic: &str, join_ref: Option<&str>) -> Bytes {
+        protocol::system(self.vsn, join_ref, topic, "postgres_changes", "ok", "Subscribed to PostgreSQL")
+    }
+
+    async fn control(&self, control: Control) {
+        if self.ctx.hub.send(control).await.is_err() {
+            // The hub stopped: the server is going down; the session ends with it.
+            self.outbox.close(CloseReason::shutdown());
+        }
+    }
+
+    async fn leave(&mut self, msg: &Message) {
+        self.push(protocol::reply(self.vsn, msg, "ok", json!({})));
+        let join_ref = msg.join_ref.as_deref().or(msg.msg_ref.as_deref());
+        match self.channels.remove(&msg.topic) {
+            Some(channel) => {
+                self.ctx.stats.channels_open.fetch_sub(1, Ordering::Relaxed);
+                self.push(protocol::phx_close(self.vsn, channel.join_ref.as_deref().or(join_ref), &msg.topic));
+                if channel.subscribed {
+                    self.control(Control::Leave { conn: self.conn, topic: msg.topic.clone() }).await;
+                }
+            }
+            None => self.push(protocol::phx_close(self.vsn, join_ref, &msg.topic)),
+        }
+    }
+
+    /// Closes a channel with a system error (token problems).
+    async fn close_channel(&mut self, topic: &str, message: &str) {
+        let Some(channel) = self.channels.remove(topic) else { return };
+        self.ctx.stats.channels_open.fetch_sub(1, Ordering::Relaxed);
+        if channel.subscribed {
+            // Remove the subscription first: nothing may reach the channel after this.
+            self.control(Control::Leave { conn: self.conn, topic: topic.to_owned() }).await;
+        }
+        self.push(protocol::system(self.vsn, channel.join_ref.as_deref(), topic, "system", "error", message));
+        self.push(protocol::phx_close(self.vsn, channel.join_ref.as_deref(), topic));
+    }
+
+    async fn access_token(&mut self, msg: &Message) {
+        let Some(channel) = self.channels.get(&msg.topic) else {
+            self.push(protocol::reply(self.vsn, msg, "error", json!({"reason": "unmatched topic"})));
+            return;
+        };
+        let Some(token) = join::usable_token(msg.payload.get("access_token")) else { return };
+        if token == channel.token {
+            return;
+        }
+        match self.ctx.verifier.verify(&token, now_unix()) {
+            Ok(claims) => {
+                let viewer = claims.viewer();
+                let Some(channel) = self.channels.get_mut(&msg.topic) else { return };
+                channel.token = token;
+                channel.claims = claims;
+                let (subscribed, join_ref) = (channel.subscribed, channel.join_ref.clone());
+                if subscribed {
+                    let on_live = self.subscribed_frame(&msg.topic, join_ref.as_deref());
+                    self.control(Control::Reauth {
+                        conn: self.conn,
+                        topic: msg.topic.clone(),
+                        viewer,
+                        on_live: Some(on_live),
+                    })
+                    .await;
+                }
+            }
+            Err(err) => {
+                tracing::debug!(conn = self.conn, error = %err, "access_token refused; closing the channel");
+                self.close_channel(&msg.topic, &err.to_string()).await;
+            }
+        }
+    }
+
+    async fn expire_channels(&mut self) {
+        let now = now_unix();
+        let expired: Vec<(String, i64)> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| c.claims.exp <= now)
+            .map(|(topic, c)| (topic.clone(), now - c.claims.exp))
+            .collect();
+        for (topic, ago) in expired {
+            self.ctx.stats.tokens_expired.fetch_add(1, Ordering::Relaxed);
+            self.close_channel(&topic, &format!("Token has expired {ago} seconds ago")).await;
+        }
+    }
+
+    async fn finish(self, end: End, writer: tokio::task::JoinHandle<()>) {
+        // Subscriptions go first, so the hub stops queueing for this socket.
+        let _ = self.ctx.hub.send(Control::Disconnect { conn: self.conn }).await;
+        self.ctx.stats.channels_open.fetch_sub(self.channels.len() as u64, Ordering::Relaxed);
+        self.ctx.stats.sockets_open.fetch_sub(1, Ordering::Relaxed);
+        let reason = match end {
+            End::Close(reason) => reason,
+            End::Peer => CloseReason { code: 1000, reason: String::new() },
+        };
+        self.outbox.close(reason);
+        if tokio::time::timeout(self.ctx.limits.write_timeout, writer).await.is_err() {
+            tracing::debug!(conn = self.conn, "writer did not finish in time; dropping the socket");
+        }
+        tracing::debug!(conn = self.conn, "socket closed");
+    }
+}
+
+/// Drains the outbox to the socket: every queued frame, then one flush; on
+/// close, a close frame with the outbox's reason.
+async fn write_loop<S>(
+    mut sink: futures::stream::SplitSink<WebSocketStream<S>, WsMessage>,
+    outbox: Arc<Outbox>,
+    write_timeout: Duration,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut batch = Vec::new();
+    loop {
+        match outbox.next_batch(&mut batch).await {
+            Ok(()) => {
+                let write = async {
+                    for frame in batch.drain(..) {
+                        // Frames are JSON built by serde_json or the hub's writer: always UTF-8.
+                        let text = Utf8Bytes::try_from(frame).map_err(|_| tungstenite::Error::Utf8(String::new()))?;
+                        sink.feed(WsMessage::Text(text)).await?;
+                    }
+                    sink.flush().await
+                };
+                match tokio::time::timeout(write_timeout, write).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) | Err(_) => return,
+                }
+            }
+            Err(reason) => {
+                let frame = CloseFrame { code: CloseCode::from(reason.code), reason: reason.reason.into() };
+                let _ = tokio::time::timeout(write_timeout, async {
+                    let _ = sink.send(WsMessage::Close(Some(frame))).await;
+                    let _ = sink.close().await;
+                })
+                .await;
+                return;
+            }
+        }
+    }
+}
+
+/// Resolves once `shutdown` says stop (or its sender is gone).
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not Send; drop it here.
+    let _ = shutdown.wait_for(|stop| *stop).await.map(|_| ());
+}

@@ -1,0 +1,156 @@
+//! `walcast serve`: the whole relay — replication → change stage → hub →
+//! WebSocket sessions — started and stopped in order.
+//!
+//! ```text
+//!  Server::start: verifier (config errors first) → catalog (SQL) → Relay::start
+//!                 (memberships loaded, streaming) → bind → accept loop
+//!  Server::shutdown: stop accepting → sockets closed with 1001 (queues
+//!                 drained, deadline) → replication stopped with a final
+//!                 standby status update → hub and stages joined
+//! ```
+//!
+//! The listener binds only after the relay streams, so a client that can
+//! connect gets every change committed after its "Subscribed to PostgreSQL".
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use crate::http::{self, HttpContext};
+use crate::realtime::auth::{AuthConfig, Verifier};
+use crate::realtime::catalog::Catalog;
+use crate::realtime::{Limits, RealtimeError, SessionContext};
+use crate::relay::{Relay, RelayConfig, RelayError};
+
+/// Everything `walcast serve` needs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Replication, policy and hub settings.
+    pub relay: RelayConfig,
+    /// Where to listen (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// JWT keys.
+    pub auth: AuthConfig,
+    /// Socket limits.
+    pub limits: Limits,
+    /// `/demo.json`, served in demo mode.
+    pub demo_json: Option<Bytes>,
+}
+
+impl ServeConfig {
+    /// Defaults around a relay configuration: port 4000 on all interfaces.
+    pub fn new(relay: RelayConfig, auth: AuthConfig) -> ServeConfig {
+        ServeConfig {
+            relay,
+            listen: SocketAddr::from(([0, 0, 0, 0], 4000)),
+            auth,
+            limits: Limits::default(),
+            demo_json: None,
+        }
+    }
+}
+
+/// Errors that stop the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The relay failed.
+    #[error(transparent)]
+    Relay(#[from] RelayError),
+    /// The realtime layer failed.
+    #[error(transparent)]
+    Realtime(#[from] RealtimeError),
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct Server {
+    addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    http: JoinHandle<()>,
+    relay: Relay,
+    sessions: Arc<SessionContext>,
+}
+
+impl Server {
+    /// Starts everything; returns once clients can connect.
+    ///
+    /// # Errors
+    /// Bad auth configuration, PostgreSQL unreachable, replication errors,
+    /// or the port in use.
+    pub async fn start(config: ServeConfig) -> Result<Server, ServeError> {
+        let verifier = Verifier::new(&config.auth).map_err(RealtimeError::from)?;
+        let catalog =
+            Catalog::load(config.relay.source.connection.clone(), &config.relay.source.slot.publications).await?;
+        let relay = Relay::start(config.relay.clone()).await?;
+        let listener = match TcpListener::bind(config.listen).await {
+            Ok(listener) => listener,
+            Err(source) => {
+                let _ = relay.stop().await;
+                return Err(RealtimeError::Bind { addr: config.listen, source }.into());
+            }
+        };
+        let addr = listener.local_addr().map_err(|source| RealtimeError::Bind { addr: config.listen, source })?;
+        let sessions = Arc::new(SessionContext::new(verifier, Arc::new(catalog), relay.hub.clone(), config.limits));
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let ctx = Arc::new(HttpContext { sessions: Arc::clone(&sessions), demo_json: config.demo_json });
+        let http = tokio::spawn(http::serve(listener, ctx, shutdown_rx).instrument(tracing::info_span!("http", %addr)));
+        tracing::info!(%addr, "serving realtime");
+        Ok(Server { addr, shutdown, http, relay, sessions })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Shared session state (limits, counters).
+    pub fn sessions(&self) -> &Arc<SessionContext> {
+        &self.sessions
+    }
+
+    /// The relay (hub counters, memberships).
+    pub fn relay(&self) -> &Relay {
+        &self.relay
+    }
+
+    /// Runs until `signal` resolves or the relay stops, then shuts down.
+    ///
+    /// # Errors
+    /// The error the relay stopped with.
+    pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) -> Result<(), ServeError> {
+        tokio::pin!(signal);
+        let mut check = tokio::time::interval(std::time::Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                () = &mut signal => {
+                    tracing::info!("shutting down");
+                    break;
+                }
+                _ = check.tick() => {
+                    if !self.relay.is_running() {
+                        tracing::error!("the relay stopped; shutting down");
+                        break;
+                    }
+                }
+            }
+        }
+        self.shutdown().await
+    }
+
+    /// Stops accepting, closes every socket (1001), then stops replication
+    /// with a final status update.
+    ///
+    /// # Errors
+    /// The first error a relay stage ended with.
+    pub async fn shutdown(self) -> Result<(), ServeError> {
+        let _ = self.shutdown.send(true);
+        let _ = self.http.await;
+        self.relay.stop().await?;
+        Ok(())
+    }
+}
