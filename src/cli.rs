@@ -16,7 +16,7 @@ pub(crate) struct Cli {
     #[arg(long, global = true, value_enum, default_value = "human", env = "WALCAST_LOG_FORMAT")]
     pub(crate) log_format: LogFormat,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 /// How log lines are written.
@@ -30,6 +30,12 @@ pub(crate) enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Serve realtime changes over WebSocket (the default command).
+    ///
+    /// With --database-url: stream that database's publication. Without it:
+    /// start the embedded PostgreSQL in --data-dir, apply the schema, load
+    /// demo data, run a demo writer, and serve the dashboard at /.
+    Serve(ServeArgs),
     /// Apply the SQL schema (sql/) to a database.
     ///
     /// Without a database URL, walcast uses its embedded PostgreSQL in
@@ -75,6 +81,56 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `walcast serve` flags.
+#[derive(Debug, Clone, clap::Args)]
+struct ServeArgs {
+    /// PostgreSQL URL or key=value connection string (a role with REPLICATION);
+    /// without it, the embedded demo runs.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Replication slot (created when missing; kept across restarts).
+    #[arg(long, env = "SLOT_NAME", default_value = "walcast")]
+    slot: String,
+    /// Publication to stream.
+    #[arg(long, env = "PUBLICATION", default_value = "supabase_realtime")]
+    publication: String,
+    /// Address to listen on.
+    #[arg(long, env = "HOST", default_value = "0.0.0.0")]
+    host: std::net::IpAddr,
+    /// Port to listen on.
+    #[arg(long, env = "PORT", default_value_t = 4000)]
+    port: u16,
+    /// HS256 secret of the JWTs (Supabase's JWT secret).
+    #[arg(long, env = "API_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// JWKS for RS256/ES256 tokens: a file path or the JSON itself.
+    #[arg(long, env = "API_JWT_JWKS", hide_env_values = true)]
+    jwks: Option<String>,
+    /// Policy rules (JSON, see docs); default: the rules of sql/.
+    #[arg(long, env = "WALCAST_POLICY")]
+    policy: Option<PathBuf>,
+    /// Most open sockets.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 10_000)]
+    max_connections: usize,
+    /// Most channels per socket.
+    #[arg(long, env = "MAX_CHANNELS_PER_CLIENT", default_value_t = 100)]
+    max_channels: usize,
+    /// Data directory of the embedded PostgreSQL (demo mode).
+    #[arg(long, default_value = ".walcast/postgres", env = "WALCAST_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Seconds between demo writer steps; 0 turns the writer off (demo mode).
+    #[arg(long, default_value_t = 2.0)]
+    demo_writer_secs: f64,
+}
+
+impl Default for ServeArgs {
+    fn default() -> Self {
+        use clap::FromArgMatches;
+        let matches = <ServeArgs as clap::Args>::augment_args(clap::Command::new("serve")).get_matches_from(["serve"]);
+        ServeArgs::from_arg_matches(&matches).expect("defaults parse")
+    }
 }
 
 /// Replay pacing.
@@ -131,7 +187,8 @@ pub(crate) fn init_tracing(format: LogFormat) {
 
 /// Runs the parsed command.
 pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+    match cli.command.unwrap_or_else(|| Command::Serve(ServeArgs::default())) {
+        Command::Serve(args) => serve(args).await,
         Command::Migrate { database_url, dir, data_dir } => {
             let migrations = match dir {
                 Some(dir) => Migrations::from_dir(&dir)?,
@@ -216,6 +273,70 @@ fn replay(file: &std::path::Path, pace: walcast::capture::Pace, json: bool) -> a
         }
     }
     Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    use std::str::FromStr;
+    let policy = match &args.policy {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            serde_json::from_str(&text).with_context(|| format!("parsing the policy file {}", path.display()))?
+        }
+        None => walcast::policy::PolicyConfig::default(),
+    };
+    let Some(url) = args.database_url.clone() else {
+        return serve_demo(args, policy).await;
+    };
+    let connection = tokio_postgres::Config::from_str(&url)
+        .map_err(|_| anyhow::anyhow!("--database-url is not a valid PostgreSQL URL or connection string"))?;
+    let auth = walcast::realtime::auth::AuthConfig { jwt_secret: args.jwt_secret.clone(), jwks: args.jwks.clone() };
+    let config = serve_config(&args, connection, policy, auth);
+    let server = walcast::server::Server::start(config).await?;
+    println!("walcast serving on ws://{}/realtime/v1/websocket", server.local_addr());
+    server.run_until(shutdown_signal()).await?;
+    Ok(())
+}
+
+fn serve_config(
+    args: &ServeArgs,
+    connection: tokio_postgres::Config,
+    policy: walcast::policy::PolicyConfig,
+    auth: walcast::realtime::auth::AuthConfig,
+) -> walcast::server::ServeConfig {
+    let slot = walcast::replication::SlotOptions::new(&args.slot, &args.publication);
+    let mut relay = walcast::relay::RelayConfig::new(walcast::replication::SourceConfig::new(connection, slot));
+    relay.policy = policy;
+    let mut config = walcast::server::ServeConfig::new(relay, auth);
+    config.listen = std::net::SocketAddr::new(args.host, args.port);
+    config.limits.max_connections = args.max_connections;
+    config.limits.max_channels = args.max_channels;
+    config
+}
+
+async fn serve_demo(_args: ServeArgs, _policy: walcast::policy::PolicyConfig) -> anyhow::Result<()> {
+    anyhow::bail!("no --database-url given (the embedded demo is not built yet)")
 }
 
 async fn record(

@@ -45,9 +45,10 @@
 //! - [`hub`]: judges each committed change against memberships, rules and
 //!   bindings; serializes each distinct frame once; per-connection outboxes.
 //! - [`relay`]: wires replication → change stage → hub with bounded channels.
-//!
-//! The realtime (WebSocket, Phoenix protocol, JWT) stage arrives with its own
-//! issue; the diagram above is the contract it follows.
+//! - [`realtime`]: Supabase Realtime's Phoenix protocol (vsn 1.0.0 and
+//!   2.0.0), JWT verification, per-socket sessions and their writers.
+//! - [`http`]: the listener: WebSocket upgrades, the dashboard, health.
+//! - [`server`]: `walcast serve` — everything above started and stopped in order.
 
 pub mod capture;
 pub mod change;
