@@ -5,7 +5,8 @@
 //! - the join reply echoes each client binding object verbatim, in order,
 //!   plus `id`, and nothing else (no `filter: null`);
 //! - `id` is a deterministic hash of the binding's parameters in
-//!   `[0, 2^27)`, so a rejoin gets the same ids; equal bindings share one.
+//!   `[1, 2^27)` (never 0: clients treat 0 as no id), so a rejoin gets the
+//!   same ids; equal bindings share one.
 //!
 //! Resolution follows Supabase: `table` without `schema` means `public`, `*`
 //! is a wildcard, a filter needs a concrete schema and table, the table must
@@ -74,12 +75,14 @@ pub fn parse_join(payload: &Value) -> Result<JoinRequest, JoinError> {
     Ok(JoinRequest { bindings, access_token })
 }
 
-/// The binding's id: a hash of its parameters (keys sorted) in `[0, 2^27)`.
+/// The binding's id: a hash of its parameters (keys sorted) in `[1, 2^27)`.
 pub fn binding_id(params: &Map<String, Value>) -> u32 {
     // serde_json's Map is ordered by key, so equal bindings serialize equally.
     let canonical = serde_json::to_vec(params).unwrap_or_default();
     let digest = Sha256::digest(&canonical);
-    u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) & ((1 << 27) - 1)
+    let id = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) & ((1 << 27) - 1);
+    // Every client tests `bindId && …`: an id of 0 would never be delivered.
+    id.max(1)
 }
 
 /// The join reply's `postgres_changes`: each binding with its `id`.
