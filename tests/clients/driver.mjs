@@ -341,6 +341,9 @@ lines.on('line', (line) => {
     } catch (e) {
       return emitError(`bad command line: ${e.message}`, { source: 'command', line })
     }
+    if (cmd === null || typeof cmd !== 'object' || Array.isArray(cmd)) {
+      return emitError('bad command line: not a JSON object', { source: 'command', line })
+    }
     try {
       await run(client, cmd)
       if (cmd.cmd !== 'close') emit({ ev: 'ok', cmd: cmd.cmd, ...(cmd.id !== undefined ? { id: cmd.id } : {}) })

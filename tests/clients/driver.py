@@ -42,7 +42,7 @@ _out_lock = threading.Lock()
 
 def emit(event: dict[str, Any]) -> None:
     try:
-        line = json.dumps(event, default=_default)
+        line = json.dumps(event, default=_default, separators=(",", ":"))
     except Exception as e:  # noqa: BLE001 - must never kill the driver
         line = json.dumps({"ev": "error", "message": f"unserializable event: {e}"})
     with _out_lock:
@@ -359,7 +359,10 @@ async def main() -> None:
         except ValueError as e:
             emit_error(f"bad command line: {e}", source="command", line=line.rstrip("\n"))
             continue
-        extra = {"id": cmd["id"]} if isinstance(cmd, dict) and "id" in cmd else {}
+        if not isinstance(cmd, dict):
+            emit_error("bad command line: not a JSON object", source="command", line=line.rstrip("\n"))
+            continue
+        extra = {"id": cmd["id"]} if "id" in cmd else {}
         try:
             await driver.run(cmd)
             if cmd.get("cmd") != "close":
