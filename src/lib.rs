@@ -52,6 +52,7 @@
 pub mod capture;
 pub mod change;
 pub mod cluster;
+pub mod demo;
 pub mod hub;
 pub mod lsn;
 pub mod pgoutput;
