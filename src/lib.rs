@@ -48,11 +48,14 @@
 //! - [`realtime`]: Supabase Realtime's Phoenix protocol (vsn 1.0.0 and
 //!   2.0.0), JWT verification, per-socket sessions and their writers.
 //! - [`http`]: the listener: WebSocket upgrades, the dashboard, health.
+//! - [`demo`]: the one-command demo: embedded PostgreSQL, demo data and tokens,
+//!   a demo writer.
 //! - [`server`]: `walcast serve` — everything above started and stopped in order.
 
 pub mod capture;
 pub mod change;
 pub mod cluster;
+pub mod demo;
 pub mod http;
 pub mod hub;
 pub mod lsn;
