@@ -10,13 +10,16 @@ use walcast::schema::{self, Migrations};
 
 /// Realtime change-data-capture relay for PostgreSQL (Supabase Realtime compatible).
 #[derive(Debug, Parser)]
-#[command(name = "walcast", version, about)]
+#[command(name = "walcast", version, about, args_conflicts_with_subcommands = true)]
 pub(crate) struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value = "human", env = "WALCAST_LOG_FORMAT")]
     pub(crate) log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
+    /// Without a subcommand, walcast serves (`walcast serve` flags apply).
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 /// How log lines are written.
@@ -125,14 +128,6 @@ struct ServeArgs {
     demo_writer_secs: f64,
 }
 
-impl Default for ServeArgs {
-    fn default() -> Self {
-        use clap::FromArgMatches;
-        let matches = <ServeArgs as clap::Args>::augment_args(clap::Command::new("serve")).get_matches_from(["serve"]);
-        ServeArgs::from_arg_matches(&matches).expect("defaults parse")
-    }
-}
-
 /// Replay pacing.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum PaceArg {
@@ -187,7 +182,7 @@ pub(crate) fn init_tracing(format: LogFormat) {
 
 /// Runs the parsed command.
 pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command.unwrap_or_else(|| Command::Serve(ServeArgs::default())) {
+    match cli.command.unwrap_or(Command::Serve(cli.serve)) {
         Command::Serve(args) => serve(args).await,
         Command::Migrate { database_url, dir, data_dir } => {
             let migrations = match dir {
@@ -335,8 +330,59 @@ fn serve_config(
     config
 }
 
-async fn serve_demo(_args: ServeArgs, _policy: walcast::policy::PolicyConfig) -> anyhow::Result<()> {
-    anyhow::bail!("no --database-url given (the embedded demo is not built yet)")
+/// The one-command demo: embedded PostgreSQL, schema, demo data, writer, dashboard.
+async fn serve_demo(args: ServeArgs, policy: walcast::policy::PolicyConfig) -> anyhow::Result<()> {
+    use std::str::FromStr;
+    let writer_interval =
+        (args.demo_writer_secs > 0.0).then(|| std::time::Duration::from_secs_f64(args.demo_writer_secs));
+    let demo_config = walcast::demo::DemoConfig { data_dir: args.data_dir.clone(), writer_interval };
+    println!("starting the embedded PostgreSQL in {} …", args.data_dir.display());
+    let demo = walcast::demo::start(&demo_config).await?;
+    println!(
+        "embedded PostgreSQL {} on port {}; schema and demo data loaded",
+        demo.cluster.version(),
+        demo.cluster.port()
+    );
+    let connection = tokio_postgres::Config::from_str(&demo.database_url)
+        .map_err(|_| anyhow::anyhow!("the embedded database URL is not valid"))?;
+    let auth = walcast::realtime::auth::AuthConfig { jwt_secret: Some(demo.jwt_secret.clone()), jwks: None };
+    let mut config = serve_config(&args, connection, policy, auth);
+    config.demo_json = Some(serde_json::to_vec(&demo.info)?.into());
+    let server = match walcast::server::Server::start(config).await {
+        Ok(server) => server,
+        Err(err) => {
+            let _ = demo.stop().await;
+            return Err(err.into());
+        }
+    };
+    let (stop_writer, writer_shutdown) = tokio::sync::watch::channel(false);
+    let writer = demo.spawn_writer(writer_shutdown);
+    let port = server.local_addr().port();
+    println!();
+    println!("  dashboard:  http://127.0.0.1:{port}/");
+    println!("  websocket:  ws://127.0.0.1:{port}/realtime/v1/websocket?apikey=<anon key>&vsn=2.0.0");
+    println!("  supabase-js: createClient('http://127.0.0.1:{port}', '<anon key>')");
+    println!();
+    println!("  anon key:          {}", demo.info.anon_key);
+    println!("  service_role key:  {}", demo.info.service_role_key);
+    for user in &demo.info.users {
+        println!("  {:<8} {:<40} {}", user.name, user.description, user.token);
+    }
+    println!();
+    match writer_interval {
+        Some(every) => {
+            println!("a demo writer changes orders every {:.1} s; Ctrl-C stops everything", every.as_secs_f64())
+        }
+        None => println!("no demo writer (--demo-writer-secs 0); Ctrl-C stops everything"),
+    }
+    let result = server.run_until(shutdown_signal()).await;
+    let _ = stop_writer.send(true);
+    if let Some(writer) = writer {
+        let _ = writer.await;
+    }
+    demo.stop().await?;
+    result?;
+    Ok(())
 }
 
 async fn record(
