@@ -215,7 +215,7 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<HttpContex
         ("GET", "/realtime/v1/websocket" | "/socket/websocket") => {
             upgrade(stream, peer, head, leftover, ctx, shutdown).await
         }
-        ("GET" | "HEAD", "") => respond(&mut stream, 200, "text/html; charset=utf-8", DASHBOARD_HTML.as_bytes()).await,
+        ("GET", "") => respond(&mut stream, 200, "text/html; charset=utf-8", DASHBOARD_HTML.as_bytes()).await,
         ("GET", "/demo.json") => match &ctx.demo_json {
             Some(json) => respond(&mut stream, 200, "application/json", json).await,
             None => respond_error(&mut stream, 404, "not in demo mode").await,

@@ -227,9 +227,8 @@ impl Session {
 
     fn read_error(&self, err: &tungstenite::Error) -> End {
         match err {
-            tungstenite::Error::Capacity(cap) => {
+            tungstenite::Error::Capacity(_) => {
                 tracing::debug!(conn = self.conn, error = %err, "frame over the size limit");
-                let _ = cap;
                 End::Close(CloseReason {
                     code: 1009,
                     reason: format!("message too big: at most {} bytes", self.ctx.limits.max_message_bytes),
