@@ -7,7 +7,10 @@
 //! ([`Driver::expect`]) take the first event not yet taken by an earlier
 //! expectation that matches, waiting for new ones if needed; negative checks
 //! look at everything since a [`Driver::mark`]. Failures print the driver's
-//! recent events (including the library's frame log) and its stderr.
+//! recent events (including the library's frame log) and its stderr. With
+//! `WALCAST_CLIENT_LOG_DIR=<dir>` every driver leaves its full event log
+//! there when dropped. Missing `node_modules`/venv fail the test with a
+//! pointer to `scripts/test-deps.sh`; nothing is skipped.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
