@@ -7,6 +7,7 @@ mod support;
 mod changes;
 mod cli_migrate;
 mod client_compat;
+mod config_check;
 mod demo;
 mod hub;
 mod large_transactions;

@@ -58,8 +58,8 @@ const MAX_RSA_EXPONENT: u64 = (1 << 33) - 1;
 /// How much of an untrusted `alg` or `kid` an error message quotes.
 const QUOTE_CHARS: usize = 40;
 
-/// Where keys come from.
-#[derive(Debug, Clone, Default)]
+/// Where keys come from. `Debug` shows only whether each is given.
+#[derive(Clone, Default)]
 pub struct AuthConfig {
     /// The project's JWT secret for HS256/HS384/HS512 tokens, used as raw
     /// bytes (not base64-decoded). Empty counts as not given.
@@ -67,6 +67,15 @@ pub struct AuthConfig {
     /// A JWKS (`{"keys":[...]}`) for asymmetric tokens: a file path, or the
     /// JSON text itself if it starts with `{`. Empty counts as not given.
     pub jwks: Option<String>,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "[redacted]"))
+            .field("jwks", &self.jwks.as_ref().map(|_| "[given]"))
+            .finish()
+    }
 }
 
 /// Where a JWKS was read from, for error messages.
