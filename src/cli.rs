@@ -138,6 +138,9 @@ struct ServeArgs {
     /// JWKS for RS256/ES256/EdDSA tokens: a file path or the JSON itself.
     #[arg(long = "jwks", env = "API_JWT_JWKS", hide_env_values = true)]
     jwt_jwks: Option<String>,
+    /// Require this `aud` in tokens (Supabase does not check `aud`; off by default).
+    #[arg(long, env = "API_JWT_AUDIENCE")]
+    jwt_audience: Option<String>,
     /// Policy rules file (JSON or TOML); default: the rules of sql/.
     #[arg(long = "policy", env = "WALCAST_POLICY")]
     policy_file: Option<PathBuf>,
@@ -173,6 +176,7 @@ impl ServeArgs {
             port: self.port,
             jwt_secret: self.jwt_secret,
             jwt_jwks: self.jwt_jwks,
+            jwt_audience: self.jwt_audience,
             policy_file: self.policy_file,
             policy: None,
             max_connections: self.max_connections,
@@ -392,7 +396,8 @@ async fn serve_demo(mut settings: walcast::config::Settings) -> anyhow::Result<(
     );
     let connection = tokio_postgres::Config::from_str(&demo.database_url)
         .map_err(|_| anyhow::anyhow!("the embedded database URL is not valid"))?;
-    settings.auth = walcast::realtime::auth::AuthConfig { jwt_secret: Some(demo.jwt_secret.clone()), jwks: None };
+    settings.auth =
+        walcast::realtime::auth::AuthConfig { jwt_secret: Some(demo.jwt_secret.clone()), jwks: None, audience: None };
     let mut config = settings.serve_config(connection);
     config.demo_json = Some(serde_json::to_vec(&demo.info)?.into());
     let server = match walcast::server::Server::start(config).await {

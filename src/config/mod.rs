@@ -68,6 +68,8 @@ pub struct FileConfig {
     pub jwt_secret: Option<String>,
     /// JWKS (path or JSON).
     pub jwt_jwks: Option<String>,
+    /// Required `aud` of tokens (off by default, as on Supabase).
+    pub jwt_audience: Option<String>,
     /// Policy rules file (JSON or TOML).
     pub policy_file: Option<PathBuf>,
     /// Policy rules inline (`[policy]` table of the TOML file).
@@ -134,6 +136,7 @@ impl FileConfig {
             port: self.port.or(lower.port),
             jwt_secret: self.jwt_secret.or(lower.jwt_secret),
             jwt_jwks: self.jwt_jwks.or(lower.jwt_jwks),
+            jwt_audience: self.jwt_audience.or(lower.jwt_audience),
             policy_file: self.policy_file.or(lower.policy_file),
             policy: self.policy.or(lower.policy),
             max_connections: self.max_connections.or(lower.max_connections),
@@ -292,6 +295,7 @@ impl Settings {
         let auth = AuthConfig {
             jwt_secret: merged.jwt_secret.filter(|s| !s.is_empty()),
             jwks: merged.jwt_jwks.filter(|s| !s.is_empty()),
+            audience: merged.jwt_audience.filter(|s| !s.is_empty()),
         };
         if matches!(database, Database::Url(_)) && auth.jwt_secret.is_none() && auth.jwks.is_none() {
             return Err(ConfigError::NoJwtKey);

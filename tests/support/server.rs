@@ -74,8 +74,10 @@ impl TestServer {
             tokio_postgres::Config::from_str(db.url()).unwrap(),
             SlotOptions::new(slot, "supabase_realtime"),
         );
-        let mut config =
-            ServeConfig::new(RelayConfig::new(source), AuthConfig { jwt_secret: Some(SECRET.into()), jwks: None });
+        let mut config = ServeConfig::new(
+            RelayConfig::new(source),
+            AuthConfig { jwt_secret: Some(SECRET.into()), jwks: None, audience: None },
+        );
         config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         config.limits = limits;
         let server = Server::start(config).await.expect("server starts");
