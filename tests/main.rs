@@ -6,6 +6,7 @@ mod support;
 
 mod changes;
 mod cli_migrate;
+mod dashboard;
 mod demo;
 mod hub;
 mod large_transactions;
