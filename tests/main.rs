@@ -8,6 +8,7 @@ mod changes;
 mod cli_migrate;
 mod client_compat;
 mod config_check;
+mod dashboard;
 mod demo;
 mod hub;
 mod large_transactions;
