@@ -160,8 +160,7 @@ struct SourceArgs {
 impl SourceArgs {
     fn config(&self) -> anyhow::Result<walcast::replication::SourceConfig> {
         use std::str::FromStr;
-        let connection = tokio_postgres::Config::from_str(&self.database_url)
-            .map_err(|_| anyhow::anyhow!("--database-url is not a valid PostgreSQL URL or connection string"))?;
+        let connection = walcast::pgconn::PgConfig::from_str(&self.database_url).context("--database-url")?;
         let mut slot = walcast::replication::SlotOptions::new(&self.slot, &self.publication);
         slot.proto_version = self.proto_version;
         slot.streaming = self.streaming;
@@ -304,8 +303,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let Some(url) = args.database_url.clone() else {
         return serve_demo(args, policy).await;
     };
-    let connection = tokio_postgres::Config::from_str(&url)
-        .map_err(|_| anyhow::anyhow!("--database-url is not a valid PostgreSQL URL or connection string"))?;
+    let connection = walcast::pgconn::PgConfig::from_str(&url).context("--database-url")?;
     let auth = walcast::realtime::auth::AuthConfig { jwt_secret: args.jwt_secret.clone(), jwks: args.jwks.clone() };
     let config = serve_config(&args, connection, policy, auth);
     let server = walcast::server::Server::start(config).await?;
@@ -316,7 +314,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 fn serve_config(
     args: &ServeArgs,
-    connection: tokio_postgres::Config,
+    connection: walcast::pgconn::PgConfig,
     policy: walcast::policy::PolicyConfig,
     auth: walcast::realtime::auth::AuthConfig,
 ) -> walcast::server::ServeConfig {
@@ -343,8 +341,7 @@ async fn serve_demo(args: ServeArgs, policy: walcast::policy::PolicyConfig) -> a
         demo.cluster.version(),
         demo.cluster.port()
     );
-    let connection = tokio_postgres::Config::from_str(&demo.database_url)
-        .map_err(|_| anyhow::anyhow!("the embedded database URL is not valid"))?;
+    let connection = walcast::pgconn::PgConfig::from_str(&demo.database_url).context("the embedded database URL")?;
     let auth = walcast::realtime::auth::AuthConfig { jwt_secret: Some(demo.jwt_secret.clone()), jwks: None };
     let mut config = serve_config(&args, connection, policy, auth);
     config.demo_json = Some(serde_json::to_vec(&demo.info)?.into());
@@ -416,14 +413,9 @@ async fn record(
 }
 
 async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
-    let (client, connection) =
-        tokio_postgres::connect(url, tokio_postgres::NoTls).await.context("connecting to PostgreSQL")?;
-    tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            tracing::warn!(error = %err, "database connection ended");
-        }
-    });
-    Ok(client)
+    use std::str::FromStr;
+    let config = walcast::pgconn::PgConfig::from_str(url).context("the database URL")?;
+    walcast::pgconn::connect(&config).await.context("connecting to PostgreSQL")
 }
 
 async fn ensure_database(admin_url: &str, name: &str) -> anyhow::Result<()> {
