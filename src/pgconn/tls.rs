@@ -123,7 +123,11 @@ impl TlsError {
                 }
                 CertificateError::NotValidForNameContext { presented, .. } => TlsError::WrongHost {
                     host: host.to_owned(),
-                    presented: if presented.is_empty() { "no names".into() } else { presented.join(", ") },
+                    presented: if presented.is_empty() {
+                        "no names".into()
+                    } else {
+                        presented.iter().map(|name| tidy_name(name)).collect::<Vec<_>>().join(", ")
+                    },
                 },
                 CertificateError::Expired
                 | CertificateError::ExpiredContext { .. }
@@ -134,6 +138,12 @@ impl TlsError {
             other => TlsError::Handshake(other.to_string()),
         }
     }
+}
+
+/// A subject name as rustls reports it (`DnsName("db.example.com")`,
+/// `IpAddress(10.0.0.1)`) without the wrapping.
+fn tidy_name(name: &str) -> &str {
+    name.strip_suffix(')').and_then(|n| n.split_once('(')).map_or(name, |(_, inner)| inner.trim_matches('"'))
 }
 
 /// The crypto provider: ring.
@@ -481,6 +491,13 @@ mod tests {
         assert_eq!(tls_server_end_point(&p384).map(|h| h.len()), Some(48));
         let ed = cert_with(&rcgen::PKCS_ED25519);
         assert_eq!(signature_hash(&ed), None, "Ed25519 has no hash: no binding");
+    }
+
+    #[test]
+    fn presented_names_are_tidied() {
+        assert_eq!(tidy_name("DnsName(\"localhost\")"), "localhost");
+        assert_eq!(tidy_name("IpAddress(127.0.0.1)"), "127.0.0.1");
+        assert_eq!(tidy_name("plain"), "plain");
     }
 
     #[test]
