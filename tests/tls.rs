@@ -182,6 +182,14 @@ async fn tls_server_every_mode_and_the_errors_that_name_the_fix() {
     let conninfo =
         format!("host=localhost port={port} user=postgres dbname=postgres sslmode=verify-full sslrootcert='{ca}'");
     assert!(sql_ssl(&conninfo).await);
+    // The realtime catalog reads the publication over the same settings.
+    let catalog = walcast::realtime::catalog::Catalog::load(
+        config(&url("localhost", &format!("sslmode=verify-full&sslrootcert={ca}"))),
+        &["tls_pub".to_owned()],
+    )
+    .await
+    .expect("catalog over verify-full");
+    assert!(catalog.get("public", "t").is_some());
     // Plain connections are refused by pg_hba.conf: the ones above were TLS.
     let err = sql_error(&url("127.0.0.1", "sslmode=disable")).await;
     assert!(err.contains("no encryption"), "{err}");

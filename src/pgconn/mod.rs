@@ -24,7 +24,8 @@
 //!   giving it with `prefer` or `require` makes the chain checked too; unlike
 //!   libpq, a given file that cannot be read is always an error, never silently
 //!   skipped. The file is read at each connection, so a rotated CA is picked up
-//!   without a restart.
+//!   without a restart. A certificate that fails a check is an error in every
+//!   mode, `prefer` included (no retry in plain).
 //! - Unix-domain sockets never use TLS (libpq's rule): the replication client
 //!   connects in plain over a socket host whatever the mode; the SQL connection
 //!   does so when every host is a socket.

@@ -5,7 +5,7 @@
 //!
 //! # Verification
 //!
-//! One verifier, [`PgVerifier`], covers every mode: with no root certificate
+//! One verifier, `PgVerifier`, covers every mode: with no root certificate
 //! (`prefer`, `require`) any server certificate is accepted — the handshake
 //! signature is still checked, so the server holds the certificate's key, but
 //! nothing says the certificate is the right one; with a root certificate the
@@ -20,7 +20,7 @@
 //! with the hash function of the certificate's signature algorithm, SHA-256
 //! when that is MD5 or SHA-1 — what PostgreSQL computes. The signature
 //! algorithm is read from the certificate's DER by a small bounds-checked walk
-//! ([`signature_hash`]); for algorithms without a fixed hash (Ed25519,
+//! (`signature_hash`); for algorithms without a fixed hash (Ed25519,
 //! RSA-PSS) there is no binding and SCRAM goes without it, as libpq does.
 
 use std::future::Future;
