@@ -39,6 +39,11 @@ enum Command {
     /// start the embedded PostgreSQL in --data-dir, apply the schema, load
     /// demo data, run a demo writer, and serve the dashboard at /.
     Serve(ServeArgs),
+    /// Check the configuration and the database's readiness (wal_level,
+    /// publication, replica identity, privileges, slots, rules vs RLS).
+    ///
+    /// Prints each problem with its fix; exits non-zero when not ready.
+    Check(ServeArgs),
     /// Apply the SQL schema (sql/) to a database.
     ///
     /// Without a database URL, walcast uses its embedded PostgreSQL in
@@ -86,46 +91,101 @@ enum Command {
     },
 }
 
-/// `walcast serve` flags.
+/// `walcast serve` / `walcast check` settings. Precedence: flag > environment
+/// variable > `--config` TOML file > default (see `walcast::config`).
 #[derive(Debug, Clone, clap::Args)]
 struct ServeArgs {
+    /// TOML configuration file (keys as the long flags, snake_case).
+    #[arg(long, env = "WALCAST_CONFIG")]
+    config: Option<PathBuf>,
     /// PostgreSQL URL or key=value connection string (a role with REPLICATION);
-    /// without it, the embedded demo runs.
+    /// without it (and without DB_HOST), the embedded demo runs.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
-    /// Replication slot (created when missing; kept across restarts).
-    #[arg(long, env = "SLOT_NAME", default_value = "walcast")]
-    slot: String,
-    /// Publication to stream.
-    #[arg(long, env = "PUBLICATION", default_value = "supabase_realtime")]
-    publication: String,
-    /// Address to listen on.
-    #[arg(long, env = "HOST", default_value = "0.0.0.0")]
-    host: std::net::IpAddr,
-    /// Port to listen on.
-    #[arg(long, env = "PORT", default_value_t = 4000)]
-    port: u16,
+    /// Database host (instead of a URL; Supabase Realtime's DB_* variables).
+    #[arg(long, env = "DB_HOST")]
+    db_host: Option<String>,
+    /// Database port [default: 5432].
+    #[arg(long, env = "DB_PORT")]
+    db_port: Option<u16>,
+    /// Database user [default: postgres].
+    #[arg(long, env = "DB_USER")]
+    db_user: Option<String>,
+    /// Database password.
+    #[arg(long, env = "DB_PASSWORD", hide_env_values = true)]
+    db_password: Option<String>,
+    /// Database name [default: postgres].
+    #[arg(long, env = "DB_NAME")]
+    db_name: Option<String>,
+    /// TLS to the database: true/false or an sslmode.
+    #[arg(long, env = "DB_SSL")]
+    db_ssl: Option<String>,
+    /// Replication slot, created when missing and kept across restarts [default: walcast].
+    #[arg(long = "slot", env = "SLOT_NAME")]
+    slot_name: Option<String>,
+    /// Publication to stream [default: supabase_realtime].
+    #[arg(long, env = "PUBLICATION")]
+    publication: Option<String>,
+    /// Address to listen on [default: 0.0.0.0].
+    #[arg(long, env = "HOST")]
+    host: Option<std::net::IpAddr>,
+    /// Port to listen on [default: 4000].
+    #[arg(long, env = "PORT")]
+    port: Option<u16>,
     /// HS256 secret of the JWTs (Supabase's JWT secret).
     #[arg(long, env = "API_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
-    /// JWKS for RS256/ES256 tokens: a file path or the JSON itself.
-    #[arg(long, env = "API_JWT_JWKS", hide_env_values = true)]
-    jwks: Option<String>,
-    /// Policy rules (JSON, see docs); default: the rules of sql/.
-    #[arg(long, env = "WALCAST_POLICY")]
-    policy: Option<PathBuf>,
-    /// Most open sockets.
-    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 10_000)]
-    max_connections: usize,
-    /// Most channels per socket.
-    #[arg(long, env = "MAX_CHANNELS_PER_CLIENT", default_value_t = 100)]
-    max_channels: usize,
-    /// Data directory of the embedded PostgreSQL (demo mode).
-    #[arg(long, default_value = ".walcast/postgres", env = "WALCAST_DATA_DIR")]
-    data_dir: PathBuf,
-    /// Seconds between demo writer steps; 0 turns the writer off (demo mode).
-    #[arg(long, default_value_t = 2.0)]
-    demo_writer_secs: f64,
+    /// JWKS for RS256/ES256/EdDSA tokens: a file path or the JSON itself.
+    #[arg(long = "jwks", env = "API_JWT_JWKS", hide_env_values = true)]
+    jwt_jwks: Option<String>,
+    /// Require this `aud` in tokens (Supabase does not check `aud`; off by default).
+    #[arg(long, env = "API_JWT_AUDIENCE")]
+    jwt_audience: Option<String>,
+    /// Policy rules file (JSON or TOML); default: the rules of sql/.
+    #[arg(long = "policy", env = "WALCAST_POLICY")]
+    policy_file: Option<PathBuf>,
+    /// Most open sockets [default: 10000].
+    #[arg(long, env = "MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Most channels per socket [default: 100].
+    #[arg(long = "max-channels", env = "MAX_CHANNELS_PER_CLIENT")]
+    max_channels_per_client: Option<usize>,
+    /// Data directory of the embedded PostgreSQL (demo mode) [default: .walcast/postgres].
+    #[arg(long, env = "WALCAST_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Seconds between demo writer steps; 0 turns the writer off [default: 2].
+    #[arg(long)]
+    demo_writer_secs: Option<f64>,
+}
+
+impl ServeArgs {
+    /// Merges with the TOML file and the defaults, and validates.
+    fn settings(self) -> anyhow::Result<walcast::config::Settings> {
+        let file = self.config.clone();
+        let given = walcast::config::FileConfig {
+            database_url: self.database_url,
+            db_host: self.db_host,
+            db_port: self.db_port,
+            db_user: self.db_user,
+            db_password: self.db_password,
+            db_name: self.db_name,
+            db_ssl: self.db_ssl,
+            slot_name: self.slot_name,
+            publication: self.publication,
+            host: self.host,
+            port: self.port,
+            jwt_secret: self.jwt_secret,
+            jwt_jwks: self.jwt_jwks,
+            jwt_audience: self.jwt_audience,
+            policy_file: self.policy_file,
+            policy: None,
+            max_connections: self.max_connections,
+            max_channels_per_client: self.max_channels_per_client,
+            data_dir: self.data_dir,
+            demo_writer_secs: self.demo_writer_secs,
+        };
+        Ok(walcast::config::Settings::resolve(given, file.as_deref())?)
+    }
 }
 
 /// Replay pacing.
@@ -183,6 +243,7 @@ pub(crate) fn init_tracing(format: LogFormat) {
 pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve(cli.serve)) {
         Command::Serve(args) => serve(args).await,
+        Command::Check(args) => check(args).await,
         Command::Migrate { database_url, dir, data_dir } => {
             let migrations = match dir {
                 Some(dir) => Migrations::from_dir(&dir)?,
@@ -292,49 +353,40 @@ async fn shutdown_signal() {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    use std::str::FromStr;
-    let policy = match &args.policy {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            serde_json::from_str(&text).with_context(|| format!("parsing the policy file {}", path.display()))?
-        }
-        None => walcast::policy::PolicyConfig::default(),
+    let settings = args.settings()?;
+    let walcast::config::Database::Url(connection) = settings.database.clone() else {
+        return serve_demo(settings).await;
     };
-    let Some(url) = args.database_url.clone() else {
-        return serve_demo(args, policy).await;
-    };
-    let connection = walcast::pgconn::PgConfig::from_str(&url).context("--database-url")?;
-    let auth = walcast::realtime::auth::AuthConfig { jwt_secret: args.jwt_secret.clone(), jwks: args.jwks.clone() };
-    let config = serve_config(&args, connection, policy, auth);
-    let server = walcast::server::Server::start(config).await?;
+    let server = walcast::server::Server::start(settings.serve_config(*connection)).await?;
     println!("walcast serving on ws://{}/realtime/v1/websocket", server.local_addr());
     server.run_until(shutdown_signal()).await?;
     Ok(())
 }
 
-fn serve_config(
-    args: &ServeArgs,
-    connection: walcast::pgconn::PgConfig,
-    policy: walcast::policy::PolicyConfig,
-    auth: walcast::realtime::auth::AuthConfig,
-) -> walcast::server::ServeConfig {
-    let slot = walcast::replication::SlotOptions::new(&args.slot, &args.publication);
-    let mut relay = walcast::relay::RelayConfig::new(walcast::replication::SourceConfig::new(connection, slot));
-    relay.policy = policy;
-    let mut config = walcast::server::ServeConfig::new(relay, auth);
-    config.listen = std::net::SocketAddr::new(args.host, args.port);
-    config.limits.max_connections = args.max_connections;
-    config.limits.max_channels = args.max_channels;
-    config
+/// `walcast check`: prints each finding; fails when the database is not ready.
+async fn check(args: ServeArgs) -> anyhow::Result<()> {
+    let settings = args.settings()?;
+    let walcast::config::Database::Url(connection) = settings.database.clone() else {
+        anyhow::bail!("walcast check needs a database: pass --database-url (DATABASE_URL) or DB_HOST and friends");
+    };
+    let findings = walcast::config::check::run(&settings, connection.as_ref()).await;
+    for finding in &findings {
+        println!("{finding}");
+    }
+    if walcast::config::check::ready(&findings) {
+        println!("ready: walcast can stream from this database");
+        Ok(())
+    } else {
+        anyhow::bail!("not ready: fix the FAIL lines above")
+    }
 }
 
 /// The one-command demo: embedded PostgreSQL, schema, demo data, writer, dashboard.
-async fn serve_demo(args: ServeArgs, policy: walcast::policy::PolicyConfig) -> anyhow::Result<()> {
+async fn serve_demo(mut settings: walcast::config::Settings) -> anyhow::Result<()> {
     use std::str::FromStr;
-    let writer_interval =
-        (args.demo_writer_secs > 0.0).then(|| std::time::Duration::from_secs_f64(args.demo_writer_secs));
-    let demo_config = walcast::demo::DemoConfig { data_dir: args.data_dir.clone(), writer_interval };
-    println!("starting the embedded PostgreSQL in {} …", args.data_dir.display());
+    let writer_interval = settings.demo_writer;
+    let demo_config = walcast::demo::DemoConfig { data_dir: settings.data_dir.clone(), writer_interval };
+    println!("starting the embedded PostgreSQL in {} …", settings.data_dir.display());
     let demo = walcast::demo::start(&demo_config).await?;
     println!(
         "embedded PostgreSQL {} on port {}; schema and demo data loaded",
@@ -342,8 +394,9 @@ async fn serve_demo(args: ServeArgs, policy: walcast::policy::PolicyConfig) -> a
         demo.cluster.port()
     );
     let connection = walcast::pgconn::PgConfig::from_str(&demo.database_url).context("the embedded database URL")?;
-    let auth = walcast::realtime::auth::AuthConfig { jwt_secret: Some(demo.jwt_secret.clone()), jwks: None };
-    let mut config = serve_config(&args, connection, policy, auth);
+    settings.auth =
+        walcast::realtime::auth::AuthConfig { jwt_secret: Some(demo.jwt_secret.clone()), jwks: None, audience: None };
+    let mut config = settings.serve_config(connection);
     config.demo_json = Some(serde_json::to_vec(&demo.info)?.into());
     let server = match walcast::server::Server::start(config).await {
         Ok(server) => server,

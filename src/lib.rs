@@ -53,11 +53,14 @@
 //! - [`http`]: the listener: WebSocket upgrades, the dashboard, health.
 //! - [`demo`]: the one-command demo: embedded PostgreSQL, demo data and tokens,
 //!   a demo writer.
+//! - [`config`]: settings (flags > environment > TOML file > defaults) and
+//!   `walcast check`.
 //! - [`server`]: `walcast serve` — everything above started and stopped in order.
 
 pub mod capture;
 pub mod change;
 pub mod cluster;
+pub mod config;
 pub mod demo;
 pub mod http;
 pub mod hub;

@@ -6,7 +6,11 @@ mod support;
 
 mod changes;
 mod cli_migrate;
+mod client_compat;
+mod config_check;
+mod dashboard;
 mod demo;
+mod hostile;
 mod hub;
 mod large_transactions;
 mod policy_differential;

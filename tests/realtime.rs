@@ -221,7 +221,8 @@ async fn auth_at_upgrade_and_join() {
     for vsn in BOTH {
         let mut ws = t.connect(&anon(), vsn).await;
         for (bad, want) in [
-            (token("authenticated", Some(Uuid::new_v4()), -300), "InvalidJWTToken: Token has expired 300 seconds ago"),
+            // Minted 300 s expired; a busy machine may verify it a second later.
+            (token("authenticated", Some(Uuid::new_v4()), -300), "InvalidJWTToken: Token has expired 30"),
             (forged.clone(), "InvalidJWTToken: "),
             (no_role.clone(), "InvalidJWTToken: Fields `role` and `exp` are required in JWT"),
             ("not-a-jwt".to_owned(), "InvalidJWTToken: "),
@@ -232,6 +233,10 @@ async fn auth_at_upgrade_and_join() {
             assert_eq!(reply.payload["status"], "error");
             let reason = reply.payload["response"]["reason"].as_str().unwrap();
             assert!(reason.starts_with(want), "{reason} vs {want}");
+            if let Some(n) = reason.strip_prefix("InvalidJWTToken: Token has expired ") {
+                let n: i64 = n.strip_suffix(" seconds ago").expect("seconds ago").parse().unwrap();
+                assert!((300..330).contains(&n), "{reason}");
+            }
         }
         // An `sb_…` access token is ignored: the socket's apikey applies.
         ws.join("realtime:y", orders(None), Some("sb_publishable_abc")).await;
@@ -394,10 +399,20 @@ async fn binary_frames_limits_idle_and_shutdown() {
     ws.join("realtime:c0", json!([]), None).await;
     assert_eq!(ws.expect("realtime:c0", "phx_reply").await.payload["status"], "ok");
 
-    // Join rate: the burst is spent (5 joins); the next is refused and the socket closed.
-    ws.join("realtime:c1", json!([]), None).await;
-    let reply = ws.expect("realtime:c1", "phx_reply").await;
-    assert_eq!(reply.payload["response"]["reason"], "ClientJoinRateLimitReached: Too many joins per second");
+    // Join rate: the burst is spent (5 joins); the next is refused and the
+    // socket closed. (A slow machine may refill a token between joins, so
+    // allow a few more before the refusal.)
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        assert!(attempts <= 5, "the join rate limit never triggered");
+        ws.join("realtime:c1", json!([]), None).await;
+        let reply = ws.expect("realtime:c1", "phx_reply").await;
+        if reply.payload["status"] == "error" {
+            assert_eq!(reply.payload["response"]["reason"], "ClientJoinRateLimitReached: Too many joins per second");
+            break;
+        }
+    }
     assert_eq!(ws.close_code().await, Some(1008));
 
     // A message over the size limit closes with 1009.

@@ -176,8 +176,9 @@ pub enum ConfigError {
 }
 
 /// A tokio-postgres error and its causes, for messages (tokio-postgres'
-/// `Display` omits the cause; its parse errors never quote values).
-fn describe(err: &tokio_postgres::Error) -> String {
+/// `Display` omits the cause, e.g. the [`TlsError`] behind "error performing
+/// TLS handshake"; its parse errors never quote values).
+pub fn describe(err: &tokio_postgres::Error) -> String {
     let mut text = err.to_string();
     let mut source = std::error::Error::source(err);
     while let Some(cause) = source {

@@ -58,8 +58,8 @@ const MAX_RSA_EXPONENT: u64 = (1 << 33) - 1;
 /// How much of an untrusted `alg` or `kid` an error message quotes.
 const QUOTE_CHARS: usize = 40;
 
-/// Where keys come from.
-#[derive(Debug, Clone, Default)]
+/// Where keys come from. `Debug` shows only whether each is given.
+#[derive(Clone, Default)]
 pub struct AuthConfig {
     /// The project's JWT secret for HS256/HS384/HS512 tokens, used as raw
     /// bytes (not base64-decoded). Empty counts as not given.
@@ -67,6 +67,19 @@ pub struct AuthConfig {
     /// A JWKS (`{"keys":[...]}`) for asymmetric tokens: a file path, or the
     /// JSON text itself if it starts with `{`. Empty counts as not given.
     pub jwks: Option<String>,
+    /// When set, tokens must carry this `aud` (a string, or an array holding
+    /// it). Supabase's own server does not check `aud`; the default is off.
+    pub audience: Option<String>,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "[redacted]"))
+            .field("jwks", &self.jwks.as_ref().map(|_| "[given]"))
+            .field("audience", &self.audience)
+            .finish()
+    }
 }
 
 /// Where a JWKS was read from, for error messages.
@@ -172,6 +185,9 @@ pub enum TokenError {
     /// `nbf` is after now.
     #[error("Token is not valid yet")]
     NotYetValid,
+    /// An audience is configured and the token's `aud` does not name it.
+    #[error("Token audience (aud) does not match the configured audience")]
+    WrongAudience,
     /// The header names an algorithm walcast never accepts (`none`, unknown).
     #[error("JWT algorithm `{alg}` is not supported")]
     UnsupportedAlgorithm {
@@ -252,6 +268,8 @@ struct Keys {
     secret: Option<DecodingKey>,
     /// Usable JWKS keys; `kid`s are unique.
     jwks: Vec<JwksKey>,
+    /// Required `aud`, if configured.
+    audience: Option<String>,
 }
 
 /// One usable JWKS key.
@@ -343,7 +361,8 @@ impl Verifier {
         if secret.is_none() && jwks.is_empty() {
             return Err(AuthConfigError::NoKeys);
         }
-        Ok(Verifier { keys: Arc::new(Keys { secret, jwks }) })
+        let audience = config.audience.clone().filter(|a| !a.is_empty());
+        Ok(Verifier { keys: Arc::new(Keys { secret, jwks, audience }) })
     }
 
     /// Verifies `token` at time `now_unix` (Unix seconds): size, shape,
@@ -404,6 +423,16 @@ impl Verifier {
                 Some(_) => {}
                 None => return Err(TokenError::Malformed),
             },
+        }
+        if let Some(audience) = &self.keys.audience {
+            let matches = match claims.get("aud") {
+                Some(Value::String(aud)) => aud == audience,
+                Some(Value::Array(auds)) => auds.iter().any(|a| a.as_str() == Some(audience.as_str())),
+                _ => false,
+            };
+            if !matches {
+                return Err(TokenError::WrongAudience);
+            }
         }
         let sub = match claims.get("sub") {
             Some(Value::String(sub)) => Some(sub.clone()),
@@ -782,11 +811,18 @@ MC4CAQAwBQYDK2VwBCIEIAldnfMyJGFgqrsaqKk06xjuJFhPSsDFHD8qeRwxResd\n\
     }
 
     fn verifier(secret: Option<&str>, jwks: Option<String>) -> Verifier {
-        Verifier::new(&AuthConfig { jwt_secret: secret.map(str::to_owned), jwks }).expect("test keys load")
+        Verifier::new(&AuthConfig { jwt_secret: secret.map(str::to_owned), jwks, audience: None })
+            .expect("test keys load")
     }
 
     fn secret_only() -> Verifier {
         verifier(Some(SECRET), None)
+    }
+
+    fn with_audience() -> Verifier {
+        let config =
+            AuthConfig { jwt_secret: Some(SECRET.to_owned()), jwks: None, audience: Some("authenticated".into()) };
+        Verifier::new(&config).expect("test keys load")
     }
 
     fn jwks_only() -> Verifier {
@@ -882,6 +918,11 @@ MC4CAQAwBQYDK2VwBCIEIAldnfMyJGFgqrsaqKk06xjuJFhPSsDFHD8qeRwxResd\n\
             ("exp exactly now", secret_only(), sign(Algorithm::HS256, None, &json!({"role": "anon", "exp": NOW})), Err(TokenError::Expired { seconds_ago: 0 })),
             ("exp far in the past", secret_only(), sign(Algorithm::HS256, None, &json!({"role": "anon", "exp": i64::MIN})), Err(TokenError::Expired { seconds_ago: i64::MAX })),
             ("nbf in the future", secret_only(), sign(Algorithm::HS256, None, &json!({"role": "anon", "exp": NOW + 60, "nbf": NOW + 1})), Err(TokenError::NotYetValid)),
+            ("aud matches (string)", with_audience(), sign(Algorithm::HS256, None, &json!({"role": "anon", "exp": NOW + 60, "aud": "authenticated"})), ok("anon", None, NOW + 60)),
+            ("aud matches (array)", with_audience(), sign(Algorithm::HS256, None, &json!({"role": "anon", "exp": NOW + 60, "aud": ["x", "authenticated"]})), ok("anon", None, NOW + 60)),
+            ("wrong aud", with_audience(), sign(Algorithm::HS256, None, &json!({"role": "anon", "exp": NOW + 60, "aud": "someone-else"})), Err(TokenError::WrongAudience)),
+            ("missing aud when one is configured", with_audience(), sign(Algorithm::HS256, None, &json!({"role": "anon", "exp": NOW + 60})), Err(TokenError::WrongAudience)),
+            ("aud ignored when none is configured", secret_only(), sign(Algorithm::HS256, None, &json!({"role": "anon", "exp": NOW + 60, "aud": "someone-else"})), ok("anon", None, NOW + 60)),
             ("nbf not a number", secret_only(), sign(Algorithm::HS256, None, &json!({"role": "anon", "exp": NOW + 60, "nbf": "0"})), Err(TokenError::Malformed)),
             // Required claims.
             ("missing role", secret_only(), sign(Algorithm::HS256, None, &json!({"exp": NOW + 60})), Err(TokenError::MissingClaims)),
@@ -998,9 +1039,10 @@ MC4CAQAwBQYDK2VwBCIEIAldnfMyJGFgqrsaqKk06xjuJFhPSsDFHD8qeRwxResd\n\
 
     #[test]
     fn no_keys_tells_the_operator_what_to_pass() {
-        for config in
-            [AuthConfig::default(), AuthConfig { jwt_secret: Some(String::new()), jwks: Some("  ".to_owned()) }]
-        {
+        for config in [
+            AuthConfig::default(),
+            AuthConfig { jwt_secret: Some(String::new()), jwks: Some("  ".to_owned()), audience: None },
+        ] {
             let err = Verifier::new(&config).expect_err("no keys");
             assert!(matches!(err, AuthConfigError::NoKeys), "{err:?}");
             let message = err.to_string();
@@ -1027,7 +1069,7 @@ MC4CAQAwBQYDK2VwBCIEIAldnfMyJGFgqrsaqKk06xjuJFhPSsDFHD8qeRwxResd\n\
     }
 
     fn config_error(jwks: &str) -> AuthConfigError {
-        Verifier::new(&AuthConfig { jwt_secret: Some(SECRET.to_owned()), jwks: Some(jwks.to_owned()) })
+        Verifier::new(&AuthConfig { jwt_secret: Some(SECRET.to_owned()), jwks: Some(jwks.to_owned()), audience: None })
             .expect_err("bad JWKS")
     }
 
@@ -1108,7 +1150,7 @@ MC4CAQAwBQYDK2VwBCIEIAldnfMyJGFgqrsaqKk06xjuJFhPSsDFHD8qeRwxResd\n\
         let debug = format!("{:?}", both());
         assert!(!debug.contains(SECRET), "{debug}");
         assert!(debug.contains("[redacted]") && debug.contains("rsa-1"), "{debug}");
-        let config = AuthConfig { jwt_secret: Some(SECRET.to_owned()), jwks: None };
+        let config = AuthConfig { jwt_secret: Some(SECRET.to_owned()), jwks: None, audience: None };
         let cloned = Verifier::new(&config).expect("secret").clone();
         assert!(!format!("{cloned:?}").contains(SECRET));
     }

@@ -234,9 +234,13 @@ impl Session {
                     reason: format!("message too big: at most {} bytes", self.ctx.limits.max_message_bytes),
                 })
             }
-            tungstenite::Error::Protocol(_) | tungstenite::Error::Utf8(_) => {
+            tungstenite::Error::Utf8(_) => {
+                tracing::debug!(conn = self.conn, error = %err, "text frame is not UTF-8");
+                End::Close(CloseReason { code: 1007, reason: "text frame is not valid UTF-8".into() })
+            }
+            tungstenite::Error::Protocol(_) => {
                 tracing::debug!(conn = self.conn, error = %err, "websocket protocol error");
-                End::Close(CloseReason { code: 1002, reason: "websocket protocol error".into() })
+                End::Close(CloseReason { code: 1002, reason: format!("websocket protocol error: {err}") })
             }
             _ => End::Peer,
         }
@@ -523,7 +527,14 @@ async fn write_loop<S>(
                 }
             }
             Err(reason) => {
-                let frame = CloseFrame { code: CloseCode::from(reason.code), reason: reason.reason.into() };
+                // A close frame's reason holds at most 123 bytes.
+                let mut text = reason.reason;
+                let mut cut = text.len().min(123);
+                while !text.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                text.truncate(cut);
+                let frame = CloseFrame { code: CloseCode::from(reason.code), reason: text.into() };
                 let _ = tokio::time::timeout(write_timeout, async {
                     let _ = sink.send(WsMessage::Close(Some(frame))).await;
                     let _ = sink.close().await;

@@ -68,16 +68,24 @@ impl TestServer {
 
     /// Starts a server with `limits`.
     pub async fn with_limits(limits: Limits) -> TestServer {
+        TestServer::with_config(|config| config.limits = limits).await
+    }
+
+    /// Starts a server whose [`ServeConfig`] (defaults as in [`TestServer::start`]) `configure`
+    /// adjusts first, e.g. to serve `demo_json`.
+    pub async fn with_config(configure: impl FnOnce(&mut ServeConfig)) -> TestServer {
         let (db, client) = migrated_db().await;
         let slot = format!("ws_{}", Uuid::new_v4().simple());
         let source = SourceConfig::new(
             tokio_postgres::Config::from_str(db.url()).unwrap(),
             SlotOptions::new(slot, "supabase_realtime"),
         );
-        let mut config =
-            ServeConfig::new(RelayConfig::new(source), AuthConfig { jwt_secret: Some(SECRET.into()), jwks: None });
+        let mut config = ServeConfig::new(
+            RelayConfig::new(source),
+            AuthConfig { jwt_secret: Some(SECRET.into()), jwks: None, audience: None },
+        );
         config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-        config.limits = limits;
+        configure(&mut config);
         let server = Server::start(config).await.expect("server starts");
         TestServer { server, db, client }
     }

@@ -1,0 +1,450 @@
+//! `walcast check`: is this configuration and this database ready for
+//! walcast? Each check reports ok, a warning, or a failure with its fix.
+//!
+//! Read-only: nothing is created or changed. A failure means `walcast serve`
+//! would not start or would not stream; a warning means it would run but
+//! differ from what the operator probably expects (e.g. a published table
+//! without full replica identity, or rules that do not match RLS).
+
+use std::fmt;
+
+use tokio_postgres::Client;
+
+use super::Settings;
+use crate::policy::Visibility;
+use crate::realtime::auth::Verifier;
+use crate::replication::slot::quote_ident;
+
+/// How a check came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Fine.
+    Ok,
+    /// Works, but probably not as intended.
+    Warn,
+    /// Blocks walcast.
+    Fail,
+}
+
+/// One check's result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    /// Outcome.
+    pub status: Status,
+    /// What was checked.
+    pub check: String,
+    /// What was found.
+    pub detail: String,
+    /// How to fix it (for warnings and failures).
+    pub fix: Option<String>,
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mark = match self.status {
+            Status::Ok => "ok  ",
+            Status::Warn => "WARN",
+            Status::Fail => "FAIL",
+        };
+        write!(f, "[{mark}] {:<28} {}", self.check, self.detail)?;
+        if let Some(fix) = &self.fix {
+            write!(f, "\n       fix: {fix}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether no check failed.
+pub fn ready(findings: &[Finding]) -> bool {
+    findings.iter().all(|f| f.status != Status::Fail)
+}
+
+struct Report(Vec<Finding>);
+
+impl Report {
+    fn add(&mut self, status: Status, check: impl Into<String>, detail: impl Into<String>, fix: Option<String>) {
+        self.0.push(Finding { status, check: check.into(), detail: detail.into(), fix });
+    }
+    fn ok(&mut self, check: impl Into<String>, detail: impl Into<String>) {
+        self.add(Status::Ok, check, detail, None);
+    }
+    fn warn(&mut self, check: impl Into<String>, detail: impl Into<String>, fix: impl Into<String>) {
+        self.add(Status::Warn, check, detail, Some(fix.into()));
+    }
+    fn fail(&mut self, check: impl Into<String>, detail: impl Into<String>, fix: impl Into<String>) {
+        self.add(Status::Fail, check, detail, Some(fix.into()));
+    }
+}
+
+/// Runs every check against the database at `connection`.
+/// `connection` is a [`PgConfig`](crate::pgconn::PgConfig) (TLS as its
+/// `sslmode` says) or a tokio-postgres config.
+pub async fn run(settings: &Settings, connection: impl Into<crate::pgconn::PgConfig>) -> Vec<Finding> {
+    let mut report = Report(Vec::new());
+    match Verifier::new(&settings.auth) {
+        Ok(_) => report.ok("JWT keys", "configured and valid"),
+        Err(err) => report.fail("JWT keys", err.to_string(), "pass --jwt-secret or --jwks"),
+    }
+    let client = match crate::pgconn::connect(&connection.into()).await {
+        Ok(client) => client,
+        Err(err) => {
+            report.fail(
+                "connection",
+                format!("cannot connect: {}", crate::pgconn::describe(&err)),
+                "check DATABASE_URL (host, port, user, password, database) and that PostgreSQL accepts the connection",
+            );
+            return report.0;
+        }
+    };
+    if let Err(err) = database_checks(&client, settings, &mut report).await {
+        report.fail(
+            "queries",
+            format!("a catalog query failed: {err}"),
+            "run check as a role that can read pg_catalog",
+        );
+    }
+    report.0
+}
+
+async fn database_checks(
+    client: &Client,
+    settings: &Settings,
+    report: &mut Report,
+) -> Result<(), tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "select current_setting('server_version_num')::int, current_setting('wal_level'), current_user::text, \
+             r.rolsuper, r.rolreplication, current_setting('max_replication_slots')::int, \
+             current_setting('max_wal_senders')::int, \
+             (select count(*) from pg_replication_slots)::int, (select count(*) from pg_stat_replication)::int \
+             from pg_roles r where r.rolname = current_user",
+            &[],
+        )
+        .await?;
+    let (version, wal_level, user): (i32, String, String) = (row.get(0), row.get(1), row.get(2));
+    let (superuser, replication): (bool, bool) = (row.get(3), row.get(4));
+    let (max_slots, max_senders, slots, senders): (i32, i32, i32, i32) =
+        (row.get(5), row.get(6), row.get(7), row.get(8));
+    if version >= 150_000 {
+        report.ok("server version", format!("{}.{}", version / 10_000, version % 10_000));
+    } else {
+        report.warn(
+            "server version",
+            format!("{}.{}: walcast is tested on PostgreSQL 15 and later", version / 10_000, version % 10_000),
+            "upgrade to PostgreSQL 15+",
+        );
+    }
+    if wal_level == "logical" {
+        report.ok("wal_level", "logical");
+    } else {
+        report.fail(
+            "wal_level",
+            format!("{wal_level}: logical decoding is off"),
+            "alter system set wal_level = logical; then restart PostgreSQL",
+        );
+    }
+    if superuser || replication {
+        report.ok("replication privilege", format!("role {user} may stream"));
+    } else {
+        report.fail(
+            "replication privilege",
+            format!("role {user} has neither REPLICATION nor SUPERUSER"),
+            format!("alter role {} with replication;", quote_ident(&user)),
+        );
+    }
+
+    let slot = client
+        .query_opt(
+            "select plugin::text, database::text, active, wal_status::text from pg_replication_slots where slot_name = $1",
+            &[&settings.slot],
+        )
+        .await?;
+    match slot {
+        Some(row) => {
+            let (plugin, database, active, wal_status): (Option<String>, Option<String>, bool, Option<String>) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
+            let current: String = client.query_one("select current_database()::text", &[]).await?.get(0);
+            if plugin.as_deref() != Some("pgoutput") || database.as_deref() != Some(current.as_str()) {
+                report.fail(
+                    "replication slot",
+                    format!("slot {} exists but is not a pgoutput slot of database {current}", settings.slot),
+                    "choose another --slot, or drop that slot if nothing uses it",
+                );
+            } else if wal_status.as_deref() == Some("lost") {
+                report.fail(
+                    "replication slot",
+                    format!("slot {} has lost required WAL (wal_status = lost)", settings.slot),
+                    format!(
+                        "drop it (select pg_drop_replication_slot('{}')); walcast creates a fresh one, and clients reload",
+                        settings.slot
+                    ),
+                );
+            } else if active {
+                report.warn(
+                    "replication slot",
+                    format!("slot {} is in use by another connection", settings.slot),
+                    "stop the other consumer (another walcast?) or choose another --slot",
+                );
+            } else {
+                report.ok("replication slot", format!("{} exists (pgoutput), resumes where it stopped", settings.slot));
+            }
+        }
+        None if slots < max_slots => {
+            report.ok(
+                "replication slot",
+                format!("{} will be created ({slots} of {max_slots} slots used)", settings.slot),
+            );
+        }
+        None => report.fail(
+            "replication slot",
+            format!("all {max_slots} replication slots are used"),
+            "raise max_replication_slots (restart) or drop an unused slot",
+        ),
+    }
+    if senders < max_senders {
+        report.ok("wal senders", format!("{senders} of {max_senders} in use"));
+    } else {
+        report.fail(
+            "wal senders",
+            format!("all {max_senders} WAL senders are busy"),
+            "raise max_wal_senders (restart)",
+        );
+    }
+
+    publication_checks(client, settings, report).await?;
+    membership_checks(client, settings, report).await?;
+    Ok(())
+}
+
+async fn publication_checks(
+    client: &Client,
+    settings: &Settings,
+    report: &mut Report,
+) -> Result<(), tokio_postgres::Error> {
+    let publication = client
+        .query_opt(
+            "select pubinsert, pubupdate, pubdelete, pubtruncate from pg_publication where pubname = $1",
+            &[&settings.publication],
+        )
+        .await?;
+    let Some(flags) = publication else {
+        report.fail(
+            "publication",
+            format!("publication {} does not exist", settings.publication),
+            format!(
+                "walcast migrate creates it; or: create publication {} for table public.orders, public.dealer_memberships;",
+                quote_ident(&settings.publication)
+            ),
+        );
+        return Ok(());
+    };
+    let (insert, update, delete): (bool, bool, bool) = (flags.get(0), flags.get(1), flags.get(2));
+    if insert && update && delete {
+        report.ok("publication", format!("{} publishes insert, update, delete", settings.publication));
+    } else {
+        report.warn(
+            "publication",
+            format!(
+                "{} does not publish every operation (insert {insert}, update {update}, delete {delete})",
+                settings.publication
+            ),
+            format!(
+                "alter publication {} set (publish = 'insert, update, delete, truncate');",
+                quote_ident(&settings.publication)
+            ),
+        );
+    }
+    let tables = client
+        .query(
+            "select pt.schemaname::text, pt.tablename::text, c.relreplident::text, c.relrowsecurity \
+             from pg_publication_tables pt \
+             join pg_namespace n on n.nspname = pt.schemaname \
+             join pg_class c on c.relnamespace = n.oid and c.relname = pt.tablename \
+             where pt.pubname = $1 order by 1, 2",
+            &[&settings.publication],
+        )
+        .await?;
+    if tables.is_empty() {
+        report.fail(
+            "published tables",
+            format!("{} publishes no tables: nothing would stream", settings.publication),
+            format!("alter publication {} add table public.orders;", quote_ident(&settings.publication)),
+        );
+    }
+    for row in &tables {
+        let (schema, table, identity, rls): (String, String, String, bool) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        let name = format!("{schema}.{table}");
+        if identity == "f" {
+            report.ok(format!("replica identity {name}"), "full");
+        } else {
+            report.warn(
+                format!("replica identity {name}"),
+                "not FULL: UPDATE/DELETE carry only the key, so deletes cannot be routed by dealership or filtered",
+                format!("alter table {}.{} replica identity full;", quote_ident(&schema), quote_ident(&table)),
+            );
+        }
+        match settings.policy.tables.iter().rfind(|r| r.schema == schema && r.table == table) {
+            None => report.warn(
+                format!("policy {name}"),
+                "no walcast rule: only service_role subscribers receive its changes",
+                "add a rule to the policy file if users should see it",
+            ),
+            Some(rule) => match &rule.visible_to {
+                Visibility::ServiceRoleOnly => report.ok(format!("policy {name}"), "service_role only"),
+                Visibility::DealershipMembers { column } => {
+                    rule_matches_rls(client, settings, report, &schema, &table, column, rls).await?;
+                }
+            },
+        }
+    }
+    for rule in &settings.policy.tables {
+        let published =
+            tables.iter().any(|r| r.get::<_, String>(0) == rule.schema && r.get::<_, String>(1) == rule.table);
+        if !published {
+            report.warn(
+                format!("policy {}.{}", rule.schema, rule.table),
+                format!("has a rule but is not in publication {}", settings.publication),
+                format!(
+                    "alter publication {} add table {}.{};",
+                    quote_ident(&settings.publication),
+                    quote_ident(&rule.schema),
+                    quote_ident(&rule.table)
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Compares a "dealership members" rule with the table's RLS policies.
+async fn rule_matches_rls(
+    client: &Client,
+    settings: &Settings,
+    report: &mut Report,
+    schema: &str,
+    table: &str,
+    column: &str,
+    rls: bool,
+) -> Result<(), tokio_postgres::Error> {
+    let name = format!("{schema}.{table}");
+    let has_column = client
+        .query_opt(
+            "select 1 from pg_attribute a join pg_class c on c.oid = a.attrelid join pg_namespace n on n.oid = c.relnamespace \
+             where n.nspname = $1 and c.relname = $2 and a.attname = $3 and not a.attisdropped",
+            &[&schema, &table, &column],
+        )
+        .await?
+        .is_some();
+    if !has_column {
+        report.fail(
+            format!("policy {name}"),
+            format!("the rule names column {column}, which the table does not have"),
+            "fix the rule's column in the policy file",
+        );
+        return Ok(());
+    }
+    if !rls {
+        report.warn(
+            format!("policy {name}"),
+            "row level security is off: the database shows every row to anyone with SELECT, walcast only to members",
+            format!(
+                "alter table {}.{} enable row level security; (and add the SELECT policy)",
+                quote_ident(schema),
+                quote_ident(table)
+            ),
+        );
+        return Ok(());
+    }
+    let membership = &settings.policy.memberships.table;
+    let quals: Vec<Option<String>> = client
+        .query(
+            "select qual from pg_policies where schemaname = $1 and tablename = $2 and cmd in ('SELECT', 'ALL') \
+             and (roles @> array['authenticated']::name[] or roles @> array['public']::name[])",
+            &[&schema, &table],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // Policies often read memberships through a helper function (sql/ uses
+    // private.member_dealership_ids()): follow one level of calls.
+    let readers: Vec<String> = client
+        .query(
+            "select n.nspname || '.' || p.proname || '(' from pg_proc p join pg_namespace n on n.oid = p.pronamespace \
+             where p.prolang <> 12 and position($1 in p.prosrc) > 0",
+            &[membership],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let reads_memberships = |qual: &str| {
+        qual.contains(column)
+            && (qual.contains(membership.as_str()) || readers.iter().any(|f| qual.contains(f.as_str())))
+    };
+    if quals.iter().flatten().any(|q| reads_memberships(q)) {
+        report.ok(format!("policy {name}"), format!("members of {column}'s dealership; RLS policy reads {membership}"));
+    } else {
+        report.warn(
+            format!("policy {name}"),
+            format!("walcast shows rows to members of {column}'s dealership, but no SELECT policy for authenticated reads {membership}"),
+            "make the policy file match the table's RLS (or the RLS match the rule)",
+        );
+    }
+    Ok(())
+}
+
+async fn membership_checks(
+    client: &Client,
+    settings: &Settings,
+    report: &mut Report,
+) -> Result<(), tokio_postgres::Error> {
+    let m = &settings.policy.memberships;
+    let qualified = format!("{}.{}", quote_ident(&m.schema), quote_ident(&m.table));
+    let exists: bool = client.query_one("select to_regclass($1::text) is not null", &[&qualified]).await?.get(0);
+    if !exists {
+        report.fail(
+            "membership table",
+            format!("{}.{} does not exist", m.schema, m.table),
+            "run walcast migrate, or point the policy file's memberships at your table",
+        );
+        return Ok(());
+    }
+    let readable: bool =
+        client.query_one("select has_table_privilege($1::text, 'select')", &[&qualified]).await?.get(0);
+    if !readable {
+        report.fail(
+            "membership table",
+            format!("the role cannot read {}.{}", m.schema, m.table),
+            format!("grant select on {qualified} to {};", "<walcast role>"),
+        );
+        return Ok(());
+    }
+    let mut missing = Vec::new();
+    for column in [Some(&m.key_column), Some(&m.user_column), Some(&m.dealership_column), m.role_column.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        let found = client
+            .query_opt(
+                "select 1 from pg_attribute where attrelid = $1::text::regclass and attname = $2 and not attisdropped and attnum > 0",
+                &[&qualified, column],
+            )
+            .await?
+            .is_some();
+        if !found {
+            missing.push(column.clone());
+        }
+    }
+    if missing.is_empty() {
+        report.ok("membership table", format!("{}.{} readable", m.schema, m.table));
+    } else {
+        report.fail(
+            "membership table",
+            format!("{}.{} lacks column(s) {}", m.schema, m.table, missing.join(", ")),
+            "fix the policy file's memberships columns",
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,484 @@
+//! Configuration of `walcast serve` and `walcast check`: flags, environment
+//! variables and an optional TOML file, merged with one precedence and
+//! validated before anything starts.
+//!
+//! **Precedence: flag > environment variable > TOML file > default.** Flags
+//! and variables are read by the binary (clap); what they leave unset is
+//! taken from the file ([`FileConfig`], `--config` / `WALCAST_CONFIG`), then
+//! from the defaults here. The database is `DATABASE_URL`, or — the names
+//! Supabase Realtime uses — `DB_HOST`, `DB_PORT`, `DB_USER`, `DB_PASSWORD`,
+//! `DB_NAME`, `DB_SSL`; when both are given the URL wins.
+//!
+//! Invariants: secrets (passwords, JWT secrets, the URL) are never part of an
+//! error message, a log line or `Debug` output; a configuration that passes
+//! [`Settings::resolve`] starts (or fails only on the database itself).
+
+pub mod check;
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::pgconn::PgConfig;
+use crate::policy::PolicyConfig;
+use crate::realtime::auth::AuthConfig;
+use crate::relay::RelayConfig;
+use crate::replication::{SlotOptions, SourceConfig};
+use crate::server::ServeConfig;
+
+/// Default port (Supabase Realtime's).
+pub const DEFAULT_PORT: u16 = 4000;
+/// Default slot.
+pub const DEFAULT_SLOT: &str = "walcast";
+/// Default publication.
+pub const DEFAULT_PUBLICATION: &str = "supabase_realtime";
+/// Default data directory of the embedded PostgreSQL.
+pub const DEFAULT_DATA_DIR: &str = ".walcast/postgres";
+
+/// Values from flags or the environment (`None` = not given). The binary
+/// fills this from clap; [`Settings::resolve`] completes it.
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    /// PostgreSQL URL or key=value connection string.
+    pub database_url: Option<String>,
+    /// Host (Supabase Realtime's `DB_HOST`).
+    pub db_host: Option<String>,
+    /// Port (`DB_PORT`).
+    pub db_port: Option<u16>,
+    /// User (`DB_USER`).
+    pub db_user: Option<String>,
+    /// Password (`DB_PASSWORD`).
+    pub db_password: Option<String>,
+    /// Database (`DB_NAME`).
+    pub db_name: Option<String>,
+    /// TLS (`DB_SSL`): `true`/`false`, or an sslmode (`disable`, `prefer`, `require`, `verify-ca`, `verify-full`).
+    /// `verify-ca`/`verify-full` need `sslrootcert`, which only `DATABASE_URL` can give (see [`crate::pgconn`]).
+    pub db_ssl: Option<String>,
+    /// Replication slot.
+    pub slot_name: Option<String>,
+    /// Publication.
+    pub publication: Option<String>,
+    /// Listen address.
+    pub host: Option<IpAddr>,
+    /// Listen port.
+    pub port: Option<u16>,
+    /// HS256 secret.
+    pub jwt_secret: Option<String>,
+    /// JWKS (path or JSON).
+    pub jwt_jwks: Option<String>,
+    /// Required `aud` of tokens (off by default, as on Supabase).
+    pub jwt_audience: Option<String>,
+    /// Policy rules file (JSON or TOML).
+    pub policy_file: Option<PathBuf>,
+    /// Policy rules inline (`[policy]` table of the TOML file).
+    pub policy: Option<PolicyConfig>,
+    /// Most open sockets.
+    pub max_connections: Option<usize>,
+    /// Most channels per socket.
+    pub max_channels_per_client: Option<usize>,
+    /// Data directory of the embedded PostgreSQL (demo mode).
+    pub data_dir: Option<PathBuf>,
+    /// Seconds between demo writer steps (0 = off).
+    pub demo_writer_secs: Option<f64>,
+}
+
+impl std::fmt::Debug for FileConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secret = |v: &Option<String>| v.as_ref().map(|_| "[redacted]");
+        f.debug_struct("FileConfig")
+            .field("database_url", &secret(&self.database_url))
+            .field("db_host", &self.db_host)
+            .field("db_port", &self.db_port)
+            .field("db_user", &self.db_user)
+            .field("db_password", &secret(&self.db_password))
+            .field("db_name", &self.db_name)
+            .field("db_ssl", &self.db_ssl)
+            .field("slot_name", &self.slot_name)
+            .field("publication", &self.publication)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("jwt_secret", &secret(&self.jwt_secret))
+            .field("jwt_jwks", &self.jwt_jwks.as_ref().map(|_| "[given]"))
+            .field("policy_file", &self.policy_file)
+            .field("max_connections", &self.max_connections)
+            .field("max_channels_per_client", &self.max_channels_per_client)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FileConfig {
+    /// Reads a TOML file.
+    ///
+    /// # Errors
+    /// [`ConfigError::ReadFile`] or [`ConfigError::ParseFile`] (with the
+    /// line and key, never the values).
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile { path: path.to_owned(), source })?;
+        toml::from_str(&text).map_err(|err| ConfigError::ParseFile { path: path.to_owned(), detail: toml_detail(&err) })
+    }
+
+    /// Fills every unset field of `self` from `lower` (for precedence).
+    pub fn or(self, lower: FileConfig) -> FileConfig {
+        FileConfig {
+            database_url: self.database_url.or(lower.database_url),
+            db_host: self.db_host.or(lower.db_host),
+            db_port: self.db_port.or(lower.db_port),
+            db_user: self.db_user.or(lower.db_user),
+            db_password: self.db_password.or(lower.db_password),
+            db_name: self.db_name.or(lower.db_name),
+            db_ssl: self.db_ssl.or(lower.db_ssl),
+            slot_name: self.slot_name.or(lower.slot_name),
+            publication: self.publication.or(lower.publication),
+            host: self.host.or(lower.host),
+            port: self.port.or(lower.port),
+            jwt_secret: self.jwt_secret.or(lower.jwt_secret),
+            jwt_jwks: self.jwt_jwks.or(lower.jwt_jwks),
+            jwt_audience: self.jwt_audience.or(lower.jwt_audience),
+            policy_file: self.policy_file.or(lower.policy_file),
+            policy: self.policy.or(lower.policy),
+            max_connections: self.max_connections.or(lower.max_connections),
+            max_channels_per_client: self.max_channels_per_client.or(lower.max_channels_per_client),
+            data_dir: self.data_dir.or(lower.data_dir),
+            demo_writer_secs: self.demo_writer_secs.or(lower.demo_writer_secs),
+        }
+    }
+}
+
+/// The message of a TOML error without quoting the file's values.
+fn toml_detail(err: &toml::de::Error) -> String {
+    // The message names the key and what was expected; the span gives the place.
+    let message = err.message().lines().next().unwrap_or("invalid TOML").to_owned();
+    match err.span() {
+        Some(span) => format!("{message} (at byte {})", span.start),
+        None => message,
+    }
+}
+
+/// A configuration problem (always definite: the operator must change it).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read the configuration file {path}: {source}")]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has an unknown key.
+    #[error("configuration file {path}: {detail}")]
+    ParseFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (no values quoted).
+        detail: String,
+    },
+    /// The database URL does not parse, or its TLS settings are unusable
+    /// (the cause never quotes the URL).
+    #[error("DATABASE_URL (--database-url): {0}")]
+    DatabaseUrl(#[source] crate::pgconn::ConfigError),
+    /// `DB_SSL` has an unknown value.
+    #[error("DB_SSL must be true, false or an sslmode (disable, prefer, require, verify-ca, verify-full)")]
+    DbSsl,
+    /// No way to verify tokens.
+    #[error(
+        "no JWT key configured: pass --jwt-secret (API_JWT_SECRET, the project's JWT secret) and/or --jwks \
+         (API_JWT_JWKS, a JWKS file or JSON)"
+    )]
+    NoJwtKey,
+    /// A number out of range.
+    #[error("{name} must be between {min} and {max}")]
+    OutOfRange {
+        /// The setting.
+        name: &'static str,
+        /// Smallest allowed.
+        min: u64,
+        /// Largest allowed.
+        max: u64,
+    },
+    /// An empty name.
+    #[error("{0} must not be empty")]
+    Empty(&'static str),
+    /// The policy file cannot be used.
+    #[error("policy file {path}: {detail}")]
+    Policy {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+/// Where the database is.
+#[derive(Clone)]
+pub enum Database {
+    /// A configured server.
+    Url(Box<PgConfig>),
+    /// None configured: the embedded demo.
+    Embedded,
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::Url(config) => {
+                let (pg, tls) = (config.postgres(), config.tls());
+                write!(f, "Url(hosts: {:?}, dbname: {:?}, sslmode: {})", pg.get_hosts(), pg.get_dbname(), tls.mode)
+            }
+            Database::Embedded => f.write_str("Embedded"),
+        }
+    }
+}
+
+/// The resolved, validated settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The database.
+    pub database: Database,
+    /// Slot.
+    pub slot: String,
+    /// Publication.
+    pub publication: String,
+    /// Listen address.
+    pub host: IpAddr,
+    /// Listen port.
+    pub port: u16,
+    /// JWT keys.
+    pub auth: AuthConfig,
+    /// Policy rules.
+    pub policy: PolicyConfig,
+    /// Most sockets.
+    pub max_connections: usize,
+    /// Most channels per socket.
+    pub max_channels: usize,
+    /// Embedded PostgreSQL directory.
+    pub data_dir: PathBuf,
+    /// Demo writer interval (`None` = off).
+    pub demo_writer: Option<Duration>,
+}
+
+fn range(name: &'static str, value: usize, min: usize, max: usize) -> Result<usize, ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(value)
+    } else {
+        Err(ConfigError::OutOfRange { name, min: min as u64, max: max as u64 })
+    }
+}
+
+/// A key=value conninfo value, quoted as libpq wants.
+fn conninfo_value(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+impl Settings {
+    /// Merges `given` (flags and environment, already merged by the binary)
+    /// over the TOML file (if any) and the defaults, and validates.
+    ///
+    /// # Errors
+    /// The first problem found.
+    pub fn resolve(given: FileConfig, file: Option<&Path>) -> Result<Settings, ConfigError> {
+        let merged = match file {
+            Some(path) => given.or(FileConfig::load(path)?),
+            None => given,
+        };
+        let database = Settings::database(&merged)?;
+        let slot = merged.slot_name.unwrap_or_else(|| DEFAULT_SLOT.to_owned());
+        let publication = merged.publication.unwrap_or_else(|| DEFAULT_PUBLICATION.to_owned());
+        if slot.trim().is_empty() {
+            return Err(ConfigError::Empty("SLOT_NAME (--slot)"));
+        }
+        if publication.trim().is_empty() {
+            return Err(ConfigError::Empty("PUBLICATION (--publication)"));
+        }
+        let auth = AuthConfig {
+            jwt_secret: merged.jwt_secret.filter(|s| !s.is_empty()),
+            jwks: merged.jwt_jwks.filter(|s| !s.is_empty()),
+            audience: merged.jwt_audience.filter(|s| !s.is_empty()),
+        };
+        if matches!(database, Database::Url(_)) && auth.jwt_secret.is_none() && auth.jwks.is_none() {
+            return Err(ConfigError::NoJwtKey);
+        }
+        let policy = match (merged.policy_file, merged.policy) {
+            (Some(path), _) => load_policy(&path)?,
+            (None, Some(policy)) => policy,
+            (None, None) => PolicyConfig::default(),
+        };
+        let max_connections =
+            range("MAX_CONNECTIONS (--max-connections)", merged.max_connections.unwrap_or(10_000), 1, 10_000_000)?;
+        let max_channels = range(
+            "MAX_CHANNELS_PER_CLIENT (--max-channels)",
+            merged.max_channels_per_client.unwrap_or(100),
+            1,
+            10_000,
+        )?;
+        let writer_secs = merged.demo_writer_secs.unwrap_or(2.0);
+        if !(0.0..=3600.0).contains(&writer_secs) {
+            return Err(ConfigError::OutOfRange { name: "--demo-writer-secs", min: 0, max: 3600 });
+        }
+        Ok(Settings {
+            database,
+            slot,
+            publication,
+            host: merged.host.unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            port: merged.port.unwrap_or(DEFAULT_PORT),
+            auth,
+            policy,
+            max_connections,
+            max_channels,
+            data_dir: merged.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            demo_writer: (writer_secs > 0.0).then(|| Duration::from_secs_f64(writer_secs)),
+        })
+    }
+
+    fn database(merged: &FileConfig) -> Result<Database, ConfigError> {
+        if let Some(url) = merged.database_url.as_deref().filter(|u| !u.is_empty()) {
+            if merged.db_host.is_some() {
+                tracing::info!("DATABASE_URL is set; DB_HOST and the other DB_* settings are ignored");
+            }
+            return PgConfig::from_str(url).map(|c| Database::Url(Box::new(c))).map_err(ConfigError::DatabaseUrl);
+        }
+        let Some(host) = merged.db_host.as_deref().filter(|h| !h.is_empty()) else {
+            return Ok(Database::Embedded);
+        };
+        let mut conninfo = format!("host={}", conninfo_value(host));
+        conninfo.push_str(&format!(" port={}", merged.db_port.unwrap_or(5432)));
+        conninfo.push_str(&format!(" user={}", conninfo_value(merged.db_user.as_deref().unwrap_or("postgres"))));
+        if let Some(password) = &merged.db_password {
+            conninfo.push_str(&format!(" password={}", conninfo_value(password)));
+        }
+        conninfo.push_str(&format!(" dbname={}", conninfo_value(merged.db_name.as_deref().unwrap_or("postgres"))));
+        if let Some(ssl) = &merged.db_ssl {
+            let lower = ssl.to_ascii_lowercase();
+            let mode = match lower.as_str() {
+                "true" | "1" | "on" => "require",
+                "false" | "0" | "off" => "disable",
+                mode @ ("disable" | "prefer" | "require" | "verify-ca" | "verify-full") => mode,
+                _ => return Err(ConfigError::DbSsl),
+            };
+            conninfo.push_str(&format!(" sslmode={mode}"));
+        }
+        PgConfig::from_str(&conninfo).map(|c| Database::Url(Box::new(c))).map_err(ConfigError::DatabaseUrl)
+    }
+
+    /// The server configuration for a database connection.
+    pub fn serve_config(&self, connection: PgConfig) -> ServeConfig {
+        let slot = SlotOptions::new(&self.slot, &self.publication);
+        let mut relay = RelayConfig::new(SourceConfig::new(connection, slot));
+        relay.policy = self.policy.clone();
+        let mut config = ServeConfig::new(relay, self.auth.clone());
+        config.listen = std::net::SocketAddr::new(self.host, self.port);
+        config.limits.max_connections = self.max_connections;
+        config.limits.max_channels = self.max_channels;
+        config
+    }
+}
+
+/// Reads policy rules from JSON or TOML (by extension).
+fn load_policy(path: &Path) -> Result<PolicyConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|err| ConfigError::Policy { path: path.to_owned(), detail: err.to_string() })?;
+    let parsed = if path.extension().is_some_and(|e| e == "toml") {
+        toml::from_str(&text).map_err(|err| toml_detail(&err))
+    } else {
+        serde_json::from_str(&text).map_err(|err| err.to_string())
+    };
+    parsed.map_err(|detail| ConfigError::Policy { path: path.to_owned(), detail })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn given() -> FileConfig {
+        FileConfig { jwt_secret: Some("s".into()), ..FileConfig::default() }
+    }
+
+    #[test]
+    fn defaults_and_embedded_without_a_database() {
+        let settings = Settings::resolve(FileConfig::default(), None).unwrap();
+        assert!(matches!(settings.database, Database::Embedded));
+        assert_eq!((settings.port, settings.slot.as_str()), (DEFAULT_PORT, DEFAULT_SLOT));
+        assert_eq!(settings.demo_writer, Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn precedence_given_over_file_over_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("walcast.toml");
+        std::fs::write(
+            &path,
+            "database_url = \"postgres://u:p@h/db\"\nport = 5000\nslot_name = \"from_file\"\njwt_secret = \"f\"\n\
+             max_channels_per_client = 7\n[policy]\ntables = []\n",
+        )
+        .unwrap();
+        let given = FileConfig { port: Some(6000), ..FileConfig::default() };
+        let settings = Settings::resolve(given, Some(&path)).unwrap();
+        assert_eq!(settings.port, 6000, "flag/env beats the file");
+        assert_eq!(settings.slot, "from_file", "the file beats the default");
+        assert_eq!(settings.max_channels, 7);
+        assert!(settings.policy.tables.is_empty());
+        assert_eq!(settings.auth.jwt_secret.as_deref(), Some("f"));
+        assert!(matches!(settings.database, Database::Url(_)));
+    }
+
+    #[test]
+    fn supabase_db_variables_build_the_connection() {
+        let given = FileConfig {
+            db_host: Some("db.example.com".into()),
+            db_port: Some(6543),
+            db_user: Some("supabase_admin".into()),
+            db_password: Some("it's secret".into()),
+            db_name: Some("postgres".into()),
+            db_ssl: Some("true".into()),
+            ..given()
+        };
+        let settings = Settings::resolve(given, None).unwrap();
+        let Database::Url(config) = &settings.database else { panic!("a database") };
+        assert_eq!(config.postgres().get_ports(), [6543]);
+        assert_eq!(config.postgres().get_user(), Some("supabase_admin"));
+        assert_eq!(config.postgres().get_password(), Some(&b"it's secret"[..]));
+        assert_eq!(config.tls().mode, crate::pgconn::SslMode::Require);
+        let debug = format!("{settings:?}");
+        assert!(!debug.contains("it's secret") && !debug.contains("\"s\""), "Debug never shows secrets: {debug}");
+        let bad = FileConfig { db_host: Some("h".into()), db_ssl: Some("maybe".into()), ..self::tests::given() };
+        assert!(matches!(Settings::resolve(bad, None), Err(ConfigError::DbSsl)));
+    }
+
+    #[test]
+    fn database_url_tls_settings() {
+        let url = "postgres://u:hunter2@db.example.com/db?sslmode=verify-full&sslrootcert=/etc/walcast/ca.pem";
+        let settings = Settings::resolve(FileConfig { database_url: Some(url.into()), ..given() }, None).unwrap();
+        let Database::Url(config) = &settings.database else { panic!("a database") };
+        assert_eq!(config.tls().mode, crate::pgconn::SslMode::VerifyFull);
+        assert!(format!("{settings:?}").contains("sslmode: verify-full"));
+        let no_root =
+            FileConfig { database_url: Some("postgres://u:hunter2@h/db?sslmode=verify-ca".into()), ..given() };
+        let err = Settings::resolve(no_root, None).unwrap_err().to_string();
+        assert!(err.contains("DATABASE_URL") && err.contains("sslrootcert") && !err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn validation_errors_are_precise_and_never_quote_secrets() {
+        let no_key = FileConfig { database_url: Some("postgres://u:hunter2@h/db".into()), ..FileConfig::default() };
+        let err = Settings::resolve(no_key, None).unwrap_err();
+        assert!(matches!(err, ConfigError::NoJwtKey));
+        let bad_url = FileConfig { database_url: Some("postgres://u:hunter2@h:notaport/db".into()), ..given() };
+        let err = Settings::resolve(bad_url, None).unwrap_err().to_string();
+        assert!(err.contains("DATABASE_URL") && !err.contains("hunter2"), "{err}");
+        let zero = FileConfig { max_channels_per_client: Some(0), ..given() };
+        assert!(Settings::resolve(zero, None).unwrap_err().to_string().contains("between 1 and 10000"));
+        let empty = FileConfig { slot_name: Some(" ".into()), ..given() };
+        assert!(matches!(Settings::resolve(empty, None), Err(ConfigError::Empty(_))));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "jwt_secret = \"topsecret\"\nunknown_key = 1\n").unwrap();
+        let err = Settings::resolve(FileConfig::default(), Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("unknown_key") && !err.contains("topsecret"), "{err}");
+    }
+}

@@ -1,0 +1,230 @@
+#!/usr/bin/env node
+// Drives walcast's live dashboard (`/`, src/http/dashboard.html) in headless Chromium for the
+// integration test tests/dashboard.rs. Same style as driver.mjs: JSON commands on stdin, one per
+// line; JSON events on stdout, one per line, nothing else.
+//
+//   node dashboard.mjs --url http://127.0.0.1:4000/ --user alice [--timeout-ms 10000]
+//
+// Options (`--name value`, `--name=value`, or the environment variable DASHBOARD_<NAME>):
+//   --url         the dashboard's URL (required); the server must serve /demo.json
+//   --user        a label of the `#user` picker: a demo user's name, or `service role` (required)
+//   --timeout-ms  how long each wait may take (default 10000)
+//   --width, --height  the viewport (default 1280 x 800)
+// The browser is $CHROMIUM, else /usr/bin/chromium (Debian's package; `bash scripts/test-deps.sh`
+// installs it and node_modules).
+//
+// Start-up: opens the page, waits for the picker to be filled from /demo.json, then picks
+// `--user` in `#user` as a person would (Playwright's selectOption: `input` and `change` events).
+// When `--user` is already the selected option it first picks another one and waits for that
+// subscription, so the pick is always a real switch: re-selecting the current user re-sends an
+// unchanged token, which the server ignores without a new "Subscribed" frame, and the page would
+// stay at "switching to …". Then waits for `body[data-status=subscribed][data-user=<user>]` and
+// prints {"ev":"subscribed","user":…}.
+//
+// Commands (each answered by exactly one event, or {"ev":"error","cmd":…,"message":…}):
+//   {"cmd":"expect","order_number":"N","status":"in_progress"}  wait for the card (with that
+//       data-status when `status` is given) -> {"ev":"seen","order_number","status","column",
+//       "order_count","text"}; `column` is the data-code of the card's section.column
+//   {"cmd":"absent","order_number":"N","ms":800}  watch `ms` for the card
+//       -> {"ev":"absent","order_number","appeared":false|true}
+//   {"cmd":"gone","order_number":"N"}   wait until the card is not in the page -> {"ev":"gone",…}
+//   {"cmd":"screenshot","path":"/abs/file.png"}  full-page PNG, animations finished -> {"ev":"screenshot","path","bytes"}
+//   {"cmd":"close"}  closes the browser -> {"ev":"closed"}, exit 0 (EOF on stdin does the same)
+// Unprompted events: {"ev":"console","level":"error"|"warning"|"pageerror",…} for the page's
+// console errors and warnings and uncaught exceptions, {"ev":"error",…} for failures (start-up
+// failures use "source":"start" and exit code 2).
+
+import { existsSync, statSync } from 'node:fs'
+import { createInterface } from 'node:readline'
+import { format } from 'node:util'
+
+function emit(event) {
+  process.stdout.write(JSON.stringify(event) + '\n')
+}
+
+// Stdout belongs to the protocol.
+for (const level of ['log', 'info', 'debug', 'trace', 'warn', 'error']) {
+  console[level] = (...args) => process.stderr.write(`[dashboard.mjs ${level}] ${format(...args)}\n`)
+}
+
+function fail(message) {
+  emit({ ev: 'error', source: 'start', message })
+  process.exit(2)
+}
+
+function options() {
+  const out = {}
+  const args = process.argv.slice(2)
+  for (let i = 0; i < args.length; i++) {
+    const arg = args[i]
+    if (!arg.startsWith('--')) fail(`unexpected argument ${arg}`)
+    const eq = arg.indexOf('=')
+    if (eq > 0) {
+      out[arg.slice(2, eq)] = arg.slice(eq + 1)
+    } else {
+      if (i + 1 >= args.length) fail(`${arg} needs a value`)
+      out[arg.slice(2)] = args[++i]
+    }
+  }
+  const get = (name, fallback) =>
+    out[name] ?? process.env['DASHBOARD_' + name.toUpperCase().replace(/-/g, '_')] ?? fallback
+  const number = (name, fallback) => {
+    const value = Number(get(name, fallback))
+    if (!Number.isFinite(value) || value <= 0) fail(`--${name} must be a positive number`)
+    return value
+  }
+  const opts = {
+    url: get('url'),
+    user: get('user'),
+    timeoutMs: number('timeout-ms', 10000),
+    width: number('width', 1280),
+    height: number('height', 800),
+  }
+  if (!opts.url) fail('--url is required')
+  if (!opts.user) fail('--user is required')
+  return opts
+}
+
+const opts = options()
+const executablePath = process.env.CHROMIUM || '/usr/bin/chromium'
+if (!existsSync(executablePath)) {
+  fail(`no Chromium at ${executablePath}: run \`bash scripts/test-deps.sh\` (installs Debian's chromium), or set CHROMIUM`)
+}
+let chromium
+try {
+  ;({ chromium } = await import('playwright-core'))
+} catch (e) {
+  fail(`cannot load playwright-core (${e.message}): run \`bash scripts/test-deps.sh\` to install tests/clients/node_modules`)
+}
+
+// A CSS attribute value, quoted.
+const quoted = (value) => JSON.stringify(String(value))
+const cardSelector = (orderNumber) => `article.card[data-order-number=${quoted(orderNumber)}]`
+
+let browser
+try {
+  browser = await chromium.launch({ executablePath, args: ['--no-sandbox'], timeout: opts.timeoutMs * 3 })
+} catch (e) {
+  fail(`launching ${executablePath}: ${e.message}`)
+}
+
+async function shutdown(code) {
+  try {
+    await browser.close()
+  } catch (e) {
+    // already gone
+  }
+  process.exit(code)
+}
+
+const page = await browser.newPage({ viewport: { width: opts.width, height: opts.height } })
+page.setDefaultTimeout(opts.timeoutMs)
+page.on('console', (msg) => {
+  const level = msg.type()
+  if (level === 'error' || level === 'warning') {
+    emit({ ev: 'console', level, text: msg.text(), location: msg.location() })
+  }
+})
+page.on('pageerror', (err) => emit({ ev: 'console', level: 'pageerror', text: String(err?.message ?? err) }))
+page.on('crash', () => emit({ ev: 'error', source: 'page', message: 'the page crashed' }))
+
+async function waitSubscribedAs(label) {
+  await page.waitForSelector(`body[data-status="subscribed"][data-user=${quoted(label)}]`, { state: 'attached' })
+}
+
+try {
+  await page.goto(opts.url, { waitUntil: 'load' })
+  // The picker is filled once /demo.json has been read.
+  await page.waitForSelector('#user option', { state: 'attached' })
+  const labels = await page.$$eval('#user option', (options) => options.map((o) => o.textContent))
+  if (!labels.includes(opts.user)) throw new Error(`no option ${quoted(opts.user)} in #user: ${labels.join(', ')}`)
+  const current = await page.$eval('#user', (select) => select.selectedOptions[0]?.textContent ?? null)
+  if (current === opts.user) {
+    // Make the pick a real switch (see the header).
+    const other = labels.find((label) => label !== opts.user)
+    await waitSubscribedAs(current)
+    await page.selectOption('#user', { label: other })
+    await waitSubscribedAs(other)
+  }
+  await page.selectOption('#user', { label: opts.user })
+  await waitSubscribedAs(opts.user)
+} catch (e) {
+  const status = await page.evaluate(() => [document.body.dataset.status, document.getElementById('status')?.textContent]).catch(() => null)
+  emit({ ev: 'error', source: 'start', message: `subscribing as ${opts.user}: ${e.message}`, page_status: status })
+  await shutdown(2)
+}
+emit({ ev: 'subscribed', user: opts.user })
+
+async function card(orderNumber) {
+  const handle = await page.$(cardSelector(orderNumber))
+  if (!handle) return null
+  return handle.evaluate((el) => ({
+    status: el.dataset.status,
+    column: el.closest('section.column')?.dataset.code ?? null,
+    order_count: Number(document.body.dataset.orderCount),
+    text: el.innerText,
+  }))
+}
+
+async function run(cmd) {
+  switch (cmd.cmd) {
+    case 'expect': {
+      let selector = cardSelector(cmd.order_number)
+      if (cmd.status !== undefined) selector += `[data-status=${quoted(cmd.status)}]`
+      await page.waitForSelector(selector, { state: 'attached', timeout: cmd.ms ?? opts.timeoutMs })
+      emit({ ev: 'seen', order_number: cmd.order_number, ...(await card(cmd.order_number)) })
+      break
+    }
+    case 'absent': {
+      let appeared = true
+      try {
+        await page.waitForSelector(cardSelector(cmd.order_number), { state: 'attached', timeout: cmd.ms ?? 800 })
+      } catch (e) {
+        if (e?.name !== 'TimeoutError') throw e
+        appeared = false
+      }
+      emit({ ev: 'absent', order_number: cmd.order_number, appeared })
+      break
+    }
+    case 'gone': {
+      await page.waitForSelector(cardSelector(cmd.order_number), { state: 'detached', timeout: cmd.ms ?? opts.timeoutMs })
+      const count = await page.evaluate(() => Number(document.body.dataset.orderCount))
+      emit({ ev: 'gone', order_number: cmd.order_number, order_count: count })
+      break
+    }
+    case 'screenshot': {
+      if (!cmd.path) throw new Error('screenshot needs a path')
+      await page.screenshot({ path: cmd.path, fullPage: true, animations: 'disabled' })
+      emit({ ev: 'screenshot', path: cmd.path, bytes: statSync(cmd.path).size })
+      break
+    }
+    case 'close':
+      emit({ ev: 'closed' })
+      await shutdown(0)
+      break
+    default:
+      throw new Error(`unknown command ${quoted(cmd.cmd)}`)
+  }
+}
+
+// Commands run strictly in order.
+const lines = createInterface({ input: process.stdin })
+let queue = Promise.resolve()
+lines.on('line', (line) => {
+  if (!line.trim()) return
+  queue = queue.then(async () => {
+    let cmd
+    try {
+      cmd = JSON.parse(line)
+      await run(cmd)
+    } catch (e) {
+      emit({ ev: 'error', cmd: cmd?.cmd ?? null, message: e?.message ?? String(e) })
+    }
+  })
+})
+lines.on('close', () => {
+  queue = queue.then(async () => {
+    emit({ ev: 'closed' })
+    await shutdown(0)
+  })
+})

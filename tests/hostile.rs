@@ -1,0 +1,242 @@
+//! Hostile input on the WebSocket side: malformed frames, invalid JSON and
+//! UTF-8, oversized messages, a join flood, unknown topics. Each gets a
+//! precise error reply or close code, and a second client keeps receiving
+//! every change, in order, throughout.
+
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use uuid::Uuid;
+use walcast::hub::Vsn;
+
+use crate::support::server::{token, TestServer, Ws};
+use crate::support::{create_dealership, create_order, create_user};
+
+/// Upgrades a raw TCP connection by hand and returns it (for invalid frames
+/// no WebSocket library would send).
+async fn raw_socket(t: &TestServer, key: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(t.addr()).await.unwrap();
+    let request = format!(
+        "GET /realtime/v1/websocket?apikey={key}&vsn=2.0.0 HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\n\
+         connection: Upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    stream
+}
+
+/// Reads server frames off a raw socket until a close frame; returns its code.
+async fn raw_close_code(stream: &mut TcpStream) -> Option<u16> {
+    let mut buf = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        // Parse unmasked server frames (2-byte header, 16-bit extended length).
+        while buf.len() >= 2 {
+            let opcode = buf[0] & 0x0f;
+            let (len, header) = match buf[1] & 0x7f {
+                126 if buf.len() >= 4 => (usize::from(u16::from_be_bytes([buf[2], buf[3]])), 4),
+                126 | 127 => break,
+                n => (usize::from(n), 2),
+            };
+            if buf.len() < header + len {
+                break;
+            }
+            if opcode == 8 {
+                return (len >= 2).then(|| u16::from_be_bytes([buf[header], buf[header + 1]]));
+            }
+            buf.drain(..header + len);
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await.ok()?.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A masked client frame.
+fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 126);
+    let mask = [1u8, 2, 3, 4];
+    let mut frame = vec![first, 0x80 | payload.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+#[tokio::test]
+async fn hostile_sockets_get_precise_errors_and_a_witness_misses_nothing() {
+    let t = TestServer::start().await;
+    let owner = create_user(&t.client, "o@example.com").await;
+    let north = create_dealership(&t.client, "NORTH").await;
+    let service = token("service_role", None, 3600);
+
+    let mut witness = t.connect(&service, Vsn::V2).await;
+    witness
+        .subscribe("realtime:witness", json!([{"event": "INSERT", "schema": "public", "table": "orders"}]), None)
+        .await;
+    // Writes run during the whole attack.
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let writer_client = t.db.connect().await.unwrap();
+    let writer = tokio::spawn(async move {
+        let mut written = Vec::new();
+        while !*stop_rx.borrow() {
+            written.push(create_order(&writer_client, north, owner, "sales", "pending").await);
+            let _ = tokio::time::timeout(Duration::from_millis(40), stop_rx.changed()).await;
+        }
+        written
+    });
+
+    // 1. Invalid JSON and wrong shapes: ignored; the socket keeps working.
+    let mut ws = t.connect(&service, Vsn::V2).await;
+    let deep = "[".repeat(10_000);
+    for junk in ["{", "null", "[]", "[1,2,3,4]", "{\"topic\":1}", "[null,null,5,\"x\",{}]", deep.as_str(), "\u{0}"] {
+        ws.send_raw(Message::Text(junk.into())).await;
+    }
+    for _ in 0..1_000 {
+        ws.send_raw(Message::Text("not json".into())).await;
+    }
+    ws.send(None, "phoenix", "heartbeat", json!({})).await;
+    assert_eq!(ws.expect("phoenix", "phx_reply").await.payload["status"], "ok");
+
+    // 2. Unknown topics and events: error replies with reasons.
+    ws.send(None, "realtime:nobody-joined-this", "whatever", json!({})).await;
+    let reply = ws.expect("realtime:nobody-joined-this", "phx_reply").await;
+    assert_eq!(reply.payload["response"]["reason"], "unmatched topic");
+    ws.send(None, "not-a-realtime-topic", "phx_join", json!({})).await;
+    assert_eq!(ws.expect("not-a-realtime-topic", "phx_reply").await.payload["response"]["reason"], "unmatched topic");
+    ws.send(None, "realtime:", "phx_join", json!({})).await;
+    let reply = ws.expect("realtime:", "phx_reply").await;
+    assert!(reply.payload["response"]["reason"].as_str().unwrap().starts_with("TopicNameRequired"));
+    ws.send(None, "phoenix", "reboot", json!({})).await;
+    assert_eq!(ws.expect("phoenix", "phx_reply").await.payload["status"], "error");
+
+    // 3. A join flood: 10,000 joins pipelined on one socket. The burst is
+    // served, then a precise refusal and close 1008.
+    let mut flood = t.connect(&service, Vsn::V2).await;
+    let frames: Vec<Message> = (0..10_000)
+        .map(|i| {
+            let topic = format!("realtime:flood-{i}");
+            Message::Text(json!([i.to_string(), i.to_string(), topic, "phx_join", {"config": {}}]).to_string().into())
+        })
+        .collect();
+    let mut sink_frames = futures::stream::iter(frames.into_iter().map(Ok));
+    // The server may close mid-flood; a failed send is expected then.
+    let _ = flood.ws.send_all(&mut sink_frames).await;
+    let mut refused = None;
+    let mut ok = 0;
+    let code = loop {
+        match tokio::time::timeout(Duration::from_secs(15), flood.ws.next()).await.expect("flood answered") {
+            Some(Ok(Message::Text(text))) => {
+                let frame = flood.decode(text.as_str());
+                match frame.payload["status"].as_str() {
+                    Some("ok") => ok += 1,
+                    _ => refused = refused.or(frame.payload["response"]["reason"].as_str().map(str::to_owned)),
+                }
+            }
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => break None,
+        }
+    };
+    assert_eq!(code, Some(1008), "closed as a policy violation");
+    assert!((1..=100).contains(&ok), "the burst is served before the limit: {ok}");
+    let refused = refused.expect("a refusal");
+    assert!(
+        refused == "ChannelRateLimitReached: Too many channels"
+            || refused == "ClientJoinRateLimitReached: Too many joins per second",
+        "{refused}"
+    );
+
+    // 4. An oversized message: close 1009.
+    let mut big = t.connect(&service, Vsn::V1).await;
+    big.send(None, "phoenix", "heartbeat", json!({"pad": "x".repeat(2 << 20)})).await;
+    assert_eq!(big.close_code().await, Some(1009));
+
+    // 5. Invalid WebSocket frames, written byte by byte.
+    let mut raw = raw_socket(&t, &service).await;
+    raw.write_all(&client_frame(0x83, b"reserved opcode")).await.unwrap();
+    assert_eq!(raw_close_code(&mut raw).await, Some(1002), "reserved opcode");
+    let mut raw = raw_socket(&t, &service).await;
+    raw.write_all(&client_frame(0x81, &[0xff, 0xfe, 0xfd])).await.unwrap();
+    assert_eq!(raw_close_code(&mut raw).await, Some(1007), "invalid UTF-8 text");
+    let mut raw = raw_socket(&t, &service).await;
+    raw.write_all(&[0x81, 0x05, b'h', b'e', b'l', b'l', b'o']).await.unwrap(); // unmasked
+    assert_eq!(raw_close_code(&mut raw).await, Some(1002), "unmasked client frame");
+    let mut raw = raw_socket(&t, &service).await;
+    raw.write_all(&[0x81, 0xff, 0xff, 0xff]).await.unwrap(); // truncated header, then hang up
+    drop(raw);
+    let mut raw = raw_socket(&t, &service).await;
+    raw.write_all(&client_frame(0x82, &[3, 255, 255, 255, 255, 255, 1, b'x'])).await.unwrap(); // lying lengths
+    raw.write_all(&client_frame(0x89, b"ping")).await.unwrap();
+    raw.write_all(&client_frame(0x88, &[0x03, 0xe8])).await.unwrap();
+    assert_eq!(raw_close_code(&mut raw).await, Some(1000), "binary junk ignored, then a clean close");
+
+    // 6. Bad tokens on joins: precise reasons, the socket stays.
+    let mut ws = t.connect(&service, Vsn::V2).await;
+    for bad in ["", "x.y.z", "eyJhbGciOiJub25lIn0.eyJyb2xlIjoiYW5vbiIsImV4cCI6OTk5OTk5OTk5OX0."] {
+        ws.join("realtime:t", json!([]), Some(bad)).await;
+        let reply = ws.expect("realtime:t", "phx_reply").await;
+        if bad.is_empty() {
+            assert_eq!(reply.payload["status"], "ok", "an empty token falls back to the apikey");
+        } else {
+            assert!(
+                reply.payload["response"]["reason"].as_str().unwrap().starts_with("InvalidJWTToken: "),
+                "{:?}",
+                reply.raw
+            );
+        }
+    }
+    let stranger = token("authenticated", Some(Uuid::new_v4()), 3600);
+    ws.join("realtime:u", json!([]), Some(&stranger)).await;
+    assert_eq!(ws.expect("realtime:u", "phx_reply").await.payload["status"], "ok");
+
+    // The witness received every order written during all of this, in order.
+    let _ = stop_tx.send(true);
+    let written = writer.await.unwrap();
+    assert!(written.len() >= 5, "the writer ran during the attack: {}", written.len());
+    let mut seen = Vec::new();
+    while seen.len() < written.len() {
+        let frame = witness.expect("realtime:witness", "postgres_changes").await;
+        seen.push(frame.payload["data"]["record"]["id"].as_str().unwrap().parse::<Uuid>().unwrap());
+    }
+    assert_eq!(seen, written, "every change, once, in commit order");
+    t.server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn half_open_and_silent_connections_do_not_block_the_server() {
+    let t = TestServer::start().await;
+    // Sockets that never finish their request head, or send garbage.
+    let mut idle = Vec::new();
+    for _ in 0..50 {
+        idle.push(TcpStream::connect(t.addr()).await.unwrap());
+    }
+    let mut garbage = TcpStream::connect(t.addr()).await.unwrap();
+    garbage.write_all(b"\x16\x03\x01\x02\x00 not http at all\r\n\r\n").await.unwrap();
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), garbage.read_to_end(&mut response)).await;
+    assert!(response.starts_with(b"HTTP/1.1 400"), "{}", String::from_utf8_lossy(&response));
+    let mut huge = TcpStream::connect(t.addr()).await.unwrap();
+    let _ = huge.write_all(format!("GET / HTTP/1.1\r\nx: {}\r\n", "a".repeat(20_000)).as_bytes()).await;
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), huge.read_to_end(&mut response)).await;
+    assert!(response.starts_with(b"HTTP/1.1 431"), "{}", String::from_utf8_lossy(&response));
+    // A normal client still connects and works.
+    let mut ws: Ws = t.connect(&token("anon", None, 3600), Vsn::V2).await;
+    ws.send(None, "phoenix", "heartbeat", json!({})).await;
+    assert_eq!(ws.expect("phoenix", "phx_reply").await.payload["status"], "ok");
+    drop(idle);
+    t.server.shutdown().await.unwrap();
+}
