@@ -220,8 +220,7 @@ struct SourceArgs {
 impl SourceArgs {
     fn config(&self) -> anyhow::Result<walcast::replication::SourceConfig> {
         use std::str::FromStr;
-        let connection = tokio_postgres::Config::from_str(&self.database_url)
-            .map_err(|_| anyhow::anyhow!("--database-url is not a valid PostgreSQL URL or connection string"))?;
+        let connection = walcast::pgconn::PgConfig::from_str(&self.database_url).context("--database-url")?;
         let mut slot = walcast::replication::SlotOptions::new(&self.slot, &self.publication);
         slot.proto_version = self.proto_version;
         slot.streaming = self.streaming;
@@ -394,8 +393,7 @@ async fn serve_demo(mut settings: walcast::config::Settings) -> anyhow::Result<(
         demo.cluster.version(),
         demo.cluster.port()
     );
-    let connection = tokio_postgres::Config::from_str(&demo.database_url)
-        .map_err(|_| anyhow::anyhow!("the embedded database URL is not valid"))?;
+    let connection = walcast::pgconn::PgConfig::from_str(&demo.database_url).context("the embedded database URL")?;
     settings.auth =
         walcast::realtime::auth::AuthConfig { jwt_secret: Some(demo.jwt_secret.clone()), jwks: None, audience: None };
     let mut config = settings.serve_config(connection);
@@ -468,14 +466,9 @@ async fn record(
 }
 
 async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
-    let (client, connection) =
-        tokio_postgres::connect(url, tokio_postgres::NoTls).await.context("connecting to PostgreSQL")?;
-    tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            tracing::warn!(error = %err, "database connection ended");
-        }
-    });
-    Ok(client)
+    use std::str::FromStr;
+    let config = walcast::pgconn::PgConfig::from_str(url).context("the database URL")?;
+    walcast::pgconn::connect(&config).await.context("connecting to PostgreSQL")
 }
 
 async fn ensure_database(admin_url: &str, name: &str) -> anyhow::Result<()> {

@@ -39,6 +39,9 @@
 //! - [`change`]: typed changes; PostgreSQL text values to Supabase-style JSON.
 //! - [`policy`]: who may see a change — the WAL-ordered membership cache,
 //!   rules mirroring the SELECT policies, postgres_changes filters.
+//! - [`pgconn`]: connection strings with their TLS settings (`sslmode`,
+//!   `sslrootcert`), rustls for both kinds of connection, and the one SQL
+//!   connect everything uses.
 //! - [`replication`]: our own logical-replication client (walsender protocol,
 //!   slots, the copy-both stream with standby status updates).
 //!
@@ -62,6 +65,7 @@ pub mod demo;
 pub mod http;
 pub mod hub;
 pub mod lsn;
+pub mod pgconn;
 pub mod pgoutput;
 pub mod policy;
 pub mod realtime;

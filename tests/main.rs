@@ -21,3 +21,4 @@ mod schema_migrations;
 mod schema_orders;
 mod schema_realtime;
 mod schema_rls;
+mod tls;

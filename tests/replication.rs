@@ -347,7 +347,7 @@ fn collect_source(url: &str, slot: &str) -> Collector {
     use walcast::pgoutput::{decode, Message, TupleValue};
     use walcast::replication::{run_source, SourceConfig, SourceEvent};
     let config = SourceConfig {
-        connection: tokio_postgres::Config::from_str(url).unwrap(),
+        connection: tokio_postgres::Config::from_str(url).unwrap().into(),
         slot: SlotOptions::new(slot, "supabase_realtime"),
         stream: StreamConfig { status_interval: Duration::from_millis(100) },
         connect_timeout: CONNECT_TIMEOUT,

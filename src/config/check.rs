@@ -77,23 +77,20 @@ impl Report {
 }
 
 /// Runs every check against the database at `connection`.
-pub async fn run(settings: &Settings, connection: &tokio_postgres::Config) -> Vec<Finding> {
+/// `connection` is a [`PgConfig`](crate::pgconn::PgConfig) (TLS as its
+/// `sslmode` says) or a tokio-postgres config.
+pub async fn run(settings: &Settings, connection: impl Into<crate::pgconn::PgConfig>) -> Vec<Finding> {
     let mut report = Report(Vec::new());
     match Verifier::new(&settings.auth) {
         Ok(_) => report.ok("JWT keys", "configured and valid"),
         Err(err) => report.fail("JWT keys", err.to_string(), "pass --jwt-secret or --jwks"),
     }
-    let client = match connection.connect(tokio_postgres::NoTls).await {
-        Ok((client, conn)) => {
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            client
-        }
+    let client = match crate::pgconn::connect(&connection.into()).await {
+        Ok(client) => client,
         Err(err) => {
             report.fail(
                 "connection",
-                format!("cannot connect: {err}"),
+                format!("cannot connect: {}", crate::pgconn::describe(&err)),
                 "check DATABASE_URL (host, port, user, password, database) and that PostgreSQL accepts the connection",
             );
             return report.0;

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::pgconn::PgConfig;
 use crate::policy::PolicyConfig;
 use crate::realtime::auth::AuthConfig;
 use crate::relay::RelayConfig;
@@ -55,6 +56,7 @@ pub struct FileConfig {
     /// Database (`DB_NAME`).
     pub db_name: Option<String>,
     /// TLS (`DB_SSL`): `true`/`false`, or an sslmode (`disable`, `prefer`, `require`, `verify-ca`, `verify-full`).
+    /// `verify-ca`/`verify-full` need `sslrootcert`, which only `DATABASE_URL` can give (see [`crate::pgconn`]).
     pub db_ssl: Option<String>,
     /// Replication slot.
     pub slot_name: Option<String>,
@@ -177,9 +179,10 @@ pub enum ConfigError {
         /// What is wrong (no values quoted).
         detail: String,
     },
-    /// The database URL does not parse.
-    #[error("DATABASE_URL (--database-url) is not a valid PostgreSQL URL or key=value connection string")]
-    DatabaseUrl,
+    /// The database URL does not parse, or its TLS settings are unusable
+    /// (the cause never quotes the URL).
+    #[error("DATABASE_URL (--database-url): {0}")]
+    DatabaseUrl(#[source] crate::pgconn::ConfigError),
     /// `DB_SSL` has an unknown value.
     #[error("DB_SSL must be true, false or an sslmode (disable, prefer, require, verify-ca, verify-full)")]
     DbSsl,
@@ -216,7 +219,7 @@ pub enum ConfigError {
 #[derive(Clone)]
 pub enum Database {
     /// A configured server.
-    Url(Box<tokio_postgres::Config>),
+    Url(Box<PgConfig>),
     /// None configured: the embedded demo.
     Embedded,
 }
@@ -225,7 +228,8 @@ impl std::fmt::Debug for Database {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Database::Url(config) => {
-                write!(f, "Url(hosts: {:?}, dbname: {:?})", config.get_hosts(), config.get_dbname())
+                let (pg, tls) = (config.postgres(), config.tls());
+                write!(f, "Url(hosts: {:?}, dbname: {:?}, sslmode: {})", pg.get_hosts(), pg.get_dbname(), tls.mode)
             }
             Database::Embedded => f.write_str("Embedded"),
         }
@@ -337,9 +341,7 @@ impl Settings {
             if merged.db_host.is_some() {
                 tracing::info!("DATABASE_URL is set; DB_HOST and the other DB_* settings are ignored");
             }
-            return tokio_postgres::Config::from_str(url)
-                .map(|c| Database::Url(Box::new(c)))
-                .map_err(|_| ConfigError::DatabaseUrl);
+            return PgConfig::from_str(url).map(|c| Database::Url(Box::new(c))).map_err(ConfigError::DatabaseUrl);
         }
         let Some(host) = merged.db_host.as_deref().filter(|h| !h.is_empty()) else {
             return Ok(Database::Embedded);
@@ -361,13 +363,11 @@ impl Settings {
             };
             conninfo.push_str(&format!(" sslmode={mode}"));
         }
-        tokio_postgres::Config::from_str(&conninfo)
-            .map(|c| Database::Url(Box::new(c)))
-            .map_err(|_| ConfigError::DatabaseUrl)
+        PgConfig::from_str(&conninfo).map(|c| Database::Url(Box::new(c))).map_err(ConfigError::DatabaseUrl)
     }
 
     /// The server configuration for a database connection.
-    pub fn serve_config(&self, connection: tokio_postgres::Config) -> ServeConfig {
+    pub fn serve_config(&self, connection: PgConfig) -> ServeConfig {
         let slot = SlotOptions::new(&self.slot, &self.publication);
         let mut relay = RelayConfig::new(SourceConfig::new(connection, slot));
         relay.policy = self.policy.clone();
@@ -440,14 +440,27 @@ mod tests {
         };
         let settings = Settings::resolve(given, None).unwrap();
         let Database::Url(config) = &settings.database else { panic!("a database") };
-        assert_eq!(config.get_ports(), [6543]);
-        assert_eq!(config.get_user(), Some("supabase_admin"));
-        assert_eq!(config.get_password(), Some(&b"it's secret"[..]));
-        assert_eq!(config.get_ssl_mode(), tokio_postgres::config::SslMode::Require);
+        assert_eq!(config.postgres().get_ports(), [6543]);
+        assert_eq!(config.postgres().get_user(), Some("supabase_admin"));
+        assert_eq!(config.postgres().get_password(), Some(&b"it's secret"[..]));
+        assert_eq!(config.tls().mode, crate::pgconn::SslMode::Require);
         let debug = format!("{settings:?}");
         assert!(!debug.contains("it's secret") && !debug.contains("\"s\""), "Debug never shows secrets: {debug}");
         let bad = FileConfig { db_host: Some("h".into()), db_ssl: Some("maybe".into()), ..self::tests::given() };
         assert!(matches!(Settings::resolve(bad, None), Err(ConfigError::DbSsl)));
+    }
+
+    #[test]
+    fn database_url_tls_settings() {
+        let url = "postgres://u:hunter2@db.example.com/db?sslmode=verify-full&sslrootcert=/etc/walcast/ca.pem";
+        let settings = Settings::resolve(FileConfig { database_url: Some(url.into()), ..given() }, None).unwrap();
+        let Database::Url(config) = &settings.database else { panic!("a database") };
+        assert_eq!(config.tls().mode, crate::pgconn::SslMode::VerifyFull);
+        assert!(format!("{settings:?}").contains("sslmode: verify-full"));
+        let no_root =
+            FileConfig { database_url: Some("postgres://u:hunter2@h/db?sslmode=verify-ca".into()), ..given() };
+        let err = Settings::resolve(no_root, None).unwrap_err().to_string();
+        assert!(err.contains("DATABASE_URL") && err.contains("sslrootcert") && !err.contains("hunter2"), "{err}");
     }
 
     #[test]

@@ -41,7 +41,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use uuid::Uuid;
 
 use crate::cluster::{Cluster, ClusterConfig, ClusterError};
@@ -256,13 +256,8 @@ async fn prepare(cluster: &Cluster) -> Result<String, DemoError> {
 
 /// Connects to `url`, driving the connection on the current runtime.
 pub(crate) async fn connect(url: &str) -> Result<Client, DemoError> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await.map_err(DemoError::db("connect"))?;
-    tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            tracing::debug!(error = %err, "demo database connection ended");
-        }
-    });
-    Ok(client)
+    let config: tokio_postgres::Config = url.parse().map_err(DemoError::db("connect"))?;
+    crate::pgconn::connect(&config.into()).await.map_err(DemoError::db("connect"))
 }
 
 /// Seconds since the Unix epoch.

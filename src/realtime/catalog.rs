@@ -12,6 +12,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use super::RealtimeError;
+use crate::pgconn::PgConfig;
 
 /// Shortest time between two refreshes caused by lookups that missed.
 pub const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
@@ -39,7 +40,7 @@ type Tables = HashMap<(String, String), Arc<TableInfo>>;
 /// The catalog.
 #[derive(Debug)]
 pub struct Catalog {
-    connection: tokio_postgres::Config,
+    connection: PgConfig,
     publications: Vec<String>,
     tables: RwLock<Arc<Tables>>,
     /// Serializes refreshes; holds the time of the last one.
@@ -61,7 +62,7 @@ impl Catalog {
     ///
     /// # Errors
     /// When PostgreSQL cannot be reached or queried.
-    pub async fn load(connection: tokio_postgres::Config, publications: &[String]) -> Result<Catalog, RealtimeError> {
+    pub async fn load(connection: PgConfig, publications: &[String]) -> Result<Catalog, RealtimeError> {
         let catalog = Catalog {
             connection,
             publications: publications.to_vec(),
@@ -73,14 +74,9 @@ impl Catalog {
     }
 
     async fn reload(&self) -> Result<(), RealtimeError> {
-        let (client, connection) =
-            self.connection.connect(tokio_postgres::NoTls).await.map_err(RealtimeError::Catalog)?;
-        let task = tokio::spawn(async move {
-            let _ = connection.await;
-        });
+        let client = crate::pgconn::connect(&self.connection).await.map_err(RealtimeError::Catalog)?;
         let rows = client.query(TABLES_SQL, &[&self.publications]).await.map_err(RealtimeError::Catalog)?;
         drop(client);
-        let _ = task.await;
         let mut tables: HashMap<(String, String), TableInfo> = HashMap::new();
         for row in rows {
             let (schema, table, column, type_name): (String, String, String, String) =

@@ -25,6 +25,7 @@ use tracing::Instrument;
 
 use crate::change::{Assembler, ChangeError};
 use crate::hub::{self, HubConfig, HubError, HubHandle, StageEvent};
+use crate::pgconn::PgConfig;
 use crate::policy::{self, MembershipCache, PolicyConfig, PolicyError, Rules};
 use crate::replication::{run_source, AckHandle, ReplicationError, SourceConfig, SourceEvent, WalEvent};
 
@@ -156,20 +157,14 @@ impl Relay {
     }
 }
 
-async fn connect_sql(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, PolicyError> {
-    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            tracing::debug!(error = %err, "membership load connection ended");
-        }
-    });
-    Ok(client)
+async fn connect_sql(config: &PgConfig) -> Result<tokio_postgres::Client, PolicyError> {
+    Ok(crate::pgconn::connect(config).await?)
 }
 
 /// Source events → typed, committed changes in batches, plus the membership
 /// load at the first start.
 async fn change_stage(
-    connection: tokio_postgres::Config,
+    connection: PgConfig,
     table: policy::MembershipTable,
     memberships: Arc<MembershipCache>,
     mut input: mpsc::Receiver<SourceEvent>,

@@ -12,16 +12,29 @@
 //! allocation for it; only the simple query protocol is used (the walsender
 //! accepts nothing else); while streaming, only CopyData, CopyDone and
 //! Terminate are sent.
+//!
+//! # TLS
+//!
+//! Over TCP, unless `sslmode=disable`, the connection first sends an
+//! SSLRequest and, when the server answers `S`, runs the rustls handshake
+//! before the startup message ([`crate::pgconn::stream::request_tls`]); the
+//! rules per `sslmode` are in [`crate::pgconn`]. Unix sockets are always
+//! plain. Over TLS, SCRAM uses `SCRAM-SHA-256-PLUS` with
+//! `tls-server-end-point` channel binding when the server offers it and
+//! `channel_binding` is not `disable`; `channel_binding=require` refuses any
+//! other authentication.
 
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use postgres_protocol::authentication::sasl::{self, ChannelBinding, ScramSha256};
 use postgres_protocol::message::{backend, frontend};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio_postgres::config::Host;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_postgres::config::{ChannelBinding as ChannelBindingMode, Host};
 
 use super::{PgError, ReplicationError};
+use crate::pgconn::stream::{request_tls, PgStream, TlsStart};
+use crate::pgconn::{PgConfig, SslMode, TlsError, TlsSettings};
 
 /// Largest backend frame accepted (a row of 1 GB TOASTed values plus headroom).
 pub const MAX_FRAME: usize = 1 << 30;
@@ -31,9 +44,8 @@ pub const MAX_FRAME: usize = 1 << 30;
 pub const PINNED_OPTIONS: &str =
     "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=iso_8601 -c extra_float_digits=3 -c bytea_output=hex";
 
-/// The byte stream under a connection.
-trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Socket for T {}
+/// Longest ErrorResponse accepted in answer to the SSLRequest.
+const MAX_SSL_ERROR: usize = 64 * 1024;
 
 /// A message from the server, as far as this client cares.
 pub(crate) enum Backend {
@@ -91,7 +103,7 @@ impl QueryResult {
 
 /// A connection to a walsender in logical replication mode.
 pub struct WalConnection {
-    socket: Box<dyn Socket>,
+    socket: PgStream,
     read_buf: BytesMut,
     write_buf: BytesMut,
     /// Backend process id (for `pg_terminate_backend` in tests and logs).
@@ -101,19 +113,26 @@ pub struct WalConnection {
 
 impl std::fmt::Debug for WalConnection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WalConnection").field("pid", &self.pid).finish_non_exhaustive()
+        f.debug_struct("WalConnection")
+            .field("pid", &self.pid)
+            .field("tls", &self.socket.is_tls())
+            .finish_non_exhaustive()
     }
 }
 
 impl WalConnection {
-    /// Connects with the parameters of `config` (a tokio-postgres config parsed
-    /// from a URL or key=value string), trying each host in turn, and
-    /// authenticates.
+    /// Connects with the parameters of `config` (a [`PgConfig`] parsed from a
+    /// URL or key=value string, or a tokio-postgres config, whose `sslmode`
+    /// is then disable, prefer or require), trying each host in turn,
+    /// negotiating TLS, and authenticates.
     ///
     /// # Errors
-    /// Transient for I/O problems, definite for authentication and
-    /// configuration problems.
-    pub async fn connect(config: &tokio_postgres::Config, connect_timeout: Duration) -> Result<Self, ReplicationError> {
+    /// Transient for I/O problems, definite for authentication, TLS (e.g. the
+    /// server certificate fails verification) and configuration problems.
+    pub async fn connect(config: impl Into<PgConfig>, connect_timeout: Duration) -> Result<Self, ReplicationError> {
+        let config: PgConfig = config.into();
+        let tls = config.tls();
+        let config = config.postgres();
         let hosts = config.get_hosts();
         if hosts.is_empty() {
             return Err(ReplicationError::Config("the database URL names no host".into()));
@@ -122,7 +141,7 @@ impl WalConnection {
         let mut last = None;
         for (i, host) in hosts.iter().enumerate() {
             let port = ports.get(i).or_else(|| ports.first()).copied().unwrap_or(5432);
-            let attempt = tokio::time::timeout(connect_timeout, Self::open(host, port)).await;
+            let attempt = tokio::time::timeout(connect_timeout, Self::open(host, port, tls)).await;
             let socket = match attempt {
                 Ok(Ok(socket)) => socket,
                 Ok(Err(err)) => {
@@ -150,18 +169,48 @@ impl WalConnection {
         Err(last.unwrap_or_else(|| ReplicationError::Config("no host to connect to".into())))
     }
 
-    async fn open(host: &Host, port: u16) -> Result<Box<dyn Socket>, ReplicationError> {
-        match host {
-            Host::Tcp(name) => {
-                let stream = tokio::net::TcpStream::connect((name.as_str(), port)).await?;
-                stream.set_nodelay(true)?;
-                Ok(Box::new(stream))
-            }
+    /// Opens the socket and negotiates TLS as `tls` says.
+    async fn open(host: &Host, port: u16, tls: &TlsSettings) -> Result<PgStream, ReplicationError> {
+        let name = match host {
+            Host::Tcp(name) => name,
             Host::Unix(dir) => {
+                // libpq's rule: no TLS over a Unix socket, whatever the mode.
                 let path = dir.join(format!(".s.PGSQL.{port}"));
-                Ok(Box::new(tokio::net::UnixStream::connect(path).await?))
+                return Ok(PgStream::Unix(tokio::net::UnixStream::connect(path).await?));
+            }
+        };
+        let stream = tokio::net::TcpStream::connect((name.as_str(), port)).await?;
+        stream.set_nodelay(true)?;
+        if tls.mode == SslMode::Disable {
+            return Ok(PgStream::Tcp(stream));
+        }
+        match request_tls(stream, name, tls).await? {
+            TlsStart::Tls(stream) => Ok(stream),
+            TlsStart::Refused(_) if tls.mode.requires_tls() => Err(TlsError::NotSupported(tls.mode).into()),
+            TlsStart::Refused(stream) => Ok(PgStream::Tcp(stream)),
+            TlsStart::ErrorResponse(mut stream) => {
+                // The server could not start a backend (e.g. too many
+                // connections): the rest of its ErrorResponse follows the tag.
+                let len = stream.read_i32().await?;
+                let body = usize::try_from(len).ok().filter(|l| (4..=MAX_SSL_ERROR).contains(l)).ok_or_else(|| {
+                    ReplicationError::Protocol(format!("invalid length {len} of the answer to the SSLRequest"))
+                })? - 4;
+                let mut frame = BytesMut::with_capacity(5 + body);
+                frame.put_u8(b'E');
+                frame.put_i32(len);
+                frame.resize(5 + body, 0);
+                stream.read_exact(&mut frame[5..]).await?;
+                match backend::Message::parse(&mut frame)? {
+                    Some(backend::Message::ErrorResponse(body)) => Err(PgError::from_body(&body)?.into()),
+                    _ => Err(ReplicationError::Protocol("malformed ErrorResponse to the SSLRequest".into())),
+                }
             }
         }
+    }
+
+    /// Whether the connection is encrypted.
+    pub fn is_tls(&self) -> bool {
+        self.socket.is_tls()
     }
 
     async fn startup(&mut self, config: &tokio_postgres::Config) -> Result<(), ReplicationError> {
@@ -187,7 +236,7 @@ impl WalConnection {
         ];
         frontend::startup_message(params.iter().copied(), &mut self.write_buf)?;
         self.flush().await?;
-        self.authenticate(&user, config.get_password()).await?;
+        self.authenticate(&user, config.get_password(), config.get_channel_binding()).await?;
         // Parameter status, backend key data, then ReadyForQuery.
         loop {
             match self.read().await? {
@@ -207,12 +256,33 @@ impl WalConnection {
         }
     }
 
-    async fn authenticate(&mut self, user: &str, password: Option<&[u8]>) -> Result<(), ReplicationError> {
+    async fn authenticate(
+        &mut self,
+        user: &str,
+        password: Option<&[u8]>,
+        binding: ChannelBindingMode,
+    ) -> Result<(), ReplicationError> {
         let need_password =
             || ReplicationError::Auth("the server asks for a password and the database URL has none".into());
+        let require_binding = matches!(binding, ChannelBindingMode::Require);
+        let unbound = || {
+            ReplicationError::Auth(
+                "channel_binding=require, but the server did not authenticate with SCRAM channel binding \
+                 (it needs TLS and a scram-sha-256 pg_hba.conf entry); remove channel_binding=require or fix the \
+                 server"
+                    .into(),
+            )
+        };
+        let mut bound = false;
         loop {
             match self.read().await? {
+                Backend::Other(backend::Message::AuthenticationOk) if require_binding && !bound => {
+                    return Err(unbound())
+                }
                 Backend::Other(backend::Message::AuthenticationOk) => return Ok(()),
+                Backend::Other(
+                    backend::Message::AuthenticationCleartextPassword | backend::Message::AuthenticationMd5Password(_),
+                ) if require_binding => return Err(unbound()),
                 Backend::Other(backend::Message::AuthenticationCleartextPassword) => {
                     let password = password.ok_or_else(need_password)?;
                     frontend::password_message(password, &mut self.write_buf)?;
@@ -226,7 +296,10 @@ impl WalConnection {
                 }
                 Backend::Other(backend::Message::AuthenticationSasl(body)) => {
                     let password = password.ok_or_else(need_password)?;
-                    self.scram(body, password).await?;
+                    bound = self.scram(body, password, binding).await?;
+                    if require_binding && !bound {
+                        return Err(unbound());
+                    }
                 }
                 Backend::Other(backend::Message::ErrorResponse(body)) => {
                     let err = PgError::from_body(&body)?;
@@ -246,19 +319,37 @@ impl WalConnection {
         }
     }
 
-    async fn scram(&mut self, body: backend::AuthenticationSaslBody, password: &[u8]) -> Result<(), ReplicationError> {
+    /// SCRAM-SHA-256, with channel binding when possible (see the module
+    /// doc); returns whether the exchange was channel-bound.
+    async fn scram(
+        &mut self,
+        body: backend::AuthenticationSaslBody,
+        password: &[u8],
+        binding: ChannelBindingMode,
+    ) -> Result<bool, ReplicationError> {
         let mut mechanisms = body.mechanisms();
-        let mut has_scram = false;
+        let (mut has_scram, mut has_plus) = (false, false);
         while let Some(m) = fallible_iterator::FallibleIterator::next(&mut mechanisms)? {
-            has_scram |= m == "SCRAM-SHA-256";
+            has_scram |= m == sasl::SCRAM_SHA_256;
+            has_plus |= m == sasl::SCRAM_SHA_256_PLUS;
         }
-        if !has_scram {
+        let end_point = self.socket.channel_binding().filter(|_| !matches!(binding, ChannelBindingMode::Disable));
+        // As libpq: bind when both sides can; "y" (client could, server did
+        // not offer) only when the server offers no PLUS, else the server
+        // takes it for a downgrade; "n" without TLS binding data.
+        let (channel_binding, mechanism) = match (has_plus, end_point) {
+            (true, Some(data)) => (ChannelBinding::tls_server_end_point(data.to_vec()), sasl::SCRAM_SHA_256_PLUS),
+            (false, Some(_)) => (ChannelBinding::unrequested(), sasl::SCRAM_SHA_256),
+            (_, None) => (ChannelBinding::unsupported(), sasl::SCRAM_SHA_256),
+        };
+        if mechanism == sasl::SCRAM_SHA_256 && !has_scram {
             return Err(ReplicationError::Auth(
                 "the server offers no SASL mechanism walcast supports (SCRAM-SHA-256)".into(),
             ));
         }
-        let mut scram = ScramSha256::new(password, ChannelBinding::unsupported());
-        frontend::sasl_initial_response("SCRAM-SHA-256", scram.message(), &mut self.write_buf)?;
+        let bound = mechanism == sasl::SCRAM_SHA_256_PLUS;
+        let mut scram = ScramSha256::new(password, channel_binding);
+        frontend::sasl_initial_response(mechanism, scram.message(), &mut self.write_buf)?;
         self.flush().await?;
         match self.read().await? {
             Backend::Other(backend::Message::AuthenticationSaslContinue(body)) => {
@@ -274,7 +365,7 @@ impl WalConnection {
         match self.read().await? {
             Backend::Other(backend::Message::AuthenticationSaslFinal(body)) => {
                 scram.finish(body.data()).map_err(|e| ReplicationError::Auth(format!("SCRAM: {e}")))?;
-                Ok(())
+                Ok(bound)
             }
             Backend::Other(backend::Message::ErrorResponse(body)) => {
                 Err(ReplicationError::Auth(PgError::from_body(&body)?.to_string()))

@@ -6,9 +6,10 @@
 //!          └──── standby status 'r' ───────┘    └── AckHandle::ack(end_lsn) from downstream
 //! ```
 //!
-//! - [`conn`]: the wire connection (startup with `replication=database`,
-//!   authentication trust/cleartext/MD5/SCRAM-SHA-256, simple queries,
-//!   CopyBoth framing) on `postgres-protocol`.
+//! - [`conn`]: the wire connection (TLS per `sslmode` — see
+//!   [`crate::pgconn`] —, startup with `replication=database`, authentication
+//!   trust/cleartext/MD5/SCRAM-SHA-256(-PLUS), simple queries, CopyBoth
+//!   framing) on `postgres-protocol`.
 //! - [`slot`]: `IDENTIFY_SYSTEM`, slot creation (optionally exporting a
 //!   snapshot) and `START_REPLICATION`.
 //! - [`stream`]: the copy-both stream: XLogData and keepalives in, standby
@@ -38,7 +39,7 @@
 //! EOF, server shutdown `57P01`, slot busy `55006`, timeouts) that a supervisor
 //! retries with backoff, and definite ones whose message tells the operator the
 //! fix (wal_level, missing publication or slot, invalidated slot, missing
-//! privilege, bad credentials).
+//! privilege, bad credentials, TLS refused or certificate not trusted).
 
 pub mod conn;
 pub mod slot;
@@ -120,6 +121,10 @@ pub enum ReplicationError {
     /// Authentication failed.
     #[error("authentication failed: {0}; check the user and password in the database URL")]
     Auth(String),
+    /// TLS could not be set up (refused, or the server certificate failed
+    /// verification); the message names the fix.
+    #[error(transparent)]
+    Tls(#[from] crate::pgconn::TlsError),
     /// The server reported an error.
     #[error("{err}{}", fix_for(.err).map(|f| format!(" — fix: {f}")).unwrap_or_default())]
     Server {
@@ -145,6 +150,7 @@ impl ReplicationError {
             ReplicationError::Io(_) | ReplicationError::Eof | ReplicationError::Protocol(_) => true,
             ReplicationError::Config(_) | ReplicationError::Auth(_) | ReplicationError::Shutdown => false,
             ReplicationError::Server { err } => is_transient_sqlstate(&err.code),
+            ReplicationError::Tls(err) => err.is_transient(),
         }
     }
 

@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{AckHandle, ReplicationError, ReplicationStream, SlotOptions, StreamConfig, WalConnection, WalEvent};
 use crate::lsn::Lsn;
+use crate::pgconn::PgConfig;
 
 /// First retry delay after a transient error.
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -37,8 +38,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// What the source task is told to do.
 #[derive(Debug, Clone)]
 pub struct SourceConfig {
-    /// Connection parameters (parsed from the database URL).
-    pub connection: tokio_postgres::Config,
+    /// Connection parameters (parsed from the database URL), TLS included;
+    /// the SQL connections of the relay and catalog use them too.
+    pub connection: PgConfig,
     /// Slot and publications.
     pub slot: SlotOptions,
     /// Status update cadence.
@@ -51,9 +53,11 @@ pub struct SourceConfig {
 
 impl SourceConfig {
     /// Defaults: status every second, 10 s connect timeout, no snapshot export.
-    pub fn new(connection: tokio_postgres::Config, slot: SlotOptions) -> Self {
+    /// `connection` is a [`PgConfig`] or a tokio-postgres config (see
+    /// [`WalConnection::connect`]).
+    pub fn new(connection: impl Into<PgConfig>, slot: SlotOptions) -> Self {
         SourceConfig {
-            connection,
+            connection: connection.into(),
             slot,
             stream: StreamConfig::default(),
             connect_timeout: Duration::from_secs(10),
