@@ -50,7 +50,9 @@
 //! - [`relay`]: wires replication → change stage → hub with bounded channels.
 //! - [`realtime`]: Supabase Realtime's Phoenix protocol (vsn 1.0.0 and
 //!   2.0.0), JWT verification, per-socket sessions and their writers.
-//! - [`http`]: the listener: WebSocket upgrades, the dashboard, health.
+//! - [`http`]: the listener: WebSocket upgrades, the dashboard, `/health`,
+//!   `/ready`, `/metrics`.
+//! - [`monitor`]: Prometheus metrics, readiness, and the slot watchdog.
 //! - [`demo`]: the one-command demo: embedded PostgreSQL, demo data and tokens,
 //!   a demo writer.
 //! - [`config`]: settings (flags > environment > TOML file > defaults) and
@@ -65,6 +67,7 @@ pub mod demo;
 pub mod http;
 pub mod hub;
 pub mod lsn;
+pub mod monitor;
 pub mod pgconn;
 pub mod pgoutput;
 pub mod policy;

@@ -6,7 +6,9 @@
 //!     ├─ GET /realtime/v1/websocket | /socket/websocket  → apikey check → 101 → realtime session
 //!     ├─ GET /            → dashboard (static page)
 //!     ├─ GET /demo.json   → demo users and tokens (demo mode only)
-//!     ├─ GET /health      → {"status":"ok"}
+//!     ├─ GET /health      → {"status":"ok"} (alive: the process serves)
+//!     ├─ GET /ready       → 200 {"ready":true,…} | 503 {"ready":false,"reason":…} (see crate::monitor)
+//!     ├─ GET /metrics     → Prometheus text exposition
 //!     └─ anything else    → 404
 //! ```
 //!
@@ -30,6 +32,7 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 use tracing::Instrument;
 
+use crate::monitor::{text, Monitor};
 use crate::realtime::protocol::parse_vsn;
 use crate::realtime::session::{self, now_unix, stopped};
 use crate::realtime::SessionContext;
@@ -51,6 +54,8 @@ pub struct HttpContext {
     pub sessions: Arc<SessionContext>,
     /// `/demo.json` (demo mode only).
     pub demo_json: Option<bytes::Bytes>,
+    /// `/metrics` and `/ready`.
+    pub monitor: Arc<Monitor>,
 }
 
 /// Accepts connections until `shutdown`, then waits for them to close.
@@ -185,6 +190,7 @@ async fn respond(stream: &mut TcpStream, status: u16, content_type: &str, body: 
         426 => "Upgrade Required",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
         _ => "Error",
     };
     let head = format!(
@@ -221,6 +227,12 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<HttpContex
             None => respond_error(&mut stream, 404, "not in demo mode").await,
         },
         ("GET", "/health") => respond(&mut stream, 200, "application/json", br#"{"status":"ok"}"#).await,
+        ("GET", "/ready") => {
+            let readiness = ctx.monitor.readiness();
+            let status = if readiness.is_ready() { 200 } else { 503 };
+            respond(&mut stream, status, "application/json", &readiness.to_json()).await
+        }
+        ("GET", "/metrics") => respond(&mut stream, 200, text::CONTENT_TYPE, ctx.monitor.render().as_bytes()).await,
         _ => respond_error(&mut stream, 404, "not found").await,
     }
 }

@@ -24,7 +24,10 @@
 //!    subscriptions whose bindings match schema, table, event and filter.
 //!    The `data` JSON is built once per event type; each frame once per
 //!    (vsn, topic, ids, event type); subscribers share the `Bytes`.
-//! 4. The end LSN is acknowledged to the source once everything is queued.
+//! 4. The end LSN is acknowledged to the source once everything is queued;
+//!    a transaction that queued frames records its commit → queued latency in
+//!    [`HubStats::delivery_latency`], and the open/handled commit times feed
+//!    the replication lag (see [`crate::replication::status`]).
 //!
 //! A full outbox closes that connection (slow consumer) and removes its
 //! subscriptions; nobody else waits. A transaction larger than the buffer
@@ -46,7 +49,7 @@ pub mod frame;
 pub mod outbox;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -58,7 +61,9 @@ pub use outbox::{CloseReason, Outbox, OutboxLimits, PushError};
 
 use crate::change::{Change, RelationInfo, TxEvent};
 use crate::lsn::Lsn;
+use crate::monitor::histogram::LatencyHistogram;
 use crate::policy::{EventType, Filter, LoadedAt, MembershipCache, Rules, Viewer};
+use crate::replication::status::unix_micros_now;
 use crate::replication::AckHandle;
 
 /// Identifies one WebSocket connection.
@@ -204,6 +209,13 @@ pub struct HubStats {
     pub subscriptions: AtomicU64,
     /// Last end LSN handled (gauge).
     pub handled_lsn: AtomicU64,
+    /// Commit → queued latency of each transaction that queued frames: the
+    /// commit timestamp (the database's clock) against the wall clock once
+    /// its last frame was queued.
+    pub delivery_latency: LatencyHistogram,
+    /// The membership cache was loaded (set by the change stage at the load,
+    /// and by the hub when it sees [`StageEvent::Loaded`]).
+    pub memberships_loaded: AtomicBool,
 }
 
 /// Errors that stop the hub.
@@ -231,6 +243,16 @@ impl HubHandle {
     /// When the hub has stopped.
     pub async fn send(&self, control: Control) -> Result<(), Control> {
         self.control.send(control).await.map_err(|e| e.0)
+    }
+
+    /// Control requests queued now (cheap: the channel's used capacity).
+    pub fn control_queue_len(&self) -> usize {
+        self.control.max_capacity() - self.control.capacity()
+    }
+
+    /// Capacity of the control queue.
+    pub fn control_queue_capacity(&self) -> usize {
+        self.control.max_capacity()
     }
 
     /// Sends a control request without waiting.
@@ -312,6 +334,10 @@ struct Sub {
 #[derive(Debug, Default)]
 struct OpenTx {
     commit_timestamp: String,
+    /// Commit time, µs since the Unix epoch (latency and lag).
+    commit_micros: i64,
+    /// [`HubStats::deliveries`] when the transaction opened.
+    deliveries_at_open: u64,
     catch_up: bool,
     changes: Vec<Change>,
     bytes: usize,
@@ -521,6 +547,7 @@ impl Core {
         match event {
             StageEvent::Loaded(at) => {
                 self.judge_from = if at.exact { Lsn::ZERO } else { at.lsn };
+                self.stats.memberships_loaded.store(true, Ordering::Relaxed);
                 Ok(())
             }
             StageEvent::Reset => {
@@ -535,8 +562,12 @@ impl Core {
                     return Ok(());
                 }
                 self.skipping = false;
+                let commit_micros = begin.commit_timestamp.unix_micros();
+                self.ack.status().transaction_opened(commit_micros);
                 self.open = Some(OpenTx {
                     commit_timestamp: frame::commit_timestamp(begin.commit_timestamp),
+                    commit_micros,
+                    deliveries_at_open: self.stats.deliveries.load(Ordering::Relaxed),
                     catch_up: begin.commit_lsn < self.judge_from,
                     ..OpenTx::default()
                 });
@@ -581,6 +612,9 @@ impl Core {
                 let changes = std::mem::take(&mut tx.changes);
                 let result = self.handle_changes(&tx, &changes);
                 self.reap();
+                if self.stats.deliveries.load(Ordering::Relaxed) > tx.deliveries_at_open {
+                    self.stats.delivery_latency.observe_micros(unix_micros_now().saturating_sub(tx.commit_micros));
+                }
                 if tx.catch_up {
                     self.stats.catch_up_transactions.fetch_add(1, Ordering::Relaxed);
                 }
@@ -588,6 +622,7 @@ impl Core {
                 self.stats.handled_lsn.store(info.end_lsn.0, Ordering::Relaxed);
                 self.stats.transactions.fetch_add(1, Ordering::Relaxed);
                 self.ack.ack(info.end_lsn);
+                self.ack.status().transaction_handled(tx.commit_micros);
                 result
             }
         }

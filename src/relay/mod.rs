@@ -15,7 +15,13 @@
 //! stream has started, so subscriptions made after it see every later
 //! commit. Shutdown: stop the source (final standby status), let the hub
 //! close every outbox, then return.
+//!
+//! How each task ended goes into the shared
+//! [`ReplicationStatus`](crate::replication::ReplicationStatus) (a stage's
+//! error fails the pipeline for `/ready`); [`RelayQueues`] reads the channel
+//! depths through weak senders.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +30,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::change::{Assembler, ChangeError};
-use crate::hub::{self, HubConfig, HubError, HubHandle, StageEvent};
+use crate::hub::{self, HubConfig, HubError, HubHandle, HubStats, StageEvent};
 use crate::pgconn::PgConfig;
 use crate::policy::{self, MembershipCache, PolicyConfig, PolicyError, Rules};
 use crate::replication::{run_source, AckHandle, ReplicationError, SourceConfig, SourceEvent, WalEvent};
@@ -81,11 +87,36 @@ pub enum RelayError {
     Stopped(&'static str),
 }
 
+/// The relay's channels, for queue-depth gauges. Holds weak senders only, so
+/// it never keeps a channel open.
+#[derive(Debug, Clone)]
+pub struct RelayQueues {
+    source: mpsc::WeakSender<SourceEvent>,
+    stage: mpsc::WeakSender<Vec<StageEvent>>,
+}
+
+impl RelayQueues {
+    /// `(queued, capacity)` of the replication → change stage channel
+    /// (events); `None` once it closed.
+    pub fn source(&self) -> Option<(usize, usize)> {
+        self.source.upgrade().map(|tx| (tx.max_capacity() - tx.capacity(), tx.max_capacity()))
+    }
+
+    /// `(queued, capacity)` of the change stage → hub channel (batches of up
+    /// to 256 events); `None` once it closed.
+    pub fn stage(&self) -> Option<(usize, usize)> {
+        self.stage.upgrade().map(|tx| (tx.max_capacity() - tx.capacity(), tx.max_capacity()))
+    }
+}
+
 /// A running relay.
 #[derive(Debug)]
 pub struct Relay {
     /// For the realtime layer.
     pub hub: HubHandle,
+    /// Acknowledgements and the shared replication status.
+    ack: AckHandle,
+    queues: RelayQueues,
     shutdown: watch::Sender<bool>,
     source: JoinHandle<Result<(), ReplicationError>>,
     stage: JoinHandle<Result<(), RelayError>>,
@@ -107,24 +138,32 @@ impl Relay {
         let (hub, handle) = hub::hub(config.hub.clone(), rules, Arc::clone(&memberships), ack.clone());
         let (source_tx, source_rx) = mpsc::channel(256);
         let (stage_tx, stage_rx) = mpsc::channel(64);
+        let queues = RelayQueues { source: source_tx.downgrade(), stage: stage_tx.downgrade() };
         let (ready_tx, ready_rx) = oneshot::channel();
         let source = tokio::spawn(
             run_source(config.source.clone(), source_tx, ack.clone(), shutdown_rx.clone())
                 .instrument(tracing::info_span!("replication", slot = %config.source.slot.slot)),
         );
         let stage = tokio::spawn(
-            change_stage(
-                config.source.connection.clone(),
-                config.policy.memberships.clone(),
-                memberships,
-                source_rx,
-                stage_tx,
-                ready_tx,
+            record_end(
+                ack.clone(),
+                "change stage",
+                change_stage(
+                    config.source.connection.clone(),
+                    config.policy.memberships.clone(),
+                    memberships,
+                    Arc::clone(&handle.stats),
+                    source_rx,
+                    stage_tx,
+                    ready_tx,
+                ),
             )
             .instrument(tracing::info_span!("change_stage")),
         );
-        let hub_task = tokio::spawn(hub.run(stage_rx, shutdown_rx).instrument(tracing::info_span!("hub")));
-        let relay = Relay { hub: handle, shutdown, source, stage, hub_task };
+        let hub_task = tokio::spawn(
+            record_end(ack.clone(), "hub", hub.run(stage_rx, shutdown_rx)).instrument(tracing::info_span!("hub")),
+        );
+        let relay = Relay { hub: handle, ack, queues, shutdown, source, stage, hub_task };
         match tokio::time::timeout(config.start_timeout, ready_rx).await {
             Ok(Ok(())) => Ok(relay),
             Ok(Err(_)) => Err(relay.stop().await.err().unwrap_or(RelayError::Stopped("change stage"))),
@@ -155,6 +194,31 @@ impl Relay {
     pub fn is_running(&self) -> bool {
         !self.source.is_finished() && !self.stage.is_finished() && !self.hub_task.is_finished()
     }
+
+    /// The acknowledgement handle, with the shared replication status.
+    pub fn ack(&self) -> &AckHandle {
+        &self.ack
+    }
+
+    /// The relay's channels (queue depths).
+    pub fn queues(&self) -> RelayQueues {
+        self.queues.clone()
+    }
+}
+
+/// Runs a stage and records how it ended in the replication status: an error
+/// fails the pipeline (and `/ready`), a clean end marks it stopped.
+async fn record_end<E: std::fmt::Display>(
+    ack: AckHandle,
+    stage: &'static str,
+    run: impl std::future::Future<Output = Result<(), E>>,
+) -> Result<(), E> {
+    let result = run.await;
+    match &result {
+        Err(err) => ack.status().set_failed(format!("{stage} failed: {err}")),
+        Ok(()) => ack.status().set_stopped(),
+    }
+    result
 }
 
 async fn connect_sql(config: &PgConfig) -> Result<tokio_postgres::Client, PolicyError> {
@@ -167,6 +231,7 @@ async fn change_stage(
     connection: PgConfig,
     table: policy::MembershipTable,
     memberships: Arc<MembershipCache>,
+    stats: Arc<HubStats>,
     mut input: mpsc::Receiver<SourceEvent>,
     output: mpsc::Sender<Vec<StageEvent>>,
     ready: oneshot::Sender<()>,
@@ -190,6 +255,7 @@ async fn change_stage(
                 lease.release();
                 tracing::info!(rows = at.rows, lsn = %at.lsn, "memberships loaded in the slot's snapshot");
                 loaded = true;
+                stats.memberships_loaded.store(true, Ordering::Relaxed);
                 batch.push(StageEvent::Loaded(at));
             }
             SourceEvent::Started { .. } => {
@@ -200,6 +266,7 @@ async fn change_stage(
                     let at = policy::membership::load(&mut client, &table, &memberships, None).await?;
                     tracing::info!(rows = at.rows, lsn = %at.lsn, "memberships loaded; catch-up window until lsn");
                     loaded = true;
+                    stats.memberships_loaded.store(true, Ordering::Relaxed);
                     batch.push(StageEvent::Loaded(at));
                 }
             }

@@ -16,6 +16,8 @@
 //!   status updates out.
 //! - [`source`]: the long-lived task: ensure the slot, stream, reconnect with
 //!   backoff after transient errors.
+//! - [`status`]: the progress, state and lag shared with the hub and the
+//!   monitor (inside [`AckHandle`]).
 //!
 //! # Progress (what the slot is told)
 //!
@@ -44,11 +46,13 @@
 pub mod conn;
 pub mod slot;
 pub mod source;
+pub mod status;
 pub mod stream;
 
 pub use conn::{QueryResult, WalConnection};
 pub use slot::{CreatedSlot, SlotOptions, SystemIdentity};
 pub use source::{run_source, SnapshotLease, SourceConfig, SourceEvent};
+pub use status::{Lag, ReplicationStatus, SourceState};
 pub use stream::{AckHandle, ReplicationStream, StreamConfig, WalEvent};
 
 use postgres_protocol::message::backend::ErrorResponseBody;

@@ -9,7 +9,10 @@
 //! twice: delivery is at-least-once, never lossy.
 //!
 //! A definite error (see [`ReplicationError::is_transient`]) ends the task with
-//! that error; the operator must act.
+//! that error; the operator must act. The task records what it is doing in
+//! the [`ReplicationStatus`](super::ReplicationStatus) of its [`AckHandle`]
+//! (streaming, disconnected with the error, failed with the error, stopped),
+//! which `/ready` reports.
 //!
 //! The slot is created only by the task's first connection. With
 //! [`SourceConfig::export_snapshot`], creating it exports a snapshot and the
@@ -132,12 +135,17 @@ pub async fn run_source(
     let mut streamed_before = false;
     loop {
         if *shutdown.borrow() {
+            ack.status().set_stopped();
             return Ok(());
         }
         let result = stream_once(&config, &out, &ack, &mut shutdown, &mut backoff, &mut streamed_before).await;
         match result {
-            Err(ReplicationError::Shutdown) => return Ok(()),
+            Err(ReplicationError::Shutdown) | Ok(()) => {
+                ack.status().set_stopped();
+                return Ok(());
+            }
             Err(err) if err.is_transient() => {
+                ack.status().set_disconnected(&err);
                 tracing::warn!(error = %err, retry_in = ?backoff, "replication interrupted; reconnecting");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
@@ -146,10 +154,10 @@ pub async fn run_source(
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
             Err(err) => {
+                ack.status().set_failed(format!("replication failed: {err}"));
                 tracing::error!(error = %err, "replication stopped");
                 return Err(err);
             }
-            Ok(()) => return Ok(()),
         }
     }
 }
@@ -202,6 +210,7 @@ async fn stream_once(
     // Streaming works again: the next interruption starts from a short delay.
     *backoff = BACKOFF_START;
     let mut stream = ReplicationStream::new(conn, ack.clone(), config.stream.clone(), confirmed);
+    ack.status().set_streaming();
     let (tx, mut rx) = mpsc::channel::<WalEvent>(1);
     // Forward through a one-slot channel so the stream keeps answering its
     // status timer while `out` is full.

@@ -15,7 +15,7 @@
 //! whether a transaction is open (`B` … `C`) and the last Commit's `end_lsn`;
 //! decoding is the pgoutput module's job.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::conn::Backend;
+use super::status::ReplicationStatus;
 use super::{ReplicationError, WalConnection};
 use crate::lsn::Lsn;
 
@@ -69,24 +70,32 @@ impl Default for StreamConfig {
 
 /// Downstream's acknowledgement of processed transactions: the `end_lsn` of
 /// the last transaction fully handed on. Cloneable; acknowledgements only move
-/// forward.
+/// forward. It also carries the shared [`ReplicationStatus`] (progress, state,
+/// lag) that metrics and readiness read.
 #[derive(Debug, Clone, Default)]
-pub struct AckHandle(Arc<AtomicU64>);
+pub struct AckHandle(Arc<ReplicationStatus>);
 
 impl AckHandle {
     /// A handle starting at `lsn`.
     pub fn new(lsn: Lsn) -> Self {
-        AckHandle(Arc::new(AtomicU64::new(lsn.0)))
+        let status = ReplicationStatus::default();
+        status.acked.store(lsn.0, Ordering::Release);
+        AckHandle(Arc::new(status))
     }
 
     /// Acknowledges everything up to `end_lsn` (a Commit's `end_lsn`).
     pub fn ack(&self, end_lsn: Lsn) {
-        self.0.fetch_max(end_lsn.0, Ordering::AcqRel);
+        self.0.acked.fetch_max(end_lsn.0, Ordering::AcqRel);
     }
 
     /// The highest acknowledged position.
     pub fn acked(&self) -> Lsn {
-        Lsn(self.0.load(Ordering::Acquire))
+        self.0.acked()
+    }
+
+    /// The shared progress and state of replication.
+    pub fn status(&self) -> &ReplicationStatus {
+        &self.0
     }
 }
 
@@ -114,6 +123,7 @@ impl ReplicationStream {
     /// is the slot's `confirmed_flush_lsn` (nothing lower is ever reported).
     pub fn new(conn: WalConnection, ack: AckHandle, config: StreamConfig, confirmed: Lsn) -> Self {
         ack.ack(confirmed);
+        ack.status().stream_started(confirmed);
         ReplicationStream {
             conn,
             ack,
@@ -172,6 +182,7 @@ impl ReplicationStream {
     }
 
     async fn on_copy_data(&mut self, payload: Bytes) -> Result<Option<WalEvent>, ReplicationError> {
+        self.ack.status().count_message(payload.len());
         match payload.first() {
             Some(b'w') => {
                 if payload.len() < 25 {
@@ -183,6 +194,7 @@ impl ReplicationStream {
                 let data = payload.slice(25..);
                 // Positions of 0 mark messages that are not the last of a change.
                 self.received = self.received.max(wal_start).max(wal_end);
+                self.ack.status().on_data(self.received, data.first() == Some(&b'B'));
                 self.track_transaction(&data);
                 Ok(Some(WalEvent::XLogData { wal_start, wal_end, send_time, data }))
             }
@@ -195,6 +207,7 @@ impl ReplicationStream {
                 let reply = payload[17] != 0;
                 self.keepalive_end = self.keepalive_end.max(wal_end);
                 self.received = self.received.max(wal_end);
+                self.ack.status().on_keepalive(wal_end, self.received);
                 if reply {
                     self.send_status(false).await?;
                 }
@@ -219,8 +232,9 @@ impl ReplicationStream {
             Some(b'c') if data.len() >= 22 => {
                 self.last_commit_end = self.last_commit_end.max(Lsn(read_u64(&data[14..22])));
             }
-            _ => {}
+            _ => return,
         }
+        self.ack.status().on_transaction(self.in_transaction, self.last_commit_end);
     }
 
     /// The `flush` position to report now.
@@ -248,6 +262,7 @@ impl ReplicationStream {
         self.conn.queue_copy_data(&msg)?;
         self.conn.flush().await?;
         self.reported_flush = flush;
+        self.ack.status().on_status(flush);
         self.next_status = Instant::now() + self.config.status_interval;
         tracing::trace!(%write, %flush, "standby status update");
         Ok(())

@@ -3,10 +3,11 @@
 //!
 //! ```text
 //!  Server::start: verifier (config errors first) → catalog (SQL) → Relay::start
-//!                 (memberships loaded, streaming) → bind → accept loop
-//!  Server::shutdown: stop accepting → sockets closed with 1001 (queues
-//!                 drained, deadline) → replication stopped with a final
-//!                 standby status update → hub and stages joined
+//!                 (memberships loaded, streaming) → bind → slot watchdog,
+//!                 monitor → accept loop
+//!  Server::shutdown: watchdog aborted → stop accepting → sockets closed with
+//!                 1001 (queues drained, deadline) → replication stopped with
+//!                 a final standby status update → hub and stages joined
 //! ```
 //!
 //! The listener binds only after the relay streams, so a client that can
@@ -22,6 +23,8 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::http::{self, HttpContext};
+use crate::monitor::watchdog::{self, SlotWatch};
+use crate::monitor::{Monitor, MonitorConfig};
 use crate::realtime::auth::{AuthConfig, Verifier};
 use crate::realtime::catalog::Catalog;
 use crate::realtime::{Limits, RealtimeError, SessionContext};
@@ -40,6 +43,8 @@ pub struct ServeConfig {
     pub limits: Limits,
     /// `/demo.json`, served in demo mode.
     pub demo_json: Option<Bytes>,
+    /// `/ready` thresholds and the slot watchdog.
+    pub monitoring: MonitorConfig,
 }
 
 impl ServeConfig {
@@ -51,6 +56,7 @@ impl ServeConfig {
             auth,
             limits: Limits::default(),
             demo_json: None,
+            monitoring: MonitorConfig::default(),
         }
     }
 }
@@ -74,6 +80,9 @@ pub struct Server {
     http: JoinHandle<()>,
     relay: Relay,
     sessions: Arc<SessionContext>,
+    monitor: Arc<Monitor>,
+    /// The slot watchdog (best effort: aborted at shutdown).
+    watchdog: Option<JoinHandle<()>>,
 }
 
 impl Server {
@@ -96,11 +105,30 @@ impl Server {
         };
         let addr = listener.local_addr().map_err(|source| RealtimeError::Bind { addr: config.listen, source })?;
         let sessions = Arc::new(SessionContext::new(verifier, Arc::new(catalog), relay.hub.clone(), config.limits));
+        let slot = config.relay.source.slot.slot.clone();
+        let slot_watch = Arc::new(SlotWatch::default());
+        let watchdog = config.monitoring.watchdog().map(|settings| {
+            let run =
+                watchdog::run(config.relay.source.connection.clone(), slot.clone(), settings, Arc::clone(&slot_watch));
+            tokio::spawn(run.instrument(tracing::info_span!("slot_watchdog", slot = %slot)))
+        });
+        let monitor = Arc::new(Monitor::new(
+            config.monitoring.clone(),
+            Arc::clone(&sessions),
+            relay.ack().clone(),
+            relay.queues(),
+            slot,
+            slot_watch,
+        ));
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let ctx = Arc::new(HttpContext { sessions: Arc::clone(&sessions), demo_json: config.demo_json });
+        let ctx = Arc::new(HttpContext {
+            sessions: Arc::clone(&sessions),
+            demo_json: config.demo_json,
+            monitor: Arc::clone(&monitor),
+        });
         let http = tokio::spawn(http::serve(listener, ctx, shutdown_rx).instrument(tracing::info_span!("http", %addr)));
         tracing::info!(%addr, "serving realtime");
-        Ok(Server { addr, shutdown, http, relay, sessions })
+        Ok(Server { addr, shutdown, http, relay, sessions, monitor, watchdog })
     }
 
     /// The bound address.
@@ -116,6 +144,11 @@ impl Server {
     /// The relay (hub counters, memberships).
     pub fn relay(&self) -> &Relay {
         &self.relay
+    }
+
+    /// Metrics and readiness.
+    pub fn monitor(&self) -> &Arc<Monitor> {
+        &self.monitor
     }
 
     /// Runs until `signal` resolves or the relay stops, then shuts down.
@@ -148,6 +181,9 @@ impl Server {
     /// # Errors
     /// The first error a relay stage ended with.
     pub async fn shutdown(self) -> Result<(), ServeError> {
+        if let Some(watchdog) = &self.watchdog {
+            watchdog.abort();
+        }
         let _ = self.shutdown.send(true);
         let _ = self.http.await;
         self.relay.stop().await?;

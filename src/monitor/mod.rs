@@ -1,0 +1,474 @@
+//! Operating walcast: `/metrics` (Prometheus text), `/ready` (readiness with
+//! a reason) and the slot watchdog.
+//!
+//! ```text
+//!  RealtimeStats (sessions) ─┐
+//!  HubStats (hub) ───────────┤
+//!  ReplicationStatus (AckHandle: stream, source, hub) ─┼─▶ Monitor ──▶ GET /metrics  (text exposition)
+//!  RelayQueues (weak senders) ┤                        └─▶ GET /ready    (200 | 503 {"ready":false,"reason":…})
+//!  SlotWatch ◀── watchdog task (SQL, every interval) ┘
+//! ```
+//!
+//! Invariants:
+//! - Every figure is an atomic written where it happens and read here
+//!   without locks; nothing on the replication or fan-out path allocates for
+//!   metrics. Rendering (per scrape) allocates one `String`.
+//! - Counters only go up (`_total`); gauges are read as they are now; units
+//!   are in the names (`_bytes`, `_seconds`); every family has `# HELP` and
+//!   `# TYPE`.
+//! - `/ready` is 200 only when replication streams, the memberships are
+//!   loaded and the lag is within [`MonitorConfig::ready_max_lag`] and
+//!   [`MonitorConfig::ready_max_lag_bytes`]; otherwise 503 with the first
+//!   failing condition as the reason (a definite replication error carries
+//!   its text). `/health` (in [`crate::http`]) only says the process serves.
+//!
+//! Lag is defined in [`crate::replication::status`].
+
+pub mod histogram;
+pub mod text;
+pub mod watchdog;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::realtime::SessionContext;
+use crate::relay::RelayQueues;
+use crate::replication::status::unix_micros_now;
+use crate::replication::{AckHandle, Lag, SourceState};
+use text::{Kind, TextWriter};
+use watchdog::{SlotWatch, WalStatus, WatchdogConfig};
+
+/// Readiness thresholds and watchdog settings.
+#[derive(Debug, Clone)]
+pub struct MonitorConfig {
+    /// `/ready` fails while the replication lag is above this (`None`: no limit).
+    pub ready_max_lag: Option<Duration>,
+    /// `/ready` fails while more than this many bytes of received WAL are
+    /// unprocessed (`None`: no limit).
+    pub ready_max_lag_bytes: Option<u64>,
+    /// How often the slot watchdog polls `pg_replication_slots` (`None`: no watchdog).
+    pub slot_poll_interval: Option<Duration>,
+    /// Warn when the slot retains more than this fraction of
+    /// `max_slot_wal_keep_size` (ignored when that is `-1`; `None`: never).
+    pub slot_wal_warn_fraction: Option<f64>,
+    /// Warn when the slot retains more than this many bytes of WAL (`None`: never).
+    pub slot_wal_warn_bytes: Option<u64>,
+}
+
+impl Default for MonitorConfig {
+    /// Ready within 10 s and 16 MiB of lag; the watchdog polls every 10 s and
+    /// warns past half of `max_slot_wal_keep_size` or 1 GiB.
+    fn default() -> Self {
+        MonitorConfig {
+            ready_max_lag: Some(Duration::from_secs(10)),
+            ready_max_lag_bytes: Some(16 << 20),
+            slot_poll_interval: Some(Duration::from_secs(10)),
+            slot_wal_warn_fraction: Some(0.5),
+            slot_wal_warn_bytes: Some(1 << 30),
+        }
+    }
+}
+
+impl MonitorConfig {
+    /// The watchdog's settings, when it runs.
+    pub fn watchdog(&self) -> Option<WatchdogConfig> {
+        self.slot_poll_interval.map(|interval| WatchdogConfig {
+            interval,
+            warn_fraction: self.slot_wal_warn_fraction,
+            warn_bytes: self.slot_wal_warn_bytes,
+        })
+    }
+}
+
+/// The answer of `/ready`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Readiness {
+    /// Why not ready (`None`: ready).
+    pub reason: Option<String>,
+    /// Replication state.
+    pub state: SourceState,
+    /// Current lag.
+    pub lag: Lag,
+}
+
+impl Readiness {
+    /// Ready to serve.
+    pub fn is_ready(&self) -> bool {
+        self.reason.is_none()
+    }
+
+    /// `{"ready":…,"reason":…,"replication":…,"lag_bytes":…,"lag_seconds":…}`.
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut body = json!({
+            "ready": self.is_ready(),
+            "replication": self.state.as_str(),
+            "lag_bytes": self.lag.bytes,
+            "lag_seconds": self.lag.seconds,
+        });
+        if let Some(reason) = &self.reason {
+            body["reason"] = json!(reason);
+        }
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
+}
+
+/// The first condition that makes walcast not ready, if any.
+fn not_ready_reason(
+    state: SourceState,
+    error: Option<String>,
+    memberships_loaded: bool,
+    lag: Lag,
+    config: &MonitorConfig,
+) -> Option<String> {
+    match state {
+        SourceState::Streaming => {}
+        SourceState::Failed => return Some(error.unwrap_or_else(|| "replication failed".to_owned())),
+        SourceState::Disconnected => {
+            return Some(match error {
+                Some(error) => format!("replication disconnected: {error}"),
+                None => "replication disconnected".to_owned(),
+            })
+        }
+        SourceState::Starting => return Some("replication is starting".to_owned()),
+        SourceState::Stopped => return Some("replication stopped".to_owned()),
+    }
+    if !memberships_loaded {
+        return Some("memberships not loaded".to_owned());
+    }
+    if let Some(max) = config.ready_max_lag.filter(|max| lag.seconds > max.as_secs_f64()) {
+        return Some(format!("replication lag of {:.1} s is over the {:.1} s limit", lag.seconds, max.as_secs_f64()));
+    }
+    if let Some(max) = config.ready_max_lag_bytes.filter(|max| lag.bytes > *max) {
+        return Some(format!("replication is {} bytes behind the server's WAL end (limit {max})", lag.bytes));
+    }
+    None
+}
+
+/// Reads every figure for `/metrics` and `/ready`.
+#[derive(Debug)]
+pub struct Monitor {
+    config: MonitorConfig,
+    sessions: Arc<SessionContext>,
+    ack: AckHandle,
+    queues: RelayQueues,
+    slot: String,
+    slot_watch: Arc<SlotWatch>,
+    start_micros: i64,
+}
+
+impl Monitor {
+    /// A monitor over the running parts.
+    pub fn new(
+        config: MonitorConfig,
+        sessions: Arc<SessionContext>,
+        ack: AckHandle,
+        queues: RelayQueues,
+        slot: String,
+        slot_watch: Arc<SlotWatch>,
+    ) -> Monitor {
+        Monitor { config, sessions, ack, queues, slot, slot_watch, start_micros: unix_micros_now() }
+    }
+
+    /// The slot watchdog's findings.
+    pub fn slot_watch(&self) -> &Arc<SlotWatch> {
+        &self.slot_watch
+    }
+
+    /// Whether walcast is ready, and why not.
+    pub fn readiness(&self) -> Readiness {
+        let status = self.ack.status();
+        let state = status.state();
+        let lag = status.lag(unix_micros_now());
+        let loaded = self.sessions.hub.stats.memberships_loaded.load(Ordering::Relaxed);
+        let reason = not_ready_reason(state, status.error(), loaded, lag, &self.config);
+        Readiness { reason, state, lag }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut w = TextWriter::new();
+        let readiness = self.readiness();
+        w.family("walcast_build_info", Kind::Gauge, "Always 1; the version as a label.");
+        w.sample("walcast_build_info", &[("version", env!("CARGO_PKG_VERSION"))], 1u64);
+        w.gauge("walcast_start_time_seconds", "When the server started, Unix seconds.", self.start_micros as f64 / 1e6);
+        w.gauge("walcast_ready", "1 while /ready answers 200.", readiness.is_ready());
+
+        let r = &self.sessions.stats;
+        let load = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
+        w.gauge("walcast_sockets_open", "WebSocket connections open now.", load(&r.sockets_open));
+        w.counter("walcast_sockets_opened_total", "WebSocket connections accepted.", load(&r.sockets_total));
+        w.gauge("walcast_channels_open", "Channels joined now.", load(&r.channels_open));
+        w.counter("walcast_joins_total", "Channel join requests handled.", load(&r.joins));
+        w.counter(
+            "walcast_joins_refused_total",
+            "Join requests refused (token, limits, payload).",
+            load(&r.joins_refused),
+        );
+        w.counter("walcast_bad_frames_total", "Client frames that could not be decoded.", load(&r.bad_frames));
+        w.counter(
+            "walcast_tokens_expired_total",
+            "Channels closed because their token expired.",
+            load(&r.tokens_expired),
+        );
+
+        let hub = &self.sessions.hub;
+        let h = &hub.stats;
+        w.gauge(
+            "walcast_subscriptions",
+            "postgres_changes subscriptions registered in the hub.",
+            load(&h.subscriptions),
+        );
+        w.counter("walcast_transactions_total", "Committed transactions handled by the hub.", load(&h.transactions));
+        w.counter(
+            "walcast_changes_total",
+            "Row changes judged by the hub (decode rate: rate() of this).",
+            load(&h.changes),
+        );
+        w.counter("walcast_deliveries_total", "Frames queued to connections.", load(&h.deliveries));
+        w.counter(
+            "walcast_frames_built_total",
+            "Distinct frames serialized (shared by their receivers).",
+            load(&h.frames_built),
+        );
+        w.counter(
+            "walcast_slow_consumer_closes_total",
+            "Connections closed because their outbox overflowed.",
+            load(&h.slow_consumers),
+        );
+        w.counter(
+            "walcast_duplicate_transactions_total",
+            "Transactions skipped as already handled after a reconnect.",
+            load(&h.duplicate_transactions),
+        );
+        w.counter(
+            "walcast_catch_up_transactions_total",
+            "Transactions in the catch-up window after a restart (service_role only).",
+            load(&h.catch_up_transactions),
+        );
+        w.counter(
+            "walcast_overflowed_transactions_total",
+            "Transactions larger than the hub's buffer budget.",
+            load(&h.overflowed_transactions),
+        );
+        w.histogram_seconds(
+            "walcast_delivery_latency_seconds",
+            "Commit (database clock) to frames queued (walcast clock), per transaction that queued frames.",
+            &h.delivery_latency.snapshot(),
+        );
+        w.gauge("walcast_memberships", "Memberships in the cache.", hub.memberships.len() as u64);
+        w.gauge(
+            "walcast_memberships_loaded",
+            "1 once the membership cache was loaded.",
+            h.memberships_loaded.load(Ordering::Relaxed),
+        );
+
+        let status = self.ack.status();
+        w.family("walcast_replication_state", Kind::Gauge, "1 for the replication source's current state.");
+        for state in SourceState::ALL {
+            w.sample("walcast_replication_state", &[("state", state.as_str())], state == readiness.state);
+        }
+        w.counter("walcast_replication_connects_total", "Times streaming started.", status.connects());
+        w.counter(
+            "walcast_replication_interruptions_total",
+            "Transient replication errors (each followed by a reconnect).",
+            status.interruptions(),
+        );
+        w.counter(
+            "walcast_replication_messages_total",
+            "CopyData messages received from the walsender.",
+            status.messages(),
+        );
+        w.counter(
+            "walcast_replication_received_bytes_total",
+            "CopyData payload bytes received from the walsender.",
+            status.bytes(),
+        );
+        w.gauge(
+            "walcast_replication_received_position_bytes",
+            "Highest WAL position (LSN) the server sent or reported.",
+            status.received().0,
+        );
+        w.gauge(
+            "walcast_replication_flushed_position_bytes",
+            "WAL position (LSN) processed: what the slot may be told is flushed.",
+            status.processed().0,
+        );
+        w.gauge(
+            "walcast_replication_lag_bytes",
+            "WAL the server sent or reported in a keepalive that walcast has not processed yet.",
+            readiness.lag.bytes,
+        );
+        w.gauge(
+            "walcast_replication_lag_seconds",
+            "Age of the oldest unprocessed change (0 when caught up).",
+            readiness.lag.seconds,
+        );
+        let keepalive = status.last_keepalive_micros();
+        w.family(
+            "walcast_replication_last_keepalive_timestamp_seconds",
+            Kind::Gauge,
+            "When the last walsender keepalive arrived, Unix seconds.",
+        );
+        if keepalive != 0 {
+            w.sample("walcast_replication_last_keepalive_timestamp_seconds", &[], keepalive as f64 / 1e6);
+        }
+
+        let queue = |w: &mut TextWriter, name: &str, help: &str, figures: Option<(usize, usize)>| {
+            w.family(name, Kind::Gauge, help);
+            if let Some((queued, _)) = figures {
+                w.sample(name, &[], queued as u64);
+            }
+            let capacity = format!("{name}_capacity");
+            w.family(&capacity, Kind::Gauge, "Capacity of the queue above.");
+            if let Some((_, cap)) = figures {
+                w.sample(&capacity, &[], cap as u64);
+            }
+        };
+        queue(
+            &mut w,
+            "walcast_source_queue_events",
+            "Events queued between replication and the change stage.",
+            self.queues.source(),
+        );
+        queue(
+            &mut w,
+            "walcast_stage_queue_batches",
+            "Batches (up to 256 events) queued between the change stage and the hub.",
+            self.queues.stage(),
+        );
+        queue(
+            &mut w,
+            "walcast_hub_control_queue_requests",
+            "Join/leave/re-auth requests queued for the hub.",
+            Some((hub.control_queue_len(), hub.control_queue_capacity())),
+        );
+
+        self.render_slot(&mut w);
+        w.finish()
+    }
+
+    fn render_slot(&self, w: &mut TextWriter) {
+        let s = &self.slot_watch;
+        let slot = [("slot", self.slot.as_str())];
+        w.counter("walcast_slot_polls_total", "Successful slot watchdog polls.", s.polls());
+        w.counter("walcast_slot_poll_errors_total", "Failed slot watchdog polls.", s.poll_errors());
+        w.family(
+            "walcast_slot_last_poll_timestamp_seconds",
+            Kind::Gauge,
+            "When the slot watchdog last polled successfully, Unix seconds.",
+        );
+        if s.polls() > 0 {
+            w.sample("walcast_slot_last_poll_timestamp_seconds", &[], s.last_poll_micros() as f64 / 1e6);
+        }
+        let polled = s.polls() > 0;
+        let optional = |w: &mut TextWriter, name: &str, help: &str, value: Option<i64>| {
+            w.family(name, Kind::Gauge, help);
+            if let Some(value) = value.filter(|_| polled) {
+                w.sample(name, &slot, value);
+            }
+        };
+        optional(w, "walcast_slot_present", "1 while the replication slot exists.", Some(i64::from(s.present())));
+        optional(w, "walcast_slot_active", "1 while a walsender streams from the slot.", Some(i64::from(s.active())));
+        optional(
+            w,
+            "walcast_slot_retained_wal_bytes",
+            "WAL the slot keeps on the server: pg_current_wal_lsn() - restart_lsn.",
+            s.retained_bytes(),
+        );
+        optional(
+            w,
+            "walcast_slot_confirmed_lag_bytes",
+            "The server's view of walcast's lag: pg_current_wal_lsn() - confirmed_flush_lsn.",
+            s.confirmed_lag_bytes(),
+        );
+        optional(
+            w,
+            "walcast_slot_safe_wal_size_bytes",
+            "WAL that can still be written before the slot is at risk (absent when unlimited).",
+            s.safe_wal_size_bytes(),
+        );
+        optional(
+            w,
+            "walcast_slot_max_wal_keep_bytes",
+            "max_slot_wal_keep_size in bytes (-1: unlimited).",
+            s.max_keep_bytes(),
+        );
+        w.family("walcast_slot_wal_status", Kind::Gauge, "1 for the slot's wal_status.");
+        if polled {
+            let current = s.wal_status();
+            for status in WalStatus::ALL {
+                w.sample(
+                    "walcast_slot_wal_status",
+                    &[("slot", self.slot.as_str()), ("status", status.as_str())],
+                    current == Some(status),
+                );
+            }
+        }
+        w.family(
+            "walcast_slot_wal_warning",
+            Kind::Gauge,
+            "1 while the slot's retained WAL is over the warning limits or its WAL is unreserved/lost.",
+        );
+        w.sample("walcast_slot_wal_warning", &slot, s.warning());
+        w.family("walcast_slot_wal_warnings_total", Kind::Counter, "Times the slot WAL warning came on.");
+        w.sample("walcast_slot_wal_warnings_total", &slot, s.warnings());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lag(bytes: u64, seconds: f64) -> Lag {
+        Lag { bytes, seconds }
+    }
+
+    #[test]
+    fn readiness_rules_in_order() {
+        let c = MonitorConfig::default();
+        let ok = lag(0, 0.0);
+        assert_eq!(not_ready_reason(SourceState::Streaming, None, true, ok, &c), None);
+        let failed = not_ready_reason(
+            SourceState::Failed,
+            Some("replication failed: replication slot \"s\" was dropped".into()),
+            true,
+            ok,
+            &c,
+        );
+        assert_eq!(failed.as_deref(), Some("replication failed: replication slot \"s\" was dropped"));
+        let down = not_ready_reason(SourceState::Disconnected, Some("connection reset".into()), true, ok, &c);
+        assert_eq!(down.as_deref(), Some("replication disconnected: connection reset"));
+        assert!(not_ready_reason(SourceState::Starting, None, true, ok, &c).unwrap().contains("starting"));
+        assert!(not_ready_reason(SourceState::Stopped, None, true, ok, &c).unwrap().contains("stopped"));
+        assert_eq!(
+            not_ready_reason(SourceState::Streaming, None, false, ok, &c).as_deref(),
+            Some("memberships not loaded")
+        );
+        assert!(not_ready_reason(SourceState::Streaming, None, true, lag(10, 10.5), &c).unwrap().contains("10.5 s"));
+        assert_eq!(not_ready_reason(SourceState::Streaming, None, true, lag(16 << 20, 9.9), &c), None);
+        assert!(not_ready_reason(SourceState::Streaming, None, true, lag((16 << 20) + 1, 0.0), &c)
+            .unwrap()
+            .contains("bytes behind"));
+        let unlimited = MonitorConfig { ready_max_lag: None, ready_max_lag_bytes: None, ..MonitorConfig::default() };
+        assert_eq!(not_ready_reason(SourceState::Streaming, None, true, lag(u64::MAX, 1e9), &unlimited), None);
+    }
+
+    #[test]
+    fn readiness_json() {
+        let r = Readiness {
+            reason: Some("replication disconnected: x".into()),
+            state: SourceState::Disconnected,
+            lag: lag(0, 0.0),
+        };
+        let v: serde_json::Value = serde_json::from_slice(&r.to_json()).unwrap();
+        assert_eq!(v["ready"], false);
+        assert_eq!(v["reason"], "replication disconnected: x");
+        assert_eq!(v["replication"], "disconnected");
+        let ok = Readiness { reason: None, state: SourceState::Streaming, lag: lag(5, 0.25) };
+        let v: serde_json::Value = serde_json::from_slice(&ok.to_json()).unwrap();
+        assert_eq!(v, json!({"ready": true, "replication": "streaming", "lag_bytes": 5, "lag_seconds": 0.25}));
+    }
+}
