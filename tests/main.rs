@@ -13,6 +13,7 @@ mod demo;
 mod hostile;
 mod hub;
 mod large_transactions;
+mod metrics;
 mod policy_differential;
 mod realtime;
 mod replay;

@@ -8,11 +8,13 @@
 //!                                                        └─ entering/leaving the warning: log
 //! ```
 //!
-//! The query reads, for the configured slot: `wal_status`, `active`,
+//! The query (the same figures as `sql/monitoring/replication_slots.sql`)
+//! reads, for the configured slot: `wal_status`, `active`,
 //! `pg_current_wal_lsn() − restart_lsn` (WAL the slot keeps),
 //! `pg_current_wal_lsn() − confirmed_flush_lsn` (the server's view of
 //! walcast's lag), `safe_wal_size`, and `max_slot_wal_keep_size` through
-//! `current_setting` (`-1` = unlimited).
+//! `current_setting` (`-1` = unlimited). On a standby the current position
+//! is `pg_last_wal_receive_lsn()`.
 //!
 //! The warning is on while the retained WAL is above
 //! [`WatchdogConfig::warn_fraction`] of `max_slot_wal_keep_size` (when that
@@ -21,9 +23,10 @@
 //! and bytes) when it comes on and at `info` when it clears.
 //!
 //! Invariants: the watchdog never affects replication — errors (PostgreSQL
-//! down, a standby without `pg_current_wal_lsn()`, missing privileges) are
-//! counted, logged once per streak, and retried at the next interval; the
-//! task is aborted, not drained, at shutdown. It logs no connection string.
+//! down, missing privileges) are counted, logged once per streak, and
+//! retried at the next interval; the task is aborted, not drained, at
+//! shutdown. It logs no connection string.
+//! Its connection is plain (`NoTls`), like the membership load's.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -40,15 +43,18 @@ const UNKNOWN: i64 = i64::MIN;
 
 /// The one query; `$1` is the slot name. One row even when the slot is missing.
 const SLOT_QUERY: &str = "\
+with pos as (
+    select case when pg_is_in_recovery() then pg_last_wal_receive_lsn() else pg_current_wal_lsn() end as lsn
+)
 select case when current_setting('max_slot_wal_keep_size') = '-1' then -1::int8
             else pg_size_bytes(current_setting('max_slot_wal_keep_size')) end as max_keep,
        s.slot_name is not null as present,
        coalesce(s.active, false) as active,
        s.wal_status,
-       pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::int8 as retained,
-       pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::int8 as confirmed_lag,
+       pg_wal_lsn_diff(pos.lsn, s.restart_lsn)::int8 as retained,
+       pg_wal_lsn_diff(pos.lsn, s.confirmed_flush_lsn)::int8 as confirmed_lag,
        s.safe_wal_size
-  from (select 1) as one
+  from pos
   left join pg_catalog.pg_replication_slots s on s.slot_name = $1";
 
 /// `pg_replication_slots.wal_status`.

@@ -238,6 +238,7 @@ async fn change_stage(
 ) -> Result<(), RelayError> {
     let mut ready = Some(ready);
     let mut loaded = false;
+    let mut started = false;
     let mut assembler = Assembler::new();
     let mut events = Vec::new();
     let mut batch: Vec<StageEvent> = Vec::with_capacity(BATCH);
@@ -259,6 +260,7 @@ async fn change_stage(
                 batch.push(StageEvent::Loaded(at));
             }
             SourceEvent::Started { .. } => {
+                started = true;
                 assembler.reset();
                 batch.push(StageEvent::Reset);
                 if !loaded {
@@ -284,7 +286,7 @@ async fn change_stage(
             if output.send(full).await.is_err() {
                 return Ok(());
             }
-            if loaded {
+            if loaded && started {
                 if let Some(ready) = ready.take() {
                     let _ = ready.send(());
                 }

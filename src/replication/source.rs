@@ -202,6 +202,7 @@ async fn stream_once(
     let confirmed = confirmed_flush(&mut conn, &config.slot.slot).await?;
     *streamed_before = true;
     conn.start_replication(&config.slot, Lsn::ZERO).await?;
+    ack.status().set_streaming();
     let pid = conn.pid();
     tracing::info!(slot = %config.slot.slot, %confirmed, created, pid, "streaming");
     if out.send(SourceEvent::Started { confirmed, created, pid }).await.is_err() {
@@ -210,7 +211,6 @@ async fn stream_once(
     // Streaming works again: the next interruption starts from a short delay.
     *backoff = BACKOFF_START;
     let mut stream = ReplicationStream::new(conn, ack.clone(), config.stream.clone(), confirmed);
-    ack.status().set_streaming();
     let (tx, mut rx) = mpsc::channel::<WalEvent>(1);
     // Forward through a one-slot channel so the stream keeps answering its
     // status timer while `out` is full.
