@@ -33,7 +33,9 @@ use crate::change::{Assembler, ChangeError};
 use crate::hub::{self, HubConfig, HubError, HubHandle, HubStats, StageEvent};
 use crate::pgconn::PgConfig;
 use crate::policy::{self, MembershipCache, PolicyConfig, PolicyError, Rules};
-use crate::replication::{run_source, AckHandle, ReplicationError, SourceConfig, SourceEvent, WalEvent};
+use crate::replication::{
+    run_source, AckHandle, ReplicationError, ReplicationStatus, SourceConfig, SourceEvent, WalEvent,
+};
 
 /// Most events per batch sent to the hub.
 const BATCH: usize = 256;
@@ -195,9 +197,15 @@ impl Relay {
         !self.source.is_finished() && !self.stage.is_finished() && !self.hub_task.is_finished()
     }
 
-    /// The acknowledgement handle, with the shared replication status.
-    pub fn ack(&self) -> &AckHandle {
+    /// The acknowledgement handle, with the shared replication status (in
+    /// the crate only: acknowledging moves the slot).
+    pub(crate) fn ack(&self) -> &AckHandle {
         &self.ack
+    }
+
+    /// Replication state, progress and lag.
+    pub fn replication_status(&self) -> &ReplicationStatus {
+        self.ack.status()
     }
 
     /// The relay's channels (queue depths).
