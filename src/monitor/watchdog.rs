@@ -25,8 +25,9 @@
 //! Invariants: the watchdog never affects replication — errors (PostgreSQL
 //! down, missing privileges) are counted, logged once per streak, and
 //! retried at the next interval; the task is aborted, not drained, at
-//! shutdown. It logs no connection string.
-//! Its connection is plain (`NoTls`), like the membership load's.
+//! shutdown. It logs no connection string. Its connection goes through
+//! [`crate::pgconn::connect`]: the same TLS settings as every other SQL
+//! connection.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
