@@ -32,7 +32,7 @@ use walcast::cluster::{Cluster, ClusterConfig};
 use walcast::schema::{self, Migrations};
 
 use crate::support::load::{connect, poll, slot_state, write_order, ChangeWitness, OrderWriter, Write, ROW_VALUE};
-use crate::support::relay::RelayProcess;
+use crate::support::relay::{ReadyProbe, RelayProcess};
 use crate::support::server::SECRET;
 use crate::support::{add_member, create_dealership, create_user, migrated_db, sqlstate};
 
@@ -109,6 +109,39 @@ async fn expect_definite_exit(relay: &mut RelayProcess, needles: &[&str]) -> Str
         assert!(logged[0].contains(needle), "{needle:?} is not in the logged error: {}", logged[0]);
     }
     last
+}
+
+/// What `GET /ready` said around a definite error, checked when the build
+/// has it (one without answers 404): ready before the fault; once it turned
+/// 503 it never said 200 again; a `replication failed` reason carries the
+/// needles. `must_see` (faults that cut the walsender first: a `disconnected`
+/// phase of at least the first backoff precedes the failure) requires a 503
+/// to have been seen; otherwise the failure can end the process within
+/// milliseconds of `/ready` turning 503. Returns a summary for the report.
+fn check_ready(probe: &ReadyProbe, needles: &[&str], must_see: bool) -> String {
+    let answers = probe.answers();
+    assert!(!answers.is_empty(), "/ready (or its 404) answered before the fault");
+    if answers[0].status == 404 {
+        return "no /ready on this build (404)".to_owned();
+    }
+    assert_eq!(answers[0].status, 200, "ready before the fault: {}", answers[0].body);
+    let Some(first) = answers.iter().position(|a| a.status == 503) else {
+        assert!(!must_see, "/ready never said 503 before the process exited: {answers:?}");
+        return format!("/ready: {} answers, all 200 (the failure window was missed)", answers.len());
+    };
+    let after = &answers[first..];
+    assert!(after.iter().all(|a| a.status == 503), "/ready said 200 again after 503: {after:?}");
+    let failed: Vec<&str> =
+        after.iter().map(|a| a.body.as_str()).filter(|b| b.contains("replication failed")).collect();
+    for body in &failed {
+        for needle in needles {
+            let escaped = serde_json::to_string(needle).unwrap();
+            let escaped = &escaped[1..escaped.len() - 1];
+            assert!(body.contains(escaped), "{needle:?} is not in the /ready reason: {body}");
+        }
+    }
+    let last = failed.last().copied().unwrap_or(after[after.len() - 1].body.as_str());
+    format!("/ready: 200, then 503 ×{} ({} with the failure), last: {last}", after.len(), failed.len())
 }
 
 /// Runs `walcast check` against `url`; returns (success, stdout).
@@ -375,6 +408,8 @@ async fn slot_dropped_between_reconnects_is_a_definite_error() {
     let slot = format!("{}_d", db.name());
     let mut relay = RelayProcess::start(db.url(), &slot).await;
     let witness = ChangeWitness::subscribe(relay.addr).await;
+    let probe = ReadyProbe::start(relay.addr);
+    poll("a /ready answer", WAIT, || async { (!probe.answers().is_empty()).then_some(()) }).await;
     let deadline = Instant::now() + WAIT;
     let mut attempts = 0;
     loop {
@@ -392,7 +427,8 @@ async fn slot_dropped_between_reconnects_is_a_definite_error() {
     let line = expect_definite_exit(&mut relay, &[&format!("replication slot \"{slot}\""), "42704", "fix: "]).await;
     assert!(line.contains("restart walcast to recreate it"), "{line}");
     assert_eq!(witness.wait_closed(WAIT).await, Some(1001), "sockets are closed as the server goes away");
-    println!("slot dropped ({attempts} terminate/drop rounds): {line}");
+    let ready = check_ready(&probe, &[&format!("replication slot \"{slot}\"")], true);
+    println!("slot dropped ({attempts} terminate/drop rounds): {line}; {ready}");
 
     // The fix: a restart recreates the slot and streams again.
     let again = RelayProcess::start(db.url(), &slot).await;
@@ -407,12 +443,15 @@ async fn publication_dropped_is_a_definite_error() {
     let fx = fixture(&client, "PUB").await;
     let slot = format!("{}_p", db.name());
     let mut relay = RelayProcess::start(db.url(), &slot).await;
+    let probe = ReadyProbe::start(relay.addr);
+    poll("a /ready answer", WAIT, || async { (!probe.answers().is_empty()).then_some(()) }).await;
     client.batch_execute("drop publication supabase_realtime").await.unwrap();
     // pgoutput notices when it decodes the next published change.
     write_now(&client, fx, 1).await;
     let line =
         expect_definite_exit(&mut relay, &["publication \"supabase_realtime\" does not exist", "42704", "fix: "]).await;
-    println!("publication dropped: {line}");
+    let ready = check_ready(&probe, &["publication \"supabase_realtime\" does not exist"], false);
+    println!("publication dropped: {line}; {ready}");
 
     let version: i32 = client.query_one("select current_setting('server_version_num')::int", &[]).await.unwrap().get(0);
     client
@@ -477,10 +516,13 @@ async fn replication_revoked_is_a_definite_error() {
     assert!(witness.wait_for(&fresh, WAIT).await.is_empty(), "streaming goes on until a reconnect");
     assert!(relay.is_running());
     // …until it is cut: the reconnect is refused.
+    let probe = ReadyProbe::start(relay.addr);
+    poll("a /ready answer", WAIT, || async { (!probe.answers().is_empty()).then_some(()) }).await;
     let pid = new_walsender(&client, &slot, None).await;
     terminate(&client, pid).await;
     let line = expect_definite_exit(&mut relay, &["42501", "replication", "fix: ", "ALTER ROLE", "REPLICATION"]).await;
-    println!("REPLICATION revoked: {line}");
+    let ready = check_ready(&probe, &["42501", "ALTER ROLE"], true);
+    println!("REPLICATION revoked: {line}; {ready}");
 
     // The fix: grant it back, restart.
     client.batch_execute(&format!("alter role {role} replication")).await.unwrap();

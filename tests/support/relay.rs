@@ -216,3 +216,75 @@ impl Drop for RelayProcess {
         self.stop();
     }
 }
+
+/// One `GET /ready` answer.
+#[derive(Debug, Clone)]
+pub struct ReadyAnswer {
+    /// When it arrived.
+    pub at: Instant,
+    /// HTTP status.
+    pub status: u16,
+    /// The body.
+    pub body: String,
+}
+
+/// Polls `GET /ready` every 5 ms in the background until the server stops
+/// answering (or the probe is dropped), keeping every answer. Builds
+/// without `/ready` answer 404.
+pub struct ReadyProbe {
+    answers: Arc<Mutex<Vec<ReadyAnswer>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// A raw `GET target`: (status, body), or `None` when the server does not
+/// answer within a second.
+pub async fn try_get(addr: SocketAddr, target: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let request = format!("GET {target} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.ok()?;
+        let response = String::from_utf8_lossy(&response).into_owned();
+        let status = response.split(' ').nth(1)?.parse().ok()?;
+        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        Some((status, body))
+    };
+    tokio::time::timeout(Duration::from_secs(1), exchange).await.ok().flatten()
+}
+
+impl ReadyProbe {
+    /// Starts polling `addr`.
+    pub fn start(addr: SocketAddr) -> ReadyProbe {
+        let answers = Arc::new(Mutex::new(Vec::new()));
+        let task = {
+            let answers = Arc::clone(&answers);
+            tokio::spawn(async move {
+                let mut misses = 0;
+                while misses < 20 {
+                    match try_get(addr, "/ready").await {
+                        Some((status, body)) => {
+                            misses = 0;
+                            answers.lock().unwrap().push(ReadyAnswer { at: Instant::now(), status, body });
+                        }
+                        None => misses += 1,
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        };
+        ReadyProbe { answers, task }
+    }
+
+    /// Every answer so far.
+    pub fn answers(&self) -> Vec<ReadyAnswer> {
+        self.answers.lock().unwrap().clone()
+    }
+}
+
+impl Drop for ReadyProbe {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
