@@ -10,6 +10,7 @@ mod client_compat;
 mod config_check;
 mod dashboard;
 mod demo;
+mod faults;
 mod hostile;
 mod hub;
 mod large_transactions;

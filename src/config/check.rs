@@ -421,6 +421,29 @@ async fn membership_checks(
         );
         return Ok(());
     }
+    // Row level security applies to the role unless it is a superuser, has
+    // BYPASSRLS, or owns the table (and RLS is not forced): then the load
+    // would see only what the policies show the role (walcast refuses that).
+    let row = client
+        .query_one(
+            "select c.relrowsecurity and not (r.rolsuper or r.rolbypassrls \
+             or (pg_has_role(c.relowner, 'USAGE') and not c.relforcerowsecurity)), current_user::text \
+             from pg_class c, pg_roles r where c.oid = $1::text::regclass and r.rolname = current_user",
+            &[&qualified],
+        )
+        .await?;
+    let (hidden, user): (bool, String) = (row.get(0), row.get(1));
+    if hidden {
+        report.fail(
+            "membership table",
+            format!(
+                "row level security on {}.{} applies to role {user}: walcast must read every membership",
+                m.schema, m.table
+            ),
+            format!("alter role {} bypassrls; (or connect as a superuser or the table's owner)", quote_ident(&user)),
+        );
+        return Ok(());
+    }
     let mut missing = Vec::new();
     for column in [Some(&m.key_column), Some(&m.user_column), Some(&m.dealership_column), m.role_column.as_ref()]
         .into_iter()

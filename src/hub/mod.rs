@@ -29,6 +29,17 @@
 //!    [`HubStats::delivery_latency`], and the open/handled commit times feed
 //!    the replication lag (see [`crate::replication::status`]).
 //!
+//! # Logs
+//!
+//! At `debug` (target `walcast::hub`, e.g. `RUST_LOG=info,walcast::hub=debug`)
+//! the hub logs one event per transaction, before acknowledging it:
+//! `"transaction handled"` with `xid`, `commit_lsn`, `end_lsn`, `changes` (row
+//! changes) and `catch_up`, or `"transaction already handled; skipped"` with
+//! `xid`, `commit_lsn` and `end_lsn` for a duplicate after a reconnect. Never
+//! row values. With `select txid_current()` in a writing transaction, this
+//! tells which transactions walcast has handled (xids are the 32-bit ones,
+//! `txid_current() % 2^32`).
+//!
 //! A full outbox closes that connection (slow consumer) and removes its
 //! subscriptions; nobody else waits. A transaction larger than the buffer
 //! budget is judged change by change from the point it overflows (memory
@@ -342,6 +353,8 @@ struct OpenTx {
     changes: Vec<Change>,
     bytes: usize,
     overflowed: bool,
+    /// Row changes seen (for the per-transaction debug event).
+    count: usize,
 }
 
 /// The hub's synchronous core: registry, transaction handling, fan-out.
@@ -578,6 +591,7 @@ impl Core {
                     return Ok(());
                 }
                 let Some(mut tx) = self.open.take() else { return Ok(()) };
+                tx.count += 1;
                 let result = if tx.overflowed {
                     self.handle_changes(&tx, std::slice::from_ref(&change))
                 } else {
@@ -605,6 +619,12 @@ impl Core {
                 if self.skipping {
                     self.skipping = false;
                     self.stats.duplicate_transactions.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(
+                        xid = info.xid,
+                        commit_lsn = %info.commit_lsn,
+                        end_lsn = %info.end_lsn,
+                        "transaction already handled; skipped"
+                    );
                     return Ok(());
                 }
                 let Some(tx) = self.open.take() else { return Ok(()) };
@@ -621,6 +641,16 @@ impl Core {
                 self.handled = info.end_lsn;
                 self.stats.handled_lsn.store(info.end_lsn.0, Ordering::Relaxed);
                 self.stats.transactions.fetch_add(1, Ordering::Relaxed);
+                // Before the acknowledgement: a transaction the slot has been
+                // told about has always been logged (at `debug`).
+                tracing::debug!(
+                    xid = info.xid,
+                    commit_lsn = %info.commit_lsn,
+                    end_lsn = %info.end_lsn,
+                    changes = tx.count,
+                    catch_up = tx.catch_up,
+                    "transaction handled"
+                );
                 self.ack.ack(info.end_lsn);
                 self.ack.status().transaction_handled(tx.commit_micros);
                 result

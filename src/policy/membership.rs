@@ -300,11 +300,14 @@ impl Columns {
 /// point. Without, it reads the current state and reports the WAL insert
 /// position after the read (see the module doc for what that means).
 ///
-/// The connection's role must see every row (superuser, table owner or
-/// BYPASSRLS), as the replication role normally does.
+/// The connection's role must see every row (superuser, BYPASSRLS, or the
+/// table's owner without FORCE ROW LEVEL SECURITY): the read runs with
+/// `row_security = off`, so a role the table's RLS policies apply to gets an
+/// error rather than a partial (usually empty) cache.
 ///
 /// # Errors
-/// SQL errors, with the fix when the table or a column is missing.
+/// SQL errors, with the fix when the table or a column is missing or row
+/// level security hides rows from the role.
 pub async fn load(
     client: &mut tokio_postgres::Client,
     table: &MembershipTable,
@@ -321,6 +324,11 @@ pub async fn load(
         tx.batch_execute(&format!("SET TRANSACTION SNAPSHOT {}", crate::replication::slot::quote_literal(name)))
             .await?;
     }
+    // A role subject to the table's row level security would read only the
+    // rows its policies show it (usually none) and every user would silently
+    // miss changes; with row_security off, PostgreSQL refuses such a read
+    // instead (42501), and the error names the fix.
+    tx.batch_execute("SET LOCAL row_security = off").await?;
     let ident = crate::replication::slot::quote_ident;
     let role = table.role_column.as_deref().map_or_else(|| "NULL".to_owned(), |r| format!("{}::text", ident(r)));
     let sql = format!(

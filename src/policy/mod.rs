@@ -45,6 +45,16 @@ impl PolicyError {
                 table.schema,
                 table.table
             )),
+            Some(db) if db.code().code() == "42501" && db.message().contains("row-level security") => {
+                PolicyError::Load(format!(
+                    "{} — row level security would hide memberships from the role walcast connects as, and \
+                     walcast must see every one: give the role BYPASSRLS (ALTER ROLE <walcast role> BYPASSRLS), \
+                     or connect as a superuser or the owner of {}.{}",
+                    db.message(),
+                    table.schema,
+                    table.table
+                ))
+            }
             _ => PolicyError::Database(err),
         }
     }

@@ -197,9 +197,16 @@ fn fix_for(err: &PgError) -> Option<&'static str> {
         "55000" if msg.contains("replica identity") => {
             Some("give every published table a replica identity: ALTER TABLE <table> REPLICA IDENTITY FULL")
         }
+        // pgoutput reads the publication with the catalog as of each change
+        // it decodes (before PostgreSQL 18), so a change committed while the
+        // publication was missing fails again after it is recreated: the
+        // slot must go too.
         "42704" if msg.contains("publication") => Some(
-            "create the publication before the slot: run `walcast migrate`, or \
-             CREATE PUBLICATION supabase_realtime FOR TABLE public.orders, public.dealer_memberships",
+            "create the publication (`walcast migrate`, or CREATE PUBLICATION supabase_realtime FOR TABLE \
+             public.orders, public.dealer_memberships), then drop walcast's slot \
+             (SELECT pg_drop_replication_slot('<slot>')) and restart walcast, which recreates it: the slot \
+             cannot decode past a change committed while the publication was missing, even once it exists \
+             again; changes in that gap are not delivered, so clients should reload",
         ),
         "42704" if msg.contains("slot") => Some(
             "the replication slot is missing; restart walcast to recreate it (changes committed while it \

@@ -7,8 +7,10 @@
 //!   keepalive position (see the module doc of [`super`]);
 //! - a status update goes out at least every [`StreamConfig::status_interval`]
 //!   even while downstream applies backpressure ([`ReplicationStream::pump`]
-//!   keeps answering the timer while it waits for channel capacity), and at
-//!   once when a keepalive asks for a reply;
+//!   keeps answering the timer while it waits for channel capacity), at once
+//!   when a keepalive asks for a reply, and at once when the stream starts
+//!   with an acknowledgement the slot has not been told yet (after a
+//!   reconnect);
 //! - messages are passed on in the order received; nothing is dropped.
 //!
 //! The stream peeks at the first byte of each pgoutput payload only to know
@@ -124,10 +126,16 @@ impl ReplicationStream {
     pub fn new(conn: WalConnection, ack: AckHandle, config: StreamConfig, confirmed: Lsn) -> Self {
         ack.ack(confirmed);
         ack.status().stream_started(confirmed);
+        // Progress acknowledged on an earlier connection that the slot has
+        // not heard of (that connection broke within a status interval) is
+        // reported at once: otherwise connections that keep breaking within
+        // a second never move the slot, and each reconnect replays more.
+        let next_status =
+            if ack.acked() > confirmed { Instant::now() } else { Instant::now() + config.status_interval };
         ReplicationStream {
             conn,
             ack,
-            next_status: Instant::now() + config.status_interval,
+            next_status,
             config,
             received: confirmed,
             reported_flush: confirmed,

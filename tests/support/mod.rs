@@ -4,7 +4,9 @@
 #![allow(dead_code)]
 
 pub mod clients;
+pub mod load;
 pub mod pipeline;
+pub mod relay;
 pub mod server;
 
 use tokio_postgres::types::ToSql;
