@@ -51,6 +51,8 @@
 //! - [`demo`]: the one-command demo: embedded PostgreSQL, demo data and tokens,
 //!   a demo writer.
 //! - [`server`]: `walcast serve` — everything above started and stopped in order.
+//! - [`load`]: `walcast load` — end-to-end load generator and RLS-exactness
+//!   checker (latency, throughput, CPU, RSS).
 
 pub mod capture;
 pub mod change;
@@ -58,6 +60,7 @@ pub mod cluster;
 pub mod demo;
 pub mod http;
 pub mod hub;
+pub mod load;
 pub mod lsn;
 pub mod pgoutput;
 pub mod policy;
