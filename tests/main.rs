@@ -10,6 +10,7 @@ mod client_compat;
 mod demo;
 mod hub;
 mod large_transactions;
+mod load;
 mod policy_differential;
 mod realtime;
 mod replay;

@@ -541,7 +541,11 @@ pub struct Stamp {
 /// When the text is not a frame of that serializer.
 pub fn parse_frame(vsn: Vsn, text: &str) -> Result<Frame<'_>, serde_json::Error> {
     match vsn {
-        Vsn::V1 => serde_json::from_str::<V1Frame<'_>>(text).map(|f| Frame { topic: f.topic, event: f.event, payload: f.payload }),
+        Vsn::V1 => serde_json::from_str::<V1Frame<'_>>(text).map(|f| Frame {
+            topic: f.topic,
+            event: f.event,
+            payload: f.payload,
+        }),
         Vsn::V2 => serde_json::from_str::<V2Frame<'_>>(text).map(|f| Frame { topic: f.2, event: f.3, payload: f.4 }),
     }
 }
@@ -612,7 +616,16 @@ pub fn reduce(data: &Data<'_>, ids: &Ids) -> Reduced {
                 }
             }
         }
-        Table::Memberships => (event as u32, NO_STATUS, None),
+        // Memberships are granted (0) and revoked (1), never updated (2: unexpected).
+        Table::Memberships => (
+            match event {
+                Event::Insert => 0,
+                Event::Delete => 1,
+                Event::Update => 2,
+            },
+            NO_STATUS,
+            None,
+        ),
     };
     let delivery = Delivery { key, seq, dealership, recv_us: 0, table, event, status };
     Reduced::Delivery { delivery, write_t_us, commit_ms: parse_commit_ms(&data.commit_timestamp) }
@@ -674,9 +687,7 @@ mod tests {
         let order = ids.uuid(Tag::Order, 3).to_string();
         let d1 = ids.uuid(Tag::Dealership, 1).to_string();
         let d2 = ids.uuid(Tag::Dealership, 2).to_string();
-        let row = |d: &str, status: &str, seq: u32| {
-            json!({"id": order, "dealership_id": d, "status": status, "metadata": {"load_seq": seq, "load_t_us": 77 + seq}})
-        };
+        let row = |d: &str, status: &str, seq: u32| json!({"id": order, "dealership_id": d, "status": status, "metadata": {"load_seq": seq, "load_t_us": 77 + seq}});
         let base = |kind: &str| json!({"schema": "public", "table": "orders", "commit_timestamp": "2026-01-01T00:00:00.000Z", "type": kind, "columns": [], "errors": null});
         for vsn in [Vsn::V1, Vsn::V2] {
             let mut update = base("UPDATE");
@@ -684,8 +695,12 @@ mod tests {
             update["old_record"] = row(&d1, "draft", 3);
             let text = frame(vsn, update.clone());
             let f = parse_frame(vsn, &text).unwrap();
-            assert_eq!((&*f.topic, &*f.event, f.payload.ids.as_deref()), ("realtime:t", "postgres_changes", Some(&[5][..])));
-            let Reduced::Delivery { delivery, write_t_us, commit_ms } = reduce(f.payload.data.as_ref().unwrap(), &ids) else {
+            assert_eq!(
+                (&*f.topic, &*f.event, f.payload.ids.as_deref()),
+                ("realtime:t", "postgres_changes", Some(&[5][..]))
+            );
+            let Reduced::Delivery { delivery, write_t_us, commit_ms } = reduce(f.payload.data.as_ref().unwrap(), &ids)
+            else {
                 panic!("not a delivery")
             };
             assert_eq!((delivery.key, delivery.seq, delivery.event, delivery.dealership), (3, 4, Event::Update, 2));

@@ -272,9 +272,10 @@ pub async fn main(args: LoadArgs) -> Result<(), LoadError> {
     let started = std::time::SystemTime::now();
     let (report, failure) = run(&args).await?;
     print!("{}", report.table());
-    let json_out = args.json_out.clone().unwrap_or_else(|| {
-        PathBuf::from("target").join("load").join(format!("{}.json", utc_stamp(started)))
-    });
+    let json_out = args
+        .json_out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("target").join("load").join(format!("{}.json", utc_stamp(started))));
     let svg_out = args.svg_out.clone().unwrap_or_else(|| json_out.with_extension("svg"));
     report.write_json(&json_out).map_err(|e| LoadError::Io(format!("writing {}: {e}", json_out.display())))?;
     let title = format!(
@@ -365,7 +366,8 @@ async fn run_held(
             args.clients
         )));
     }
-    let secret = args.jwt_secret.clone().unwrap_or_else(|| format!("{:016x}{:016x}", ids::random_u64(), ids::random_u64()));
+    let secret =
+        args.jwt_secret.clone().unwrap_or_else(|| format!("{:016x}{:016x}", ids::random_u64(), ids::random_u64()));
     let epoch = Instant::now();
 
     // 2. Database and seed.
@@ -376,6 +378,11 @@ async fn run_held(
     held.database = Some(database);
     let world = World::generate(args.dealerships, args.users, args.live_orders, args.seed);
     let db = seed::connect(&url).await?;
+    for setting in ["server_version", "synchronous_commit", "fsync", "wal_writer_delay"] {
+        if let Ok(row) = db.query_one(&format!("show {setting}"), &[]).await {
+            report.config.push((format!("pg_{setting}"), json!(row.get::<_, String>(0))));
+        }
+    }
     seed::seed(&db, &world, &ids).await?;
 
     // 3. Relay.
@@ -394,8 +401,8 @@ async fn run_held(
             .await?
         }
         RelayMode::InProc => {
-            let connection = tokio_postgres::Config::from_str(&url)
-                .map_err(|e| LoadError::Config(format!("database URL: {e}")))?;
+            let connection =
+                tokio_postgres::Config::from_str(&url).map_err(|e| LoadError::Config(format!("database URL: {e}")))?;
             let slot = crate::replication::SlotOptions::new(&held.slot, "supabase_realtime");
             let relay = crate::relay::RelayConfig::new(crate::replication::SourceConfig::new(connection, slot));
             let auth = crate::realtime::auth::AuthConfig { jwt_secret: Some(secret.clone()), jwks: None };
@@ -416,7 +423,8 @@ async fn run_held(
     report.config.push((
         "relay".into(),
         json!(match mode {
-            RelayMode::Process { .. } => format!("child process (pid {}), log {}", relay_pid.unwrap_or(0), relay_log.display()),
+            RelayMode::Process { .. } =>
+                format!("child process (pid {}), log {}", relay_pid.unwrap_or(0), relay_log.display()),
             RelayMode::InProc => "in-process".to_owned(),
             RelayMode::External { url } => format!("external {url}"),
         }),
@@ -483,7 +491,8 @@ async fn run_held(
     });
     let tokens: Vec<Arc<str>> =
         (0..args.users).map(|u| Arc::from(token("authenticated", Some(ids.uuid(Tag::User, u))).as_str())).collect();
-    let sources = if args.source_addrs > 0 { args.source_addrs } else { args.clients.div_ceil(CLIENTS_PER_SOURCE) }.clamp(1, 250);
+    let sources =
+        if args.source_addrs > 0 { args.source_addrs } else { args.clients.div_ceil(CLIENTS_PER_SOURCE) }.clamp(1, 250);
     let mut rng = Rng::new(args.seed ^ 0xf1_17e5);
     let specs: Vec<ClientSpec> = (0..args.clients)
         .map(|i| ClientSpec {
@@ -587,9 +596,25 @@ async fn run_held(
         let n = n_subscribed.max(1) as f64;
         if let (Some(b), Some(a)) = (rss_before, rss_after) {
             let per = (a.rss_kb as f64 - b.rss_kb as f64) * 1024.0 / n;
-            report.result("relay_rss_before_kb", json!(b.rss_kb), format!("relay RSS before\u{0}{:.1} MB", b.rss_kb as f64 / 1024.0));
-            report.result("relay_rss_after_kb", json!(a.rss_kb), format!("relay RSS after\u{0}{:.1} MB (peak {:.1} MB)", a.rss_kb as f64 / 1024.0, a.hwm_kb as f64 / 1024.0));
-            report.result("relay_rss_per_connection_bytes", json!(per), format!("relay RSS per connection\u{0}{per:.0} B ({:.2} KiB)", per / 1024.0));
+            report.result(
+                "relay_rss_before_kb",
+                json!(b.rss_kb),
+                format!("relay RSS before\u{0}{:.1} MB", b.rss_kb as f64 / 1024.0),
+            );
+            report.result(
+                "relay_rss_after_kb",
+                json!(a.rss_kb),
+                format!(
+                    "relay RSS after\u{0}{:.1} MB (peak {:.1} MB)",
+                    a.rss_kb as f64 / 1024.0,
+                    a.hwm_kb as f64 / 1024.0
+                ),
+            );
+            report.result(
+                "relay_rss_per_connection_bytes",
+                json!(per),
+                format!("relay RSS per connection\u{0}{per:.0} B ({:.2} KiB)", per / 1024.0),
+            );
         }
         let slab = (slab_after.1 as f64 - slab_before.1 as f64) * 1024.0 / n;
         report.result(
@@ -599,7 +624,11 @@ async fn run_held(
         );
         if let (Some(b), Some(a)) = (self_before, self_after) {
             let per = (a.rss_kb as f64 - b.rss_kb as f64) * 1024.0 / n;
-            report.result("loadgen_rss_per_connection_bytes", json!(per), format!("load generator RSS per conn\u{0}{per:.0} B"));
+            report.result(
+                "loadgen_rss_per_connection_bytes",
+                json!(per),
+                format!("load generator RSS per conn\u{0}{per:.0} B"),
+            );
         }
     } else {
         // 6b. Writes.
@@ -645,10 +674,12 @@ async fn run_held(
     // 8. Checks.
     let leaks: u64 = outcomes.iter().map(|(_, o)| o.leaks).sum();
     let protocol: u64 = outcomes.iter().map(|(_, o)| o.protocol_errors).sum();
-    let first_leak = outcomes.iter().find_map(|(s, o)| o.first_leak.as_ref().map(|l| format!("client {} (user {}): {l}", s.index, s.user)));
-    let first_protocol = outcomes
+    let first_leak = outcomes
         .iter()
-        .find_map(|(s, o)| o.first_protocol_error.as_ref().map(|l| format!("client {} (user {}): {l}", s.index, s.user)));
+        .find_map(|(s, o)| o.first_leak.as_ref().map(|l| format!("client {} (user {}): {l}", s.index, s.user)));
+    let first_protocol = outcomes.iter().find_map(|(s, o)| {
+        o.first_protocol_error.as_ref().map(|l| format!("client {} (user {}): {l}", s.index, s.user))
+    });
     let mut passed = n_failed == 0 && leaks == 0 && protocol == 0;
     if let Some((outcome, expectations)) = ledger_outcome {
         let writes: u64 = outcome.counts.iter().sum();
@@ -671,7 +702,10 @@ async fn run_held(
         report.result(
             "schedule_lag",
             json!({"p99_ms": lag.p99, "max_ms": lag.max}),
-            format!("writer schedule lag\u{0}p99 {:.1} ms, max {:.1} ms (open loop: how late writes were issued)", lag.p99, lag.max),
+            format!(
+                "writer schedule lag\u{0}p99 {:.1} ms, max {:.1} ms (open loop: how late writes were issued)",
+                lag.p99, lag.max
+            ),
         );
         if lag.p99 > 100.0 {
             notes.push(format!(
@@ -736,7 +770,11 @@ async fn run_held(
             report.result(
                 "relay_rss_kb",
                 json!({"current": c1.rss_kb, "peak": c1.hwm_kb}),
-                format!("relay RSS\u{0}{:.1} MB now, peak {:.1} MB", c1.rss_kb as f64 / 1024.0, c1.hwm_kb as f64 / 1024.0),
+                format!(
+                    "relay RSS\u{0}{:.1} MB now, peak {:.1} MB",
+                    c1.rss_kb as f64 / 1024.0,
+                    c1.hwm_kb as f64 / 1024.0
+                ),
             );
             if let (Some(w0), Some(w1)) = (w0, w1) {
                 let pct = relay::cpu_pct(w0, w1, wall);

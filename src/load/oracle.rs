@@ -512,7 +512,9 @@ pub fn check(expectations: &Expectations, clients: &[ClientRecord]) -> Verdict {
             let mut last: Option<usize> = None;
             for got in &received[r..r_end] {
                 match want.iter().position(|e| e.same(got)) {
-                    Some(i) if matched[i] => verdict.fail(failure(FailureKind::Duplicate, row, Some(want[i]), Some(*got))),
+                    Some(i) if matched[i] => {
+                        verdict.fail(failure(FailureKind::Duplicate, row, Some(want[i]), Some(*got)))
+                    }
                     Some(i) => {
                         matched[i] = true;
                         if last.is_some_and(|l| i < l) {
@@ -632,11 +634,8 @@ mod tests {
     }
 
     fn record(client: u32, user: u32, filtered: bool, e: &Expectations) -> ClientRecord {
-        let received = e.per_user[user as usize]
-            .iter()
-            .filter(|x| !filtered || x.passes_filter)
-            .map(|x| x.delivery)
-            .collect();
+        let received =
+            e.per_user[user as usize].iter().filter(|x| !filtered || x.passes_filter).map(|x| x.delivery).collect();
         ClientRecord { client, user, filtered, received }
     }
 
@@ -649,7 +648,8 @@ mod tests {
             order(1, 2, Some(at(0, "in_progress")), None),
         ];
         let e = Expectations::compute(&world(), &ledger, 4);
-        let clients = vec![record(0, 0, false, &e), record(1, 1, true, &e), record(2, 2, false, &e), record(3, 3, false, &e)];
+        let clients =
+            vec![record(0, 0, false, &e), record(1, 1, true, &e), record(2, 2, false, &e), record(3, 3, false, &e)];
         (e, clients)
     }
 

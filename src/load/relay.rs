@@ -200,9 +200,8 @@ pub async fn spawn_child(relay: &ChildRelay<'_>) -> Result<RelayHandle, LoadErro
                 Ok(())
             });
         }
-        let mut child = command
-            .spawn()
-            .map_err(|e| LoadError::Relay(format!("starting {} serve: {e}", relay.exe.display())))?;
+        let mut child =
+            command.spawn().map_err(|e| LoadError::Relay(format!("starting {} serve: {e}", relay.exe.display())))?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let deadline = Instant::now() + HEALTH_TIMEOUT;
         loop {

@@ -295,12 +295,8 @@ pub fn svg(seconds: &[(usize, u64, Quantiles, Quantiles)], title: &str) -> Strin
     for i in 0..=ticks {
         let s = x_max * i as f64 / ticks as f64;
         let xx = x(s);
-        let _ = writeln!(
-            out,
-            r#"<text x="{xx:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
-            h - bottom + 16.0,
-            trim(s)
-        );
+        let _ =
+            writeln!(out, r#"<text x="{xx:.1}" y="{:.1}" text-anchor="middle">{}</text>"#, h - bottom + 16.0, trim(s));
     }
     let _ = writeln!(
         out,
@@ -310,8 +306,18 @@ pub fn svg(seconds: &[(usize, u64, Quantiles, Quantiles)], title: &str) -> Strin
         w - right,
         h - bottom
     );
-    let _ = writeln!(out, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">seconds since writes started</text>"#, (left + w - right) / 2.0, h - 12.0);
-    let _ = writeln!(out, r#"<text x="16" y="{:.1}" transform="rotate(-90 16 {:.1})" text-anchor="middle">latency (ms)</text>"#, (top + h - bottom) / 2.0, (top + h - bottom) / 2.0);
+    let _ = writeln!(
+        out,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">seconds since writes started</text>"#,
+        (left + w - right) / 2.0,
+        h - 12.0
+    );
+    let _ = writeln!(
+        out,
+        r#"<text x="16" y="{:.1}" transform="rotate(-90 16 {:.1})" text-anchor="middle">latency (ms)</text>"#,
+        (top + h - bottom) / 2.0,
+        (top + h - bottom) / 2.0
+    );
     let series: [(&str, &str, &str, fn(&(usize, u64, Quantiles, Quantiles)) -> Option<f64>); 4] = [
         ("commit→receive p50", "#1f77b4", "", |s| (s.2.count > 0).then_some(s.2.p50)),
         ("commit→receive p95", "#ff7f0e", "", |s| (s.2.count > 0).then_some(s.2.p95)),
@@ -319,10 +325,8 @@ pub fn svg(seconds: &[(usize, u64, Quantiles, Quantiles)], title: &str) -> Strin
         ("write→receive p99", "#555555", r#" stroke-dasharray="5,4""#, |s| (s.3.count > 0).then_some(s.3.p99)),
     ];
     for (i, (label, color, dash, value)) in series.iter().enumerate() {
-        let pts: Vec<String> = points
-            .iter()
-            .filter_map(|s| value(s).map(|v| format!("{:.1},{:.1}", x(s.0 as f64 + 0.5), y(v))))
-            .collect();
+        let pts: Vec<String> =
+            points.iter().filter_map(|s| value(s).map(|v| format!("{:.1},{:.1}", x(s.0 as f64 + 0.5), y(v)))).collect();
         if !pts.is_empty() {
             let _ = writeln!(
                 out,

@@ -60,7 +60,7 @@ impl Database {
     pub fn describe(&self) -> String {
         match self {
             Database::Ephemeral { cluster, .. } => {
-                format!("ephemeral PostgreSQL {} (fsync=off, synchronous_commit=off)", cluster.version())
+                format!("ephemeral PostgreSQL {} (fsync=off, synchronous_commit=on)", cluster.version())
             }
             Database::Fresh { name, .. } => format!("fresh database {name} on the given server"),
             Database::Existing { .. } => "the external relay's database (rows of this run only)".into(),
@@ -96,7 +96,12 @@ pub async fn prepare(database_url: Option<&str>, existing: bool, ids: &Ids) -> R
                     ClusterConfig::ephemeral()
                         .setting("max_connections", 300)
                         .setting("shared_buffers", "256MB")
-                        .setting("wal_sender_timeout", "30s"),
+                        .setting("wal_sender_timeout", "30s")
+                        // The walsender sends only flushed WAL: with
+                        // synchronous_commit=off a commit waits for the WAL
+                        // writer (up to wal_writer_delay, 200 ms), which would
+                        // dominate every latency. fsync=off keeps flushes cheap.
+                        .setting("synchronous_commit", "on"),
                 )
             })
             .await
@@ -126,7 +131,9 @@ pub async fn prepare(database_url: Option<&str>, existing: bool, ids: &Ids) -> R
         }
     };
     let mut client = connect(database.url()).await?;
-    schema::migrate(&mut client, &Migrations::embedded()).await.map_err(|e| LoadError::Relay(format!("migrating: {e}")))?;
+    schema::migrate(&mut client, &Migrations::embedded())
+        .await
+        .map_err(|e| LoadError::Relay(format!("migrating: {e}")))?;
     Ok(database)
 }
 
@@ -223,7 +230,10 @@ pub async fn seed(client: &Client, world: &World, ids: &Ids) -> Result<(), LoadE
         let user_ids: Vec<uuid::Uuid> = chunk.iter().map(|&u| ids.uuid(Tag::User, u)).collect();
         let emails: Vec<String> = chunk.iter().map(|u| format!("load-{}-{u}@walcast.invalid", ids.short())).collect();
         client
-            .execute("insert into auth.users (id, email) select * from unnest($1::uuid[], $2::text[])", &[&user_ids, &emails])
+            .execute(
+                "insert into auth.users (id, email) select * from unnest($1::uuid[], $2::text[])",
+                &[&user_ids, &emails],
+            )
             .await
             .map_err(LoadError::db("seed auth.users"))?;
         client
@@ -309,10 +319,7 @@ pub async fn cleanup(database: Database, slot: Option<&str>, keep: bool, ids: &I
             }
             let client = connect(&url).await?;
             let prefix = format!("load-{}-%", ids.short());
-            client
-                .batch_execute("begin")
-                .await
-                .map_err(LoadError::db("begin the clean-up"))?;
+            client.batch_execute("begin").await.map_err(LoadError::db("begin the clean-up"))?;
             let codes = format!("L{}%", &ids.dealership_code(0)[1..9]);
             for sql in [
                 "delete from public.orders where dealership_id in (select id from public.dealerships where code like $1)",
@@ -339,7 +346,10 @@ mod tests {
     fn urls_get_the_database_swapped() {
         assert_eq!(with_database("postgres://u@h:5/postgres", "x").unwrap(), "postgres://u@h:5/x");
         assert_eq!(with_database("postgres://u@h:5", "x").unwrap(), "postgres://u@h:5/x");
-        assert_eq!(with_database("postgresql://u:p@h/db?sslmode=disable", "x").unwrap(), "postgresql://u:p@h/x?sslmode=disable");
+        assert_eq!(
+            with_database("postgresql://u:p@h/db?sslmode=disable", "x").unwrap(),
+            "postgresql://u:p@h/x?sslmode=disable"
+        );
         assert_eq!(with_database("host=/tmp port=5 dbname=postgres", "x").unwrap(), "host=/tmp port=5 dbname=x");
     }
 

@@ -365,7 +365,11 @@ async fn churn(
         let n = admin
             .execute(
                 "insert into public.dealer_memberships (id, user_id, dealership_id, role) values ($1, $2, $3, 'user')",
-                &[&ids.uuid(Tag::Membership, membership), &ids.uuid(Tag::User, user), &ids.uuid(Tag::Dealership, dealership)],
+                &[
+                    &ids.uuid(Tag::Membership, membership),
+                    &ids.uuid(Tag::User, user),
+                    &ids.uuid(Tag::Dealership, dealership),
+                ],
             )
             .await
             .map_err(|e| LoadError::Write(format!("granting a membership: {e}")))?;
@@ -389,7 +393,8 @@ struct Statements {
 
 impl Statements {
     async fn prepare(client: &Client) -> Result<Statements, LoadError> {
-        let prepare = |sql: &'static str| async move { client.prepare(sql).await.map_err(LoadError::db("prepare a write")) };
+        let prepare =
+            |sql: &'static str| async move { client.prepare(sql).await.map_err(LoadError::db("prepare a write")) };
         Ok(Statements {
             insert: prepare(
                 "insert into public.orders (id, dealership_id, type, status, customer_info, created_by, metadata) \
