@@ -927,7 +927,7 @@ impl Monitor {
                 };
                 let (mut lag, mut wal_cpu) = (None, None);
                 if let Some(db) = &db {
-                    if let Ok(row) = db
+                    if let Ok(Some(row)) = db
                         .query_opt(
                             "select pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8, active_pid \
                              from pg_replication_slots where slot_name = $1",
@@ -935,10 +935,8 @@ impl Monitor {
                         )
                         .await
                     {
-                        if let Some(row) = row {
-                            lag = row.get::<_, Option<i64>>(0);
-                            walsender = row.get::<_, Option<i32>>(1).and_then(|p| u32::try_from(p).ok());
-                        }
+                        lag = row.get::<_, Option<i64>>(0);
+                        walsender = row.get::<_, Option<i32>>(1).and_then(|p| u32::try_from(p).ok());
                     }
                     let wal_now = walsender.and_then(relay::proc_sample);
                     if let (Some(a), Some(b)) = (wal_last, wal_now) {

@@ -260,6 +260,9 @@ fn create_parent(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Picks one value of a per-second row for a plotted series.
+type SeriesValue = fn(&(usize, u64, Quantiles, Quantiles)) -> Option<f64>;
+
 /// An SVG line plot of commit→receive p50/p95/p99 (and write→receive p99,
 /// dashed) per second.
 pub fn svg(seconds: &[(usize, u64, Quantiles, Quantiles)], title: &str) -> String {
@@ -318,7 +321,7 @@ pub fn svg(seconds: &[(usize, u64, Quantiles, Quantiles)], title: &str) -> Strin
         (top + h - bottom) / 2.0,
         (top + h - bottom) / 2.0
     );
-    let series: [(&str, &str, &str, fn(&(usize, u64, Quantiles, Quantiles)) -> Option<f64>); 4] = [
+    let series: [(&str, &str, &str, SeriesValue); 4] = [
         ("commit→receive p50", "#1f77b4", "", |s| (s.2.count > 0).then_some(s.2.p50)),
         ("commit→receive p95", "#ff7f0e", "", |s| (s.2.count > 0).then_some(s.2.p95)),
         ("commit→receive p99", "#d62728", "", |s| (s.2.count > 0).then_some(s.2.p99)),

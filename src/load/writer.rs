@@ -142,7 +142,7 @@ pub async fn run(
     }
     drop(done_tx);
     let admin = connect(url).await?;
-    let mut rng = Rng::new(plan.seed ^ 0x5eed_0f_0dde_55);
+    let mut rng = Rng::new(plan.seed ^ 0x5eed_0f0d_de55);
     let mut members = world.members.clone();
     let mut user_memberships: Vec<Vec<(u32, u32)>> = vec![Vec::new(); world.users as usize];
     for &(m, u, d) in &world.memberships {
