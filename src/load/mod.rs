@@ -587,6 +587,7 @@ async fn run_held(
     // 6a. Idle: RSS per connection.
     let mut ledger_outcome = None;
     let mut cpu_window = None;
+    let mut own_window = None;
     if args.idle {
         monitor.phase("idle");
         tokio::time::sleep(Duration::from_secs_f64(args.idle_secs)).await;
@@ -642,6 +643,7 @@ async fn run_held(
             seed: args.seed,
         };
         let cpu0 = (Instant::now(), relay_pid.and_then(relay::proc_sample));
+        let own0 = (relay::proc_sample(std::process::id()), relay::system_ticks());
         let walsender_pid = walsender_pid(&db, &held.slot).await;
         let wal0 = walsender_pid.and_then(relay::proc_sample);
         let outcome = writer::run(&url, &world, ids, &plan, &shared, &monitor.writes).await?;
@@ -655,6 +657,8 @@ async fn run_held(
         }
         tokio::time::sleep(GRACE).await;
         let cpu1 = (Instant::now(), relay_pid.and_then(relay::proc_sample));
+        let own1 = (relay::proc_sample(std::process::id()), relay::system_ticks());
+        own_window = Some((cpu1.0 - cpu0.0, own0, own1));
         let wal1 = walsender_pid.and_then(relay::proc_sample);
         cpu_window = Some((cpu0, cpu1, wal0, wal1));
         ledger_outcome = Some((outcome, expectations));
@@ -780,6 +784,21 @@ async fn run_held(
                 let pct = relay::cpu_pct(w0, w1, wall);
                 report.result("walsender_cpu_pct", json!(pct), format!("walsender CPU\u{0}{pct:.0}% of one core"));
             }
+        }
+        if let Some((wall, (Some(a), s0), (Some(b), s1))) = own_window {
+            let pct = relay::cpu_pct(a, b, wall);
+            let busy = s1.0.saturating_sub(s0.0) as f64;
+            let total = s1.1.saturating_sub(s0.1).max(1) as f64;
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+            let machine = 100.0 * busy / total * cpus;
+            report.result(
+                "cpu_breakdown",
+                json!({"load_generator_pct": pct, "machine_busy_pct": machine, "cpus": cpus}),
+                format!(
+                    "load generator CPU\u{0}{pct:.0}% of one core (machine busy {machine:.0}% of {cpus:.0} cores = {:.0}% of capacity)",
+                    machine / cpus
+                ),
+            );
         }
         let lags: Vec<i64> = samples.iter().filter_map(|s| s.slot_lag_bytes).collect();
         if let Some(max) = lags.iter().max() {

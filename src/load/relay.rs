@@ -329,6 +329,17 @@ pub fn cpu_pct(before: ProcSample, after: ProcSample, wall: Duration) -> f64 {
     100.0 * secs / wall.as_secs_f64().max(1e-9)
 }
 
+/// Busy and total clock ticks of the whole machine (`/proc/stat`, all CPUs).
+pub fn system_ticks() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = text.lines().find(|l| l.starts_with("cpu ")) else { return (0, 0) };
+    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal (guest is inside user).
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total.saturating_sub(idle), total)
+}
+
 /// Raises this process's soft `RLIMIT_NOFILE` to at least `want` (up to the
 /// hard limit; as root, the hard limit too when allowed). Returns the soft
 /// and hard limits in force afterwards.
