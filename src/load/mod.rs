@@ -210,6 +210,11 @@ pub struct LoadArgs {
     /// Seconds allowed after the writes for the last deliveries.
     #[arg(long, default_value_t = 10.0)]
     pub drain_timeout: f64,
+    /// One channel topic per client (`realtime:load-<i>`) instead of the
+    /// shared `realtime:load` most applications use: the relay then cannot
+    /// share a serialized frame between clients (worst case).
+    #[arg(long)]
+    pub unique_topics: bool,
     /// Source addresses 127.0.0.1..=127.0.0.K (0: one per 20,000 clients).
     #[arg(long, default_value_t = 0)]
     pub source_addrs: u32,
@@ -511,6 +516,7 @@ async fn run_held(
     let subscribe_deadline = tokio::time::Instant::now() + Duration::from_secs_f64(args.subscribe_timeout);
     let connect_start = Instant::now();
     let mut tasks = Vec::with_capacity(specs.len());
+    let unique_topics = args.unique_topics;
     for spec in specs.iter().cloned() {
         let (endpoint, shared, stop_rx) = (endpoint.clone(), Arc::clone(&shared), stop_rx.clone());
         let (semaphore, subscribed, failed, first_failure) =
@@ -525,7 +531,7 @@ async fn run_held(
                 Subscribed::connect(
                     &endpoint,
                     spec.source,
-                    format!("realtime:load-{}", spec.index),
+                    if unique_topics { format!("realtime:load-{}", spec.index) } else { "realtime:load".to_owned() },
                     client::load_bindings(spec.filtered),
                     &spec.token,
                     wait.min(Duration::from_secs(60)),
@@ -856,6 +862,7 @@ async fn run_held(
         ("live_orders".to_owned(), json!(args.live_orders)),
         ("seed".to_owned(), json!(args.seed)),
         ("source_addrs".to_owned(), json!(sources)),
+        ("unique_topics".to_owned(), json!(args.unique_topics)),
         ("nofile_limit".to_owned(), json!(soft)),
         ("cpus".to_owned(), json!(std::thread::available_parallelism().map_or(0, |n| n.get()))),
         ("walcast_version".to_owned(), json!(env!("CARGO_PKG_VERSION"))),
