@@ -89,6 +89,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Load-test the relay end to end and check every delivery against RLS.
+    ///
+    /// Starts PostgreSQL (or uses --database-url) and the relay (a child
+    /// process by default), connects --clients WebSocket clients, writes
+    /// --rate order changes/s, and checks completeness, order and leaks.
+    Load(walcast::load::LoadArgs),
 }
 
 /// `walcast serve` / `walcast check` settings. Precedence: flag > environment
@@ -280,6 +286,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             tokio::task::spawn_blocking(move || replay(&file, pace, json)).await?
         }
+        Command::Load(args) => Ok(walcast::load::main(args).await?),
     }
 }
 

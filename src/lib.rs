@@ -58,6 +58,8 @@
 //! - [`config`]: settings (flags > environment > TOML file > defaults) and
 //!   `walcast check`.
 //! - [`server`]: `walcast serve` — everything above started and stopped in order.
+//! - [`load`]: `walcast load` — end-to-end load generator and RLS-exactness
+//!   checker (latency, throughput, CPU, RSS).
 
 pub mod capture;
 pub mod change;
@@ -66,6 +68,7 @@ pub mod config;
 pub mod demo;
 pub mod http;
 pub mod hub;
+pub mod load;
 pub mod lsn;
 pub mod monitor;
 pub mod pgconn;

@@ -15,6 +15,7 @@ mod hostile;
 mod hub;
 mod large_transactions;
 mod metrics;
+mod load;
 mod policy_differential;
 mod realtime;
 mod replay;

@@ -1,0 +1,84 @@
+//! `walcast load` end to end: the built binary runs a small load against a
+//! fresh database on the test server (relay as a child process, and in
+//! process with vsn 1.0.0 over several source addresses) with membership
+//! churn, and must report complete, ordered, leak-free deliveries. No timing
+//! assertions: the figures depend on the machine.
+
+use std::process::Command;
+
+use walcast::cluster::scratch_server;
+
+fn run_load(extra: &[&str]) -> serde_json::Value {
+    let server = scratch_server().expect("scratch server");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let json_out = dir.path().join("load.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_walcast"))
+        .current_dir(dir.path())
+        .args(["load", "--database-url", &server.url("postgres")])
+        .args(["--clients", "40", "--users", "20", "--dealerships", "5", "--live-orders", "50"])
+        .args(["--rate", "200", "--duration", "3", "--churn", "3", "--drain-timeout", "20"])
+        .arg("--json-out")
+        .arg(&json_out)
+        .args(extra)
+        .output()
+        .expect("walcast load runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "walcast load failed ({}):\n{stdout}\n{stderr}", output.status);
+    assert!(stdout.contains("result: PASS"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json_out).expect("the JSON report")).expect("JSON");
+    assert!(json_out.with_extension("svg").exists(), "the SVG plot");
+    report
+}
+
+fn assert_exact(report: &serde_json::Value) {
+    let results = &report["results"];
+    assert_eq!(report["passed"], true, "{report:#}");
+    for check in ["leaks", "duplicates", "missing", "out_of_order", "protocol_errors", "subscribe_failures"] {
+        assert_eq!(results["checks"][check], 0, "{check}: {:#}", results["checks"]);
+    }
+    let deliveries = &results["deliveries"];
+    assert!(deliveries["expected"].as_u64().unwrap() > 100, "{deliveries}");
+    assert_eq!(deliveries["received"], deliveries["expected"]);
+    assert_eq!(deliveries["correct"], deliveries["expected"]);
+    assert_eq!(results["clients_subscribed"], 40);
+    let writes = &results["writes"];
+    assert!(writes["total"].as_u64().unwrap() > 100, "{writes}");
+    assert!(writes["grants"].as_u64().unwrap() + writes["revokes"].as_u64().unwrap() > 0, "churn ran: {writes}");
+    assert!(results["commit_to_receive"]["count"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn a_small_load_through_a_child_relay_is_exact() {
+    let report = run_load(&[]);
+    assert_exact(&report);
+    assert!(report["results"]["relay_rss_kb"]["peak"].as_u64().unwrap() > 0, "relay RSS measured");
+}
+
+#[test]
+fn a_small_load_in_process_with_vsn_1_over_several_source_addresses_is_exact() {
+    let report = run_load(&["--relay", "inproc", "--vsn", "1.0.0", "--source-addrs", "3"]);
+    assert_exact(&report);
+    assert_eq!(report["config"]["source_addrs"], 3);
+}
+
+#[test]
+fn idle_mode_reports_memory_per_connection() {
+    let server = scratch_server().expect("scratch server");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let json_out = dir.path().join("idle.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_walcast"))
+        .current_dir(dir.path())
+        .args(["load", "--database-url", &server.url("postgres"), "--idle", "--idle-secs", "1"])
+        .args(["--clients", "30", "--users", "10", "--dealerships", "3"])
+        .arg("--json-out")
+        .arg(&json_out)
+        .output()
+        .expect("walcast load runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json_out).unwrap()).unwrap();
+    assert_eq!(report["results"]["clients_subscribed"], 30);
+    assert!(report["results"]["relay_rss_per_connection_bytes"].is_number(), "{report:#}");
+}
