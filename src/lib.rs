@@ -79,3 +79,6 @@ pub mod relay;
 pub mod replication;
 pub mod schema;
 pub mod server;
+
+#[cfg(test)]
+mod fuzz_tests;
