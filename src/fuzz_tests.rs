@@ -146,9 +146,8 @@ fn phoenix_f1_float_frame_passes_the_harness() {
 
 /// Finding phoenix F1, exactly: a float a client sends is echoed in the join reply with other digits, because
 /// serde_json is built without `float_roundtrip` and its default parser reads `1.0825352615491717e-75` (the
-/// shortest form of an `f64`) 2 units in the last place low. Passes once walcast enables that feature.
+/// shortest form of an `f64`) 2 units in the last place low. Fixed by enabling `float_roundtrip`; this test keeps it fixed.
 #[test]
-#[ignore = "finding phoenix F1: serde_json's default float parser is not correctly rounded (needs float_roundtrip)"]
 fn phoenix_f1_floats_survive_decode_and_encode_exactly() {
     use crate::hub::Vsn;
     use crate::realtime::{join, protocol};

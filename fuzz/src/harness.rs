@@ -1108,7 +1108,7 @@ fn same_json(a: &Value, b: &Value) -> bool {
 }
 
 /// How far apart (in units in the last place) a re-encoded float may land; see [`same_json`].
-pub const FLOAT_ULPS: u64 = 64;
+pub const FLOAT_ULPS: u64 = 0;
 
 /// `parse_join` and the join reply on one payload.
 fn join(payload: &Value) {

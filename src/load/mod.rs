@@ -410,7 +410,8 @@ async fn run_held(
                 tokio_postgres::Config::from_str(&url).map_err(|e| LoadError::Config(format!("database URL: {e}")))?;
             let slot = crate::replication::SlotOptions::new(&held.slot, "supabase_realtime");
             let relay = crate::relay::RelayConfig::new(crate::replication::SourceConfig::new(connection, slot));
-            let auth = crate::realtime::auth::AuthConfig { jwt_secret: Some(secret.clone()), jwks: None };
+            let auth =
+                crate::realtime::auth::AuthConfig { jwt_secret: Some(secret.clone()), jwks: None, audience: None };
             let mut config = crate::server::ServeConfig::new(relay, auth);
             config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
             config.limits.max_connections = args.clients as usize + 64;
