@@ -138,7 +138,7 @@ const F1_FRAME: &str =
     r#"[null,"1","realtime:room","phx_join",{"config":{"postgres_changes":[{"x":1.0825352615491717e-75}]}}]"#;
 
 /// Finding phoenix F1, as the harness checks it now: the frame decodes, re-encodes and joins, with the float
-/// within [`harness::FLOAT_ULPS`]. The libFuzzer input that found it is `fuzz/regressions/phoenix/`.
+/// exactly. The libFuzzer input that found it is `fuzz/regressions/phoenix/`.
 #[test]
 fn phoenix_f1_float_frame_passes_the_harness() {
     harness::phoenix_text(F1_FRAME);

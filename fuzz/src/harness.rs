@@ -1088,27 +1088,12 @@ pub fn phoenix_text(text: &str) {
     }
 }
 
-/// JSON equality, with floats equal when they are at most [`FLOAT_ULPS`] units in the last place apart.
-///
-/// Finding (docs/fuzzing.md, phoenix F1): walcast's serde_json is built without its `float_roundtrip` feature,
-/// whose default parser is not correctly rounded (`1.0825352615491717e-75` reads 2 ULP low), so a float a client
-/// sends does not always survive decode → encode exactly; the tolerance keeps fuzzing past that known deviation.
+/// JSON equality: numbers compare exactly (walcast enables serde_json's
+/// `float_roundtrip` since finding F1 in docs/fuzzing.md), so a float a client
+/// sends must survive decode → encode unchanged.
 fn same_json(a: &Value, b: &Value) -> bool {
-    match (a, b) {
-        (Value::Number(x), Value::Number(y)) if x.is_f64() && y.is_f64() => {
-            let (x, y) = (x.as_f64().unwrap_or(0.0), y.as_f64().unwrap_or(0.0));
-            x == y || (x.is_sign_negative() == y.is_sign_negative() && x.to_bits().abs_diff(y.to_bits()) <= FLOAT_ULPS)
-        }
-        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same_json(x, y)),
-        (Value::Object(x), Value::Object(y)) => {
-            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same_json(v, w)))
-        }
-        _ => a == b,
-    }
+    a == b
 }
-
-/// How far apart (in units in the last place) a re-encoded float may land; see [`same_json`].
-pub const FLOAT_ULPS: u64 = 0;
 
 /// `parse_join` and the join reply on one payload.
 fn join(payload: &Value) {

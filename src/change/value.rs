@@ -64,9 +64,8 @@
 //!
 //! - [`write_json`] appends exactly one complete JSON value, and [`to_json`] returns the value that parsing those
 //!   bytes with serde_json gives (the tests check this with generated inputs). One exception: a number serde_json
-//!   cannot read into an `f64` (beyond about 1.8e308: a huge `numeric`, or `float8`'s maximum, whose expansion
-//!   serde_json rounds up) is written exactly by [`write_json`], but [`to_json`] returns its digits as a string,
-//!   because [`serde_json::Number`] cannot hold it.
+//!   cannot read into an `f64` (beyond about 1.8e308: a huge `numeric`) is written exactly by [`write_json`],
+//!   but [`to_json`] returns its digits as a string, because [`serde_json::Number`] cannot hold it.
 //! - Nothing here panics on any input. Text that does not parse as the kind says (an array literal with
 //!   unbalanced braces, invalid JSON in a `json` column, a bool that is not `t`/`f`, …) is encoded as the JSON
 //!   string of the raw text, whole: one bad element makes the whole array a string. PostgreSQL never sends such
@@ -1808,11 +1807,11 @@ mod tests {
             assert_eq!(written(&kind, &text), expected, "oid {oid}, text {text:.40}");
         }
         assert_eq!(to_json(&ValueKind::Float, "5e-324"), Value::from(5e-324));
-        // Beyond what serde_json reads as an f64 (its parser rounds this expansion of f64::MAX up): write_json is
-        // exact, to_json keeps the digits as a string (module docs).
+        // f64::MAX: write_json writes its exact expansion, which serde_json (with `float_roundtrip`, correctly
+        // rounded) reads back as f64::MAX.
         let max = written(&ValueKind::Float, "1.7976931348623157e+308");
-        assert!(serde_json::from_str::<Value>(&max).is_err());
-        assert_eq!(to_json(&ValueKind::Float, "1.7976931348623157e+308"), Value::String(max));
+        assert_eq!(serde_json::from_str::<Value>(&max).unwrap(), Value::from(f64::MAX));
+        assert_eq!(to_json(&ValueKind::Float, "1.7976931348623157e+308"), Value::from(f64::MAX));
         let huge = format!("1{}", "0".repeat(400));
         assert_eq!(to_json(&ValueKind::Numeric, &huge), Value::String(huge.clone()));
     }
