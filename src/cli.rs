@@ -162,6 +162,15 @@ struct ServeArgs {
     /// Seconds between demo writer steps; 0 turns the writer off [default: 2].
     #[arg(long)]
     demo_writer_secs: Option<f64>,
+    /// Slot watchdog: warn when the slot retains more WAL than this (bytes; 0 = off) [default: 1 GiB].
+    #[arg(long, env = "SLOT_WAL_WARN_BYTES")]
+    slot_wal_warn_bytes: Option<u64>,
+    /// Slot watchdog: warn past this fraction of max_slot_wal_keep_size (0 = off) [default: 0.5].
+    #[arg(long, env = "SLOT_WAL_WARN_FRACTION")]
+    slot_wal_warn_fraction: Option<f64>,
+    /// /ready fails when replication lags more than this many seconds (0 = no limit) [default: 10].
+    #[arg(long, env = "READY_MAX_LAG_SECS")]
+    ready_max_lag_secs: Option<f64>,
 }
 
 impl ServeArgs {
@@ -189,6 +198,9 @@ impl ServeArgs {
             max_channels_per_client: self.max_channels_per_client,
             data_dir: self.data_dir,
             demo_writer_secs: self.demo_writer_secs,
+            slot_wal_warn_bytes: self.slot_wal_warn_bytes,
+            slot_wal_warn_fraction: self.slot_wal_warn_fraction,
+            ready_max_lag_secs: self.ready_max_lag_secs,
         };
         Ok(walcast::config::Settings::resolve(given, file.as_deref())?)
     }

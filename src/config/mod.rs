@@ -84,6 +84,12 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     /// Seconds between demo writer steps (0 = off).
     pub demo_writer_secs: Option<f64>,
+    /// Slot watchdog: warn when retained WAL passes this many bytes (0 = off).
+    pub slot_wal_warn_bytes: Option<u64>,
+    /// Slot watchdog: warn past this fraction of `max_slot_wal_keep_size` (0 = off).
+    pub slot_wal_warn_fraction: Option<f64>,
+    /// `/ready` is false beyond this replication lag in seconds (0 = no limit).
+    pub ready_max_lag_secs: Option<f64>,
 }
 
 impl std::fmt::Debug for FileConfig {
@@ -145,6 +151,9 @@ impl FileConfig {
             max_channels_per_client: self.max_channels_per_client.or(lower.max_channels_per_client),
             data_dir: self.data_dir.or(lower.data_dir),
             demo_writer_secs: self.demo_writer_secs.or(lower.demo_writer_secs),
+            slot_wal_warn_bytes: self.slot_wal_warn_bytes.or(lower.slot_wal_warn_bytes),
+            slot_wal_warn_fraction: self.slot_wal_warn_fraction.or(lower.slot_wal_warn_fraction),
+            ready_max_lag_secs: self.ready_max_lag_secs.or(lower.ready_max_lag_secs),
         }
     }
 }
@@ -261,6 +270,8 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// Demo writer interval (`None` = off).
     pub demo_writer: Option<Duration>,
+    /// `/ready` and slot watchdog thresholds.
+    pub monitoring: crate::monitor::MonitorConfig,
 }
 
 fn range(name: &'static str, value: usize, min: usize, max: usize) -> Result<usize, ConfigError> {
@@ -321,7 +332,24 @@ impl Settings {
         if !(0.0..=3600.0).contains(&writer_secs) {
             return Err(ConfigError::OutOfRange { name: "--demo-writer-secs", min: 0, max: 3600 });
         }
+        let mut monitoring = crate::monitor::MonitorConfig::default();
+        if let Some(bytes) = merged.slot_wal_warn_bytes {
+            monitoring.slot_wal_warn_bytes = (bytes > 0).then_some(bytes);
+        }
+        if let Some(fraction) = merged.slot_wal_warn_fraction {
+            if !(0.0..=1.0).contains(&fraction) {
+                return Err(ConfigError::OutOfRange { name: "--slot-wal-warn-fraction", min: 0, max: 1 });
+            }
+            monitoring.slot_wal_warn_fraction = (fraction > 0.0).then_some(fraction);
+        }
+        if let Some(secs) = merged.ready_max_lag_secs {
+            if !(0.0..=86_400.0).contains(&secs) {
+                return Err(ConfigError::OutOfRange { name: "--ready-max-lag-secs", min: 0, max: 86_400 });
+            }
+            monitoring.ready_max_lag = (secs > 0.0).then(|| Duration::from_secs_f64(secs));
+        }
         Ok(Settings {
+            monitoring,
             database,
             slot,
             publication,
@@ -375,6 +403,7 @@ impl Settings {
         config.listen = std::net::SocketAddr::new(self.host, self.port);
         config.limits.max_connections = self.max_connections;
         config.limits.max_channels = self.max_channels;
+        config.monitoring = self.monitoring.clone();
         config
     }
 }
@@ -461,6 +490,22 @@ mod tests {
             FileConfig { database_url: Some("postgres://u:hunter2@h/db?sslmode=verify-ca".into()), ..given() };
         let err = Settings::resolve(no_root, None).unwrap_err().to_string();
         assert!(err.contains("DATABASE_URL") && err.contains("sslrootcert") && !err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn monitoring_thresholds_come_from_the_settings() {
+        let thresholds = FileConfig {
+            slot_wal_warn_bytes: Some(4096),
+            slot_wal_warn_fraction: Some(0.0),
+            ready_max_lag_secs: Some(2.5),
+            ..given()
+        };
+        let settings = Settings::resolve(thresholds, None).unwrap();
+        assert_eq!(settings.monitoring.slot_wal_warn_bytes, Some(4096));
+        assert_eq!(settings.monitoring.slot_wal_warn_fraction, None, "0 turns it off");
+        assert_eq!(settings.monitoring.ready_max_lag, Some(Duration::from_millis(2500)));
+        let bad = FileConfig { slot_wal_warn_fraction: Some(1.5), ..given() };
+        assert!(Settings::resolve(bad, None).unwrap_err().to_string().contains("--slot-wal-warn-fraction"));
     }
 
     #[test]
