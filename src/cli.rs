@@ -281,7 +281,8 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
                         data_dir.display(),
                         cluster.port()
                     );
-                    ensure_database(&cluster.url("postgres"), "walcast").await?;
+                    schema::ensure_database(&connect(&cluster.url("postgres")).await?, walcast::demo::DEMO_DATABASE)
+                        .await?;
                     let result = migrate(&cluster.url("walcast"), &migrations).await;
                     tokio::task::spawn_blocking(move || cluster.stop()).await??;
                     result
@@ -488,15 +489,6 @@ async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     use std::str::FromStr;
     let config = walcast::pgconn::PgConfig::from_str(url).context("the database URL")?;
     walcast::pgconn::connect(&config).await.context("connecting to PostgreSQL")
-}
-
-async fn ensure_database(admin_url: &str, name: &str) -> anyhow::Result<()> {
-    let client = connect(admin_url).await?;
-    let exists = client.query_opt("select 1 from pg_database where datname = $1", &[&name]).await?.is_some();
-    if !exists {
-        client.batch_execute(&format!("create database {name}")).await?;
-    }
-    Ok(())
 }
 
 async fn migrate(url: &str, migrations: &Migrations) -> anyhow::Result<()> {

@@ -234,17 +234,7 @@ pub async fn start(config: &DemoConfig) -> Result<Demo, DemoError> {
 /// Database, schema and seed on a started cluster; the demo database's URL.
 async fn prepare(cluster: &Cluster) -> Result<String, DemoError> {
     let admin = connect(&cluster.url("postgres")).await?;
-    let exists = admin
-        .query_opt("select 1 from pg_catalog.pg_database where datname = $1", &[&DEMO_DATABASE])
-        .await
-        .map_err(DemoError::db("look up the demo database"))?
-        .is_some();
-    if !exists {
-        admin
-            .batch_execute(&format!("create database {DEMO_DATABASE}"))
-            .await
-            .map_err(DemoError::db("create the demo database"))?;
-    }
+    schema::ensure_database(&admin, DEMO_DATABASE).await.map_err(DemoError::db("create the demo database"))?;
     drop(admin);
     let url = cluster.url(DEMO_DATABASE);
     let mut client = connect(&url).await?;

@@ -189,6 +189,19 @@ impl SchemaError {
     }
 }
 
+/// Creates database `name` through `admin` (a connection to another database
+/// of the same server) unless it exists; returns whether it was created.
+///
+/// # Errors
+/// SQL errors (e.g. the role may not create databases).
+pub async fn ensure_database(admin: &Client, name: &str) -> Result<bool, tokio_postgres::Error> {
+    let exists = admin.query_opt("select 1 from pg_catalog.pg_database where datname = $1", &[&name]).await?.is_some();
+    if !exists {
+        admin.batch_execute(&format!("create database {}", crate::replication::slot::quote_ident(name))).await?;
+    }
+    Ok(!exists)
+}
+
 /// Applies every migration of `migrations` not yet applied to the database
 /// behind `client`, after verifying the checksums of those already applied.
 ///
