@@ -88,6 +88,21 @@ enum Command {
         /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
+        /// Also judge and fan out every change to this many synthetic
+        /// subscribers (the hub's whole path but sockets; see
+        /// `walcast::load::fanout`).
+        #[arg(long)]
+        subscribers: Option<u32>,
+        /// Spread the subscribers over at most this many of the capture's
+        /// dealerships.
+        #[arg(long, requires = "subscribers")]
+        dealerships: Option<u32>,
+        /// Fraction of subscribers whose orders binding has `status=eq.pending`.
+        #[arg(long, default_value_t = 0.2, requires = "subscribers")]
+        filtered: f64,
+        /// One channel topic per subscriber (no frame shared between them).
+        #[arg(long, requires = "subscribers")]
+        unique_topics: bool,
     },
     /// Load-test the relay end to end and check every delivery against RLS.
     ///
@@ -292,12 +307,24 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Record { source, out, max_transactions, duration_secs } => {
             record(source, out, max_transactions, duration_secs).await
         }
-        Command::Replay { file, pace, json } => {
+        Command::Replay { file, pace, json, subscribers, dealerships, filtered, unique_topics } => {
             let pace = match pace {
                 PaceArg::Fastest => walcast::capture::Pace::Fastest,
                 PaceArg::Recorded => walcast::capture::Pace::Recorded,
             };
-            tokio::task::spawn_blocking(move || replay(&file, pace, json)).await?
+            match subscribers {
+                None => tokio::task::spawn_blocking(move || replay(&file, pace, json)).await?,
+                Some(subscribers) => {
+                    let config = walcast::load::fanout::FanoutConfig {
+                        subscribers,
+                        dealerships,
+                        filtered,
+                        unique_topics,
+                        vsn: walcast::hub::Vsn::V2,
+                    };
+                    tokio::task::spawn_blocking(move || replay_fanout(&file, pace, &config, json)).await?
+                }
+            }
         }
         Command::Load(args) => Ok(walcast::load::main(args).await?),
     }
@@ -346,6 +373,51 @@ fn replay(file: &std::path::Path, pace: walcast::capture::Pace, json: bool) -> a
         if report.incomplete_transaction {
             println!("note: the capture ends inside a transaction; its changes were replayed, its commit is missing");
         }
+    }
+    Ok(())
+}
+
+fn replay_fanout(
+    file: &std::path::Path,
+    pace: walcast::capture::Pace,
+    config: &walcast::load::fanout::FanoutConfig,
+    json: bool,
+) -> anyhow::Result<()> {
+    let report = walcast::load::fanout::replay_fanout(file, pace, config)?;
+    let secs = report.elapsed.as_secs_f64();
+    if json {
+        let value = serde_json::json!({
+            "file": file.display().to_string(),
+            "subscribers": report.subscribers,
+            "dealerships": report.dealerships,
+            "filtered": config.filtered,
+            "unique_topics": config.unique_topics,
+            "transactions": report.replay.transactions,
+            "changes": report.replay.changes,
+            "payload_bytes": report.replay.payload_bytes,
+            "deliveries": report.deliveries,
+            "frames_built": report.frames_built,
+            "elapsed_secs": secs,
+            "changes_per_sec": report.changes_per_sec(),
+            "deliveries_per_sec": report.deliveries_per_sec(),
+        });
+        println!("{value}");
+    } else {
+        println!(
+            "replayed {} transactions, {} changes from {} to {} subscribers over {} dealerships in {secs:.3} s",
+            report.replay.transactions,
+            report.replay.changes,
+            file.display(),
+            report.subscribers,
+            report.dealerships
+        );
+        println!(
+            "decode + policy + fan-out: {:.0} changes/s, {:.0} deliveries/s ({} deliveries, {} distinct frames)",
+            report.changes_per_sec(),
+            report.deliveries_per_sec(),
+            report.deliveries,
+            report.frames_built
+        );
     }
     Ok(())
 }

@@ -51,9 +51,26 @@ fn assert_exact(report: &serde_json::Value) {
 
 #[test]
 fn a_small_load_through_a_child_relay_is_exact() {
-    let report = run_load(&[]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let capture = dir.path().join("load.walcast");
+    let report = run_load(&["--record-out", capture.to_str().unwrap()]);
     assert_exact(&report);
     assert!(report["results"]["relay_rss_kb"]["peak"].as_u64().unwrap() > 0, "relay RSS measured");
+
+    // --record-out captured every write (order changes and churn), which
+    // `walcast replay --subscribers` fans out without PostgreSQL.
+    let writes = &report["results"]["writes"];
+    let written = ["total", "grants", "revokes"].iter().map(|k| writes[k].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(report["results"]["recorded"]["transactions"].as_u64(), Some(written), "{:#}", report["results"]);
+    let output = Command::new(env!("CARGO_BIN_EXE_walcast"))
+        .args(["replay", "--json", "--subscribers", "100"])
+        .arg(&capture)
+        .output()
+        .expect("walcast replay runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let replay: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(replay["changes"].as_u64(), Some(written), "{replay}");
+    assert!(replay["deliveries"].as_u64().unwrap() > 0, "{replay}");
 }
 
 #[test]

@@ -101,7 +101,7 @@ pub enum ReplayError {
 pub fn replay<R: BufRead>(
     mut reader: CaptureReader<R>,
     pace: Pace,
-    mut sink: impl FnMut(&TxEvent),
+    mut sink: impl FnMut(TxEvent),
 ) -> Result<ReplayReport, ReplayError> {
     let mut assembler = Assembler::new();
     let mut report = ReplayReport::default();
@@ -134,7 +134,7 @@ pub fn replay<R: BufRead>(
                 TxEvent::Commit(_) => report.transactions += 1,
                 TxEvent::Begin(_) => {}
             }
-            sink(&event);
+            sink(event);
         }
     }
     report.incomplete_transaction = assembler.in_transaction() || assembler.buffered_bytes() > 0;

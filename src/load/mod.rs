@@ -51,6 +51,7 @@
 //! so each source address has its own ephemeral port range.
 
 pub mod client;
+pub mod fanout;
 pub mod ids;
 pub mod oracle;
 pub mod relay;
@@ -224,6 +225,12 @@ pub struct LoadArgs {
     /// The latency plot (default: the JSON path with .svg).
     #[arg(long)]
     pub svg_out: Option<PathBuf>,
+    /// Also record the writes' replication stream (a slot of its own, from
+    /// just before the first write to the end of the drain) into this
+    /// capture file, for `walcast replay --subscribers N`. Its walsender
+    /// shares the machine with the run.
+    #[arg(long)]
+    pub record_out: Option<PathBuf>,
 }
 
 impl LoadArgs {
@@ -315,6 +322,81 @@ fn utc_stamp(t: std::time::SystemTime) -> String {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
     format!("{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
+}
+
+/// `--record-out`: a capture of the writes, from a slot of its own.
+struct Recording {
+    slot: String,
+    path: PathBuf,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<crate::capture::RecordReport, crate::capture::RecordError>>,
+}
+
+impl Recording {
+    /// Creates the slot (so every later write is in it) and starts recording.
+    async fn start(
+        db: &tokio_postgres::Client,
+        url: &str,
+        slot: &str,
+        path: &std::path::Path,
+    ) -> Result<Recording, LoadError> {
+        db.execute("select pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot])
+            .await
+            .map_err(LoadError::db("create the capture's replication slot"))?;
+        let connection =
+            tokio_postgres::Config::from_str(url).map_err(|e| LoadError::Config(format!("database URL: {e}")))?;
+        let config = crate::replication::SourceConfig::new(
+            connection,
+            crate::replication::SlotOptions::new(slot, "supabase_realtime"),
+        );
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| LoadError::Io(format!("creating {}: {e}", dir.display())))?;
+        }
+        let file =
+            std::fs::File::create(path).map_err(|e| LoadError::Io(format!("creating {}: {e}", path.display())))?;
+        let writer = std::io::BufWriter::with_capacity(1 << 20, file);
+        let (stop, stopped) = watch::channel(false);
+        let task =
+            tokio::spawn(crate::capture::record(config, writer, crate::capture::RecordLimits::default(), stopped));
+        Ok(Recording { slot: slot.to_owned(), path: path.to_owned(), stop, task })
+    }
+
+    /// Stops once the recorder has the last commit, then drops the slot.
+    async fn stop(self, db: &tokio_postgres::Client) -> Result<(PathBuf, crate::capture::RecordReport), LoadError> {
+        // The recorder acknowledges each commit it wrote: wait (bounded)
+        // until it has acknowledged everything written so far.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let behind: Option<bool> = db
+                .query_opt(
+                    "select confirmed_flush_lsn < pg_current_wal_insert_lsn() - 4096 \
+                     from pg_replication_slots where slot_name = $1",
+                    &[&self.slot],
+                )
+                .await
+                .ok()
+                .flatten()
+                .and_then(|row| row.get(0));
+            if behind != Some(true) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = self.stop.send(true);
+        let report = match self.task.await {
+            Ok(Ok(report)) => report,
+            Ok(Err(err)) => return Err(LoadError::Io(format!("recording {}: {err}", self.path.display()))),
+            Err(err) => return Err(LoadError::Io(format!("recording {}: {err}", self.path.display()))),
+        };
+        // The walsender lets go of the slot a moment after the stream ends.
+        for _ in 0..100 {
+            if db.execute("select pg_drop_replication_slot($1)", &[&self.slot]).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok((self.path, report))
+    }
 }
 
 /// Everything a run holds that must be cleaned up.
@@ -653,6 +735,10 @@ async fn run_held(
         let own0 = (relay::proc_sample(std::process::id()), relay::system_ticks());
         let walsender_pid = walsender_pid(&db, &held.slot).await;
         let wal0 = walsender_pid.and_then(relay::proc_sample);
+        let recording = match &args.record_out {
+            Some(path) => Some(Recording::start(&db, &url, &format!("{}_rec", held.slot), path).await?),
+            None => None,
+        };
         let outcome = writer::run(&url, &world, ids, &plan, &shared, &monitor.writes).await?;
         // Drain until every expected delivery arrived.
         monitor.phase("draining");
@@ -663,6 +749,19 @@ async fn run_held(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         tokio::time::sleep(GRACE).await;
+        if let Some(recording) = recording {
+            let recorded = recording.stop(&db).await?;
+            report.result(
+                "recorded",
+                json!({"file": recorded.0.display().to_string(), "transactions": recorded.1.transactions, "payload_bytes": recorded.1.bytes}),
+                format!(
+                    "capture\u{0}{} transactions, {:.1} MB in {}",
+                    recorded.1.transactions,
+                    recorded.1.bytes as f64 / 1e6,
+                    recorded.0.display()
+                ),
+            );
+        }
         let cpu1 = (Instant::now(), relay_pid.and_then(relay::proc_sample));
         let own1 = (relay::proc_sample(std::process::id()), relay::system_ticks());
         own_window = Some((cpu1.0 - cpu0.0, own0, own1));
