@@ -171,6 +171,13 @@ struct ServeArgs {
     /// Most channels per socket [default: 100].
     #[arg(long = "max-channels", env = "MAX_CHANNELS_PER_CLIENT")]
     max_channels_per_client: Option<usize>,
+    /// WebSocket read buffer per socket, bytes (tokio-tungstenite's default: 131072) [default: 8192].
+    #[arg(long = "ws-read-buffer", env = "WS_READ_BUFFER_BYTES")]
+    ws_read_buffer_bytes: Option<usize>,
+    /// WebSocket write buffer per socket: frames are written once this many bytes
+    /// are buffered or the batch ends (tokio-tungstenite's default: 131072) [default: 32768].
+    #[arg(long = "ws-write-buffer", env = "WS_WRITE_BUFFER_BYTES")]
+    ws_write_buffer_bytes: Option<usize>,
     /// Data directory of the embedded PostgreSQL (demo mode) [default: .walcast/postgres].
     #[arg(long, env = "WALCAST_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -211,6 +218,8 @@ impl ServeArgs {
             policy: None,
             max_connections: self.max_connections,
             max_channels_per_client: self.max_channels_per_client,
+            ws_read_buffer_bytes: self.ws_read_buffer_bytes,
+            ws_write_buffer_bytes: self.ws_write_buffer_bytes,
             data_dir: self.data_dir,
             demo_writer_secs: self.demo_writer_secs,
             slot_wal_warn_bytes: self.slot_wal_warn_bytes,

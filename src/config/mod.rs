@@ -80,6 +80,10 @@ pub struct FileConfig {
     pub max_connections: Option<usize>,
     /// Most channels per socket.
     pub max_channels_per_client: Option<usize>,
+    /// WebSocket read buffer per socket, bytes.
+    pub ws_read_buffer_bytes: Option<usize>,
+    /// WebSocket write buffer (flush threshold) per socket, bytes.
+    pub ws_write_buffer_bytes: Option<usize>,
     /// Data directory of the embedded PostgreSQL (demo mode).
     pub data_dir: Option<PathBuf>,
     /// Seconds between demo writer steps (0 = off).
@@ -112,6 +116,8 @@ impl std::fmt::Debug for FileConfig {
             .field("policy_file", &self.policy_file)
             .field("max_connections", &self.max_connections)
             .field("max_channels_per_client", &self.max_channels_per_client)
+            .field("ws_read_buffer_bytes", &self.ws_read_buffer_bytes)
+            .field("ws_write_buffer_bytes", &self.ws_write_buffer_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -149,6 +155,8 @@ impl FileConfig {
             policy: self.policy.or(lower.policy),
             max_connections: self.max_connections.or(lower.max_connections),
             max_channels_per_client: self.max_channels_per_client.or(lower.max_channels_per_client),
+            ws_read_buffer_bytes: self.ws_read_buffer_bytes.or(lower.ws_read_buffer_bytes),
+            ws_write_buffer_bytes: self.ws_write_buffer_bytes.or(lower.ws_write_buffer_bytes),
             data_dir: self.data_dir.or(lower.data_dir),
             demo_writer_secs: self.demo_writer_secs.or(lower.demo_writer_secs),
             slot_wal_warn_bytes: self.slot_wal_warn_bytes.or(lower.slot_wal_warn_bytes),
@@ -266,6 +274,10 @@ pub struct Settings {
     pub max_connections: usize,
     /// Most channels per socket.
     pub max_channels: usize,
+    /// WebSocket read buffer per socket (bytes).
+    pub ws_read_buffer: usize,
+    /// WebSocket write buffer per socket (bytes).
+    pub ws_write_buffer: usize,
     /// Embedded PostgreSQL directory.
     pub data_dir: PathBuf,
     /// Demo writer interval (`None` = off).
@@ -328,6 +340,18 @@ impl Settings {
             1,
             10_000,
         )?;
+        let ws_read_buffer = range(
+            "WS_READ_BUFFER_BYTES (--ws-read-buffer)",
+            merged.ws_read_buffer_bytes.unwrap_or(8 << 10),
+            1 << 10,
+            1 << 20,
+        )?;
+        let ws_write_buffer = range(
+            "WS_WRITE_BUFFER_BYTES (--ws-write-buffer)",
+            merged.ws_write_buffer_bytes.unwrap_or(32 << 10),
+            0,
+            1 << 20,
+        )?;
         let writer_secs = merged.demo_writer_secs.unwrap_or(2.0);
         if !(0.0..=3600.0).contains(&writer_secs) {
             return Err(ConfigError::OutOfRange { name: "--demo-writer-secs", min: 0, max: 3600 });
@@ -359,6 +383,8 @@ impl Settings {
             policy,
             max_connections,
             max_channels,
+            ws_read_buffer,
+            ws_write_buffer,
             data_dir: merged.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             demo_writer: (writer_secs > 0.0).then(|| Duration::from_secs_f64(writer_secs)),
         })
@@ -403,6 +429,8 @@ impl Settings {
         config.listen = std::net::SocketAddr::new(self.host, self.port);
         config.limits.max_connections = self.max_connections;
         config.limits.max_channels = self.max_channels;
+        config.limits.ws_read_buffer = self.ws_read_buffer;
+        config.limits.ws_write_buffer = self.ws_write_buffer;
         config.monitoring = self.monitoring.clone();
         config
     }
@@ -506,6 +534,18 @@ mod tests {
         assert_eq!(settings.monitoring.ready_max_lag, Some(Duration::from_millis(2500)));
         let bad = FileConfig { slot_wal_warn_fraction: Some(1.5), ..given() };
         assert!(Settings::resolve(bad, None).unwrap_err().to_string().contains("--slot-wal-warn-fraction"));
+    }
+
+    #[test]
+    fn websocket_buffers_come_from_the_settings() {
+        let settings = Settings::resolve(given(), None).unwrap();
+        assert_eq!((settings.ws_read_buffer, settings.ws_write_buffer), (8 << 10, 32 << 10));
+        let sized = FileConfig { ws_read_buffer_bytes: Some(4096), ws_write_buffer_bytes: Some(0), ..given() };
+        let settings = Settings::resolve(sized, None).unwrap();
+        let limits = settings.serve_config(PgConfig::from_str("postgres://u@h/db").unwrap()).limits;
+        assert_eq!((limits.ws_read_buffer, limits.ws_write_buffer), (4096, 0));
+        let bad = FileConfig { ws_read_buffer_bytes: Some(16), ..given() };
+        assert!(Settings::resolve(bad, None).unwrap_err().to_string().contains("--ws-read-buffer"));
     }
 
     #[test]

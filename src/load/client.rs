@@ -291,6 +291,49 @@ impl Subscribed {
         }
     }
 
+    /// Counts postgres_changes deliveries on this channel until `expect` of
+    /// them arrived or none came for `idle`, heartbeating meanwhile. Returns
+    /// the count and the time of the last delivery.
+    ///
+    /// # Errors
+    /// The socket closing (with the relay's close code and reason) or failing.
+    pub async fn count_changes(&mut self, expect: u64, idle: Duration) -> Result<(u64, Option<Instant>), String> {
+        let mut count = 0u64;
+        let mut last = None;
+        let mut beat = tokio::time::Instant::now() + HEARTBEAT;
+        while count < expect {
+            if tokio::time::Instant::now() >= beat {
+                self.send(false, "phoenix", "heartbeat", json!({})).await?;
+                beat = tokio::time::Instant::now() + HEARTBEAT;
+            }
+            let wait = idle.min(beat.saturating_duration_since(tokio::time::Instant::now()));
+            let message = match tokio::time::timeout(wait, self.ws.next()).await {
+                Ok(message) => message,
+                Err(_) if wait < idle => continue,
+                Err(_) => break,
+            };
+            match message {
+                Some(Ok(Message::Text(text))) => {
+                    let is_change = parse_frame(self.vsn, &text)
+                        .is_ok_and(|f| f.event == "postgres_changes" && f.topic == self.topic);
+                    if is_change {
+                        count += 1;
+                        last = Some(Instant::now());
+                    }
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    let why = frame
+                        .map_or_else(|| "no close frame".to_owned(), |f| format!("{} {}", u16::from(f.code), f.reason));
+                    return Err(format!("the relay closed the socket after {count} deliveries: {why}"));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(err)) => return Err(format!("socket error after {count} deliveries: {err}")),
+                None => return Err(format!("the socket closed after {count} deliveries")),
+            }
+        }
+        Ok((count, last))
+    }
+
     /// The binding ids (orders, memberships) from the join reply.
     pub fn binding_ids(&self) -> [u32; 2] {
         self.ids

@@ -160,6 +160,10 @@ pub struct LoadArgs {
     /// The external relay's HS256 secret (generated for a relay this run starts).
     #[arg(long, env = "API_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+    /// One more flag for the child relay's `walcast serve` (repeatable; e.g.
+    /// `--relay-arg=--ws-read-buffer=131072`).
+    #[arg(long = "relay-arg", allow_hyphen_values = true)]
+    pub relay_args: Vec<String>,
     /// The `walcast` executable for the child relay (default: this one).
     #[arg(long, hide = true)]
     pub relay_exe: Option<PathBuf>,
@@ -484,6 +488,7 @@ async fn run_held(
                 slot: &held.slot,
                 max_connections: args.clients as usize + 64,
                 log: &relay_log,
+                extra_args: &args.relay_args,
             })
             .await?
         }
@@ -963,6 +968,7 @@ async fn run_held(
         ("seed".to_owned(), json!(args.seed)),
         ("source_addrs".to_owned(), json!(sources)),
         ("unique_topics".to_owned(), json!(args.unique_topics)),
+        ("relay_args".to_owned(), json!(args.relay_args.join(" "))),
         ("nofile_limit".to_owned(), json!(soft)),
         ("cpus".to_owned(), json!(std::thread::available_parallelism().map_or(0, |n| n.get()))),
         ("walcast_version".to_owned(), json!(env!("CARGO_PKG_VERSION"))),

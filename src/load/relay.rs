@@ -155,6 +155,8 @@ pub struct ChildRelay<'a> {
     pub max_connections: usize,
     /// Where its stdout/stderr go.
     pub log: &'a Path,
+    /// More `walcast serve` flags (`--relay-arg`).
+    pub extra_args: &'a [String],
 }
 
 /// Starts `walcast serve` as a child on a free loopback port and waits for
@@ -181,6 +183,7 @@ pub async fn spawn_child(relay: &ChildRelay<'_>) -> Result<RelayHandle, LoadErro
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--slot", relay.slot])
             .args(["--max-connections", &relay.max_connections.to_string()])
+            .args(relay.extra_args)
             .env("DATABASE_URL", relay.database_url)
             .env("API_JWT_SECRET", relay.jwt_secret)
             .env_remove("API_JWT_JWKS")

@@ -47,6 +47,10 @@ pub struct Limits {
     pub max_connections: usize,
     /// The outbox of each socket.
     pub outbox: OutboxLimits,
+    /// tokio-tungstenite's read buffer per socket (allocated at the upgrade).
+    pub ws_read_buffer: usize,
+    /// Frames are buffered until this many bytes or the batch's flush.
+    pub ws_write_buffer: usize,
 }
 
 impl Default for Limits {
@@ -60,6 +64,8 @@ impl Default for Limits {
             write_timeout: Duration::from_secs(10),
             max_connections: 10_000,
             outbox: OutboxLimits::default(),
+            ws_read_buffer: 8 << 10,
+            ws_write_buffer: 32 << 10,
         }
     }
 }
@@ -70,9 +76,9 @@ impl Limits {
     /// message size.
     pub fn websocket_config(&self) -> WebSocketConfig {
         WebSocketConfig::default()
-            .read_buffer_size(8 << 10)
-            .write_buffer_size(32 << 10)
-            .max_write_buffer_size(self.outbox.max_bytes.max(1 << 20) * 2)
+            .read_buffer_size(self.ws_read_buffer)
+            .write_buffer_size(self.ws_write_buffer)
+            .max_write_buffer_size((self.outbox.max_bytes.max(1 << 20) + self.ws_write_buffer) * 2)
             .max_message_size(Some(self.max_message_bytes))
             .max_frame_size(Some(self.max_message_bytes))
     }
