@@ -194,6 +194,11 @@ pub struct LoadArgs {
     /// PostgreSQL connections writing.
     #[arg(long, default_value_t = 4)]
     pub writers: usize,
+    /// Most order writes per transaction: a writer takes whatever is queued,
+    /// up to this many, into one transaction (group commit). 1 = one write
+    /// per transaction.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
     /// Membership changes (grant/revoke) per second, each a barrier.
     #[arg(long, default_value_t = 0.0)]
     pub churn: f64,
@@ -251,6 +256,9 @@ impl LoadArgs {
         }
         if self.relay_url.is_some() && (self.jwt_secret.is_none() || self.database_url.is_none()) {
             return bad("--relay-url needs --jwt-secret (the relay's) and --database-url (the database it streams)");
+        }
+        if self.batch == 0 || self.batch > 10_000 {
+            return bad("--batch must be 1 to 10000");
         }
         if self.writers == 0 || self.connect_parallel == 0 {
             return bad("--writers and --connect-parallel must be at least 1");
@@ -732,6 +740,7 @@ async fn run_held(
             rate: args.rate,
             duration: Duration::from_secs_f64(args.duration),
             writers: args.writers,
+            batch: args.batch,
             churn: args.churn,
             live_orders: args.live_orders,
             seed: args.seed,
@@ -801,9 +810,10 @@ async fn run_held(
         let elapsed = outcome.elapsed.as_secs_f64().max(1e-9);
         report.result(
             "writes",
-            json!({"total": writes, "inserts": outcome.counts[0], "status_updates": outcome.counts[1], "moves": outcome.counts[2], "deletes": outcome.counts[3], "grants": outcome.churn[0], "revokes": outcome.churn[1], "skipped_ticks": outcome.skipped, "rate_per_sec": writes as f64 / elapsed}),
+            json!({"total": writes, "inserts": outcome.counts[0], "status_updates": outcome.counts[1], "moves": outcome.counts[2], "deletes": outcome.counts[3], "grants": outcome.churn[0], "revokes": outcome.churn[1], "skipped_ticks": outcome.skipped, "rate_per_sec": writes as f64 / elapsed, "transactions": outcome.transactions}),
             format!(
-                "writes\u{0}{writes} in {elapsed:.1} s ({:.0}/s): {} inserts, {} status, {} moves, {} deletes; churn {} grants, {} revokes",
+                "writes\u{0}{writes} in {} transactions in {elapsed:.1} s ({:.0}/s): {} inserts, {} status, {} moves, {} deletes; churn {} grants, {} revokes",
+                outcome.transactions,
                 writes as f64 / elapsed,
                 outcome.counts[0],
                 outcome.counts[1],
@@ -963,6 +973,7 @@ async fn run_held(
         ("rate".to_owned(), json!(args.rate)),
         ("duration_secs".to_owned(), json!(args.duration)),
         ("writers".to_owned(), json!(args.writers)),
+        ("batch".to_owned(), json!(args.batch)),
         ("churn_per_sec".to_owned(), json!(args.churn)),
         ("live_orders".to_owned(), json!(args.live_orders)),
         ("seed".to_owned(), json!(args.seed)),

@@ -6,8 +6,9 @@
 //!  scheduler (one task: owns the rows, the memberships and the ledger)
 //!     │ op at t0 + k/rate (catching up when late: open loop)
 //!     ▼
-//!  shared queue ──▶ writer 1..W (one connection each, one statement = one transaction)
-//!     ▲                 │ done (rows affected)
+//!  shared queue ──▶ writer 1..W (one connection each; one transaction takes
+//!     ▲                 │        what is queued, up to --batch writes)
+//!     │                 │ done (rows affected)
 //!     └─────────────────┘
 //!  churn tick ──▶ barrier: stop dispatching, wait for in-flight writes,
 //!                 grant/revoke on the admin connection, resume
@@ -21,6 +22,9 @@
 //!   commits between the same two membership changes it was issued between;
 //! - every write must affect exactly one row; anything else (or an error)
 //!   stops the run — the ledger would no longer be exact;
+//! - the writes of one transaction touch distinct rows (a row is never in
+//!   flight twice), and its inserts run in dealership order, so two batches'
+//!   order-number counter locks cannot deadlock;
 //! - the live order count stays near `live_orders` (inserts get likelier
 //!   below it, deletes above it).
 
@@ -48,6 +52,8 @@ pub struct WritePlan {
     pub duration: Duration,
     /// Connections in the pool.
     pub writers: usize,
+    /// Most writes per transaction (whatever is queued, up to this).
+    pub batch: usize,
     /// Membership changes per second (0: none).
     pub churn: f64,
     /// Target number of live orders.
@@ -65,6 +71,9 @@ pub struct WriteOutcome {
     pub counts: [u64; 4],
     /// Membership grants and revokes.
     pub churn: [u64; 2],
+    /// Order-write transactions committed (fewer than the writes with
+    /// `--batch` above 1).
+    pub transactions: u64,
     /// Ticks skipped because no row was free to write.
     pub skipped: u64,
     /// How late writes were issued relative to their schedule (µs).
@@ -121,6 +130,7 @@ pub async fn run(
     let op_rx = Arc::new(Mutex::new(op_rx));
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let creator = ids.uuid(Tag::User, world.writer_user());
+    let transactions = Arc::new(AtomicU64::new(0));
     let mut writers = Vec::new();
     for _ in 0..plan.writers.max(1) {
         let client = connect(url).await?;
@@ -128,14 +138,33 @@ pub async fn run(
         let op_rx = Arc::clone(&op_rx);
         let done_tx = done_tx.clone();
         let epoch = shared.epoch;
+        let batch = plan.batch.max(1);
+        let transactions = Arc::clone(&transactions);
         writers.push(tokio::spawn(async move {
+            let mut ops = Vec::with_capacity(batch);
             loop {
-                let op = { op_rx.lock().await.recv().await };
-                let Some(op) = op else { break };
+                {
+                    let mut rx = op_rx.lock().await;
+                    let Some(op) = rx.recv().await else { break };
+                    ops.push(op);
+                    while ops.len() < batch {
+                        match rx.try_recv() {
+                            Ok(op) => ops.push(op),
+                            Err(_) => break,
+                        }
+                    }
+                }
                 let t_us = epoch.elapsed().as_micros() as u64;
-                let result = statements.execute(&client, &ids, creator, op, t_us).await;
-                if done_tx.send(Done { op, t_us, result }).is_err() {
-                    break;
+                let results = if let [op] = ops[..] {
+                    vec![statements.execute(&client, &ids, creator, op, t_us).await]
+                } else {
+                    statements.execute_batch(&client, &ids, creator, &mut ops, t_us).await
+                };
+                transactions.fetch_add(1, Ordering::Relaxed);
+                for (op, result) in ops.drain(..).zip(results) {
+                    if done_tx.send(Done { op, t_us, result }).is_err() {
+                        return;
+                    }
                 }
             }
         }));
@@ -158,6 +187,7 @@ pub async fn run(
         ledger: Vec::new(),
         counts: [0; 4],
         churn: [0; 2],
+        transactions: 0,
         skipped: 0,
         schedule_lag: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static bounds"),
         elapsed: Duration::ZERO,
@@ -240,6 +270,7 @@ pub async fn run(
     };
     drop(op_tx);
     outcome.elapsed = start.elapsed();
+    outcome.transactions = transactions.load(Ordering::Relaxed);
     for writer in writers {
         writer.abort();
     }
@@ -409,6 +440,37 @@ impl Statements {
             .await?,
             delete: prepare("delete from public.orders where id = $1").await?,
         })
+    }
+
+    /// The writes in one transaction, pipelined; one result per op (in the
+    /// order `ops` ends up in: inserts first, by dealership). When anything
+    /// fails the transaction rolls back and every op reports the failure.
+    async fn execute_batch(
+        &self,
+        client: &Client,
+        ids: &Ids,
+        creator: uuid::Uuid,
+        ops: &mut [Op],
+        t_us: u64,
+    ) -> Vec<Result<u64, String>> {
+        // Inserts lock their dealership's counter row: one order for all.
+        ops.sort_by_key(|op| match (op.kind, op.new) {
+            (Kind::Insert, Some(new)) => (0, new.dealership),
+            _ => (1, 0),
+        });
+        let fail = |err: String, n: usize| vec![Err(err); n];
+        if let Err(err) = client.batch_execute("begin").await {
+            return fail(err.to_string(), ops.len());
+        }
+        let results =
+            futures::future::join_all(ops.iter().map(|&op| self.execute(client, ids, creator, op, t_us))).await;
+        let first_error = results.iter().find_map(|r| r.as_ref().err()).cloned();
+        let end = if first_error.is_some() { "rollback" } else { "commit" };
+        match (client.batch_execute(end).await, first_error) {
+            (Ok(()), None) => results,
+            (_, Some(err)) => fail(format!("{err} (the batch rolled back)"), ops.len()),
+            (Err(err), None) => fail(format!("commit failed: {err}"), ops.len()),
+        }
     }
 
     async fn execute(&self, client: &Client, ids: &Ids, creator: uuid::Uuid, op: Op, t_us: u64) -> Result<u64, String> {
