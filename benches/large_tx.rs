@@ -1,7 +1,8 @@
 //! P7: the relay's peak memory through one 1,000,000-row transaction.
 //!
 //! `cargo bench --bench large_tx` (env: `WALCAST_BENCH_ROWS`, default
-//! 1,000,000; `WALCAST_BENCH_RUNS`, default 3).
+//! 1,000,000; `WALCAST_BENCH_RUNS`, default 3; `WALCAST_BENCH_RELAY_EXE`, a
+//! wrapper to run the relay under, e.g. a heap profiler).
 //!
 //! One ephemeral cluster with the walcast schema; dealerships A and B; three
 //! users: `all` (member of A, `public.orders` `*`), `few` (member of A,
@@ -83,7 +84,10 @@ async fn run_once(
     let slot = format!("p7_run{i}");
     let log = std::path::PathBuf::from("target").join("bench").join(format!("large-tx-relay-{i}.log"));
     let _ = std::fs::remove_file(&log);
-    let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_walcast"));
+    // A wrapper (e.g. running the relay under `valgrind --tool=massif`) may
+    // stand in for the relay executable.
+    let exe = std::env::var_os("WALCAST_BENCH_RELAY_EXE")
+        .map_or_else(|| std::path::PathBuf::from(env!("CARGO_BIN_EXE_walcast")), std::path::PathBuf::from);
     let relay = spawn_child(&ChildRelay {
         exe: &exe,
         database_url: &cluster.url("bench"),
@@ -202,6 +206,12 @@ async fn run_once(
     }
     if (got_few, got_other) != (want_few, 0) {
         bail!("deliveries few/other = {got_few}/{got_other}, expected {want_few}/0");
+    }
+    // A panic anywhere in the relay is a bug (and, with RUST_BACKTRACE set,
+    // its symbolized backtrace once cost ~100 MiB of this peak).
+    let relay_log = std::fs::read_to_string(&log).unwrap_or_default();
+    if relay_log.contains("panicked") {
+        bail!("the relay panicked (see {})", log.display());
     }
     Ok(Run {
         baseline_kb: before.rss_kb,

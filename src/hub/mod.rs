@@ -192,12 +192,11 @@ pub struct HubConfig {
 }
 
 impl Default for HubConfig {
-    /// 32 MiB per transaction. The process holds about 2.5× the counted
-    /// bytes at the peak (allocation overhead, the stage's channels, the
-    /// outboxes filled at overflow): `cargo bench --bench large_tx` measured a
-    /// 170 MiB peak RSS with 64 MiB and 24 MiB with 8 MiB (100,000 rows).
+    /// 16 MiB per transaction (about 40,000 `orders` rows). `cargo bench
+    /// --bench large_tx` measured a 34–37 MiB peak relay RSS through a
+    /// 1,000,000-row transaction with it (docs/benchmarks.md, P7).
     fn default() -> Self {
-        HubConfig { max_tx_bytes: 32 << 20 }
+        HubConfig { max_tx_bytes: 16 << 20 }
     }
 }
 

@@ -181,6 +181,8 @@ pub async fn run<S>(
     tracing::debug!(conn, vsn = protocol::vsn_str(vsn), "socket open");
     let idle = session.ctx.limits.idle_timeout;
     let mut idle_deadline = Instant::now() + idle;
+    // A JoinHandle must not be polled again once it completed (tokio panics).
+    let mut writer_done = false;
     let end = loop {
         let expiry = session.next_expiry();
         tokio::select! {
@@ -188,7 +190,10 @@ pub async fn run<S>(
             // 1. Server shutdown.
             () = stopped(&mut shutdown) => break End::Close(CloseReason::shutdown()),
             // 2. The writer stopped (socket broken, or a close was sent).
-            _ = &mut writer => break End::Peer,
+            _ = &mut writer => {
+                writer_done = true;
+                break End::Peer;
+            }
             // 3. A channel's token expired.
             () = tokio::time::sleep_until(expiry.unwrap_or(idle_deadline)), if expiry.is_some() => {
                 session.expire_channels().await;
@@ -212,7 +217,7 @@ pub async fn run<S>(
             }
         }
     };
-    session.finish(end, writer).await;
+    session.finish(end, (!writer_done).then_some(writer)).await;
 }
 
 impl Session {
@@ -483,7 +488,8 @@ impl Session {
         }
     }
 
-    async fn finish(self, end: End, writer: tokio::task::JoinHandle<()>) {
+    /// Ends the session; `writer` is the writer task unless it already ended.
+    async fn finish(self, end: End, writer: Option<tokio::task::JoinHandle<()>>) {
         // Subscriptions go first, so the hub stops queueing for this socket.
         let _ = self.ctx.hub.send(Control::Disconnect { conn: self.conn }).await;
         self.ctx.stats.channels_open.fetch_sub(self.channels.len() as u64, Ordering::Relaxed);
@@ -493,6 +499,10 @@ impl Session {
             End::Peer => CloseReason { code: 1000, reason: String::new() },
         };
         self.outbox.close(reason);
+        let Some(writer) = writer else {
+            tracing::debug!(conn = self.conn, "socket closed");
+            return;
+        };
         if tokio::time::timeout(self.ctx.limits.write_timeout, writer).await.is_err() {
             tracing::debug!(conn = self.conn, "writer did not finish in time; dropping the socket");
         }
