@@ -21,6 +21,8 @@
 //! outbox filled faster than its socket drained), and the table says which.
 //! The relay is stopped after each run, so each peak is one run's.
 
+mod common;
+use common::{env_or, median};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,15 +37,6 @@ use walcast::realtime::auth::sign_hs256;
 use walcast::schema::{self, Migrations};
 
 const SECRET: &str = "p7-bench-secret-p7-bench-secret-0123456789";
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
 
 fn token(role: &str, sub: Option<uuid::Uuid>) -> String {
     let now = walcast::realtime::session::now_unix();
@@ -227,8 +220,8 @@ async fn run_once(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // `cargo bench` passes `--bench`; nothing else is accepted.
-    let rows = env_u64("WALCAST_BENCH_ROWS", 1_000_000).max(1000);
-    let runs = env_u64("WALCAST_BENCH_RUNS", 3).max(1) as usize;
+    let rows: u64 = env_or("WALCAST_BENCH_ROWS", 1_000_000).max(1000);
+    let runs: usize = env_or("WALCAST_BENCH_RUNS", 3).max(1);
     let cluster = tokio::task::spawn_blocking(|| {
         Cluster::start(ClusterConfig::ephemeral().setting("max_wal_size", "4GB").setting("shared_buffers", "256MB"))
     })

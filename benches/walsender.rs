@@ -16,6 +16,8 @@
 //! backlog with no walsender in the loop: walcast's own decode-and-assemble
 //! ceiling.
 
+mod common;
+use common::{env_or, median};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
@@ -26,15 +28,6 @@ use walcast::lsn::Lsn;
 use walcast::replication::{run_source, AckHandle, SlotOptions, SourceConfig, SourceEvent, WalEvent};
 
 const PUBLICATION: &str = "bench_pub";
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
 
 /// walcast on `slot`: source + assembler until the first Commit. Returns (changes, commit end, elapsed).
 async fn walcast_run(url: &str, slot: &str) -> anyhow::Result<(u64, Lsn, Duration)> {
@@ -85,8 +78,8 @@ fn recvlogical_run(cluster: &Cluster, slot: &str, endpos: Lsn) -> anyhow::Result
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // `cargo bench` passes `--bench`; nothing else is accepted.
-    let rows = env_usize("WALCAST_BENCH_ROWS", 1_000_000);
-    let runs = env_usize("WALCAST_BENCH_RUNS", 3).max(1);
+    let rows: usize = env_or("WALCAST_BENCH_ROWS", 1_000_000);
+    let runs: usize = env_or("WALCAST_BENCH_RUNS", 3).max(1);
     let cluster = tokio::task::spawn_blocking(|| {
         Cluster::start(ClusterConfig::ephemeral().setting("max_wal_size", "4GB").setting("shared_buffers", "256MB"))
     })

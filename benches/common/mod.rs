@@ -47,3 +47,14 @@ pub(crate) fn orders_relation(replica_identity: ReplicaIdentity) -> Arc<Relation
             .collect(),
     })
 }
+
+/// A numeric setting from the environment, or `default`.
+pub(crate) fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// The median (the upper one for an even count); sorts `values`.
+pub(crate) fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
