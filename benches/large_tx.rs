@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::json;
-use walcast::cluster::{Cluster, ClusterConfig};
+use walcast::cluster::Cluster;
 use walcast::hub::Vsn;
 use walcast::load::client::{Endpoint, Subscribed};
 use walcast::load::relay::{proc_sample, spawn_child, ChildRelay};
@@ -222,15 +222,7 @@ async fn main() -> anyhow::Result<()> {
     // `cargo bench` passes `--bench`; nothing else is accepted.
     let rows: u64 = env_or("WALCAST_BENCH_ROWS", 1_000_000).max(1000);
     let runs: usize = env_or("WALCAST_BENCH_RUNS", 3).max(1);
-    let cluster = tokio::task::spawn_blocking(|| {
-        Cluster::start(ClusterConfig::ephemeral().setting("max_wal_size", "4GB").setting("shared_buffers", "256MB"))
-    })
-    .await??;
-    let (admin, conn) = tokio_postgres::connect(&cluster.url("postgres"), tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
-    admin.batch_execute("create database bench").await?;
-    let (mut db, conn) = tokio_postgres::connect(&cluster.url("bench"), tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
+    let (cluster, mut db) = common::bench_database().await?;
     schema::migrate(&mut db, &Migrations::embedded()).await?;
     let users = Users {
         all: uuid::Uuid::new_v4(),

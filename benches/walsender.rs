@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use walcast::change::{Assembler, TxEvent};
-use walcast::cluster::{Cluster, ClusterConfig};
+use walcast::cluster::Cluster;
 use walcast::lsn::Lsn;
 use walcast::replication::{run_source, AckHandle, SlotOptions, SourceConfig, SourceEvent, WalEvent};
 
@@ -80,15 +80,7 @@ async fn main() -> anyhow::Result<()> {
     // `cargo bench` passes `--bench`; nothing else is accepted.
     let rows: usize = env_or("WALCAST_BENCH_ROWS", 1_000_000);
     let runs: usize = env_or("WALCAST_BENCH_RUNS", 3).max(1);
-    let cluster = tokio::task::spawn_blocking(|| {
-        Cluster::start(ClusterConfig::ephemeral().setting("max_wal_size", "4GB").setting("shared_buffers", "256MB"))
-    })
-    .await??;
-    let (admin, conn) = tokio_postgres::connect(&cluster.url("postgres"), tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
-    admin.batch_execute("create database bench").await?;
-    let (client, conn) = tokio_postgres::connect(&cluster.url("bench"), tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
+    let (cluster, client) = common::bench_database().await?;
     client
         .batch_execute(&format!(
             "create table public.bulk (id int primary key, dealership_id uuid not null, status text not null,

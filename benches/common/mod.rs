@@ -58,3 +58,20 @@ pub(crate) fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }
+
+/// The large-backlog cluster the end-to-end benches share: an ephemeral
+/// cluster (4 GB `max_wal_size`, 256 MB `shared_buffers`) with a fresh
+/// `bench` database, and a connection to it.
+pub(crate) async fn bench_database() -> anyhow::Result<(walcast::cluster::Cluster, tokio_postgres::Client)> {
+    use walcast::cluster::{Cluster, ClusterConfig};
+    let cluster = tokio::task::spawn_blocking(|| {
+        Cluster::start(ClusterConfig::ephemeral().setting("max_wal_size", "4GB").setting("shared_buffers", "256MB"))
+    })
+    .await??;
+    let (admin, conn) = tokio_postgres::connect(&cluster.url("postgres"), tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    admin.batch_execute("create database bench").await?;
+    let (client, conn) = tokio_postgres::connect(&cluster.url("bench"), tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    Ok((cluster, client))
+}
