@@ -79,6 +79,7 @@ pub mod relay;
 pub mod replication;
 pub mod schema;
 pub mod server;
+pub mod spill;
 
 #[cfg(test)]
 mod fuzz_tests;
