@@ -36,6 +36,7 @@ use crate::policy::{self, MembershipCache, PolicyConfig, PolicyError, Rules};
 use crate::replication::{
     run_source, AckHandle, ReplicationError, ReplicationStatus, SourceConfig, SourceEvent, WalEvent,
 };
+use crate::spill::{Spill, SpillConfig, SpillError};
 
 /// Most events per batch sent to the hub.
 const BATCH: usize = 256;
@@ -52,6 +53,9 @@ pub struct RelayConfig {
     pub hub: HubConfig,
     /// How long [`Relay::start`] waits for the first stream start.
     pub start_timeout: Duration,
+    /// Where transactions that outgrow memory go (the hub's and, with
+    /// streaming, the change stage's), and the disk budget.
+    pub spill: SpillConfig,
 }
 
 impl RelayConfig {
@@ -62,6 +66,10 @@ impl RelayConfig {
             policy: PolicyConfig::default(),
             hub: HubConfig::default(),
             start_timeout: Duration::from_secs(60),
+            spill: SpillConfig {
+                dir: std::env::temp_dir().join(format!("walcast-spill-{}", std::process::id())),
+                disk_budget: crate::spill::DEFAULT_DISK_BUDGET,
+            },
         }
     }
 }
@@ -81,6 +89,9 @@ pub enum RelayError {
     /// The hub stopped.
     #[error(transparent)]
     Hub(#[from] HubError),
+    /// The spill directory failed.
+    #[error(transparent)]
+    Spill(#[from] SpillError),
     /// The relay did not start in time.
     #[error("the relay did not start streaming within {0:?}; check the database URL and that PostgreSQL is up")]
     StartTimeout(Duration),
@@ -133,6 +144,7 @@ impl Relay {
     /// A definite error before streaming started, or the start timeout.
     pub async fn start(mut config: RelayConfig) -> Result<Relay, RelayError> {
         config.source.export_snapshot = true;
+        let spill = Spill::new(config.spill.clone())?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let ack = AckHandle::default();
         let memberships = Arc::new(MembershipCache::new());
@@ -155,6 +167,7 @@ impl Relay {
                     config.policy.memberships.clone(),
                     memberships,
                     Arc::clone(&handle.stats),
+                    spill.clone(),
                     source_rx,
                     stage_tx,
                     ready_tx,
@@ -240,6 +253,7 @@ async fn change_stage(
     table: policy::MembershipTable,
     memberships: Arc<MembershipCache>,
     stats: Arc<HubStats>,
+    _spill: Spill,
     mut input: mpsc::Receiver<SourceEvent>,
     output: mpsc::Sender<Vec<StageEvent>>,
     ready: oneshot::Sender<()>,

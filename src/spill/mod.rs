@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 
 use crate::change::{Change, RelationInfo};
 
@@ -41,7 +41,9 @@ use crate::change::{Change, RelationInfo};
 pub enum SpillError {
     /// The spill directory could not be created, written or read (definite:
     /// the operator must fix the directory or the disk).
-    #[error("spill file {path}: {source}; check that the spill directory is writable and the disk has room (--data-dir)")]
+    #[error(
+        "spill file {path}: {source}; check that the spill directory is writable and the disk has room (--data-dir)"
+    )]
     Io {
         /// The file or directory.
         path: PathBuf,
@@ -264,9 +266,9 @@ impl ChangeLog {
         let stats = Arc::clone(&self.spill.shared.stats);
         let budget = self.spill.shared.budget;
         // Reserve before writing, so concurrent logs never overshoot.
-        let reserved = stats.disk_bytes.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-            (used + need <= budget).then_some(used + need)
-        });
+        let reserved = stats
+            .disk_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| (used + need <= budget).then_some(used + need));
         if reserved.is_err() {
             stats.budget_waits.fetch_add(1, Ordering::Relaxed);
             return Err((SpillError::DiskBudget { budget }, Some(change)));
