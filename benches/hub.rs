@@ -194,9 +194,14 @@ impl World {
     fn new() -> World {
         let mut rng = Rng(0x5eed);
         let memberships = Arc::new(MembershipCache::new());
-        let (mut hub, handle) =
-            hub(HubConfig::default(), Rules::default(), Arc::clone(&memberships), AckHandle::default());
-        let limits = OutboxLimits { max_messages: 1 << 20, max_bytes: 1 << 30 };
+        let (mut hub, handle) = hub(
+            HubConfig::default(),
+            Rules::default(),
+            Arc::clone(&memberships),
+            AckHandle::default(),
+            walcast::spill::Spill::temporary(),
+        );
+        let limits = OutboxLimits::default();
         let dealerships: Vec<Uuid> = (0..DEALERSHIPS).map(|_| rng.uuid()).collect();
         let mut outboxes = Vec::with_capacity(DEALERSHIPS * USERS_PER_DEALERSHIP);
         let core = hub.core_mut();

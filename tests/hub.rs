@@ -1,5 +1,5 @@
 //! The hub end to end on a real PostgreSQL: a stalled consumer is closed with
-//! its reason while others receive everything in commit order; a restart on
+//! its reason (reader lag) while others receive everything in commit order; a restart on
 //! an existing slot never delivers a change to a user whose membership was
 //! revoked before it committed; filters narrow deliveries.
 
@@ -9,7 +9,7 @@ use std::time::Duration;
 use walcast::hub::{Binding, Control, EventMatch, Outbox, OutboxLimits};
 use walcast::policy::{Filter, Viewer};
 
-use crate::policy_differential::{parse_frames, start_relay, subscription, wait_for_frames};
+use crate::policy_differential::{parse_frames, start_relay, start_relay_with, subscription, wait_for_frames};
 use crate::support::{add_member, create_dealership, create_order, create_user, migrated_db};
 
 #[tokio::test]
@@ -19,15 +19,19 @@ async fn a_stalled_consumer_is_closed_and_the_others_get_everything_in_order() {
     let (fast, slow) = (create_user(&client, "fast@example.com").await, create_user(&client, "slow@example.com").await);
     add_member(&client, fast, d, "user").await;
     add_member(&client, slow, d, "user").await;
-    let relay = start_relay(db.url(), &format!("{}_s", db.name())).await;
-    let fast_box = Arc::new(Outbox::new(OutboxLimits::default()));
-    let slow_box = Arc::new(Outbox::new(OutboxLimits { max_messages: 5, max_bytes: 1 << 20 }));
+    let relay = start_relay_with(db.url(), &format!("{}_s", db.name()), |c| {
+        c.hub.max_reader_lag = Duration::from_secs(1);
+    })
+    .await;
+    let fast_box = Arc::new(Outbox::with_budget(OutboxLimits::default(), Arc::clone(&relay.hub.budget)));
+    let slow_box = Arc::new(Outbox::with_budget(OutboxLimits::default(), Arc::clone(&relay.hub.budget)));
     relay.hub.send(Control::Join(subscription(1, Viewer::User(fast), &fast_box, "live"))).await.unwrap();
     relay.hub.send(Control::Join(subscription(2, Viewer::User(slow), &slow_box, "live"))).await.unwrap();
     let mut frames = Vec::new();
     wait_for_frames(&fast_box, 1, &mut frames).await;
     frames.clear();
-    // The slow consumer never reads; 50 orders overflow its 5-frame outbox.
+    // The slow consumer never reads; after a second its oldest frame is past
+    // the reader-lag limit.
     let mut ids = Vec::new();
     for _ in 0..50 {
         ids.push(create_order(&client, d, fast, "sales", "pending").await);
@@ -46,8 +50,10 @@ async fn a_stalled_consumer_is_closed_and_the_others_get_everything_in_order() {
     .await
     .expect("the slow consumer is closed");
     assert_eq!(reason.code, 1013);
-    assert!(reason.reason.contains("slow consumer"), "{}", reason.reason);
+    assert!(reason.reason.contains("oldest undelivered message"), "{}", reason.reason);
     assert!(relay.hub.stats.slow_consumers.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    assert!(relay.hub.stats.lagging_readers_closed.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    assert_eq!(relay.hub.budget.used(), 0, "the closed reader's frames were released");
     // The fast one keeps receiving after the close.
     let id = create_order(&client, d, fast, "sales", "pending").await;
     frames.clear();

@@ -127,9 +127,16 @@ fn transition(op: &str, old: bool, new: bool) -> Option<&'static str> {
 }
 
 pub(crate) async fn start_relay(url: &str, slot: &str) -> Relay {
+    start_relay_with(url, slot, |_| {}).await
+}
+
+/// As [`start_relay`], with the config adjusted first.
+pub(crate) async fn start_relay_with(url: &str, slot: &str, adjust: impl FnOnce(&mut RelayConfig)) -> Relay {
     let source =
         SourceConfig::new(tokio_postgres::Config::from_str(url).unwrap(), SlotOptions::new(slot, "supabase_realtime"));
-    Relay::start(RelayConfig::new(source)).await.expect("relay starts")
+    let mut config = RelayConfig::new(source);
+    adjust(&mut config);
+    Relay::start(config).await.expect("relay starts")
 }
 
 pub(crate) async fn wait_for_frames(outbox: &Outbox, want: usize, got: &mut Vec<Bytes>) {
@@ -184,7 +191,7 @@ async fn hub_audience_equals_postgres_rls_for_a_random_workload() {
 
     let relay = start_relay(db.url(), &format!("{}_s", db.name())).await;
     let mut subscribers = Vec::new();
-    let limits = OutboxLimits { max_messages: 100_000, max_bytes: 1 << 28 };
+    let limits = OutboxLimits::default();
     for (i, &u) in users.iter().enumerate() {
         let outbox = Arc::new(Outbox::new(limits));
         relay.hub.send(Control::Join(subscription(i as u64, Viewer::User(u), &outbox, "live"))).await.unwrap();

@@ -14,7 +14,10 @@
 //!
 //! # Per transaction
 //!
-//! 1. Changes are buffered until Commit (up to [`HubConfig::max_tx_bytes`]).
+//! 1. Changes are collected until Commit in a [`ChangeLog`]: in memory up to
+//!    [`HubConfig::max_tx_bytes`], the rest spilled to disk (see
+//!    [`crate::spill`]). Nothing of a transaction is delivered before its
+//!    Commit is known, whatever its size.
 //! 2. At Commit, the transaction's membership changes are applied to the
 //!    cache first: every change is judged with the memberships *as of its
 //!    commit*, as PostgreSQL's RLS would judge a read right after it.
@@ -29,6 +32,20 @@
 //!    [`HubStats::delivery_latency`], and the open/handled commit times feed
 //!    the replication lag (see [`crate::replication::status`]).
 //!
+//! # Memory and slow readers
+//!
+//! Every outbox charges one global [`OutboxBudget`]
+//! ([`HubConfig::outbox_budget`]). The fan-out goes change by change and
+//! checks the budget before each: when it is used up, the hub *pauses* (it
+//! stops reading the change stage, so back-pressure reaches the slot, which
+//! keeps the WAL; control requests are still served). Readers that keep
+//! reading release memory and the fan-out resumes, so a reader entitled to a
+//! million rows of one transaction receives all of them. A pause lasts at
+//! most [`HubConfig::max_pause`]; then the furthest-behind reader is closed
+//! (1013, with the reason) and the pause starts over. Independently, a reader
+//! whose oldest unwritten frame is older than [`HubConfig::max_reader_lag`]
+//! is closed (1013). Pauses and closes are counted in [`HubStats`].
+//!
 //! # Logs
 //!
 //! At `debug` (target `walcast::hub`, e.g. `RUST_LOG=info,walcast::hub=debug`)
@@ -40,18 +57,13 @@
 //! tells which transactions walcast has handled (xids are the 32-bit ones,
 //! `txid_current() % 2^32`).
 //!
-//! A full outbox closes that connection (slow consumer) and removes its
-//! subscriptions; nobody else waits. A transaction larger than the buffer
-//! budget is judged change by change from the point it overflows (memory
-//! stays bounded); a membership change later in such a transaction then
-//! takes effect from its position rather than from the commit — logged and
-//! counted in [`HubStats::overflowed_transactions`].
-//!
 //! # Resume
 //!
 //! After a replication reconnect, transactions already handled (commit LSN
-//! below the last acknowledged end LSN) are skipped, so clients see no
-//! duplicates. After a restart with an existing slot, transactions committed
+//! below the last handled end LSN) are skipped, so clients see no
+//! duplicates: a transaction is delivered whole at its commit and
+//! acknowledged after, so a reconnect anywhere inside it re-sends it whole
+//! and it is skipped whole. After a restart with an existing slot, transactions committed
 //! before the membership load point are the catch-up window (see
 //! [`crate::policy::membership`]): their membership changes are applied,
 //! their row changes go to `service_role` subscribers only.
@@ -68,14 +80,17 @@ use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
 pub use frame::Vsn;
-pub use outbox::{CloseReason, Outbox, OutboxLimits, PushError};
+pub use outbox::{CloseReason, Outbox, OutboxBudget, OutboxLimits, PushError, DEFAULT_OUTBOX_BUDGET};
 
-use crate::change::{Change, RelationInfo, TxEvent};
+use std::time::{Duration, Instant};
+
+use crate::change::{Change, RelationInfo, TxEvent, TxInfo};
 use crate::lsn::Lsn;
 use crate::monitor::histogram::LatencyHistogram;
 use crate::policy::{EventType, Filter, LoadedAt, MembershipCache, Rules, Viewer};
 use crate::replication::status::unix_micros_now;
 use crate::replication::AckHandle;
+use crate::spill::{ChangeLog, Cursor, Spill, SpillError, SpillStats};
 
 /// Identifies one WebSocket connection.
 pub type ConnId = u64;
@@ -187,16 +202,27 @@ pub enum Control {
 #[derive(Debug, Clone)]
 pub struct HubConfig {
     /// Most change bytes (as [`crate::change::Change::byte_size`] counts
-    /// them) buffered per transaction before judging change by change.
+    /// them) held in memory per transaction; the rest is spilled to disk.
     pub max_tx_bytes: usize,
+    /// Most bytes all outboxes together hold (queued and being written).
+    pub outbox_budget: usize,
+    /// A reader whose oldest unwritten frame is older than this is closed.
+    pub max_reader_lag: Duration,
+    /// The longest the fan-out pauses on a full outbox budget before the
+    /// furthest-behind reader is closed.
+    pub max_pause: Duration,
 }
 
 impl Default for HubConfig {
-    /// 16 MiB per transaction (about 40,000 `orders` rows). `cargo bench
-    /// --bench large_tx` measured a 34–37 MiB peak relay RSS through a
-    /// 1,000,000-row transaction with it (docs/benchmarks.md, P7).
+    /// 16 MiB per transaction in memory (about 40,000 `orders` rows), a
+    /// 512 MiB outbox budget, 30 s reader lag, 10 s pauses.
     fn default() -> Self {
-        HubConfig { max_tx_bytes: 16 << 20 }
+        HubConfig {
+            max_tx_bytes: 16 << 20,
+            outbox_budget: DEFAULT_OUTBOX_BUDGET,
+            max_reader_lag: Duration::from_secs(30),
+            max_pause: Duration::from_secs(10),
+        }
     }
 }
 
@@ -211,14 +237,26 @@ pub struct HubStats {
     pub deliveries: AtomicU64,
     /// Distinct frames serialized.
     pub frames_built: AtomicU64,
-    /// Connections closed as slow consumers.
+    /// Connections closed as slow consumers (all reasons).
     pub slow_consumers: AtomicU64,
+    /// Of those, closed for reader lag.
+    pub lagging_readers_closed: AtomicU64,
+    /// Of those, closed as the furthest behind after a pause.
+    pub furthest_behind_closed: AtomicU64,
+    /// Times the fan-out paused on a full outbox budget.
+    pub pauses: AtomicU64,
+    /// Microseconds spent paused (finished pauses).
+    pub paused_micros: AtomicU64,
+    /// Paused now (gauge).
+    pub paused: AtomicBool,
+    /// Times the hub waited for the spill disk budget.
+    pub spill_waits: AtomicU64,
     /// Transactions skipped as already handled (after a reconnect).
     pub duplicate_transactions: AtomicU64,
     /// Transactions in the catch-up window.
     pub catch_up_transactions: AtomicU64,
-    /// Transactions that outgrew the buffer budget.
-    pub overflowed_transactions: AtomicU64,
+    /// Transactions that outgrew memory and were spilled to disk.
+    pub spilled_transactions: AtomicU64,
     /// Current subscriptions (gauge).
     pub subscriptions: AtomicU64,
     /// Last end LSN handled (gauge).
@@ -238,6 +276,9 @@ pub enum HubError {
     /// The membership table does not match the configuration (definite).
     #[error(transparent)]
     Policy(#[from] crate::policy::PolicyError),
+    /// A spill file failed (definite).
+    #[error(transparent)]
+    Spill(#[from] SpillError),
 }
 
 /// Handle for the realtime layer.
@@ -248,6 +289,10 @@ pub struct HubHandle {
     pub stats: Arc<HubStats>,
     /// The membership cache (read-only use outside the hub).
     pub memberships: Arc<MembershipCache>,
+    /// The global outbox budget every connection's outbox charges.
+    pub budget: Arc<OutboxBudget>,
+    /// Spill counters (disk bytes).
+    pub spill: Arc<SpillStats>,
 }
 
 impl HubHandle {
@@ -281,12 +326,25 @@ impl HubHandle {
 }
 
 /// Creates a hub; run [`Hub::run`] on a task and give the handle to the
-/// realtime layer.
-pub fn hub(config: HubConfig, rules: Rules, memberships: Arc<MembershipCache>, ack: AckHandle) -> (Hub, HubHandle) {
+/// realtime layer. Transactions that outgrow memory go to `spill`.
+pub fn hub(
+    config: HubConfig,
+    rules: Rules,
+    memberships: Arc<MembershipCache>,
+    ack: AckHandle,
+    spill: Spill,
+) -> (Hub, HubHandle) {
     let (control_tx, control_rx) = mpsc::channel(1024);
     let stats = Arc::new(HubStats::default());
-    let handle = HubHandle { control: control_tx, stats: Arc::clone(&stats), memberships: Arc::clone(&memberships) };
-    let core = Core::new(config, rules, memberships, ack, stats);
+    let budget = OutboxBudget::new(config.outbox_budget);
+    let handle = HubHandle {
+        control: control_tx,
+        stats: Arc::clone(&stats),
+        memberships: Arc::clone(&memberships),
+        budget: Arc::clone(&budget),
+        spill: Arc::clone(spill.stats()),
+    };
+    let core = Core::new(config, rules, memberships, ack, stats, budget, spill);
     (Hub { core, control: control_rx }, handle)
 }
 
@@ -302,23 +360,49 @@ impl Hub {
     /// [`CloseReason::shutdown`].
     ///
     /// # Errors
-    /// A definite policy error.
+    /// A definite policy or spill error.
     pub async fn run(
         mut self,
         mut input: mpsc::Receiver<Vec<StageEvent>>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), HubError> {
+        let budget = Arc::clone(&self.core.budget);
+        let mut pending = Vec::new().into_iter();
+        let mut tick = tokio::time::interval(READER_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let result = loop {
+            if self.core.busy() {
+                // Paused: on the outbox budget (until readers release memory)
+                // or on the spill disk budget (retried every second).
+                let wait = if self.core.spill_blocked.is_some() { SPILL_RETRY } else { PAUSE_RECHECK };
+                tokio::select! {
+                    biased;
+                    _ = crate::replication::stream::stopped(&mut shutdown) => break Ok(()),
+                    Some(control) = self.control.recv() => self.core.control(control),
+                    _ = tick.tick() => self.core.check_readers(),
+                    () = budget.wait_for_room(wait) => {}
+                }
+                if let Err(err) = self.core.resume() {
+                    tracing::error!(error = %err, "hub stopped");
+                    break Err(err);
+                }
+                continue;
+            }
+            if let Some(event) = pending.next() {
+                if let Err(err) = self.core.stage(event) {
+                    tracing::error!(error = %err, "hub stopped");
+                    break Err(err);
+                }
+                continue;
+            }
             tokio::select! {
                 biased;
                 _ = crate::replication::stream::stopped(&mut shutdown) => break Ok(()),
                 Some(control) = self.control.recv() => self.core.control(control),
+                _ = tick.tick() => self.core.check_readers(),
                 batch = input.recv() => {
                     let Some(batch) = batch else { break Ok(()) };
-                    if let Err(err) = batch.into_iter().try_for_each(|event| self.core.stage(event)) {
-                        tracing::error!(error = %err, "hub stopped");
-                        break Err(err);
-                    }
+                    pending = batch.into_iter();
                 }
             }
         };
@@ -333,6 +417,15 @@ impl Hub {
     }
 }
 
+/// How often readers' lag is checked.
+const READER_CHECK: Duration = Duration::from_secs(1);
+/// How long a paused fan-out waits before looking again without a wake-up.
+const PAUSE_RECHECK: Duration = Duration::from_millis(250);
+/// How often a push refused by the spill disk budget is retried.
+const SPILL_RETRY: Duration = Duration::from_secs(1);
+/// Changes fanned out between two reads of the clock.
+const CLOCK_EVERY: usize = 256;
+
 /// A registered subscription.
 #[derive(Debug)]
 struct Sub {
@@ -345,7 +438,7 @@ struct Sub {
 }
 
 /// The transaction being collected.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct OpenTx {
     commit_timestamp: String,
     /// Commit time, µs since the Unix epoch (latency and lag).
@@ -353,11 +446,20 @@ struct OpenTx {
     /// [`HubStats::deliveries`] when the transaction opened.
     deliveries_at_open: u64,
     catch_up: bool,
-    changes: Vec<Change>,
-    bytes: usize,
-    overflowed: bool,
+    changes: ChangeLog,
+    /// Whether any change is a membership change (the pass that applies
+    /// them first is skipped otherwise).
+    memberships: bool,
     /// Row changes seen (for the per-transaction debug event).
     count: usize,
+}
+
+/// A committed transaction being fanned out.
+#[derive(Debug)]
+struct Delivery {
+    tx: OpenTx,
+    info: TxInfo,
+    cursor: Cursor,
 }
 
 /// The hub's synchronous core: registry, transaction handling, fan-out.
@@ -381,6 +483,13 @@ pub struct Core {
     handled: Lsn,
     open: Option<OpenTx>,
     skipping: bool,
+    budget: Arc<OutboxBudget>,
+    spill: Spill,
+    /// A change the spill disk budget refused, to push again.
+    spill_blocked: Option<Change>,
+    delivering: Option<Delivery>,
+    /// When the current pause on the outbox budget started.
+    paused_since: Option<Instant>,
     columns_cache: HashMap<u32, (Arc<RelationInfo>, Bytes)>,
     frames: HashMap<Vec<u8>, Bytes>,
     key: Vec<u8>,
@@ -399,8 +508,15 @@ impl Core {
         memberships: Arc<MembershipCache>,
         ack: AckHandle,
         stats: Arc<HubStats>,
+        budget: Arc<OutboxBudget>,
+        spill: Spill,
     ) -> Core {
         Core {
+            budget,
+            spill,
+            spill_blocked: None,
+            delivering: None,
+            paused_since: None,
             config,
             rules,
             memberships,
@@ -555,11 +671,21 @@ impl Core {
         }
     }
 
-    /// Handles one event from the change stage.
+    /// Whether the core is paused in the middle of a transaction (a
+    /// fan-out waiting for outbox room, or a change waiting for spill disk
+    /// room): call [`Core::resume`] rather than [`Core::stage`] until not.
+    pub fn busy(&self) -> bool {
+        self.delivering.is_some() || self.spill_blocked.is_some()
+    }
+
+    /// Handles one event from the change stage. Must not be called while
+    /// [`Core::busy`].
     ///
     /// # Errors
-    /// A definite policy error (the membership table no longer matches).
+    /// A definite policy error (the membership table no longer matches) or
+    /// a definite spill error.
     pub fn stage(&mut self, event: StageEvent) -> Result<(), HubError> {
+        debug_assert!(!self.busy(), "stage() while busy");
         match event {
             StageEvent::Loaded(at) => {
                 self.judge_from = if at.exact { Lsn::ZERO } else { at.lsn };
@@ -585,7 +711,9 @@ impl Core {
                     commit_micros,
                     deliveries_at_open: self.stats.deliveries.load(Ordering::Relaxed),
                     catch_up: begin.commit_lsn < self.judge_from,
-                    ..OpenTx::default()
+                    changes: self.spill.log(self.config.max_tx_bytes),
+                    memberships: false,
+                    count: 0,
                 });
                 Ok(())
             }
@@ -593,30 +721,7 @@ impl Core {
                 if self.skipping {
                     return Ok(());
                 }
-                let Some(mut tx) = self.open.take() else { return Ok(()) };
-                tx.count += 1;
-                let result = if tx.overflowed {
-                    self.handle_changes(&tx, std::slice::from_ref(&change))
-                } else {
-                    tx.bytes += change.byte_size();
-                    tx.changes.push(change);
-                    if tx.bytes > self.config.max_tx_bytes {
-                        tx.overflowed = true;
-                        self.stats.overflowed_transactions.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(
-                            bytes = tx.bytes,
-                            "transaction larger than the hub's buffer budget: judging the rest change by change"
-                        );
-                        let changes = std::mem::take(&mut tx.changes);
-                        tx.bytes = 0;
-                        self.handle_changes(&tx, &changes)
-                    } else {
-                        Ok(())
-                    }
-                };
-                self.open = Some(tx);
-                self.reap();
-                result
+                self.collect(change)
             }
             StageEvent::Tx(TxEvent::Commit(info)) => {
                 if self.skipping {
@@ -630,47 +735,180 @@ impl Core {
                     );
                     return Ok(());
                 }
-                let Some(tx) = self.open.take() else { return Ok(()) };
-                let mut tx = tx;
-                let changes = std::mem::take(&mut tx.changes);
-                let result = self.handle_changes(&tx, &changes);
-                self.reap();
-                if self.stats.deliveries.load(Ordering::Relaxed) > tx.deliveries_at_open {
-                    self.stats.delivery_latency.observe_micros(unix_micros_now().saturating_sub(tx.commit_micros));
+                let Some(mut tx) = self.open.take() else { return Ok(()) };
+                tx.changes.seal()?;
+                if tx.changes.spilled() {
+                    self.stats.spilled_transactions.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        xid = info.xid,
+                        changes = tx.changes.len(),
+                        disk_bytes = tx.changes.disk_size(),
+                        "large transaction spilled to disk; judging it whole at commit"
+                    );
                 }
-                if tx.catch_up {
-                    self.stats.catch_up_transactions.fetch_add(1, Ordering::Relaxed);
+                // Membership changes first, all of them: every change is
+                // judged with the memberships as of the commit.
+                if tx.memberships {
+                    let table = self.rules.memberships();
+                    let mut cursor = Cursor::default();
+                    while let Some((_, change)) = tx.changes.read(&mut cursor)? {
+                        if table.is(&change.relation) {
+                            self.memberships.apply(table, &change)?;
+                        }
+                    }
                 }
-                self.handled = info.end_lsn;
-                self.stats.handled_lsn.store(info.end_lsn.0, Ordering::Relaxed);
-                self.stats.transactions.fetch_add(1, Ordering::Relaxed);
-                // Before the acknowledgement: a transaction the slot has been
-                // told about has always been logged (at `debug`).
-                tracing::debug!(
-                    xid = info.xid,
-                    commit_lsn = %info.commit_lsn,
-                    end_lsn = %info.end_lsn,
-                    changes = tx.count,
-                    catch_up = tx.catch_up,
-                    "transaction handled"
-                );
-                self.ack.ack(info.end_lsn);
-                self.ack.status().transaction_handled(tx.commit_micros);
-                result
+                self.delivering = Some(Delivery { tx, info, cursor: Cursor::default() });
+                self.pump()
             }
         }
     }
 
-    /// Membership changes first (as of commit), then every change judged.
-    fn handle_changes(&mut self, tx: &OpenTx, changes: &[Change]) -> Result<(), HubError> {
-        let table = self.rules.memberships();
-        for change in changes.iter().filter(|c| table.is(&c.relation)) {
-            self.memberships.apply(table, change)?;
+    /// Adds a change to the open transaction.
+    fn collect(&mut self, change: Change) -> Result<(), HubError> {
+        let Some(tx) = self.open.as_mut() else { return Ok(()) };
+        if self.rules.memberships().is(&change.relation) {
+            tx.memberships = true;
         }
-        for change in changes {
-            self.fan_out(tx, change);
+        match tx.changes.push(0, change) {
+            Ok(()) => {
+                tx.count += 1;
+                Ok(())
+            }
+            Err((err, Some(change))) if err.is_transient() => {
+                // The spill disk budget is full: pause (the slot keeps the
+                // WAL) and push the same change again later.
+                self.stats.spill_waits.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %err, "hub paused");
+                self.spill_blocked = Some(change);
+                Ok(())
+            }
+            Err((err, _)) => Err(err.into()),
         }
-        Ok(())
+    }
+
+    /// Goes on after [`Core::busy`]: pushes a change the spill refused
+    /// again, or fans out more of the committed transaction.
+    ///
+    /// # Errors
+    /// As [`Core::stage`].
+    pub fn resume(&mut self) -> Result<(), HubError> {
+        if let Some(change) = self.spill_blocked.take() {
+            return self.collect(change);
+        }
+        self.pump()
+    }
+
+    /// Fans out the committed transaction change by change until it is done
+    /// (then acknowledges it) or the outbox budget is used up (a pause).
+    fn pump(&mut self) -> Result<(), HubError> {
+        let Some(mut d) = self.delivering.take() else { return Ok(()) };
+        let mut now = outbox::now_ms();
+        let mut since_clock = 0;
+        let result = loop {
+            if self.budget.exhausted() {
+                if self.paused_since.is_none() {
+                    self.paused_since = Some(Instant::now());
+                    self.stats.pauses.fetch_add(1, Ordering::Relaxed);
+                    self.stats.paused.store(true, Ordering::Relaxed);
+                    tracing::debug!(used = self.budget.used(), "outbox budget full; fan-out paused");
+                }
+                self.delivering = Some(d);
+                return Ok(());
+            }
+            self.end_pause();
+            let change = match d.tx.changes.read(&mut d.cursor) {
+                Ok(Some((_, change))) => change,
+                Ok(None) => break Ok(()),
+                Err(err) => break Err(err.into()),
+            };
+            since_clock += 1;
+            if since_clock == CLOCK_EVERY {
+                since_clock = 0;
+                now = outbox::now_ms();
+            }
+            self.fan_out(&d.tx, &change, now);
+            self.reap();
+        };
+        self.finish(d.tx, d.info);
+        result
+    }
+
+    fn end_pause(&mut self) {
+        if let Some(since) = self.paused_since.take() {
+            self.stats.paused_micros.fetch_add(since.elapsed().as_micros() as u64, Ordering::Relaxed);
+            self.stats.paused.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// A transaction was fanned out whole: latency, progress, acknowledgement.
+    fn finish(&mut self, tx: OpenTx, info: TxInfo) {
+        if self.stats.deliveries.load(Ordering::Relaxed) > tx.deliveries_at_open {
+            self.stats.delivery_latency.observe_micros(unix_micros_now().saturating_sub(tx.commit_micros));
+        }
+        if tx.catch_up {
+            self.stats.catch_up_transactions.fetch_add(1, Ordering::Relaxed);
+        }
+        self.handled = info.end_lsn;
+        self.stats.handled_lsn.store(info.end_lsn.0, Ordering::Relaxed);
+        self.stats.transactions.fetch_add(1, Ordering::Relaxed);
+        // Before the acknowledgement: a transaction the slot has been
+        // told about has always been logged (at `debug`).
+        tracing::debug!(
+            xid = info.xid,
+            commit_lsn = %info.commit_lsn,
+            end_lsn = %info.end_lsn,
+            changes = tx.count,
+            catch_up = tx.catch_up,
+            "transaction handled"
+        );
+        self.ack.ack(info.end_lsn);
+        self.ack.status().transaction_handled(tx.commit_micros);
+    }
+
+    /// Closes readers whose oldest unwritten frame is older than
+    /// [`HubConfig::max_reader_lag`], and — when the fan-out has been paused
+    /// for [`HubConfig::max_pause`] — the furthest-behind reader.
+    pub fn check_readers(&mut self) {
+        let now = outbox::now_ms();
+        let limit = self.config.max_reader_lag;
+        let mut worst: Option<(ConnId, Duration, usize)> = None;
+        for (&conn, list) in &self.by_conn {
+            let Some(sub) = list.first().and_then(|&i| self.subs[i].as_ref()) else { continue };
+            let lag = sub.outbox.lag(now);
+            if lag > limit {
+                if sub.outbox.close_now(CloseReason::reader_lag(lag, limit)) {
+                    self.stats.lagging_readers_closed.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(conn, lag_ms = lag.as_millis() as u64, "closing a reader that fell behind");
+                }
+                self.doomed.push(conn);
+                continue;
+            }
+            let held = sub.outbox.held();
+            if held > 0 && worst.is_none_or(|(_, l, h)| (lag, held) > (l, h)) {
+                worst = Some((conn, lag, held));
+            }
+        }
+        if let (Some(since), Some((conn, lag, held))) = (self.paused_since, worst) {
+            let paused = since.elapsed();
+            if paused >= self.config.max_pause && self.budget.exhausted() {
+                let reason = CloseReason::furthest_behind(paused, self.budget.limit());
+                if let Some(sub) = self.by_conn.get(&conn).and_then(|l| l.first()).and_then(|&i| self.subs[i].as_ref())
+                {
+                    sub.outbox.close_now(reason);
+                }
+                self.stats.furthest_behind_closed.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    conn,
+                    lag_ms = lag.as_millis() as u64,
+                    held,
+                    "outbox budget full too long; closing the furthest-behind reader"
+                );
+                self.doomed.push(conn);
+                // The next pause is measured from here.
+                self.paused_since = Some(Instant::now());
+            }
+        }
+        self.reap();
     }
 
     /// Drops connections whose outbox overflowed during this step.
@@ -695,7 +933,7 @@ impl Core {
         bytes
     }
 
-    fn fan_out(&mut self, tx: &OpenTx, change: &Change) {
+    fn fan_out(&mut self, tx: &OpenTx, change: &Change, now: u64) {
         self.stats.changes.fetch_add(1, Ordering::Relaxed);
         let Some(judgment) = self.rules.judge(change) else { return };
         let columns = self.columns_json(&change.relation);
@@ -704,7 +942,7 @@ impl Core {
         // service_role: sees every published change as it is.
         let service = std::mem::take(&mut self.service);
         for &idx in &service {
-            self.deliver(idx, judgment.event, change, &tx.commit_timestamp, &columns, &mut data);
+            self.deliver(idx, judgment.event, change, &tx.commit_timestamp, &columns, &mut data, now);
         }
         self.service = service;
         if tx.catch_up || !judgment.by_dealership {
@@ -745,13 +983,14 @@ impl Core {
             targets.clear();
             targets.extend_from_slice(list);
             for &idx in &targets {
-                self.deliver(idx, event, change, &tx.commit_timestamp, &columns, &mut data);
+                self.deliver(idx, event, change, &tx.commit_timestamp, &columns, &mut data, now);
             }
         }
         self.targets = targets;
         self.users = users;
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn deliver(
         &mut self,
         idx: usize,
@@ -760,6 +999,7 @@ impl Core {
         commit_timestamp: &str,
         columns: &Bytes,
         data: &mut [Option<Bytes>; 3],
+        now: u64,
     ) {
         let Some(sub) = self.subs[idx].as_ref() else { return };
         let row = match event {
@@ -794,7 +1034,7 @@ impl Core {
                 frame
             }
         };
-        match sub.outbox.push(frame) {
+        match sub.outbox.push_at(frame, now) {
             Ok(()) => {
                 self.stats.deliveries.fetch_add(1, Ordering::Relaxed);
             }

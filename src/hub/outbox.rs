@@ -1,34 +1,133 @@
-//! The per-connection outbox: a bounded queue of serialized frames between
-//! the hub (and the connection's own replies) and the WebSocket writer.
+//! The per-connection outbox: the queue of serialized frames between the
+//! hub (and the connection's own replies) and the WebSocket writer, and the
+//! global [`OutboxBudget`] every outbox charges.
 //!
-//! Pushing never waits: when a push would exceed the message or byte limit,
-//! the push fails and the outbox is closed with a reason, so the hub can drop
-//! that subscriber and go on — the replication path never waits on a client
-//! and memory per connection stays bounded. The writer drains everything
-//! queued at once (one batch, one flush).
+//! ```text
+//!  hub ──push(frame, at)──▶ Outbox ──next_batch──▶ writer ──written()──▶ budget released
+//!  session ──push_reply──▶   │ queued + in-flight bytes charged to the OutboxBudget
+//! ```
 //!
-//! An empty outbox holds no heap memory (an idle connection costs only the
-//! struct).
+//! Invariants:
+//! - pushing never waits. Hub frames are always taken: the hub itself keeps
+//!   the total within the [`OutboxBudget`] (it pauses, see
+//!   [`crate::hub`]); a connection's own replies are capped per socket
+//!   ([`OutboxLimits::max_reply_bytes`]) so a client that sends requests
+//!   without reading is closed, not the server;
+//! - bytes stay charged until the writer has handed them to the socket
+//!   ([`Outbox::written`]), so frames in the writer's hands count too; a
+//!   dropped or [`close_now`](Outbox::close_now)d outbox releases all;
+//! - [`Outbox::lag`] is the age of the oldest frame not yet written: the
+//!   hub closes a reader whose lag passes its limit;
+//! - an empty outbox holds no heap memory (an idle connection costs only
+//!   the struct).
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
 
+/// Bytes charged per queued frame on top of its length (the queue entry).
+const ENTRY_OVERHEAD: usize = std::mem::size_of::<(u64, Bytes)>();
+
+/// Milliseconds since the first call in this process: the outboxes' clock.
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
 /// Limits of one outbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutboxLimits {
-    /// Most frames queued.
-    pub max_messages: usize,
-    /// Most bytes queued.
-    pub max_bytes: usize,
+    /// Most bytes of the connection's own replies (heartbeats, join and
+    /// error replies) queued before it is closed as a slow consumer.
+    pub max_reply_bytes: usize,
 }
 
 impl Default for OutboxLimits {
-    /// 1,024 frames or 4 MiB.
+    /// 1 MiB of replies.
     fn default() -> Self {
-        OutboxLimits { max_messages: 1024, max_bytes: 4 << 20 }
+        OutboxLimits { max_reply_bytes: 1 << 20 }
+    }
+}
+
+/// The memory every outbox together may hold, in bytes (queued and being
+/// written). The hub checks it before fanning out and pauses when it is
+/// used up.
+#[derive(Debug)]
+pub struct OutboxBudget {
+    used: AtomicUsize,
+    limit: usize,
+    waiting: AtomicBool,
+    room: Notify,
+    peak: AtomicUsize,
+}
+
+/// Default global outbox budget: 512 MiB.
+pub const DEFAULT_OUTBOX_BUDGET: usize = 512 << 20;
+
+impl OutboxBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: usize) -> Arc<OutboxBudget> {
+        Arc::new(OutboxBudget {
+            used: AtomicUsize::new(0),
+            limit,
+            waiting: AtomicBool::new(false),
+            room: Notify::new(),
+            peak: AtomicUsize::new(0),
+        })
+    }
+
+    /// A budget that is never used up (tools and tests).
+    pub fn unlimited() -> Arc<OutboxBudget> {
+        OutboxBudget::new(usize::MAX / 2)
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+
+    /// The most bytes ever held.
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    /// The limit.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Whether the budget is used up.
+    pub fn exhausted(&self) -> bool {
+        self.used() >= self.limit
+    }
+
+    fn charge(&self, n: usize) {
+        let now = self.used.fetch_add(n, Ordering::AcqRel) + n;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn release(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.used.fetch_sub(n, Ordering::AcqRel);
+        if self.waiting.load(Ordering::Acquire) {
+            self.room.notify_one();
+        }
+    }
+
+    /// Waits until some bytes were released (or `timeout`). The caller
+    /// checks [`OutboxBudget::exhausted`] again.
+    pub async fn wait_for_room(&self, timeout: Duration) {
+        self.waiting.store(true, Ordering::Release);
+        if self.exhausted() {
+            let _ = tokio::time::timeout(timeout, self.room.notified()).await;
+        }
+        self.waiting.store(false, Ordering::Release);
     }
 }
 
@@ -42,13 +141,35 @@ pub struct CloseReason {
 }
 
 impl CloseReason {
-    /// 1013 "try again later": the client did not read fast enough.
-    pub fn slow_consumer(limits: OutboxLimits) -> CloseReason {
+    /// 1013: the client sent requests faster than it read the replies.
+    pub fn reply_flood(limits: OutboxLimits) -> CloseReason {
+        CloseReason {
+            code: 1013,
+            reason: format!("slow consumer: more than {} bytes of replies unread", limits.max_reply_bytes),
+        }
+    }
+
+    /// 1013: the oldest frame not yet written is older than the limit.
+    pub fn reader_lag(lag: Duration, limit: Duration) -> CloseReason {
         CloseReason {
             code: 1013,
             reason: format!(
-                "slow consumer: more than {} messages or {} bytes queued",
-                limits.max_messages, limits.max_bytes
+                "slow consumer: oldest undelivered message is {}s old (limit {}s)",
+                lag.as_secs(),
+                limit.as_secs()
+            ),
+        }
+    }
+
+    /// 1013: the global outbox budget stayed full and this reader was the
+    /// furthest behind.
+    pub fn furthest_behind(paused: Duration, budget: usize) -> CloseReason {
+        CloseReason {
+            code: 1013,
+            reason: format!(
+                "slow consumer: furthest behind while the server's {} MiB send budget was full for {}s",
+                budget >> 20,
+                paused.as_secs()
             ),
         }
     }
@@ -62,7 +183,7 @@ impl CloseReason {
 /// A push that did not happen.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PushError {
-    /// The limits were reached; the outbox is now closed.
+    /// The reply cap was reached; the outbox is now closed.
     #[error("outbox full; closed as a slow consumer")]
     Full,
     /// The outbox was already closed.
@@ -72,8 +193,16 @@ pub enum PushError {
 
 #[derive(Debug, Default)]
 struct State {
-    queue: VecDeque<Bytes>,
-    bytes: usize,
+    /// Frames with the time ([`now_ms`]) they were queued.
+    queue: VecDeque<(u64, Bytes)>,
+    /// Charged bytes queued.
+    queued: usize,
+    /// Reply bytes queued since the writer last drained.
+    replies: usize,
+    /// Charged bytes handed to the writer and not yet written.
+    in_flight: usize,
+    /// When the oldest frame in the writer's hands was queued.
+    in_flight_since: Option<u64>,
     closed: Option<CloseReason>,
 }
 
@@ -83,41 +212,72 @@ pub struct Outbox {
     state: Mutex<State>,
     notify: Notify,
     limits: OutboxLimits,
+    budget: Arc<OutboxBudget>,
+    /// Frames queued ever (progress, for tests and tools).
+    pushed: AtomicU64,
 }
 
 impl Outbox {
-    /// An empty outbox.
+    /// An empty outbox with a budget of its own (tools and tests).
     pub fn new(limits: OutboxLimits) -> Outbox {
-        Outbox { state: Mutex::new(State::default()), notify: Notify::new(), limits }
+        Outbox::with_budget(limits, OutboxBudget::unlimited())
+    }
+
+    /// An empty outbox charging `budget`.
+    pub fn with_budget(limits: OutboxLimits, budget: Arc<OutboxBudget>) -> Outbox {
+        Outbox { state: Mutex::new(State::default()), notify: Notify::new(), limits, budget, pushed: AtomicU64::new(0) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Queues `frame` without waiting.
+    /// Queues a hub frame without waiting; `at` is [`now_ms`] (the hub reads
+    /// the clock once per change).
     ///
     /// # Errors
-    /// [`PushError::Full`] (and the outbox closes as a slow consumer) or
+    /// [`PushError::Closed`].
+    pub fn push_at(&self, frame: Bytes, at: u64) -> Result<(), PushError> {
+        self.enqueue(frame, at, false)
+    }
+
+    /// Queues a hub frame now.
+    ///
+    /// # Errors
     /// [`PushError::Closed`].
     pub fn push(&self, frame: Bytes) -> Result<(), PushError> {
+        self.enqueue(frame, now_ms(), false)
+    }
+
+    /// Queues one of the connection's own replies.
+    ///
+    /// # Errors
+    /// [`PushError::Full`] (and the outbox closes as a slow consumer) when
+    /// the reply cap is reached, or [`PushError::Closed`].
+    pub fn push_reply(&self, frame: Bytes) -> Result<(), PushError> {
+        self.enqueue(frame, now_ms(), true)
+    }
+
+    fn enqueue(&self, frame: Bytes, at: u64, reply: bool) -> Result<(), PushError> {
         let mut state = self.lock();
         if state.closed.is_some() {
             return Err(PushError::Closed);
         }
-        if state.queue.len() >= self.limits.max_messages || state.bytes + frame.len() > self.limits.max_bytes {
-            state.closed = Some(CloseReason::slow_consumer(self.limits));
-            state.queue.clear();
-            state.queue.shrink_to_fit();
-            state.bytes = 0;
+        if reply && state.replies + frame.len() > self.limits.max_reply_bytes {
             drop(state);
-            self.notify.notify_one();
+            self.close_now(CloseReason::reply_flood(self.limits));
             return Err(PushError::Full);
         }
-        state.bytes += frame.len();
-        state.queue.push_back(frame);
+        let charge = frame.len() + ENTRY_OVERHEAD;
+        if reply {
+            state.replies += frame.len();
+        }
+        state.queued += charge;
+        state.queue.push_back((at, frame));
+        self.budget.charge(charge);
         let first = state.queue.len() == 1;
         drop(state);
+        self.pushed.fetch_add(1, Ordering::Relaxed);
         if first {
             self.notify.notify_one();
         }
@@ -135,41 +295,92 @@ impl Outbox {
         self.notify.notify_one();
     }
 
+    /// Closes the outbox and discards what is queued (a slow consumer): the
+    /// writer sends `reason` next. Returns whether this call closed it.
+    pub fn close_now(&self, reason: CloseReason) -> bool {
+        let mut state = self.lock();
+        let first = state.closed.is_none();
+        if first {
+            state.closed = Some(reason);
+        }
+        let released = std::mem::take(&mut state.queued);
+        state.queue = VecDeque::new();
+        state.replies = 0;
+        drop(state);
+        self.budget.release(released);
+        self.notify.notify_one();
+        first
+    }
+
     /// Whether the outbox is closed.
     pub fn is_closed(&self) -> bool {
         self.lock().closed.is_some()
     }
 
-    /// Frames and bytes queued.
+    /// Frames and charged bytes queued (not counting the writer's hands).
     pub fn depth(&self) -> (usize, usize) {
         let state = self.lock();
-        (state.queue.len(), state.bytes)
+        (state.queue.len(), state.queued)
     }
 
-    /// Moves every queued frame into `out` without waiting; returns how many.
+    /// Charged bytes queued or being written.
+    pub fn held(&self) -> usize {
+        let state = self.lock();
+        state.queued + state.in_flight
+    }
+
+    /// Frames ever queued.
+    pub fn pushed(&self) -> u64 {
+        self.pushed.load(Ordering::Relaxed)
+    }
+
+    /// Age of the oldest frame not yet written, at `now` ([`now_ms`]).
+    pub fn lag(&self, now: u64) -> Duration {
+        let state = self.lock();
+        let oldest = match (state.in_flight_since, state.queue.front()) {
+            (Some(a), Some(&(b, _))) => a.min(b),
+            (Some(a), None) => a,
+            (None, Some(&(b, _))) => b,
+            (None, None) => return Duration::ZERO,
+        };
+        Duration::from_millis(now.saturating_sub(oldest))
+    }
+
+    fn take_all(state: &mut State, out: &mut Vec<Bytes>) {
+        if let Some(&(at, _)) = state.queue.front() {
+            state.in_flight_since = Some(state.in_flight_since.map_or(at, |s| s.min(at)));
+        }
+        out.extend(state.queue.drain(..).map(|(_, frame)| frame));
+        state.in_flight += std::mem::take(&mut state.queued);
+        state.replies = 0;
+        if state.queue.capacity() > 64 {
+            state.queue.shrink_to_fit();
+        }
+    }
+
+    /// Moves every queued frame into `out` without waiting (they count as
+    /// in flight until [`Outbox::written`]); returns how many.
     pub fn try_drain(&self, out: &mut Vec<Bytes>) -> usize {
         let mut state = self.lock();
         let n = state.queue.len();
-        out.extend(state.queue.drain(..));
-        state.bytes = 0;
+        Outbox::take_all(&mut state, out);
+        drop(state);
+        self.written();
         n
     }
 
-    /// Moves every queued frame into `out`, waiting for at least one.
+    /// Moves every queued frame into `out`, waiting for at least one; call
+    /// [`Outbox::written`] once they are on the socket.
     ///
     /// # Errors
-    /// The close reason once the outbox is closed and (unless it closed as a
-    /// slow consumer, which discards the queue) drained.
+    /// The close reason once the outbox is closed and drained (a
+    /// [`close_now`](Outbox::close_now) discards the queue first).
     pub async fn next_batch(&self, out: &mut Vec<Bytes>) -> Result<(), CloseReason> {
         loop {
             {
                 let mut state = self.lock();
                 if !state.queue.is_empty() {
-                    out.extend(state.queue.drain(..));
-                    state.bytes = 0;
-                    if state.queue.capacity() > 64 {
-                        state.queue.shrink_to_fit();
-                    }
+                    Outbox::take_all(&mut state, out);
                     return Ok(());
                 }
                 if let Some(reason) = &state.closed {
@@ -179,6 +390,23 @@ impl Outbox {
             self.notify.notified().await;
         }
     }
+
+    /// The frames last taken by [`Outbox::next_batch`] were written:
+    /// releases their bytes.
+    pub fn written(&self) {
+        let mut state = self.lock();
+        let released = std::mem::take(&mut state.in_flight);
+        state.in_flight_since = None;
+        drop(state);
+        self.budget.release(released);
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        let state = self.state.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.budget.release(state.queued + state.in_flight);
+    }
 }
 
 #[cfg(test)]
@@ -186,22 +414,59 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn bounded_by_messages_and_bytes_and_closed_when_full() {
-        let outbox = Outbox::new(OutboxLimits { max_messages: 3, max_bytes: 10 });
-        outbox.push(Bytes::from_static(b"abcd")).unwrap();
-        outbox.push(Bytes::from_static(b"efgh")).unwrap();
-        assert_eq!(outbox.depth(), (2, 8));
-        assert_eq!(outbox.push(Bytes::from_static(b"ijk")), Err(PushError::Full));
+    async fn replies_are_capped_and_a_flooder_is_closed() {
+        let outbox = Outbox::new(OutboxLimits { max_reply_bytes: 10 });
+        outbox.push_reply(Bytes::from_static(b"abcd")).unwrap();
+        outbox.push_reply(Bytes::from_static(b"efgh")).unwrap();
+        assert_eq!(outbox.depth().0, 2);
+        assert_eq!(outbox.push_reply(Bytes::from_static(b"ijk")), Err(PushError::Full));
         assert_eq!(outbox.push(Bytes::from_static(b"x")), Err(PushError::Closed));
         let mut out = Vec::new();
         let err = outbox.next_batch(&mut out).await.unwrap_err();
         assert_eq!(err.code, 1013);
         assert!(out.is_empty(), "a slow consumer's queue is discarded");
+    }
 
-        let outbox = Outbox::new(OutboxLimits { max_messages: 2, max_bytes: 100 });
-        outbox.push(Bytes::from_static(b"1")).unwrap();
-        outbox.push(Bytes::from_static(b"2")).unwrap();
-        assert_eq!(outbox.push(Bytes::from_static(b"3")), Err(PushError::Full));
+    #[tokio::test]
+    async fn hub_frames_are_not_capped_per_socket_but_charge_the_budget_until_written() {
+        let budget = OutboxBudget::new(1000);
+        let a = Outbox::with_budget(OutboxLimits { max_reply_bytes: 10 }, Arc::clone(&budget));
+        let b = Outbox::with_budget(OutboxLimits::default(), Arc::clone(&budget));
+        for _ in 0..20 {
+            a.push(Bytes::from_static(&[0; 50])).unwrap();
+        }
+        b.push(Bytes::from_static(&[0; 50])).unwrap();
+        assert!(budget.exhausted());
+        assert_eq!(budget.used(), 21 * (50 + ENTRY_OVERHEAD));
+        let mut out = Vec::new();
+        a.next_batch(&mut out).await.unwrap();
+        assert_eq!(out.len(), 20);
+        assert_eq!(budget.used(), 21 * (50 + ENTRY_OVERHEAD), "in the writer's hands still counts");
+        a.written();
+        assert_eq!(budget.used(), 50 + ENTRY_OVERHEAD);
+        drop(b);
+        assert_eq!(budget.used(), 0, "a dropped outbox releases what it held");
+    }
+
+    #[tokio::test]
+    async fn close_now_releases_and_lag_is_the_oldest_unwritten_frame() {
+        let budget = OutboxBudget::new(1 << 20);
+        let outbox = Outbox::with_budget(OutboxLimits::default(), Arc::clone(&budget));
+        assert_eq!(outbox.lag(100), Duration::ZERO);
+        outbox.push_at(Bytes::from_static(b"1"), 10).unwrap();
+        outbox.push_at(Bytes::from_static(b"2"), 20).unwrap();
+        assert_eq!(outbox.lag(1010), Duration::from_secs(1));
+        let mut out = Vec::new();
+        outbox.next_batch(&mut out).await.unwrap();
+        outbox.push_at(Bytes::from_static(b"3"), 500).unwrap();
+        assert_eq!(outbox.lag(1010), Duration::from_secs(1), "in flight since 10");
+        outbox.written();
+        assert_eq!(outbox.lag(1500), Duration::from_secs(1), "queued at 500");
+        assert!(outbox.close_now(CloseReason::reader_lag(Duration::from_secs(31), Duration::from_secs(30))));
+        assert_eq!(budget.used(), 0);
+        assert!(!outbox.close_now(CloseReason::shutdown()), "the first reason wins");
+        let err = outbox.next_batch(&mut out).await.unwrap_err();
+        assert!(err.reason.contains("31s"), "{}", err.reason);
     }
 
     #[tokio::test]
@@ -214,7 +479,10 @@ mod tests {
                 let mut batch = Vec::new();
                 loop {
                     match outbox.next_batch(&mut batch).await {
-                        Ok(()) => got.append(&mut batch),
+                        Ok(()) => {
+                            got.append(&mut batch);
+                            outbox.written();
+                        }
                         Err(reason) => return (got, reason),
                     }
                 }

@@ -12,6 +12,7 @@ use super::*;
 use crate::change::{ColumnInfo, Datum, Op, Row, TxBegin, TxInfo};
 use crate::pgoutput::{PgTimestamp, ReplicaIdentity};
 use crate::policy::{LoadedAt, Rules};
+use crate::spill::Spill;
 
 fn relation(oid: u32, table: &str, columns: &[&str]) -> Arc<RelationInfo> {
     Arc::new(RelationInfo {
@@ -38,6 +39,7 @@ fn text(s: impl ToString) -> Datum {
 
 struct Fixture {
     hub: Hub,
+    budget: Arc<OutboxBudget>,
     orders: Arc<RelationInfo>,
     memberships_rel: Arc<RelationInfo>,
     lsn: u64,
@@ -45,10 +47,15 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Fixture {
-        let (hub, _handle) =
-            hub(HubConfig::default(), Rules::default(), Arc::new(MembershipCache::new()), AckHandle::default());
+        Fixture::with(HubConfig::default())
+    }
+
+    fn with(config: HubConfig) -> Fixture {
+        let (hub, handle) =
+            hub(config, Rules::default(), Arc::new(MembershipCache::new()), AckHandle::default(), Spill::temporary());
         Fixture {
             hub,
+            budget: handle.budget,
             orders: relation(1, "orders", &["id", "dealership_id", "status"]),
             memberships_rel: relation(2, "dealer_memberships", &["id", "user_id", "dealership_id", "role"]),
             lsn: 100,
@@ -56,7 +63,7 @@ impl Fixture {
     }
 
     fn join(&mut self, conn: ConnId, viewer: Viewer, topic: &str) -> Arc<Outbox> {
-        let outbox = Arc::new(Outbox::new(OutboxLimits { max_messages: 1 << 20, max_bytes: 1 << 30 }));
+        let outbox = Arc::new(Outbox::with_budget(OutboxLimits::default(), Arc::clone(&self.budget)));
         self.hub.core_mut().control(Control::Join(Subscription {
             conn,
             topic: topic.into(),
@@ -110,6 +117,7 @@ impl Fixture {
             commit_timestamp: PgTimestamp(0),
         })))
         .unwrap();
+        assert!(!core.busy(), "an unlimited budget never pauses");
     }
 
     fn commit(&mut self, changes: Vec<Change>) {
@@ -181,18 +189,114 @@ fn duplicates_after_a_reconnect_are_skipped_and_the_catch_up_window_reaches_only
     assert_eq!(f.hub.core_mut().stats.duplicate_transactions.load(Ordering::Relaxed), 1);
 }
 
+fn small_memory() -> HubConfig {
+    HubConfig { max_tx_bytes: 1000, ..HubConfig::default() }
+}
+
 #[test]
-fn an_overflowing_transaction_is_judged_change_by_change() {
-    let (hub, _h) =
-        hub(HubConfig { max_tx_bytes: 1000 }, Rules::default(), Arc::new(MembershipCache::new()), AckHandle::default());
-    let mut f = Fixture { hub, ..Fixture::new() };
-    let (d, u) = (Uuid::new_v4(), Uuid::new_v4());
-    f.commit(vec![f.membership(Op::Insert, "m", u, d)]);
-    let user = f.join(1, Viewer::User(u), "realtime:x");
-    let changes: Vec<Change> = (0..100).map(|i| f.order(Op::Insert, i, None, Some(d))).collect();
+fn a_spilled_transaction_is_judged_whole_with_the_memberships_as_of_its_commit() {
+    // The leak repro: a revoke (and a grant) *after* a bulk update, in one
+    // transaction far larger than the hub's memory budget.
+    let mut f = Fixture::with(small_memory());
+    let (d1, dx) = (Uuid::new_v4(), Uuid::new_v4());
+    let (a, g) = (Uuid::new_v4(), Uuid::new_v4());
+    f.commit(vec![f.membership(Op::Insert, "a-d1", a, d1), f.membership(Op::Insert, "a-dx", a, dx)]);
+    let a_box = f.join(1, Viewer::User(a), "realtime:x");
+    let g_box = f.join(2, Viewer::User(g), "realtime:x");
+    let mut changes: Vec<Change> = (0..500).map(|i| f.order(Op::Update, i, Some(dx), Some(dx))).collect();
+    changes.push(f.order(Op::Update, 9999, Some(d1), Some(d1)));
+    changes.push(f.membership(Op::Delete, "a-d1", a, d1));
+    changes.push(f.membership(Op::Insert, "g-d1", g, d1));
     f.commit(changes);
-    assert_eq!(drain(&user).len(), 100);
-    assert_eq!(f.hub.core_mut().stats.overflowed_transactions.load(Ordering::Relaxed), 1);
+    let a_got = events(&drain(&a_box));
+    assert_eq!(a_got.len(), 500, "A sees the DX updates");
+    assert!(
+        a_got.iter().all(|(_, _, d)| *d == dx),
+        "A must not see the D1 order it lost access to in this transaction"
+    );
+    let g_got: Vec<_> = events(&drain(&g_box)).into_iter().filter(|(t, _, _)| t == "orders").collect();
+    assert_eq!(g_got.len(), 1, "G, granted in the same transaction, sees the D1 order: {g_got:?}");
+    assert_eq!((g_got[0].1.as_str(), g_got[0].2), ("UPDATE", d1));
+    assert_eq!(f.hub.core_mut().stats.spilled_transactions.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_full_outbox_budget_pauses_the_fan_out_and_a_reader_that_keeps_reading_gets_everything() {
+    let mut f = Fixture::with(HubConfig { outbox_budget: 20_000, ..small_memory() });
+    let d = Uuid::new_v4();
+    let u = Uuid::new_v4();
+    f.commit(vec![f.membership(Op::Insert, "m", u, d)]);
+    let reader = f.join(1, Viewer::User(u), "realtime:x");
+    let core = f.hub.core_mut();
+    core.stage(StageEvent::Tx(TxEvent::Begin(TxBegin {
+        xid: 2,
+        commit_lsn: Lsn(1000),
+        commit_timestamp: PgTimestamp(0),
+    })))
+    .unwrap();
+    for i in 0..2000 {
+        let row = Row(vec![text(i), text(d), text("pending")]);
+        let change = Change {
+            relation: Arc::clone(&f.orders),
+            op: Op::Insert,
+            record: Some(row),
+            old_record: None,
+            missing_toast: vec![],
+        };
+        core.stage(StageEvent::Tx(TxEvent::Change(change))).unwrap();
+    }
+    core.stage(StageEvent::Tx(TxEvent::Commit(TxInfo {
+        xid: 2,
+        commit_lsn: Lsn(1000),
+        end_lsn: Lsn(1008),
+        commit_timestamp: PgTimestamp(0),
+    })))
+    .unwrap();
+    let mut got = Vec::new();
+    let mut rounds = 0;
+    while core.busy() {
+        assert!(f.budget.used() >= 20_000, "paused only on a full budget");
+        assert!(core.stats.handled_lsn.load(Ordering::Relaxed) < 1008, "not acknowledged before it is all queued");
+        got.extend(drain(&reader));
+        core.resume().unwrap();
+        rounds += 1;
+    }
+    got.extend(drain(&reader));
+    assert!(rounds > 10, "the fan-out paused {rounds} times");
+    let ids: Vec<String> = got
+        .iter()
+        .map(|f| {
+            let v: serde_json::Value = serde_json::from_slice(f).unwrap();
+            v[4]["data"]["record"]["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(ids, (0..2000).map(|i| i.to_string()).collect::<Vec<_>>(), "every row, once, in order");
+    assert_eq!(core.stats.handled_lsn.load(Ordering::Relaxed), 1008);
+    assert!(core.stats.pauses.load(Ordering::Relaxed) >= 1);
+    assert_eq!(core.stats.slow_consumers.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn a_reader_past_its_lag_is_closed_with_the_reason_and_the_others_keep_their_subscriptions() {
+    let mut f = Fixture::with(HubConfig { max_reader_lag: Duration::from_millis(50), ..HubConfig::default() });
+    let d = Uuid::new_v4();
+    let (u, v) = (Uuid::new_v4(), Uuid::new_v4());
+    f.commit(vec![f.membership(Op::Insert, "m", u, d), f.membership(Op::Insert, "n", v, d)]);
+    let stalled = f.join(1, Viewer::User(u), "realtime:x");
+    let reading = f.join(2, Viewer::User(v), "realtime:x");
+    f.commit(vec![f.order(Op::Insert, 1, None, Some(d))]);
+    drain(&reading);
+    std::thread::sleep(Duration::from_millis(120));
+    f.hub.core_mut().check_readers();
+    assert!(stalled.is_closed());
+    let mut out = Vec::new();
+    let reason = futures::executor::block_on(stalled.next_batch(&mut out)).unwrap_err();
+    assert_eq!(reason.code, 1013);
+    assert!(reason.reason.contains("oldest undelivered message"), "{}", reason.reason);
+    assert!(!reading.is_closed());
+    f.commit(vec![f.order(Op::Insert, 2, None, Some(d))]);
+    assert_eq!(drain(&reading).len(), 1);
+    assert_eq!(f.hub.core_mut().stats.lagging_readers_closed.load(Ordering::Relaxed), 1);
 }
 
 #[derive(Debug, Clone)]
@@ -220,8 +324,12 @@ proptest! {
     /// No subscriber ever receives a change for a dealership it was not a
     /// member of as of that change's commit; and every member gets it.
     #[test]
-    fn deliveries_follow_memberships_as_of_each_commit(txs in prop::collection::vec(prop::collection::vec(step(), 1..6), 1..25)) {
-        let mut f = Fixture::new();
+    fn deliveries_follow_memberships_as_of_each_commit(
+        txs in prop::collection::vec(prop::collection::vec(step(), 1..6), 1..25),
+        spill in any::<bool>(),
+    ) {
+        // With `spill`, every transaction goes to disk whole.
+        let mut f = Fixture::with(HubConfig { max_tx_bytes: if spill { 0 } else { 16 << 20 }, ..HubConfig::default() });
         let users: Vec<Uuid> = (0..6).map(|_| Uuid::new_v4()).collect();
         let dealers: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
         let outboxes: Vec<Arc<Outbox>> =

@@ -41,6 +41,7 @@ use crate::hub::{
 use crate::lsn::Lsn;
 use crate::policy::{Filter, LoadedAt, Membership, MembershipCache, Rules, Viewer};
 use crate::replication::AckHandle;
+use crate::spill::Spill;
 
 /// Frames left queued before the replay drains every outbox.
 const DRAIN_EVERY: u64 = 1_000_000;
@@ -170,11 +171,12 @@ pub fn replay_fanout(path: &Path, pace: Pace, config: &FanoutConfig) -> Result<F
     }
 
     let memberships = Arc::new(MembershipCache::new());
-    let (mut hub, handle) = hub(HubConfig::default(), rules, Arc::clone(&memberships), AckHandle::default());
+    let (mut hub, handle) =
+        hub(HubConfig::default(), rules, Arc::clone(&memberships), AckHandle::default(), Spill::temporary());
     let core = hub.core_mut();
     core.stage(StageEvent::Loaded(LoadedAt { lsn: Lsn::ZERO, exact: true, rows: 0 }))?;
     // Unbounded in practice: the replay drains them itself.
-    let limits = OutboxLimits { max_messages: usize::MAX / 2, max_bytes: usize::MAX / 2 };
+    let limits = OutboxLimits::default();
     let pending = Filter::parse("status=eq.pending", |column| (column == "status").then_some("text"))
         .map_err(|_| FanoutError::Config("the built-in filter does not parse"))?;
     let mut outboxes = Vec::with_capacity(config.subscribers as usize);

@@ -235,8 +235,61 @@ impl Monitor {
         );
         w.counter(
             "walcast_slow_consumer_closes_total",
-            "Connections closed because their outbox overflowed.",
+            "Connections closed as slow consumers (reader lag, furthest behind in a long pause, unread replies).",
             load(&h.slow_consumers),
+        );
+        w.counter(
+            "walcast_reader_lag_closes_total",
+            "Readers closed because their oldest unwritten message passed --max-reader-lag.",
+            load(&h.lagging_readers_closed),
+        );
+        w.counter(
+            "walcast_furthest_behind_closes_total",
+            "Readers closed as the furthest behind after the fan-out paused for 10 s.",
+            load(&h.furthest_behind_closed),
+        );
+        w.counter(
+            "walcast_close_frames_dropped_total",
+            "Slow consumers dropped without a close frame (their socket could not take it in time).",
+            load(&r.close_frames_dropped),
+        );
+        w.gauge(
+            "walcast_outbox_bytes",
+            "Bytes held by all outboxes (queued and being written).",
+            hub.budget.used() as u64,
+        );
+        w.gauge(
+            "walcast_outbox_budget_bytes",
+            "The global outbox budget (--outbox-budget).",
+            hub.budget.limit() as u64,
+        );
+        w.counter(
+            "walcast_fanout_pauses_total",
+            "Times the fan-out paused because the outbox budget was full (back-pressure to the slot).",
+            load(&h.pauses),
+        );
+        w.family(
+            "walcast_fanout_paused_seconds_total",
+            Kind::Counter,
+            "Time the fan-out spent paused on the outbox budget (finished pauses).",
+        );
+        w.sample("walcast_fanout_paused_seconds_total", &[], load(&h.paused_micros) as f64 / 1e6);
+        w.gauge(
+            "walcast_fanout_paused",
+            "1 while the fan-out is paused on the outbox budget.",
+            h.paused.load(Ordering::Relaxed),
+        );
+        w.counter(
+            "walcast_spilled_transactions_total",
+            "Transactions larger than the hub's memory budget, spilled to disk and judged whole at commit.",
+            load(&h.spilled_transactions),
+        );
+        w.gauge("walcast_spill_bytes", "Bytes in spill files now.", load(&hub.spill.disk_bytes));
+        w.counter("walcast_spill_written_bytes_total", "Bytes written to spill files.", load(&hub.spill.written_bytes));
+        w.counter(
+            "walcast_spill_budget_waits_total",
+            "Times a stage waited because the spill disk budget (--spill-budget) was full.",
+            load(&hub.spill.budget_waits),
         );
         w.counter(
             "walcast_duplicate_transactions_total",
@@ -247,11 +300,6 @@ impl Monitor {
             "walcast_catch_up_transactions_total",
             "Transactions in the catch-up window after a restart (service_role only).",
             load(&h.catch_up_transactions),
-        );
-        w.counter(
-            "walcast_overflowed_transactions_total",
-            "Transactions larger than the hub's buffer budget.",
-            load(&h.overflowed_transactions),
         );
         w.histogram_seconds(
             "walcast_delivery_latency_seconds",

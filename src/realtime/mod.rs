@@ -78,7 +78,7 @@ impl Limits {
         WebSocketConfig::default()
             .read_buffer_size(self.ws_read_buffer)
             .write_buffer_size(self.ws_write_buffer)
-            .max_write_buffer_size((self.outbox.max_bytes.max(1 << 20) + self.ws_write_buffer) * 2)
+            .max_write_buffer_size((self.outbox.max_reply_bytes.max(1 << 20) + self.ws_write_buffer) * 2)
             .max_message_size(Some(self.max_message_bytes))
             .max_frame_size(Some(self.max_message_bytes))
     }

@@ -85,6 +85,9 @@ pub struct RealtimeStats {
     pub bad_frames: AtomicU64,
     /// Channels closed because their token expired.
     pub tokens_expired: AtomicU64,
+    /// Slow consumers whose close frame the socket could not take in time
+    /// (the connection was dropped without it).
+    pub close_frames_dropped: Arc<AtomicU64>,
 }
 
 /// Seconds since the Unix epoch.
@@ -165,9 +168,14 @@ pub async fn run<S>(
     let conn = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
     ctx.stats.sockets_open.fetch_add(1, Ordering::Relaxed);
     ctx.stats.sockets_total.fetch_add(1, Ordering::Relaxed);
-    let outbox = Arc::new(Outbox::new(ctx.limits.outbox));
+    let outbox = Arc::new(Outbox::with_budget(ctx.limits.outbox, Arc::clone(&ctx.hub.budget)));
     let (sink, mut stream) = ws.split();
-    let mut writer = tokio::spawn(write_loop(sink, Arc::clone(&outbox), ctx.limits.write_timeout));
+    let mut writer = tokio::spawn(write_loop(
+        sink,
+        Arc::clone(&outbox),
+        ctx.limits.write_timeout,
+        Arc::clone(&ctx.stats.close_frames_dropped),
+    ));
     let mut session = Session {
         joins: JoinBucket { tokens: f64::from(ctx.limits.join_burst), last: Instant::now() },
         ctx,
@@ -226,8 +234,9 @@ impl Session {
     }
 
     fn push(&self, frame: Bytes) {
-        // A full outbox closes the connection; the writer then ends the session.
-        let _ = self.outbox.push(frame);
+        // Too many unread replies close the connection; the writer then
+        // ends the session.
+        let _ = self.outbox.push_reply(frame);
     }
 
     fn read_error(&self, err: &tungstenite::Error) -> End {
@@ -510,12 +519,18 @@ impl Session {
     }
 }
 
-/// Drains the outbox to the socket: every queued frame, then one flush; on
-/// close, a close frame with the outbox's reason.
+/// Drains the outbox to the socket: every queued frame, then one flush,
+/// then the outbox is told they were written (their budget is released); on
+/// close, a close frame with the outbox's reason. Each frame and each flush
+/// must make progress within `write_timeout`, else the socket is dropped
+/// (a large batch on a slow link is fine while it moves). A close frame the
+/// socket cannot take in time is dropped with the socket and counted in
+/// `close_frames_dropped`.
 async fn write_loop<S>(
     mut sink: futures::stream::SplitSink<WebSocketStream<S>, WsMessage>,
     outbox: Arc<Outbox>,
     write_timeout: Duration,
+    close_frames_dropped: Arc<AtomicU64>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -523,16 +538,16 @@ async fn write_loop<S>(
     loop {
         match outbox.next_batch(&mut batch).await {
             Ok(()) => {
-                let write = async {
-                    for frame in batch.drain(..) {
-                        // Frames are JSON built by serde_json or the hub's writer: always UTF-8.
-                        let text = Utf8Bytes::try_from(frame).map_err(|_| tungstenite::Error::Utf8(String::new()))?;
-                        sink.feed(WsMessage::Text(text)).await?;
+                for frame in batch.drain(..) {
+                    // Frames are JSON built by serde_json or the hub's writer: always UTF-8.
+                    let Ok(text) = Utf8Bytes::try_from(frame) else { return };
+                    match tokio::time::timeout(write_timeout, sink.feed(WsMessage::Text(text))).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) | Err(_) => return,
                     }
-                    sink.flush().await
-                };
-                match tokio::time::timeout(write_timeout, write).await {
-                    Ok(Ok(())) => {}
+                }
+                match tokio::time::timeout(write_timeout, sink.flush()).await {
+                    Ok(Ok(())) => outbox.written(),
                     Ok(Err(_)) | Err(_) => return,
                 }
             }
@@ -545,11 +560,14 @@ async fn write_loop<S>(
                 }
                 text.truncate(cut);
                 let frame = CloseFrame { code: CloseCode::from(reason.code), reason: text.into() };
-                let _ = tokio::time::timeout(write_timeout, async {
-                    let _ = sink.send(WsMessage::Close(Some(frame))).await;
-                    let _ = sink.close().await;
+                let sent = tokio::time::timeout(write_timeout, async {
+                    sink.send(WsMessage::Close(Some(frame))).await?;
+                    sink.close().await
                 })
                 .await;
+                if !matches!(sent, Ok(Ok(()))) && reason.code == 1013 {
+                    close_frames_dropped.fetch_add(1, Ordering::Relaxed);
+                }
                 return;
             }
         }

@@ -149,7 +149,7 @@ impl Relay {
         let ack = AckHandle::default();
         let memberships = Arc::new(MembershipCache::new());
         let rules = Rules::new(config.policy.clone());
-        let (hub, handle) = hub::hub(config.hub.clone(), rules, Arc::clone(&memberships), ack.clone());
+        let (hub, handle) = hub::hub(config.hub.clone(), rules, Arc::clone(&memberships), ack.clone(), spill.clone());
         let (source_tx, source_rx) = mpsc::channel(256);
         let (stage_tx, stage_rx) = mpsc::channel(64);
         let queues = RelayQueues { source: source_tx.downgrade(), stage: stage_tx.downgrade() };
