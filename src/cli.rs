@@ -181,6 +181,22 @@ struct ServeArgs {
     /// Data directory of the embedded PostgreSQL (demo mode) [default: .walcast/postgres].
     #[arg(long, env = "WALCAST_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Directory for transactions too large for memory; leftover files are removed
+    /// at start [default: .walcast/spill].
+    #[arg(long = "spill-dir", env = "SPILL_DIR")]
+    spill_dir: Option<PathBuf>,
+    /// Most bytes all sockets' outgoing queues hold together; when full, the fan-out
+    /// pauses (back-pressure to the slot) [default: 536870912 = 512 MiB].
+    #[arg(long = "outbox-budget", env = "OUTBOX_BUDGET_BYTES")]
+    outbox_budget_bytes: Option<usize>,
+    /// A socket whose oldest undelivered message is older than this many seconds is
+    /// closed with 1013 [default: 30].
+    #[arg(long = "max-reader-lag", env = "MAX_READER_LAG_SECS")]
+    max_reader_lag_secs: Option<f64>,
+    /// Most bytes of spilled (large) transactions on disk; when full, the pipeline
+    /// pauses and the slot keeps the WAL [default: 8589934592 = 8 GiB].
+    #[arg(long = "spill-budget", env = "SPILL_BUDGET_BYTES")]
+    spill_budget_bytes: Option<u64>,
     /// Seconds between demo writer steps; 0 turns the writer off [default: 2].
     #[arg(long)]
     demo_writer_secs: Option<f64>,
@@ -221,6 +237,10 @@ impl ServeArgs {
             ws_read_buffer_bytes: self.ws_read_buffer_bytes,
             ws_write_buffer_bytes: self.ws_write_buffer_bytes,
             data_dir: self.data_dir,
+            outbox_budget_bytes: self.outbox_budget_bytes,
+            max_reader_lag_secs: self.max_reader_lag_secs,
+            spill_budget_bytes: self.spill_budget_bytes,
+            spill_dir: self.spill_dir,
             demo_writer_secs: self.demo_writer_secs,
             slot_wal_warn_bytes: self.slot_wal_warn_bytes,
             slot_wal_warn_fraction: self.slot_wal_warn_fraction,

@@ -37,6 +37,8 @@ pub const DEFAULT_SLOT: &str = "walcast";
 pub const DEFAULT_PUBLICATION: &str = "supabase_realtime";
 /// Default data directory of the embedded PostgreSQL.
 pub const DEFAULT_DATA_DIR: &str = ".walcast/postgres";
+/// Where spilled transactions go unless configured.
+pub const DEFAULT_SPILL_DIR: &str = ".walcast/spill";
 
 /// Values from flags or the environment (`None` = not given). The binary
 /// fills this from clap; [`Settings::resolve`] completes it.
@@ -86,6 +88,14 @@ pub struct FileConfig {
     pub ws_write_buffer_bytes: Option<usize>,
     /// Data directory of the embedded PostgreSQL (demo mode).
     pub data_dir: Option<PathBuf>,
+    /// Directory for spilled transactions.
+    pub spill_dir: Option<PathBuf>,
+    /// Most bytes all outboxes together hold.
+    pub outbox_budget_bytes: Option<usize>,
+    /// A reader whose oldest unwritten message is older is closed (seconds).
+    pub max_reader_lag_secs: Option<f64>,
+    /// Most bytes of spilled transactions on disk.
+    pub spill_budget_bytes: Option<u64>,
     /// Seconds between demo writer steps (0 = off).
     pub demo_writer_secs: Option<f64>,
     /// Slot watchdog: warn when retained WAL passes this many bytes (0 = off).
@@ -118,6 +128,10 @@ impl std::fmt::Debug for FileConfig {
             .field("max_channels_per_client", &self.max_channels_per_client)
             .field("ws_read_buffer_bytes", &self.ws_read_buffer_bytes)
             .field("ws_write_buffer_bytes", &self.ws_write_buffer_bytes)
+            .field("outbox_budget_bytes", &self.outbox_budget_bytes)
+            .field("max_reader_lag_secs", &self.max_reader_lag_secs)
+            .field("spill_budget_bytes", &self.spill_budget_bytes)
+            .field("spill_dir", &self.spill_dir)
             .finish_non_exhaustive()
     }
 }
@@ -158,6 +172,10 @@ impl FileConfig {
             ws_read_buffer_bytes: self.ws_read_buffer_bytes.or(lower.ws_read_buffer_bytes),
             ws_write_buffer_bytes: self.ws_write_buffer_bytes.or(lower.ws_write_buffer_bytes),
             data_dir: self.data_dir.or(lower.data_dir),
+            outbox_budget_bytes: self.outbox_budget_bytes.or(lower.outbox_budget_bytes),
+            max_reader_lag_secs: self.max_reader_lag_secs.or(lower.max_reader_lag_secs),
+            spill_budget_bytes: self.spill_budget_bytes.or(lower.spill_budget_bytes),
+            spill_dir: self.spill_dir.or(lower.spill_dir),
             demo_writer_secs: self.demo_writer_secs.or(lower.demo_writer_secs),
             slot_wal_warn_bytes: self.slot_wal_warn_bytes.or(lower.slot_wal_warn_bytes),
             slot_wal_warn_fraction: self.slot_wal_warn_fraction.or(lower.slot_wal_warn_fraction),
@@ -280,6 +298,14 @@ pub struct Settings {
     pub ws_write_buffer: usize,
     /// Embedded PostgreSQL directory.
     pub data_dir: PathBuf,
+    /// Spill directory (leftover spill files are removed at start).
+    pub spill_dir: PathBuf,
+    /// Global outbox budget, bytes.
+    pub outbox_budget: usize,
+    /// Reader lag limit.
+    pub max_reader_lag: Duration,
+    /// Spill disk budget, bytes.
+    pub spill_budget: u64,
     /// Demo writer interval (`None` = off).
     pub demo_writer: Option<Duration>,
     /// `/ready` and slot watchdog thresholds.
@@ -352,6 +378,24 @@ impl Settings {
             0,
             1 << 20,
         )?;
+        let outbox_budget = range(
+            "OUTBOX_BUDGET_BYTES (--outbox-budget)",
+            merged.outbox_budget_bytes.unwrap_or(crate::hub::DEFAULT_OUTBOX_BUDGET),
+            1 << 20,
+            1 << 40,
+        )?;
+        let lag_secs = merged.max_reader_lag_secs.unwrap_or(30.0);
+        if !(1.0..=3600.0).contains(&lag_secs) {
+            return Err(ConfigError::OutOfRange { name: "MAX_READER_LAG_SECS (--max-reader-lag)", min: 1, max: 3600 });
+        }
+        let spill_budget = merged.spill_budget_bytes.unwrap_or(crate::spill::DEFAULT_DISK_BUDGET);
+        if !((16 << 20)..=(1 << 50)).contains(&spill_budget) {
+            return Err(ConfigError::OutOfRange {
+                name: "SPILL_BUDGET_BYTES (--spill-budget)",
+                min: 16 << 20,
+                max: 1 << 50,
+            });
+        }
         let writer_secs = merged.demo_writer_secs.unwrap_or(2.0);
         if !(0.0..=3600.0).contains(&writer_secs) {
             return Err(ConfigError::OutOfRange { name: "--demo-writer-secs", min: 0, max: 3600 });
@@ -386,6 +430,10 @@ impl Settings {
             ws_read_buffer,
             ws_write_buffer,
             data_dir: merged.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            spill_dir: merged.spill_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_SPILL_DIR)),
+            outbox_budget,
+            max_reader_lag: Duration::from_secs_f64(lag_secs),
+            spill_budget,
             demo_writer: (writer_secs > 0.0).then(|| Duration::from_secs_f64(writer_secs)),
         })
     }
@@ -425,6 +473,9 @@ impl Settings {
         let slot = SlotOptions::new(&self.slot, &self.publication);
         let mut relay = RelayConfig::new(SourceConfig::new(connection, slot));
         relay.policy = self.policy.clone();
+        relay.hub.outbox_budget = self.outbox_budget;
+        relay.hub.max_reader_lag = self.max_reader_lag;
+        relay.spill = crate::spill::SpillConfig { dir: self.spill_dir.clone(), disk_budget: self.spill_budget };
         let mut config = ServeConfig::new(relay, self.auth.clone());
         config.listen = std::net::SocketAddr::new(self.host, self.port);
         config.limits.max_connections = self.max_connections;
@@ -534,6 +585,34 @@ mod tests {
         assert_eq!(settings.monitoring.ready_max_lag, Some(Duration::from_millis(2500)));
         let bad = FileConfig { slot_wal_warn_fraction: Some(1.5), ..given() };
         assert!(Settings::resolve(bad, None).unwrap_err().to_string().contains("--slot-wal-warn-fraction"));
+    }
+
+    #[test]
+    fn memory_settings_come_from_the_settings_and_reach_the_relay() {
+        let settings = Settings::resolve(given(), None).unwrap();
+        assert_eq!(settings.outbox_budget, crate::hub::DEFAULT_OUTBOX_BUDGET);
+        assert_eq!(settings.max_reader_lag, Duration::from_secs(30));
+        assert_eq!(settings.spill_budget, crate::spill::DEFAULT_DISK_BUDGET);
+        assert_eq!(settings.spill_dir, PathBuf::from(DEFAULT_SPILL_DIR));
+        let set = FileConfig {
+            outbox_budget_bytes: Some(64 << 20),
+            max_reader_lag_secs: Some(5.0),
+            spill_budget_bytes: Some(1 << 30),
+            spill_dir: Some("/tmp/x".into()),
+            ..given()
+        };
+        let settings = Settings::resolve(set, None).unwrap();
+        let config = settings.serve_config(PgConfig::from_str("host=localhost").unwrap());
+        assert_eq!(config.relay.hub.outbox_budget, 64 << 20);
+        assert_eq!(config.relay.hub.max_reader_lag, Duration::from_secs(5));
+        assert_eq!(config.relay.spill.disk_budget, 1 << 30);
+        assert_eq!(config.relay.spill.dir, PathBuf::from("/tmp/x"));
+        let bad = FileConfig { outbox_budget_bytes: Some(1000), ..given() };
+        assert!(Settings::resolve(bad, None).unwrap_err().to_string().contains("--outbox-budget"));
+        let bad = FileConfig { max_reader_lag_secs: Some(0.0), ..given() };
+        assert!(Settings::resolve(bad, None).unwrap_err().to_string().contains("--max-reader-lag"));
+        let bad = FileConfig { spill_budget_bytes: Some(1), ..given() };
+        assert!(Settings::resolve(bad, None).unwrap_err().to_string().contains("--spill-budget"));
     }
 
     #[test]

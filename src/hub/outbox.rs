@@ -204,6 +204,8 @@ struct State {
     /// When the oldest frame in the writer's hands was queued.
     in_flight_since: Option<u64>,
     closed: Option<CloseReason>,
+    /// Closed with [`Outbox::close_now`]: the writer abandons its batch.
+    discarded: bool,
 }
 
 /// The queue. Share it behind an `Arc`.
@@ -211,6 +213,7 @@ struct State {
 pub struct Outbox {
     state: Mutex<State>,
     notify: Notify,
+    discard: Notify,
     limits: OutboxLimits,
     budget: Arc<OutboxBudget>,
     /// Frames queued ever (progress, for tests and tools).
@@ -225,7 +228,14 @@ impl Outbox {
 
     /// An empty outbox charging `budget`.
     pub fn with_budget(limits: OutboxLimits, budget: Arc<OutboxBudget>) -> Outbox {
-        Outbox { state: Mutex::new(State::default()), notify: Notify::new(), limits, budget, pushed: AtomicU64::new(0) }
+        Outbox {
+            state: Mutex::new(State::default()),
+            notify: Notify::new(),
+            discard: Notify::new(),
+            limits,
+            budget,
+            pushed: AtomicU64::new(0),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -306,10 +316,24 @@ impl Outbox {
         let released = std::mem::take(&mut state.queued);
         state.queue = VecDeque::new();
         state.replies = 0;
+        state.discarded = true;
         drop(state);
         self.budget.release(released);
         self.notify.notify_one();
+        self.discard.notify_one();
         first
+    }
+
+    /// Resolves once the outbox was closed with [`Outbox::close_now`]: a
+    /// writer stuck on a full socket stops writing the batch it holds and
+    /// sends the close frame instead.
+    pub async fn discarded(&self) {
+        loop {
+            if self.lock().discarded {
+                return;
+            }
+            self.discard.notified().await;
+        }
     }
 
     /// Whether the outbox is closed.

@@ -538,18 +538,30 @@ async fn write_loop<S>(
     loop {
         match outbox.next_batch(&mut batch).await {
             Ok(()) => {
-                for frame in batch.drain(..) {
-                    // Frames are JSON built by serde_json or the hub's writer: always UTF-8.
-                    let Ok(text) = Utf8Bytes::try_from(frame) else { return };
-                    match tokio::time::timeout(write_timeout, sink.feed(WsMessage::Text(text))).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(_)) | Err(_) => return,
+                let write = async {
+                    for frame in batch.drain(..) {
+                        // Frames are JSON built by serde_json or the hub's writer: always UTF-8.
+                        let Ok(text) = Utf8Bytes::try_from(frame) else { return false };
+                        match tokio::time::timeout(write_timeout, sink.feed(WsMessage::Text(text))).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) | Err(_) => return false,
+                        }
+                    }
+                    matches!(tokio::time::timeout(write_timeout, sink.flush()).await, Ok(Ok(())))
+                };
+                tokio::select! {
+                    biased;
+                    // Closed as a slow consumer while the socket is full: drop
+                    // the rest of the batch and go to the close frame.
+                    () = outbox.discarded() => {}
+                    written = write => {
+                        if !written {
+                            return;
+                        }
                     }
                 }
-                match tokio::time::timeout(write_timeout, sink.flush()).await {
-                    Ok(Ok(())) => outbox.written(),
-                    Ok(Err(_)) | Err(_) => return,
-                }
+                batch.clear();
+                outbox.written();
             }
             Err(reason) => {
                 // A close frame's reason holds at most 123 bytes.
@@ -560,9 +572,13 @@ async fn write_loop<S>(
                 }
                 text.truncate(cut);
                 let frame = CloseFrame { code: CloseCode::from(reason.code), reason: text.into() };
+                // Both steps, whatever the first gives: after the peer's own
+                // close, `send` fails but `close` still flushes tungstenite's
+                // automatic close reply.
                 let sent = tokio::time::timeout(write_timeout, async {
-                    sink.send(WsMessage::Close(Some(frame))).await?;
-                    sink.close().await
+                    let sent = sink.send(WsMessage::Close(Some(frame))).await;
+                    let closed = sink.close().await;
+                    sent.and(closed)
                 })
                 .await;
                 if !matches!(sent, Ok(Ok(()))) && reason.code == 1013 {
