@@ -4,6 +4,7 @@
 
 mod support;
 
+mod big_transactions;
 mod changes;
 mod cli_migrate;
 mod client_compat;

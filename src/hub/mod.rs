@@ -40,8 +40,9 @@
 //! stops reading the change stage, so back-pressure reaches the slot, which
 //! keeps the WAL; control requests are still served). Readers that keep
 //! reading release memory and the fan-out resumes, so a reader entitled to a
-//! million rows of one transaction receives all of them. A pause lasts at
-//! most [`HubConfig::max_pause`]; then the furthest-behind reader is closed
+//! million rows of one transaction receives all of them. A pause — from the
+//! moment the budget is full until it is below half again — lasts at most
+//! [`HubConfig::max_pause`]; then the furthest-behind reader is closed
 //! (1013, with the reason) and the pause starts over. Independently, a reader
 //! whose oldest unwritten frame is older than [`HubConfig::max_reader_lag`]
 //! is closed (1013). Pauses and closes are counted in [`HubStats`].
@@ -488,7 +489,10 @@ pub struct Core {
     /// A change the spill disk budget refused, to push again.
     spill_blocked: Option<Change>,
     delivering: Option<Delivery>,
-    /// When the current pause on the outbox budget started.
+    /// When the current pause on the outbox budget started. A pause lasts
+    /// until the budget is below half its limit again (or the transaction is
+    /// done), so a reader that holds most of the budget while others trickle
+    /// keeps the clock running.
     paused_since: Option<Instant>,
     columns_cache: HashMap<u32, (Arc<RelationInfo>, Bytes)>,
     frames: HashMap<Vec<u8>, Bytes>,
@@ -815,7 +819,9 @@ impl Core {
                 self.delivering = Some(d);
                 return Ok(());
             }
-            self.end_pause();
+            if self.budget.used() < self.budget.limit() / 2 {
+                self.end_pause();
+            }
             let change = match d.tx.changes.read(&mut d.cursor) {
                 Ok(Some((_, change))) => change,
                 Ok(None) => break Ok(()),
@@ -829,6 +835,7 @@ impl Core {
             self.fan_out(&d.tx, &change, now);
             self.reap();
         };
+        self.end_pause();
         self.finish(d.tx, d.info);
         result
     }

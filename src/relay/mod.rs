@@ -66,10 +66,7 @@ impl RelayConfig {
             policy: PolicyConfig::default(),
             hub: HubConfig::default(),
             start_timeout: Duration::from_secs(60),
-            spill: SpillConfig {
-                dir: std::env::temp_dir().join(format!("walcast-spill-{}", std::process::id())),
-                disk_budget: crate::spill::DEFAULT_DISK_BUDGET,
-            },
+            spill: SpillConfig { dir: crate::spill::temporary_dir(), disk_budget: crate::spill::DEFAULT_DISK_BUDGET },
         }
     }
 }
@@ -248,6 +245,7 @@ async fn connect_sql(config: &PgConfig) -> Result<tokio_postgres::Client, Policy
 
 /// Source events → typed, committed changes in batches, plus the membership
 /// load at the first start.
+#[allow(clippy::too_many_arguments)]
 async fn change_stage(
     connection: PgConfig,
     table: policy::MembershipTable,

@@ -57,6 +57,12 @@ pub enum SpillError {
         /// The budget.
         budget: u64,
     },
+    /// Another walcast (or relay) uses the directory (definite).
+    #[error("spill directory {dir} is in use by another walcast process; give each its own --spill-dir")]
+    InUse {
+        /// The directory.
+        dir: PathBuf,
+    },
     /// A spill file did not read back as written (definite: a bug or a
     /// damaged disk).
     #[error("spill file {path} is corrupt at byte {offset}")]
@@ -106,6 +112,26 @@ struct Shared {
     budget: u64,
     next: AtomicU64,
     stats: Arc<SpillStats>,
+    /// The directory's lock file, held (flock) while this spill lives.
+    _lock: File,
+}
+
+/// Takes `<dir>/lock` exclusively, so two processes (or two relays in one
+/// process) never share a spill directory and remove each other's files.
+fn lock_dir(dir: &Path) -> Result<File, SpillError> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join("lock");
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| SpillError::Io { path: path.clone(), source })?;
+    // SAFETY: flock on a file descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(SpillError::InUse { dir: dir.to_owned() });
+    }
+    Ok(file)
 }
 
 /// The spill directory with its shared disk budget. Cheap to clone.
@@ -122,6 +148,7 @@ impl Spill {
     pub fn new(config: SpillConfig) -> Result<Spill, SpillError> {
         let io = |source| SpillError::Io { path: config.dir.clone(), source };
         std::fs::create_dir_all(&config.dir).map_err(io)?;
+        let lock = lock_dir(&config.dir)?;
         let mut removed = 0usize;
         for entry in std::fs::read_dir(&config.dir).map_err(io)? {
             let path = entry.map_err(io)?.path();
@@ -139,6 +166,7 @@ impl Spill {
                 budget: config.disk_budget,
                 next: AtomicU64::new(0),
                 stats: Arc::new(SpillStats::default()),
+                _lock: lock,
             }),
         })
     }
@@ -146,11 +174,19 @@ impl Spill {
     /// A spill in a fresh temporary directory (tests, benchmarks, replay).
     /// The directory lives as long as the process.
     pub fn temporary() -> Spill {
-        let dir = std::env::temp_dir().join(format!("walcast-spill-{}", std::process::id()));
-        Spill::new(SpillConfig { dir, disk_budget: DEFAULT_DISK_BUDGET })
+        Spill::new(SpillConfig { dir: temporary_dir(), disk_budget: DEFAULT_DISK_BUDGET })
             .unwrap_or_else(|err| panic!("temporary spill directory: {err}"))
     }
+}
 
+/// A directory of its own under the system's temporary directory (one per
+/// call), for spills of tools, tests and relays without a configured one.
+pub fn temporary_dir() -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    std::env::temp_dir().join(format!("walcast-spill-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)))
+}
+
+impl Spill {
     /// Counters.
     pub fn stats(&self) -> &Arc<SpillStats> {
         &self.shared.stats
@@ -251,6 +287,9 @@ impl ChangeLog {
     /// # Errors
     /// [`SpillError::DiskBudget`] (transient) hands the change back: retry
     /// later. [`SpillError::Io`] is definite.
+    // The refusal hands the change itself back (no clone on the hot path);
+    // it is rare, so its size does not matter.
+    #[allow(clippy::result_large_err)]
     pub fn push(&mut self, tag: u32, change: Change) -> Result<(), (SpillError, Option<Change>)> {
         let size = change.byte_size();
         if self.file.is_none() && self.mem_size + size <= self.memory_bytes {

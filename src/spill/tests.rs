@@ -112,7 +112,11 @@ fn a_small_log_never_touches_the_disk() {
     assert!(!log.spilled());
     log.seal().unwrap();
     assert_eq!(read_all(&log).len(), 100);
-    assert_eq!(std::fs::read_dir(spill.dir()).unwrap().count(), 0);
+    let spilled = std::fs::read_dir(spill.dir())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "spill"))
+        .count();
+    assert_eq!(spilled, 0);
 }
 
 #[test]
@@ -134,6 +138,15 @@ fn the_disk_budget_hands_the_change_back_and_is_shared() {
     two.push(0, back.unwrap()).unwrap();
     two.seal().unwrap();
     assert_eq!(read_all(&two).len(), 2);
+}
+
+#[test]
+fn a_directory_is_used_by_one_spill_at_a_time() {
+    let (dir, spill) = spill(1 << 20);
+    let again = Spill::new(SpillConfig { dir: spill.dir().to_owned(), disk_budget: 1 << 20 });
+    assert!(matches!(again, Err(SpillError::InUse { .. })), "{again:?}");
+    drop(spill);
+    Spill::new(SpillConfig { dir: dir.path().join("spill"), disk_budget: 1 << 20 }).expect("free again");
 }
 
 #[test]

@@ -1,0 +1,267 @@
+//! Big transactions end to end (real PostgreSQL, walcast's server, raw
+//! Phoenix clients): judged whole at commit whatever their size, delivered in
+//! full to readers that keep reading, a staller closed with its reason, and
+//! never delivered twice across walsender terminations.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio_postgres::Client;
+use tokio_tungstenite::tungstenite::Message;
+use uuid::Uuid;
+use walcast::hub::Vsn;
+
+use crate::support::server::{anon, user, TestServer, Ws};
+use crate::support::{add_member, create_dealership, create_order, create_user};
+
+fn orders() -> Value {
+    json!([{"event": "*", "schema": "public", "table": "orders"}])
+}
+
+/// `n` orders in `dealership` with explicit numbers (bulk set-up).
+async fn bulk_orders(client: &Client, dealership: Uuid, creator: Uuid, prefix: &str, n: i32) {
+    client
+        .execute(
+            "insert into public.orders (dealership_id, order_number, type, status, customer_info, created_by) \
+             select $1, $2 || '-' || g, 'sales', 'pending', '{\"name\": \"bulk\"}', $3 \
+             from generate_series(1, $4) g",
+            &[&dealership, &prefix, &creator, &n],
+        )
+        .await
+        .expect("bulk orders");
+}
+
+/// A socket of `who` subscribed to every order change on `topic`.
+async fn subscribed(t: &TestServer, who: Uuid, topic: &str) -> Ws {
+    let mut ws = t.connect(&anon(), Vsn::V2).await;
+    ws.subscribe(topic, orders(), Some(&user(who))).await;
+    ws
+}
+
+/// postgres_changes payloads up to (not including) the change of order
+/// `sentinel`; panics if the socket closes first.
+async fn changes_until(ws: &mut Ws, sentinel: Uuid) -> Vec<Value> {
+    let mut got = Vec::new();
+    loop {
+        let frame = ws.next().await.expect("socket open");
+        if frame.event != "postgres_changes" {
+            continue;
+        }
+        let data = frame.payload["data"].clone();
+        let row = if data["type"] == "DELETE" { &data["old_record"] } else { &data["record"] };
+        if row["id"] == json!(sentinel) {
+            return got;
+        }
+        got.push(data);
+    }
+}
+
+fn about(changes: &[Value], order: Uuid) -> Vec<String> {
+    changes
+        .iter()
+        .filter(|d| d["record"]["id"] == json!(order) || d["old_record"]["id"] == json!(order))
+        .map(|d| d["type"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_membership_change_after_a_bulk_update_applies_to_the_whole_transaction() {
+    // Default settings: 45,000 updated rows are far past the hub's 16 MiB
+    // memory budget, so the transaction is spilled to disk.
+    let t = TestServer::with_config(|c| c.limits.idle_timeout = Duration::from_secs(600)).await;
+    let c = &t.client;
+    let (d1, d2, dx, seen) = (
+        create_dealership(c, "D1").await,
+        create_dealership(c, "D2").await,
+        create_dealership(c, "DX").await,
+        create_dealership(c, "SEEN").await,
+    );
+    let (a, g) = (create_user(c, "a@example.com").await, create_user(c, "g@example.com").await);
+    add_member(c, a, d1, "user").await;
+    add_member(c, a, seen, "user").await;
+    add_member(c, g, seen, "user").await;
+    let o1 = create_order(c, d1, a, "sales", "pending").await;
+    let o2 = create_order(c, d2, a, "sales", "pending").await;
+    bulk_orders(c, dx, a, "BULK", 45_000).await;
+    let mut a_ws = subscribed(&t, a, "realtime:a").await;
+    let mut g_ws = subscribed(&t, g, "realtime:g").await;
+    let bulk = "update public.orders set metadata = jsonb_build_object('pass', random()) where dealership_id = $1";
+
+    // 1. A revoke (and a grant) after the bulk update: A must not get the
+    //    secret; G, a member as of the commit, gets the update.
+    let mut tx = t.db.server().connect(t.db.name()).await.unwrap();
+    let x = tx.transaction().await.unwrap();
+    x.execute(bulk, &[&dx]).await.unwrap();
+    x.execute("update public.orders set customer_info = '{\"secret\": \"s1\"}' where id = $1", &[&o1]).await.unwrap();
+    x.execute("delete from public.dealer_memberships where user_id = $1 and dealership_id = $2", &[&a, &d1])
+        .await
+        .unwrap();
+    x.execute(
+        "insert into public.dealer_memberships (user_id, dealership_id, role) values ($1, $2, 'user')",
+        &[&g, &d1],
+    )
+    .await
+    .unwrap();
+    x.commit().await.unwrap();
+    let sentinel = create_order(c, seen, a, "sales", "pending").await;
+    let a_got = changes_until(&mut a_ws, sentinel).await;
+    assert!(a_got.is_empty(), "A, revoked in the same transaction, got {} changes", a_got.len());
+    let g_got = changes_until(&mut g_ws, sentinel).await;
+    assert_eq!(about(&g_got, o1), ["UPDATE"], "G, granted in the same transaction, sees the update");
+    assert_eq!(g_got.len(), 1);
+    assert_eq!(g_got[0]["record"]["customer_info"]["secret"], "s1");
+
+    // 2. A grant after the bulk update: A sees the D2 order's update.
+    let x = tx.transaction().await.unwrap();
+    x.execute(bulk, &[&dx]).await.unwrap();
+    x.execute("update public.orders set status = 'in_progress' where id = $1", &[&o2]).await.unwrap();
+    x.execute(
+        "insert into public.dealer_memberships (user_id, dealership_id, role) values ($1, $2, 'user')",
+        &[&a, &d2],
+    )
+    .await
+    .unwrap();
+    x.commit().await.unwrap();
+    let sentinel = create_order(c, seen, a, "sales", "pending").await;
+    let a_got = changes_until(&mut a_ws, sentinel).await;
+    assert_eq!(about(&a_got, o2), ["UPDATE"], "A, granted D2 in the same transaction, sees its order");
+    assert_eq!(a_got.len(), 1);
+    assert!(changes_until(&mut g_ws, sentinel).await.is_empty());
+
+    // 3. A dealership move after the bulk update: O1 leaves D1 (G loses it:
+    //    DELETE) for D2 (A gains it: INSERT).
+    let x = tx.transaction().await.unwrap();
+    x.execute(bulk, &[&dx]).await.unwrap();
+    x.execute("update public.orders set dealership_id = $2 where id = $1", &[&o1, &d2]).await.unwrap();
+    x.commit().await.unwrap();
+    let sentinel = create_order(c, seen, a, "sales", "pending").await;
+    assert_eq!(about(&changes_until(&mut a_ws, sentinel).await, o1), ["INSERT"]);
+    assert_eq!(about(&changes_until(&mut g_ws, sentinel).await, o1), ["DELETE"]);
+
+    let stats = &t.server.relay().hub.stats;
+    assert!(stats.spilled_transactions.load(Ordering::Relaxed) >= 3, "the bulk transactions were spilled");
+    assert_eq!(stats.slow_consumers.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_thousand_rows_reach_every_reader_and_a_staller_is_closed_with_the_reason() {
+    const ROWS: usize = 20_000;
+    const OTHER_ROWS: usize = 100;
+    // A small outbox budget and short pauses, so the staller fills the
+    // budget and is closed quickly; readers must still get every row.
+    let t = TestServer::with_config(|c| {
+        c.relay.hub.outbox_budget = 8 << 20;
+        c.relay.hub.max_pause = Duration::from_secs(2);
+        c.limits.ws_write_buffer = 4096;
+        c.limits.idle_timeout = Duration::from_secs(600);
+    })
+    .await;
+    let c = &t.client;
+    let (d, other) = (create_dealership(c, "BIG").await, create_dealership(c, "OTHER").await);
+    let owner = create_user(c, "owner@example.com").await;
+    bulk_orders(c, d, owner, "BIG", ROWS as i32).await;
+    bulk_orders(c, other, owner, "OTH", OTHER_ROWS as i32).await;
+    let mut readers = Vec::new();
+    for i in 0..8 {
+        let u = create_user(c, &format!("reader{i}@example.com")).await;
+        add_member(c, u, d, "user").await;
+        readers.push(subscribed(&t, u, &format!("realtime:r{i}")).await);
+    }
+    let mut others = Vec::new();
+    for i in 0..3 {
+        let u = create_user(c, &format!("other{i}@example.com")).await;
+        add_member(c, u, other, "user").await;
+        others.push(subscribed(&t, u, &format!("realtime:o{i}")).await);
+    }
+    let staller_id = create_user(c, "staller@example.com").await;
+    add_member(c, staller_id, d, "user").await;
+    let mut staller = subscribed(&t, staller_id, "realtime:s").await;
+
+    c.execute("update public.orders set status = 'in_progress' where dealership_id in ($1, $2)", &[&d, &other])
+        .await
+        .unwrap();
+    // Counts distinct order ids of postgres_changes frames (raw text: the
+    // record's first column is `id`), each at most once.
+    let count = |want: usize, mut ws: Ws| {
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            let mut ids = HashSet::new();
+            while ids.len() < want {
+                let next = tokio::time::timeout(Duration::from_secs(120), ws.ws.next()).await;
+                let Ok(Some(Ok(Message::Text(text)))) = next else { break };
+                let text = text.as_str();
+                if !text.contains("\"postgres_changes\"") {
+                    continue;
+                }
+                assert!(text.contains("\"type\":\"UPDATE\""), "{text}");
+                let at = text.find("\"record\":{\"id\":\"").expect("record id") + 16;
+                assert!(ids.insert(text[at..at + 36].to_owned()), "delivered twice");
+            }
+            (ids.len(), ws)
+        })
+    };
+    let readers: Vec<_> = readers.into_iter().map(|ws| count(ROWS, ws)).collect();
+    let others: Vec<_> = others.into_iter().map(|ws| count(OTHER_ROWS, ws)).collect();
+    let stats = std::sync::Arc::clone(&t.server.relay().hub.stats);
+    // The staller reads nothing until the hub has closed it.
+    let closed = tokio::time::timeout(Duration::from_secs(60), async {
+        while stats.slow_consumers.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the staller is closed");
+    let mut reason = None;
+    let close = tokio::time::timeout(Duration::from_secs(30), async {
+        use futures::StreamExt;
+        while let Some(Ok(message)) = staller.ws.next().await {
+            if let Message::Close(frame) = message {
+                reason = frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(close.is_ok(), "the staller's socket ends");
+    let (code, text) = reason.expect("a close frame once the staller reads");
+    assert_eq!(code, 1013);
+    assert!(text.contains("slow consumer"), "{text}");
+
+    let mut done = Vec::new();
+    for reader in readers {
+        let (n, ws) = reader.await.unwrap();
+        assert_eq!(n, ROWS, "every reader receives every row");
+        done.push(ws);
+    }
+    for other in others {
+        let (n, ws) = other.await.unwrap();
+        assert_eq!(n, OTHER_ROWS, "members of the other dealership get their own rows");
+        done.push(ws);
+    }
+    // Everyone but the staller is still connected, with nothing extra queued:
+    // the next change each one gets is a new order of its own dealership.
+    let (big_next, other_next) =
+        (create_order(c, d, owner, "sales", "pending").await, create_order(c, other, owner, "sales", "pending").await);
+    for (i, ws) in done.iter_mut().enumerate() {
+        let want = if i < 8 { big_next } else { other_next };
+        let frame = loop {
+            let frame = ws.next().await.expect("still connected");
+            if frame.event == "postgres_changes" {
+                break frame;
+            }
+        };
+        assert_eq!(frame.payload["data"]["type"], "INSERT");
+        assert_eq!(frame.payload["data"]["record"]["id"], json!(want));
+    }
+    assert_eq!(stats.slow_consumers.load(Ordering::Relaxed), 1, "only the staller was closed");
+    assert!(stats.pauses.load(Ordering::Relaxed) >= 1, "the fan-out paused on the budget");
+    let budget = &t.server.relay().hub.budget;
+    assert!(
+        budget.peak() <= budget.limit() + (4 << 20),
+        "outboxes held {} of a {} budget",
+        budget.peak(),
+        budget.limit()
+    );
+}
