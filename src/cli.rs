@@ -181,8 +181,8 @@ struct ServeArgs {
     /// Data directory of the embedded PostgreSQL (demo mode) [default: .walcast/postgres].
     #[arg(long, env = "WALCAST_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Directory for transactions too large for memory; leftover files are removed
-    /// at start [default: .walcast/spill].
+    /// Directory for transactions too large for memory; one walcast per directory,
+    /// leftover files are removed at start [default: .walcast/spill/<slot>].
     #[arg(long = "spill-dir", env = "SPILL_DIR")]
     spill_dir: Option<PathBuf>,
     /// Most bytes all sockets' outgoing queues hold together; when full, the fan-out

@@ -20,14 +20,22 @@
 //!      └────────────────────────────────────┘                  txn assembly, value→JSON)
 //!                                    ▲                               │ committed txns, in order
 //!                                    │ ack end_lsn                   ▼
-//!                                    └─────────────────── policy (membership cache, rules,
-//!                                                          filters) ─▶ hub (serialize once,
-//!                                                          per-connection bounded queues)
+//!                                    └─────────────────── hub: whole transaction held until
+//!                                                          Commit (memory ≤ 16 MiB, rest in
+//!                                                          spill/), memberships applied, then
+//!                                                          policy (membership cache, rules,
+//!                                                          filters) and serialize once ─▶
+//!                                                          outboxes (one global byte budget;
+//!                                                          full ⇒ the fan-out pauses)
 //!                                                                     │ shared Bytes
 //!                                                                     ▼
 //!                                                    realtime (Phoenix vsn 1/2, JWT) ◀─▶ clients
 //! ```
 //!
+//! Back-pressure runs the other way: a full outbox budget pauses the hub, the
+//! bounded channels fill, the replication source stops reading (while still
+//! answering the walsender's keepalives), and PostgreSQL keeps the WAL.
+
 //! ## Modules
 //!
 //! - [`schema`]: the SQL schema walcast serves (`sql/`) and its migration runner.
@@ -45,8 +53,11 @@
 //! - [`replication`]: our own logical-replication client (walsender protocol,
 //!   slots, the copy-both stream with standby status updates).
 //!
-//! - [`hub`]: judges each committed change against memberships, rules and
-//!   bindings; serializes each distinct frame once; per-connection outboxes.
+//! - [`spill`]: transaction bodies that outgrow memory, on disk under a
+//!   shared disk budget.
+//! - [`hub`]: holds each transaction until its commit, judges each change
+//!   against memberships, rules and bindings; serializes each distinct frame
+//!   once; per-connection outboxes under one global budget.
 //! - [`relay`]: wires replication → change stage → hub with bounded channels.
 //! - [`realtime`]: Supabase Realtime's Phoenix protocol (vsn 1.0.0 and
 //!   2.0.0), JWT verification, per-socket sessions and their writers.

@@ -40,12 +40,29 @@ async fn subscribed(t: &TestServer, who: Uuid, topic: &str) -> Ws {
     ws
 }
 
+/// How long these tests wait for the next frame (a debug build judging a
+/// 45,000-row transaction on 2 busy cores can be silent for a while).
+const FRAME_WAIT: Duration = Duration::from_secs(120);
+
+/// The next frame's text, `None` once the socket closed.
+async fn next_text(ws: &mut Ws) -> Option<String> {
+    use futures::StreamExt;
+    loop {
+        match tokio::time::timeout(FRAME_WAIT, ws.ws.next()).await.expect("a frame within the wait") {
+            Some(Ok(Message::Text(text))) => return Some(text.as_str().to_owned()),
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return None,
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
 /// postgres_changes payloads up to (not including) the change of order
 /// `sentinel`; panics if the socket closes first.
 async fn changes_until(ws: &mut Ws, sentinel: Uuid) -> Vec<Value> {
     let mut got = Vec::new();
     loop {
-        let frame = ws.next().await.expect("socket open");
+        let text = next_text(ws).await.expect("socket open");
+        let frame = ws.decode(&text);
         if frame.event != "postgres_changes" {
             continue;
         }
@@ -55,6 +72,15 @@ async fn changes_until(ws: &mut Ws, sentinel: Uuid) -> Vec<Value> {
             return got;
         }
         got.push(data);
+    }
+}
+
+/// Creates an order in `dealership` and reads every socket up to its
+/// INSERT: whatever was committed before (bulk set-up) is behind them.
+async fn settle(client: &Client, dealership: Uuid, creator: Uuid, sockets: &mut [&mut Ws]) {
+    let sentinel = create_order(client, dealership, creator, "sales", "pending").await;
+    for ws in sockets {
+        changes_until(ws, sentinel).await;
     }
 }
 
@@ -87,6 +113,7 @@ async fn a_membership_change_after_a_bulk_update_applies_to_the_whole_transactio
     bulk_orders(c, dx, a, "BULK", 45_000).await;
     let mut a_ws = subscribed(&t, a, "realtime:a").await;
     let mut g_ws = subscribed(&t, g, "realtime:g").await;
+    settle(c, seen, a, &mut [&mut a_ws, &mut g_ws]).await;
     let bulk = "update public.orders set metadata = jsonb_build_object('pass', random()) where dealership_id = $1";
 
     // 1. A revoke (and a grant) after the bulk update: A must not get the
@@ -178,6 +205,12 @@ async fn twenty_thousand_rows_reach_every_reader_and_a_staller_is_closed_with_th
     let staller_id = create_user(c, "staller@example.com").await;
     add_member(c, staller_id, d, "user").await;
     let mut staller = subscribed(&t, staller_id, "realtime:s").await;
+    {
+        let mut all: Vec<&mut Ws> = readers.iter_mut().chain(std::iter::once(&mut staller)).collect();
+        settle(c, d, owner, &mut all).await;
+        let mut all: Vec<&mut Ws> = others.iter_mut().collect();
+        settle(c, other, owner, &mut all).await;
+    }
 
     c.execute("update public.orders set status = 'in_progress' where dealership_id in ($1, $2)", &[&d, &other])
         .await
@@ -202,8 +235,9 @@ async fn twenty_thousand_rows_reach_every_reader_and_a_staller_is_closed_with_th
             (ids.len(), ws)
         })
     };
-    let readers: Vec<_> = readers.into_iter().map(|ws| count(ROWS, ws)).collect();
-    let others: Vec<_> = others.into_iter().map(|ws| count(OTHER_ROWS, ws)).collect();
+    // Each dealership also holds its settle order.
+    let readers: Vec<_> = readers.into_iter().map(|ws| count(ROWS + 1, ws)).collect();
+    let others: Vec<_> = others.into_iter().map(|ws| count(OTHER_ROWS + 1, ws)).collect();
     let stats = std::sync::Arc::clone(&t.server.relay().hub.stats);
     // The staller reads nothing until the hub has closed it.
     let closed = tokio::time::timeout(Duration::from_secs(60), async {
@@ -232,12 +266,12 @@ async fn twenty_thousand_rows_reach_every_reader_and_a_staller_is_closed_with_th
     let mut done = Vec::new();
     for reader in readers {
         let (n, ws) = reader.await.unwrap();
-        assert_eq!(n, ROWS, "every reader receives every row");
+        assert_eq!(n, ROWS + 1, "every reader receives every row");
         done.push(ws);
     }
     for other in others {
         let (n, ws) = other.await.unwrap();
-        assert_eq!(n, OTHER_ROWS, "members of the other dealership get their own rows");
+        assert_eq!(n, OTHER_ROWS + 1, "members of the other dealership get their own rows");
         done.push(ws);
     }
     // Everyone but the staller is still connected, with nothing extra queued:
@@ -264,4 +298,70 @@ async fn twenty_thousand_rows_reach_every_reader_and_a_staller_is_closed_with_th
         budget.peak(),
         budget.limit()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_transaction_interrupted_by_walsender_terminations_is_delivered_exactly_once() {
+    const ROWS: usize = 10_000;
+    let mut slot = String::new();
+    // Little memory and a small outbox budget: the transaction spills and its
+    // fan-out pauses, so the terminations land while it is being received
+    // and while it is being delivered.
+    let t = TestServer::with_config(|c| {
+        c.relay.hub.max_tx_bytes = 1 << 20;
+        c.relay.hub.outbox_budget = 1 << 20;
+        c.limits.idle_timeout = Duration::from_secs(600);
+        slot = c.relay.source.slot.slot.clone();
+    })
+    .await;
+    let c = &t.client;
+    let d = create_dealership(c, "DUP").await;
+    let owner = create_user(c, "dup@example.com").await;
+    add_member(c, owner, d, "user").await;
+    bulk_orders(c, d, owner, "DUP", ROWS as i32).await;
+    let mut ws = subscribed(&t, owner, "realtime:dup").await;
+    settle(c, d, owner, &mut [&mut ws]).await;
+    let reader = tokio::spawn(async move {
+        use futures::StreamExt;
+        let mut ws = ws;
+        let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(120), ws.ws.next()).await;
+            let Ok(Some(Ok(Message::Text(text)))) = next else { panic!("socket ended: {next:?}") };
+            let text = text.as_str();
+            if !text.contains("\"postgres_changes\"") {
+                continue;
+            }
+            let at = text.find("\"record\":{\"id\":\"").expect("record id") + 16;
+            if text.contains("\"type\":\"INSERT\"") {
+                return seen; // the sentinel
+            }
+            *seen.entry(text[at..at + 36].to_owned()).or_default() += 1;
+        }
+    });
+    let writer = t.db.server().connect(t.db.name()).await.unwrap();
+    let update = tokio::spawn(async move {
+        writer.execute("update public.orders set status = 'in_progress' where dealership_id = $1", &[&d]).await
+    });
+    let mut terminated = 0;
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        terminated += c
+            .query(
+                "select pg_terminate_backend(active_pid) from pg_replication_slots \
+                 where slot_name = $1 and active_pid is not null",
+                &[&slot],
+            )
+            .await
+            .unwrap()
+            .len();
+    }
+    // The bulk rows and the settle order.
+    assert_eq!(update.await.unwrap().unwrap(), ROWS as u64 + 1);
+    assert!(terminated >= 3, "the walsender was terminated {terminated} times");
+    create_order(c, d, owner, "sales", "pending").await;
+    let seen = reader.await.unwrap();
+    assert_eq!(seen.len(), ROWS + 1, "every row arrived");
+    let twice: Vec<_> = seen.iter().filter(|(_, &n)| n != 1).collect();
+    assert!(twice.is_empty(), "{} rows delivered more than once, e.g. {:?}", twice.len(), twice.first());
 }

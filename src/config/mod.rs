@@ -37,7 +37,8 @@ pub const DEFAULT_SLOT: &str = "walcast";
 pub const DEFAULT_PUBLICATION: &str = "supabase_realtime";
 /// Default data directory of the embedded PostgreSQL.
 pub const DEFAULT_DATA_DIR: &str = ".walcast/postgres";
-/// Where spilled transactions go unless configured.
+/// Where spilled transactions go unless configured: a directory per slot
+/// under this one.
 pub const DEFAULT_SPILL_DIR: &str = ".walcast/spill";
 
 /// Values from flags or the environment (`None` = not given). The binary
@@ -338,6 +339,7 @@ impl Settings {
         };
         let database = Settings::database(&merged)?;
         let slot = merged.slot_name.unwrap_or_else(|| DEFAULT_SLOT.to_owned());
+        let spill_default = PathBuf::from(DEFAULT_SPILL_DIR).join(&slot);
         let publication = merged.publication.unwrap_or_else(|| DEFAULT_PUBLICATION.to_owned());
         if slot.trim().is_empty() {
             return Err(ConfigError::Empty("SLOT_NAME (--slot)"));
@@ -430,7 +432,7 @@ impl Settings {
             ws_read_buffer,
             ws_write_buffer,
             data_dir: merged.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
-            spill_dir: merged.spill_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_SPILL_DIR)),
+            spill_dir: merged.spill_dir.unwrap_or_else(|| spill_default),
             outbox_budget,
             max_reader_lag: Duration::from_secs_f64(lag_secs),
             spill_budget,
@@ -593,7 +595,7 @@ mod tests {
         assert_eq!(settings.outbox_budget, crate::hub::DEFAULT_OUTBOX_BUDGET);
         assert_eq!(settings.max_reader_lag, Duration::from_secs(30));
         assert_eq!(settings.spill_budget, crate::spill::DEFAULT_DISK_BUDGET);
-        assert_eq!(settings.spill_dir, PathBuf::from(DEFAULT_SPILL_DIR));
+        assert_eq!(settings.spill_dir, PathBuf::from(DEFAULT_SPILL_DIR).join(&settings.slot));
         let set = FileConfig {
             outbox_budget_bytes: Some(64 << 20),
             max_reader_lag_secs: Some(5.0),
