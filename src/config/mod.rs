@@ -432,7 +432,7 @@ impl Settings {
             ws_read_buffer,
             ws_write_buffer,
             data_dir: merged.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
-            spill_dir: merged.spill_dir.unwrap_or_else(|| spill_default),
+            spill_dir: merged.spill_dir.unwrap_or(spill_default),
             outbox_budget,
             max_reader_lag: Duration::from_secs_f64(lag_secs),
             spill_budget,
