@@ -3,21 +3,25 @@
 --
 -- 0003 incremented the counter row once per inserted order. In a bulk insert
 -- every increment is another version of the same row in one transaction, and
--- each increment first walks the versions before it, so a 50,000-row insert
--- spent almost all its time in the trigger. Numbers stay the same
--- ("<CODE>-<TYPE>-000001", gap-free, per (dealership, type)), only the
--- bookkeeping changes:
+-- each increment first walks the versions before it (none can be pruned while
+-- the transaction runs), so a 50,000-row insert spent almost all its time in
+-- the trigger. Numbers stay the same ("<CODE>-<TYPE>-000001", gap-free, per
+-- (dealership, type)); only the bookkeeping changes:
 --
 -- - BEFORE INSERT, per row (private.assign_order_number, replaced here): the
 --   first order of a (dealership, type) in a transaction locks its counter row
 --   (SELECT … FOR UPDATE, creating it if missing) and keeps
---   "<value in the table>:<last number handed out>" in a transaction-local
---   setting named after the key; later orders only bump that setting. The first
---   number a key hands out in a statement also appends the key to
---   walcast_order_number.pending.
+--   "<value in the table>:<last number handed out>:<ctid of the row>" in a
+--   transaction-local setting named after the key; later orders only bump the
+--   middle part. The first number a key hands out in a statement also appends
+--   the key to walcast_order_number.pending.
 -- - AFTER INSERT, per statement (private.flush_order_numbers): each pending key
 --   writes its last number to the counter row, once, and the setting becomes
---   "<n>:<n>" again.
+--   "<n>:<n>:<new ctid>". The write addresses the row by ctid (a TID scan)
+--   rather than through the primary key, which would walk every version this
+--   transaction left behind: so many statements in one transaction stay
+--   linear too. The ctid is only kept while this transaction holds the row
+--   lock, so nothing else can move the row in between.
 --
 -- Why this keeps the guarantees of 0003:
 -- - race-free: the row lock is held from the first number to the end of the
@@ -28,12 +32,14 @@
 -- - gap-free across rollbacks: set_config(…, true) values are undone with the
 --   (sub)transaction that set them, exactly like the counter row's update, and
 --   both change within the same statement; so after ROLLBACK TO SAVEPOINT (or
---   a PL/pgSQL exception block) setting, table and lock agree again. A row lock
---   taken by the parent survives a subtransaction's update being rolled back.
+--   a PL/pgSQL exception block) setting, table, ctid and lock agree again. A
+--   row lock taken by the parent survives a subtransaction's update being
+--   rolled back.
 -- - a transaction-local setting is only a cache: the statement-end write
---   requires the table to still hold the value the cache started from (under
---   the row lock), otherwise it raises, so a setting forged with set_config
---   cannot produce duplicates or move a counter backwards.
+--   requires the row at that ctid to be the key's row and to still hold the
+--   value the cache started from (under the row lock), otherwise it raises, so
+--   a setting forged with set_config cannot produce duplicates or move a
+--   counter backwards.
 --
 -- Setting names: walcast_order_number.d<dealership id as 32 hex digits>_<type
 -- as UTF-8 hex>, which is a valid custom setting name for any type text (the
@@ -50,6 +56,7 @@ declare
     v_state text;
     v_base bigint;
     v_next bigint;
+    v_row tid;
     v_pending text;
 begin
     if new.order_number is not null then
@@ -71,7 +78,7 @@ begin
     if v_state is null then
         -- First number of this key in this transaction: take the row lock,
         -- held until the transaction ends.
-        select c.last_value into v_base
+        select c.last_value, c.ctid into v_base, v_row
         from private.order_number_counters c
         where c.dealership_id = new.dealership_id and c.type = new.type
         for update;
@@ -79,7 +86,7 @@ begin
             insert into private.order_number_counters (dealership_id, type, last_value)
             values (new.dealership_id, new.type, 0)
             on conflict (dealership_id, type) do nothing;
-            select c.last_value into strict v_base
+            select c.last_value, c.ctid into strict v_base, v_row
             from private.order_number_counters c
             where c.dealership_id = new.dealership_id and c.type = new.type
             for update;
@@ -88,6 +95,7 @@ begin
     else
         v_base := split_part(v_state, ':', 1)::bigint;
         v_next := split_part(v_state, ':', 2)::bigint;
+        v_row := split_part(v_state, ':', 3)::tid;
     end if;
     if v_next = v_base then
         -- First number of this key in this statement: flush it at the end.
@@ -96,7 +104,7 @@ begin
             case when v_pending is null then v_key else v_pending || ',' || v_key end, true);
     end if;
     v_next := v_next + 1;
-    perform set_config(v_key, v_base || ':' || v_next, true);
+    perform set_config(v_key, v_base || ':' || v_next || ':' || v_row, true);
     -- At least six digits; never truncated past 999999.
     new.order_number := v_code || '-' || upper(new.type) || '-'
         || lpad(v_next::text, greatest(6, length(v_next::text)), '0');
@@ -116,6 +124,7 @@ declare
     v_state text;
     v_base bigint;
     v_next bigint;
+    v_row tid;
     v_dealership_id uuid;
     v_type text;
     v_rows bigint;
@@ -128,19 +137,21 @@ begin
         v_state := current_setting(v_key);
         v_base := split_part(v_state, ':', 1)::bigint;
         v_next := split_part(v_state, ':', 2)::bigint;
+        v_row := split_part(v_state, ':', 3)::tid;
         -- walcast_order_number.d<32 hex>_<type hex>
         v_dealership_id := substr(v_key, 23, 32)::uuid;
         v_type := convert_from(decode(substr(v_key, 56), 'hex'), 'UTF8');
         update private.order_number_counters c
         set last_value = v_next
-        where c.dealership_id = v_dealership_id and c.type = v_type and c.last_value = v_base;
+        where c.ctid = v_row and c.dealership_id = v_dealership_id and c.type = v_type and c.last_value = v_base
+        returning c.ctid into v_row;
         get diagnostics v_rows = row_count;
         if v_rows <> 1 then
             raise exception 'order number counter for dealership % type % is not at %', v_dealership_id, v_type, v_base
                 using errcode = 'internal_error',
                 hint = 'the transaction-local setting ' || v_key || ' was changed outside the order number trigger';
         end if;
-        perform set_config(v_key, v_next || ':' || v_next, true);
+        perform set_config(v_key, v_next || ':' || v_next || ':' || v_row, true);
     end loop;
     perform set_config('walcast_order_number.pending', '', true);
     return null;

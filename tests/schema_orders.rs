@@ -328,6 +328,45 @@ async fn a_multi_statement_transaction_numbers_on_from_statement_to_statement() 
     assert_eq!(create_order_number(&client, d, u, "service").await, "MULTI-SERVICE-000011");
 }
 
+#[tokio::test]
+async fn hundreds_of_statements_in_one_transaction_number_on_across_counter_pages() {
+    let (_db, mut client) = migrated_db().await;
+    let d = create_dealership(&client, "PAGES").await;
+    let u = create_user(&client, "p@example.com").await;
+    let tx = client.transaction().await.unwrap();
+    // 300 single-row statements; every 50th iteration also two orders in an
+    // exception block that is rolled back.
+    tx.batch_execute(&format!(
+        "do $$ begin
+             for i in 1..300 loop
+                 if i % 50 = 0 then
+                     begin
+                         insert into public.orders (dealership_id, type, customer_info, created_by)
+                         values ('{d}', 'recon', '{{}}', '{u}'), ('{d}', 'recon', '{{}}', '{u}');
+                         raise exception 'undo';
+                     exception when raise_exception then null;
+                     end;
+                 end if;
+                 insert into public.orders (dealership_id, type, customer_info, created_by)
+                 values ('{d}', 'recon', '{{}}', '{u}');
+             end loop;
+         end $$"
+    ))
+    .await
+    .unwrap();
+    // The counter row's versions of this transaction outgrew its first page,
+    // so the statement-end writes followed the row across pages.
+    let block: f64 = tx
+        .query_one("select (ctid::text::point)[0] from private.order_number_counters where dealership_id = $1", &[&d])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(block > 0.0, "the counter row is still on page {block}");
+    tx.commit().await.unwrap();
+    assert_eq!(committed(&client, "PAGES-RECON").await, numbered("PAGES-RECON", 1..=300));
+    assert_eq!(counter(&client, d, "recon").await, Some(300));
+}
+
 /// Inserts one order and returns its number.
 async fn create_order_number(client: &Client, dealership: Uuid, user: Uuid, kind: &str) -> String {
     let id = create_order(client, dealership, user, kind, "pending").await;
@@ -493,7 +532,7 @@ async fn a_forged_counter_setting_cannot_duplicate_or_skip_numbers() {
         create_order(&client, d, u, "sales", "pending").await;
     }
     let setting = format!("walcast_order_number.d{}_{}", d.simple(), "73616c6573"); // "sales" in hex
-    for (forged, expected) in [("1:1", "23505"), ("50:50", "XX000")] {
+    for (forged, expected) in [("1:1:(0,1)", "23505"), ("50:50:(0,1)", "XX000"), ("garbage", "22P02")] {
         let tx = client.transaction().await.unwrap();
         tx.execute("select set_config($1, $2, true)", &[&setting, &forged]).await.unwrap();
         let err = tx
