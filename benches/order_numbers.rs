@@ -1,21 +1,25 @@
-//! Order numbering in a bulk insert: one `INSERT … SELECT generate_series`
-//! of ROWS orders into one dealership, numbered by the trigger, against the
-//! same insert with the numbers given explicitly.
+//! Order numbering in bulk: orders written into one dealership with the
+//! numbers left to the trigger, against the same writes with the numbers
+//! given explicitly.
 //!
 //! `cargo bench --bench order_numbers` (env: `WALCAST_BENCH_ROWS`, default
-//! 50,000; `WALCAST_BENCH_RUNS`, default 5; `WALCAST_BENCH_OLD=0` skips the
-//! old trigger).
+//! 50,000; `WALCAST_BENCH_STATEMENTS`, default 20,000, 0 skips that shape;
+//! `WALCAST_BENCH_RUNS`, default 5; `WALCAST_BENCH_OLD=0` skips the old
+//! trigger).
 //!
 //! One ephemeral cluster ([`common::bench_database`]). First the schema up to
 //! `0006` (the per-row counter upsert of `0003`, "old"), then `0007` applied
-//! on top ("new"). For each schema RUNS rounds alternate the two paths, each
-//! timed insert starting from an emptied `public.orders` (TRUNCATE and
-//! CHECKPOINT, untimed): `trigger` leaves `order_number` to the trigger,
-//! `explicit` gives `<CODE>-SALES-<n>` numbers of the same shape (the
-//! trigger still runs and returns at once). Both keep every index of the
-//! schema. Each trigger round is checked: ROWS distinct numbers, continuing
-//! the counter without a gap. Printed: per schema and path min/median/max
-//! seconds, and the ratio of the medians trigger ÷ explicit.
+//! on top ("new"). Two shapes: one `INSERT … SELECT generate_series` of ROWS
+//! orders (the issue's case), and STATEMENTS single-row `INSERT`s in one
+//! transaction (a server-side `DO` loop). For each schema and shape RUNS
+//! rounds alternate the two paths, each timed write starting from an emptied
+//! `public.orders` (TRUNCATE and CHECKPOINT, untimed): `trigger` leaves
+//! `order_number` to the trigger, `explicit` gives `BENCH-SALES-<n>` numbers
+//! of the same shape (the trigger still runs and returns at once). Both keep
+//! every index of the schema. Each trigger round is checked: the expected
+//! count of distinct numbers, continuing the counter without a gap. Printed:
+//! per schema, shape and path min/median/max seconds, and the ratio of the
+//! medians trigger ÷ explicit.
 
 mod common;
 use common::{env_or, median};
@@ -42,34 +46,57 @@ async fn apply(db: &Client, pick: impl Fn(&str) -> bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One timed insert of `rows` orders; `first` is the number the first order
-/// gets (explicit numbers only; the trigger takes its own).
-async fn insert(db: &Client, f: &Fixture, rows: i32, explicit: Option<i64>) -> anyhow::Result<f64> {
+/// How the orders are written.
+#[derive(Clone, Copy)]
+enum Shape {
+    /// One `INSERT … SELECT generate_series` statement.
+    Bulk,
+    /// One single-row `INSERT` statement per order, all in one transaction
+    /// (a server-side `DO` loop, so client round trips do not count).
+    Statements,
+}
+
+impl Shape {
+    fn label(self, rows: i32) -> String {
+        match self {
+            Shape::Bulk => format!("1 statement × {rows} rows"),
+            Shape::Statements => format!("{rows} statements × 1 row, 1 transaction"),
+        }
+    }
+}
+
+/// The numbers given explicitly: `BENCH-SALES-<first + g>`, shaped like the
+/// trigger's.
+const EXPLICIT_NUMBER: &str =
+    "'BENCH-SALES-' || lpad((FIRST::bigint + g)::text, greatest(6, length((FIRST::bigint + g)::text)), '0')";
+
+/// One timed write of `rows` orders; `explicit` is the number the first order
+/// gets when the numbers are given (`None`: the trigger numbers them).
+async fn insert(db: &Client, f: &Fixture, shape: Shape, rows: i32, explicit: Option<i64>) -> anyhow::Result<f64> {
     db.batch_execute("truncate public.orders; checkpoint").await?;
-    let started = Instant::now();
-    let inserted = match explicit {
-        None => {
-            db.execute(
-                "insert into public.orders (dealership_id, type, customer_info, created_by) \
-                 select $1, 'sales', jsonb_build_object('name', 'Customer ' || g), $2 \
-                 from generate_series(1, $3) g",
-                &[&f.dealership, &f.user, &rows],
-            )
-            .await?
-        }
-        Some(first) => {
-            db.execute(
-                "insert into public.orders (dealership_id, order_number, type, customer_info, created_by) \
-                 select $1, 'BENCH-SALES-' || lpad(($4::bigint + g)::text, greatest(6, length(($4::bigint + g)::text)), '0'), 'sales', \
-                        jsonb_build_object('name', 'Customer ' || g), $2 \
-                 from generate_series(0, $3 - 1) g",
-                &[&f.dealership, &f.user, &rows, &first],
-            )
-            .await?
-        }
+    let (column, number) = match explicit {
+        None => ("", String::new()),
+        Some(first) => ("order_number, ", format!("{}, ", EXPLICIT_NUMBER.replace("FIRST", &first.to_string()))),
     };
+    let (d, u) = (f.dealership, f.user);
+    let sql = match shape {
+        Shape::Bulk => format!(
+            "insert into public.orders (dealership_id, {column}type, customer_info, created_by) \
+             select '{d}', {number}'sales', jsonb_build_object('name', 'Customer ' || g), '{u}' \
+             from generate_series(0, {rows} - 1) g"
+        ),
+        Shape::Statements => format!(
+            "do $$ begin for g in 0..{rows} - 1 loop \
+                 insert into public.orders (dealership_id, {column}type, customer_info, created_by) \
+                 values ('{d}', {number}'sales', jsonb_build_object('name', 'Customer ' || g), '{u}'); \
+             end loop; end $$"
+        ),
+    };
+    let started = Instant::now();
+    db.batch_execute(&sql).await?;
     let seconds = started.elapsed().as_secs_f64();
-    if inserted != rows as u64 {
+    let inserted: i64 = db.query_one("select count(*) from public.orders", &[]).await?.get(0);
+    if inserted != i64::from(rows) {
         bail!("inserted {inserted} rows, expected {rows}");
     }
     Ok(seconds)
@@ -102,11 +129,11 @@ fn spread(values: &mut [f64]) -> (f64, f64, f64) {
 
 /// RUNS alternating rounds of both paths on the schema now applied; prints
 /// one table row per path and returns the ratio of the medians.
-async fn measure(db: &Client, f: &Fixture, label: &str, rows: i32, runs: usize) -> anyhow::Result<f64> {
+async fn measure(db: &Client, f: &Fixture, label: &str, shape: Shape, rows: i32, runs: usize) -> anyhow::Result<f64> {
     let mut trigger = Vec::with_capacity(runs);
     let mut explicit = Vec::with_capacity(runs);
     for run in 1..=runs {
-        let t = insert(db, f, rows, None).await?;
+        let t = insert(db, f, shape, rows, None).await?;
         let last: i64 = db
             .query_one(
                 "select last_value from private.order_number_counters where dealership_id = $1 and type = 'sales'",
@@ -115,22 +142,24 @@ async fn measure(db: &Client, f: &Fixture, label: &str, rows: i32, runs: usize) 
             .await?
             .get(0);
         check_numbers(db, rows, last).await?;
-        let e = insert(db, f, rows, Some(last + 1)).await?;
-        eprintln!("{label} run {run}: trigger {t:.3} s, explicit {e:.3} s");
+        let e = insert(db, f, shape, rows, Some(last + 1)).await?;
+        eprintln!("{label}, {}: run {run}: trigger {t:.3} s, explicit {e:.3} s", shape.label(rows));
         trigger.push(t);
         explicit.push(e);
     }
     let (tmin, tmed, tmax) = spread(&mut trigger);
     let (emin, emed, emax) = spread(&mut explicit);
     let ratio = tmed / emed;
-    println!("| {label} | trigger | {tmin:.3} | {tmed:.3} | {tmax:.3} | {ratio:.2} |");
-    println!("| {label} | explicit | {emin:.3} | {emed:.3} | {emax:.3} | |");
+    let shape = shape.label(rows);
+    println!("| {label} | {shape} | trigger | {tmin:.3} | {tmed:.3} | {tmax:.3} | {ratio:.2} |");
+    println!("| {label} | {shape} | explicit | {emin:.3} | {emed:.3} | {emax:.3} | |");
     Ok(ratio)
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let rows: i32 = env_or("WALCAST_BENCH_ROWS", 50_000);
+    let statements: i32 = env_or("WALCAST_BENCH_STATEMENTS", 20_000);
     let runs: usize = env_or("WALCAST_BENCH_RUNS", 5);
     let old: u8 = env_or("WALCAST_BENCH_OLD", 1);
     let (_cluster, db) = common::bench_database().await?;
@@ -144,13 +173,19 @@ async fn main() -> anyhow::Result<()> {
         .get(0);
     let fixture = Fixture { dealership, user };
 
-    println!("order numbers: {rows}-row INSERT … SELECT into one dealership, {runs} alternating rounds per schema");
-    println!("| schema | numbers | min s | median s | max s | trigger ÷ explicit (medians) |");
-    println!("|---|---|---|---|---|---|");
+    println!("order numbers into one dealership, {runs} alternating rounds per schema and shape");
+    println!("| schema | shape | numbers | min s | median s | max s | trigger ÷ explicit (medians) |");
+    println!("|---|---|---|---|---|---|---|");
+    let shapes = [(Shape::Bulk, rows), (Shape::Statements, statements)];
+    let shapes = shapes.iter().filter(|(_, n)| *n > 0);
     if old != 0 {
-        measure(&db, &fixture, "0003 (per-row upsert)", rows, runs).await?;
+        for &(shape, n) in shapes.clone() {
+            measure(&db, &fixture, "0003 (per-row upsert)", shape, n, runs).await?;
+        }
     }
     apply(&db, |name| name >= "0007").await?;
-    measure(&db, &fixture, "0007 (lock once, write per statement)", rows, runs).await?;
+    for &(shape, n) in shapes {
+        measure(&db, &fixture, "0007 (lock once, write per statement)", shape, n, runs).await?;
+    }
     Ok(())
 }
