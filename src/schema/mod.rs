@@ -61,6 +61,7 @@ const EMBEDDED: &[(&str, &str)] = embedded![
     "0004_row_level_security.sql",
     "0005_indexes.sql",
     "0006_realtime_publication.sql",
+    "0007_order_numbers_bulk.sql",
 ];
 
 /// An ordered set of migrations.
