@@ -70,6 +70,7 @@
 //! their row changes go to `service_role` subscribers only.
 
 pub mod frame;
+pub mod latency;
 pub mod outbox;
 
 use std::collections::HashMap;
@@ -87,11 +88,11 @@ use std::time::{Duration, Instant};
 
 use crate::change::{Change, RelationInfo, TxEvent, TxInfo};
 use crate::lsn::Lsn;
-use crate::monitor::histogram::LatencyHistogram;
 use crate::policy::{EventType, Filter, LoadedAt, MembershipCache, Rules, Viewer};
 use crate::replication::status::unix_micros_now;
 use crate::replication::AckHandle;
 use crate::spill::{ChangeLog, Cursor, Spill, SpillError, SpillStats};
+use latency::LatencyHistogram;
 
 /// Identifies one WebSocket connection.
 pub type ConnId = u64;

@@ -228,7 +228,7 @@ pub struct LoadArgs {
     /// Source addresses 127.0.0.1..=127.0.0.K (0: one per 20,000 clients).
     #[arg(long, default_value_t = 0)]
     pub source_addrs: u32,
-    /// The JSON report (default target/load/<timestamp>.json).
+    /// The JSON report (default `target/load/<timestamp>.json`).
     #[arg(long)]
     pub json_out: Option<PathBuf>,
     /// The latency plot (default: the JSON path with .svg).

@@ -24,7 +24,7 @@
 //!
 //! Lag is defined in [`crate::replication::status`].
 
-pub mod histogram;
+pub use crate::hub::latency as histogram;
 pub mod text;
 pub mod watchdog;
 

@@ -17,7 +17,7 @@
 //! close every outbox, then return.
 //!
 //! How each task ended goes into the shared
-//! [`ReplicationStatus`](crate::replication::ReplicationStatus) (a stage's
+//! [`crate::replication::ReplicationStatus`] (a stage's
 //! error fails the pipeline for `/ready`); [`RelayQueues`] reads the channel
 //! depths through weak senders.
 

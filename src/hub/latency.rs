@@ -1,7 +1,9 @@
-//! A fixed-bucket latency histogram on atomics.
+//! A fixed-bucket latency histogram on atomics. It lives with the hub, its
+//! only writer; [`crate::monitor`] renders it (and re-exports it as
+//! `monitor::histogram`).
 //!
 //! Invariants:
-//! - [`LatencyHistogram::observe`] never allocates and never locks: a short
+//! - [`LatencyHistogram::observe_micros`] never allocates and never locks: a short
 //!   scan of the bucket bounds, then two relaxed `fetch_add`s. It is called on
 //!   the hub's path once per delivering transaction.
 //! - Buckets are stored non-cumulatively (one counter per bucket plus one for
