@@ -51,8 +51,12 @@ impl Fixture {
     }
 
     fn with(config: HubConfig) -> Fixture {
+        Fixture::with_spill(config, Spill::temporary())
+    }
+
+    fn with_spill(config: HubConfig, spill: Spill) -> Fixture {
         let (hub, handle) =
-            hub(config, Rules::default(), Arc::new(MembershipCache::new()), AckHandle::default(), Spill::temporary());
+            hub(config, Rules::default(), Arc::new(MembershipCache::new()), AckHandle::default(), spill);
         Fixture {
             hub,
             budget: handle.budget,
@@ -274,6 +278,54 @@ fn a_full_outbox_budget_pauses_the_fan_out_and_a_reader_that_keeps_reading_gets_
     assert_eq!(core.stats.handled_lsn.load(Ordering::Relaxed), 1008);
     assert!(core.stats.pauses.load(Ordering::Relaxed) >= 1);
     assert_eq!(core.stats.slow_consumers.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn a_full_spill_disk_budget_pauses_the_hub_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let spill = Spill::new(crate::spill::SpillConfig { dir: dir.path().join("s"), disk_budget: 4096 }).unwrap();
+    let mut f = Fixture::with_spill(HubConfig { max_tx_bytes: 0, ..HubConfig::default() }, spill.clone());
+    let d = Uuid::new_v4();
+    let u = Uuid::new_v4();
+    f.commit(vec![f.membership(Op::Insert, "m", u, d)]);
+    let reader = f.join(1, Viewer::User(u), "realtime:x");
+    // Another log holds the whole disk budget.
+    let mut other = spill.log(0);
+    while other.push(0, f.order(Op::Insert, 0, None, Some(d))).is_ok() {}
+    let core = f.hub.core_mut();
+    core.stage(StageEvent::Tx(TxEvent::Begin(TxBegin {
+        xid: 3,
+        commit_lsn: Lsn(5000),
+        commit_timestamp: PgTimestamp(0),
+    })))
+    .unwrap();
+    let change = {
+        let row = Row(vec![text(42), text(d), text("pending")]);
+        Change {
+            relation: Arc::clone(&f.orders),
+            op: Op::Insert,
+            record: Some(row),
+            old_record: None,
+            missing_toast: vec![],
+        }
+    };
+    core.stage(StageEvent::Tx(TxEvent::Change(change))).unwrap();
+    assert!(core.busy(), "the refused change waits");
+    core.resume().unwrap();
+    assert!(core.busy(), "still no room");
+    assert!(core.stats.spill_waits.load(Ordering::Relaxed) >= 2);
+    drop(other);
+    core.resume().unwrap();
+    assert!(!core.busy());
+    core.stage(StageEvent::Tx(TxEvent::Commit(TxInfo {
+        xid: 3,
+        commit_lsn: Lsn(5000),
+        end_lsn: Lsn(5008),
+        commit_timestamp: PgTimestamp(0),
+    })))
+    .unwrap();
+    let got = drain(&reader);
+    assert_eq!(got.len(), 1, "the change that waited is delivered");
 }
 
 #[test]
