@@ -512,7 +512,10 @@ impl Session {
             tracing::debug!(conn = self.conn, "socket closed");
             return;
         };
-        if tokio::time::timeout(self.ctx.limits.write_timeout, writer).await.is_err() {
+        let mut writer = writer;
+        if tokio::time::timeout(self.ctx.limits.write_timeout, &mut writer).await.is_err() {
+            // Stop it, or it would hold the socket (and its outbox) on.
+            writer.abort();
             tracing::debug!(conn = self.conn, "writer did not finish in time; dropping the socket");
         }
         tracing::debug!(conn = self.conn, "socket closed");
