@@ -544,6 +544,7 @@ impl Assembler {
 
     /// Appends a change to the log of streamed transaction `top`; a refusal
     /// hands the change back (`Some`) when it may be retried.
+    #[allow(clippy::result_large_err)] // as ChangeLog::push: the change comes back unboxed
     fn push_streamed(&mut self, top: u32, tag: u32, change: Change) -> Result<(), (SpillError, Option<Change>)> {
         if !self.streams.contains_key(&top) {
             let held = self.open_log().map_err(|err| (err, None))?;

@@ -278,7 +278,7 @@ async fn send_batch(output: &mpsc::Sender<Vec<StageEvent>>, batch: &mut Vec<Stag
 /// spill's disk budget is used up the stage pauses (sending what it has,
 /// retrying with a backoff of 0.1 s to 1 s, warning at most every 10 s) and
 /// drops nothing: the source channel fills and the slot keeps the WAL.
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // the stage's channels and shared state, passed once by Relay::start
 async fn change_stage(
     connection: PgConfig,
     table: policy::MembershipTable,
