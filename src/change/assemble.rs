@@ -312,11 +312,7 @@ impl Assembler {
     }
 
     /// Feeds one pgoutput message (an XLogData payload); appends the events it
-    /// completes to `out`, in commit order.
-    ///
-    /// # Errors
-    /// Decode errors, unknown relations, impossible sequences.
-    /// A Stream Commit only makes its transaction pending: take its events
+    /// completes to `out`, in commit order. A Stream Commit only makes its transaction pending: take its events
     /// with [`Assembler::drain_pending`].
     ///
     /// # Errors
@@ -341,6 +337,7 @@ impl Assembler {
         ChangeError::Spill(SpillError::DiskBudget { budget: self.stall_budget })
     }
 
+    /// Decodes and applies one message (the body of [`Assembler::push`]).
     fn take(&mut self, data: &Bytes, out: &mut Vec<TxEvent>) -> Result<(), ChangeError> {
         let msg = self.decoder.decode(data)?;
         match msg {

@@ -338,9 +338,10 @@ async fn change_stage(
                         tracing::warn!(error = %err, "spill disk budget reached; pausing replication until it frees");
                         last_disk_warning = Some(tokio::time::Instant::now());
                     }
-                    // Hand on what is done, then pause; shutdown closes the input.
+                    // Hand on what is done, then pause. Shutdown stops the hub
+                    // (closing `output`), and the source's end closes `input`.
                     batch.extend(events.drain(..).map(StageEvent::Tx));
-                    if !send_batch(&output, &mut batch).await || input.is_closed() {
+                    if !send_batch(&output, &mut batch).await || output.is_closed() || input.is_closed() {
                         return Ok(());
                     }
                     tokio::time::sleep(wait).await;
