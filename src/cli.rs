@@ -209,6 +209,18 @@ struct ServeArgs {
     /// /ready fails when replication lags more than this many seconds (0 = no limit) [default: 10].
     #[arg(long, env = "READY_MAX_LAG_SECS")]
     ready_max_lag_secs: Option<f64>,
+    /// Stream large transactions while they run (pgoutput protocol 2; PostgreSQL 14+):
+    /// walcast holds them (memory, then its spill directory) until they commit.
+    /// Off: PostgreSQL spills them itself and sends them after commit [default: false].
+    #[arg(
+        long,
+        env = "WALCAST_STREAMING",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    streaming: Option<bool>,
 }
 
 impl ServeArgs {
@@ -245,6 +257,7 @@ impl ServeArgs {
             slot_wal_warn_bytes: self.slot_wal_warn_bytes,
             slot_wal_warn_fraction: self.slot_wal_warn_fraction,
             ready_max_lag_secs: self.ready_max_lag_secs,
+            streaming: self.streaming,
         };
         Ok(walcast::config::Settings::resolve(given, file.as_deref())?)
     }
@@ -600,4 +613,29 @@ async fn migrate(url: &str, migrations: &Migrations) -> anyhow::Result<()> {
     }
     println!("schema up to date: {} applied now, {} already applied", report.applied.len(), report.unchanged.len());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Cli, Command};
+
+    /// The settings `walcast serve ARGS` resolves to.
+    fn serve(args: &[&str]) -> walcast::config::Settings {
+        // A JWT secret so that a DATABASE_URL in the environment resolves too.
+        let cli = Cli::try_parse_from(["walcast", "serve", "--jwt-secret", "s"].iter().chain(args)).unwrap();
+        let Some(Command::Serve(args)) = cli.command else { panic!("serve") };
+        args.settings().unwrap()
+    }
+
+    #[test]
+    fn streaming_flag() {
+        // WALCAST_STREAMING would leak into the defaults; the test binary never sets it.
+        assert!(!serve(&[]).streaming);
+        assert!(serve(&["--streaming"]).streaming);
+        assert!(serve(&["--streaming=true"]).streaming);
+        assert!(!serve(&["--streaming=false"]).streaming);
+        assert!(Cli::try_parse_from(["walcast", "serve", "--streaming=maybe"]).is_err());
+    }
 }

@@ -365,3 +365,79 @@ async fn an_oversized_transaction_interrupted_by_walsender_terminations_is_deliv
     let twice: Vec<_> = seen.iter().filter(|(_, &n)| n != 1).collect();
     assert!(twice.is_empty(), "{} rows delivered more than once, e.g. {:?}", twice.len(), twice.first());
 }
+
+#[tokio::test]
+async fn a_revoke_after_a_bulk_update_inside_a_streamed_transaction_applies_to_all_of_it() {
+    // Protocol 2: the walsender streams the transaction while it runs (the
+    // database's logical_decoding_work_mem is 64 kB), the change stage holds
+    // it until Stream Commit, and the hub judges it whole.
+    let mut slot = String::new();
+    let t = TestServer::with_config(|c| {
+        slot = c.relay.source.slot.slot.clone();
+        c.relay.source.slot.proto_version = 2;
+        c.relay.source.slot.streaming = true;
+        c.relay.hub.max_tx_bytes = 256 << 10;
+        c.limits.idle_timeout = Duration::from_secs(600);
+    })
+    .await;
+    let c = &t.client;
+    c.batch_execute(&format!("alter database {} set logical_decoding_work_mem = '64kB'", t.db.name())).await.unwrap();
+    let (d1, dx, seen) =
+        (create_dealership(c, "D1").await, create_dealership(c, "DX").await, create_dealership(c, "SEEN").await);
+    let (a, g) = (create_user(c, "a@example.com").await, create_user(c, "g@example.com").await);
+    add_member(c, a, d1, "user").await;
+    add_member(c, a, seen, "user").await;
+    add_member(c, g, seen, "user").await;
+    let o1 = create_order(c, d1, a, "sales", "pending").await;
+    bulk_orders(c, dx, a, "BULK", 5_000).await;
+    let mut a_ws = subscribed(&t, a, "realtime:a").await;
+    let mut g_ws = subscribed(&t, g, "realtime:g").await;
+    settle(c, seen, a, &mut [&mut a_ws, &mut g_ws]).await;
+    // A new session, so the database's logical_decoding_work_mem applies to
+    // the walsender's decoding of it (it is read per walsender; the relay's
+    // walsender started before the setting, so restart its connection).
+    c.query(
+        "select pg_terminate_backend(active_pid) from pg_replication_slots \
+         where slot_name = $1 and active_pid is not null",
+        &[&slot],
+    )
+    .await
+    .unwrap();
+    let mut writer = t.db.server().connect(t.db.name()).await.unwrap();
+    let x = writer.transaction().await.unwrap();
+    x.execute(
+        "update public.orders set metadata = jsonb_build_object('pass', random()) where dealership_id = $1",
+        &[&dx],
+    )
+    .await
+    .unwrap();
+    x.execute("update public.orders set customer_info = '{\"secret\": \"s1\"}' where id = $1", &[&o1]).await.unwrap();
+    x.execute("delete from public.dealer_memberships where user_id = $1 and dealership_id = $2", &[&a, &d1])
+        .await
+        .unwrap();
+    x.execute(
+        "insert into public.dealer_memberships (user_id, dealership_id, role) values ($1, $2, 'user')",
+        &[&g, &d1],
+    )
+    .await
+    .unwrap();
+    x.commit().await.unwrap();
+    let sentinel = create_order(c, seen, a, "sales", "pending").await;
+    let a_got = changes_until(&mut a_ws, sentinel).await;
+    assert!(a_got.is_empty(), "A, revoked in the same transaction, got {} changes", a_got.len());
+    let g_got = changes_until(&mut g_ws, sentinel).await;
+    assert_eq!(about(&g_got, o1), ["UPDATE"]);
+    // The walsender did stream it (the statistics are flushed lazily).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let row = c
+            .query_opt("select stream_txns from pg_stat_replication_slots where slot_name = $1", &[&slot])
+            .await
+            .unwrap();
+        if row.is_some_and(|r| r.get::<_, i64>(0) > 0) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "pg_stat_replication_slots shows no streamed transaction");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

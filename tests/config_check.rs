@@ -39,6 +39,13 @@ async fn a_migrated_database_is_ready_and_each_broken_prerequisite_is_reported()
     }
     assert_eq!(find(&findings, "replica identity public.orders").status, Status::Ok);
     assert_eq!(find(&findings, "policy public.orders").status, Status::Ok, "{findings:#?}");
+    assert!(find(&findings, "streaming").detail.starts_with("off"));
+    // --streaming on a server that can stream (the test clusters are 14+).
+    let streaming = Settings { streaming: true, ..settings(db.url()) };
+    let findings = check::run(&streaming, &tokio_postgres::Config::from_str(db.url()).unwrap()).await;
+    let line = find(&findings, "streaming");
+    assert_eq!(line.status, Status::Ok, "{line}");
+    assert!(line.detail.starts_with("on"), "{line}");
 
     // Replica identity back to default: a warning with the exact fix.
     client.batch_execute("alter table public.orders replica identity default").await.unwrap();

@@ -2,16 +2,22 @@
 //! change stage holding nothing (protocol 1: the walsender spills to disk and
 //! sends the rows after commit; walcast passes them through), and protocol 2
 //! streaming holds in-progress transactions until Stream Commit, drops them
-//! on Stream Abort, and says how much it held.
+//! on Stream Abort, and says how much it held; with a spill, what a streamed
+//! transaction holds in memory stays under its budget and the rest goes to
+//! disk, and `walcast serve --streaming` delivers exactly the committed rows.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use walcast::change::{Op, TxEvent};
+use uuid::Uuid;
+use walcast::change::{Assembler, Op, TxEvent};
 use walcast::replication::SlotOptions;
+use walcast::spill::{Spill, SpillConfig};
 
-use crate::support::migrated_db;
+use crate::support::load::ChangeWitness;
 use crate::support::pipeline::{changes, Pipeline};
+use crate::support::relay::RelayProcess;
+use crate::support::{add_member, create_dealership, create_user, migrated_db};
 
 #[tokio::test]
 async fn a_million_row_transaction_passes_with_nothing_buffered() {
@@ -104,4 +110,133 @@ async fn streamed_transactions_are_held_until_commit_and_dropped_on_abort() {
     let events = p.next_tx().await;
     assert_eq!(changes(&events).len(), 1);
     assert_eq!(changes(&events)[0].record_json().unwrap()["id"], 50000);
+}
+
+/// Waits until the pipeline's assembler holds bytes of a streamed
+/// transaction, asserting nothing leaves it meanwhile.
+async fn wait_until_streamed(p: &mut Pipeline) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(p.quiet_for(Duration::from_millis(500)).await, "an open streamed transaction is held");
+        if p.peak_buffered.load(Ordering::Relaxed) > 0 {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the held transaction is accounted for");
+    }
+}
+
+#[tokio::test]
+async fn spilled_streamed_transactions_come_out_exactly_within_the_memory_budget() {
+    const BUDGET: usize = 64 << 10;
+    let (db, mut client) = migrated_db().await;
+    client
+        .batch_execute(&format!(
+            "alter database {} set logical_decoding_work_mem = '64kB';
+             create table public.s (id int primary key, v text);
+             create publication walcast_spill for table public.s;",
+            db.name()
+        ))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spill = Spill::new(SpillConfig { dir: dir.path().join("spill"), disk_budget: 1 << 30 }).unwrap();
+    let mut slot = SlotOptions::new(format!("{}_s", db.name()), "walcast_spill");
+    slot.proto_version = 2;
+    slot.streaming = true;
+    let assembler = Assembler::with_spill(spill.clone(), BUDGET);
+    let mut p = Pipeline::start_assembling(db.url(), slot, None, assembler).await;
+
+    // Two streamed transactions at once: one aborted at top level, one
+    // committed with a rolled-back and a released savepoint inside.
+    let other = db.connect().await.unwrap();
+    other.batch_execute("begin").await.unwrap();
+    other
+        .batch_execute("insert into public.s select g, repeat('a', 100) from generate_series(100001, 120000) g")
+        .await
+        .unwrap();
+    let tx = client.transaction().await.unwrap();
+    tx.batch_execute("insert into public.s select g, 'kept' from generate_series(1, 20000) g").await.unwrap();
+    tx.batch_execute("savepoint sp").await.unwrap();
+    tx.batch_execute("insert into public.s select g, 'dropped' from generate_series(20001, 30000) g").await.unwrap();
+    tx.batch_execute("rollback to savepoint sp").await.unwrap();
+    tx.batch_execute("savepoint sp2").await.unwrap();
+    tx.batch_execute("insert into public.s select g, 'kept' from generate_series(30001, 31000) g").await.unwrap();
+    tx.batch_execute("release savepoint sp2").await.unwrap();
+    tx.batch_execute("insert into public.s values (40000, 'after')").await.unwrap();
+    wait_until_streamed(&mut p).await;
+    other.batch_execute("rollback").await.unwrap();
+    tx.commit().await.unwrap();
+
+    let events = p.next_tx().await;
+    let ids: Vec<i64> = changes(&events).iter().map(|c| c.record_json().unwrap()["id"].as_i64().unwrap()).collect();
+    let expected: Vec<i64> = (1..=20000).chain(30001..=31000).chain([40000]).collect();
+    let first_difference = ids.iter().zip(&expected).position(|(a, b)| a != b);
+    assert!(ids == expected, "{} rows, first difference at {first_difference:?}", ids.len());
+    assert!(changes(&events).iter().all(|c| c.record_json().unwrap()["v"] != "dropped"));
+    let stats = spill.stats();
+    assert!(stats.spilled_logs.load(Ordering::Relaxed) >= 1, "the transaction outgrew memory and spilled");
+    assert_eq!(stats.disk_bytes.load(Ordering::Relaxed), 0, "spill files removed once drained or aborted");
+    let peak = p.peak_buffered.load(Ordering::Relaxed);
+    assert!(peak > 0 && peak <= 2 * BUDGET, "each streamed transaction held at most {BUDGET} bytes: peak {peak}");
+
+    // The aborted transaction never surfaces; a small one passes normally.
+    client.batch_execute("insert into public.s values (50000, 'small')").await.unwrap();
+    let events = p.next_tx().await;
+    assert_eq!(changes(&events).len(), 1);
+    assert_eq!(changes(&events)[0].record_json().unwrap()["id"], 50000);
+}
+
+#[tokio::test]
+async fn serve_with_streaming_delivers_exactly_the_committed_rows() {
+    let (db, client) = migrated_db().await;
+    client
+        .batch_execute(&format!("alter database {} set logical_decoding_work_mem = '64kB'", db.name()))
+        .await
+        .unwrap();
+    let dealership = create_dealership(&client, "STREAM").await;
+    let user = create_user(&client, "stream@example.com").await;
+    add_member(&client, user, dealership, "admin").await;
+    let slot = format!("{}_serve", db.name());
+    let mut relay = RelayProcess::spawn(db.url(), &slot, &["--streaming"]);
+    relay.wait_serving().await;
+    let witness = ChangeWitness::subscribe(relay.addr).await;
+
+    let insert = |n: i32| {
+        format!(
+            "insert into public.orders (dealership_id, type, customer_info, created_by) \
+             select '{dealership}', 'sales', jsonb_build_object('name', repeat('x', 200), 'n', g), '{user}' \
+             from generate_series(1, {n}) g returning id"
+        )
+    };
+    let ids = |rows: Vec<tokio_postgres::Row>| rows.iter().map(|r| r.get::<_, Uuid>(0)).collect::<Vec<_>>();
+    client.batch_execute("begin").await.unwrap();
+    let mut kept = ids(client.query(&insert(400), &[]).await.unwrap());
+    client.batch_execute("savepoint sp").await.unwrap();
+    let dropped = ids(client.query(&insert(300), &[]).await.unwrap());
+    client.batch_execute("rollback to savepoint sp").await.unwrap();
+    kept.extend(ids(client.query(&insert(100), &[]).await.unwrap()));
+    client.batch_execute("commit").await.unwrap();
+    // A later small transaction: once it arrived, everything before it did.
+    let last = ids(client.query(&insert(1), &[]).await.unwrap());
+    kept.extend(&last);
+
+    let missing = witness.wait_for(&last, Duration::from_secs(30)).await;
+    assert!(missing.is_empty(), "the transactions arrive:\n{}", relay.output());
+    let got = witness.ids();
+    assert!(got.iter().all(|id| !dropped.contains(id)), "no row of the rolled-back savepoint");
+    assert!(got == kept, "every committed row once, in order: {} received, {} expected", got.len(), kept.len());
+    // The walsender did stream it (protocol 2), rather than send it after commit.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let row = client
+            .query_opt("select stream_txns from pg_stat_replication_slots where slot_name = $1", &[&slot])
+            .await
+            .unwrap();
+        if row.is_some_and(|r| r.get::<_, i64>(0) > 0) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "pg_stat_replication_slots shows no streamed transaction");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(relay.is_running());
 }

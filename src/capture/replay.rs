@@ -92,6 +92,9 @@ pub enum ReplayError {
     },
 }
 
+/// Events taken at once from a committed streamed transaction.
+const DRAIN_BATCH: usize = 256;
+
 /// Replays `reader` through a fresh assembler, calling `sink` with each event
 /// in the order a live run produces them.
 ///
@@ -125,19 +128,26 @@ pub fn replay<R: BufRead>(
         }
         report.messages += 1;
         report.payload_bytes += data.len() as u64;
-        assembler
-            .push(&data, &mut events)
-            .map_err(|source| ReplayError::Change { record: report.records - 1, source })?;
-        for event in events.drain(..) {
-            match &event {
-                TxEvent::Change(_) => report.changes += 1,
-                TxEvent::Commit(_) => report.transactions += 1,
-                TxEvent::Begin(_) => {}
+        let record = report.records - 1;
+        assembler.push(&data, &mut events).map_err(|source| ReplayError::Change { record, source })?;
+        loop {
+            for event in events.drain(..) {
+                match &event {
+                    TxEvent::Change(_) => report.changes += 1,
+                    TxEvent::Commit(_) => report.transactions += 1,
+                    TxEvent::Begin(_) => {}
+                }
+                sink(event);
             }
-            sink(event);
+            if !assembler.has_pending() {
+                break;
+            }
+            assembler
+                .drain_pending(&mut events, DRAIN_BATCH)
+                .map_err(|source| ReplayError::Change { record, source })?;
         }
     }
-    report.incomplete_transaction = assembler.in_transaction() || assembler.buffered_bytes() > 0;
+    report.incomplete_transaction = assembler.in_transaction() || assembler.open_streams() > 0;
     report.elapsed = started.elapsed();
     report.peak_buffered_bytes = assembler.peak_buffered_bytes();
     Ok(report)

@@ -4,7 +4,8 @@
 //!
 //! ```text
 //!  WalEvent::XLogData ──▶ Assembler (relation cache, Begin/Commit, streamed
-//!                         transactions, TOAST, old_record) ──▶ TxEvent in commit order
+//!                         transactions in spill logs, TOAST, old_record) ──▶ TxEvent in commit order
+//!                         (a committed streamed transaction via drain_pending, in batches)
 //! ```
 //!
 //! - [`model`]: relations, rows, [`Change`], [`TxEvent`].

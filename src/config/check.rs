@@ -134,6 +134,19 @@ async fn database_checks(
             "upgrade to PostgreSQL 15+",
         );
     }
+    let (major, minor) = (version / 10_000, version % 10_000);
+    let streaming_min = crate::replication::slot::STREAMING_MIN_MAJOR;
+    match settings.streaming {
+        false => report.ok("streaming", "off: PostgreSQL sends large transactions after they commit (protocol 1)"),
+        true if major >= streaming_min as i32 => {
+            report.ok("streaming", "on: large transactions stream while they run (protocol 2)")
+        }
+        true => report.fail(
+            "streaming",
+            format!("--streaming needs PostgreSQL {streaming_min} or later; this server is {major}.{minor}"),
+            "turn --streaming (WALCAST_STREAMING) off, or upgrade PostgreSQL",
+        ),
+    }
     if wal_level == "logical" {
         report.ok("wal_level", "logical");
     } else {

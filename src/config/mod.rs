@@ -105,6 +105,8 @@ pub struct FileConfig {
     pub slot_wal_warn_fraction: Option<f64>,
     /// `/ready` is false beyond this replication lag in seconds (0 = no limit).
     pub ready_max_lag_secs: Option<f64>,
+    /// Stream large in-progress transactions (pgoutput protocol 2, PostgreSQL 14+).
+    pub streaming: Option<bool>,
 }
 
 impl std::fmt::Debug for FileConfig {
@@ -133,6 +135,7 @@ impl std::fmt::Debug for FileConfig {
             .field("max_reader_lag_secs", &self.max_reader_lag_secs)
             .field("spill_budget_bytes", &self.spill_budget_bytes)
             .field("spill_dir", &self.spill_dir)
+            .field("streaming", &self.streaming)
             .finish_non_exhaustive()
     }
 }
@@ -181,6 +184,7 @@ impl FileConfig {
             slot_wal_warn_bytes: self.slot_wal_warn_bytes.or(lower.slot_wal_warn_bytes),
             slot_wal_warn_fraction: self.slot_wal_warn_fraction.or(lower.slot_wal_warn_fraction),
             ready_max_lag_secs: self.ready_max_lag_secs.or(lower.ready_max_lag_secs),
+            streaming: self.streaming.or(lower.streaming),
         }
     }
 }
@@ -311,6 +315,10 @@ pub struct Settings {
     pub demo_writer: Option<Duration>,
     /// `/ready` and slot watchdog thresholds.
     pub monitoring: crate::monitor::MonitorConfig,
+    /// Stream large in-progress transactions (pgoutput protocol 2 with
+    /// `streaming 'on'`; PostgreSQL 14+). Off: protocol 1, PostgreSQL sends
+    /// each transaction after its commit.
+    pub streaming: bool,
 }
 
 fn range(name: &'static str, value: usize, min: usize, max: usize) -> Result<usize, ConfigError> {
@@ -437,6 +445,7 @@ impl Settings {
             max_reader_lag: Duration::from_secs_f64(lag_secs),
             spill_budget,
             demo_writer: (writer_secs > 0.0).then(|| Duration::from_secs_f64(writer_secs)),
+            streaming: merged.streaming.unwrap_or(false),
         })
     }
 
@@ -472,7 +481,11 @@ impl Settings {
 
     /// The server configuration for a database connection.
     pub fn serve_config(&self, connection: PgConfig) -> ServeConfig {
-        let slot = SlotOptions::new(&self.slot, &self.publication);
+        let mut slot = SlotOptions::new(&self.slot, &self.publication);
+        if self.streaming {
+            slot.proto_version = 2;
+            slot.streaming = true;
+        }
         let mut relay = RelayConfig::new(SourceConfig::new(connection, slot));
         relay.policy = self.policy.clone();
         relay.hub.outbox_budget = self.outbox_budget;
@@ -627,6 +640,29 @@ mod tests {
         assert_eq!((limits.ws_read_buffer, limits.ws_write_buffer), (4096, 0));
         let bad = FileConfig { ws_read_buffer_bytes: Some(16), ..given() };
         assert!(Settings::resolve(bad, None).unwrap_err().to_string().contains("--ws-read-buffer"));
+    }
+
+    #[test]
+    fn streaming_is_off_by_default_and_turns_on_protocol_2() {
+        let connection = || PgConfig::from_str("postgres://u@h/db").unwrap();
+        let settings = Settings::resolve(given(), None).unwrap();
+        assert!(!settings.streaming);
+        let slot = settings.serve_config(connection()).relay.source.slot;
+        assert_eq!((slot.proto_version, slot.streaming), (1, false));
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("walcast.toml");
+        std::fs::write(&path, "jwt_secret = \"f\"\nstreaming = true\n").unwrap();
+        let settings = Settings::resolve(FileConfig::default(), Some(&path)).unwrap();
+        assert!(settings.streaming, "from the file");
+        let slot = settings.serve_config(connection()).relay.source.slot;
+        assert_eq!((slot.proto_version, slot.streaming), (2, true));
+        let off = FileConfig { streaming: Some(false), ..FileConfig::default() };
+        assert!(!Settings::resolve(off, Some(&path)).unwrap().streaming, "a flag or variable beats the file");
+
+        std::fs::write(&path, "streaming = \"yes\"\n").unwrap();
+        let err = Settings::resolve(FileConfig::default(), Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("streaming") || err.contains("bool"), "{err}");
     }
 
     #[test]

@@ -284,13 +284,28 @@ impl Monitor {
             "Transactions larger than the hub's memory budget, spilled to disk and judged whole at commit.",
             load(&h.spilled_transactions),
         );
-        w.gauge("walcast_spill_bytes", "Bytes in spill files now.", load(&hub.spill.disk_bytes));
-        w.counter("walcast_spill_written_bytes_total", "Bytes written to spill files.", load(&hub.spill.written_bytes));
-        w.counter(
-            "walcast_spill_budget_waits_total",
-            "Times a stage waited because the spill disk budget (--spill-budget) was full.",
-            load(&hub.spill.budget_waits),
-        );
+        let stage_spill = self.queues.stage_spill();
+        for (name, kind, help, get) in [
+            (
+                "walcast_spill_bytes",
+                Kind::Gauge,
+                "Bytes in spill files now, by the stage that holds them.",
+                (|s: &crate::spill::SpillStats| s.disk_bytes.load(Ordering::Relaxed)) as fn(&_) -> u64,
+            ),
+            ("walcast_spill_written_bytes_total", Kind::Counter, "Bytes written to spill files, by stage.", |s| {
+                s.written_bytes.load(Ordering::Relaxed)
+            }),
+            (
+                "walcast_spill_budget_waits_total",
+                Kind::Counter,
+                "Times a stage waited because its share of the spill disk budget (--spill-budget) was full.",
+                |s| s.budget_waits.load(Ordering::Relaxed),
+            ),
+        ] {
+            w.family(name, kind, help);
+            w.sample(name, &[("stage", "hub")], get(&hub.spill));
+            w.sample(name, &[("stage", "change")], get(stage_spill));
+        }
         w.counter(
             "walcast_duplicate_transactions_total",
             "Transactions skipped as already handled after a reconnect.",

@@ -36,7 +36,7 @@ use crate::policy::{self, MembershipCache, PolicyConfig, PolicyError, Rules};
 use crate::replication::{
     run_source, AckHandle, ReplicationError, ReplicationStatus, SourceConfig, SourceEvent, WalEvent,
 };
-use crate::spill::{Spill, SpillConfig, SpillError};
+use crate::spill::{Spill, SpillConfig, SpillError, SpillStats};
 
 /// Most events per batch sent to the hub.
 const BATCH: usize = 256;
@@ -103,6 +103,7 @@ pub enum RelayError {
 pub struct RelayQueues {
     source: mpsc::WeakSender<SourceEvent>,
     stage: mpsc::WeakSender<Vec<StageEvent>>,
+    stage_spill: Arc<SpillStats>,
 }
 
 impl RelayQueues {
@@ -110,6 +111,12 @@ impl RelayQueues {
     /// (events); `None` once it closed.
     pub fn source(&self) -> Option<(usize, usize)> {
         self.source.upgrade().map(|tx| (tx.max_capacity() - tx.capacity(), tx.max_capacity()))
+    }
+
+    /// The change stage's spill counters (streamed transactions; the hub's
+    /// are in [`HubHandle::spill`]).
+    pub fn stage_spill(&self) -> &SpillStats {
+        &self.stage_spill
     }
 
     /// `(queued, capacity)` of the change stage → hub channel (batches of up
@@ -141,7 +148,17 @@ impl Relay {
     /// A definite error before streaming started, or the start timeout.
     pub async fn start(mut config: RelayConfig) -> Result<Relay, RelayError> {
         config.source.export_snapshot = true;
-        let spill = Spill::new(config.spill.clone())?;
+        // The hub and (with streaming) the change stage spill into
+        // directories and budgets of their own: a committed streamed
+        // transaction is held by the stage while the hub collects it, so a
+        // shared budget could leave each waiting for the other.
+        let streaming = config.source.slot.streaming;
+        let hub_budget = if streaming { config.spill.disk_budget / 2 } else { config.spill.disk_budget };
+        let spill = Spill::new(SpillConfig { dir: config.spill.dir.join("hub"), disk_budget: hub_budget })?;
+        let stage_spill = Spill::new(SpillConfig {
+            dir: config.spill.dir.join("stream"),
+            disk_budget: config.spill.disk_budget - hub_budget,
+        })?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let ack = AckHandle::default();
         let memberships = Arc::new(MembershipCache::new());
@@ -149,7 +166,11 @@ impl Relay {
         let (hub, handle) = hub::hub(config.hub.clone(), rules, Arc::clone(&memberships), ack.clone(), spill.clone());
         let (source_tx, source_rx) = mpsc::channel(256);
         let (stage_tx, stage_rx) = mpsc::channel(64);
-        let queues = RelayQueues { source: source_tx.downgrade(), stage: stage_tx.downgrade() };
+        let queues = RelayQueues {
+            source: source_tx.downgrade(),
+            stage: stage_tx.downgrade(),
+            stage_spill: Arc::clone(stage_spill.stats()),
+        };
         let (ready_tx, ready_rx) = oneshot::channel();
         let source = tokio::spawn(
             run_source(config.source.clone(), source_tx, ack.clone(), shutdown_rx.clone())
@@ -164,7 +185,7 @@ impl Relay {
                     config.policy.memberships.clone(),
                     memberships,
                     Arc::clone(&handle.stats),
-                    spill.clone(),
+                    stage_spill,
                     source_rx,
                     stage_tx,
                     ready_tx,
@@ -243,15 +264,45 @@ async fn connect_sql(config: &PgConfig) -> Result<tokio_postgres::Client, Policy
     Ok(crate::pgconn::connect(config).await?)
 }
 
+/// Memory budget of one streamed (protocol 2) transaction in the change
+/// stage; at most [`IN_MEMORY_STREAMS`](crate::change::assemble::IN_MEMORY_STREAMS)
+/// times this (16 MiB, the hub's default per-transaction budget) is held for
+/// all of them together, the rest goes to the spill.
+const STREAMED_TX_MEMORY: usize = 4 << 20;
+
+/// First pause when the spill's disk budget refuses a change; it doubles up
+/// to [`DISK_WAIT_MAX`].
+const DISK_WAIT_START: Duration = Duration::from_millis(100);
+/// Longest pause between retries of a change the disk budget refused.
+const DISK_WAIT_MAX: Duration = Duration::from_secs(1);
+/// Least time between two "disk budget reached" warnings.
+const DISK_WARN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Sends a batch to the hub unless empty; false when the hub is gone.
+async fn send_batch(output: &mpsc::Sender<Vec<StageEvent>>, batch: &mut Vec<StageEvent>) -> bool {
+    if batch.is_empty() {
+        return true;
+    }
+    output.send(std::mem::replace(batch, Vec::with_capacity(BATCH))).await.is_ok()
+}
+
 /// Source events → typed, committed changes in batches, plus the membership
 /// load at the first start.
-#[allow(clippy::too_many_arguments)]
+///
+/// Streamed transactions are held by the assembler (memory up to
+/// [`STREAMED_TX_MEMORY`] each, the rest in `spill`); a committed one is
+/// drained [`BATCH`] events at a time, each batch sent before the next is
+/// read, so a transaction of any size passes in bounded memory. When the
+/// spill's disk budget is used up the stage pauses (sending what it has,
+/// retrying with a backoff of 0.1 s to 1 s, warning at most every 10 s) and
+/// drops nothing: the source channel fills and the slot keeps the WAL.
+#[allow(clippy::too_many_arguments)] // the stage's channels and shared state, passed once by Relay::start
 async fn change_stage(
     connection: PgConfig,
     table: policy::MembershipTable,
     memberships: Arc<MembershipCache>,
     stats: Arc<HubStats>,
-    _spill: Spill,
+    spill: Spill,
     mut input: mpsc::Receiver<SourceEvent>,
     output: mpsc::Sender<Vec<StageEvent>>,
     ready: oneshot::Sender<()>,
@@ -259,8 +310,9 @@ async fn change_stage(
     let mut ready = Some(ready);
     let mut loaded = false;
     let mut started = false;
-    let mut assembler = Assembler::new();
+    let mut assembler = Assembler::with_spill(spill, STREAMED_TX_MEMORY);
     let mut events = Vec::new();
+    let mut last_disk_warning: Option<tokio::time::Instant> = None;
     let mut batch: Vec<StageEvent> = Vec::with_capacity(BATCH);
     while let Some(event) = input.recv().await {
         match event {
@@ -293,17 +345,43 @@ async fn change_stage(
                 }
             }
             SourceEvent::Wal(WalEvent::XLogData { data, .. }) => {
-                if let Err(err) = assembler.push(&data, &mut events) {
-                    tracing::error!(error = %err, "change stage stopped");
-                    return Err(err.into());
+                let mut result = assembler.push(&data, &mut events);
+                let mut wait = DISK_WAIT_START;
+                while let Err(err) = result {
+                    if !err.is_disk_budget() {
+                        tracing::error!(error = %err, "change stage stopped");
+                        return Err(err.into());
+                    }
+                    if last_disk_warning.is_none_or(|at| at.elapsed() >= DISK_WARN_INTERVAL) {
+                        tracing::warn!(error = %err, "spill disk budget reached; pausing replication until it frees");
+                        last_disk_warning = Some(tokio::time::Instant::now());
+                    }
+                    // Hand on what is done, then pause. Shutdown stops the hub
+                    // (closing `output`), and the source's end closes `input`.
+                    batch.extend(events.drain(..).map(StageEvent::Tx));
+                    if !send_batch(&output, &mut batch).await || output.is_closed() || input.is_closed() {
+                        return Ok(());
+                    }
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(DISK_WAIT_MAX);
+                    result = assembler.resume();
                 }
                 batch.extend(events.drain(..).map(StageEvent::Tx));
+                while assembler.has_pending() {
+                    if batch.len() >= BATCH && !send_batch(&output, &mut batch).await {
+                        return Ok(());
+                    }
+                    if let Err(err) = assembler.drain_pending(&mut events, BATCH - batch.len()) {
+                        tracing::error!(error = %err, "change stage stopped");
+                        return Err(err.into());
+                    }
+                    batch.extend(events.drain(..).map(StageEvent::Tx));
+                }
             }
             SourceEvent::Wal(WalEvent::Keepalive { .. }) => {}
         }
         if !batch.is_empty() && (batch.len() >= BATCH || input.is_empty()) {
-            let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
-            if output.send(full).await.is_err() {
+            if !send_batch(&output, &mut batch).await {
                 return Ok(());
             }
             if loaded && started {

@@ -128,6 +128,9 @@ impl WalConnection {
         if options.streaming && options.proto_version < 2 {
             return Err(ReplicationError::Config("streaming needs proto_version 2 or higher".into()));
         }
+        if options.streaming {
+            check_streaming_version(self.server_version())?;
+        }
         let publications = options.publications.iter().map(|p| quote_ident(p)).collect::<Vec<_>>().join(",");
         let mut args = vec![
             format!("proto_version '{}'", options.proto_version),
@@ -142,9 +145,51 @@ impl WalConnection {
     }
 }
 
+/// First PostgreSQL major version that streams in-progress transactions
+/// (pgoutput protocol 2).
+pub const STREAMING_MIN_MAJOR: u32 = 14;
+
+/// The major version in a `server_version` ("17.2 (Debian …)", "9.6.24",
+/// "15beta1"); `None` when it does not start with a number.
+pub fn server_major(server_version: &str) -> Option<u32> {
+    let digits = server_version.split(|c: char| !c.is_ascii_digit()).next()?;
+    digits.parse().ok()
+}
+
+/// Refuses streaming on a server older than PostgreSQL 14 with an error that
+/// names the setting (an unknown version is left to the server to judge).
+///
+/// # Errors
+/// [`ReplicationError::Config`] (definite).
+pub fn check_streaming_version(server_version: &str) -> Result<(), ReplicationError> {
+    match server_major(server_version) {
+        Some(major) if major < STREAMING_MIN_MAJOR => Err(ReplicationError::Config(format!(
+            "--streaming (WALCAST_STREAMING, streaming = true) needs PostgreSQL {STREAMING_MIN_MAJOR} or later, \
+             this server is {server_version}: turn streaming off (PostgreSQL then sends large transactions after \
+             they commit) or upgrade PostgreSQL"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn streaming_needs_postgresql_14() {
+        assert_eq!(server_major("17.2 (Debian 17.2-1.pgdg120+1)"), Some(17));
+        assert_eq!(server_major("9.6.24"), Some(9));
+        assert_eq!(server_major("15beta1"), Some(15));
+        assert_eq!(server_major(""), None);
+        let err = check_streaming_version("13.16").unwrap_err();
+        assert!(!err.is_transient());
+        let text = err.to_string();
+        assert!(text.contains("--streaming") && text.contains("PostgreSQL 14") && text.contains("13.16"), "{text}");
+        for ok in ["14.0", "18.1", "unknown"] {
+            check_streaming_version(ok).unwrap();
+        }
+    }
 
     #[test]
     fn quoting() {

@@ -287,8 +287,8 @@ impl ChangeLog {
     /// # Errors
     /// [`SpillError::DiskBudget`] (transient) hands the change back: retry
     /// later. [`SpillError::Io`] is definite.
-    // The refusal hands the change itself back (no clone on the hot path);
-    // it is rare, so its size does not matter.
+    // The change handed back is what makes the refusal retryable; boxing it
+    // would allocate on the one path that must not lose it.
     #[allow(clippy::result_large_err)]
     pub fn push(&mut self, tag: u32, change: Change) -> Result<(), (SpillError, Option<Change>)> {
         let size = change.byte_size();

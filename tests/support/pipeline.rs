@@ -31,6 +31,18 @@ impl Pipeline {
     /// With explicit slot options; with `capture`, every WAL event is also
     /// written there before it is assembled.
     pub async fn start_with(url: &str, slot: SlotOptions, capture: Option<std::fs::File>) -> Pipeline {
+        Pipeline::start_assembling(url, slot, capture, Assembler::new()).await
+    }
+
+    /// With explicit slot options and `assembler` (e.g. one from
+    /// [`Assembler::with_spill`]); committed streamed transactions are
+    /// drained 256 events at a time, as the relay does.
+    pub async fn start_assembling(
+        url: &str,
+        slot: SlotOptions,
+        capture: Option<std::fs::File>,
+        mut assembler: Assembler,
+    ) -> Pipeline {
         let config = SourceConfig {
             stream: StreamConfig { status_interval: Duration::from_millis(200) },
             ..SourceConfig::new(tokio_postgres::Config::from_str(url).unwrap(), slot.clone())
@@ -47,7 +59,6 @@ impl Pipeline {
             let mut ready = Some(ready_tx);
             let mut capture_file = capture;
             let mut writer: Option<CaptureWriter<std::fs::File>> = None;
-            let mut assembler = Assembler::new();
             let mut events = Vec::new();
             while let Some(event) = rx.recv().await {
                 match event {
@@ -76,14 +87,20 @@ impl Pipeline {
                         let WalEvent::XLogData { data, .. } = event else { continue };
                         assembler.push(&data, &mut events).expect("assemble");
                         peak.store(assembler.peak_buffered_bytes(), Ordering::Relaxed);
-                        for e in events.drain(..) {
-                            let end = if let TxEvent::Commit(info) = &e { Some(info.end_lsn) } else { None };
-                            if out_tx.send(e).await.is_err() {
-                                return writer;
+                        loop {
+                            for e in events.drain(..) {
+                                let end = if let TxEvent::Commit(info) = &e { Some(info.end_lsn) } else { None };
+                                if out_tx.send(e).await.is_err() {
+                                    return writer;
+                                }
+                                if let Some(end) = end {
+                                    ack.ack(end);
+                                }
                             }
-                            if let Some(end) = end {
-                                ack.ack(end);
+                            if !assembler.has_pending() {
+                                break;
                             }
+                            assembler.drain_pending(&mut events, 256).expect("drain");
                         }
                     }
                 }
