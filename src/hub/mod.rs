@@ -69,6 +69,7 @@
 //! [`crate::policy::membership`]): their membership changes are applied,
 //! their row changes go to `service_role` subscribers only.
 
+mod flow;
 pub mod frame;
 pub mod latency;
 pub mod outbox;
@@ -86,12 +87,12 @@ pub use outbox::{CloseReason, Outbox, OutboxBudget, OutboxLimits, PushError, DEF
 
 use std::time::{Duration, Instant};
 
-use crate::change::{Change, RelationInfo, TxEvent, TxInfo};
+use crate::change::{Change, RelationInfo, TxEvent};
 use crate::lsn::Lsn;
 use crate::policy::{EventType, Filter, LoadedAt, MembershipCache, Rules, Viewer};
-use crate::replication::status::unix_micros_now;
 use crate::replication::AckHandle;
-use crate::spill::{ChangeLog, Cursor, Spill, SpillError, SpillStats};
+use crate::spill::{Spill, SpillError, SpillStats};
+use flow::{Delivery, OpenTx};
 use latency::LatencyHistogram;
 
 /// Identifies one WebSocket connection.
@@ -425,8 +426,6 @@ const READER_CHECK: Duration = Duration::from_secs(1);
 const PAUSE_RECHECK: Duration = Duration::from_millis(250);
 /// How often a push refused by the spill disk budget is retried.
 const SPILL_RETRY: Duration = Duration::from_secs(1);
-/// Changes fanned out between two reads of the clock.
-const CLOCK_EVERY: usize = 256;
 
 /// A registered subscription.
 #[derive(Debug)]
@@ -437,31 +436,6 @@ struct Sub {
     viewer: Viewer,
     bindings: Vec<Binding>,
     outbox: Arc<Outbox>,
-}
-
-/// The transaction being collected.
-#[derive(Debug)]
-struct OpenTx {
-    commit_timestamp: String,
-    /// Commit time, µs since the Unix epoch (latency and lag).
-    commit_micros: i64,
-    /// [`HubStats::deliveries`] when the transaction opened.
-    deliveries_at_open: u64,
-    catch_up: bool,
-    changes: ChangeLog,
-    /// Whether any change is a membership change (the pass that applies
-    /// them first is skipped otherwise).
-    memberships: bool,
-    /// Row changes seen (for the per-transaction debug event).
-    count: usize,
-}
-
-/// A committed transaction being fanned out.
-#[derive(Debug)]
-struct Delivery {
-    tx: OpenTx,
-    info: TxInfo,
-    cursor: Cursor,
 }
 
 /// The hub's synchronous core: registry, transaction handling, fan-out.
@@ -674,249 +648,6 @@ impl Core {
         for sub in self.subs.iter().flatten() {
             sub.outbox.close(reason.clone());
         }
-    }
-
-    /// Whether the core is paused in the middle of a transaction (a
-    /// fan-out waiting for outbox room, or a change waiting for spill disk
-    /// room): call [`Core::resume`] rather than [`Core::stage`] until not.
-    pub fn busy(&self) -> bool {
-        self.delivering.is_some() || self.spill_blocked.is_some()
-    }
-
-    /// Handles one event from the change stage. Must not be called while
-    /// [`Core::busy`].
-    ///
-    /// # Errors
-    /// A definite policy error (the membership table no longer matches) or
-    /// a definite spill error.
-    pub fn stage(&mut self, event: StageEvent) -> Result<(), HubError> {
-        debug_assert!(!self.busy(), "stage() while busy");
-        match event {
-            StageEvent::Loaded(at) => {
-                self.judge_from = if at.exact { Lsn::ZERO } else { at.lsn };
-                self.stats.memberships_loaded.store(true, Ordering::Relaxed);
-                Ok(())
-            }
-            StageEvent::Reset => {
-                self.open = None;
-                self.skipping = false;
-                Ok(())
-            }
-            StageEvent::Tx(TxEvent::Begin(begin)) => {
-                if begin.commit_lsn < self.handled {
-                    self.skipping = true;
-                    self.open = None;
-                    return Ok(());
-                }
-                self.skipping = false;
-                let commit_micros = begin.commit_timestamp.unix_micros();
-                self.ack.status().transaction_opened(commit_micros);
-                self.open = Some(OpenTx {
-                    commit_timestamp: frame::commit_timestamp(begin.commit_timestamp),
-                    commit_micros,
-                    deliveries_at_open: self.stats.deliveries.load(Ordering::Relaxed),
-                    catch_up: begin.commit_lsn < self.judge_from,
-                    changes: self.spill.log(self.config.max_tx_bytes),
-                    memberships: false,
-                    count: 0,
-                });
-                Ok(())
-            }
-            StageEvent::Tx(TxEvent::Change(change)) => {
-                if self.skipping {
-                    return Ok(());
-                }
-                self.collect(change)
-            }
-            StageEvent::Tx(TxEvent::Commit(info)) => {
-                if self.skipping {
-                    self.skipping = false;
-                    self.stats.duplicate_transactions.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(
-                        xid = info.xid,
-                        commit_lsn = %info.commit_lsn,
-                        end_lsn = %info.end_lsn,
-                        "transaction already handled; skipped"
-                    );
-                    return Ok(());
-                }
-                let Some(mut tx) = self.open.take() else { return Ok(()) };
-                tx.changes.seal()?;
-                if tx.changes.spilled() {
-                    self.stats.spilled_transactions.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(
-                        xid = info.xid,
-                        changes = tx.changes.len(),
-                        disk_bytes = tx.changes.disk_size(),
-                        "large transaction spilled to disk; judging it whole at commit"
-                    );
-                }
-                // Membership changes first, all of them: every change is
-                // judged with the memberships as of the commit.
-                if tx.memberships {
-                    let table = self.rules.memberships();
-                    let mut cursor = Cursor::default();
-                    while let Some((_, change)) = tx.changes.read(&mut cursor)? {
-                        if table.is(&change.relation) {
-                            self.memberships.apply(table, &change)?;
-                        }
-                    }
-                }
-                self.delivering = Some(Delivery { tx, info, cursor: Cursor::default() });
-                self.pump()
-            }
-        }
-    }
-
-    /// Adds a change to the open transaction.
-    fn collect(&mut self, change: Change) -> Result<(), HubError> {
-        let Some(tx) = self.open.as_mut() else { return Ok(()) };
-        if self.rules.memberships().is(&change.relation) {
-            tx.memberships = true;
-        }
-        match tx.changes.push(0, change) {
-            Ok(()) => {
-                tx.count += 1;
-                Ok(())
-            }
-            Err((err, Some(change))) if err.is_transient() => {
-                // The spill disk budget is full: pause (the slot keeps the
-                // WAL) and push the same change again later.
-                self.stats.spill_waits.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %err, "hub paused");
-                self.spill_blocked = Some(change);
-                Ok(())
-            }
-            Err((err, _)) => Err(err.into()),
-        }
-    }
-
-    /// Goes on after [`Core::busy`]: pushes a change the spill refused
-    /// again, or fans out more of the committed transaction.
-    ///
-    /// # Errors
-    /// As [`Core::stage`].
-    pub fn resume(&mut self) -> Result<(), HubError> {
-        if let Some(change) = self.spill_blocked.take() {
-            return self.collect(change);
-        }
-        self.pump()
-    }
-
-    /// Fans out the committed transaction change by change until it is done
-    /// (then acknowledges it) or the outbox budget is used up (a pause).
-    fn pump(&mut self) -> Result<(), HubError> {
-        let Some(mut d) = self.delivering.take() else { return Ok(()) };
-        let mut now = outbox::now_ms();
-        let mut since_clock = 0;
-        let result = loop {
-            if self.budget.exhausted() {
-                if self.paused_since.is_none() {
-                    self.paused_since = Some(Instant::now());
-                    self.stats.pauses.fetch_add(1, Ordering::Relaxed);
-                    self.stats.paused.store(true, Ordering::Relaxed);
-                    tracing::debug!(used = self.budget.used(), "outbox budget full; fan-out paused");
-                }
-                self.delivering = Some(d);
-                return Ok(());
-            }
-            if self.budget.used() < self.budget.limit() / 2 {
-                self.end_pause();
-            }
-            let change = match d.tx.changes.read(&mut d.cursor) {
-                Ok(Some((_, change))) => change,
-                Ok(None) => break Ok(()),
-                Err(err) => break Err(err.into()),
-            };
-            since_clock += 1;
-            if since_clock == CLOCK_EVERY {
-                since_clock = 0;
-                now = outbox::now_ms();
-            }
-            self.fan_out(&d.tx, &change, now);
-            self.reap();
-        };
-        self.end_pause();
-        self.finish(d.tx, d.info);
-        result
-    }
-
-    fn end_pause(&mut self) {
-        if let Some(since) = self.paused_since.take() {
-            self.stats.paused_micros.fetch_add(since.elapsed().as_micros() as u64, Ordering::Relaxed);
-            self.stats.paused.store(false, Ordering::Relaxed);
-        }
-    }
-
-    /// A transaction was fanned out whole: latency, progress, acknowledgement.
-    fn finish(&mut self, tx: OpenTx, info: TxInfo) {
-        if self.stats.deliveries.load(Ordering::Relaxed) > tx.deliveries_at_open {
-            self.stats.delivery_latency.observe_micros(unix_micros_now().saturating_sub(tx.commit_micros));
-        }
-        if tx.catch_up {
-            self.stats.catch_up_transactions.fetch_add(1, Ordering::Relaxed);
-        }
-        self.handled = info.end_lsn;
-        self.stats.handled_lsn.store(info.end_lsn.0, Ordering::Relaxed);
-        self.stats.transactions.fetch_add(1, Ordering::Relaxed);
-        // Before the acknowledgement: a transaction the slot has been
-        // told about has always been logged (at `debug`).
-        tracing::debug!(
-            xid = info.xid,
-            commit_lsn = %info.commit_lsn,
-            end_lsn = %info.end_lsn,
-            changes = tx.count,
-            catch_up = tx.catch_up,
-            "transaction handled"
-        );
-        self.ack.ack(info.end_lsn);
-        self.ack.status().transaction_handled(tx.commit_micros);
-    }
-
-    /// Closes readers whose oldest unwritten frame is older than
-    /// [`HubConfig::max_reader_lag`], and — when the fan-out has been paused
-    /// for [`HubConfig::max_pause`] — the furthest-behind reader.
-    pub fn check_readers(&mut self) {
-        let now = outbox::now_ms();
-        let limit = self.config.max_reader_lag;
-        let mut worst: Option<(ConnId, Duration, usize)> = None;
-        for (&conn, list) in &self.by_conn {
-            let Some(sub) = list.first().and_then(|&i| self.subs[i].as_ref()) else { continue };
-            let lag = sub.outbox.lag(now);
-            if lag > limit {
-                if sub.outbox.close_now(CloseReason::reader_lag(lag, limit)) {
-                    self.stats.lagging_readers_closed.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(conn, lag_ms = lag.as_millis() as u64, "closing a reader that fell behind");
-                }
-                self.doomed.push(conn);
-                continue;
-            }
-            let held = sub.outbox.held();
-            if held > 0 && worst.is_none_or(|(_, l, h)| (lag, held) > (l, h)) {
-                worst = Some((conn, lag, held));
-            }
-        }
-        if let (Some(since), Some((conn, lag, held))) = (self.paused_since, worst) {
-            let paused = since.elapsed();
-            if paused >= self.config.max_pause && self.budget.exhausted() {
-                let reason = CloseReason::furthest_behind(paused, self.budget.limit());
-                if let Some(sub) = self.by_conn.get(&conn).and_then(|l| l.first()).and_then(|&i| self.subs[i].as_ref())
-                {
-                    sub.outbox.close_now(reason);
-                }
-                self.stats.furthest_behind_closed.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(
-                    conn,
-                    lag_ms = lag.as_millis() as u64,
-                    held,
-                    "outbox budget full too long; closing the furthest-behind reader"
-                );
-                self.doomed.push(conn);
-                // The next pause is measured from here.
-                self.paused_since = Some(Instant::now());
-            }
-        }
-        self.reap();
     }
 
     /// Drops connections whose outbox overflowed during this step.
