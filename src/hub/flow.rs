@@ -246,8 +246,8 @@ impl Core {
     }
 
     /// Closes readers whose oldest unwritten frame is older than
-    /// [`HubConfig::max_reader_lag`], and — when the fan-out has been paused
-    /// for [`HubConfig::max_pause`] — the furthest-behind reader.
+    /// [`HubConfig::max_reader_lag`](super::HubConfig::max_reader_lag), and — when the fan-out has been paused
+    /// for [`HubConfig::max_pause`](super::HubConfig::max_pause) — the furthest-behind reader.
     pub fn check_readers(&mut self) {
         let now = outbox::now_ms();
         let limit = self.config.max_reader_lag;

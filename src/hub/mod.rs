@@ -14,7 +14,7 @@
 //!
 //! # Per transaction
 //!
-//! 1. Changes are collected until Commit in a [`ChangeLog`]: in memory up to
+//! 1. Changes are collected until Commit in a [`ChangeLog`](crate::spill::ChangeLog): in memory up to
 //!    [`HubConfig::max_tx_bytes`], the rest spilled to disk (see
 //!    [`crate::spill`]). Nothing of a transaction is delivered before its
 //!    Commit is known, whatever its size.
