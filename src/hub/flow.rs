@@ -258,6 +258,7 @@ impl Core {
             if lag > limit {
                 if sub.outbox.close_now(CloseReason::reader_lag(lag, limit)) {
                     self.stats.lagging_readers_closed.fetch_add(1, Ordering::Relaxed);
+                    self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(conn, lag_ms = lag.as_millis() as u64, "closing a reader that fell behind");
                 }
                 self.doomed.push(conn);
@@ -277,6 +278,7 @@ impl Core {
                     sub.outbox.close_now(reason);
                 }
                 self.stats.furthest_behind_closed.fetch_add(1, Ordering::Relaxed);
+                self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
                     conn,
                     lag_ms = lag.as_millis() as u64,

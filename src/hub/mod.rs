@@ -240,7 +240,8 @@ pub struct HubStats {
     pub deliveries: AtomicU64,
     /// Distinct frames serialized.
     pub frames_built: AtomicU64,
-    /// Connections closed as slow consumers (all reasons).
+    /// Connections the hub closed as slow consumers (reader lag or furthest
+    /// behind; the session counts write stalls and reply floods).
     pub slow_consumers: AtomicU64,
     /// Of those, closed for reader lag.
     pub lagging_readers_closed: AtomicU64,
@@ -650,14 +651,12 @@ impl Core {
         }
     }
 
-    /// Drops connections whose outbox overflowed during this step.
+    /// Drops the subscriptions of connections closed during this step.
     fn reap(&mut self) {
         while let Some(conn) = self.doomed.pop() {
-            if self.by_conn.contains_key(&conn) {
-                self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(conn, "closing a slow consumer");
-                self.remove_conn(conn);
-            }
+            // Counted where the close was decided (reader checks here, write
+            // stalls and reply floods in the session).
+            self.remove_conn(conn);
         }
     }
 

@@ -174,6 +174,11 @@ impl CloseReason {
         }
     }
 
+    /// 1013: a write to the socket made no progress within `timeout`.
+    pub fn write_stalled(timeout: Duration) -> CloseReason {
+        CloseReason { code: 1013, reason: format!("slow consumer: the socket took no data for {}s", timeout.as_secs()) }
+    }
+
     /// 1001 "going away": the server is shutting down.
     pub fn shutdown() -> CloseReason {
         CloseReason { code: 1001, reason: "server shutting down".into() }

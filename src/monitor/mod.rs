@@ -235,8 +235,18 @@ impl Monitor {
         );
         w.counter(
             "walcast_slow_consumer_closes_total",
-            "Connections closed as slow consumers (reader lag, furthest behind in a long pause, unread replies).",
-            load(&h.slow_consumers),
+            "Connections closed with 1013 as slow consumers, all reasons (the four counters below).",
+            load(&h.slow_consumers) + load(&r.write_stalls) + load(&r.reply_floods),
+        );
+        w.counter(
+            "walcast_write_stall_closes_total",
+            "Sockets closed because a write made no progress within the write timeout (10 s).",
+            load(&r.write_stalls),
+        );
+        w.counter(
+            "walcast_reply_flood_closes_total",
+            "Sockets closed because they sent requests without reading 1 MiB of replies.",
+            load(&r.reply_floods),
         );
         w.counter(
             "walcast_reader_lag_closes_total",

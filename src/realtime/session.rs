@@ -43,7 +43,7 @@ use super::catalog::Catalog;
 use super::join::{self, JoinRequest};
 use super::protocol::{self, Message};
 use super::Limits;
-use crate::hub::{CloseReason, ConnId, Control, HubHandle, Outbox, Subscription, Vsn};
+use crate::hub::{CloseReason, ConnId, Control, HubHandle, Outbox, PushError, Subscription, Vsn};
 
 /// What every session shares.
 #[derive(Debug)]
@@ -87,7 +87,13 @@ pub struct RealtimeStats {
     pub tokens_expired: AtomicU64,
     /// Slow consumers whose close frame the socket could not take in time
     /// (the connection was dropped without it).
-    pub close_frames_dropped: Arc<AtomicU64>,
+    pub close_frames_dropped: AtomicU64,
+    /// Sockets closed because a write made no progress within the write
+    /// timeout (1013).
+    pub write_stalls: AtomicU64,
+    /// Sockets closed because they sent requests without reading the
+    /// replies (1013).
+    pub reply_floods: AtomicU64,
 }
 
 /// Seconds since the Unix epoch.
@@ -170,12 +176,7 @@ pub async fn run<S>(
     ctx.stats.sockets_total.fetch_add(1, Ordering::Relaxed);
     let outbox = Arc::new(Outbox::with_budget(ctx.limits.outbox, Arc::clone(&ctx.hub.budget)));
     let (sink, mut stream) = ws.split();
-    let mut writer = tokio::spawn(write_loop(
-        sink,
-        Arc::clone(&outbox),
-        ctx.limits.write_timeout,
-        Arc::clone(&ctx.stats.close_frames_dropped),
-    ));
+    let mut writer = tokio::spawn(write_loop(sink, Arc::clone(&outbox), Arc::clone(&ctx)));
     let mut session = Session {
         joins: JoinBucket { tokens: f64::from(ctx.limits.join_burst), last: Instant::now() },
         ctx,
@@ -236,7 +237,9 @@ impl Session {
     fn push(&self, frame: Bytes) {
         // Too many unread replies close the connection; the writer then
         // ends the session.
-        let _ = self.outbox.push_reply(frame);
+        if self.outbox.push_reply(frame) == Err(PushError::Full) {
+            self.ctx.stats.reply_floods.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn read_error(&self, err: &tungstenite::Error) -> End {
@@ -525,18 +528,19 @@ impl Session {
 /// Drains the outbox to the socket: every queued frame, then one flush,
 /// then the outbox is told they were written (their budget is released); on
 /// close, a close frame with the outbox's reason. Each frame and each flush
-/// must make progress within `write_timeout`, else the socket is dropped
-/// (a large batch on a slow link is fine while it moves). A close frame the
-/// socket cannot take in time is dropped with the socket and counted in
-/// `close_frames_dropped`.
+/// must make progress within the write timeout: a stalled write closes the
+/// outbox as a slow consumer (1013, counted in `write_stalls`) and the
+/// writer goes on to the close frame (a large batch on a slow link is fine
+/// while it moves). A close frame the socket cannot take within the write
+/// timeout is dropped with the socket and counted in `close_frames_dropped`.
 async fn write_loop<S>(
     mut sink: futures::stream::SplitSink<WebSocketStream<S>, WsMessage>,
     outbox: Arc<Outbox>,
-    write_timeout: Duration,
-    close_frames_dropped: Arc<AtomicU64>,
+    ctx: Arc<SessionContext>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let write_timeout = ctx.limits.write_timeout;
     let mut batch = Vec::new();
     loop {
         match outbox.next_batch(&mut batch).await {
@@ -544,24 +548,35 @@ async fn write_loop<S>(
                 let write = async {
                     for frame in batch.drain(..) {
                         // Frames are JSON built by serde_json or the hub's writer: always UTF-8.
-                        let Ok(text) = Utf8Bytes::try_from(frame) else { return false };
+                        let Ok(text) = Utf8Bytes::try_from(frame) else { return Some(false) };
                         match tokio::time::timeout(write_timeout, sink.feed(WsMessage::Text(text))).await {
                             Ok(Ok(())) => {}
-                            Ok(Err(_)) | Err(_) => return false,
+                            Ok(Err(_)) => return Some(false),
+                            Err(_) => return None,
                         }
                     }
-                    matches!(tokio::time::timeout(write_timeout, sink.flush()).await, Ok(Ok(())))
+                    match tokio::time::timeout(write_timeout, sink.flush()).await {
+                        Ok(Ok(())) => Some(true),
+                        Ok(Err(_)) => Some(false),
+                        Err(_) => None,
+                    }
                 };
                 tokio::select! {
                     biased;
                     // Closed as a slow consumer while the socket is full: drop
                     // the rest of the batch and go to the close frame.
                     () = outbox.discarded() => {}
-                    written = write => {
-                        if !written {
-                            return;
+                    written = write => match written {
+                        Some(true) => {}
+                        // The socket failed: nothing more can be sent.
+                        Some(false) => return,
+                        // No progress within the write timeout.
+                        None => {
+                            if outbox.close_now(CloseReason::write_stalled(write_timeout)) {
+                                ctx.stats.write_stalls.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
-                    }
+                    },
                 }
                 batch.clear();
                 outbox.written();
@@ -585,7 +600,7 @@ async fn write_loop<S>(
                 })
                 .await;
                 if !matches!(sent, Ok(Ok(()))) && reason.code == 1013 {
-                    close_frames_dropped.fetch_add(1, Ordering::Relaxed);
+                    ctx.stats.close_frames_dropped.fetch_add(1, Ordering::Relaxed);
                 }
                 return;
             }

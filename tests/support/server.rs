@@ -148,6 +148,20 @@ impl Ws {
         Ws { ws, vsn: vsn.unwrap_or(Vsn::V1), next_ref: 0 }
     }
 
+    /// As [`Ws::connect`] (vsn 2.0.0) over a socket whose receive buffer is
+    /// `rcvbuf` bytes: setting it turns off the kernel's autotuning (up to
+    /// `tcp_rmem`'s maximum, 32 MiB here), so a client that stops reading
+    /// stalls the server's writes after a few kilobytes.
+    pub async fn connect_small_window(addr: SocketAddr, path: &str, apikey: &str, rcvbuf: u32) -> Ws {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(rcvbuf).unwrap();
+        let stream = socket.connect(addr).await.expect("tcp connects");
+        let url = format!("ws://{addr}{path}?apikey={apikey}&vsn=2.0.0");
+        let (ws, _) =
+            tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await.expect("websocket connects");
+        Ws { ws, vsn: Vsn::V2, next_ref: 0 }
+    }
+
     /// A fresh ref.
     pub fn make_ref(&mut self) -> String {
         self.next_ref += 1;
