@@ -303,11 +303,15 @@ impl SourceArgs {
     }
 }
 
-/// Installs the global tracing subscriber (`RUST_LOG`, default `info`).
+/// Installs the global tracing subscriber (`RUST_LOG`, default `info`),
+/// writing to stderr, with colours only when stderr is a terminal (and
+/// `NO_COLOR` is unset).
 pub(crate) fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let colours = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colours);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -602,7 +606,7 @@ async fn record(
 async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     use std::str::FromStr;
     let config = walcast::pgconn::PgConfig::from_str(url).context("the database URL")?;
-    walcast::pgconn::connect(&config).await.context("connecting to PostgreSQL")
+    Ok(walcast::pgconn::connect_described(&config).await?)
 }
 
 async fn migrate(url: &str, migrations: &Migrations) -> anyhow::Result<()> {
