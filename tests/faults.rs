@@ -503,6 +503,12 @@ async fn replication_revoked_is_a_definite_error() {
     let mut relay = RelayProcess::spawn(&url, &slot, &[]);
     let line = expect_exit(&mut relay, &["row-level security", "dealer_memberships", "BYPASSRLS"]).await;
     assert!(relay.stderr_lines().iter().all(|l| !l.contains(password)), "the password stays out of the logs");
+    let slots: i64 = client
+        .query_one("select count(*) from pg_replication_slots where slot_name = $1", &[&slot])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0, "the failed start left no slot behind");
     println!("role without BYPASSRLS: {line}");
 
     // With BYPASSRLS (the documented role): ready, every membership loaded.

@@ -245,6 +245,19 @@ pub enum ConfigError {
     /// An empty name.
     #[error("{0} must not be empty")]
     Empty(&'static str),
+    /// `walcast serve` (or `check`) without a database.
+    #[error(
+        "no database configured: set DATABASE_URL (--database-url), or DB_HOST with DB_PORT, DB_USER, \
+         DB_PASSWORD, DB_NAME (--db-host …), or database_url / db_host in a --config file; \
+         `walcast` without a subcommand and without a database runs the demo"
+    )]
+    NoDatabase,
+    /// A JWT key given to the demo, which signs its own tokens.
+    #[error(
+        "--jwt-secret / --jwks (API_JWT_SECRET, API_JWT_JWKS) need a database: the demo (no DATABASE_URL, DB_HOST \
+         or --config database) signs its tokens with its own secret; configure a database, or drop the key"
+    )]
+    DemoJwtKey,
     /// The policy file cannot be used.
     #[error("policy file {path}: {detail}")]
     Policy {
@@ -260,7 +273,10 @@ pub enum ConfigError {
 pub enum Database {
     /// A configured server.
     Url(Box<PgConfig>),
-    /// None configured: the embedded demo.
+    /// None configured (no `DATABASE_URL`, `DB_HOST` or database in the
+    /// file): only bare `walcast` turns this into the embedded demo
+    /// ([`Settings::demo`]); everything else refuses it
+    /// ([`Settings::require_database`]).
     Embedded,
 }
 
@@ -285,7 +301,8 @@ pub struct Settings {
     pub slot: String,
     /// Publication.
     pub publication: String,
-    /// Listen address.
+    /// Listen address: as given, else `0.0.0.0` with a database and
+    /// `127.0.0.1` without (the demo).
     pub host: IpAddr,
     /// Listen port.
     pub port: u16,
@@ -426,12 +443,18 @@ impl Settings {
             }
             monitoring.ready_max_lag = (secs > 0.0).then(|| Duration::from_secs_f64(secs));
         }
+        // The demo serves tokens and data anyone could use: loopback
+        // unless an address is asked for.
+        let host = merged.host.unwrap_or(match database {
+            Database::Embedded => IpAddr::from([127, 0, 0, 1]),
+            Database::Url(_) => IpAddr::from([0, 0, 0, 0]),
+        });
         Ok(Settings {
             monitoring,
             database,
             slot,
             publication,
-            host: merged.host.unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            host,
             port: merged.port.unwrap_or(DEFAULT_PORT),
             auth,
             policy,
@@ -477,6 +500,35 @@ impl Settings {
             conninfo.push_str(&format!(" sslmode={mode}"));
         }
         PgConfig::from_str(&conninfo).map(|c| Database::Url(Box::new(c))).map_err(ConfigError::DatabaseUrl)
+    }
+
+    /// The configured database, for everything but the demo.
+    ///
+    /// # Errors
+    /// [`ConfigError::NoDatabase`] (naming `DATABASE_URL`, `DB_HOST` and
+    /// `--config`) when none is configured.
+    pub fn require_database(&self) -> Result<&PgConfig, ConfigError> {
+        match &self.database {
+            Database::Url(config) => Ok(config),
+            Database::Embedded => Err(ConfigError::NoDatabase),
+        }
+    }
+
+    /// Whether these settings run the demo (bare `walcast`): `Ok(true)` when
+    /// no database is configured, `Ok(false)` when one is.
+    ///
+    /// # Errors
+    /// [`ConfigError::DemoJwtKey`] when no database is configured but a JWT
+    /// key is: the demo signs its own tokens, and a key given for
+    /// production must not silently start a demo.
+    pub fn demo(&self) -> Result<bool, ConfigError> {
+        match self.database {
+            Database::Url(_) => Ok(false),
+            Database::Embedded if self.auth.jwt_secret.is_some() || self.auth.jwks.is_some() => {
+                Err(ConfigError::DemoJwtKey)
+            }
+            Database::Embedded => Ok(true),
+        }
     }
 
     /// The server configuration for a database connection.
@@ -528,6 +580,43 @@ mod tests {
         assert!(matches!(settings.database, Database::Embedded));
         assert_eq!((settings.port, settings.slot.as_str()), (DEFAULT_PORT, DEFAULT_SLOT));
         assert_eq!(settings.demo_writer, Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn the_demo_only_without_a_database_on_loopback_and_without_keys() {
+        // No database: the demo, on 127.0.0.1 unless a host is given.
+        let demo = Settings::resolve(FileConfig::default(), None).unwrap();
+        assert!(demo.demo().unwrap());
+        assert_eq!(demo.host, IpAddr::from([127, 0, 0, 1]));
+        let err = demo.require_database().unwrap_err().to_string();
+        for name in ["DATABASE_URL", "DB_HOST", "--config"] {
+            assert!(err.contains(name), "{err}");
+        }
+        let everywhere = FileConfig { host: Some(IpAddr::from([0, 0, 0, 0])), ..FileConfig::default() };
+        assert_eq!(Settings::resolve(everywhere, None).unwrap().host, IpAddr::from([0, 0, 0, 0]));
+        // A JWT key without a database is a mistake, not a demo.
+        for keyed in [
+            FileConfig { jwt_secret: Some("s".into()), ..FileConfig::default() },
+            FileConfig { jwt_jwks: Some("{}".into()), ..FileConfig::default() },
+        ] {
+            let settings = Settings::resolve(keyed, None).unwrap();
+            assert!(matches!(settings.demo(), Err(ConfigError::DemoJwtKey)));
+            assert!(matches!(settings.require_database(), Err(ConfigError::NoDatabase)));
+        }
+        // A database from the URL, DB_HOST or the file: no demo, all interfaces.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("walcast.toml");
+        std::fs::write(&path, "db_host = \"db.example.com\"\n").unwrap();
+        for (given, file) in [
+            (FileConfig { database_url: Some("postgres://u@h/db".into()), ..given() }, None),
+            (FileConfig { db_host: Some("h".into()), ..given() }, None),
+            (given(), Some(path.as_path())),
+        ] {
+            let settings = Settings::resolve(given, file).unwrap();
+            assert!(!settings.demo().unwrap());
+            assert!(settings.require_database().is_ok());
+            assert_eq!(settings.host, IpAddr::from([0, 0, 0, 0]));
+        }
     }
 
     #[test]

@@ -189,6 +189,89 @@ pub fn describe(err: &tokio_postgres::Error) -> String {
     text
 }
 
+/// Why a tokio-postgres call failed, once: the server's message for a
+/// database error (`password authentication failed for user "walcast"`),
+/// else the direct cause (`Connection refused (os error 111)`, a
+/// [`TlsError`] naming the fix), else the error itself. For messages that
+/// must not repeat themselves (unlike [`describe`], which lists the chain).
+pub fn cause(err: &tokio_postgres::Error) -> String {
+    if let Some(db) = err.as_db_error() {
+        return db.message().to_owned();
+    }
+    match std::error::Error::source(err) {
+        Some(source) => source.to_string(),
+        None => err.to_string(),
+    }
+}
+
+/// Where `config` connects: `host:port` per host, comma-separated (a Unix
+/// socket host as its directory). Never the user's password.
+pub fn target(config: &PgConfig) -> String {
+    let pg = &config.postgres;
+    let ports = pg.get_ports();
+    let hosts: Vec<String> = pg
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let port = ports.get(i).or_else(|| ports.first()).copied().unwrap_or(5432);
+            match host {
+                Host::Tcp(name) => format!("{name}:{port}"),
+                Host::Unix(dir) => format!("{}:{port}", dir.display()),
+            }
+        })
+        .collect();
+    if hosts.is_empty() {
+        "(no host)".to_owned()
+    } else {
+        hosts.join(", ")
+    }
+}
+
+/// A connection attempt failed: where, as whom and why, in one message and
+/// without a `source` (so printing the error chain does not repeat the
+/// cause). Never the password or the connection string.
+#[derive(Debug, thiserror::Error)]
+#[error("connecting to PostgreSQL at {target} as {user} failed: {cause}")]
+pub struct ConnectError {
+    /// `host:port` ([`target`]).
+    pub target: String,
+    /// The user.
+    pub user: String,
+    /// Why ([`cause`]).
+    pub cause: String,
+    /// The error itself, for its kind and SQLSTATE.
+    error: tokio_postgres::Error,
+}
+
+impl ConnectError {
+    /// The underlying error.
+    pub fn pg_error(&self) -> &tokio_postgres::Error {
+        &self.error
+    }
+
+    /// Whether retrying may help: the server was unreachable, as opposed to
+    /// refusing the connection (authentication, a missing database or role).
+    pub fn is_transient(&self) -> bool {
+        self.error.as_db_error().is_none()
+    }
+}
+
+/// [`connect`], with an error that names the server, the user and the
+/// reason ([`ConnectError`]): for a first connection, whose failure the
+/// operator reads.
+///
+/// # Errors
+/// [`ConnectError`].
+pub async fn connect_described(config: &PgConfig) -> Result<tokio_postgres::Client, ConnectError> {
+    connect(config).await.map_err(|error| ConnectError {
+        target: target(config),
+        user: config.postgres.get_user().unwrap_or("(no user)").to_owned(),
+        cause: cause(&error),
+        error,
+    })
+}
+
 /// A connection string: everything tokio-postgres understands, plus the TLS
 /// settings (see the module doc).
 #[derive(Clone)]

@@ -293,6 +293,35 @@ impl Columns {
     }
 }
 
+/// The query [`load`] reads the table with.
+fn select_sql(table: &MembershipTable) -> String {
+    let ident = crate::replication::slot::quote_ident;
+    let role = table.role_column.as_deref().map_or_else(|| "NULL".to_owned(), |r| format!("{}::text", ident(r)));
+    format!(
+        "SELECT {}::text, {}::text, {}::text, {role} FROM {}.{}",
+        ident(&table.key_column),
+        ident(&table.user_column),
+        ident(&table.dealership_column),
+        ident(&table.schema),
+        ident(&table.table)
+    )
+}
+
+/// Whether [`load`] would work, without reading a row: the same query under
+/// the same settings with `LIMIT 0`. PostgreSQL checks the table, the
+/// columns and row level security when it plans the query, so a role that
+/// [`load`] would refuse is refused here — before a replication slot exists.
+///
+/// # Errors
+/// As [`load`].
+pub async fn check_readable(client: &mut tokio_postgres::Client, table: &MembershipTable) -> Result<(), PolicyError> {
+    let tx = client.build_transaction().read_only(true).start().await?;
+    tx.batch_execute("SET LOCAL row_security = off").await?;
+    tx.query(&format!("{} LIMIT 0", select_sql(table)), &[]).await.map_err(|e| PolicyError::load(e, table))?;
+    tx.rollback().await?;
+    Ok(())
+}
+
 /// Loads the table into `cache` (which is cleared first).
 ///
 /// With `snapshot` (the name a new slot exported, and its consistent point)
@@ -329,17 +358,7 @@ pub async fn load(
     // miss changes; with row_security off, PostgreSQL refuses such a read
     // instead (42501), and the error names the fix.
     tx.batch_execute("SET LOCAL row_security = off").await?;
-    let ident = crate::replication::slot::quote_ident;
-    let role = table.role_column.as_deref().map_or_else(|| "NULL".to_owned(), |r| format!("{}::text", ident(r)));
-    let sql = format!(
-        "SELECT {}::text, {}::text, {}::text, {role} FROM {}.{}",
-        ident(&table.key_column),
-        ident(&table.user_column),
-        ident(&table.dealership_column),
-        ident(&table.schema),
-        ident(&table.table)
-    );
-    let rows = tx.query(&sql, &[]).await.map_err(|e| PolicyError::load(e, table))?;
+    let rows = tx.query(&select_sql(table), &[]).await.map_err(|e| PolicyError::load(e, table))?;
     let lsn = match snapshot {
         Some((_, point)) => point,
         None => {

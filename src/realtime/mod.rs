@@ -88,8 +88,8 @@ impl Limits {
 #[derive(Debug, thiserror::Error)]
 pub enum RealtimeError {
     /// The published tables could not be read (transient: PostgreSQL unreachable).
-    #[error("reading the published tables failed: {0}")]
-    Catalog(#[source] tokio_postgres::Error),
+    #[error("reading the published tables failed: {}", crate::pgconn::cause(.0))]
+    Catalog(tokio_postgres::Error),
     /// The listener could not be bound (definite: pick a free port).
     #[error("cannot listen on {addr}: {source}; choose another --port or free this one")]
     Bind {

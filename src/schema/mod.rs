@@ -212,6 +212,9 @@ pub async fn ensure_database(admin: &Client, name: &str) -> Result<bool, tokio_p
 /// file is rolled back, earlier files of this run stay applied).
 pub async fn migrate(client: &mut Client, migrations: &Migrations) -> Result<MigrationReport, SchemaError> {
     let db = |what| move |source| SchemaError::Database { what, source };
+    // `drop policy if exists`, `create … if not exists` and friends send a
+    // NOTICE for each thing they skip; the operator only needs warnings.
+    client.batch_execute("set client_min_messages = warning").await.map_err(db("set client_min_messages"))?;
     client
         .batch_execute(
             "create schema if not exists walcast;
@@ -235,6 +238,7 @@ pub async fn migrate(client: &mut Client, migrations: &Migrations) -> Result<Mig
         .map_err(db("release the migration lock"));
     let report = result?;
     unlock?;
+    client.batch_execute("reset client_min_messages").await.map_err(db("reset client_min_messages"))?;
     Ok(report)
 }
 

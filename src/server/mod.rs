@@ -2,9 +2,12 @@
 //! WebSocket sessions — started and stopped in order.
 //!
 //! ```text
-//!  Server::start: verifier (config errors first) → catalog (SQL) → Relay::start
-//!                 (memberships loaded, streaming) → bind → slot watchdog,
-//!                 monitor → accept loop
+//!  Server::start: verifier (config errors first) → preflight (SQL: connect,
+//!                 membership table readable, does the slot exist?) → catalog
+//!                 (SQL) → Relay::start (slot created if missing, memberships
+//!                 loaded, streaming) → bind → slot watchdog, monitor → accept
+//!                 loop; a failure after the preflight drops the slot if this
+//!                 start created it
 //!  Server::shutdown: watchdog aborted → stop accepting → sockets closed with
 //!                 1001 (queues drained, deadline) → replication stopped with
 //!                 a final standby status update → hub and stages joined
@@ -12,9 +15,18 @@
 //!
 //! The listener binds only after the relay streams, so a client that can
 //! connect gets every change committed after its "Subscribed to PostgreSQL".
+//!
+//! A failed start leaves nothing behind: every check that needs no slot runs
+//! before the relay creates one, and a slot this start created is dropped
+//! when a later step fails (else it would hold WAL until someone drops it).
+//! A slot that existed before the start is never dropped. "Created by this
+//! start" means missing at the preflight; a second walcast creating the same
+//! slot in between is not told apart, but its slot is active, and an active
+//! slot is not dropped (the drop gives up after [`SLOT_DROP_WAIT`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::net::TcpListener;
@@ -25,6 +37,7 @@ use tracing::Instrument;
 use crate::http::{self, HttpContext};
 use crate::monitor::watchdog::{self, SlotWatch};
 use crate::monitor::{Monitor, MonitorConfig};
+use crate::pgconn::{ConnectError, PgConfig};
 use crate::realtime::auth::{AuthConfig, Verifier};
 use crate::realtime::catalog::Catalog;
 use crate::realtime::{Limits, RealtimeError, SessionContext};
@@ -70,7 +83,22 @@ pub enum ServeError {
     /// The realtime layer failed.
     #[error(transparent)]
     Realtime(#[from] RealtimeError),
+    /// The first connection failed (names the server, the user and why).
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// A start-up query failed.
+    #[error("{what} failed: {}", crate::pgconn::cause(.error))]
+    Database {
+        /// What was being done.
+        what: &'static str,
+        /// The error (its message is in ours, so it is no `source`).
+        error: tokio_postgres::Error,
+    },
 }
+
+/// How long a failed start waits for its own walsender to release the slot
+/// it created before dropping it.
+pub const SLOT_DROP_WAIT: Duration = Duration::from_secs(10);
 
 /// A running server.
 #[derive(Debug)]
@@ -93,6 +121,18 @@ impl Server {
     /// or the port in use.
     pub async fn start(config: ServeConfig) -> Result<Server, ServeError> {
         let verifier = Verifier::new(&config.auth).map_err(RealtimeError::from)?;
+        let connection = config.relay.source.connection.clone();
+        let slot = config.relay.source.slot.slot.clone();
+        let slot_existed = preflight(&config).await?;
+        let result = Server::start_checked(config, verifier).await;
+        if result.is_err() && !slot_existed {
+            drop_created_slot(&connection, &slot).await;
+        }
+        result
+    }
+
+    /// [`Server::start`] after the preflight.
+    async fn start_checked(config: ServeConfig, verifier: Verifier) -> Result<Server, ServeError> {
         let catalog =
             Catalog::load(config.relay.source.connection.clone(), &config.relay.source.slot.publications).await?;
         let relay = Relay::start(config.relay.clone()).await?;
@@ -188,5 +228,73 @@ impl Server {
         let _ = self.http.await;
         self.relay.stop().await?;
         Ok(())
+    }
+}
+
+/// The start-up checks that need no slot, run before anything is created:
+/// the database accepts the connection, and the membership table is
+/// readable in full by the role (see
+/// [`check_readable`](crate::policy::membership::check_readable)). Returns
+/// whether the slot exists already.
+///
+/// # Errors
+/// The first check that failed.
+async fn preflight(config: &ServeConfig) -> Result<bool, ServeError> {
+    let mut client = crate::pgconn::connect_described(&config.relay.source.connection).await?;
+    crate::policy::membership::check_readable(&mut client, &config.relay.policy.memberships)
+        .await
+        .map_err(RelayError::from)?;
+    let row = client
+        .query_one(
+            "select exists (select 1 from pg_catalog.pg_replication_slots where slot_name = $1)",
+            &[&config.relay.source.slot.slot],
+        )
+        .await
+        .map_err(|error| ServeError::Database { what: "looking up the replication slot", error })?;
+    Ok(row.get(0))
+}
+
+/// Drops `slot`, which the failed start created, so it holds no WAL. The
+/// start's walsender may still be ending: an active slot is retried for up
+/// to [`SLOT_DROP_WAIT`]. Failures are logged, not returned (the start's own
+/// error is the one to report).
+async fn drop_created_slot(connection: &PgConfig, slot: &str) {
+    let client = match crate::pgconn::connect_described(connection).await {
+        Ok(client) => client,
+        Err(err) => {
+            tracing::warn!(slot, error = %err, "the replication slot this failed start created may remain");
+            return;
+        }
+    };
+    let deadline = tokio::time::Instant::now() + SLOT_DROP_WAIT;
+    loop {
+        let dropped = client
+            .execute(
+                "select pg_catalog.pg_drop_replication_slot(slot_name) from pg_catalog.pg_replication_slots \
+                 where slot_name = $1",
+                &[&slot],
+            )
+            .await;
+        match dropped {
+            Ok(0) => return,
+            Ok(_) => {
+                tracing::info!(slot, "dropped the replication slot this failed start created");
+                return;
+            }
+            Err(err)
+                if err.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE)
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(err) => {
+                tracing::warn!(
+                    slot,
+                    error = %crate::pgconn::cause(&err),
+                    "could not drop the replication slot this failed start created; it holds WAL until dropped"
+                );
+                return;
+            }
+        }
     }
 }
