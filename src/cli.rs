@@ -540,25 +540,33 @@ fn replay_fanout(
     Ok(())
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is
+/// called, not when the future is first polled: a signal that arrives right
+/// after the "serving" line must stop the process cleanly, not kill it.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let interrupt = signal(SignalKind::interrupt()).ok();
+        let terminate = signal(SignalKind::terminate()).ok();
+        async move {
+            let wait = |s: Option<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                () = wait(interrupt) => {}
+                () = wait(terminate) => {}
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
+    async {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 
@@ -566,8 +574,9 @@ async fn shutdown_signal() {
 async fn serve(settings: walcast::config::Settings) -> anyhow::Result<()> {
     let connection = settings.require_database()?.clone();
     let server = walcast::server::Server::start(settings.serve_config(connection)).await?;
+    let stop = shutdown_signal();
     println!("walcast serving on ws://{}/realtime/v1/websocket", server.local_addr());
-    server.run_until(shutdown_signal()).await?;
+    server.run_until(stop).await?;
     Ok(())
 }
 
@@ -669,6 +678,7 @@ async fn serve_demo(mut settings: walcast::config::Settings) -> anyhow::Result<(
     let (stop_writer, writer_shutdown) = tokio::sync::watch::channel(false);
     let writer = demo.spawn_writer(writer_shutdown);
     let addr = server.local_addr();
+    let stop = shutdown_signal();
     println!("walcast serving on ws://{addr}/realtime/v1/websocket");
     // Bound to every interface: show the loopback address, which works here.
     let shown =
@@ -690,7 +700,7 @@ async fn serve_demo(mut settings: walcast::config::Settings) -> anyhow::Result<(
         }
         None => println!("no demo writer (--demo-writer-secs 0); Ctrl-C stops everything"),
     }
-    let result = server.run_until(shutdown_signal()).await;
+    let result = server.run_until(stop).await;
     let _ = stop_writer.send(true);
     if let Some(writer) = writer {
         let _ = writer.await;
