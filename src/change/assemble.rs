@@ -567,9 +567,9 @@ impl Assembler {
             Some(spill) => spill.clone(),
             None => {
                 // Assembler::new: logs never outgrow memory, so this
-                // directory stays empty. Not the relay's spill directory:
-                // Spill::new removes the *.spill files it finds.
-                let dir = std::env::temp_dir().join(format!("walcast-assembler-{}", std::process::id()));
+                // directory (one of its own, removed with the spill) stays
+                // empty.
+                let dir = crate::spill::temporary_dir();
                 let spill = Spill::new(SpillConfig { dir, disk_budget: crate::spill::DEFAULT_DISK_BUDGET })?;
                 self.spill.insert(spill).clone()
             }

@@ -116,6 +116,25 @@ struct Shared {
     _lock: File,
 }
 
+impl Drop for Shared {
+    /// A spill under a [`temporary_dir`] of this process removes its
+    /// directory (and the temporary one, once empty); configured
+    /// directories stay.
+    fn drop(&mut self) {
+        let prefix = format!("walcast-spill-{}-", std::process::id());
+        let tmp = std::env::temp_dir();
+        let Some(root) = self.dir.ancestors().find(|a| {
+            a.parent() == Some(tmp.as_path()) && a.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
+        }) else {
+            return;
+        };
+        let _ = std::fs::remove_dir_all(&self.dir);
+        if root != self.dir {
+            let _ = std::fs::remove_dir(root);
+        }
+    }
+}
+
 /// Takes `<dir>/lock` exclusively, so two processes (or two relays in one
 /// process) never share a spill directory and remove each other's files.
 fn lock_dir(dir: &Path) -> Result<File, SpillError> {

@@ -150,6 +150,15 @@ fn a_directory_is_used_by_one_spill_at_a_time() {
 }
 
 #[test]
+fn a_temporary_spill_removes_its_directory() {
+    let spill = Spill::temporary();
+    let dir = spill.dir().to_owned();
+    assert!(dir.exists());
+    drop(spill);
+    assert!(!dir.exists());
+}
+
+#[test]
 fn leftover_files_are_removed_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let spill_dir = dir.path().join("spill");
