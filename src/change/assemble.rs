@@ -44,7 +44,7 @@ use bytes::Bytes;
 use super::model::{Change, ColumnInfo, Datum, Op, RelationInfo, Row, TxBegin, TxEvent, TxInfo};
 use super::value::{self, ValueKind};
 use crate::pgoutput::{self, Decoder, Message, OldTuple, TupleData, TupleValue};
-use crate::spill::{ChangeLog, Cursor, Spill, SpillConfig, SpillError};
+use crate::spill::{ChangeLog, Cursor, Spill, SpillError};
 
 /// How many streamed transactions get a full per-transaction memory budget
 /// at once: the total memory budget of [`Assembler::with_spill`] is this
@@ -566,11 +566,9 @@ impl Assembler {
         let spill = match &self.spill {
             Some(spill) => spill.clone(),
             None => {
-                // Assembler::new: logs never outgrow memory, so this
-                // directory (one of its own, removed with the spill) stays
-                // empty.
-                let dir = crate::spill::temporary_dir();
-                let spill = Spill::new(SpillConfig { dir, disk_budget: crate::spill::DEFAULT_DISK_BUDGET })?;
+                // Assembler::new: logs never outgrow memory (their budget is
+                // unbounded), so no directory is needed.
+                let spill = Spill::memory_only();
                 self.spill.insert(spill).clone()
             }
         };
@@ -737,7 +735,7 @@ mod tests {
 
     fn spill(disk_budget: u64) -> (tempfile::TempDir, Spill) {
         let dir = tempfile::tempdir().unwrap();
-        let spill = Spill::new(SpillConfig { dir: dir.path().join("spill"), disk_budget }).unwrap();
+        let spill = Spill::new(crate::spill::SpillConfig { dir: dir.path().join("spill"), disk_budget }).unwrap();
         (dir, spill)
     }
 

@@ -113,7 +113,7 @@ struct Shared {
     next: AtomicU64,
     stats: Arc<SpillStats>,
     /// The directory's lock file, held (flock) while this spill lives.
-    _lock: File,
+    _lock: Option<File>,
 }
 
 impl Drop for Shared {
@@ -121,6 +121,9 @@ impl Drop for Shared {
     /// directory (and the temporary one, once empty); configured
     /// directories stay.
     fn drop(&mut self) {
+        if self._lock.is_none() {
+            return;
+        }
         let prefix = format!("walcast-spill-{}-", std::process::id());
         let tmp = std::env::temp_dir();
         let Some(root) = self.dir.ancestors().find(|a| {
@@ -185,7 +188,7 @@ impl Spill {
                 budget: config.disk_budget,
                 next: AtomicU64::new(0),
                 stats: Arc::new(SpillStats::default()),
-                _lock: lock,
+                _lock: Some(lock),
             }),
         })
     }
@@ -206,6 +209,21 @@ pub fn temporary_dir() -> PathBuf {
 }
 
 impl Spill {
+    /// A spill with no directory and no disk budget, for logs whose memory
+    /// budget is unbounded (a push that would go to disk is refused as
+    /// [`SpillError::DiskBudget`]). Touches no file system.
+    pub fn memory_only() -> Spill {
+        Spill {
+            shared: Arc::new(Shared {
+                dir: PathBuf::new(),
+                budget: 0,
+                next: AtomicU64::new(0),
+                stats: Arc::new(SpillStats::default()),
+                _lock: None,
+            }),
+        }
+    }
+
     /// Counters.
     pub fn stats(&self) -> &Arc<SpillStats> {
         &self.shared.stats
