@@ -1,10 +1,21 @@
-//! The live dashboard (`/`, `src/http/dashboard.html`) in headless Chromium: a person picks a
-//! demo user, a change committed in PostgreSQL shows up on the board, a change the user may not
-//! see does not, and a screenshot is kept in `<target>/dashboard.png`.
+//! The live dashboard (`/`, `src/http/dashboard.html`) in headless Chromium.
+//!
+//! - `dashboard_shows_live_changes_in_chromium`: a person picks a demo user; the board starts
+//!   with the orders that user may see (a read through RLS), a change committed in PostgreSQL
+//!   shows up, a change the user may not see does not, a delete takes the card away.
+//! - `dashboard_shows_the_truth_after_switching_users`: with the demo writer changing orders every
+//!   [`WRITER_INTERVAL`], each switch of user empties the event list at once, and within
+//!   [`SYNC_WITHIN`] the board holds exactly the orders (ids, statuses, dealerships) a fresh read
+//!   through RLS as that user returns; the health strip shows numbers from `/metrics`; the
+//!   screenshot is kept in `<target>/dashboard.png`.
+//! - `demo_orders_reads_through_rls_and_is_demo_only`: `GET /demo/orders` answers what RLS lets
+//!   the token's user see, refuses missing, forged and non-API-role tokens, and is not served
+//!   outside demo mode.
 //!
 //! The browser is driven by `tests/clients/dashboard.mjs` (playwright-core and Debian's
 //! `chromium`, both installed by `bash scripts/test-deps.sh`) over its JSON line protocol.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -17,10 +28,17 @@ use tokio_postgres::Client;
 use uuid::Uuid;
 use walcast::demo::{self, DemoInfo};
 
-use crate::support::server::{now, TestServer, SECRET};
+use crate::support::server::{http_get, now, token, TestServer, SECRET};
+use crate::support::{query_as, Who};
 
 /// How long one driver event may take (the driver's own waits give up after 15 s).
 const EVENT_WAIT: Duration = Duration::from_secs(20);
+
+/// How often the demo writer changes something while users are switched.
+const WRITER_INTERVAL: Duration = Duration::from_millis(150);
+
+/// How soon after a switch of user the board must equal a fresh read through RLS.
+const SYNC_WITHIN: Duration = Duration::from_secs(5);
 
 /// The driver process: `tests/clients/dashboard.mjs`.
 struct Dashboard {
@@ -160,6 +178,13 @@ async fn dashboard_shows_live_changes_in_chromium() {
 
     let mut page = Dashboard::open(&format!("http://{}/", server.addr()), "alice").await;
 
+    // The board starts with what alice may see now (nothing writes meanwhile).
+    let truth = rls_orders(&mut server.client, Who::User(alice.id)).await;
+    assert!(!truth.is_empty(), "the demo data has orders alice may see");
+    let board = page.send(json!({"cmd": "board"})).await;
+    assert_eq!(board_orders(&board), truth, "the board after loading is alice's read through RLS");
+    let before = truth.len();
+
     // One order alice may see, one she may not, then a status change of the first.
     let client = &server.client;
     let (north_id, north_number) = insert_order(client, north, user_id(&info, "bob"), "Grace Hopper").await;
@@ -170,12 +195,91 @@ async fn dashboard_shows_live_changes_in_chromium() {
     assert_eq!(seen["ev"], "seen", "{seen}");
     assert_eq!(seen["column"], "NORTH", "{seen}");
     assert_eq!(seen["status"], "in_progress", "{seen}");
-    assert_eq!(seen["order_count"], 1, "only the live change is on the board: {seen}");
+    assert_eq!(seen["order_count"], before + 1, "the read plus the live insert: {seen}");
     assert!(seen["text"].as_str().unwrap().contains("Grace Hopper"), "{seen}");
 
     // The EAST insert was committed before the update just seen, so it would be here by now.
     let absent = page.send(json!({"cmd": "absent", "order_number": east_number, "ms": 800})).await;
     assert_eq!(absent, json!({"ev": "absent", "order_number": east_number, "appeared": false}));
+
+    client.execute("delete from public.orders where id = $1", &[&north_id]).await.unwrap();
+    let gone = page.send(json!({"cmd": "gone", "order_number": north_number})).await;
+    assert_eq!(gone, json!({"ev": "gone", "order_number": north_number, "order_count": before}));
+
+    let console = page.close().await;
+    let errors: Vec<&Value> = console.iter().filter(|e| e["level"] != "warning").collect();
+    assert!(errors.is_empty(), "page console errors: {errors:?}");
+    eprintln!("dashboard live changes test: {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn dashboard_shows_the_truth_after_switching_users() {
+    let started = Instant::now();
+    let info = demo::demo_info(SECRET.as_bytes(), now());
+    let demo_json = serde_json::to_vec(&info).unwrap();
+    let mut server = TestServer::with_config(|config| config.demo_json = Some(demo_json.into())).await;
+    demo::seed(&mut server.client).await.expect("demo data");
+    let (stop_writer, writer_shutdown) = tokio::sync::watch::channel(false);
+    let writer = tokio::spawn(demo::run_writer(server.db.url().to_owned(), WRITER_INTERVAL, writer_shutdown));
+
+    let opened = Instant::now();
+    let mut page = Dashboard::open(&format!("http://{}/", server.addr()), "alice").await;
+    let alice = user_id(&info, "alice");
+    let board =
+        wait_for_truth(&mut page, &mut server.client, "alice", Who::User(alice), Instant::now() + SYNC_WITHIN).await;
+    assert!(!board["orders"].as_array().unwrap().is_empty(), "alice sees orders: {board}");
+    // alice's events pile up: the writer touches her dealerships several times a second.
+    let deadline = Instant::now() + SYNC_WITHIN;
+    while page.send(json!({"cmd": "board"})).await["log"].as_array().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "no event listed for alice within {SYNC_WITHIN:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("opened as alice, synced and with events in {:?}", opened.elapsed());
+
+    let everyone: BTreeSet<String> = info.dealerships.iter().map(|d| d.id.to_string()).collect();
+    let viewers = [
+        ("dave", Who::User(user_id(&info, "dave")), BTreeSet::new()),
+        ("carol", Who::User(user_id(&info, "carol")), BTreeSet::from([dealership(&info, "EAST").to_string()])),
+        ("service role", Who::Service, everyone),
+    ];
+    for (name, who, visible) in viewers {
+        let switched_at = Instant::now();
+        let switched = page.send(json!({"cmd": "switch", "user": name})).await;
+        assert_eq!(
+            switched,
+            json!({"ev": "switched", "user": name, "log_count": 0, "order_count": 0}),
+            "the previous viewer's events and orders leave with the switch"
+        );
+        let board = wait_for_truth(&mut page, &mut server.client, name, who, switched_at + SYNC_WITHIN).await;
+        eprintln!("switched to {name}: the board equals the read through RLS after {:?}", switched_at.elapsed());
+        // Every event listed since the switch is one this viewer may see.
+        for event in board["log"].as_array().unwrap() {
+            let dealership = event["dealership_id"].as_str().unwrap_or_default();
+            assert!(visible.contains(dealership), "{name} is shown an event of dealership {dealership}: {board}");
+        }
+    }
+
+    // The health strip shows the relay's numbers (the service role receives every change now).
+    let deadline = Instant::now() + SYNC_WITHIN;
+    let health = loop {
+        let health = page.send(json!({"cmd": "board"})).await["health"].clone();
+        let number = |key: &str| health[key].as_str().and_then(|v| v.parse::<f64>().ok());
+        if let (Some(connections), Some(rate), Some(lag_seconds), Some(lag_bytes)) =
+            (number("connections"), number("deliveries_per_second"), number("lag_seconds"), number("lag_bytes"))
+        {
+            assert!(connections >= 1.0 && lag_seconds >= 0.0 && lag_bytes >= 0.0, "{health}");
+            if rate > 0.0 {
+                break health;
+            }
+        }
+        assert!(Instant::now() < deadline, "the health strip shows no deliveries/s: {health}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let text = health["text"].as_str().unwrap();
+    assert!(
+        text.contains("connections") && text.contains("deliveries/s") && text.contains("replication lag"),
+        "{text}"
+    );
 
     let path = screenshot_path();
     let _ = std::fs::remove_file(&path);
@@ -185,12 +289,113 @@ async fn dashboard_shows_live_changes_in_chromium() {
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG: {}", path.display());
     assert!(png.len() > 10 * 1024, "{} is only {} bytes", path.display(), png.len());
 
-    client.execute("delete from public.orders where id = $1", &[&north_id]).await.unwrap();
-    let gone = page.send(json!({"cmd": "gone", "order_number": north_number})).await;
-    assert_eq!(gone, json!({"ev": "gone", "order_number": north_number, "order_count": 0}));
-
+    let _ = stop_writer.send(true);
+    writer.await.unwrap();
     let console = page.close().await;
     let errors: Vec<&Value> = console.iter().filter(|e| e["level"] != "warning").collect();
     assert!(errors.is_empty(), "page console errors: {errors:?}");
-    eprintln!("dashboard test: {:?}, screenshot {} ({} bytes)", started.elapsed(), path.display(), png.len());
+    eprintln!("dashboard switching test: {:?}, screenshot {} ({} bytes)", started.elapsed(), path.display(), png.len());
+}
+
+#[tokio::test]
+async fn demo_orders_reads_through_rls_and_is_demo_only() {
+    let info = demo::demo_info(SECRET.as_bytes(), now());
+    let demo_json = serde_json::to_vec(&info).unwrap();
+    let mut server = TestServer::with_config(|config| config.demo_json = Some(demo_json.into())).await;
+    demo::seed(&mut server.client).await.expect("demo data");
+    let addr = server.addr();
+    let get = |token: String| async move {
+        let authorization = format!("Bearer {token}");
+        let (status, body) = http_get(addr, "/demo/orders", &[("authorization", authorization.as_str())]).await;
+        (status, serde_json::from_str::<Value>(&body).unwrap_or(Value::String(body)))
+    };
+
+    for user in &info.users {
+        let (status, body) = get(user.token.clone()).await;
+        assert_eq!(status, 200, "{}: {body}", user.name);
+        assert_eq!(body["role"], "authenticated");
+        let truth = rls_orders(&mut server.client, Who::User(user.id)).await;
+        assert_eq!(board_orders(&body), truth, "{}", user.name);
+        for order in body["orders"].as_array().unwrap() {
+            assert!(order["updated_at"].as_str().unwrap().ends_with("+00:00"), "{order}");
+        }
+    }
+    let (status, body) = get(info.service_role_key.clone()).await;
+    assert_eq!(
+        (status, body["orders"].as_array().map(Vec::len)),
+        (200, Some(rls_orders(&mut server.client, Who::Service).await.len()))
+    );
+    let (status, body) = get(info.anon_key.clone()).await;
+    assert_eq!((status, &body["orders"]), (200, &json!([])), "anon sees no orders");
+
+    // Refused: no token, a forged one, a role that is not an API role, a sub that is no user id.
+    let (status, _) = http_get(addr, "/demo/orders", &[]).await;
+    assert_eq!(status, 401);
+    let forged = walcast::realtime::auth::sign_hs256(
+        b"another-secret-another-secret-another-secret",
+        &json!({"role": "service_role", "exp": now() + 60}),
+    );
+    assert_eq!(get(forged).await, (401, json!({"error": "Failed to validate JWT signature"})));
+    assert_eq!(get(token("postgres", None, 60)).await.0, 403);
+    let not_a_user = walcast::realtime::auth::sign_hs256(
+        SECRET.as_bytes(),
+        &json!({"role": "authenticated", "sub": "alice", "exp": now() + 60}),
+    );
+    assert_eq!(get(not_a_user).await.0, 403);
+    assert_eq!(get(token("authenticated", None, -10)).await.0, 401, "expired");
+
+    // Not served outside the demo.
+    let plain = TestServer::start().await;
+    let (status, body) = http_get(
+        plain.addr(),
+        "/demo/orders",
+        &[("authorization", format!("Bearer {}", info.service_role_key).as_str())],
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (404, r#"{"error":"not in demo mode"}"#));
+}
+
+/// `(id, status, dealership_id)` of every order `who` may see, read through RLS by the test.
+async fn rls_orders(client: &mut Client, who: Who) -> BTreeSet<(String, String, String)> {
+    query_as(client, who, "select id::text, status, dealership_id::text from public.orders", &[])
+        .await
+        .expect("read as the user")
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect()
+}
+
+/// `(id, status, dealership_id)` of every order in `orders` of a `board` event or a
+/// `/demo/orders` answer.
+fn board_orders(board: &Value) -> BTreeSet<(String, String, String)> {
+    let field = |order: &Value, key: &str| order[key].as_str().unwrap_or_default().to_owned();
+    board["orders"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no orders in {board}"))
+        .iter()
+        .map(|order| (field(order, "id"), field(order, "status"), field(order, "dealership_id")))
+        .collect()
+}
+
+/// Polls until the page has merged `name`'s read and its board equals a read through RLS as
+/// `who` done just before; returns that board. Panics at `deadline`, showing the difference.
+async fn wait_for_truth(page: &mut Dashboard, client: &mut Client, name: &str, who: Who, deadline: Instant) -> Value {
+    loop {
+        let truth = rls_orders(client, who).await;
+        let board = page.send(json!({"cmd": "board"})).await;
+        let shown = board_orders(&board);
+        if board["synced"] == name && shown == truth {
+            return board;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "the board for {name} did not equal a read through RLS in time\n\
+                 synced: {}\nonly on the board: {:?}\nonly in the read: {:?}",
+                board["synced"],
+                shown.difference(&truth).collect::<Vec<_>>(),
+                truth.difference(&shown).collect::<Vec<_>>()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -281,21 +281,36 @@ async fn walcast_connect(url: &str) -> Client {
 #[test]
 fn dashboard_is_self_contained() {
     let html = include_str!("../src/http/dashboard.html");
-    assert!(html.lines().count() < 400);
+    // Small enough to read in one sitting: the board, its merge of the read with live changes,
+    // the health strip and a Phoenix client.
+    assert!(html.lines().count() < 600);
     for external in ["http://", "https://", "//cdn", "src=\"", "@import", "url("] {
         assert!(!html.contains(external), "the dashboard must not load {external}");
     }
     // Text from the wire is inserted with textContent only.
     assert!(!html.contains("innerHTML") && !html.contains("insertAdjacentHTML") && !html.contains("document.write"));
     // What a headless-browser test waits on.
-    for hook in
-        ["data-status=\"connecting\"", "data-order-count=\"0\"", "dataset.orderNumber", "id=\"board\"", "id=\"log\""]
-    {
+    for hook in [
+        "data-status=\"connecting\"",
+        "data-order-count=\"0\"",
+        "dataset.orderNumber",
+        "dataset.synced",
+        "id=\"board\"",
+        "id=\"log\"",
+        "id=\"health\"",
+    ] {
         assert!(html.contains(hook), "{hook}");
     }
-    for wire in
-        ["/demo.json", "/realtime/v1/websocket?apikey=", "vsn=2.0.0", "'phx_join'", "'access_token'", "'heartbeat'"]
-    {
+    for wire in [
+        "/demo.json",
+        "/demo/orders",
+        "/metrics",
+        "/realtime/v1/websocket?apikey=",
+        "vsn=2.0.0",
+        "'phx_join'",
+        "'access_token'",
+        "'heartbeat'",
+    ] {
         assert!(html.contains(wire), "{wire}");
     }
 }

@@ -6,6 +6,7 @@
 //!     ├─ GET /realtime/v1/websocket | /socket/websocket  → apikey check → 101 → realtime session
 //!     ├─ GET /            → dashboard (static page)
 //!     ├─ GET /demo.json   → demo users and tokens (demo mode only)
+//!     ├─ GET /demo/orders → the orders a bearer token's user may see, read through RLS (demo mode only)
 //!     ├─ GET /health      → {"status":"ok"} (alive: the process serves)
 //!     ├─ GET /ready       → 200 {"ready":true,…} | 503 {"ready":false,"reason":…} (see crate::monitor)
 //!     ├─ GET /metrics     → Prometheus text exposition
@@ -32,6 +33,10 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 use tracing::Instrument;
 
+mod demo_orders;
+
+pub use demo_orders::{DemoEndpoints, Refusal};
+
 use crate::monitor::{text, Monitor};
 use crate::realtime::protocol::parse_vsn;
 use crate::realtime::session::{self, now_unix, stopped};
@@ -52,8 +57,8 @@ pub const DASHBOARD_HTML: &str = include_str!("dashboard.html");
 pub struct HttpContext {
     /// Realtime sessions.
     pub sessions: Arc<SessionContext>,
-    /// `/demo.json` (demo mode only).
-    pub demo_json: Option<bytes::Bytes>,
+    /// `/demo.json` and `/demo/orders` (demo mode only).
+    pub demo: Option<DemoEndpoints>,
     /// `/metrics` and `/ready`.
     pub monitor: Arc<Monitor>,
 }
@@ -185,6 +190,7 @@ async fn respond(stream: &mut TcpStream, status: u16, content_type: &str, body: 
         200 => "OK",
         400 => "Bad Request",
         401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         426 => "Upgrade Required",
@@ -222,8 +228,15 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<HttpContex
             upgrade(stream, peer, head, leftover, ctx, shutdown).await
         }
         ("GET", "") => respond(&mut stream, 200, "text/html; charset=utf-8", DASHBOARD_HTML.as_bytes()).await,
-        ("GET", "/demo.json") => match &ctx.demo_json {
-            Some(json) => respond(&mut stream, 200, "application/json", json).await,
+        ("GET", "/demo.json") => match &ctx.demo {
+            Some(demo) => respond(&mut stream, 200, "application/json", &demo.json).await,
+            None => respond_error(&mut stream, 404, "not in demo mode").await,
+        },
+        ("GET", "/demo/orders") => match &ctx.demo {
+            Some(demo) => match demo.orders(head.header("authorization"), &ctx.sessions.verifier).await {
+                Ok(body) => respond(&mut stream, 200, "application/json", &body).await,
+                Err(refusal) => respond_error(&mut stream, refusal.status, &refusal.message).await,
+            },
             None => respond_error(&mut stream, 404, "not in demo mode").await,
         },
         ("GET", "/health") => respond(&mut stream, 200, "application/json", br#"{"status":"ok"}"#).await,

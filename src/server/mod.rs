@@ -54,7 +54,8 @@ pub struct ServeConfig {
     pub auth: AuthConfig,
     /// Socket limits.
     pub limits: Limits,
-    /// `/demo.json`, served in demo mode.
+    /// `/demo.json`, served in demo mode; when set, `/demo/orders` is served
+    /// too, reading as the relay's database user (see [`http::DemoEndpoints`]).
     pub demo_json: Option<Bytes>,
     /// `/ready` thresholds and the slot watchdog.
     pub monitoring: MonitorConfig,
@@ -163,7 +164,7 @@ impl Server {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let ctx = Arc::new(HttpContext {
             sessions: Arc::clone(&sessions),
-            demo_json: config.demo_json,
+            demo: config.demo_json.map(|json| http::DemoEndpoints::new(json, config.relay.source.connection.clone())),
             monitor: Arc::clone(&monitor),
         });
         let http = tokio::spawn(http::serve(listener, ctx, shutdown_rx).instrument(tracing::info_span!("http", %addr)));

@@ -19,7 +19,8 @@
 // subscription, so the pick is always a real switch: re-selecting the current user re-sends an
 // unchanged token, which the server ignores without a new "Subscribed" frame, and the page would
 // stay at "switching to …". Then waits for `body[data-status=subscribed][data-user=<user>]` and
-// prints {"ev":"subscribed","user":…}.
+// for `body[data-synced=<user>]` (the page has merged its read of that user's orders) and prints
+// {"ev":"subscribed","user":…}.
 //
 // Commands (each answered by exactly one event, or {"ev":"error","cmd":…,"message":…}):
 //   {"cmd":"expect","order_number":"N","status":"in_progress"}  wait for the card (with that
@@ -28,6 +29,15 @@
 //   {"cmd":"absent","order_number":"N","ms":800}  watch `ms` for the card
 //       -> {"ev":"absent","order_number","appeared":false|true}
 //   {"cmd":"gone","order_number":"N"}   wait until the card is not in the page -> {"ev":"gone",…}
+//   {"cmd":"switch","user":"dave"}  picks `user` in `#user` (`input` and `change` events) and, in
+//       the same task, before anything else can run in the page, counts what is left
+//       -> {"ev":"switched","user","log_count","order_count"}
+//   {"cmd":"board"}  what the page shows now -> {"ev":"board","user","status","synced",
+//       "orders":[{"id","order_number","status","dealership_id"}],
+//       "log":[{"kind","order_id","dealership_id"}],
+//       "health":{"connections","deliveries_per_second","lag_seconds","lag_bytes","text"}};
+//       `synced` is the user whose read is merged ("" while reading), health values are the
+//       strip's numbers as text (absent until /metrics has been read)
 //   {"cmd":"screenshot","path":"/abs/file.png"}  full-page PNG, animations finished -> {"ev":"screenshot","path","bytes"}
 //   {"cmd":"close"}  closes the browser -> {"ev":"closed"}, exit 0 (EOF on stdin does the same)
 // Unprompted events: {"ev":"console","level":"error"|"warning"|"pageerror",…} for the page's
@@ -129,7 +139,9 @@ page.on('pageerror', (err) => emit({ ev: 'console', level: 'pageerror', text: St
 page.on('crash', () => emit({ ev: 'error', source: 'page', message: 'the page crashed' }))
 
 async function waitSubscribedAs(label) {
-  await page.waitForSelector(`body[data-status="subscribed"][data-user=${quoted(label)}]`, { state: 'attached' })
+  await page.waitForSelector(`body[data-status="subscribed"][data-user=${quoted(label)}][data-synced=${quoted(label)}]`, {
+    state: 'attached',
+  })
 }
 
 try {
@@ -190,6 +202,54 @@ async function run(cmd) {
       await page.waitForSelector(cardSelector(cmd.order_number), { state: 'detached', timeout: cmd.ms ?? opts.timeoutMs })
       const count = await page.evaluate(() => Number(document.body.dataset.orderCount))
       emit({ ev: 'gone', order_number: cmd.order_number, order_count: count })
+      break
+    }
+    case 'switch': {
+      const result = await page.evaluate((label) => {
+        const select = document.getElementById('user')
+        const option = [...select.options].find((o) => o.textContent === label)
+        if (!option) return null
+        select.value = option.value
+        select.dispatchEvent(new Event('input', { bubbles: true }))
+        select.dispatchEvent(new Event('change', { bubbles: true }))
+        return {
+          log_count: document.querySelectorAll('#log li').length,
+          order_count: Number(document.body.dataset.orderCount),
+        }
+      }, cmd.user)
+      if (!result) throw new Error(`no option ${quoted(cmd.user)} in #user`)
+      emit({ ev: 'switched', user: cmd.user, ...result })
+      break
+    }
+    case 'board': {
+      const board = await page.evaluate(() => {
+        const body = document.body
+        const strip = document.getElementById('health')
+        return {
+          user: body.dataset.user ?? null,
+          status: body.dataset.status ?? null,
+          synced: body.dataset.synced ?? '',
+          orders: [...document.querySelectorAll('article.card')].map((card) => ({
+            id: card.dataset.orderId,
+            order_number: card.dataset.orderNumber,
+            status: card.dataset.status,
+            dealership_id: card.closest('section.column')?.dataset.dealershipId ?? null,
+          })),
+          log: [...document.querySelectorAll('#log li')].map((li) => ({
+            kind: li.querySelector('.ev')?.textContent ?? null,
+            order_id: li.dataset.orderId ?? null,
+            dealership_id: li.dataset.dealershipId ?? null,
+          })),
+          health: {
+            connections: strip.dataset.connections,
+            deliveries_per_second: strip.dataset.deliveriesPerSecond,
+            lag_seconds: strip.dataset.lagSeconds,
+            lag_bytes: strip.dataset.lagBytes,
+            text: strip.innerText,
+          },
+        }
+      })
+      emit({ ev: 'board', ...board })
       break
     }
     case 'screenshot': {
