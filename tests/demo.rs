@@ -241,7 +241,7 @@ async fn run_writer_writes_until_shutdown() {
 #[tokio::test]
 async fn start_twice_reuses_cluster_data_and_secret() {
     let dir = tempfile::tempdir().unwrap();
-    let config = DemoConfig { data_dir: dir.path().join("demo"), writer_interval: None };
+    let config = DemoConfig { data_dir: dir.path().join("demo"), writer_interval: None, fetch: false };
 
     let first = demo::start(&config).await.unwrap();
     let secret_path = config.data_dir.join(demo::SECRET_FILE);

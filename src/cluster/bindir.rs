@@ -5,8 +5,13 @@ use std::process::Command;
 
 /// The directory holding `initdb`, `pg_ctl` and `postgres`, searched in order:
 /// `PG_BINDIR`, `pg_config --bindir`, the newest `/usr/lib/postgresql/*/bin`,
-/// then `PATH`. `None` when none of them has the three programs.
+/// then `PATH`. `None` when none of them has the three programs, or when
+/// `WALCAST_PG_SEARCH=off` (which simulates a machine without PostgreSQL, for
+/// testing the fetch).
 pub fn find_bindir() -> Option<PathBuf> {
+    if std::env::var("WALCAST_PG_SEARCH").is_ok_and(|v| v == "off") {
+        return None;
+    }
     if let Some(dir) = std::env::var_os("PG_BINDIR") {
         let dir = PathBuf::from(dir);
         return is_bindir(&dir).then_some(dir);

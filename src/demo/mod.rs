@@ -148,12 +148,15 @@ pub struct DemoConfig {
     pub data_dir: PathBuf,
     /// How often the writer changes something; `None`: no writer.
     pub writer_interval: Option<Duration>,
+    /// Without installed PostgreSQL binaries, fetch a pinned PostgreSQL into
+    /// `data_dir` (see [`crate::cluster::fetch`]); `false`: fail instead.
+    pub fetch: bool,
 }
 
 impl DemoConfig {
     /// The demo in `data_dir`, with a writer every [`DEFAULT_WRITER_INTERVAL`].
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
-        DemoConfig { data_dir: data_dir.into(), writer_interval: Some(DEFAULT_WRITER_INTERVAL) }
+        DemoConfig { data_dir: data_dir.into(), writer_interval: Some(DEFAULT_WRITER_INTERVAL), fetch: true }
     }
 }
 
@@ -208,11 +211,13 @@ impl Demo {
 /// fails. The cluster is stopped again on error.
 pub async fn start(config: &DemoConfig) -> Result<Demo, DemoError> {
     let dir = config.data_dir.clone();
+    let cluster_config =
+        if config.fetch { ClusterConfig::persistent(&dir) } else { ClusterConfig::persistent(&dir).no_fetch() };
     let (cluster, secret) = tokio::task::spawn_blocking(move || {
         // The cluster module already runs the server with wal_level=logical
         // and room for replication slots and senders.
-        let cluster = Cluster::start(ClusterConfig::persistent(&dir))
-            .map_err(|source| DemoError::Cluster { dir: dir.clone(), source })?;
+        let cluster =
+            Cluster::start(cluster_config).map_err(|source| DemoError::Cluster { dir: dir.clone(), source })?;
         // On error the cluster drops (and stops) here, on a blocking thread.
         let secret = load_or_create_secret(&dir)?;
         Ok::<_, DemoError>((cluster, secret))
