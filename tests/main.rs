@@ -12,6 +12,7 @@ mod config_check;
 mod dashboard;
 mod demo;
 mod faults;
+mod fetch;
 mod first_start;
 mod hostile;
 mod hub;

@@ -170,7 +170,9 @@ pub fn fetch(release: &PgRelease, cache: &Path) -> Result<Fetched, FetchError> {
         return Ok(Fetched { bindir, action: FetchAction::Cached });
     }
     let action = if archive_ok {
-        eprintln!("walcast: the PostgreSQL binaries in {} changed; extracting them again", tree.display());
+        if tree.exists() {
+            eprintln!("walcast: the PostgreSQL binaries in {} changed; extracting them again", tree.display());
+        }
         FetchAction::Extracted
     } else {
         if archive.exists() {
