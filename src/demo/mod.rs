@@ -206,8 +206,8 @@ impl Demo {
 /// module docs). Safe to call on a directory a previous run used.
 ///
 /// # Errors
-/// When the cluster cannot start (e.g. no PostgreSQL binaries: install them or
-/// set `PG_BINDIR`), the secret file is unreadable, or migrating or seeding
+/// When the cluster cannot start (e.g. no PostgreSQL binaries and the fetch is
+/// off or failed: install them or set `PG_BINDIR`), the secret file is unreadable, or migrating or seeding
 /// fails. The cluster is stopped again on error.
 pub async fn start(config: &DemoConfig) -> Result<Demo, DemoError> {
     let dir = config.data_dir.clone();
