@@ -19,10 +19,11 @@ fn cache() -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join("fetch-postgres")
 }
 
-/// `walcast ARGS` as on a machine without PostgreSQL.
+/// `walcast ARGS` as on a machine without PostgreSQL, in `target/tmp`.
 fn walcast_without_postgres(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_walcast"))
         .args(args)
+        .current_dir(env!("CARGO_TARGET_TMPDIR"))
         .env("WALCAST_PG_SEARCH", "off")
         .env("PATH", "")
         .env_remove("PG_BINDIR")
@@ -43,7 +44,8 @@ async fn without_installed_postgres_walcast_fetches_and_runs_the_pinned_one() {
         let path = dir.join(stale);
         let _ = fs::remove_dir_all(&path).or_else(|_| fs::remove_file(&path));
     }
-    let data_arg = dir.display().to_string();
+    // Relative, as the default `.walcast/postgres` is.
+    let data_arg = "fetch-postgres".to_owned();
 
     // Opting out: no binaries, no fetch, an error naming the switch.
     let (ok, out) = tokio::task::spawn_blocking({

