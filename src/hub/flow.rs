@@ -182,7 +182,12 @@ impl Core {
         let mut now = outbox::now_ms();
         let mut since_clock = 0;
         let result = loop {
-            if self.budget.exhausted() {
+            // Pause when the budget is full; once paused, resume only when it
+            // is back under its resume mark (3/4), so the hub works in
+            // batches rather than waking for every frame written.
+            let hold =
+                if self.paused_since.is_some() { self.budget.over_resume_mark() } else { self.budget.exhausted() };
+            if hold {
                 if self.paused_since.is_none() {
                     self.paused_since = Some(Instant::now());
                     self.stats.pauses.fetch_add(1, Ordering::Relaxed);
@@ -192,9 +197,8 @@ impl Core {
                 self.delivering = Some(d);
                 return Ok(());
             }
-            if self.budget.used() < self.budget.limit() / 2 {
-                self.end_pause();
-            }
+            // Progress: a pause (if any) ended here.
+            self.end_pause();
             let change = match d.tx.changes.read(&mut d.cursor) {
                 Ok(Some((_, change))) => change,
                 Ok(None) => break Ok(()),
@@ -286,7 +290,9 @@ impl Core {
                     "outbox budget full too long; closing the furthest-behind reader"
                 );
                 self.doomed.push(conn);
-                // The next pause is measured from here.
+                // The next pause is measured from here (the time so far is
+                // counted).
+                self.stats.paused_micros.fetch_add(paused.as_micros() as u64, Ordering::Relaxed);
                 self.paused_since = Some(Instant::now());
             }
         }

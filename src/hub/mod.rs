@@ -40,8 +40,9 @@
 //! stops reading the change stage, so back-pressure reaches the slot, which
 //! keeps the WAL; control requests are still served). Readers that keep
 //! reading release memory and the fan-out resumes, so a reader entitled to a
-//! million rows of one transaction receives all of them. A pause — from the
-//! moment the budget is full until it is below half again — lasts at most
+//! million rows of one transaction receives all of them. The fan-out stops
+//! when the budget is full and resumes once it is under 3/4 (so it works in
+//! batches, not frame by frame). A pause — no progress at all — lasts at most
 //! [`HubConfig::max_pause`]; then the furthest-behind reader is closed
 //! (1013, with the reason) and the pause starts over. Independently, a reader
 //! whose oldest unwritten frame is older than [`HubConfig::max_reader_lag`]
@@ -465,10 +466,8 @@ pub struct Core {
     /// A change the spill disk budget refused, to push again.
     spill_blocked: Option<Change>,
     delivering: Option<Delivery>,
-    /// When the current pause on the outbox budget started. A pause lasts
-    /// until the budget is below half its limit again (or the transaction is
-    /// done), so a reader that holds most of the budget while others trickle
-    /// keeps the clock running.
+    /// When the current pause on the outbox budget started; it ends when
+    /// the fan-out makes progress again.
     paused_since: Option<Instant>,
     columns_cache: HashMap<u32, (Arc<RelationInfo>, Bytes)>,
     frames: HashMap<Vec<u8>, Bytes>,

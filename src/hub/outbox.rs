@@ -110,21 +110,32 @@ impl OutboxBudget {
         self.peak.fetch_max(now, Ordering::Relaxed);
     }
 
+    /// Whether more than 3/4 of the budget is held: a paused fan-out resumes
+    /// only below this mark.
+    pub fn over_resume_mark(&self) -> bool {
+        self.used() > self.resume_mark()
+    }
+
+    fn resume_mark(&self) -> usize {
+        self.limit / 4 * 3
+    }
+
     fn release(&self, n: usize) {
         if n == 0 {
             return;
         }
-        self.used.fetch_sub(n, Ordering::AcqRel);
-        if self.waiting.load(Ordering::Acquire) {
+        let after = self.used.fetch_sub(n, Ordering::AcqRel) - n;
+        // Wake a paused hub only once it can resume (not for every write).
+        if after <= self.resume_mark() && self.waiting.load(Ordering::Acquire) {
             self.room.notify_one();
         }
     }
 
-    /// Waits until some bytes were released (or `timeout`). The caller
-    /// checks [`OutboxBudget::exhausted`] again.
+    /// Waits until the budget is under its resume mark (or `timeout`). The
+    /// caller checks again.
     pub async fn wait_for_room(&self, timeout: Duration) {
         self.waiting.store(true, Ordering::Release);
-        if self.exhausted() {
+        if self.over_resume_mark() {
             let _ = tokio::time::timeout(timeout, self.room.notified()).await;
         }
         self.waiting.store(false, Ordering::Release);
