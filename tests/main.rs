@@ -15,6 +15,7 @@ mod hostile;
 mod hub;
 mod large_transactions;
 mod load;
+mod memory;
 mod metrics;
 mod policy_differential;
 mod realtime;
