@@ -18,6 +18,7 @@ mod hostile;
 mod hub;
 mod large_transactions;
 mod load;
+mod memory;
 mod metrics;
 mod policy_differential;
 mod readme;

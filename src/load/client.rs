@@ -51,6 +51,10 @@ pub struct Endpoint {
     pub path: String,
     /// The serializer.
     pub vsn: Vsn,
+    /// `SO_RCVBUF` of the client sockets (`None`: the kernel's default and
+    /// autotuning). A small one makes a client that stops reading fill its
+    /// kernel buffers, and so stall the relay's writes, after a few KiB.
+    pub recv_buffer: Option<u32>,
 }
 
 impl Endpoint {
@@ -60,7 +64,12 @@ impl Endpoint {
             Vsn::V1 => "1.0.0",
             Vsn::V2 => "2.0.0",
         };
-        Endpoint { addr, path: format!("{path}?apikey={apikey}&vsn={vsn_text}"), vsn }
+        Endpoint { addr, path: format!("{path}?apikey={apikey}&vsn={vsn_text}"), vsn, recv_buffer: None }
+    }
+
+    /// The same endpoint, its client sockets with `SO_RCVBUF` = `bytes`.
+    pub fn with_recv_buffer(self, bytes: u32) -> Endpoint {
+        Endpoint { recv_buffer: Some(bytes), ..self }
     }
 }
 
@@ -159,6 +168,10 @@ pub async fn open(endpoint: &Endpoint, source: Option<IpAddr>) -> Result<Socket,
         SocketAddr::V6(_) => TcpSocket::new_v6(),
     }
     .map_err(|e| format!("socket: {e}"))?;
+    if let Some(bytes) = endpoint.recv_buffer {
+        // Before connect, so the window scale fits it.
+        socket.set_recv_buffer_size(bytes).map_err(|e| format!("SO_RCVBUF: {e}"))?;
+    }
     if let Some(source) = source {
         bind_no_port(&socket);
         socket.bind(SocketAddr::new(source, 0)).map_err(|e| format!("bind {source}: {e}"))?;
