@@ -358,7 +358,7 @@ async fn run_once(
         pause_count: sample(&exposition, "walcast_fanout_pauses_total")?,
         paused_s: sample(&exposition, "walcast_fanout_paused_seconds_total")?,
         spilled_transaction_count: sample(&exposition, "walcast_spilled_transactions_total")?,
-        spill_written_bytes: sample(&exposition, "walcast_spill_written_bytes_total")?,
+        spill_written_bytes: sample(&exposition, "walcast_spill_written_bytes_total{stage=\"hub\"}")?,
         slow_consumer_close_count: sample(&exposition, "walcast_slow_consumer_closes_total")?,
     };
     if metrics.slow_consumer_close_count != 0.0 {
