@@ -1,4 +1,4 @@
-//! P8: the relay's memory under 1,000 stalled readers and after they close,
+//! The relay's memory under 1,000 stalled readers and after they close,
 //! per allocator: what the global outbox budget bounds, and whether the
 //! allocator gives the memory of closed clients back to the system.
 //!
@@ -47,7 +47,7 @@ use walcast::load::relay::{proc_sample, spawn_child, ChildRelay};
 use walcast::realtime::auth::sign_hs256;
 use walcast::schema::{self, Migrations};
 
-const SECRET: &str = "p8-bench-secret-p8-bench-secret-0123456789";
+const SECRET: &str = "rss-bench-secret-rss-bench-secret-0123456789";
 
 /// How long RSS is followed after the sockets close.
 const AFTER_CLOSE: Duration = Duration::from_secs(15);
@@ -141,7 +141,7 @@ struct Bench {
 async fn run_once(bench: &Bench, candidate: &Candidate, i: usize) -> anyhow::Result<Run> {
     let Bench { cluster, db, dealership, user, sockets, budget } = bench;
     let (dealership, user, sockets, budget) = (*dealership, *user, *sockets, *budget);
-    let slot = format!("p8_run{i}");
+    let slot = format!("rss_run{i}");
     let log = PathBuf::from("target").join("bench").join(format!("rss-return-relay-{i}.log"));
     let _ = std::fs::remove_file(&log);
     let extra = ["--outbox-budget".to_owned(), budget.to_string(), "--ws-write-buffer".to_owned(), "4096".to_owned()];
@@ -335,7 +335,7 @@ async fn main() -> anyhow::Result<()> {
     let bench = Bench { cluster, db, dealership, user, sockets, budget };
     let mib = |kb: u64| kb as f64 / 1024.0;
     println!(
-        "P8: relay RSS with {sockets} stalled readers (--outbox-budget {:.0} MiB, --ws-write-buffer 4096), then after they close",
+        "rss_return: relay RSS with {sockets} stalled readers (--outbox-budget {:.0} MiB, --ws-write-buffer 4096), then after they close",
         budget as f64 / (1 << 20) as f64
     );
     println!(

@@ -16,7 +16,9 @@ for candidate in glibc trim mimalloc jemalloc; do
     features=()
     [ "$candidate" != jemalloc ] && features=(--features "alloc-$candidate")
     cargo build --release --quiet --bin walcast "${features[@]}"
-    cp "$target/release/walcast" "$out/$candidate"
+    # A new file, renamed over the old: a relay still running the old one keeps it.
+    cp "$target/release/walcast" "$out/$candidate.new"
+    mv -f "$out/$candidate.new" "$out/$candidate"
 done
 arenas=$((4 * $(nproc)))
 printf '#!/bin/sh\n_RJEM_MALLOC_CONF=narenas:%s exec "%s" "$@"\n' "$arenas" "$out/jemalloc" >"$out/jemalloc-${arenas}arenas"

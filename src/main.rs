@@ -6,13 +6,14 @@ mod cli;
 use clap::Parser;
 
 /// jemalloc, one arena, a background thread purging pages idle for a second
-/// (settings and why: `allocator.rs`). Chosen on `scripts/rss-return.sh`
-/// (benches/rss_return.rs; docs/memory-bench.md): 1,000 stalled readers,
-/// `--outbox-budget 64MiB`, then every socket closed. glibc malloc kept
-/// RSS at 5.6× the baseline 15 s after the close, mimalloc at 2.7×;
-/// glibc + malloc_trim and jemalloc gave it back within 2 s, but only
-/// jemalloc with one arena also peaked within budget + 32 MiB (+93 MiB over
-/// the baseline, against +116…160 MiB for the others).
+/// (settings and why: `allocator.rs`). Chosen on
+/// `WALCAST_BENCH_RUNS=3 scripts/rss-return.sh` (benches/rss_return.rs,
+/// docs/memory-bench.md): 1,000 stalled readers, a 64 MiB outbox budget,
+/// then every socket closed. 10 s after the close glibc malloc still held
+/// 5.9× its baseline RSS and mimalloc 3.5× (medians); glibc + malloc_trim
+/// and jemalloc were within 20 % of it in at most 1.2 s. Only jemalloc with
+/// one arena also peaked within baseline + budget + 32 MiB: +91.1 MiB (runs
+/// 90.2–91.2), against medians of +121…147 MiB for the others.
 #[global_allocator]
 static GLOBAL: allocator::Allocator = allocator::ALLOCATOR;
 
