@@ -43,11 +43,9 @@
 //! and its last `/metrics` are kept in `target/bench/large-tx-relay-<run>.*`.
 
 mod common;
-use common::{env_or, median};
+use common::{env_or, median, recvlogical_run, PeakRss};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -164,21 +162,6 @@ fn sample(exposition: &str, name: &str) -> anyhow::Result<f64> {
         .with_context(|| format!("{name} in /metrics"))
 }
 
-/// `pg_recvlogical` on `slot` up to `endpos`, to `/dev/null`; its wall time.
-fn recvlogical_run(cluster: &Cluster, slot: &str, endpos: &str) -> anyhow::Result<Duration> {
-    let started = Instant::now();
-    let status = std::process::Command::new(cluster.bindir().join("pg_recvlogical"))
-        .args(["-d", &cluster.url("bench"), "--slot", slot, "--start", "--no-loop", "-f", "/dev/null"])
-        .args(["--endpos", endpos, "-o", "proto_version=1", "-o", "publication_names=supabase_realtime"])
-        .status()
-        .context("running pg_recvlogical")?;
-    let elapsed = started.elapsed();
-    if !status.success() {
-        bail!("pg_recvlogical failed: {status}");
-    }
-    Ok(elapsed)
-}
-
 /// Drops `slot`, retrying while its walsender is still exiting.
 async fn drop_slot(db: &tokio_postgres::Client, slot: &str) {
     for _ in 0..50 {
@@ -262,19 +245,7 @@ async fn run_once(
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = proc_sample(pid).context("relay /proc")?;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let peak = Arc::new(AtomicU64::new(before.rss_kb));
-    let sampler = {
-        let (stop, peak) = (Arc::clone(&stop), Arc::clone(&peak));
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                if let Some(s) = proc_sample(pid) {
-                    peak.fetch_max(s.rss_kb, Ordering::Relaxed);
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-    };
+    let sampler = PeakRss::start(pid, before.rss_kb, Duration::from_millis(20));
     let want_few = rows / 1000;
     let reader_tasks: Vec<_> = readers
         .into_iter()
@@ -336,14 +307,13 @@ async fn run_once(
     if (got_few, got_other) != (want_few, 0) {
         failures.push(format!("deliveries few/other = {got_few}/{got_other}, expected {want_few}/0"));
     }
-    stop.store(true, Ordering::Relaxed);
-    let _ = sampler.await;
+    let sampled_peak_kb = sampler.stop().await;
     let after = proc_sample(pid).context("relay /proc")?;
     let exposition = scrape(relay.addr()).await;
     relay.stop().await.map_err(|e| anyhow::anyhow!("{e}"))?;
     drop_slot(db, &slot).await;
     // Blocks this worker thread, but nothing else of the bench runs meanwhile.
-    let walsender = recvlogical_run(cluster, &walsender_slot, &endpos);
+    let walsender = recvlogical_run(cluster, &walsender_slot, &endpos, "supabase_realtime");
     drop_slot(db, &walsender_slot).await;
     let walsender = walsender?;
     // A panic anywhere in the relay is a bug (and, with RUST_BACKTRACE set,
@@ -366,7 +336,7 @@ async fn run_once(
     }
     Ok(Run {
         baseline_kb: before.rss_kb,
-        sampled_peak_kb: peak.load(Ordering::Relaxed),
+        sampled_peak_kb,
         hwm_kb: after.hwm_kb,
         insert,
         commit_to_last: last.map(|last| last.saturating_duration_since(committed)),

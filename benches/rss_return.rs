@@ -30,11 +30,9 @@
 //! over all of them.
 
 mod common;
-use common::env_or;
+use common::{env_or, PeakRss};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -182,19 +180,7 @@ async fn run_once(bench: &Bench, candidate: &Candidate, i: usize) -> anyhow::Res
     let before = proc_sample(pid).context("relay /proc")?;
     let baseline_kb = before.rss_kb;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let peak = Arc::new(AtomicU64::new(baseline_kb));
-    let sampler = {
-        let (stop, peak) = (Arc::clone(&stop), Arc::clone(&peak));
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                if let Some(s) = proc_sample(pid) {
-                    peak.fetch_max(s.rss_kb, Ordering::Relaxed);
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
+    let sampler = PeakRss::start(pid, baseline_kb, Duration::from_millis(100));
     let started = Instant::now();
     let mut orders = 0i64;
     let (outbox_bytes, pauses) = loop {
@@ -222,15 +208,14 @@ async fn run_once(bench: &Bench, candidate: &Candidate, i: usize) -> anyhow::Res
     };
     let fill = started.elapsed();
     tokio::time::sleep(HOLD).await;
-    stop.store(true, Ordering::Relaxed);
-    let _ = sampler.await;
+    let sampled_peak_kb = sampler.stop().await;
     let held = proc_sample(pid).context("relay /proc")?;
     let held_kb = held.rss_kb;
     let relay_cpu_s = held.ticks.saturating_sub(before.ticks) as f64 / walcast::load::relay::ticks_per_second();
     let body = get(addr, "/metrics").await?;
     let held_outbox_bytes = metric(&body, "walcast_outbox_bytes");
     let deliveries = metric(&body, "walcast_deliveries_total");
-    let peak_kb = peak.load(Ordering::Relaxed).max(held_kb);
+    let peak_kb = sampled_peak_kb.max(held_kb);
 
     let closed_at = Instant::now();
     drop(stalled);

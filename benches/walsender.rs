@@ -17,13 +17,12 @@
 //! ceiling.
 
 mod common;
-use common::{env_or, median};
+use common::{env_or, median, recvlogical_run};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use walcast::change::{Assembler, TxEvent};
-use walcast::cluster::Cluster;
 use walcast::lsn::Lsn;
 use walcast::replication::{run_source, AckHandle, SlotOptions, SourceConfig, SourceEvent, WalEvent};
 
@@ -58,21 +57,6 @@ async fn walcast_run(url: &str, slot: &str) -> anyhow::Result<(u64, Lsn, Duratio
     let _ = stop_tx.send(true);
     let _ = source.await;
     Ok(result)
-}
-
-fn recvlogical_run(cluster: &Cluster, slot: &str, endpos: Lsn) -> anyhow::Result<Duration> {
-    let started = Instant::now();
-    let status = std::process::Command::new(cluster.bindir().join("pg_recvlogical"))
-        .args(["-d", &cluster.url("bench"), "--slot", slot, "--start", "--no-loop", "-f", "/dev/null"])
-        .args(["--endpos", &endpos.to_string(), "-o", "proto_version=1"])
-        .args(["-o", &format!("publication_names={PUBLICATION}")])
-        .status()
-        .context("running pg_recvlogical")?;
-    let elapsed = started.elapsed();
-    if !status.success() {
-        bail!("pg_recvlogical failed: {status}");
-    }
-    Ok(elapsed)
 }
 
 #[tokio::main]
@@ -138,7 +122,7 @@ async fn main() -> anyhow::Result<()> {
                 walcast_rates.push(rate);
             } else {
                 let end = endpos.context("walcast runs first")?;
-                let elapsed = recvlogical_run(&cluster, &format!("r{i}"), end)?;
+                let elapsed = recvlogical_run(&cluster, &format!("r{i}"), &end.to_string(), PUBLICATION)?;
                 let rate = rows as f64 / elapsed.as_secs_f64();
                 println!("{i:<4} pg_recvlogical  {rows:<10} {:<9.3} {rate:.0}", elapsed.as_secs_f64());
                 recv_rates.push(rate);

@@ -85,6 +85,42 @@ async fn settle(client: &Client, dealership: Uuid, creator: Uuid, sockets: &mut 
     }
 }
 
+/// The leak repro's transaction: a bulk update of `bulk_dealership`, then a
+/// secret written into `order`, then `revoked` loses and `granted` gains
+/// `dealership` — all in one transaction.
+async fn revoke_after_bulk(
+    client: &mut Client,
+    bulk_dealership: Uuid,
+    order: Uuid,
+    revoked: Uuid,
+    granted: Uuid,
+    dealership: Uuid,
+) {
+    let x = client.transaction().await.unwrap();
+    x.execute(
+        "update public.orders set metadata = jsonb_build_object('pass', random()) where dealership_id = $1",
+        &[&bulk_dealership],
+    )
+    .await
+    .unwrap();
+    x.execute("update public.orders set customer_info = '{\"secret\": \"s1\"}' where id = $1", &[&order])
+        .await
+        .unwrap();
+    x.execute(
+        "delete from public.dealer_memberships where user_id = $1 and dealership_id = $2",
+        &[&revoked, &dealership],
+    )
+    .await
+    .unwrap();
+    x.execute(
+        "insert into public.dealer_memberships (user_id, dealership_id, role) values ($1, $2, 'user')",
+        &[&granted, &dealership],
+    )
+    .await
+    .unwrap();
+    x.commit().await.unwrap();
+}
+
 fn about(changes: &[Value], order: Uuid) -> Vec<String> {
     changes
         .iter()
@@ -120,19 +156,7 @@ async fn a_membership_change_after_a_bulk_update_applies_to_the_whole_transactio
     // 1. A revoke (and a grant) after the bulk update: A must not get the
     //    secret; G, a member as of the commit, gets the update.
     let mut tx = t.db.server().connect(t.db.name()).await.unwrap();
-    let x = tx.transaction().await.unwrap();
-    x.execute(bulk, &[&dx]).await.unwrap();
-    x.execute("update public.orders set customer_info = '{\"secret\": \"s1\"}' where id = $1", &[&o1]).await.unwrap();
-    x.execute("delete from public.dealer_memberships where user_id = $1 and dealership_id = $2", &[&a, &d1])
-        .await
-        .unwrap();
-    x.execute(
-        "insert into public.dealer_memberships (user_id, dealership_id, role) values ($1, $2, 'user')",
-        &[&g, &d1],
-    )
-    .await
-    .unwrap();
-    x.commit().await.unwrap();
+    revoke_after_bulk(&mut tx, dx, o1, a, g, d1).await;
     let sentinel = create_order(c, seen, a, "sales", "pending").await;
     let a_got = changes_until(&mut a_ws, sentinel).await;
     assert!(a_got.is_empty(), "A, revoked in the same transaction, got {} changes", a_got.len());
@@ -445,40 +469,12 @@ async fn a_revoke_after_a_bulk_update_inside_a_streamed_transaction_applies_to_a
     .await
     .unwrap();
     let mut writer = t.db.server().connect(t.db.name()).await.unwrap();
-    let x = writer.transaction().await.unwrap();
-    x.execute(
-        "update public.orders set metadata = jsonb_build_object('pass', random()) where dealership_id = $1",
-        &[&dx],
-    )
-    .await
-    .unwrap();
-    x.execute("update public.orders set customer_info = '{\"secret\": \"s1\"}' where id = $1", &[&o1]).await.unwrap();
-    x.execute("delete from public.dealer_memberships where user_id = $1 and dealership_id = $2", &[&a, &d1])
-        .await
-        .unwrap();
-    x.execute(
-        "insert into public.dealer_memberships (user_id, dealership_id, role) values ($1, $2, 'user')",
-        &[&g, &d1],
-    )
-    .await
-    .unwrap();
-    x.commit().await.unwrap();
+    revoke_after_bulk(&mut writer, dx, o1, a, g, d1).await;
     let sentinel = create_order(c, seen, a, "sales", "pending").await;
     let a_got = changes_until(&mut a_ws, sentinel).await;
     assert!(a_got.is_empty(), "A, revoked in the same transaction, got {} changes", a_got.len());
     let g_got = changes_until(&mut g_ws, sentinel).await;
     assert_eq!(about(&g_got, o1), ["UPDATE"]);
-    // The walsender did stream it (the statistics are flushed lazily).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let row = c
-            .query_opt("select stream_txns from pg_stat_replication_slots where slot_name = $1", &[&slot])
-            .await
-            .unwrap();
-        if row.is_some_and(|r| r.get::<_, i64>(0) > 0) {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "pg_stat_replication_slots shows no streamed transaction");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // The walsender did stream it.
+    crate::support::wait_until_streamed(c, &slot).await;
 }

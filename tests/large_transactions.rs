@@ -226,17 +226,6 @@ async fn serve_with_streaming_delivers_exactly_the_committed_rows() {
     assert!(got.iter().all(|id| !dropped.contains(id)), "no row of the rolled-back savepoint");
     assert!(got == kept, "every committed row once, in order: {} received, {} expected", got.len(), kept.len());
     // The walsender did stream it (protocol 2), rather than send it after commit.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let row = client
-            .query_opt("select stream_txns from pg_stat_replication_slots where slot_name = $1", &[&slot])
-            .await
-            .unwrap();
-        if row.is_some_and(|r| r.get::<_, i64>(0) > 0) {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "pg_stat_replication_slots shows no streamed transaction");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    crate::support::wait_until_streamed(&client, &slot).await;
     assert!(relay.is_running());
 }

@@ -75,3 +75,63 @@ pub(crate) async fn bench_database() -> anyhow::Result<(walcast::cluster::Cluste
     tokio::spawn(conn);
     Ok((cluster, client))
 }
+
+/// Wall time of `pg_recvlogical` reading `slot` of the `bench` database
+/// (pgoutput protocol 1, `publication`) from its position up to `endpos`,
+/// into `/dev/null`: the walsender's own time to send that WAL.
+pub(crate) fn recvlogical_run(
+    cluster: &walcast::cluster::Cluster,
+    slot: &str,
+    endpos: &str,
+    publication: &str,
+) -> anyhow::Result<std::time::Duration> {
+    use anyhow::Context;
+    let started = std::time::Instant::now();
+    let status = std::process::Command::new(cluster.bindir().join("pg_recvlogical"))
+        .args(["-d", &cluster.url("bench"), "--slot", slot, "--start", "--no-loop", "-f", "/dev/null"])
+        .args(["--endpos", endpos, "-o", "proto_version=1"])
+        .args(["-o", &format!("publication_names={publication}")])
+        .status()
+        .context("running pg_recvlogical")?;
+    let elapsed = started.elapsed();
+    if !status.success() {
+        anyhow::bail!("pg_recvlogical failed: {status}");
+    }
+    Ok(elapsed)
+}
+
+/// The highest RSS of a process, sampled from `/proc` every `every` on a
+/// task of its own until [`PeakRss::stop`].
+pub(crate) struct PeakRss {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    peak: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PeakRss {
+    /// Starts sampling `pid`, from `initial_kb`.
+    pub(crate) fn start(pid: u32, initial_kb: u64, every: std::time::Duration) -> PeakRss {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let peak = Arc::new(AtomicU64::new(initial_kb));
+        let task = {
+            let (stop, peak) = (Arc::clone(&stop), Arc::clone(&peak));
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(s) = walcast::load::relay::proc_sample(pid) {
+                        peak.fetch_max(s.rss_kb, Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(every).await;
+                }
+            })
+        };
+        PeakRss { stop, peak, task }
+    }
+
+    /// Stops sampling; the peak, KiB.
+    pub(crate) async fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.task.await;
+        self.peak.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}

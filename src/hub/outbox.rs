@@ -22,7 +22,7 @@
 //!   the struct).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -232,8 +232,6 @@ pub struct Outbox {
     discard: Notify,
     limits: OutboxLimits,
     budget: Arc<OutboxBudget>,
-    /// Frames queued ever (progress, for tests and tools).
-    pushed: AtomicU64,
 }
 
 impl Outbox {
@@ -244,14 +242,7 @@ impl Outbox {
 
     /// An empty outbox charging `budget`.
     pub fn with_budget(limits: OutboxLimits, budget: Arc<OutboxBudget>) -> Outbox {
-        Outbox {
-            state: Mutex::new(State::default()),
-            notify: Notify::new(),
-            discard: Notify::new(),
-            limits,
-            budget,
-            pushed: AtomicU64::new(0),
-        }
+        Outbox { state: Mutex::new(State::default()), notify: Notify::new(), discard: Notify::new(), limits, budget }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -303,7 +294,6 @@ impl Outbox {
         self.budget.charge(charge);
         let first = state.queue.len() == 1;
         drop(state);
-        self.pushed.fetch_add(1, Ordering::Relaxed);
         if first {
             self.notify.notify_one();
         }
@@ -367,11 +357,6 @@ impl Outbox {
     pub fn held(&self) -> usize {
         let state = self.lock();
         state.queued + state.in_flight
-    }
-
-    /// Frames ever queued.
-    pub fn pushed(&self) -> u64 {
-        self.pushed.load(Ordering::Relaxed)
     }
 
     /// Age of the oldest frame not yet written, at `now` ([`now_ms`]).

@@ -231,6 +231,7 @@ fn a_full_outbox_budget_pauses_the_fan_out_and_a_reader_that_keeps_reading_gets_
     let u = Uuid::new_v4();
     f.commit(vec![f.membership(Op::Insert, "m", u, d)]);
     let reader = f.join(1, Viewer::User(u), "realtime:x");
+    let changes: Vec<Change> = (0..2000).map(|i| f.order(Op::Insert, i, None, Some(d))).collect();
     let core = f.hub.core_mut();
     core.stage(StageEvent::Tx(TxEvent::Begin(TxBegin {
         xid: 2,
@@ -238,15 +239,7 @@ fn a_full_outbox_budget_pauses_the_fan_out_and_a_reader_that_keeps_reading_gets_
         commit_timestamp: PgTimestamp(0),
     })))
     .unwrap();
-    for i in 0..2000 {
-        let row = Row(vec![text(i), text(d), text("pending")]);
-        let change = Change {
-            relation: Arc::clone(&f.orders),
-            op: Op::Insert,
-            record: Some(row),
-            old_record: None,
-            missing_toast: vec![],
-        };
+    for change in changes {
         core.stage(StageEvent::Tx(TxEvent::Change(change))).unwrap();
     }
     core.stage(StageEvent::Tx(TxEvent::Commit(TxInfo {
@@ -292,6 +285,7 @@ fn a_full_spill_disk_budget_pauses_the_hub_and_loses_nothing() {
     // Another log holds the whole disk budget.
     let mut other = spill.log(0);
     while other.push(0, f.order(Op::Insert, 0, None, Some(d))).is_ok() {}
+    let change = f.order(Op::Insert, 42, None, Some(d));
     let core = f.hub.core_mut();
     core.stage(StageEvent::Tx(TxEvent::Begin(TxBegin {
         xid: 3,
@@ -299,16 +293,6 @@ fn a_full_spill_disk_budget_pauses_the_hub_and_loses_nothing() {
         commit_timestamp: PgTimestamp(0),
     })))
     .unwrap();
-    let change = {
-        let row = Row(vec![text(42), text(d), text("pending")]);
-        Change {
-            relation: Arc::clone(&f.orders),
-            op: Op::Insert,
-            record: Some(row),
-            old_record: None,
-            missing_toast: vec![],
-        }
-    };
     core.stage(StageEvent::Tx(TxEvent::Change(change))).unwrap();
     assert!(core.busy(), "the refused change waits");
     core.resume().unwrap();

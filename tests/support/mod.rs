@@ -136,3 +136,21 @@ pub async fn create_order(client: &Client, dealership: Uuid, created_by: Uuid, k
 pub fn sqlstate(err: &tokio_postgres::Error) -> String {
     err.code().map(|c| c.code().to_owned()).unwrap_or_else(|| format!("no sqlstate: {err}"))
 }
+
+/// Waits (up to 10 s: the statistics are flushed lazily) until
+/// `pg_stat_replication_slots` shows that the walsender of `slot` streamed a
+/// transaction (protocol 2) rather than sending it after its commit.
+pub async fn wait_until_streamed(client: &Client, slot: &str) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let row = client
+            .query_opt("select stream_txns from pg_stat_replication_slots where slot_name = $1", &[&slot])
+            .await
+            .unwrap();
+        if row.is_some_and(|r| r.get::<_, i64>(0) > 0) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "pg_stat_replication_slots shows no streamed transaction");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
