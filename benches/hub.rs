@@ -41,7 +41,7 @@ use walcast::hub::{
 };
 use walcast::lsn::Lsn;
 use walcast::pgoutput::{PgTimestamp, ReplicaIdentity};
-use walcast::policy::{Filter, Membership, MembershipCache, Rules, Viewer};
+use walcast::policy::{Filter, Viewer};
 use walcast::replication::AckHandle;
 
 mod common;
@@ -193,14 +193,8 @@ struct World {
 impl World {
     fn new() -> World {
         let mut rng = Rng(0x5eed);
-        let memberships = Arc::new(MembershipCache::new());
-        let (mut hub, handle) = hub(
-            HubConfig::default(),
-            Rules::default(),
-            Arc::clone(&memberships),
-            AckHandle::default(),
-            walcast::spill::Spill::temporary(),
-        );
+        let mut memberships = Vec::new();
+        let (mut hub, handle) = hub(HubConfig::default(), AckHandle::default(), walcast::spill::Spill::temporary());
         let limits = OutboxLimits::default();
         let dealerships: Vec<Uuid> = (0..DEALERSHIPS).map(|_| rng.uuid()).collect();
         let mut outboxes = Vec::with_capacity(DEALERSHIPS * USERS_PER_DEALERSHIP);
@@ -208,20 +202,20 @@ impl World {
         for &dealership in &dealerships {
             for _ in 0..USERS_PER_DEALERSHIP {
                 let user = rng.uuid();
-                memberships
-                    .grant(&rng.uuid().to_string(), Membership { user, dealership, role: Some(Arc::from("user")) });
+                memberships.push((user, dealership));
                 let outbox = Arc::new(Outbox::new(limits));
                 core.control(Control::Join(Subscription {
                     conn: outboxes.len() as u64,
                     topic: "realtime:orders".into(),
                     vsn: Vsn::V2,
-                    viewer: Viewer::User(user),
+                    viewer: Viewer::user(user),
                     bindings: vec![Binding {
                         id: BINDING_ID,
                         schema: Some("public".into()),
                         table: Some("orders".into()),
                         event: EventMatch::All,
                         filter: Filter::default(),
+                        select: None,
                     }],
                     outbox: Arc::clone(&outbox),
                     on_live: None,
@@ -229,12 +223,15 @@ impl World {
                 outboxes.push(outbox);
             }
         }
+        let relation = orders_relation();
+        let loaded = walcast::load::schema::dealership_loaded(relation.oid, relation.oid + 1, &memberships);
+        core.stage(walcast::hub::StageEvent::Policies(Box::new(loaded))).expect("policies");
         World {
             hub,
             handle,
             outboxes,
             dealerships,
-            relation: orders_relation(),
+            relation,
             rng,
             lsn: 0x100_0000,
             seq: 0,

@@ -15,8 +15,9 @@
 //! as INSERTs. Every path decides, for every (change, subscriber) pair,
 //! whether the subscriber may see the row:
 //!
-//! - `walcast/per pair`: memberships loaded once with [`membership::load`], then per
-//!   change [`Rules::judge`] and per subscriber [`Judgment::event_for`]; looped
+//! - `walcast/per pair`: policies compiled and caches loaded once with
+//!   `policy::plan::load`, then per change and subscriber the compiled
+//!   predicate of `orders` for `authenticated`; looped
 //!   until at least a second has passed.
 //! - `walcast/index`: as the hub decides: per change only the members of the
 //!   row's dealership are looked up and judged; every other subscriber is a
@@ -47,7 +48,9 @@ use uuid::Uuid;
 use walcast::change::{Change, Datum, Op, Row};
 use walcast::cluster::{Cluster, ClusterConfig};
 use walcast::pgoutput::ReplicaIdentity;
-use walcast::policy::{membership, MembershipCache, MembershipTable, Rules, Viewer};
+use walcast::policy::plan::Loaded;
+use walcast::policy::predicate::{CacheId, Context as PolicyContext, Expr};
+use walcast::policy::{Access, Caches, Index};
 
 mod common;
 
@@ -174,9 +177,71 @@ async fn load_data(client: &Client, changes: usize) -> anyhow::Result<Data> {
     Ok(Data { subscribers, changes })
 }
 
+/// The compiled plan of `orders` for `authenticated`, and the caches.
+struct Judge<'a> {
+    expr: &'a Expr,
+    index: &'a Index,
+    caches: &'a Caches,
+    map: Vec<Option<usize>>,
+}
+
+struct Ctx<'a> {
+    row: &'a Row,
+    map: &'a [Option<usize>],
+    claims: &'a serde_json::Value,
+    caches: &'a Caches,
+}
+
+const ABSENT: Datum = Datum::Absent;
+
+impl PolicyContext for Ctx<'_> {
+    fn column(&self, index: usize) -> &Datum {
+        self.map.get(index).copied().flatten().and_then(|i| self.row.0.get(i)).unwrap_or(&ABSENT)
+    }
+    fn claims(&self) -> &serde_json::Value {
+        self.claims
+    }
+    fn member(&self, cache: CacheId, outer: Option<&str>, user: &str) -> bool {
+        self.caches.member(cache, outer, user)
+    }
+    fn user_rows(&self, cache: CacheId, user: &str) -> (bool, bool) {
+        self.caches.user_rows(cache, user)
+    }
+}
+
+impl Judge<'_> {
+    fn new<'a>(loaded: &'a Loaded, change: &Change) -> Judge<'a> {
+        let plan = loaded.policies.table_by_name("public", "orders").expect("orders is published");
+        let role = plan.role("authenticated").expect("authenticated exists");
+        let Access::Rows(expr) = &role.access else { panic!("orders is not in memory: {:?}", role.access) };
+        let map = plan.columns.iter().map(|c| change.relation.column_index(c)).collect();
+        Judge { expr, index: &role.index, caches: &loaded.caches, map }
+    }
+
+    fn sees(&self, change: &Change, claims: &serde_json::Value) -> bool {
+        let row = change.record.as_ref().expect("an INSERT has a row");
+        self.expr.eval(&Ctx { row, map: &self.map, claims, caches: self.caches }).visible()
+    }
+
+    /// The users of the row's group (the hub's candidates).
+    fn audience(&self, change: &Change, out: &mut Vec<String>) {
+        let Index::Member { cache, column, .. } = self.index else { panic!("orders is indexed by membership") };
+        let row = change.record.as_ref().expect("an INSERT has a row");
+        let Some(group) = self.map[*column].and_then(|i| row.0.get(i)).and_then(Datum::as_str) else { return };
+        if let Some(c) = self.caches.get(*cache) {
+            c.for_each_member(group, |u| out.push(u.to_owned()));
+        }
+    }
+}
+
+fn claims_of(user: Uuid) -> serde_json::Value {
+    serde_json::json!({"role": "authenticated", "sub": user.to_string()})
+}
+
 /// walcast: visibility of every pair (row-major: change × subscriber), and the rate.
-fn walcast_path(data: &Data, cache: &MembershipCache) -> (Vec<bool>, f64) {
-    let rules = Rules::default();
+fn walcast_path(data: &Data, loaded: &Loaded) -> (Vec<bool>, f64) {
+    let judge = Judge::new(loaded, &data.changes[0].1);
+    let claims: Vec<serde_json::Value> = data.subscribers.iter().map(|s| claims_of(s.user)).collect();
     let pairs = data.changes.len() * data.subscribers.len();
     let mut visible = vec![false; pairs];
     let mut checks = 0u64;
@@ -185,9 +250,8 @@ fn walcast_path(data: &Data, cache: &MembershipCache) -> (Vec<bool>, f64) {
     while first || started.elapsed() < Duration::from_secs(1) {
         let mut k = 0;
         for (_, change) in &data.changes {
-            let judgment = rules.judge(std::hint::black_box(change)).expect("an INSERT is judged");
-            for subscriber in &data.subscribers {
-                visible[k] = judgment.event_for(Viewer::User(subscriber.user), cache).is_some();
+            for c in &claims {
+                visible[k] = judge.sees(std::hint::black_box(change), c);
                 k += 1;
             }
         }
@@ -201,19 +265,23 @@ fn walcast_path(data: &Data, cache: &MembershipCache) -> (Vec<bool>, f64) {
 /// walcast as the hub does it: only the members of the row's dealership are
 /// candidates (every other subscriber is decided "no" without a lookup).
 /// Returns the visibility of every pair and pairs decided per second.
-fn walcast_index_path(data: &Data, cache: &MembershipCache) -> (Vec<bool>, f64) {
-    let rules = Rules::default();
+fn walcast_index_path(data: &Data, loaded: &Loaded) -> (Vec<bool>, f64) {
+    let judge = Judge::new(loaded, &data.changes[0].1);
     let subs = data.subscribers.len();
-    let index: HashMap<Uuid, usize> = data.subscribers.iter().enumerate().map(|(i, s)| (s.user, i)).collect();
+    let index: HashMap<String, usize> =
+        data.subscribers.iter().enumerate().map(|(i, s)| (s.user.to_string(), i)).collect();
+    let claims: HashMap<String, serde_json::Value> =
+        data.subscribers.iter().map(|s| (s.user.to_string(), claims_of(s.user))).collect();
     let mut visible = vec![false; data.changes.len() * subs];
     let mut audience = Vec::new();
     for (c, (_, change)) in data.changes.iter().enumerate() {
-        let judgment = rules.judge(change).expect("an INSERT is judged");
         audience.clear();
-        judgment.dealerships().for_each(|d| cache.for_each_member(d, |u| audience.push(u)));
-        for &user in &audience {
-            if judgment.event_for(Viewer::User(user), cache).is_some() {
-                visible[c * subs + index[&user]] = true;
+        judge.audience(change, &mut audience);
+        for user in &audience {
+            if let (Some(&i), Some(cl)) = (index.get(user), claims.get(user)) {
+                if judge.sees(change, cl) {
+                    visible[c * subs + i] = true;
+                }
             }
         }
     }
@@ -222,11 +290,12 @@ fn walcast_index_path(data: &Data, cache: &MembershipCache) -> (Vec<bool>, f64) 
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(1) {
         for (_, change) in &data.changes {
-            let judgment = rules.judge(std::hint::black_box(change)).expect("an INSERT is judged");
             audience.clear();
-            judgment.dealerships().for_each(|d| cache.for_each_member(d, |u| audience.push(u)));
-            for &user in &audience {
-                seen += u64::from(judgment.event_for(Viewer::User(user), cache).is_some());
+            judge.audience(std::hint::black_box(change), &mut audience);
+            for user in &audience {
+                if let Some(cl) = claims.get(user) {
+                    seen += u64::from(judge.sees(change, cl));
+                }
             }
         }
         decided += (data.changes.len() * subs) as u64;
@@ -368,13 +437,13 @@ async fn main() -> anyhow::Result<()> {
     }
     client.batch_execute("analyze bench.subscribers").await?;
 
-    let cache = MembershipCache::new();
-    let loaded = membership::load(&mut client, &MembershipTable::default(), &cache, None).await?;
+    let loaded =
+        walcast::policy::plan::load(&mut client, &["supabase_realtime".to_owned()], None).await.context("policies")?;
     eprintln!(
         "PostgreSQL {}; {dealerships} dealerships, {users} users (1 membership each, {} loaded), {orders} orders; \
          {} changes x {} subscribers = {} checks per path per run; setup {:.1} s",
         cluster.version(),
-        loaded.rows,
+        loaded.at.rows,
         data.changes.len(),
         data.subscribers.len(),
         data.changes.len() * data.subscribers.len(),
@@ -386,14 +455,14 @@ async fn main() -> anyhow::Result<()> {
     let mut bad = 0;
     println!("run  path               checks/s        changes/s    visible");
     for run in 0..runs {
-        let (want, rate) = walcast_path(&data, &cache);
+        let (want, rate) = walcast_path(&data, &loaded);
         let expected_visible = data.changes.len() * users / dealerships;
         let visible = want.iter().filter(|v| **v).count();
         // Each order's dealership has USERS/DEALERSHIPS members (exact when it divides).
         if users % dealerships == 0 && visible != expected_visible {
             bail!("walcast found {visible} visible pairs, expected {expected_visible}");
         }
-        let mut results = vec![(want.clone(), rate), walcast_index_path(&data, &cache)];
+        let mut results = vec![(want.clone(), rate), walcast_index_path(&data, &loaded)];
         results.push(client_path(&url, &data, 1).await?);
         results.push(client_path(&url, &data, 2).await?);
         results.push(in_db_path(&client, &data).await?);

@@ -236,8 +236,9 @@ struct ServeArgs {
     /// Require this `aud` in tokens (Supabase does not check `aud`; off by default).
     #[arg(long, env = "API_JWT_AUDIENCE")]
     jwt_audience: Option<String>,
-    /// Policy rules file (JSON or TOML); default: the rules of sql/.
-    #[arg(long = "policy", env = "WALCAST_POLICY")]
+    /// Removed: walcast reads the database's own policies (docs/policies.md);
+    /// given, walcast refuses to start and says so.
+    #[arg(long = "policy", env = "WALCAST_POLICY", hide = true)]
     policy_file: Option<PathBuf>,
     /// Most open sockets [default: 10000].
     #[arg(long, env = "MAX_CONNECTIONS")]

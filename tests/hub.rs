@@ -25,8 +25,8 @@ async fn a_stalled_consumer_is_closed_and_the_others_get_everything_in_order() {
     .await;
     let fast_box = Arc::new(Outbox::with_budget(OutboxLimits::default(), Arc::clone(&relay.hub.budget)));
     let slow_box = Arc::new(Outbox::with_budget(OutboxLimits::default(), Arc::clone(&relay.hub.budget)));
-    relay.hub.send(Control::Join(subscription(1, Viewer::User(fast), &fast_box, "live"))).await.unwrap();
-    relay.hub.send(Control::Join(subscription(2, Viewer::User(slow), &slow_box, "live"))).await.unwrap();
+    relay.hub.send(Control::Join(subscription(1, Viewer::user(fast), &fast_box, "live"))).await.unwrap();
+    relay.hub.send(Control::Join(subscription(2, Viewer::user(slow), &slow_box, "live"))).await.unwrap();
     let mut frames = Vec::new();
     wait_for_frames(&fast_box, 1, &mut frames).await;
     frames.clear();
@@ -76,7 +76,7 @@ async fn a_restart_never_delivers_to_a_revoked_member_and_resumes_exactly() {
     let slot = format!("{}_s", db.name());
     let relay = start_relay(db.url(), &slot).await;
     let service = Arc::new(Outbox::new(OutboxLimits::default()));
-    relay.hub.send(Control::Join(subscription(9, Viewer::Service, &service, "live"))).await.unwrap();
+    relay.hub.send(Control::Join(subscription(9, Viewer::service(), &service, "live"))).await.unwrap();
     let before = create_order(&client, d, stays, "sales", "pending").await;
     let mut frames = Vec::new();
     // The live notice, then `before`: handled and acknowledged.
@@ -93,10 +93,10 @@ async fn a_restart_never_delivers_to_a_revoked_member_and_resumes_exactly() {
     let boxes: Vec<(uuid::Uuid, Arc<Outbox>)> =
         [stays, revoked, granted].iter().map(|&u| (u, Arc::new(Outbox::new(OutboxLimits::default())))).collect();
     for (i, (u, outbox)) in boxes.iter().enumerate() {
-        relay.hub.send(Control::Join(subscription(i as u64, Viewer::User(*u), outbox, "live"))).await.unwrap();
+        relay.hub.send(Control::Join(subscription(i as u64, Viewer::user(*u), outbox, "live"))).await.unwrap();
     }
     let service = Arc::new(Outbox::new(OutboxLimits::default()));
-    relay.hub.send(Control::Join(subscription(9, Viewer::Service, &service, "live"))).await.unwrap();
+    relay.hub.send(Control::Join(subscription(9, Viewer::service(), &service, "live"))).await.unwrap();
     let after = create_order(&client, d, stays, "sales", "pending").await;
     // service_role gets everything after the last acknowledged change (catch-up included).
     let mut frames = Vec::new();
@@ -140,7 +140,7 @@ async fn filters_narrow_deliveries() {
     add_member(&client, u, d, "user").await;
     let relay = start_relay(db.url(), &format!("{}_s", db.name())).await;
     let outbox = Arc::new(Outbox::new(OutboxLimits::default()));
-    let mut sub = subscription(1, Viewer::User(u), &outbox, "live");
+    let mut sub = subscription(1, Viewer::user(u), &outbox, "live");
     let filter = Filter::parse("status=in.(completed,cancelled),type=eq.service", |c| match c {
         "status" | "type" => Some("text"),
         _ => None,
@@ -152,6 +152,7 @@ async fn filters_narrow_deliveries() {
         table: Some("orders".into()),
         event: EventMatch::All,
         filter,
+        select: None,
     }];
     relay.hub.send(Control::Join(sub)).await.unwrap();
     let mut frames = Vec::new();

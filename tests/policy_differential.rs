@@ -67,6 +67,7 @@ pub(crate) fn subscription(conn: u64, viewer: Viewer, outbox: &Arc<Outbox>, live
         table: Some(table.into()),
         event: EventMatch::All,
         filter: Filter::default(),
+        select: None,
     };
     Subscription {
         conn,
@@ -194,13 +195,13 @@ async fn hub_audience_equals_postgres_rls_for_a_random_workload() {
     let limits = OutboxLimits::default();
     for (i, &u) in users.iter().enumerate() {
         let outbox = Arc::new(Outbox::new(limits));
-        relay.hub.send(Control::Join(subscription(i as u64, Viewer::User(u), &outbox, "live"))).await.unwrap();
+        relay.hub.send(Control::Join(subscription(i as u64, Viewer::user(u), &outbox, "live"))).await.unwrap();
         subscribers.push(Subscriber { user: Some(u), outbox });
     }
     let service = Arc::new(Outbox::new(limits));
-    relay.hub.send(Control::Join(subscription(1000, Viewer::Service, &service, "live"))).await.unwrap();
+    relay.hub.send(Control::Join(subscription(1000, Viewer::service(), &service, "live"))).await.unwrap();
     let anon = Arc::new(Outbox::new(limits));
-    relay.hub.send(Control::Join(subscription(1001, Viewer::Anon, &anon, "live"))).await.unwrap();
+    relay.hub.send(Control::Join(subscription(1001, Viewer::anon(), &anon, "live"))).await.unwrap();
     let mut service_frames = Vec::new();
     wait_for_frames(&service, 1, &mut service_frames).await;
     for s in &subscribers {

@@ -146,10 +146,22 @@ impl Change {
     /// value is longer are left out (Supabase's rule for records over its
     /// payload limit: keep the values of at most 64 bytes).
     pub fn write_row_json_limited(&self, row: &Row, max_value_len: Option<usize>, out: &mut Vec<u8>) {
+        self.write_row_json_masked(row, max_value_len, None, out);
+    }
+
+    /// As [`Change::write_row_json_limited`], leaving out the columns `mask`
+    /// (in relation order) does not keep.
+    pub fn write_row_json_masked(
+        &self,
+        row: &Row,
+        max_value_len: Option<usize>,
+        mask: Option<&[bool]>,
+        out: &mut Vec<u8>,
+    ) {
         out.push(b'{');
         let mut first = true;
-        for (column, datum) in self.relation.columns.iter().zip(&row.0) {
-            if matches!(datum, Datum::Absent) {
+        for (i, (column, datum)) in self.relation.columns.iter().zip(&row.0).enumerate() {
+            if matches!(datum, Datum::Absent) || mask.is_some_and(|m| !m.get(i).copied().unwrap_or(false)) {
                 continue;
             }
             let rollback = out.len();

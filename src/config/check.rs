@@ -11,7 +11,6 @@ use std::fmt;
 use tokio_postgres::Client;
 
 use super::Settings;
-use crate::policy::Visibility;
 use crate::realtime::auth::Verifier;
 use crate::replication::slot::quote_ident;
 
@@ -85,7 +84,7 @@ pub async fn run(settings: &Settings, connection: impl Into<crate::pgconn::PgCon
         Ok(_) => report.ok("JWT keys", "configured and valid"),
         Err(err) => report.fail("JWT keys", err.to_string(), "pass --jwt-secret or --jwks"),
     }
-    let client = match crate::pgconn::connect(&connection.into()).await {
+    let mut client = match crate::pgconn::connect(&connection.into()).await {
         Ok(client) => client,
         Err(err) => {
             report.fail(
@@ -96,7 +95,7 @@ pub async fn run(settings: &Settings, connection: impl Into<crate::pgconn::PgCon
             return report.0;
         }
     };
-    if let Err(err) = database_checks(&client, settings, &mut report).await {
+    if let Err(err) = database_checks(&mut client, settings, &mut report).await {
         report.fail(
             "queries",
             format!("a catalog query failed: {err}"),
@@ -107,7 +106,7 @@ pub async fn run(settings: &Settings, connection: impl Into<crate::pgconn::PgCon
 }
 
 async fn database_checks(
-    client: &Client,
+    client: &mut Client,
     settings: &Settings,
     report: &mut Report,
 ) -> Result<(), tokio_postgres::Error> {
@@ -225,7 +224,7 @@ async fn database_checks(
     }
 
     publication_checks(client, settings, report).await?;
-    membership_checks(client, settings, report).await?;
+    policy_checks(client, settings, report).await?;
     Ok(())
 }
 
@@ -297,190 +296,52 @@ async fn publication_checks(
                 format!("alter table {}.{} replica identity full;", quote_ident(&schema), quote_ident(&table)),
             );
         }
-        match settings.policy.tables.iter().rfind(|r| r.schema == schema && r.table == table) {
-            None => report.warn(
-                format!("policy {name}"),
-                "no walcast rule: only service_role subscribers receive its changes",
-                "add a rule to the policy file if users should see it",
-            ),
-            Some(rule) => match &rule.visible_to {
-                Visibility::ServiceRoleOnly => report.ok(format!("policy {name}"), "service_role only"),
-                Visibility::DealershipMembers { column } => {
-                    rule_matches_rls(client, settings, report, &schema, &table, column, rls).await?;
-                }
-            },
-        }
-    }
-    for rule in &settings.policy.tables {
-        let published =
-            tables.iter().any(|r| r.get::<_, String>(0) == rule.schema && r.get::<_, String>(1) == rule.table);
-        if !published {
-            report.warn(
-                format!("policy {}.{}", rule.schema, rule.table),
-                format!("has a rule but is not in publication {}", settings.publication),
-                format!(
-                    "alter publication {} add table {}.{};",
-                    quote_ident(&settings.publication),
-                    quote_ident(&rule.schema),
-                    quote_ident(&rule.table)
-                ),
-            );
-        }
+        let _ = rls;
     }
     Ok(())
 }
 
-/// Compares a "dealership members" rule with the table's RLS policies.
-async fn rule_matches_rls(
-    client: &Client,
+/// Reads the policies as walcast will (with row security off for the
+/// membership tables) and reports the plan of every published table and
+/// API role: in memory, every row, nothing, or database-evaluated (which
+/// this walcast denies), with the fix where there is one.
+async fn policy_checks(
+    client: &mut Client,
     settings: &Settings,
     report: &mut Report,
-    schema: &str,
-    table: &str,
-    column: &str,
-    rls: bool,
 ) -> Result<(), tokio_postgres::Error> {
-    let name = format!("{schema}.{table}");
-    let has_column = client
-        .query_opt(
-            "select 1 from pg_attribute a join pg_class c on c.oid = a.attrelid join pg_namespace n on n.oid = c.relnamespace \
-             where n.nspname = $1 and c.relname = $2 and a.attname = $3 and not a.attisdropped",
-            &[&schema, &table, &column],
-        )
-        .await?
-        .is_some();
-    if !has_column {
-        report.fail(
-            format!("policy {name}"),
-            format!("the rule names column {column}, which the table does not have"),
-            "fix the rule's column in the policy file",
-        );
-        return Ok(());
-    }
-    if !rls {
-        report.warn(
-            format!("policy {name}"),
-            "row level security is off: the database shows every row to anyone with SELECT, walcast only to members",
-            format!(
-                "alter table {}.{} enable row level security; (and add the SELECT policy)",
-                quote_ident(schema),
-                quote_ident(table)
-            ),
-        );
-        return Ok(());
-    }
-    let membership = &settings.policy.memberships.table;
-    let quals: Vec<Option<String>> = client
-        .query(
-            "select qual from pg_policies where schemaname = $1 and tablename = $2 and cmd in ('SELECT', 'ALL') \
-             and (roles @> array['authenticated']::name[] or roles @> array['public']::name[])",
-            &[&schema, &table],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    // Policies often read memberships through a helper function (sql/ uses
-    // private.member_dealership_ids()): follow one level of calls.
-    let readers: Vec<String> = client
-        .query(
-            "select n.nspname || '.' || p.proname || '(' from pg_proc p join pg_namespace n on n.oid = p.pronamespace \
-             where p.prolang <> 12 and position($1 in p.prosrc) > 0",
-            &[membership],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let reads_memberships = |qual: &str| {
-        qual.contains(column)
-            && (qual.contains(membership.as_str()) || readers.iter().any(|f| qual.contains(f.as_str())))
+    let loaded = match crate::policy::plan::load(client, std::slice::from_ref(&settings.publication), None).await {
+        Ok(l) => l,
+        Err(err) => {
+            report.fail("policies", err.to_string(), "see docs/policies.md");
+            return Ok(());
+        }
     };
-    if quals.iter().flatten().any(|q| reads_memberships(q)) {
-        report.ok(format!("policy {name}"), format!("members of {column}'s dealership; RLS policy reads {membership}"));
-    } else {
-        report.warn(
-            format!("policy {name}"),
-            format!("walcast shows rows to members of {column}'s dealership, but no SELECT policy for authenticated reads {membership}"),
-            "make the policy file match the table's RLS (or the RLS match the rule)",
-        );
-    }
-    Ok(())
-}
-
-async fn membership_checks(
-    client: &Client,
-    settings: &Settings,
-    report: &mut Report,
-) -> Result<(), tokio_postgres::Error> {
-    let m = &settings.policy.memberships;
-    let qualified = format!("{}.{}", quote_ident(&m.schema), quote_ident(&m.table));
-    let exists: bool = client.query_one("select to_regclass($1::text) is not null", &[&qualified]).await?.get(0);
-    if !exists {
-        report.fail(
-            "membership table",
-            format!("{}.{} does not exist", m.schema, m.table),
-            "run walcast migrate, or point the policy file's memberships at your table",
-        );
-        return Ok(());
-    }
-    let readable: bool =
-        client.query_one("select has_table_privilege($1::text, 'select')", &[&qualified]).await?.get(0);
-    if !readable {
-        report.fail(
-            "membership table",
-            format!("the role cannot read {}.{}", m.schema, m.table),
-            format!("grant select on {qualified} to {};", "<walcast role>"),
-        );
-        return Ok(());
-    }
-    // Row level security applies to the role unless it is a superuser, has
-    // BYPASSRLS, or owns the table (and RLS is not forced): then the load
-    // would see only what the policies show the role (walcast refuses that).
-    let row = client
-        .query_one(
-            "select c.relrowsecurity and not (r.rolsuper or r.rolbypassrls \
-             or (pg_has_role(c.relowner, 'USAGE') and not c.relforcerowsecurity)), current_user::text \
-             from pg_class c, pg_roles r where c.oid = $1::text::regclass and r.rolname = current_user",
-            &[&qualified],
-        )
-        .await?;
-    let (hidden, user): (bool, String) = (row.get(0), row.get(1));
-    if hidden {
-        report.fail(
-            "membership table",
-            format!(
-                "row level security on {}.{} applies to role {user}: walcast must read every membership",
-                m.schema, m.table
-            ),
-            format!("alter role {} bypassrls; (or connect as a superuser or the table's owner)", quote_ident(&user)),
-        );
-        return Ok(());
-    }
-    let mut missing = Vec::new();
-    for column in [Some(&m.key_column), Some(&m.user_column), Some(&m.dealership_column), m.role_column.as_ref()]
-        .into_iter()
-        .flatten()
-    {
-        let found = client
-            .query_opt(
-                "select 1 from pg_attribute where attrelid = $1::text::regclass and attname = $2 and not attisdropped and attnum > 0",
-                &[&qualified, column],
-            )
-            .await?
-            .is_some();
-        if !found {
-            missing.push(column.clone());
+    for table in loaded.policies.tables() {
+        let mut roles: Vec<&String> =
+            table.roles.keys().filter(|r| ["anon", "authenticated", "service_role"].contains(&r.as_str())).collect();
+        roles.sort();
+        for role in roles {
+            let plan = &table.roles[role];
+            let what = format!("plan {}.{} as {role}", table.schema, table.name);
+            let line = plan.describe(&table.columns, &loaded.caches);
+            match &plan.access {
+                crate::policy::Access::Database(_) => report.warn(
+                    what,
+                    line,
+                    "rewrite the policy in a supported shape (docs/policies.md), or expect no changes of this table \
+                     for this role",
+                ),
+                _ => report.ok(what, line),
+            }
+            for w in &plan.warnings {
+                report.warn(format!("plan {}.{} as {role}", table.schema, table.name), w.clone(), "see docs/policies.md");
+            }
         }
     }
-    if missing.is_empty() {
-        report.ok("membership table", format!("{}.{} readable", m.schema, m.table));
-    } else {
-        report.fail(
-            "membership table",
-            format!("{}.{} lacks column(s) {}", m.schema, m.table, missing.join(", ")),
-            "fix the policy file's memberships columns",
-        );
-    }
+    report.ok(
+        "membership caches",
+        format!("{} cache(s), {} rows read", loaded.caches.specs().len(), loaded.caches.rows()),
+    );
     Ok(())
 }

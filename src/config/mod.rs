@@ -23,7 +23,6 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::pgconn::PgConfig;
-use crate::policy::PolicyConfig;
 use crate::realtime::auth::AuthConfig;
 use crate::relay::RelayConfig;
 use crate::replication::{SlotOptions, SourceConfig};
@@ -75,10 +74,11 @@ pub struct FileConfig {
     pub jwt_jwks: Option<String>,
     /// Required `aud` of tokens (off by default, as on Supabase).
     pub jwt_audience: Option<String>,
-    /// Policy rules file (JSON or TOML).
+    /// The removed policy rules file (`--policy`, `WALCAST_POLICY`): refused
+    /// at start, pointing to docs/policies.md.
     pub policy_file: Option<PathBuf>,
-    /// Policy rules inline (`[policy]` table of the TOML file).
-    pub policy: Option<PolicyConfig>,
+    /// The removed `[policy]` table of the TOML file: refused likewise.
+    pub policy: Option<toml::Value>,
     /// Most open sockets.
     pub max_connections: Option<usize>,
     /// Most channels per socket.
@@ -258,14 +258,12 @@ pub enum ConfigError {
          or --config database) signs its tokens with its own secret; configure a database, or drop the key"
     )]
     DemoJwtKey,
-    /// The policy file cannot be used.
-    #[error("policy file {path}: {detail}")]
-    Policy {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        detail: String,
-    },
+    /// `--policy`, `WALCAST_POLICY` or a `[policy]` table: the rule files
+    /// are gone, walcast reads the database's own policies (definite).
+    #[error(
+        "{0}: walcast no longer takes policy rules; it reads the database's own row level security policies and          column privileges (see docs/policies.md). Remove the setting."
+    )]
+    PolicyRemoved(&'static str),
 }
 
 /// Where the database is.
@@ -308,8 +306,6 @@ pub struct Settings {
     pub port: u16,
     /// JWT keys.
     pub auth: AuthConfig,
-    /// Policy rules.
-    pub policy: PolicyConfig,
     /// Most sockets.
     pub max_connections: usize,
     /// Most channels per socket.
@@ -380,11 +376,12 @@ impl Settings {
         if matches!(database, Database::Url(_)) && auth.jwt_secret.is_none() && auth.jwks.is_none() {
             return Err(ConfigError::NoJwtKey);
         }
-        let policy = match (merged.policy_file, merged.policy) {
-            (Some(path), _) => load_policy(&path)?,
-            (None, Some(policy)) => policy,
-            (None, None) => PolicyConfig::default(),
-        };
+        if merged.policy_file.is_some() {
+            return Err(ConfigError::PolicyRemoved("--policy (WALCAST_POLICY)"));
+        }
+        if merged.policy.is_some() {
+            return Err(ConfigError::PolicyRemoved("the [policy] table of the configuration file"));
+        }
         let max_connections =
             range("MAX_CONNECTIONS (--max-connections)", merged.max_connections.unwrap_or(10_000), 1, 10_000_000)?;
         let max_channels = range(
@@ -457,7 +454,6 @@ impl Settings {
             host,
             port: merged.port.unwrap_or(DEFAULT_PORT),
             auth,
-            policy,
             max_connections,
             max_channels,
             ws_read_buffer,
@@ -539,7 +535,6 @@ impl Settings {
             slot.streaming = true;
         }
         let mut relay = RelayConfig::new(SourceConfig::new(connection, slot));
-        relay.policy = self.policy.clone();
         relay.hub.outbox_budget = self.outbox_budget;
         relay.hub.max_reader_lag = self.max_reader_lag;
         relay.spill = crate::spill::SpillConfig { dir: self.spill_dir.clone(), disk_budget: self.spill_budget };
@@ -552,18 +547,6 @@ impl Settings {
         config.monitoring = self.monitoring.clone();
         config
     }
-}
-
-/// Reads policy rules from JSON or TOML (by extension).
-fn load_policy(path: &Path) -> Result<PolicyConfig, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|err| ConfigError::Policy { path: path.to_owned(), detail: err.to_string() })?;
-    let parsed = if path.extension().is_some_and(|e| e == "toml") {
-        toml::from_str(&text).map_err(|err| toml_detail(&err))
-    } else {
-        serde_json::from_str(&text).map_err(|err| err.to_string())
-    };
-    parsed.map_err(|detail| ConfigError::Policy { path: path.to_owned(), detail })
 }
 
 #[cfg(test)]
@@ -626,7 +609,7 @@ mod tests {
         std::fs::write(
             &path,
             "database_url = \"postgres://u:p@h/db\"\nport = 5000\nslot_name = \"from_file\"\njwt_secret = \"f\"\n\
-             max_channels_per_client = 7\n[policy]\ntables = []\n",
+             max_channels_per_client = 7\n",
         )
         .unwrap();
         let given = FileConfig { port: Some(6000), ..FileConfig::default() };
@@ -634,7 +617,6 @@ mod tests {
         assert_eq!(settings.port, 6000, "flag/env beats the file");
         assert_eq!(settings.slot, "from_file", "the file beats the default");
         assert_eq!(settings.max_channels, 7);
-        assert!(settings.policy.tables.is_empty());
         assert_eq!(settings.auth.jwt_secret.as_deref(), Some("f"));
         assert!(matches!(settings.database, Database::Url(_)));
     }

@@ -170,10 +170,10 @@ mod tests {
 
     #[test]
     fn claims_come_from_the_verified_token_only() {
-        let claims = Claims { role: "authenticated".into(), sub: Some("u".into()), exp: 7 };
+        let claims = Claims { role: "authenticated".into(), sub: Some("u".into()), exp: 7, all: Default::default() };
         let json: serde_json::Value = serde_json::from_str(&claims_json(&claims)).unwrap();
         assert_eq!(json, serde_json::json!({"role": "authenticated", "sub": "u", "exp": 7}));
-        let anon = Claims { role: "anon".into(), sub: None, exp: 7 };
+        let anon = Claims { role: "anon".into(), sub: None, exp: 7, all: Default::default() };
         assert_eq!(claims_json(&anon), r#"{"exp":7,"role":"anon"}"#);
     }
 }

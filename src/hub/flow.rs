@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use super::outbox::{self, CloseReason};
 use super::{frame, ConnId, Core, HubError, StageEvent};
 use crate::change::{Change, TxEvent, TxInfo};
-use crate::lsn::Lsn;
 use crate::replication::status::unix_micros_now;
 use crate::spill::{ChangeLog, Cursor};
 
@@ -64,9 +63,8 @@ impl Core {
     pub fn stage(&mut self, event: StageEvent) -> Result<(), HubError> {
         debug_assert!(!self.busy(), "stage() while busy");
         match event {
-            StageEvent::Loaded(at) => {
-                self.judge_from = if at.exact { Lsn::ZERO } else { at.lsn };
-                self.stats.memberships_loaded.store(true, Ordering::Relaxed);
+            StageEvent::Policies(loaded) => {
+                self.install(*loaded);
                 Ok(())
             }
             StageEvent::Reset => {
@@ -126,13 +124,13 @@ impl Core {
                 // Membership changes first, all of them: every change is
                 // judged with the memberships as of the commit.
                 if tx.memberships {
-                    let table = self.rules.memberships();
                     let mut cursor = Cursor::default();
                     while let Some((_, change)) = tx.changes.read(&mut cursor)? {
-                        if table.is(&change.relation) {
-                            self.memberships.apply(table, &change)?;
+                        if self.caches.follows(change.relation.oid) {
+                            self.apply_to_caches(&change);
                         }
                     }
+                    self.cache_gauges();
                 }
                 self.delivering = Some(Delivery { tx, info, cursor: Cursor::default() });
                 self.pump()
@@ -143,7 +141,7 @@ impl Core {
     /// Adds a change to the open transaction.
     fn collect(&mut self, change: Change) -> Result<(), HubError> {
         let Some(tx) = self.open.as_mut() else { return Ok(()) };
-        if self.rules.memberships().is(&change.relation) {
+        if self.caches.follows(change.relation.oid) {
             tx.memberships = true;
         }
         match tx.changes.push(0, change) {
@@ -256,8 +254,7 @@ impl Core {
         let now = outbox::now_ms();
         let limit = self.config.max_reader_lag;
         let mut worst: Option<(ConnId, Duration, usize)> = None;
-        for (&conn, list) in &self.by_conn {
-            let Some(sub) = list.first().and_then(|&i| self.subs[i].as_ref()) else { continue };
+        for (conn, sub) in self.registry.connections() {
             let lag = sub.outbox.lag(now);
             if lag > limit {
                 if sub.outbox.close_now(CloseReason::reader_lag(lag, limit)) {
@@ -277,8 +274,7 @@ impl Core {
             let paused = since.elapsed();
             if paused >= self.config.max_pause && self.budget.exhausted() {
                 let reason = CloseReason::furthest_behind(paused, self.budget.limit());
-                if let Some(sub) = self.by_conn.get(&conn).and_then(|l| l.first()).and_then(|&i| self.subs[i].as_ref())
-                {
+                if let Some(sub) = self.registry.of_conn(conn) {
                     sub.outbox.close_now(reason);
                 }
                 self.stats.furthest_behind_closed.fetch_add(1, Ordering::Relaxed);

@@ -48,14 +48,20 @@ pub fn commit_timestamp(ts: PgTimestamp) -> String {
     out
 }
 
-/// `[{"name":…,"type":…},…]` of a relation (cache it per relation).
-pub fn columns_json(relation: &RelationInfo) -> Bytes {
+/// `[{"name":…,"type":…},…]` of a relation (cache it per relation), only
+/// the columns `mask` keeps when given.
+pub fn columns_json(relation: &RelationInfo, mask: Option<&[bool]>) -> Bytes {
     let mut out = Vec::with_capacity(32 * relation.columns.len() + 2);
     out.push(b'[');
+    let mut first = true;
     for (i, column) in relation.columns.iter().enumerate() {
-        if i > 0 {
+        if mask.is_some_and(|m| !m.get(i).copied().unwrap_or(false)) {
+            continue;
+        }
+        if !first {
             out.push(b',');
         }
+        first = false;
         out.extend_from_slice(b"{\"name\":");
         json_string(&column.name, &mut out);
         out.extend_from_slice(b",\"type\":");
@@ -66,8 +72,15 @@ pub fn columns_json(relation: &RelationInfo) -> Bytes {
     Bytes::from(out)
 }
 
-/// The `data` object of `change` delivered as `event`.
-pub fn data_json(change: &Change, event: EventType, commit_timestamp: &str, columns: &[u8]) -> Bytes {
+/// The `data` object of `change` delivered as `event`; with `mask`, only the
+/// columns it keeps (a role's column privileges, a binding's `select`).
+pub fn data_json(
+    change: &Change,
+    event: EventType,
+    commit_timestamp: &str,
+    columns: &[u8],
+    mask: Option<&[bool]>,
+) -> Bytes {
     // Room for the rows written (their text plus a per-column allowance
     // covers keys and quoting in the usual case), so the buffer seldom grows.
     let record = matches!(event, EventType::Insert | EventType::Update).then_some(change.record.as_ref()).flatten();
@@ -98,10 +111,10 @@ pub fn data_json(change: &Change, event: EventType, commit_timestamp: &str, colu
             return;
         };
         let start = out.len();
-        change.write_row_json(row, out);
+        change.write_row_json_masked(row, None, mask, out);
         if out.len() - start > MAX_RECORD_BYTES {
             out.truncate(start);
-            change.write_row_json_limited(row, Some(OVERSIZED_VALUE_MAX), out);
+            change.write_row_json_masked(row, Some(OVERSIZED_VALUE_MAX), mask, out);
             oversized = true;
         }
     };
@@ -198,11 +211,11 @@ mod tests {
     #[test]
     fn frames_in_both_vsn_parse_and_carry_the_right_keys() {
         let c = change(Op::Update, false);
-        let columns = columns_json(&c.relation);
+        let columns = columns_json(&c.relation, None);
         for (event, record, old) in
             [(EventType::Update, true, true), (EventType::Insert, true, false), (EventType::Delete, false, true)]
         {
-            let data = data_json(&c, event, "2026-01-01T00:00:00.000Z", &columns);
+            let data = data_json(&c, event, "2026-01-01T00:00:00.000Z", &columns, None);
             let v1: serde_json::Value =
                 serde_json::from_slice(&postgres_changes(Vsn::V1, "realtime:a\"b", &[3, 4], &data)).unwrap();
             assert_eq!(v1["topic"], "realtime:a\"b");
@@ -231,7 +244,7 @@ mod tests {
     #[test]
     fn oversized_records_keep_small_values_and_say_413() {
         let c = change(Op::Insert, true);
-        let data = data_json(&c, EventType::Insert, "t", &columns_json(&c.relation));
+        let data = data_json(&c, EventType::Insert, "t", &columns_json(&c.relation, None), None);
         let d: serde_json::Value = serde_json::from_slice(&data).unwrap();
         assert_eq!(d["record"], serde_json::json!({"id": 7}));
         assert_eq!(d["errors"], serde_json::json!(["Error 413: Payload Too Large"]));

@@ -74,27 +74,30 @@ mod flow;
 pub mod frame;
 pub mod latency;
 pub mod outbox;
+pub mod registry;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
-use uuid::Uuid;
 
 pub use frame::Vsn;
 pub use outbox::{CloseReason, Outbox, OutboxBudget, OutboxLimits, PushError, DEFAULT_OUTBOX_BUDGET};
 
 use std::time::{Duration, Instant};
 
-use crate::change::{Change, RelationInfo, TxEvent};
+use crate::change::{Change, Datum, RelationInfo, Row, TxEvent};
 use crate::lsn::Lsn;
-use crate::policy::{EventType, Filter, LoadedAt, MembershipCache, Rules, Viewer};
+use crate::policy::plan::Loaded;
+use crate::policy::predicate::{CacheId, Context};
+use crate::policy::{Access, Caches, EventType, Filter, Index, PolicySet, TablePlan, Viewer};
 use crate::replication::AckHandle;
 use crate::spill::{Spill, SpillError, SpillStats};
 use flow::{Delivery, OpenTx};
 use latency::LatencyHistogram;
+use registry::{Registry, Slot};
 
 /// Identifies one WebSocket connection.
 pub type ConnId = u64;
@@ -102,9 +105,10 @@ pub type ConnId = u64;
 /// What the change stage sends the hub.
 #[derive(Debug, Clone)]
 pub enum StageEvent {
-    /// The memberships were (re)loaded: transactions committing before
-    /// `lsn` are the catch-up window unless the load was exact.
-    Loaded(LoadedAt),
+    /// The policies were (re)loaded with their caches: transactions
+    /// committing before `at.lsn` are the catch-up window unless the load
+    /// was exact.
+    Policies(Box<Loaded>),
     /// The replication connection restarted: forget any partial transaction.
     Reset,
     /// A transaction boundary or change.
@@ -133,6 +137,9 @@ pub struct Binding {
     pub event: EventMatch,
     /// Row filter.
     pub filter: Filter,
+    /// `select`: the columns wanted (the key columns are always sent);
+    /// `None` = all.
+    pub select: Option<Vec<String>>,
 }
 
 impl Binding {
@@ -266,12 +273,21 @@ pub struct HubStats {
     pub subscriptions: AtomicU64,
     /// Last end LSN handled (gauge).
     pub handled_lsn: AtomicU64,
+    /// Changes not delivered to a role because its policies for the table
+    /// are database-evaluated (not done yet: denied).
+    pub database_denied: AtomicU64,
+    /// Candidate viewers judged (index hits; the fan-out's work).
+    pub candidates: AtomicU64,
+    /// Rows in the membership caches (gauge).
+    pub cache_rows: AtomicU64,
+    /// Approximate bytes of the membership caches (gauge).
+    pub cache_bytes: AtomicU64,
     /// Commit → queued latency of each transaction that queued frames: the
     /// commit timestamp (the database's clock) against the wall clock once
     /// its last frame was queued.
     pub delivery_latency: LatencyHistogram,
-    /// The membership cache was loaded (set by the change stage at the load,
-    /// and by the hub when it sees [`StageEvent::Loaded`]).
+    /// The policies and caches were loaded (set by the change stage at the
+    /// load, and by the hub when it sees [`StageEvent::Policies`]).
     pub memberships_loaded: AtomicBool,
 }
 
@@ -292,8 +308,8 @@ pub struct HubHandle {
     control: mpsc::Sender<Control>,
     /// Counters.
     pub stats: Arc<HubStats>,
-    /// The membership cache (read-only use outside the hub).
-    pub memberships: Arc<MembershipCache>,
+    /// The policies in force (replaced by the hub at each load).
+    pub policies: Arc<RwLock<Arc<PolicySet>>>,
     /// The global outbox budget every connection's outbox charges.
     pub budget: Arc<OutboxBudget>,
     /// Spill counters (disk bytes).
@@ -314,6 +330,11 @@ impl HubHandle {
         self.control.max_capacity() - self.control.capacity()
     }
 
+    /// The policies in force now.
+    pub fn policies(&self) -> Arc<PolicySet> {
+        self.policies.read().map(|p| Arc::clone(&p)).unwrap_or_default()
+    }
+
     /// Capacity of the control queue.
     pub fn control_queue_capacity(&self) -> usize {
         self.control.max_capacity()
@@ -332,24 +353,18 @@ impl HubHandle {
 
 /// Creates a hub; run [`Hub::run`] on a task and give the handle to the
 /// realtime layer. Transactions that outgrow memory go to `spill`.
-pub fn hub(
-    config: HubConfig,
-    rules: Rules,
-    memberships: Arc<MembershipCache>,
-    ack: AckHandle,
-    spill: Spill,
-) -> (Hub, HubHandle) {
+pub fn hub(config: HubConfig, ack: AckHandle, spill: Spill) -> (Hub, HubHandle) {
     let (control_tx, control_rx) = mpsc::channel(1024);
     let stats = Arc::new(HubStats::default());
     let budget = OutboxBudget::new(config.outbox_budget);
     let handle = HubHandle {
         control: control_tx,
         stats: Arc::clone(&stats),
-        memberships: Arc::clone(&memberships),
+        policies: Arc::new(RwLock::new(Arc::new(PolicySet::default()))),
         budget: Arc::clone(&budget),
         spill: Arc::clone(spill.stats()),
     };
-    let core = Core::new(config, rules, memberships, ack, stats, budget, spill);
+    let core = Core::new(config, Arc::clone(&handle.policies), ack, stats, budget, spill);
     (Hub { core, control: control_rx }, handle)
 }
 
@@ -429,32 +444,56 @@ const PAUSE_RECHECK: Duration = Duration::from_millis(250);
 /// How often a push refused by the spill disk budget is retried.
 const SPILL_RETRY: Duration = Duration::from_secs(1);
 
-/// A registered subscription.
+/// How a relation's columns line up with a plan's (the WAL's Relation
+/// message may carry a column list, or columns in another order).
 #[derive(Debug)]
-struct Sub {
-    conn: ConnId,
-    topic: Arc<str>,
-    vsn: Vsn,
-    viewer: Viewer,
-    bindings: Vec<Binding>,
-    outbox: Arc<Outbox>,
+struct ColumnMap {
+    /// Plan column → relation column.
+    to_rel: Vec<Option<usize>>,
+    /// Relation column → plan column.
+    to_plan: Vec<Option<usize>>,
+}
+
+/// One row image judged for one viewer.
+struct Judge<'a> {
+    row: Option<&'a Row>,
+    map: &'a ColumnMap,
+    claims: &'a serde_json::Value,
+    caches: &'a Caches,
+}
+
+const ABSENT: Datum = Datum::Absent;
+
+impl Context for Judge<'_> {
+    fn column(&self, index: usize) -> &Datum {
+        match (self.row, self.map.to_rel.get(index).copied().flatten()) {
+            (Some(row), Some(i)) => row.0.get(i).unwrap_or(&ABSENT),
+            _ => &ABSENT,
+        }
+    }
+    fn claims(&self) -> &serde_json::Value {
+        self.claims
+    }
+    fn member(&self, cache: CacheId, outer: Option<&str>, user: &str) -> bool {
+        self.caches.member(cache, outer, user)
+    }
+    fn user_rows(&self, cache: CacheId, user: &str) -> (bool, bool) {
+        self.caches.user_rows(cache, user)
+    }
 }
 
 /// The hub's synchronous core: registry, transaction handling, fan-out.
 #[derive(Debug)]
 pub struct Core {
     config: HubConfig,
-    rules: Rules,
-    memberships: Arc<MembershipCache>,
+    policies: Arc<PolicySet>,
+    shared_policies: Arc<RwLock<Arc<PolicySet>>>,
+    caches: Caches,
     ack: AckHandle,
     stats: Arc<HubStats>,
-    subs: Vec<Option<Sub>>,
-    free: Vec<usize>,
-    by_key: HashMap<(ConnId, Arc<str>), usize>,
-    by_conn: HashMap<ConnId, Vec<usize>>,
-    by_user: HashMap<Uuid, Vec<usize>>,
-    service: Vec<usize>,
-    topics: HashMap<Arc<str>, ()>,
+    registry: Registry,
+    /// Subscriptions per role (roles the fan-out must consider).
+    roles: HashMap<Arc<str>, usize>,
     /// Transactions committing before this are the catch-up window.
     judge_from: Lsn,
     /// End LSN of the last transaction handled.
@@ -470,21 +509,20 @@ pub struct Core {
     /// the fan-out makes progress again.
     paused_since: Option<Instant>,
     columns_cache: HashMap<u32, (Arc<RelationInfo>, Bytes)>,
+    maps: HashMap<u32, (Arc<RelationInfo>, Arc<ColumnMap>)>,
     frames: HashMap<Vec<u8>, Bytes>,
+    data: HashMap<(u8, u16), Bytes>,
     key: Vec<u8>,
     ids: Vec<u32>,
-    /// Scratch: (user, sees old row, sees new row) per change.
-    users: Vec<(Uuid, bool, bool)>,
-    /// Scratch: one user's subscriptions while delivering to them.
-    targets: Vec<usize>,
+    /// Scratch: candidate slots per change and role.
+    candidates: Vec<Slot>,
     doomed: Vec<ConnId>,
 }
 
 impl Core {
     fn new(
         config: HubConfig,
-        rules: Rules,
-        memberships: Arc<MembershipCache>,
+        shared_policies: Arc<RwLock<Arc<PolicySet>>>,
         ack: AckHandle,
         stats: Arc<HubStats>,
         budget: Arc<OutboxBudget>,
@@ -497,29 +535,45 @@ impl Core {
             delivering: None,
             paused_since: None,
             config,
-            rules,
-            memberships,
+            policies: Arc::new(PolicySet::default()),
+            shared_policies,
+            caches: Caches::default(),
             ack,
             stats,
-            subs: Vec::new(),
-            free: Vec::new(),
-            by_key: HashMap::new(),
-            by_conn: HashMap::new(),
-            by_user: HashMap::new(),
-            service: Vec::new(),
-            topics: HashMap::new(),
+            registry: Registry::default(),
+            roles: HashMap::new(),
             judge_from: Lsn::ZERO,
             handled: Lsn::ZERO,
             open: None,
             skipping: false,
             columns_cache: HashMap::new(),
+            maps: HashMap::new(),
             frames: HashMap::new(),
+            data: HashMap::new(),
             key: Vec::new(),
             ids: Vec::new(),
-            users: Vec::new(),
-            targets: Vec::new(),
+            candidates: Vec::new(),
             doomed: Vec::new(),
         }
+    }
+
+    /// Installs loaded policies and caches (the change stage's load).
+    fn install(&mut self, loaded: Loaded) {
+        self.judge_from = if loaded.at.exact { Lsn::ZERO } else { loaded.at.lsn };
+        self.registry.set_claims(loaded.policies.indexed_claims());
+        if let Ok(mut shared) = self.shared_policies.write() {
+            *shared = Arc::clone(&loaded.policies);
+        }
+        self.policies = loaded.policies;
+        self.caches = loaded.caches;
+        self.maps.clear();
+        self.cache_gauges();
+        self.stats.memberships_loaded.store(true, Ordering::Relaxed);
+    }
+
+    fn cache_gauges(&self) {
+        self.stats.cache_rows.store(self.caches.rows() as u64, Ordering::Relaxed);
+        self.stats.cache_bytes.store(self.caches.bytes() as u64, Ordering::Relaxed);
     }
 
     /// Handles one control request.
@@ -528,21 +582,32 @@ impl Core {
             Control::Join(sub) => {
                 let on_live = sub.on_live.clone();
                 let outbox = Arc::clone(&sub.outbox);
-                self.remove(sub.conn, &sub.topic);
-                self.insert(sub);
+                let role = Arc::clone(&sub.viewer.role);
+                let (_, replaced) = self.registry.insert(sub);
+                if let Some(old) = replaced {
+                    self.role_gone(&old.viewer.role);
+                }
+                *self.roles.entry(role).or_default() += 1;
+                self.stats.subscriptions.store(self.registry.len() as u64, Ordering::Relaxed);
                 if let Some(frame) = on_live {
                     let _ = outbox.push(frame);
                 }
             }
-            Control::Leave { conn, topic } => self.remove(conn, &topic),
+            Control::Leave { conn, topic } => {
+                if let Some(old) = self.registry.remove(conn, &topic) {
+                    self.role_gone(&old.viewer.role);
+                }
+                self.stats.subscriptions.store(self.registry.len() as u64, Ordering::Relaxed);
+            }
             Control::Reauth { conn, topic, viewer, on_live } => {
-                let Some(&idx) = self.by_key.get(&(conn, Arc::from(topic.as_str()))) else { return };
-                let Some(sub) = self.subs[idx].as_mut() else { return };
-                let old = sub.viewer;
-                sub.viewer = viewer;
-                let outbox = Arc::clone(&sub.outbox);
-                self.unindex_viewer(idx, old);
-                self.index_viewer(idx, viewer);
+                let Some(slot) = self.registry.find(conn, &topic) else { return };
+                let old_role = self.registry.get(slot).map(|s| Arc::clone(&s.viewer.role));
+                let role = Arc::clone(&viewer.role);
+                let Some(outbox) = self.registry.reauth(conn, &topic, viewer) else { return };
+                if let Some(old) = old_role {
+                    self.role_gone(&old);
+                }
+                *self.roles.entry(role).or_default() += 1;
                 if let Some(frame) = on_live {
                     let _ = outbox.push(frame);
                 }
@@ -551,101 +616,29 @@ impl Core {
         }
     }
 
-    fn intern(&mut self, topic: &str) -> Arc<str> {
-        if let Some((t, _)) = self.topics.get_key_value(topic) {
-            return Arc::clone(t);
-        }
-        let t: Arc<str> = Arc::from(topic);
-        self.topics.insert(Arc::clone(&t), ());
-        t
-    }
-
-    fn insert(&mut self, sub: Subscription) {
-        let topic = self.intern(&sub.topic);
-        let entry = Sub {
-            conn: sub.conn,
-            topic: Arc::clone(&topic),
-            vsn: sub.vsn,
-            viewer: sub.viewer,
-            bindings: sub.bindings,
-            outbox: sub.outbox,
-        };
-        let idx = match self.free.pop() {
-            Some(i) => {
-                self.subs[i] = Some(entry);
-                i
+    fn role_gone(&mut self, role: &Arc<str>) {
+        if let Some(n) = self.roles.get_mut(role) {
+            *n -= 1;
+            if *n == 0 {
+                self.roles.remove(role);
             }
-            None => {
-                self.subs.push(Some(entry));
-                self.subs.len() - 1
-            }
-        };
-        self.by_key.insert((sub.conn, topic), idx);
-        self.by_conn.entry(sub.conn).or_default().push(idx);
-        self.index_viewer(idx, sub.viewer);
-        self.stats.subscriptions.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn index_viewer(&mut self, idx: usize, viewer: Viewer) {
-        match viewer {
-            Viewer::Service => self.service.push(idx),
-            Viewer::User(u) => self.by_user.entry(u).or_default().push(idx),
-            Viewer::Anon | Viewer::Other => {}
-        }
-    }
-
-    fn unindex_viewer(&mut self, idx: usize, viewer: Viewer) {
-        let drop_from = |list: &mut Vec<usize>| {
-            if let Some(pos) = list.iter().position(|&i| i == idx) {
-                list.swap_remove(pos);
-            }
-        };
-        match viewer {
-            Viewer::Service => drop_from(&mut self.service),
-            Viewer::User(u) => {
-                if let Some(list) = self.by_user.get_mut(&u) {
-                    drop_from(list);
-                    if list.is_empty() {
-                        self.by_user.remove(&u);
-                    }
-                }
-            }
-            Viewer::Anon | Viewer::Other => {}
-        }
-    }
-
-    fn remove(&mut self, conn: ConnId, topic: &str) {
-        let Some(idx) = self.by_key.remove(&(conn, Arc::from(topic))) else { return };
-        self.remove_idx(idx);
-        if let Some(list) = self.by_conn.get_mut(&conn) {
-            list.retain(|&i| i != idx);
-            if list.is_empty() {
-                self.by_conn.remove(&conn);
-            }
-        }
-    }
-
-    fn remove_idx(&mut self, idx: usize) {
-        let Some(sub) = self.subs[idx].take() else { return };
-        self.unindex_viewer(idx, sub.viewer);
-        self.by_key.remove(&(sub.conn, Arc::clone(&sub.topic)));
-        self.free.push(idx);
-        self.stats.subscriptions.fetch_sub(1, Ordering::Relaxed);
-        if Arc::strong_count(&sub.topic) == 2 {
-            // Only the interning table holds it now.
-            self.topics.remove(&sub.topic);
         }
     }
 
     fn remove_conn(&mut self, conn: ConnId) {
-        for idx in self.by_conn.remove(&conn).unwrap_or_default() {
-            self.remove_idx(idx);
+        let topics: Vec<Arc<str>> =
+            self.registry.iter().filter(|(_, s)| s.conn == conn).map(|(_, s)| Arc::clone(&s.topic)).collect();
+        for topic in topics {
+            if let Some(old) = self.registry.remove(conn, &topic) {
+                self.role_gone(&old.viewer.role);
+            }
         }
+        self.stats.subscriptions.store(self.registry.len() as u64, Ordering::Relaxed);
     }
 
     /// Closes every outbox (shutdown).
     pub fn close_all(&mut self, reason: CloseReason) {
-        for sub in self.subs.iter().flatten() {
+        for (_, sub) in self.registry.iter() {
             sub.outbox.close(reason.clone());
         }
     }
@@ -665,106 +658,227 @@ impl Core {
                 return bytes.clone();
             }
         }
-        let bytes = frame::columns_json(relation);
+        let bytes = frame::columns_json(relation, None);
         self.columns_cache.insert(relation.oid, (Arc::clone(relation), bytes.clone()));
         bytes
     }
 
+    fn column_map(&mut self, plan: &TablePlan, relation: &Arc<RelationInfo>) -> Arc<ColumnMap> {
+        if let Some((rel, map)) = self.maps.get(&relation.oid) {
+            if Arc::ptr_eq(rel, relation) || **rel == **relation {
+                return Arc::clone(map);
+            }
+        }
+        let to_rel: Vec<Option<usize>> = plan.columns.iter().map(|c| relation.column_index(c)).collect();
+        let to_plan: Vec<Option<usize>> =
+            relation.columns.iter().map(|c| plan.columns.iter().position(|p| *p == c.name)).collect();
+        let map = Arc::new(ColumnMap { to_rel, to_plan });
+        self.maps.insert(relation.oid, (Arc::clone(relation), Arc::clone(&map)));
+        map
+    }
+
+    /// Applies a committed change to the membership caches.
+    fn apply_to_caches(&mut self, change: &Change) {
+        self.caches.apply(change);
+    }
+
     fn fan_out(&mut self, tx: &OpenTx, change: &Change, now: u64) {
         self.stats.changes.fetch_add(1, Ordering::Relaxed);
-        let Some(judgment) = self.rules.judge(change) else { return };
+        let Some(event) = EventType::of(change.op) else { return };
+        let policies = Arc::clone(&self.policies);
+        // A table the plans do not know (published after the load): nobody.
+        let Some(plan) = policies.table(change.relation.oid) else { return };
+        let map = self.column_map(plan, &change.relation);
         let columns = self.columns_json(&change.relation);
-        let mut data: [Option<Bytes>; 3] = [None, None, None];
         self.frames.clear();
-        // service_role: sees every published change as it is.
-        let service = std::mem::take(&mut self.service);
-        for &idx in &service {
-            self.deliver(idx, judgment.event, change, &tx.commit_timestamp, &columns, &mut data, now);
-        }
-        self.service = service;
-        if tx.catch_up || !judgment.by_dealership {
-            return;
-        }
-        // Candidates with what the member lists already say: (user, sees the
-        // old row, sees the new row). Reading the lists is the membership
-        // check; no second lookup per user.
-        let mut users = std::mem::take(&mut self.users);
-        users.clear();
-        if let Some(old) = judgment.old {
-            self.memberships.for_each_member(old, |u| users.push((u, true, false)));
-        }
-        match judgment.new {
-            Some(new) if judgment.old == Some(new) => users.iter_mut().for_each(|u| u.2 = true),
-            Some(new) => {
-                self.memberships.for_each_member(new, |u| users.push((u, false, true)));
-                if judgment.old.is_some() {
-                    users.sort_unstable_by_key(|u| u.0);
-                    users.dedup_by(|later, kept| {
-                        let same = later.0 == kept.0;
-                        if same {
-                            kept.1 |= later.1;
-                            kept.2 |= later.2;
+        self.data.clear();
+        let roles: Vec<Arc<str>> = self.roles.keys().cloned().collect();
+        let mut candidates = std::mem::take(&mut self.candidates);
+        for (role_no, role) in roles.iter().enumerate() {
+            let Some(rp) = plan.role(role) else { continue };
+            let mask: Option<Vec<bool>> = rp.columns.as_ref().map(|m| {
+                map.to_plan.iter().map(|p| p.is_some_and(|p| m.get(p).copied().unwrap_or(false))).collect()
+            });
+            let shape = MaskRef { id: role_no as u16, mask: mask.as_deref() };
+            candidates.clear();
+            match &rp.access {
+                Access::Nothing(_) => continue,
+                Access::Database(_) => {
+                    self.stats.database_denied.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                Access::Everything => {
+                    self.registry.table_candidates(&change.relation.schema, &change.relation.table, &mut candidates);
+                    self.stats.candidates.fetch_add(candidates.len() as u64, Ordering::Relaxed);
+                    for &slot in &candidates {
+                        if self.registry.get(slot).is_some_and(|s| s.viewer.role == *role) {
+                            self.deliver(slot, event, change, &tx.commit_timestamp, &columns, shape, now);
                         }
-                        same
-                    });
+                    }
+                }
+                Access::Rows(expr) => {
+                    // Catch-up window: the caches may be ahead of or behind
+                    // the truth, so only roles that see every row get it.
+                    if tx.catch_up {
+                        continue;
+                    }
+                    self.index_candidates(&rp.index, change, &map, &mut candidates);
+                    candidates.sort_unstable();
+                    candidates.dedup();
+                    self.stats.candidates.fetch_add(candidates.len() as u64, Ordering::Relaxed);
+                    for &slot in &candidates {
+                        let Some(sub) = self.registry.get(slot) else { continue };
+                        if sub.viewer.role != *role {
+                            continue;
+                        }
+                        let judge = |row: Option<&Row>| {
+                            expr.eval(&Judge { row, map: &map, claims: &sub.viewer.claims, caches: &self.caches })
+                                .visible()
+                        };
+                        let sees_new = event != EventType::Delete && judge(change.record.as_ref());
+                        let sees_old = match event {
+                            EventType::Insert => false,
+                            // No old image (REPLICA IDENTITY DEFAULT, key
+                            // unchanged): judged by the new row, as Supabase
+                            // does; never a move-out.
+                            EventType::Update if change.old_record.is_none() => sees_new,
+                            _ => judge(change.old_record.as_ref()),
+                        };
+                        let Some(ev) = event.transition(sees_old, sees_new) else { continue };
+                        self.deliver(slot, ev, change, &tx.commit_timestamp, &columns, shape, now);
+                    }
                 }
             }
-            None => {}
         }
-        // A reused copy of each user's list (`deliver` needs `&mut self`),
-        // rather than a fresh allocation per user and change.
-        let mut targets = std::mem::take(&mut self.targets);
-        for &(user, sees_old, sees_new) in &users {
-            let Some(event) = judgment.transition(sees_old, sees_new) else { continue };
-            let Some(list) = self.by_user.get(&user) else { continue };
-            targets.clear();
-            targets.extend_from_slice(list);
-            for &idx in &targets {
-                self.deliver(idx, event, change, &tx.commit_timestamp, &columns, &mut data, now);
+        self.candidates = candidates;
+    }
+
+    /// Candidate slots for a change under `index` (a superset of those who
+    /// may see the old or new row; the predicate decides).
+    fn index_candidates(&self, index: &Index, change: &Change, map: &ColumnMap, out: &mut Vec<Slot>) {
+        let value = |column: usize, row: Option<&Row>, ty| -> Option<Box<str>> {
+            let i = map.to_rel.get(column).copied().flatten()?;
+            let text = row?.0.get(i)?.as_str()?;
+            crate::policy::predicate::Scalar::parse(ty, text).ok().map(|v| v.key())
+        };
+        match index {
+            Index::Nobody => {}
+            Index::Everyone => {
+                self.registry.table_candidates(&change.relation.schema, &change.relation.table, out)
+            }
+            Index::Claim { path, ty, column } => {
+                if !self.registry.indexes_claim(path, *ty) {
+                    return self.registry.table_candidates(&change.relation.schema, &change.relation.table, out);
+                }
+                for row in [change.old_record.as_ref(), change.record.as_ref()] {
+                    if let Some(v) = value(*column, row, *ty) {
+                        self.registry.claim_candidates(path, *ty, &v, out);
+                    }
+                }
+            }
+            Index::Member { cache, column, path, ty } => {
+                let Some(spec) = self.caches.specs().get(*cache) else { return };
+                let Some((_, group_ty)) = spec.group.clone() else {
+                    return self.registry.table_candidates(&change.relation.schema, &change.relation.table, out);
+                };
+                if !self.registry.indexes_claim(path, *ty) {
+                    return self.registry.table_candidates(&change.relation.schema, &change.relation.table, out);
+                }
+                let Some(data) = self.caches.get(*cache) else { return };
+                for row in [change.old_record.as_ref(), change.record.as_ref()] {
+                    if let Some(g) = value(*column, row, group_ty) {
+                        data.for_each_member(&g, |user| self.registry.claim_candidates(path, *ty, user, out));
+                    }
+                }
+            }
+            Index::Union(parts) => {
+                for p in parts {
+                    self.index_candidates(p, change, map, out);
+                }
             }
         }
-        self.targets = targets;
-        self.users = users;
     }
 
     #[allow(clippy::too_many_arguments)]
     fn deliver(
         &mut self,
-        idx: usize,
+        slot: Slot,
         event: EventType,
         change: &Change,
         commit_timestamp: &str,
         columns: &Bytes,
-        data: &mut [Option<Bytes>; 3],
+        shape: MaskRef<'_>,
         now: u64,
     ) {
-        let Some(sub) = self.subs[idx].as_ref() else { return };
+        let Some(sub) = self.registry.get(slot) else { return };
         let row = match event {
             EventType::Insert | EventType::Update => change.record.as_ref(),
             EventType::Delete => change.old_record.as_ref(),
         };
         self.ids.clear();
+        let mut select: Option<&Vec<String>> = None;
         for binding in &sub.bindings {
             if binding.wants(&change.relation, event, row) {
                 self.ids.push(binding.id);
+                if let Some(cols) = &binding.select {
+                    select = Some(cols);
+                }
             }
         }
         if self.ids.is_empty() {
             return;
         }
+        // The role's columns, narrowed by the binding's `select` (the key
+        // columns always go, as Supabase sends them).
+        let selected: Option<Vec<bool>> = select.map(|cols| {
+            change
+                .relation
+                .columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    (c.is_key || cols.iter().any(|s| *s == c.name)) && shape.mask.is_none_or(|m| m[i])
+                })
+                .collect()
+        });
+        let (mask, mask_id) = match &selected {
+            Some(m) => (Some(m.as_slice()), u16::MAX),
+            None => (shape.mask, shape.id),
+        };
         self.key.clear();
         self.key.push(sub.vsn as u8);
         self.key.push(event as u8);
-        self.key.extend_from_slice(&(Arc::as_ptr(&sub.topic) as *const u8 as usize).to_ne_bytes());
+        self.key.extend_from_slice(&sub.topic_id.to_ne_bytes());
+        match mask {
+            Some(m) if mask_id == u16::MAX => self.key.extend(m.iter().map(|b| u8::from(*b) + 2)),
+            Some(_) => self.key.extend_from_slice(&mask_id.to_ne_bytes()),
+            None => {}
+        }
+        self.key.push(0);
         for id in &self.ids {
             self.key.extend_from_slice(&id.to_ne_bytes());
         }
         let frame = match self.frames.get(self.key.as_slice()) {
             Some(frame) => frame.clone(),
             None => {
-                let data = data[event as usize]
-                    .get_or_insert_with(|| frame::data_json(change, event, commit_timestamp, columns))
-                    .clone();
+                let build = |mask: Option<&[bool]>| {
+                    let masked_columns;
+                    let columns: &[u8] = match mask {
+                        Some(m) => {
+                            masked_columns = frame::columns_json(&change.relation, Some(m));
+                            &masked_columns
+                        }
+                        None => columns,
+                    };
+                    frame::data_json(change, event, commit_timestamp, columns, mask)
+                };
+                let data = if mask_id == u16::MAX {
+                    build(mask)
+                } else {
+                    self.data.entry((event as u8, if mask.is_some() { mask_id } else { u16::MAX - 1 }))
+                        .or_insert_with(|| build(mask))
+                        .clone()
+                };
                 let frame = frame::postgres_changes(sub.vsn, &sub.topic, &self.ids, &data);
                 self.stats.frames_built.fetch_add(1, Ordering::Relaxed);
                 self.frames.insert(self.key.clone(), frame.clone());
@@ -778,6 +892,13 @@ impl Core {
             Err(PushError::Full) | Err(PushError::Closed) => self.doomed.push(sub.conn),
         }
     }
+}
+
+/// The column mask of the role being delivered to, with an id for caches.
+#[derive(Clone, Copy)]
+struct MaskRef<'a> {
+    id: u16,
+    mask: Option<&'a [bool]>,
 }
 
 #[cfg(test)]

@@ -11,7 +11,8 @@ use uuid::Uuid;
 use super::*;
 use crate::change::{ColumnInfo, Datum, Op, Row, TxBegin, TxInfo};
 use crate::pgoutput::{PgTimestamp, ReplicaIdentity};
-use crate::policy::{LoadedAt, Rules};
+use crate::policy::plan::Loaded;
+use crate::policy::{Caches, LoadedAt, PolicySet};
 use crate::spill::Spill;
 
 fn relation(oid: u32, table: &str, columns: &[&str]) -> Arc<RelationInfo> {
@@ -31,6 +32,14 @@ fn relation(oid: u32, table: &str, columns: &[&str]) -> Arc<RelationInfo> {
             })
             .collect(),
     })
+}
+
+/// Installs sql/'s plans (orders = oid 1, dealer_memberships = oid 2) with
+/// empty caches, loaded `at`.
+fn install(hub: &mut Hub, at: LoadedAt) {
+    let (policies, specs, _) = PolicySet::compile(&crate::load::schema::dealership_catalog(1, 2));
+    let loaded = Loaded { policies: Arc::new(policies), caches: Caches::new(specs), at };
+    hub.core_mut().stage(StageEvent::Policies(Box::new(loaded))).unwrap();
 }
 
 fn text(s: impl ToString) -> Datum {
@@ -55,8 +64,8 @@ impl Fixture {
     }
 
     fn with_spill(config: HubConfig, spill: Spill) -> Fixture {
-        let (hub, handle) =
-            hub(config, Rules::default(), Arc::new(MembershipCache::new()), AckHandle::default(), spill);
+        let (mut hub, handle) = hub(config, AckHandle::default(), spill);
+        install(&mut hub, LoadedAt { lsn: Lsn::ZERO, exact: true, rows: 0 });
         Fixture {
             hub,
             budget: handle.budget,
@@ -79,6 +88,7 @@ impl Fixture {
                 table: None,
                 event: EventMatch::All,
                 filter: Filter::default(),
+                select: None,
             }],
             outbox: Arc::clone(&outbox),
             on_live: None,
@@ -160,9 +170,9 @@ fn frames_are_shared_between_subscribers_of_the_same_topic() {
     let d = Uuid::new_v4();
     let (u1, u2) = (Uuid::new_v4(), Uuid::new_v4());
     f.commit(vec![f.membership(Op::Insert, "m1", u1, d), f.membership(Op::Insert, "m2", u2, d)]);
-    let a = f.join(1, Viewer::User(u1), "realtime:orders");
-    let b = f.join(2, Viewer::User(u2), "realtime:orders");
-    let c = f.join(3, Viewer::User(u2), "realtime:other");
+    let a = f.join(1, Viewer::user(u1), "realtime:orders");
+    let b = f.join(2, Viewer::user(u2), "realtime:orders");
+    let c = f.join(3, Viewer::user(u2), "realtime:other");
     f.commit(vec![f.order(Op::Insert, 1, None, Some(d))]);
     let (fa, fb, fc) = (drain(&a), drain(&b), drain(&c));
     assert_eq!((fa.len(), fb.len(), fc.len()), (1, 1, 1));
@@ -176,9 +186,9 @@ fn duplicates_after_a_reconnect_are_skipped_and_the_catch_up_window_reaches_only
     let mut f = Fixture::new();
     let d = Uuid::new_v4();
     let u = Uuid::new_v4();
-    f.hub.core_mut().stage(StageEvent::Loaded(LoadedAt { lsn: Lsn(1000), exact: false, rows: 0 })).unwrap();
-    let user = f.join(1, Viewer::User(u), "realtime:x");
-    let service = f.join(2, Viewer::Service, "realtime:x");
+    install(&mut f.hub, LoadedAt { lsn: Lsn(1000), exact: false, rows: 0 });
+    let user = f.join(1, Viewer::user(u), "realtime:x");
+    let service = f.join(2, Viewer::service(), "realtime:x");
     // In the window: membership applied, row change to service_role only.
     f.commit_at(500, vec![f.membership(Op::Insert, "m", u, d), f.order(Op::Insert, 1, None, Some(d))]);
     assert!(drain(&user).is_empty());
@@ -205,8 +215,8 @@ fn a_spilled_transaction_is_judged_whole_with_the_memberships_as_of_its_commit()
     let (d1, dx) = (Uuid::new_v4(), Uuid::new_v4());
     let (a, g) = (Uuid::new_v4(), Uuid::new_v4());
     f.commit(vec![f.membership(Op::Insert, "a-d1", a, d1), f.membership(Op::Insert, "a-dx", a, dx)]);
-    let a_box = f.join(1, Viewer::User(a), "realtime:x");
-    let g_box = f.join(2, Viewer::User(g), "realtime:x");
+    let a_box = f.join(1, Viewer::user(a), "realtime:x");
+    let g_box = f.join(2, Viewer::user(g), "realtime:x");
     let mut changes: Vec<Change> = (0..500).map(|i| f.order(Op::Update, i, Some(dx), Some(dx))).collect();
     changes.push(f.order(Op::Update, 9999, Some(d1), Some(d1)));
     changes.push(f.membership(Op::Delete, "a-d1", a, d1));
@@ -230,7 +240,7 @@ fn a_full_outbox_budget_pauses_the_fan_out_and_a_reader_that_keeps_reading_gets_
     let d = Uuid::new_v4();
     let u = Uuid::new_v4();
     f.commit(vec![f.membership(Op::Insert, "m", u, d)]);
-    let reader = f.join(1, Viewer::User(u), "realtime:x");
+    let reader = f.join(1, Viewer::user(u), "realtime:x");
     let changes: Vec<Change> = (0..2000).map(|i| f.order(Op::Insert, i, None, Some(d))).collect();
     let core = f.hub.core_mut();
     core.stage(StageEvent::Tx(TxEvent::Begin(TxBegin {
@@ -281,7 +291,7 @@ fn a_full_spill_disk_budget_pauses_the_hub_and_loses_nothing() {
     let d = Uuid::new_v4();
     let u = Uuid::new_v4();
     f.commit(vec![f.membership(Op::Insert, "m", u, d)]);
-    let reader = f.join(1, Viewer::User(u), "realtime:x");
+    let reader = f.join(1, Viewer::user(u), "realtime:x");
     // Another log holds the whole disk budget.
     let mut other = spill.log(0);
     while other.push(0, f.order(Op::Insert, 0, None, Some(d))).is_ok() {}
@@ -318,8 +328,8 @@ fn a_reader_past_its_lag_is_closed_with_the_reason_and_the_others_keep_their_sub
     let d = Uuid::new_v4();
     let (u, v) = (Uuid::new_v4(), Uuid::new_v4());
     f.commit(vec![f.membership(Op::Insert, "m", u, d), f.membership(Op::Insert, "n", v, d)]);
-    let stalled = f.join(1, Viewer::User(u), "realtime:x");
-    let reading = f.join(2, Viewer::User(v), "realtime:x");
+    let stalled = f.join(1, Viewer::user(u), "realtime:x");
+    let reading = f.join(2, Viewer::user(v), "realtime:x");
     f.commit(vec![f.order(Op::Insert, 1, None, Some(d))]);
     drain(&reading);
     std::thread::sleep(Duration::from_millis(120));
@@ -369,7 +379,7 @@ proptest! {
         let users: Vec<Uuid> = (0..6).map(|_| Uuid::new_v4()).collect();
         let dealers: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
         let outboxes: Vec<Arc<Outbox>> =
-            users.iter().enumerate().map(|(i, &u)| f.join(i as ConnId, Viewer::User(u), "realtime:p")).collect();
+            users.iter().enumerate().map(|(i, &u)| f.join(i as ConnId, Viewer::user(u), "realtime:p")).collect();
         let mut members: BTreeSet<(usize, usize)> = BTreeSet::new();
         let mut orders: BTreeMap<u32, usize> = BTreeMap::new();
         let mut next_order = 0u32;

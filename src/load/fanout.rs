@@ -4,11 +4,13 @@
 //! PostgreSQL in the loop.
 //!
 //! Sits beside [`crate::capture::replay`] (which stops at the change stage)
-//! and drives the same [`crate::hub::Core`] the live relay runs, with the same
-//! default [`Rules`]. The subscribers are made up before the timed pass:
+//! and drives the same [`crate::hub::Core`] the live relay runs, with the
+//! plans the policy compiler makes of sql/'s policies
+//! ([`super::schema`]). The subscribers are made up before the timed pass:
 //!
 //! - a first, untimed pass over the capture lists the dealerships its rows
-//!   belong to (as [`Rules::judge`] reads them), in first-seen order;
+//!   belong to (their `dealership_id`), in first-seen order, and the oids
+//!   of `orders` and `dealer_memberships`;
 //! - subscriber `i` is user `i`, a member of dealership `i mod D` (D = the
 //!   dealerships found, or `--dealerships` of them), joined on one shared
 //!   topic (or one topic each with `unique_topics`) with the bindings
@@ -39,7 +41,9 @@ use crate::hub::{
     Vsn,
 };
 use crate::lsn::Lsn;
-use crate::policy::{Filter, LoadedAt, Membership, MembershipCache, Rules, Viewer};
+use crate::change::Datum;
+use crate::policy::plan::Loaded;
+use crate::policy::{Caches, Filter, LoadedAt, PolicySet, Viewer};
 use crate::replication::AckHandle;
 use crate::spill::Spill;
 
@@ -126,23 +130,39 @@ fn open(path: &Path) -> Result<CaptureReader<std::io::BufReader<std::fs::File>>,
     Ok(CaptureReader::new(std::io::BufReader::with_capacity(1 << 20, file))?)
 }
 
+/// What the first pass found: dealerships in first-seen order, and the
+/// oids of `orders` and `dealer_memberships`.
+struct Seen {
+    dealerships: Vec<Uuid>,
+    orders: u32,
+    memberships: u32,
+}
+
 /// The dealerships the capture's rows belong to, in first-seen order.
-fn dealerships_in(path: &Path, rules: &Rules) -> Result<Vec<Uuid>, FanoutError> {
+fn dealerships_in(path: &Path) -> Result<Seen, FanoutError> {
     let mut seen = HashSet::new();
-    let mut order = Vec::new();
+    let mut out = Seen { dealerships: Vec::new(), orders: 0, memberships: 0 };
     capture::replay(open(path)?, Pace::Fastest, |event| {
         if let TxEvent::Change(change) = event {
-            if let Some(judgment) = rules.judge(&change) {
-                for d in judgment.dealerships() {
+            let rel = &change.relation;
+            match (rel.schema.as_str(), rel.table.as_str()) {
+                ("public", "orders") => out.orders = rel.oid,
+                ("public", "dealer_memberships") => out.memberships = rel.oid,
+                _ => return,
+            }
+            let Some(col) = rel.column_index("dealership_id") else { return };
+            for row in [change.old_record.as_ref(), change.record.as_ref()].into_iter().flatten() {
+                if let Some(d) = row.0.get(col).and_then(Datum::as_str).and_then(|s| Uuid::parse_str(s).ok()) {
                     if seen.insert(d) {
-                        order.push(d);
+                        out.dealerships.push(d);
                     }
                 }
             }
         }
     })?;
-    Ok(order)
+    Ok(out)
 }
+
 
 /// Deterministic user ids for the synthetic subscribers.
 fn synthetic_user(i: u32) -> Uuid {
@@ -161,8 +181,8 @@ pub fn replay_fanout(path: &Path, pace: Pace, config: &FanoutConfig) -> Result<F
     if !(0.0..=1.0).contains(&config.filtered) {
         return Err(FanoutError::Config("--filtered is a fraction between 0 and 1"));
     }
-    let rules = Rules::default();
-    let mut dealerships = dealerships_in(path, &rules)?;
+    let found = dealerships_in(path)?;
+    let mut dealerships = found.dealerships;
     if let Some(cap) = config.dealerships {
         dealerships.truncate(cap as usize);
     }
@@ -170,11 +190,11 @@ pub fn replay_fanout(path: &Path, pace: Pace, config: &FanoutConfig) -> Result<F
         return Err(FanoutError::NoDealerships);
     }
 
-    let memberships = Arc::new(MembershipCache::new());
-    let (mut hub, handle) =
-        hub(HubConfig::default(), rules, Arc::clone(&memberships), AckHandle::default(), Spill::temporary());
+    let (mut hub, handle) = hub(HubConfig::default(), AckHandle::default(), Spill::temporary());
     let core = hub.core_mut();
-    core.stage(StageEvent::Loaded(LoadedAt { lsn: Lsn::ZERO, exact: true, rows: 0 }))?;
+    let (policies, specs, _) =
+        PolicySet::compile(&super::schema::dealership_catalog(found.orders, found.memberships));
+    let mut caches = Caches::new(specs);
     // Unbounded in practice: the replay drains them itself.
     let limits = OutboxLimits::default();
     let pending = Filter::parse("status=eq.pending", |column| (column == "status").then_some("text"))
@@ -185,7 +205,7 @@ pub fn replay_fanout(path: &Path, pace: Pace, config: &FanoutConfig) -> Result<F
     for i in 0..config.subscribers {
         let user = synthetic_user(i);
         let dealership = dealerships[i as usize % dealerships.len()];
-        memberships.grant(&format!("synthetic-{i}"), Membership { user, dealership, role: Some(Arc::from("user")) });
+        caches.apply(&super::schema::membership_insert(found.memberships, i, user, dealership));
         let want = ((u64::from(i) + 1) as f64 * config.filtered).floor() as u64;
         let filter = if want > filtered_so_far {
             filtered_so_far += 1;
@@ -198,7 +218,7 @@ pub fn replay_fanout(path: &Path, pace: Pace, config: &FanoutConfig) -> Result<F
             conn: u64::from(i),
             topic: if config.unique_topics { format!("realtime:replay-{i}") } else { "realtime:replay".into() },
             vsn: config.vsn,
-            viewer: Viewer::User(user),
+            viewer: Viewer::user(user),
             bindings: vec![
                 Binding {
                     id: 1,
@@ -206,6 +226,7 @@ pub fn replay_fanout(path: &Path, pace: Pace, config: &FanoutConfig) -> Result<F
                     table: Some("orders".into()),
                     event: EventMatch::All,
                     filter,
+                    select: None,
                 },
                 Binding {
                     id: 2,
@@ -213,6 +234,7 @@ pub fn replay_fanout(path: &Path, pace: Pace, config: &FanoutConfig) -> Result<F
                     table: Some("dealer_memberships".into()),
                     event: EventMatch::All,
                     filter: Filter::default(),
+                    select: None,
                 },
             ],
             outbox: Arc::clone(&outbox),
@@ -220,6 +242,13 @@ pub fn replay_fanout(path: &Path, pace: Pace, config: &FanoutConfig) -> Result<F
         }));
         outboxes.push(outbox);
     }
+
+    let rows = caches.rows();
+    core.stage(StageEvent::Policies(Box::new(Loaded {
+        policies: Arc::new(policies),
+        caches,
+        at: LoadedAt { lsn: Lsn::ZERO, exact: true, rows },
+    })))?;
 
     let started = Instant::now();
     let mut drained = Vec::new();

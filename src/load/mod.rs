@@ -56,6 +56,7 @@ pub mod ids;
 pub mod oracle;
 pub mod relay;
 pub mod report;
+pub mod schema;
 pub mod seed;
 pub mod writer;
 

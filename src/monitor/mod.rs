@@ -331,7 +331,22 @@ impl Monitor {
             "Commit (database clock) to frames queued (walcast clock), per transaction that queued frames.",
             &h.delivery_latency.snapshot(),
         );
-        w.gauge("walcast_memberships", "Memberships in the cache.", hub.memberships.len() as u64);
+        w.gauge("walcast_memberships", "Rows in the membership caches.", h.cache_rows.load(Ordering::Relaxed));
+        w.gauge(
+            "walcast_membership_cache_bytes",
+            "Approximate bytes of the membership caches.",
+            h.cache_bytes.load(Ordering::Relaxed),
+        );
+        w.counter(
+            "walcast_database_evaluated_denied_total",
+            "Changes withheld from a role whose policies for the table walcast cannot mirror in memory.",
+            h.database_denied.load(Ordering::Relaxed),
+        );
+        w.counter(
+            "walcast_policy_candidates_total",
+            "Candidate subscriptions judged by the fan-out (index hits).",
+            h.candidates.load(Ordering::Relaxed),
+        );
         w.gauge(
             "walcast_memberships_loaded",
             "1 once the membership cache was loaded.",

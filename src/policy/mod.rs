@@ -1,69 +1,144 @@
-//! The policy layer: decides, in memory, who may see each committed change —
-//! the membership cache (mirrored from the WAL), the rules that mirror the
-//! database's SELECT policies, and postgres_changes filters.
+//! The policy layer: mirrors the database's own row level security and
+//! column privileges in memory, so the hub can decide who may see each
+//! committed change without a query per subscriber.
 //!
-//! Sits between the change stage and the hub; pure except for
-//! [`membership::load`], which reads the membership table once at start.
+//! ```text
+//!  catalog (pg_policy, pg_class, pg_roles, privileges, pg_proc)
+//!     └─▶ compile (sqlparser → predicates, membership caches)
+//!           └─▶ plan (per table × role: nothing | every row | in memory | database) ──▶ hub
+//!  WAL rows of membership tables ──▶ caches (hub is the only writer, commit order)
+//! ```
+//!
+//! Sits between the change stage (which loads a [`plan::Loaded`] at start)
+//! and the hub. Pure except for [`plan::load`], [`catalog::load`] and
+//! [`caches::load`]. Plus postgres_changes filters ([`filter`]).
+//!
+//! Invariant: when walcast cannot mirror a policy exactly it denies and says
+//! so (the plan's warnings go to subscribers as `system` messages) — it never
+//! delivers a row it is unsure of.
 
+pub mod caches;
+pub mod catalog;
+pub mod compile;
 pub mod filter;
-pub mod membership;
-pub mod rules;
+pub mod plan;
+pub mod predicate;
 
+use std::sync::Arc;
+
+pub use caches::{Caches, LoadedAt};
 pub use filter::{Filter, FilterError};
-pub use membership::{LoadedAt, Membership, MembershipCache, MembershipTable};
-pub use rules::{EventType, Judgment, PolicyConfig, Rules, TableRule, Viewer, Visibility};
+pub use plan::{Access, Index, PolicySet, RolePlan, TablePlan};
+
+use crate::change::Op;
+
+/// The event a subscriber receives (after visibility transitions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EventType {
+    /// `INSERT`: carries `record`.
+    Insert,
+    /// `UPDATE`: carries `record` and `old_record`.
+    Update,
+    /// `DELETE`: carries `old_record`.
+    Delete,
+}
+
+impl EventType {
+    /// `INSERT`, `UPDATE`, `DELETE`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Insert => "INSERT",
+            EventType::Update => "UPDATE",
+            EventType::Delete => "DELETE",
+        }
+    }
+
+    /// The event a change is without any transition (`None` for TRUNCATE,
+    /// which postgres_changes does not carry).
+    pub fn of(op: Op) -> Option<EventType> {
+        match op {
+            Op::Insert => Some(EventType::Insert),
+            Op::Update => Some(EventType::Update),
+            Op::Delete => Some(EventType::Delete),
+            Op::Truncate => None,
+        }
+    }
+
+    /// The event for a viewer who sees the old row (`old`) and/or the new
+    /// row (`new`) of a change that is `self` — the visibility transition:
+    ///
+    /// | old row visible | new row visible | event |
+    /// |---|---|---|
+    /// | no  | yes | INSERT (with `record`) |
+    /// | yes | yes | UPDATE |
+    /// | yes | no  | DELETE (with `old_record`) |
+    /// | no  | no  | nothing |
+    pub fn transition(self, old: bool, new: bool) -> Option<EventType> {
+        match (self, old, new) {
+            (EventType::Insert, _, true) => Some(EventType::Insert),
+            (EventType::Delete, true, _) => Some(EventType::Delete),
+            (EventType::Update, true, true) => Some(EventType::Update),
+            (EventType::Update, false, true) => Some(EventType::Insert),
+            (EventType::Update, true, false) => Some(EventType::Delete),
+            _ => None,
+        }
+    }
+}
+
+/// Who is looking: the channel token's role and its whole claims (what
+/// `auth.uid()`, `auth.role()` and `auth.jwt()` read).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Viewer {
+    /// The PostgreSQL role (`role` claim).
+    pub role: Arc<str>,
+    /// The JWT claims.
+    pub claims: Arc<serde_json::Value>,
+}
+
+impl Viewer {
+    /// A viewer with `role` and these claims.
+    pub fn new(role: &str, claims: serde_json::Value) -> Viewer {
+        Viewer { role: Arc::from(role), claims: Arc::new(claims) }
+    }
+
+    /// `authenticated` with `sub` = `user` (tests, tools).
+    pub fn user(user: uuid::Uuid) -> Viewer {
+        Viewer::new("authenticated", serde_json::json!({"role": "authenticated", "sub": user.to_string()}))
+    }
+
+    /// `service_role` (tests, tools).
+    pub fn service() -> Viewer {
+        Viewer::new("service_role", serde_json::json!({"role": "service_role"}))
+    }
+
+    /// `anon` (tests, tools).
+    pub fn anon() -> Viewer {
+        Viewer::new("anon", serde_json::json!({"role": "anon"}))
+    }
+
+    /// The `sub` claim, if a string.
+    pub fn sub(&self) -> Option<&str> {
+        self.claims.get("sub").and_then(|s| s.as_str())
+    }
+}
 
 /// Errors of the policy layer.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
-    /// The membership table lacks a configured column (definite).
-    #[error(
-        "membership table {table} has no column {column:?}; fix the policy configuration (memberships.*_column) \
-         or the table"
-    )]
-    MembershipColumns {
-        /// `schema.table`.
-        table: String,
-        /// The missing column.
-        column: String,
-    },
-    /// Loading memberships failed.
-    #[error("loading memberships: {0}")]
-    Load(String),
-    /// A database error while loading (transient unless the table is missing).
-    #[error("loading memberships: {0}")]
+    /// Reading the catalog or the caches failed.
+    #[error(transparent)]
+    Load(#[from] plan::LoadError),
+    /// A database error (transient unless it names a missing object).
+    #[error("reading policies: {0}")]
     Database(#[from] tokio_postgres::Error),
 }
 
 impl PolicyError {
-    fn load(err: tokio_postgres::Error, table: &MembershipTable) -> PolicyError {
-        match err.as_db_error() {
-            Some(db) if matches!(db.code().code(), "42P01" | "42703" | "3F000") => PolicyError::Load(format!(
-                "{} — the membership table {}.{} or one of its configured columns is missing; run `walcast migrate` \
-                 or fix the policy configuration",
-                db.message(),
-                table.schema,
-                table.table
-            )),
-            Some(db) if db.code().code() == "42501" && db.message().contains("row-level security") => {
-                PolicyError::Load(format!(
-                    "{} — row level security would hide memberships from the role walcast connects as, and \
-                     walcast must see every one: give the role BYPASSRLS (ALTER ROLE <walcast role> BYPASSRLS), \
-                     or connect as a superuser or the owner of {}.{}",
-                    db.message(),
-                    table.schema,
-                    table.table
-                ))
-            }
-            _ => PolicyError::Database(err),
-        }
-    }
-
     /// Whether retrying may help.
     pub fn is_transient(&self) -> bool {
-        match self {
-            PolicyError::Database(e) => e.as_db_error().is_none() || e.is_closed(),
-            PolicyError::MembershipColumns { .. } | PolicyError::Load(_) => false,
-        }
+        let db = match self {
+            PolicyError::Load(plan::LoadError::Database(e)) | PolicyError::Database(e) => e,
+        };
+        db.as_db_error().is_none() || db.is_closed()
     }
 }

@@ -234,7 +234,7 @@ impl TokenError {
 }
 
 /// The claims walcast uses from a verified token.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Claims {
     /// The Postgres role: `anon`, `authenticated`, `service_role`, ….
     pub role: String,
@@ -242,12 +242,23 @@ pub struct Claims {
     pub sub: Option<String>,
     /// Expiry, Unix seconds (fractions rounded down).
     pub exp: i64,
+    /// Every claim, as the policies' `auth.jwt()` reads them.
+    pub all: Arc<Value>,
 }
+
+/// Two claim sets are the same token's when role, sub and expiry agree.
+impl PartialEq for Claims {
+    fn eq(&self, other: &Self) -> bool {
+        self.role == other.role && self.sub == other.sub && self.exp == other.exp
+    }
+}
+
+impl Eq for Claims {}
 
 impl Claims {
     /// Who is looking, for the policy layer.
     pub fn viewer(&self) -> Viewer {
-        Viewer::from_claims(&self.role, self.sub.as_deref())
+        Viewer { role: Arc::from(self.role.as_str()), claims: Arc::clone(&self.all) }
     }
 
     /// Seconds until the token expires: `exp - now`, 0 or less once expired.
@@ -438,7 +449,7 @@ impl Verifier {
             Some(Value::String(sub)) => Some(sub.clone()),
             _ => None,
         };
-        Ok(Claims { role, sub, exp })
+        Ok(Claims { role, sub, exp, all: Arc::new(Value::Object(claims)) })
     }
 
     /// The one key that may verify a token with `alg` and `kid`.
@@ -866,7 +877,7 @@ MC4CAQAwBQYDK2VwBCIEIAldnfMyJGFgqrsaqKk06xjuJFhPSsDFHD8qeRwxResd\n\
     const USER: &str = "5f0c3c2e-7a3b-4e55-9d1a-2b7f0e6c9a10";
 
     fn ok(role: &str, sub: Option<&str>, exp: i64) -> Result<Claims, TokenError> {
-        Ok(Claims { role: role.to_owned(), sub: sub.map(str::to_owned), exp })
+        Ok(Claims { role: role.to_owned(), sub: sub.map(str::to_owned), exp, all: Arc::new(Value::Null) })
     }
 
     fn not_allowed(alg: &'static str, reason: &'static str) -> Result<Claims, TokenError> {
@@ -1024,16 +1035,18 @@ MC4CAQAwBQYDK2VwBCIEIAldnfMyJGFgqrsaqKk06xjuJFhPSsDFHD8qeRwxResd\n\
         let user = secret_only()
             .verify(&sign(Algorithm::HS256, None, &json!({"role": "authenticated", "sub": USER, "exp": NOW + 90})), NOW)
             .expect("valid");
-        assert_eq!(user.viewer(), Viewer::User(USER.parse().expect("uuid")));
+        let viewer = user.viewer();
+        assert_eq!(&*viewer.role, "authenticated");
+        assert_eq!(viewer.sub(), Some(USER));
+        assert_eq!(viewer.claims["exp"], json!(NOW + 90), "the viewer carries every claim");
         assert_eq!(user.seconds_left(NOW), 90);
         assert_eq!(user.seconds_left(NOW + 100), -10);
-        let claims =
-            |role: &str, sub: Option<&str>| Claims { role: role.to_owned(), sub: sub.map(str::to_owned), exp: 0 };
-        assert_eq!(claims("anon", None).viewer(), Viewer::Anon);
-        assert_eq!(claims("service_role", None).viewer(), Viewer::Service);
-        assert_eq!(claims("authenticated", None).viewer(), Viewer::Other);
-        assert_eq!(claims("authenticated", Some("not-a-uuid")).viewer(), Viewer::Other);
-        assert_eq!(claims("postgres", Some(USER)).viewer(), Viewer::Other);
+        let claims = |role: &str, sub: Option<&str>| Claims {
+            role: role.to_owned(),
+            sub: sub.map(str::to_owned),
+            exp: 0,
+            all: Arc::new(Value::Null),
+        };
         assert_eq!(claims("x", None).seconds_left(i64::MIN), i64::MAX);
     }
 

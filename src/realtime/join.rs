@@ -141,9 +141,27 @@ async fn resolve_one(params: &Map<String, Value>, catalog: &Catalog) -> Result<B
         (schema, table) => (wildcard(schema), wildcard(table)),
     };
     let spec = text(params, "filter").map(str::trim).filter(|s| !s.is_empty());
+    // `select`: the columns wanted (`[]` or absent: all).
+    let select: Option<Vec<String>> = match params.get("select") {
+        Some(Value::Array(items)) if !items.is_empty() => Some(
+            items
+                .iter()
+                .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| unable(params)))
+                .collect::<Result<_, _>>()?,
+        ),
+        _ => None,
+    };
+    if select.is_some() && (schema.is_none() || table.is_none()) {
+        return Err(unable(params));
+    }
     let filter = match (&schema, &table) {
         (Some(s), Some(t)) => {
             let info = catalog.lookup(s, t).await.ok_or_else(|| unable(params))?;
+            if let Some(cols) = &select {
+                if cols.iter().any(|c| info.column_type(c).is_none()) {
+                    return Err(unable(params));
+                }
+            }
             match spec {
                 Some(spec) => Filter::parse(spec, |column| info.column_type(column))
                     .map_err(|err| format!("Error parsing `filter` params: {err}"))?,
@@ -168,7 +186,7 @@ async fn resolve_one(params: &Map<String, Value>, catalog: &Catalog) -> Result<B
             Filter::default()
         }
     };
-    Ok(Binding { id: binding_id(params), schema, table, event, filter })
+    Ok(Binding { id: binding_id(params), schema, table, event, filter, select })
 }
 
 #[cfg(test)]

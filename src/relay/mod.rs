@@ -32,7 +32,7 @@ use tracing::Instrument;
 use crate::change::{Assembler, ChangeError};
 use crate::hub::{self, HubConfig, HubError, HubHandle, HubStats, StageEvent};
 use crate::pgconn::PgConfig;
-use crate::policy::{self, MembershipCache, PolicyConfig, PolicyError, Rules};
+use crate::policy::{self, PolicyError};
 use crate::replication::{
     run_source, AckHandle, ReplicationError, ReplicationStatus, SourceConfig, SourceEvent, WalEvent,
 };
@@ -47,8 +47,6 @@ pub struct RelayConfig {
     /// The replication source (its connection is also used for the SQL
     /// membership load; `export_snapshot` is forced on).
     pub source: SourceConfig,
-    /// Policy rules and the membership table.
-    pub policy: PolicyConfig,
     /// Hub settings.
     pub hub: HubConfig,
     /// How long [`Relay::start`] waits for the first stream start.
@@ -63,7 +61,6 @@ impl RelayConfig {
     pub fn new(source: SourceConfig) -> RelayConfig {
         RelayConfig {
             source,
-            policy: PolicyConfig::default(),
             hub: HubConfig::default(),
             start_timeout: Duration::from_secs(60),
             spill: SpillConfig { dir: crate::spill::temporary_dir(), disk_budget: crate::spill::DEFAULT_DISK_BUDGET },
@@ -161,9 +158,7 @@ impl Relay {
         })?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let ack = AckHandle::default();
-        let memberships = Arc::new(MembershipCache::new());
-        let rules = Rules::new(config.policy.clone());
-        let (hub, handle) = hub::hub(config.hub.clone(), rules, Arc::clone(&memberships), ack.clone(), spill.clone());
+        let (hub, handle) = hub::hub(config.hub.clone(), ack.clone(), spill.clone());
         let (source_tx, source_rx) = mpsc::channel(256);
         let (stage_tx, stage_rx) = mpsc::channel(64);
         let queues = RelayQueues {
@@ -182,8 +177,7 @@ impl Relay {
                 "change stage",
                 change_stage(
                     config.source.connection.clone(),
-                    config.policy.memberships.clone(),
-                    memberships,
+                    config.source.slot.publications.clone(),
                     Arc::clone(&handle.stats),
                     stage_spill,
                     source_rx,
@@ -264,6 +258,14 @@ async fn connect_sql(config: &PgConfig) -> Result<tokio_postgres::Client, Policy
     Ok(crate::pgconn::connect(config).await?)
 }
 
+/// Logs the plan of every published table and API role (what is mirrored,
+/// and why anything is not).
+fn log_plans(loaded: &policy::plan::Loaded) {
+    for line in loaded.policies.describe(&loaded.caches) {
+        tracing::info!(plan = %line, "policy");
+    }
+}
+
 /// Memory budget of one streamed (protocol 2) transaction in the change
 /// stage; at most [`IN_MEMORY_STREAMS`](crate::change::assemble::IN_MEMORY_STREAMS)
 /// times this (16 MiB, the hub's default per-transaction budget) is held for
@@ -299,8 +301,7 @@ async fn send_batch(output: &mpsc::Sender<Vec<StageEvent>>, batch: &mut Vec<Stag
 #[allow(clippy::too_many_arguments)] // the stage's channels and shared state, passed once by Relay::start
 async fn change_stage(
     connection: PgConfig,
-    table: policy::MembershipTable,
-    memberships: Arc<MembershipCache>,
+    publications: Vec<String>,
     stats: Arc<HubStats>,
     spill: Spill,
     mut input: mpsc::Receiver<SourceEvent>,
@@ -318,18 +319,19 @@ async fn change_stage(
         match event {
             SourceEvent::Snapshot(lease) => {
                 let mut client = connect_sql(&connection).await?;
-                let at = policy::membership::load(
+                let loaded_now = policy::plan::load(
                     &mut client,
-                    &table,
-                    &memberships,
+                    &publications,
                     Some((&lease.name, lease.consistent_point)),
                 )
-                .await?;
+                .await
+                .map_err(PolicyError::from)?;
                 lease.release();
-                tracing::info!(rows = at.rows, lsn = %at.lsn, "memberships loaded in the slot's snapshot");
+                log_plans(&loaded_now);
+                tracing::info!(rows = loaded_now.at.rows, lsn = %loaded_now.at.lsn, "policies and caches loaded in the slot's snapshot");
                 loaded = true;
                 stats.memberships_loaded.store(true, Ordering::Relaxed);
-                batch.push(StageEvent::Loaded(at));
+                batch.push(StageEvent::Policies(Box::new(loaded_now)));
             }
             SourceEvent::Started { .. } => {
                 started = true;
@@ -337,11 +339,12 @@ async fn change_stage(
                 batch.push(StageEvent::Reset);
                 if !loaded {
                     let mut client = connect_sql(&connection).await?;
-                    let at = policy::membership::load(&mut client, &table, &memberships, None).await?;
-                    tracing::info!(rows = at.rows, lsn = %at.lsn, "memberships loaded; catch-up window until lsn");
+                    let loaded_now = policy::plan::load(&mut client, &publications, None).await.map_err(PolicyError::from)?;
+                    log_plans(&loaded_now);
+                    tracing::info!(rows = loaded_now.at.rows, lsn = %loaded_now.at.lsn, "policies and caches loaded; catch-up window until lsn");
                     loaded = true;
                     stats.memberships_loaded.store(true, Ordering::Relaxed);
-                    batch.push(StageEvent::Loaded(at));
+                    batch.push(StageEvent::Policies(Box::new(loaded_now)));
                 }
             }
             SourceEvent::Wal(WalEvent::XLogData { data, .. }) => {

@@ -233,18 +233,20 @@ impl Server {
 }
 
 /// The start-up checks that need no slot, run before anything is created:
-/// the database accepts the connection, and the membership table is
-/// readable in full by the role (see
-/// [`check_readable`](crate::policy::membership::check_readable)). Returns
+/// the database accepts the connection, and the policies and membership
+/// caches load (see [`crate::policy::plan::load`]). Returns
 /// whether the slot exists already.
 ///
 /// # Errors
 /// The first check that failed.
 async fn preflight(config: &ServeConfig) -> Result<bool, ServeError> {
     let mut client = crate::pgconn::connect_described(&config.relay.source.connection).await?;
-    crate::policy::membership::check_readable(&mut client, &config.relay.policy.memberships)
+    // The same read the relay does at start (policies, then every
+    // membership cache with row security off), so a role that cannot read a
+    // membership table in full fails here — before a slot exists.
+    crate::policy::plan::load(&mut client, &config.relay.source.slot.publications, None)
         .await
-        .map_err(RelayError::from)?;
+        .map_err(|e| RelayError::from(crate::policy::PolicyError::from(e)))?;
     let row = client
         .query_one(
             "select exists (select 1 from pg_catalog.pg_replication_slots where slot_name = $1)",

@@ -1,0 +1,490 @@
+//! The hub's subscription registry: one type that owns the subscriptions
+//! and every index over them, so inserts and removals keep them in step.
+//!
+//! Sits inside the hub task (single-threaded, no locks). Indexes:
+//!
+//! - `by_key`: (connection, topic) → slot — a connection has at most one
+//!   subscription per topic;
+//! - `by_conn`: connection → its slots;
+//! - `by_table`: (schema, table) → slots with a binding naming that table;
+//!   `wildcard`: slots with a binding on a whole schema or every schema;
+//! - `by_claim`: for each claim the policies look viewers up by (e.g. `sub`
+//!   as uuid), claim value → slots — so a change reaches its candidates
+//!   without visiting every subscriber.
+//!
+//! # Invariants ([`Registry::check`] verifies them in debug builds and tests)
+//!
+//! 1. A slot is live iff it is `Some`; free slots are exactly those in
+//!    `free`, each once.
+//! 2. Every live slot appears once in `by_key` (under its own key), once in
+//!    `by_conn[conn]`, once in `by_table` per distinct table its bindings
+//!    name or once in `wildcard`, and once in `by_claim[c][v]` per indexed
+//!    claim `c` whose value `v` it has; and no index holds anything else.
+//! 3. Topic ids are stable while a topic has a subscription; the frame
+//!    cache keys on them (never on an address).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::{Binding, ConnId, Outbox, Subscription, Vsn};
+use crate::policy::predicate::{ClaimPath, ColType, Scalar};
+use crate::policy::Viewer;
+
+/// Index of a subscription in the registry.
+pub type Slot = usize;
+
+/// A registered subscription.
+#[derive(Debug)]
+pub struct Sub {
+    /// The connection.
+    pub conn: ConnId,
+    /// The topic.
+    pub topic: Arc<str>,
+    /// Stable id of the topic (frame cache key).
+    pub topic_id: u32,
+    /// The socket's serializer.
+    pub vsn: Vsn,
+    /// Who is looking.
+    pub viewer: Viewer,
+    /// Bindings, in join order.
+    pub bindings: Vec<Binding>,
+    /// The connection's outbox.
+    pub outbox: Arc<Outbox>,
+    /// The viewer's value of each indexed claim (registry order).
+    claim_keys: Vec<Option<Box<str>>>,
+}
+
+/// The registry.
+#[derive(Debug, Default)]
+pub struct Registry {
+    slots: Vec<Option<Sub>>,
+    free: Vec<Slot>,
+    by_key: HashMap<(ConnId, Arc<str>), Slot>,
+    by_conn: HashMap<ConnId, Vec<Slot>>,
+    by_table: HashMap<(Arc<str>, Arc<str>), Vec<Slot>>,
+    wildcard: Vec<Slot>,
+    claims: Vec<(ClaimPath, ColType)>,
+    by_claim: Vec<HashMap<Box<str>, Vec<Slot>>>,
+    topics: HashMap<Arc<str>, (u32, usize)>,
+    next_topic: u32,
+}
+
+fn drop_slot(list: &mut Vec<Slot>, slot: Slot) {
+    if let Some(pos) = list.iter().position(|&s| s == slot) {
+        list.swap_remove(pos);
+    }
+}
+
+/// The tables a subscription's bindings name (`None`: a wildcard binding).
+fn tables_of(bindings: &[Binding]) -> Option<Vec<(Arc<str>, Arc<str>)>> {
+    let mut out: Vec<(Arc<str>, Arc<str>)> = Vec::new();
+    for b in bindings {
+        match (&b.schema, &b.table) {
+            (Some(s), Some(t)) => {
+                if !out.iter().any(|(a, b)| **a == **s && **b == **t) {
+                    out.push((Arc::from(s.as_str()), Arc::from(t.as_str())));
+                }
+            }
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+fn claim_key(viewer: &Viewer, path: &ClaimPath, ty: ColType) -> Option<Box<str>> {
+    let text = path.text(&viewer.claims).ok()??;
+    Scalar::parse(ty, &text).ok().map(|v| v.key())
+}
+
+impl Registry {
+    /// Live subscriptions.
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    /// Whether none.
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    /// The subscription in `slot`.
+    pub fn get(&self, slot: Slot) -> Option<&Sub> {
+        self.slots.get(slot).and_then(Option::as_ref)
+    }
+
+    /// The slot of (conn, topic).
+    pub fn find(&self, conn: ConnId, topic: &str) -> Option<Slot> {
+        self.by_key.get(&(conn, Arc::from(topic))).copied()
+    }
+
+    /// Every live subscription.
+    pub fn iter(&self) -> impl Iterator<Item = (Slot, &Sub)> {
+        self.slots.iter().enumerate().filter_map(|(i, s)| s.as_ref().map(|s| (i, s)))
+    }
+
+    /// One subscription per connection (they share the connection's outbox).
+    pub fn connections(&self) -> impl Iterator<Item = (ConnId, &Sub)> {
+        self.by_conn.iter().filter_map(|(&c, l)| l.first().and_then(|&s| self.get(s)).map(|s| (c, s)))
+    }
+
+    /// A subscription of `conn`, if any.
+    pub fn of_conn(&self, conn: ConnId) -> Option<&Sub> {
+        self.by_conn.get(&conn).and_then(|l| l.first()).and_then(|&s| self.get(s))
+    }
+
+    /// Slots subscribed to `schema.table` by name, then wildcard slots.
+    pub fn table_candidates(&self, schema: &str, table: &str, out: &mut Vec<Slot>) {
+        if let Some(list) = self.by_table.get(&(Arc::from(schema), Arc::from(table))) {
+            out.extend_from_slice(list);
+        }
+        out.extend_from_slice(&self.wildcard);
+    }
+
+    /// Slots whose claim `(path, ty)` has key `value`.
+    pub fn claim_candidates(&self, path: &ClaimPath, ty: ColType, value: &str, out: &mut Vec<Slot>) {
+        if let Some(i) = self.claims.iter().position(|(p, t)| p == path && *t == ty) {
+            if let Some(list) = self.by_claim[i].get(value) {
+                out.extend_from_slice(list);
+            }
+        }
+    }
+
+    /// Whether the registry indexes claim `(path, ty)`.
+    pub fn indexes_claim(&self, path: &ClaimPath, ty: ColType) -> bool {
+        self.claims.iter().any(|(p, t)| p == path && *t == ty)
+    }
+
+    /// Sets the claims viewers are indexed by (after a policy load), and
+    /// re-indexes every subscription.
+    pub fn set_claims(&mut self, claims: &[(ClaimPath, ColType)]) {
+        self.claims = claims.to_vec();
+        self.by_claim = vec![HashMap::new(); claims.len()];
+        for slot in 0..self.slots.len() {
+            let keys = match &self.slots[slot] {
+                Some(sub) => self.claims.iter().map(|(p, t)| claim_key(&sub.viewer, p, *t)).collect::<Vec<_>>(),
+                None => continue,
+            };
+            for (i, k) in keys.iter().enumerate() {
+                if let Some(k) = k {
+                    self.by_claim[i].entry(k.clone()).or_default().push(slot);
+                }
+            }
+            if let Some(sub) = self.slots[slot].as_mut() {
+                sub.claim_keys = keys;
+            }
+        }
+        self.debug_check();
+    }
+
+    fn intern(&mut self, topic: &str) -> (Arc<str>, u32) {
+        if let Some((t, (id, count))) = self.topics.get_key_value(topic).map(|(t, v)| (Arc::clone(t), *v)) {
+            self.topics.insert(Arc::clone(&t), (id, count + 1));
+            return (t, id);
+        }
+        let t: Arc<str> = Arc::from(topic);
+        let id = self.next_topic;
+        self.next_topic = self.next_topic.wrapping_add(1);
+        self.topics.insert(Arc::clone(&t), (id, 1));
+        (t, id)
+    }
+
+    fn release_topic(&mut self, topic: &Arc<str>) {
+        if let Some((_, count)) = self.topics.get_mut(topic) {
+            *count -= 1;
+            if *count == 0 {
+                self.topics.remove(topic);
+            }
+        }
+    }
+
+    /// Adds a subscription, replacing the connection's one on the same
+    /// topic (returned).
+    pub fn insert(&mut self, sub: Subscription) -> (Slot, Option<Sub>) {
+        let replaced = self.remove(sub.conn, &sub.topic);
+        let (topic, topic_id) = self.intern(&sub.topic);
+        let claim_keys: Vec<Option<Box<str>>> =
+            self.claims.iter().map(|(p, t)| claim_key(&sub.viewer, p, *t)).collect();
+        let entry = Sub {
+            conn: sub.conn,
+            topic: Arc::clone(&topic),
+            topic_id,
+            vsn: sub.vsn,
+            viewer: sub.viewer,
+            bindings: sub.bindings,
+            outbox: sub.outbox,
+            claim_keys,
+        };
+        let slot = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
+        self.by_key.insert((entry.conn, topic), slot);
+        self.by_conn.entry(entry.conn).or_default().push(slot);
+        self.index(slot, &entry);
+        self.slots[slot] = Some(entry);
+        self.debug_check();
+        (slot, replaced)
+    }
+
+    fn index(&mut self, slot: Slot, sub: &Sub) {
+        match tables_of(&sub.bindings) {
+            Some(tables) => {
+                for t in tables {
+                    self.by_table.entry(t).or_default().push(slot);
+                }
+            }
+            None => self.wildcard.push(slot),
+        }
+        for (i, k) in sub.claim_keys.iter().enumerate() {
+            if let Some(k) = k {
+                self.by_claim[i].entry(k.clone()).or_default().push(slot);
+            }
+        }
+    }
+
+    fn unindex(&mut self, slot: Slot, sub: &Sub) {
+        match tables_of(&sub.bindings) {
+            Some(tables) => {
+                for t in tables {
+                    if let Some(list) = self.by_table.get_mut(&t) {
+                        drop_slot(list, slot);
+                        if list.is_empty() {
+                            self.by_table.remove(&t);
+                        }
+                    }
+                }
+            }
+            None => drop_slot(&mut self.wildcard, slot),
+        }
+        for (i, k) in sub.claim_keys.iter().enumerate() {
+            if let Some(k) = k {
+                if let Some(list) = self.by_claim[i].get_mut(k) {
+                    drop_slot(list, slot);
+                    if list.is_empty() {
+                        self.by_claim[i].remove(k);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Changes a subscription's viewer (a new token); returns its outbox.
+    pub fn reauth(&mut self, conn: ConnId, topic: &str, viewer: Viewer) -> Option<Arc<Outbox>> {
+        let slot = self.find(conn, topic)?;
+        let mut sub = self.slots[slot].take()?;
+        self.unindex(slot, &sub);
+        sub.claim_keys = self.claims.iter().map(|(p, t)| claim_key(&viewer, p, *t)).collect();
+        sub.viewer = viewer;
+        self.index(slot, &sub);
+        let outbox = Arc::clone(&sub.outbox);
+        self.slots[slot] = Some(sub);
+        self.debug_check();
+        Some(outbox)
+    }
+
+    /// Removes (conn, topic), returning it.
+    pub fn remove(&mut self, conn: ConnId, topic: &str) -> Option<Sub> {
+        let slot = self.by_key.remove(&(conn, Arc::from(topic)))?;
+        let sub = self.slots[slot].take()?;
+        self.unindex(slot, &sub);
+        if let Some(list) = self.by_conn.get_mut(&conn) {
+            drop_slot(list, slot);
+            if list.is_empty() {
+                self.by_conn.remove(&conn);
+            }
+        }
+        self.release_topic(&sub.topic);
+        self.free.push(slot);
+        self.debug_check();
+        Some(sub)
+    }
+
+    /// Removes every subscription of `conn`.
+    pub fn remove_conn(&mut self, conn: ConnId) -> usize {
+        let slots = self.by_conn.get(&conn).cloned().unwrap_or_default();
+        let mut removed = 0;
+        for slot in slots {
+            let Some(topic) = self.slots[slot].as_ref().map(|s| Arc::clone(&s.topic)) else { continue };
+            if self.remove(conn, &topic).is_some() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+
+    fn debug_check(&self) {
+        #[cfg(debug_assertions)]
+        if let Err(e) = self.check() {
+            panic!("registry invariant broken: {e}");
+        }
+    }
+
+    /// Verifies the invariants of the module doc.
+    ///
+    /// # Errors
+    /// The first one broken.
+    pub fn check(&self) -> Result<(), String> {
+        let mut free = self.free.clone();
+        free.sort_unstable();
+        if free.windows(2).any(|w| w[0] == w[1]) {
+            return Err("a slot is free twice".into());
+        }
+        let mut counted = 0;
+        for (slot, s) in self.slots.iter().enumerate() {
+            let is_free = free.binary_search(&slot).is_ok();
+            let Some(sub) = s else {
+                if !is_free {
+                    return Err(format!("empty slot {slot} not free"));
+                }
+                continue;
+            };
+            if is_free {
+                return Err(format!("live slot {slot} is free"));
+            }
+            counted += 1;
+            if self.by_key.get(&(sub.conn, Arc::clone(&sub.topic))) != Some(&slot) {
+                return Err(format!("slot {slot} missing from by_key"));
+            }
+            if self.by_conn.get(&sub.conn).map_or(0, |l| l.iter().filter(|&&s| s == slot).count()) != 1 {
+                return Err(format!("slot {slot} not once in by_conn"));
+            }
+            match tables_of(&sub.bindings) {
+                Some(tables) => {
+                    for t in &tables {
+                        if self.by_table.get(t).map_or(0, |l| l.iter().filter(|&&s| s == slot).count()) != 1 {
+                            return Err(format!("slot {slot} not once in by_table"));
+                        }
+                    }
+                }
+                None => {
+                    if self.wildcard.iter().filter(|&&s| s == slot).count() != 1 {
+                        return Err(format!("slot {slot} not once in wildcard"));
+                    }
+                }
+            }
+            for (i, k) in sub.claim_keys.iter().enumerate() {
+                if let Some(k) = k {
+                    if self.by_claim[i].get(k).map_or(0, |l| l.iter().filter(|&&s| s == slot).count()) != 1 {
+                        return Err(format!("slot {slot} not once in by_claim"));
+                    }
+                }
+            }
+            if self.topics.get(&sub.topic).map(|t| t.0) != Some(sub.topic_id) {
+                return Err(format!("slot {slot}'s topic id is stale"));
+            }
+        }
+        if counted != self.by_key.len() {
+            return Err("by_key holds dead entries".into());
+        }
+        let by_conn: usize = self.by_conn.values().map(Vec::len).sum();
+        let by_claim: usize = self.by_claim.iter().flat_map(|m| m.values()).map(Vec::len).sum();
+        let expected_claims: usize =
+            self.iter().map(|(_, s)| s.claim_keys.iter().filter(|k| k.is_some()).count()).sum();
+        let by_table: usize = self.by_table.values().map(Vec::len).sum();
+        let expected_tables: usize =
+            self.iter().map(|(_, s)| tables_of(&s.bindings).map_or(0, |t| t.len())).sum();
+        if by_conn != counted || by_claim != expected_claims || by_table != expected_tables {
+            return Err("an index holds dead entries".into());
+        }
+        let topic_refs: usize = self.topics.values().map(|t| t.1).sum();
+        if topic_refs != counted {
+            return Err("topic counts out of step".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::{EventMatch, OutboxLimits};
+    use crate::policy::Filter;
+    use proptest::prelude::*;
+
+    fn sub(conn: ConnId, topic: u8, user: u8, table: Option<u8>) -> Subscription {
+        let user = uuid::Uuid::from_u128(u128::from(user));
+        Subscription {
+            conn,
+            topic: format!("realtime:t{topic}"),
+            vsn: Vsn::V1,
+            viewer: Viewer::user(user),
+            bindings: vec![Binding {
+                id: 1,
+                schema: Some("public".into()),
+                table: table.map(|t| format!("t{t}")),
+                event: EventMatch::All,
+                filter: Filter::default(),
+                select: None,
+            }],
+            outbox: Arc::new(Outbox::new(OutboxLimits::default())),
+            on_live: None,
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Join(u8, u8, u8, Option<u8>),
+        Leave(u8, u8),
+        Reauth(u8, u8, u8),
+        Disconnect(u8),
+        Claims(bool),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u8..6, 0u8..4, 0u8..5, proptest::option::of(0u8..3)).prop_map(|(c, t, u, tb)| Op::Join(c, t, u, tb)),
+            (0u8..6, 0u8..4).prop_map(|(c, t)| Op::Leave(c, t)),
+            (0u8..6, 0u8..4, 0u8..5).prop_map(|(c, t, u)| Op::Reauth(c, t, u)),
+            (0u8..6).prop_map(Op::Disconnect),
+            any::<bool>().prop_map(Op::Claims),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn invariants_hold_under_any_sequence(ops in proptest::collection::vec(op(), 1..80)) {
+            let mut r = Registry::default();
+            let mut model: HashMap<(ConnId, String), u8> = HashMap::new();
+            for o in ops {
+                match o {
+                    Op::Join(c, t, u, tb) => {
+                        r.insert(sub(c.into(), t, u, tb));
+                        model.insert((c.into(), format!("realtime:t{t}")), u);
+                    }
+                    Op::Leave(c, t) => {
+                        r.remove(c.into(), &format!("realtime:t{t}"));
+                        model.remove(&(c.into(), format!("realtime:t{t}")));
+                    }
+                    Op::Reauth(c, t, u) => {
+                        let topic = format!("realtime:t{t}");
+                        let v = Viewer::user(uuid::Uuid::from_u128(u128::from(u)));
+                        if r.reauth(c.into(), &topic, v).is_some() {
+                            model.insert((c.into(), topic), u);
+                        }
+                    }
+                    Op::Disconnect(c) => {
+                        r.remove_conn(c.into());
+                        model.retain(|(conn, _), _| *conn != ConnId::from(c));
+                    }
+                    Op::Claims(on) => {
+                        let claims = if on { vec![(ClaimPath::sub(), ColType::Uuid)] } else { vec![] };
+                        r.set_claims(&claims);
+                    }
+                }
+                prop_assert_eq!(r.check(), Ok(()));
+                prop_assert_eq!(r.len(), model.len());
+            }
+            // Every claim lookup finds exactly the model's subscriptions.
+            r.set_claims(&[(ClaimPath::sub(), ColType::Uuid)]);
+            for u in 0u8..5 {
+                let key = uuid::Uuid::from_u128(u128::from(u)).hyphenated().to_string();
+                let mut found = Vec::new();
+                r.claim_candidates(&ClaimPath::sub(), ColType::Uuid, &key, &mut found);
+                prop_assert_eq!(found.len(), model.values().filter(|&&v| v == u).count());
+            }
+        }
+    }
+}

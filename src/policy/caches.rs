@@ -1,0 +1,499 @@
+//! Membership caches: for each membership subquery or helper a policy names
+//! (table `T`, user column, group column, conditions), the `(group, user)`
+//! pairs of `T`'s rows that pass the conditions, mirrored from the WAL in
+//! commit order.
+//!
+//! Sits under the hub, which owns a [`Caches`] and is its only writer: it
+//! applies every change of a transaction to the caches before judging that
+//! transaction's rows, so a change committed at LSN X is judged by the
+//! memberships as of X.
+//!
+//! # How it is kept exact
+//!
+//! - Rows are tracked by `T`'s key (primary key, or every column under
+//!   REPLICA IDENTITY FULL), so an UPDATE or DELETE whose old row carries
+//!   only the key still finds the pair. Pairs are counted, so two rows giving
+//!   the same pair need both removed.
+//! - A new slot: [`load`] reads `T` inside the slot's exported snapshot, so
+//!   the caches are exact at the slot's consistent point. An existing slot
+//!   (restart): the current state, then the WAL insert position L; commits
+//!   before L are the catch-up window (see [`crate::hub`]), applied
+//!   idempotently, and exact from L on.
+//! - A row whose needed column is absent from the WAL image (an unchanged
+//!   TOASTed value) is dropped from the cache: a possible miss, never a leak.
+
+use std::collections::HashMap;
+
+use super::compile::CacheSpec;
+use super::predicate::{CacheId, Context, Expr};
+use crate::change::{Change, Datum, Op, RelationInfo, Row};
+use crate::lsn::Lsn;
+
+/// When the caches were loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadedAt {
+    /// Transactions committing at or after this LSN are judged exactly.
+    pub lsn: Lsn,
+    /// Whether the load was the exact state at `lsn` (exported snapshot).
+    pub exact: bool,
+    /// Rows loaded, all caches together.
+    pub rows: usize,
+}
+
+#[derive(Debug, Default, Clone)]
+struct UserRows {
+    rows: u32,
+    null_group: u32,
+    groups: HashMap<Box<str>, u32>,
+}
+
+/// One cache's data.
+#[derive(Debug, Default, Clone)]
+pub struct GroupCache {
+    rows: HashMap<Box<str>, (Option<Box<str>>, Box<str>)>,
+    by_group: HashMap<Box<str>, HashMap<Box<str>, u32>>,
+    by_user: HashMap<Box<str>, UserRows>,
+    bytes: usize,
+}
+
+impl GroupCache {
+    /// Rows held.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether empty.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Approximate bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn insert(&mut self, key: Box<str>, group: Option<Box<str>>, user: Box<str>) {
+        self.remove(&key);
+        self.bytes += entry_bytes(&key, group.as_deref(), &user);
+        let u = self.by_user.entry(user.clone()).or_default();
+        u.rows += 1;
+        match &group {
+            Some(g) => {
+                *u.groups.entry(g.clone()).or_default() += 1;
+                *self.by_group.entry(g.clone()).or_default().entry(user.clone()).or_default() += 1;
+            }
+            None => u.null_group += 1,
+        }
+        self.rows.insert(key, (group, user));
+    }
+
+    fn remove(&mut self, key: &str) {
+        let Some((key, (group, user))) = self.rows.remove_entry(key) else { return };
+        self.bytes = self.bytes.saturating_sub(entry_bytes(&key, group.as_deref(), &user));
+        if let Some(u) = self.by_user.get_mut(&user) {
+            u.rows -= 1;
+            match &group {
+                Some(g) => {
+                    if let Some(n) = u.groups.get_mut(g) {
+                        *n -= 1;
+                        if *n == 0 {
+                            u.groups.remove(g);
+                        }
+                    }
+                }
+                None => u.null_group -= 1,
+            }
+            if u.rows == 0 {
+                self.by_user.remove(&user);
+            }
+        }
+        if let Some(g) = &group {
+            if let Some(members) = self.by_group.get_mut(g) {
+                if let Some(n) = members.get_mut(&user) {
+                    *n -= 1;
+                    if *n == 0 {
+                        members.remove(&user);
+                    }
+                }
+                if members.is_empty() {
+                    self.by_group.remove(g);
+                }
+            }
+        }
+    }
+
+    /// Whether `(group, user)` is held (`group == None`: whether `user` has
+    /// any row).
+    pub fn contains(&self, group: Option<&str>, user: &str) -> bool {
+        match group {
+            None => self.by_user.contains_key(user),
+            Some(g) => self.by_user.get(user).is_some_and(|u| u.groups.contains_key(g)),
+        }
+    }
+
+    /// `(has any row, has a row with a NULL group)` for `user`.
+    pub fn user_rows(&self, user: &str) -> (bool, bool) {
+        self.by_user.get(user).map_or((false, false), |u| (u.rows > 0, u.null_group > 0))
+    }
+
+    /// Calls `f` with every user of `group`.
+    pub fn for_each_member(&self, group: &str, mut f: impl FnMut(&str)) {
+        if let Some(m) = self.by_group.get(group) {
+            m.keys().for_each(|u| f(u));
+        }
+    }
+
+    /// Users of `group`, sorted (tests and tools).
+    pub fn members(&self, group: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        self.for_each_member(group, |u| out.push(u.to_owned()));
+        out.sort();
+        out
+    }
+
+    fn clear(&mut self) {
+        *self = GroupCache::default();
+    }
+}
+
+fn entry_bytes(key: &str, group: Option<&str>, user: &str) -> usize {
+    // Three maps' entries, boxed strings and hash overhead, roughly.
+    160 + 2 * key.len() + 3 * group.map_or(0, str::len) + 3 * user.len()
+}
+
+/// All caches of a compiled policy set.
+#[derive(Debug, Default, Clone)]
+pub struct Caches {
+    specs: Vec<CacheSpec>,
+    data: Vec<GroupCache>,
+    by_table: HashMap<u32, Vec<CacheId>>,
+}
+
+/// A row image seen through a cache spec's column order.
+struct RowCtx<'a> {
+    datums: Vec<&'a Datum>,
+    claims: serde_json::Value,
+}
+
+impl Context for RowCtx<'_> {
+    fn column(&self, index: usize) -> &Datum {
+        self.datums.get(index).copied().unwrap_or(&Datum::Absent)
+    }
+    fn claims(&self) -> &serde_json::Value {
+        &self.claims
+    }
+    fn member(&self, _: CacheId, _: Option<&str>, _: &str) -> bool {
+        false
+    }
+    fn user_rows(&self, _: CacheId, _: &str) -> (bool, bool) {
+        (false, false)
+    }
+}
+
+const ABSENT: Datum = Datum::Absent;
+
+impl Caches {
+    /// Empty caches for `specs`.
+    pub fn new(specs: Vec<CacheSpec>) -> Caches {
+        let mut by_table: HashMap<u32, Vec<CacheId>> = HashMap::new();
+        for (i, s) in specs.iter().enumerate() {
+            by_table.entry(s.table).or_default().push(i);
+        }
+        let data = vec![GroupCache::default(); specs.len()];
+        Caches { specs, data, by_table }
+    }
+
+    /// The specs, by id.
+    pub fn specs(&self) -> &[CacheSpec] {
+        &self.specs
+    }
+
+    /// One cache.
+    pub fn get(&self, id: CacheId) -> Option<&GroupCache> {
+        self.data.get(id)
+    }
+
+    /// Rows held, all caches.
+    pub fn rows(&self) -> usize {
+        self.data.iter().map(GroupCache::len).sum()
+    }
+
+    /// Approximate bytes held, all caches.
+    pub fn bytes(&self) -> usize {
+        self.data.iter().map(GroupCache::bytes).sum()
+    }
+
+    /// Whether changes to table `oid` feed a cache.
+    pub fn follows(&self, oid: u32) -> bool {
+        self.by_table.contains_key(&oid)
+    }
+
+    /// Applies one committed change (idempotent: re-applying the same change
+    /// leaves the same state).
+    pub fn apply(&mut self, change: &Change) {
+        let Some(ids) = self.by_table.get(&change.relation.oid) else { return };
+        for &id in ids {
+            let spec = &self.specs[id];
+            let cache = &mut self.data[id];
+            if change.op == Op::Truncate {
+                cache.clear();
+                continue;
+            }
+            let map: Vec<Option<usize>> = spec.columns.iter().map(|c| change.relation.column_index(c)).collect();
+            let old_key = change.old_record.as_ref().and_then(|r| row_key(spec, &change.relation, r));
+            let new_key = change.record.as_ref().and_then(|r| row_key(spec, &change.relation, r));
+            match change.op {
+                Op::Delete => {
+                    if let Some(k) = old_key {
+                        cache.remove(&k);
+                    }
+                }
+                Op::Insert | Op::Update => {
+                    if let Some(k) = old_key.as_deref().or(new_key.as_deref()) {
+                        cache.remove(k);
+                    }
+                    if let (Some(k), Some(row)) = (new_key, change.record.as_ref()) {
+                        if let Some((group, user)) = pair(spec, &map, row) {
+                            cache.insert(k, group, user);
+                        }
+                    }
+                }
+                Op::Truncate => {}
+            }
+        }
+    }
+
+    /// Inserts a row read by [`load`]: `values` in the spec's column order
+    /// (`None` = NULL), unread columns [`Datum::Absent`].
+    fn load_row(&mut self, id: CacheId, datums: &[Datum]) {
+        let spec = &self.specs[id];
+        let refs: Vec<&Datum> = datums.iter().collect();
+        let Some(key) = key_of(spec, |name| spec.columns.iter().position(|c| c == name).map(|i| refs[i])) else {
+            return;
+        };
+        let map: Vec<Option<usize>> = (0..spec.columns.len()).map(Some).collect();
+        if let Some((group, user)) = pair(spec, &map, &Row(datums.to_vec())) {
+            self.data[id].insert(key, group, user);
+        }
+    }
+}
+
+fn key_of<'a>(spec: &CacheSpec, get: impl Fn(&str) -> Option<&'a Datum>) -> Option<Box<str>> {
+    let mut key = String::new();
+    for (i, k) in spec.key.iter().enumerate() {
+        if i > 0 {
+            key.push('\0');
+        }
+        match get(k)? {
+            Datum::Text(t) => key.push_str(std::str::from_utf8(t).ok()?),
+            Datum::Null => key.push('\u{1}'),
+            Datum::Absent => return None,
+        }
+    }
+    Some(key.into_boxed_str())
+}
+
+fn row_key(spec: &CacheSpec, relation: &RelationInfo, row: &Row) -> Option<Box<str>> {
+    key_of(spec, |name| relation.column_index(name).and_then(|i| row.0.get(i)))
+}
+
+/// The row's `(group, user)` if it passes the filter.
+fn pair(spec: &CacheSpec, map: &[Option<usize>], row: &Row) -> Option<(Option<Box<str>>, Box<str>)> {
+    let datums: Vec<&Datum> = map.iter().map(|i| i.and_then(|i| row.0.get(i)).unwrap_or(&ABSENT)).collect();
+    if let Some(filter) = &spec.filter {
+        let ctx = RowCtx { datums: datums.clone(), claims: serde_json::Value::Null };
+        if !filter.eval(&ctx).visible() {
+            return None;
+        }
+    }
+    let text = |name: &str| -> Result<Option<Box<str>>, ()> {
+        let i = spec.columns.iter().position(|c| c == name).ok_or(())?;
+        match datums[i] {
+            Datum::Null => Ok(None),
+            Datum::Absent => Err(()),
+            Datum::Text(t) => std::str::from_utf8(t).map(|s| Some(canonical(s))).map_err(|_| ()),
+        }
+    };
+    let user = text(&spec.user.0).ok()??;
+    let group = match &spec.group {
+        Some((g, _)) => text(g).ok()?,
+        None => None,
+    };
+    Some((group, user))
+}
+
+/// The WAL's text is already PostgreSQL's canonical output for every type
+/// the caches key on (uuid lower-case, integers plain, booleans `t`/`f`).
+fn canonical(s: &str) -> Box<str> {
+    s.into()
+}
+
+/// Loads every cache from the database (row security off: walcast must
+/// see every row). With `snapshot` the read happens in that snapshot.
+///
+/// # Errors
+/// SQL errors.
+pub async fn load(
+    client: &impl tokio_postgres::GenericClient,
+    caches: &mut Caches,
+    lsn: Option<Lsn>,
+) -> Result<LoadedAt, tokio_postgres::Error> {
+    let ident = crate::replication::slot::quote_ident;
+    client.batch_execute("SET LOCAL row_security = off").await?;
+    let mut total = 0;
+    for id in 0..caches.specs.len() {
+        let spec = caches.specs[id].clone();
+        let mut wanted: Vec<usize> = Vec::new();
+        let mut want = |name: &str| {
+            if let Some(i) = spec.columns.iter().position(|c| c == name) {
+                if !wanted.contains(&i) {
+                    wanted.push(i);
+                }
+            }
+        };
+        spec.key.iter().for_each(|k| want(k));
+        want(&spec.user.0);
+        if let Some((g, _)) = &spec.group {
+            want(g);
+        }
+        if let Some(f) = &spec.filter {
+            let mut cols = Vec::new();
+            f.for_each_column(&mut |i| cols.push(i));
+            for i in cols {
+                want(&spec.columns[i].clone());
+            }
+        }
+        let (schema, table) = spec.table_name.split_once('.').unwrap_or(("public", &spec.table_name));
+        let select: Vec<String> = wanted.iter().map(|&i| format!("{}::text", ident(&spec.columns[i]))).collect();
+        let sql = format!("SELECT {} FROM {}.{}", select.join(", "), ident(schema), ident(table));
+        caches.data[id].clear();
+        for row in client.query(&sql, &[]).await? {
+            let mut datums = vec![Datum::Absent; spec.columns.len()];
+            for (j, &i) in wanted.iter().enumerate() {
+                let v: Option<String> = row.get(j);
+                datums[i] = v.map_or(Datum::Null, |s| Datum::Text(bytes::Bytes::from(s)));
+            }
+            caches.load_row(id, &datums);
+        }
+        total += caches.data[id].len();
+    }
+    let (lsn, exact) = match lsn {
+        Some(l) => (l, true),
+        None => {
+            let text: String = client.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await?.get(0);
+            (text.parse().unwrap_or(Lsn::ZERO), false)
+        }
+    };
+    Ok(LoadedAt { lsn, exact, rows: total })
+}
+
+/// For [`Expr`]s evaluated by tests against a cache directly.
+impl Caches {
+    /// Whether `(group, user)` is in cache `id`.
+    pub fn member(&self, id: CacheId, group: Option<&str>, user: &str) -> bool {
+        self.data.get(id).is_some_and(|c| c.contains(group, user))
+    }
+
+    /// See [`GroupCache::user_rows`].
+    pub fn user_rows(&self, id: CacheId, user: &str) -> (bool, bool) {
+        self.data.get(id).map_or((false, false), |c| c.user_rows(user))
+    }
+
+    /// Evaluates nothing; kept so `Expr` stays the one evaluator.
+    pub fn filter_of(&self, id: CacheId) -> Option<&Expr> {
+        self.specs.get(id).and_then(|s| s.filter.as_ref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::change::ColumnInfo;
+    use crate::pgoutput::ReplicaIdentity;
+    use crate::policy::predicate::{ColType, Operand, Scalar};
+    use bytes::Bytes;
+    use std::sync::Arc;
+
+    fn spec(filter: Option<Expr>) -> CacheSpec {
+        CacheSpec {
+            table: 9,
+            table_name: "public.team_members".into(),
+            group: Some(("team_id".into(), ColType::Uuid)),
+            user: ("user_id".into(), ColType::Uuid),
+            filter,
+            columns: vec!["id".into(), "team_id".into(), "user_id".into(), "accepted".into()],
+            key: vec!["id".into()],
+        }
+    }
+
+    fn relation() -> Arc<RelationInfo> {
+        let col = |name: &str, oid: u32| ColumnInfo {
+            name: name.into(),
+            type_name: "x".into(),
+            type_oid: oid,
+            is_key: name == "id",
+            kind: crate::change::value::kind_of(oid),
+        };
+        Arc::new(RelationInfo {
+            oid: 9,
+            schema: "public".into(),
+            table: "team_members".into(),
+            replica_identity: ReplicaIdentity::Default,
+            columns: vec![col("id", 25), col("team_id", 2950), col("user_id", 2950), col("accepted", 16)],
+        })
+    }
+
+    fn t(s: &str) -> Datum {
+        Datum::Text(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    fn row(id: &str, team: &str, user: &str, accepted: bool) -> Row {
+        Row(vec![t(id), t(team), t(user), t(if accepted { "t" } else { "f" })])
+    }
+
+    fn key_only(id: &str) -> Row {
+        Row(vec![t(id), Datum::Absent, Datum::Absent, Datum::Absent])
+    }
+
+    fn change(op: Op, record: Option<Row>, old_record: Option<Row>) -> Change {
+        Change { relation: relation(), op, record, old_record, missing_toast: vec![] }
+    }
+
+    #[test]
+    fn pairs_follow_rows_and_filters() {
+        let accepted = Expr::Truth(Operand::Column { index: 3, ty: ColType::Bool, cast: None });
+        let mut c = Caches::new(vec![spec(Some(accepted))]);
+        c.apply(&change(Op::Insert, Some(row("1", "g1", "u1", true)), None));
+        c.apply(&change(Op::Insert, Some(row("2", "g1", "u2", false)), None));
+        assert!(c.member(0, Some("g1"), "u1"));
+        assert!(!c.member(0, Some("g1"), "u2"), "filtered out");
+        c.apply(&change(Op::Update, Some(row("2", "g1", "u2", true)), Some(key_only("2"))));
+        assert!(c.member(0, Some("g1"), "u2"));
+        // Moved to another group, old row key-only.
+        c.apply(&change(Op::Update, Some(row("1", "g2", "u1", true)), Some(key_only("1"))));
+        assert!(!c.member(0, Some("g1"), "u1") && c.member(0, Some("g2"), "u1"));
+        assert_eq!(c.get(0).unwrap().members("g1"), vec!["u2".to_owned()]);
+        c.apply(&change(Op::Delete, None, Some(key_only("2"))));
+        c.apply(&change(Op::Delete, None, Some(key_only("2"))));
+        assert!(c.get(0).unwrap().members("g1").is_empty());
+        assert_eq!(c.rows(), 1);
+        c.apply(&change(Op::Truncate, None, None));
+        assert_eq!(c.rows(), 0);
+        assert_eq!(c.bytes(), 0);
+        let _ = Scalar::Bool(true);
+    }
+
+    #[test]
+    fn duplicate_pairs_are_counted_and_null_groups_tracked() {
+        let mut c = Caches::new(vec![spec(None)]);
+        c.apply(&change(Op::Insert, Some(row("1", "g", "u", true)), None));
+        c.apply(&change(Op::Insert, Some(row("2", "g", "u", true)), None));
+        c.apply(&change(Op::Delete, None, Some(key_only("1"))));
+        assert!(c.member(0, Some("g"), "u"), "row 2 still grants it");
+        let mut null_group = row("3", "x", "u", true);
+        null_group.0[1] = Datum::Null;
+        c.apply(&change(Op::Insert, Some(null_group), None));
+        assert_eq!(c.user_rows(0, "u"), (true, true));
+        assert_eq!(c.user_rows(0, "v"), (false, false));
+    }
+}
