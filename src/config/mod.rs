@@ -107,6 +107,10 @@ pub struct FileConfig {
     pub ready_max_lag_secs: Option<f64>,
     /// Stream large in-progress transactions (pgoutput protocol 2, PostgreSQL 14+).
     pub streaming: Option<bool>,
+    /// A replication link silent this long (seconds) is dropped and made again (0 = never).
+    pub replication_timeout_secs: Option<f64>,
+    /// Seconds between end-to-end heartbeats through the slot (0 = off).
+    pub heartbeat_interval_secs: Option<f64>,
 }
 
 impl std::fmt::Debug for FileConfig {
@@ -136,6 +140,8 @@ impl std::fmt::Debug for FileConfig {
             .field("spill_budget_bytes", &self.spill_budget_bytes)
             .field("spill_dir", &self.spill_dir)
             .field("streaming", &self.streaming)
+            .field("replication_timeout_secs", &self.replication_timeout_secs)
+            .field("heartbeat_interval_secs", &self.heartbeat_interval_secs)
             .finish_non_exhaustive()
     }
 }
@@ -185,6 +191,8 @@ impl FileConfig {
             slot_wal_warn_fraction: self.slot_wal_warn_fraction.or(lower.slot_wal_warn_fraction),
             ready_max_lag_secs: self.ready_max_lag_secs.or(lower.ready_max_lag_secs),
             streaming: self.streaming.or(lower.streaming),
+            replication_timeout_secs: self.replication_timeout_secs.or(lower.replication_timeout_secs),
+            heartbeat_interval_secs: self.heartbeat_interval_secs.or(lower.heartbeat_interval_secs),
         }
     }
 }
@@ -336,6 +344,12 @@ pub struct Settings {
     /// `streaming 'on'`; PostgreSQL 14+). Off: protocol 1, PostgreSQL sends
     /// each transaction after its commit.
     pub streaming: bool,
+    /// A replication link that receives nothing for this long is dropped and
+    /// made again (`None`: never); also the TCP keepalive and
+    /// `TCP_USER_TIMEOUT` budget of every connection.
+    pub replication_timeout: Option<Duration>,
+    /// Time between end-to-end heartbeats (`None`: off).
+    pub heartbeat_interval: Option<Duration>,
 }
 
 fn range(name: &'static str, value: usize, min: usize, max: usize) -> Result<usize, ConfigError> {
@@ -443,6 +457,29 @@ impl Settings {
             }
             monitoring.ready_max_lag = (secs > 0.0).then(|| Duration::from_secs_f64(secs));
         }
+        let timeout_secs = merged
+            .replication_timeout_secs
+            .unwrap_or(crate::replication::stream::DEFAULT_SILENCE_TIMEOUT.as_secs_f64());
+        if timeout_secs != 0.0 && !(2.0..=3600.0).contains(&timeout_secs) {
+            return Err(ConfigError::OutOfRange {
+                name: "REPLICATION_TIMEOUT_SECS (--replication-timeout; 0 = never)",
+                min: 2,
+                max: 3600,
+            });
+        }
+        let heartbeat_secs = merged
+            .heartbeat_interval_secs
+            .unwrap_or(crate::replication::heartbeat::DEFAULT_HEARTBEAT_INTERVAL.as_secs_f64());
+        // A heartbeat must fit in the deadline at least twice, or an idle
+        // healthy link would be judged dead between two of them.
+        let heartbeat_max = if timeout_secs > 0.0 { timeout_secs / 2.0 } else { 3600.0 };
+        if heartbeat_secs != 0.0 && !(0.1..=heartbeat_max).contains(&heartbeat_secs) {
+            return Err(ConfigError::OutOfRange {
+                name: "HEARTBEAT_INTERVAL_SECS (--heartbeat-interval; 0 = off; at most half the replication timeout)",
+                min: 0,
+                max: heartbeat_max as u64,
+            });
+        }
         // The demo serves tokens and data anyone could use: loopback
         // unless an address is asked for.
         let host = merged.host.unwrap_or(match database {
@@ -469,6 +506,8 @@ impl Settings {
             spill_budget,
             demo_writer: (writer_secs > 0.0).then(|| Duration::from_secs_f64(writer_secs)),
             streaming: merged.streaming.unwrap_or(false),
+            replication_timeout: (timeout_secs > 0.0).then(|| Duration::from_secs_f64(timeout_secs)),
+            heartbeat_interval: (heartbeat_secs > 0.0).then(|| Duration::from_secs_f64(heartbeat_secs)),
         })
     }
 
@@ -538,7 +577,11 @@ impl Settings {
             slot.proto_version = 2;
             slot.streaming = true;
         }
-        let mut relay = RelayConfig::new(SourceConfig::new(connection, slot));
+        let mut source = SourceConfig::new(connection, slot);
+        source.stream.silence_timeout = self.replication_timeout;
+        source.heartbeat =
+            self.heartbeat_interval.map(|interval| crate::replication::heartbeat::HeartbeatConfig { interval });
+        let mut relay = RelayConfig::new(source);
         relay.policy = self.policy.clone();
         relay.hub.outbox_budget = self.outbox_budget;
         relay.hub.max_reader_lag = self.max_reader_lag;

@@ -148,6 +148,7 @@ impl Relay {
     /// A definite error before streaming started, or the start timeout.
     pub async fn start(mut config: RelayConfig) -> Result<Relay, RelayError> {
         config.source.export_snapshot = true;
+        config.source.apply_tcp_liveness();
         // The hub and (with streaming) the change stage spill into
         // directories and budgets of their own: a committed streamed
         // transaction is held by the stage while the hub collects it, so a

@@ -120,7 +120,10 @@ impl Server {
     /// # Errors
     /// Bad auth configuration, PostgreSQL unreachable, replication errors,
     /// or the port in use.
-    pub async fn start(config: ServeConfig) -> Result<Server, ServeError> {
+    pub async fn start(mut config: ServeConfig) -> Result<Server, ServeError> {
+        // Every connection the server makes (preflight, catalog, watchdog,
+        // relay) gets the same kernel-level liveness settings.
+        config.relay.source.apply_tcp_liveness();
         let verifier = Verifier::new(&config.auth).map_err(RealtimeError::from)?;
         let connection = config.relay.source.connection.clone();
         let slot = config.relay.source.slot.slot.clone();
