@@ -15,6 +15,10 @@
 //!    memberships from: the process exits with status 1 and an error naming
 //!    what happened and the fix (logged, and printed last), and the fix
 //!    works.
+//! 5. The network path silently stopped (a proxy that forwards nothing and
+//!    closes nothing): walcast notices within its replication timeout,
+//!    `/ready` and the metrics say so, and once packets flow it reconnects
+//!    and the client receives every order once.
 //!
 //! Tests that do not restart or reconfigure PostgreSQL use a database of the
 //! shared scratch server and a slot of their own; the restart test starts
@@ -540,4 +544,122 @@ async fn replication_revoked_is_a_definite_error() {
     assert_streams(&again, &client, fx).await;
     drop(again);
     let _ = client.batch_execute(&format!("drop owned by {role}; drop role {role}")).await;
+}
+
+/// The value of the first sample of `name` in `/metrics` (any labels).
+async fn metric(addr: std::net::SocketAddr, name: &str) -> Option<f64> {
+    let (_, body) = crate::support::relay::try_get(addr, "/metrics").await?;
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b' ' | b'{')))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// 5. The network path to PostgreSQL goes silent (a proxy of the test's
+///    own stops forwarding, closing nothing): walcast notices within its
+///    replication timeout, says so on `/ready` and in the metrics meanwhile,
+///    reconnects once packets flow again, and the client receives every
+///    order written meanwhile (written directly, not through the proxy)
+///    exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_network_path_is_noticed_reported_and_reconnected_without_loss() {
+    use crate::support::proxy::{upstream_of, Proxy};
+    use crate::support::relay::try_get;
+    /// The configured deadline; the ceilings below are generous multiples.
+    const TIMEOUT: Duration = Duration::from_secs(3);
+    const SILENT_FOR: Duration = Duration::from_secs(6);
+    let (db, client) = migrated_db().await;
+    let fx = fixture(&client, "SILENT").await;
+    let slot = format!("{}_s", db.name());
+    let proxy = Proxy::start(upstream_of(db.url())).await;
+    let mut relay = RelayProcess::spawn(
+        &proxy.url_via(db.url()),
+        &slot,
+        &["--replication-timeout", "3", "--heartbeat-interval", "0.5"],
+    );
+    relay.wait_serving().await;
+    let addr = relay.addr;
+    let witness = ChangeWitness::subscribe(addr).await;
+    let writer = OrderWriter::spawn(db.url(), fx.0, fx.1, Duration::from_millis(20), None);
+    writer.wait_count(20, WAIT).await;
+    // Heartbeats make the round trip before the fault.
+    poll("heartbeats received back through the slot", WAIT, || async {
+        metric(addr, "walcast_replication_heartbeats_received_total").await.filter(|n| *n >= 2.0)
+    })
+    .await;
+    let before = try_get(addr, "/ready").await.expect("/ready answers");
+    assert_eq!(before.0, 200, "ready before the fault: {}", before.1);
+
+    proxy.pause();
+    let paused = Instant::now();
+    // /ready stops saying 200 within the deadline (it fails on the lag
+    // first, from half the deadline, then on the disconnection).
+    let not_ready = poll("/ready to turn 503 on the silent link", WAIT, || async {
+        try_get(addr, "/ready").await.filter(|(status, _)| *status == 503).map(|_| paused.elapsed())
+    })
+    .await;
+    let detected = poll("the silent link dropped", WAIT, || async {
+        relay
+            .events_named("replication interrupted; reconnecting")
+            .iter()
+            .any(|e| e["fields"]["error"].as_str().is_some_and(|m| m.contains("no message from the walsender")))
+            .then(|| paused.elapsed())
+    })
+    .await;
+    // Silence counts from the last message received, which may have been
+    // in flight when the proxy paused.
+    assert!(
+        detected + Duration::from_secs(1) >= TIMEOUT,
+        "dropped after {detected:?}, before the {TIMEOUT:?} deadline"
+    );
+    assert!(detected < TIMEOUT * 3, "dropped only after {detected:?} (deadline {TIMEOUT:?})");
+    assert!(not_ready < detected + Duration::from_secs(1), "/ready 503 after {not_ready:?}, drop after {detected:?}");
+    // While the path stays silent: not ready, the lag counts from the last
+    // message received, and the slot is not reported active.
+    let (status, body) = try_get(addr, "/ready").await.expect("/ready answers");
+    assert_eq!(status, 503, "{body}");
+    let lag = metric(addr, "walcast_replication_lag_seconds").await.expect("lag gauge");
+    assert!(lag >= TIMEOUT.as_secs_f64() / 2.0, "lag {lag} s on a link silent for {:?}", paused.elapsed());
+    if let Some(active) = metric(addr, "walcast_slot_active").await {
+        assert_eq!(active, 0.0, "walcast_slot_active on a silent link");
+    }
+    let sleep_for = SILENT_FOR.saturating_sub(paused.elapsed());
+    tokio::time::sleep(sleep_for).await;
+    let connects_before = relay.events_named("streaming").len();
+
+    proxy.resume();
+    let resumed = Instant::now();
+    poll("/ready 200 again after the path came back", WAIT, || async {
+        try_get(addr, "/ready").await.filter(|(status, _)| *status == 200).map(|_| ())
+    })
+    .await;
+    let recovered = resumed.elapsed();
+    let writes = writer.finish().await;
+    let expected: Vec<Uuid> = writes.iter().map(|w| w.id).collect();
+    let missing = witness.wait_for(&expected, WAIT).await;
+    assert!(missing.is_empty(), "{} of {} orders never arrived\n{}", missing.len(), expected.len(), relay.output());
+    let received = witness.ids();
+    let unique: HashSet<&Uuid> = received.iter().collect();
+    assert_eq!(received.len(), unique.len(), "duplicates delivered to the client");
+    let streaming = relay.events_named("streaming").len();
+    assert!(streaming > connects_before, "a new stream after the path came back: {streaming}");
+    assert!(!witness.closed(), "the client stayed connected");
+    assert!(relay.is_running(), "walcast exited:\n{}", relay.output());
+    assert_no_values(&relay);
+    let errors = metric(addr, "walcast_replication_heartbeat_errors_total").await.unwrap_or(0.0);
+    let interruptions = metric(addr, "walcast_replication_interruptions_total").await.unwrap_or(0.0);
+    assert!(interruptions >= 1.0, "{interruptions} interruptions counted");
+    println!(
+        "silent path: {} writes, all received once; /ready 503 after {:.2} s, link dropped after {:.2} s \
+         (deadline {:.0} s); path silent {:.1} s; ready again {:.2} s after it came back; {streaming} streams, \
+         {interruptions} interruptions, {errors} heartbeat errors, {} proxy connections",
+        writes.len(),
+        not_ready.as_secs_f64(),
+        detected.as_secs_f64(),
+        TIMEOUT.as_secs_f64(),
+        SILENT_FOR.as_secs_f64(),
+        recovered.as_secs_f64(),
+        proxy.accepted(),
+    );
+    relay.stop();
 }
