@@ -399,33 +399,41 @@ impl Settings {
             (None, Some(policy)) => policy,
             (None, None) => PolicyConfig::default(),
         };
-        let max_connections =
-            range("MAX_CONNECTIONS (--max-connections)", merged.max_connections.unwrap_or(10_000), 1, 10_000_000)?;
+        // Defaults come from the layers that use them (Limits, HubConfig),
+        // so the binary, the tests and the benches cannot drift apart.
+        let limits = crate::realtime::Limits::default();
+        let hub = crate::hub::HubConfig::default();
+        let max_connections = range(
+            "MAX_CONNECTIONS (--max-connections)",
+            merged.max_connections.unwrap_or(limits.max_connections),
+            1,
+            10_000_000,
+        )?;
         let max_channels = range(
             "MAX_CHANNELS_PER_CLIENT (--max-channels)",
-            merged.max_channels_per_client.unwrap_or(100),
+            merged.max_channels_per_client.unwrap_or(limits.max_channels),
             1,
             10_000,
         )?;
         let ws_read_buffer = range(
             "WS_READ_BUFFER_BYTES (--ws-read-buffer)",
-            merged.ws_read_buffer_bytes.unwrap_or(8 << 10),
+            merged.ws_read_buffer_bytes.unwrap_or(limits.ws_read_buffer),
             1 << 10,
             1 << 20,
         )?;
         let ws_write_buffer = range(
             "WS_WRITE_BUFFER_BYTES (--ws-write-buffer)",
-            merged.ws_write_buffer_bytes.unwrap_or(32 << 10),
+            merged.ws_write_buffer_bytes.unwrap_or(limits.ws_write_buffer),
             0,
             1 << 20,
         )?;
         let outbox_budget = range(
             "OUTBOX_BUDGET_BYTES (--outbox-budget)",
-            merged.outbox_budget_bytes.unwrap_or(crate::hub::DEFAULT_OUTBOX_BUDGET),
+            merged.outbox_budget_bytes.unwrap_or(hub.outbox_budget),
             1 << 20,
             1 << 40,
         )?;
-        let lag_secs = merged.max_reader_lag_secs.unwrap_or(30.0);
+        let lag_secs = merged.max_reader_lag_secs.unwrap_or(hub.max_reader_lag.as_secs_f64());
         if !(1.0..=3600.0).contains(&lag_secs) {
             return Err(ConfigError::OutOfRange { name: "MAX_READER_LAG_SECS (--max-reader-lag)", min: 1, max: 3600 });
         }
@@ -623,6 +631,44 @@ mod tests {
         assert!(matches!(settings.database, Database::Embedded));
         assert_eq!((settings.port, settings.slot.as_str()), (DEFAULT_PORT, DEFAULT_SLOT));
         assert_eq!(settings.demo_writer, Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn defaults_are_the_layers_own() {
+        let settings = Settings::resolve(FileConfig::default(), None).unwrap();
+        let serve = settings.serve_config(PgConfig::from_str("postgres://u@h/db").unwrap());
+        let limits = crate::realtime::Limits::default();
+        let got = (serve.limits.max_connections, serve.limits.max_channels, serve.limits.ws_read_buffer);
+        assert_eq!(got, (limits.max_connections, limits.max_channels, limits.ws_read_buffer));
+        assert_eq!(serve.limits.ws_write_buffer, limits.ws_write_buffer);
+        let hub = crate::hub::HubConfig::default();
+        assert_eq!(
+            (serve.relay.hub.outbox_budget, serve.relay.hub.max_reader_lag),
+            (hub.outbox_budget, hub.max_reader_lag)
+        );
+        let source = &serve.relay.source;
+        assert_eq!(source.stream.silence_timeout, Some(crate::replication::stream::DEFAULT_SILENCE_TIMEOUT));
+        let heartbeat = source.heartbeat.as_ref().map(|h| h.interval);
+        assert_eq!(heartbeat, Some(crate::replication::heartbeat::DEFAULT_HEARTBEAT_INTERVAL));
+    }
+
+    #[test]
+    fn liveness_settings_are_checked() {
+        let with = |timeout: Option<f64>, heartbeat: Option<f64>| {
+            let given = FileConfig { replication_timeout_secs: timeout, heartbeat_interval_secs: heartbeat, ..given() };
+            Settings::resolve(given, None)
+        };
+        let s = with(Some(3.0), Some(0.5)).unwrap();
+        assert_eq!(
+            (s.replication_timeout, s.heartbeat_interval),
+            (Some(Duration::from_secs(3)), Some(Duration::from_millis(500)))
+        );
+        let off = with(Some(0.0), Some(0.0)).unwrap();
+        assert_eq!((off.replication_timeout, off.heartbeat_interval), (None, None));
+        // A heartbeat must fit twice in the deadline; a deadline under 2 s is refused.
+        assert!(with(Some(4.0), Some(3.0)).unwrap_err().to_string().contains("HEARTBEAT_INTERVAL_SECS"));
+        assert!(with(Some(1.0), None).unwrap_err().to_string().contains("REPLICATION_TIMEOUT_SECS"));
+        assert!(with(Some(0.0), Some(120.0)).is_ok(), "no deadline: any heartbeat up to an hour");
     }
 
     #[test]
