@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::change::{Assembler, ChangeError};
@@ -135,6 +136,8 @@ pub struct Relay {
     ack: AckHandle,
     queues: RelayQueues,
     shutdown: watch::Sender<bool>,
+    /// Cancelled when the first stage task ends (each holds a drop guard).
+    ended: CancellationToken,
     source: JoinHandle<Result<(), ReplicationError>>,
     stage: JoinHandle<Result<(), RelayError>>,
     hub_task: JoinHandle<Result<(), HubError>>,
@@ -173,11 +176,14 @@ impl Relay {
             stage_spill: Arc::clone(stage_spill.stats()),
         };
         let (ready_tx, ready_rx) = oneshot::channel();
-        let source = tokio::spawn(
+        let ended = CancellationToken::new();
+        let source = spawn_stage(
+            &ended,
             run_source(config.source.clone(), source_tx, ack.clone(), shutdown_rx.clone())
                 .instrument(tracing::info_span!("replication", slot = %config.source.slot.slot)),
         );
-        let stage = tokio::spawn(
+        let stage = spawn_stage(
+            &ended,
             record_end(
                 ack.clone(),
                 "change stage",
@@ -194,10 +200,11 @@ impl Relay {
             )
             .instrument(tracing::info_span!("change_stage")),
         );
-        let hub_task = tokio::spawn(
+        let hub_task = spawn_stage(
+            &ended,
             record_end(ack.clone(), "hub", hub.run(stage_rx, shutdown_rx)).instrument(tracing::info_span!("hub")),
         );
-        let relay = Relay { hub: handle, ack, queues, shutdown, source, stage, hub_task };
+        let relay = Relay { hub: handle, ack, queues, shutdown, ended, source, stage, hub_task };
         match tokio::time::timeout(config.start_timeout, ready_rx).await {
             Ok(Ok(())) => Ok(relay),
             Ok(Err(_)) => Err(relay.stop().await.err().unwrap_or(RelayError::Stopped("change stage"))),
@@ -229,6 +236,12 @@ impl Relay {
         !self.source.is_finished() && !self.stage.is_finished() && !self.hub_task.is_finished()
     }
 
+    /// Resolves once any stage has ended (for whatever reason, a panic
+    /// included): a wait, where [`Relay::is_running`] would be polled.
+    pub fn stage_ended(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.ended.cancelled()
+    }
+
     /// The acknowledgement handle, with the shared replication status (in
     /// the crate only: acknowledging moves the slot).
     pub(crate) fn ack(&self) -> &AckHandle {
@@ -244,6 +257,19 @@ impl Relay {
     pub fn queues(&self) -> RelayQueues {
         self.queues.clone()
     }
+}
+
+/// Spawns a stage task that cancels `ended` when it finishes, returns or
+/// unwinds, so the server can wait for the first stage to end.
+fn spawn_stage<T: Send + 'static>(
+    ended: &CancellationToken,
+    stage: impl std::future::Future<Output = T> + Send + 'static,
+) -> JoinHandle<T> {
+    let guard = ended.clone().drop_guard();
+    tokio::spawn(async move {
+        let _guard = guard;
+        stage.await
+    })
 }
 
 /// Runs a stage and records how it ended in the replication status: an error
