@@ -11,7 +11,14 @@
 //!   when a keepalive asks for a reply, and at once when the stream starts
 //!   with an acknowledgement the slot has not been told yet (after a
 //!   reconnect);
-//! - messages are passed on in the order received; nothing is dropped.
+//! - messages are passed on in the order received; nothing is dropped;
+//! - a [`ReplicationStream::next`] call that receives nothing at all for
+//!   [`StreamConfig::silence_timeout`] fails with
+//!   [`ReplicationError::Silent`] (a status write stuck on a dead path
+//!   included); after a third of it, its status update asks the walsender
+//!   for a keepalive, which a live walsender answers at once;
+//! - a non-transactional logical decoding message outside any transaction
+//!   (the heartbeat) counts as progress like a keepalive's `wal_end`.
 //!
 //! The stream peeks at the first byte of each pgoutput payload only to know
 //! whether a transaction is open (`B` … `C`) and the last Commit's `end_lsn`;
