@@ -690,3 +690,28 @@ async fn silent_network_path_is_noticed_reported_and_reconnected_without_loss() 
     );
     relay.stop();
 }
+
+/// The other side of the silence deadline: an idle database with the
+/// heartbeat off sends nothing on its own, yet the link is not dropped,
+/// because the status update asks the walsender for a keepalive after a
+/// third of the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_link_without_heartbeats_is_kept_by_keepalive_requests() {
+    use crate::support::relay::try_get;
+    const TIMEOUT_SECS: u64 = 2;
+    let (db, _client) = migrated_db().await;
+    let slot = format!("{}_i", db.name());
+    let mut relay = RelayProcess::spawn(db.url(), &slot, &["--replication-timeout", "2", "--heartbeat-interval", "0"]);
+    relay.wait_serving().await;
+    // Three deadlines of an idle publication.
+    tokio::time::sleep(Duration::from_secs(3 * TIMEOUT_SECS)).await;
+    let interrupted = relay.events_named("replication interrupted; reconnecting");
+    assert!(interrupted.is_empty(), "an idle healthy link was dropped: {interrupted:?}");
+    let (status, body) = try_get(relay.addr, "/ready").await.expect("/ready answers");
+    assert_eq!(status, 200, "{body}");
+    let sent = metric(relay.addr, "walcast_replication_heartbeats_sent_total").await;
+    assert_eq!(sent, Some(0.0), "the heartbeat is off");
+    let messages = metric(relay.addr, "walcast_replication_messages_total").await.unwrap_or(0.0);
+    assert!(messages >= 2.0, "keepalives answered the requests: {messages} messages");
+    relay.stop();
+}
