@@ -18,7 +18,8 @@
 //! 5. The network path silently stopped (a proxy that forwards nothing and
 //!    closes nothing): walcast notices within its replication timeout,
 //!    `/ready` and the metrics say so, and once packets flow it reconnects
-//!    and the client receives every order once.
+//!    and the client receives every order once; and an idle link with the
+//!    heartbeat off is not mistaken for a silent one.
 //!
 //! Tests that do not restart or reconfigure PostgreSQL use a database of the
 //! shared scratch server and a slot of their own; the restart test starts

@@ -139,8 +139,8 @@ fn not_ready_reason(
     }
     if let Some(silence) = silence {
         return Some(format!(
-            "nothing received from the walsender for {:.1} s; the connection is made again at the replication \
-             timeout",
+            "nothing received from the walsender for {:.1} s (a silent link, or a pipeline too busy to read); \
+             a silent connection is made again at the replication timeout",
             silence.as_secs_f64()
         ));
     }
