@@ -21,8 +21,9 @@
 //!   (the heartbeat) counts as progress like a keepalive's `wal_end`.
 //!
 //! The stream peeks at the first byte of each pgoutput payload only to know
-//! whether a transaction is open (`B` … `C`) and the last Commit's `end_lsn`;
-//! decoding is the pgoutput module's job.
+//! whether a transaction or stream block is open (`B` … `C`, `S` … `E`) and
+//! the last Commit's `end_lsn`, and has the pgoutput decoder read an `M`
+//! outside them (the heartbeat); decoding is the pgoutput module's job.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -288,7 +289,8 @@ impl ReplicationStream {
     /// unprocessed WAL, and the lag would count from the last commit, however
     /// old.
     fn on_logical_message(&mut self, data: &Bytes, position: Lsn) {
-        if data.first() != Some(&b'M') || self.in_transaction || self.in_stream_block {
+        // Position 0 marks a message that is not the last of its change: no progress to take.
+        if data.first() != Some(&b'M') || self.in_transaction || self.in_stream_block || position == Lsn::ZERO {
             return;
         }
         let Ok(crate::pgoutput::Message::LogicalMessage(message)) = crate::pgoutput::decode(data) else { return };
