@@ -226,17 +226,7 @@ impl World {
         let relation = orders_relation();
         let loaded = walcast::load::schema::dealership_loaded(relation.oid, relation.oid + 1, &memberships);
         core.stage(walcast::hub::StageEvent::Policies(Box::new(loaded))).expect("policies");
-        World {
-            hub,
-            handle,
-            outboxes,
-            dealerships,
-            relation,
-            rng,
-            lsn: 0x100_0000,
-            seq: 0,
-            drained: Vec::new(),
-        }
+        World { hub, handle, outboxes, dealerships, relation, rng, lsn: 0x100_0000, seq: 0, drained: Vec::new() }
     }
 
     /// Appends one committed transaction of `changes` orders INSERTs.

@@ -50,7 +50,7 @@ async fn walcast_run(url: &str, slot: &str) -> anyhow::Result<(u64, Lsn, Duratio
                     ack.ack(info.end_lsn);
                     break 'outer (changes, info.end_lsn, started.elapsed());
                 }
-                TxEvent::Begin(_) => {}
+                TxEvent::Begin(_) | TxEvent::Message { .. } => {}
             }
         }
     };

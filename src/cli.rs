@@ -296,6 +296,16 @@ struct ServeArgs {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     streaming: Option<bool>,
+    /// Drop and remake the replication connection when nothing (no data, no keepalive,
+    /// no heartbeat) arrives from the walsender for this many seconds; keep it below the
+    /// server's wal_sender_timeout (0 = never) [default: 30].
+    #[arg(long = "replication-timeout", env = "REPLICATION_TIMEOUT_SECS")]
+    replication_timeout_secs: Option<f64>,
+    /// Seconds between end-to-end heartbeats: a pg_logical_emit_message written on a SQL
+    /// connection and expected back through the slot; at most half the replication
+    /// timeout (0 = off) [default: 5].
+    #[arg(long = "heartbeat-interval", env = "HEARTBEAT_INTERVAL_SECS")]
+    heartbeat_interval_secs: Option<f64>,
 }
 
 impl ServeArgs {
@@ -333,6 +343,8 @@ impl ServeArgs {
             slot_wal_warn_fraction: self.slot_wal_warn_fraction,
             ready_max_lag_secs: self.ready_max_lag_secs,
             streaming: self.streaming,
+            replication_timeout_secs: self.replication_timeout_secs,
+            heartbeat_interval_secs: self.heartbeat_interval_secs,
         };
         Ok(walcast::config::Settings::resolve(given, file.as_deref())?)
     }

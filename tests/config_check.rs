@@ -34,7 +34,9 @@ async fn a_migrated_database_is_ready_and_each_broken_prerequisite_is_reported()
     let (db, client) = migrated_db().await;
     let findings = run(db.url()).await;
     assert!(check::ready(&findings), "{findings:#?}");
-    for name in ["wal_level", "replication privilege", "publication", "membership table", "JWT keys"] {
+    for name in
+        ["wal_level", "replication privilege", "replication heartbeat", "publication", "membership table", "JWT keys"]
+    {
         assert_eq!(find(&findings, name).status, Status::Ok, "{name}: {findings:#?}");
     }
     assert_eq!(find(&findings, "replica identity public.orders").status, Status::Ok);
@@ -66,9 +68,24 @@ async fn a_migrated_database_is_ready_and_each_broken_prerequisite_is_reported()
     // A role without REPLICATION that cannot read memberships: failures.
     let role = format!("nopriv_{}", uuid::Uuid::new_v4().simple());
     client.batch_execute(&format!("create role {role} login password 'pw'")).await.unwrap();
+    // …and may not write the heartbeat (revoked in this database only:
+    // pg_proc is per database).
+    client
+        .batch_execute("revoke execute on function pg_catalog.pg_logical_emit_message(boolean, text, text) from public")
+        .await
+        .unwrap();
     let mut config = tokio_postgres::Config::from_str(db.url()).unwrap();
     config.user(&role).password("pw");
     let findings = check::run(&settings(db.url()), &config).await;
+    let heartbeat = find(&findings, "replication heartbeat");
+    assert_eq!(heartbeat.status, Status::Warn, "{heartbeat}");
+    assert_eq!(
+        heartbeat.fix.as_deref(),
+        Some(
+            format!("grant execute on function pg_catalog.pg_logical_emit_message(boolean, text, text) to \"{role}\";")
+                .as_str()
+        )
+    );
     assert!(!check::ready(&findings));
     let privilege = find(&findings, "replication privilege");
     assert_eq!(privilege.status, Status::Fail);

@@ -15,6 +15,11 @@
 //!    memberships from: the process exits with status 1 and an error naming
 //!    what happened and the fix (logged, and printed last), and the fix
 //!    works.
+//! 5. The network path silently stopped (a proxy that forwards nothing and
+//!    closes nothing): walcast notices within its replication timeout,
+//!    `/ready` and the metrics say so, and once packets flow it reconnects
+//!    and the client receives every order once; and an idle link with the
+//!    heartbeat off is not mistaken for a silent one.
 //!
 //! Tests that do not restart or reconfigure PostgreSQL use a database of the
 //! shared scratch server and a slot of their own; the restart test starts
@@ -215,8 +220,14 @@ async fn kill_9_during_writes_then_restart_loses_no_committed_transaction() {
     let at_kill = writer.count();
     // Keep writing while walcast is down.
     writer.wait_count(at_kill + WRITES / 5, WAIT).await;
+    // Every write completed by now was committed while walcast was down.
+    let while_down = writer.count();
     let mut second = RelayProcess::spawn(db.url(), &slot, &[]);
     second.wait_serving().await;
+    // The earliest client possible: it connects as soon as the listener is
+    // bound, which is after the backlog was replayed.
+    let early = ChangeWitness::subscribe(second.addr).await;
+    let subscribed = writer.count();
     let down_for = killed.elapsed();
     let at_restart = writer.count();
     let writes = writer.join(WAIT * 2).await;
@@ -251,11 +262,32 @@ async fn kill_9_during_writes_then_restart_loses_no_committed_transaction() {
     let resent = writes.iter().filter(|w| w.lsn < confirmed && after.contains_key(&w.xid)).count();
     assert!(resent <= 1, "{resent} transactions the slot had confirmed before the kill were sent again");
 
+    // Changes committed while walcast was down reach a client only if it
+    // subscribed while the backlog was still being replayed (the listener
+    // binds once streaming started, not once the backlog is done), and then
+    // only in the catch-up window, which serves service_role alone; the
+    // writes after it subscribed (but one that may have been in flight) all
+    // arrive.
+    let got: HashSet<Uuid> = early.ids().into_iter().collect();
+    let down: Vec<&Write> = writes[at_kill..while_down].iter().collect();
+    let reached: Vec<&&Write> = down.iter().filter(|w| got.contains(&w.id)).collect();
+    for write in &reached {
+        assert_eq!(after.get(&write.xid), Some(&true), "a change of the downtime reached a client outside catch-up");
+    }
+    let later: Vec<Uuid> = writes[subscribed + 1..].iter().map(|w| w.id).collect();
+    let missing = early.wait_for(&later, WAIT).await;
+    assert!(missing.is_empty(), "{} of {} orders after the subscription missing", missing.len(), later.len());
     // A service_role client of the restarted relay receives new changes.
     assert_streams(&second, &client, fx).await;
     assert!(second.is_running());
     assert_no_values(&first);
     assert_no_values(&second);
+    println!(
+        "kill -9: {} of the {} changes committed while down reached the earliest (service_role) client, all in \
+         the catch-up window",
+        reached.len(),
+        down.len()
+    );
     println!(
         "kill -9: {WRITES} writes; {at_kill} before the kill, {} while down ({:.2} s, restart to serving {:.2} s); \
          handled before the kill {}, after the restart {} ({} in the catch-up window); duplicates {duplicates}; \
@@ -540,4 +572,147 @@ async fn replication_revoked_is_a_definite_error() {
     assert_streams(&again, &client, fx).await;
     drop(again);
     let _ = client.batch_execute(&format!("drop owned by {role}; drop role {role}")).await;
+}
+
+/// The value of the first sample of `name` in `/metrics` (any labels).
+async fn metric(addr: std::net::SocketAddr, name: &str) -> Option<f64> {
+    let (_, body) = crate::support::relay::try_get(addr, "/metrics").await?;
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b' ' | b'{')))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// 5. The network path to PostgreSQL goes silent (a proxy of the test's
+///    own stops forwarding, closing nothing): walcast notices within its
+///    replication timeout, says so on `/ready` and in the metrics meanwhile,
+///    reconnects once packets flow again, and the client receives every
+///    order written meanwhile (written directly, not through the proxy)
+///    exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_network_path_is_noticed_reported_and_reconnected_without_loss() {
+    use crate::support::proxy::{upstream_of, Proxy};
+    use crate::support::relay::try_get;
+    /// The configured deadline; the ceilings below are generous multiples.
+    const TIMEOUT: Duration = Duration::from_secs(3);
+    const SILENT_FOR: Duration = Duration::from_secs(6);
+    let (db, client) = migrated_db().await;
+    let fx = fixture(&client, "SILENT").await;
+    let slot = format!("{}_s", db.name());
+    let proxy = Proxy::start(upstream_of(db.url())).await;
+    let mut relay = RelayProcess::spawn(
+        &proxy.url_via(db.url()),
+        &slot,
+        &["--replication-timeout", "3", "--heartbeat-interval", "0.5"],
+    );
+    relay.wait_serving().await;
+    let addr = relay.addr;
+    let witness = ChangeWitness::subscribe(addr).await;
+    let writer = OrderWriter::spawn(db.url(), fx.0, fx.1, Duration::from_millis(20), None);
+    writer.wait_count(20, WAIT).await;
+    // Heartbeats make the round trip before the fault.
+    poll("heartbeats received back through the slot", WAIT, || async {
+        metric(addr, "walcast_replication_heartbeats_received_total").await.filter(|n| *n >= 2.0)
+    })
+    .await;
+    let before = try_get(addr, "/ready").await.expect("/ready answers");
+    assert_eq!(before.0, 200, "ready before the fault: {}", before.1);
+
+    proxy.pause();
+    let paused = Instant::now();
+    // /ready stops saying 200 within the deadline (it fails on the lag
+    // first, from half the deadline, then on the disconnection).
+    let not_ready = poll("/ready to turn 503 on the silent link", WAIT, || async {
+        try_get(addr, "/ready").await.filter(|(status, _)| *status == 503).map(|_| paused.elapsed())
+    })
+    .await;
+    let detected = poll("the silent link dropped", WAIT, || async {
+        relay
+            .events_named("replication interrupted; reconnecting")
+            .iter()
+            .any(|e| e["fields"]["error"].as_str().is_some_and(|m| m.contains("no message from the walsender")))
+            .then(|| paused.elapsed())
+    })
+    .await;
+    // Silence counts from the last message received, which may have been
+    // in flight when the proxy paused.
+    assert!(
+        detected + Duration::from_secs(1) >= TIMEOUT,
+        "dropped after {detected:?}, before the {TIMEOUT:?} deadline"
+    );
+    assert!(detected < TIMEOUT * 3, "dropped only after {detected:?} (deadline {TIMEOUT:?})");
+    assert!(not_ready < detected + Duration::from_secs(1), "/ready 503 after {not_ready:?}, drop after {detected:?}");
+    // While the path stays silent: not ready, the lag counts from the last
+    // message received, and the slot is not reported active.
+    let (status, body) = try_get(addr, "/ready").await.expect("/ready answers");
+    assert_eq!(status, 503, "{body}");
+    let lag = metric(addr, "walcast_replication_lag_seconds").await.expect("lag gauge");
+    assert!(lag >= TIMEOUT.as_secs_f64() / 2.0, "lag {lag} s on a link silent for {:?}", paused.elapsed());
+    if let Some(active) = metric(addr, "walcast_slot_active").await {
+        assert_eq!(active, 0.0, "walcast_slot_active on a silent link");
+    }
+    let sleep_for = SILENT_FOR.saturating_sub(paused.elapsed());
+    tokio::time::sleep(sleep_for).await;
+    let connects_before = relay.events_named("streaming").len();
+
+    proxy.resume();
+    let resumed = Instant::now();
+    poll("/ready 200 again after the path came back", WAIT, || async {
+        try_get(addr, "/ready").await.filter(|(status, _)| *status == 200).map(|_| ())
+    })
+    .await;
+    let recovered = resumed.elapsed();
+    let writes = writer.finish().await;
+    let expected: Vec<Uuid> = writes.iter().map(|w| w.id).collect();
+    let missing = witness.wait_for(&expected, WAIT).await;
+    assert!(missing.is_empty(), "{} of {} orders never arrived\n{}", missing.len(), expected.len(), relay.output());
+    let received = witness.ids();
+    let unique: HashSet<&Uuid> = received.iter().collect();
+    assert_eq!(received.len(), unique.len(), "duplicates delivered to the client");
+    let streaming = relay.events_named("streaming").len();
+    assert!(streaming > connects_before, "a new stream after the path came back: {streaming}");
+    assert!(!witness.closed(), "the client stayed connected");
+    assert!(relay.is_running(), "walcast exited:\n{}", relay.output());
+    assert_no_values(&relay);
+    let errors = metric(addr, "walcast_replication_heartbeat_errors_total").await.unwrap_or(0.0);
+    let interruptions = metric(addr, "walcast_replication_interruptions_total").await.unwrap_or(0.0);
+    assert!(interruptions >= 1.0, "{interruptions} interruptions counted");
+    println!(
+        "silent path: {} writes, all received once; /ready 503 after {:.2} s, link dropped after {:.2} s \
+         (deadline {:.0} s); path silent {:.1} s; ready again {:.2} s after it came back; {streaming} streams, \
+         {interruptions} interruptions, {errors} heartbeat errors, {} proxy connections",
+        writes.len(),
+        not_ready.as_secs_f64(),
+        detected.as_secs_f64(),
+        TIMEOUT.as_secs_f64(),
+        SILENT_FOR.as_secs_f64(),
+        recovered.as_secs_f64(),
+        proxy.accepted(),
+    );
+    relay.stop();
+}
+
+/// The other side of the silence deadline: an idle database with the
+/// heartbeat off sends nothing on its own, yet the link is not dropped,
+/// because the status update asks the walsender for a keepalive after a
+/// third of the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_link_without_heartbeats_is_kept_by_keepalive_requests() {
+    use crate::support::relay::try_get;
+    const TIMEOUT_SECS: u64 = 2;
+    let (db, _client) = migrated_db().await;
+    let slot = format!("{}_i", db.name());
+    let mut relay = RelayProcess::spawn(db.url(), &slot, &["--replication-timeout", "2", "--heartbeat-interval", "0"]);
+    relay.wait_serving().await;
+    // Three deadlines of an idle publication.
+    tokio::time::sleep(Duration::from_secs(3 * TIMEOUT_SECS)).await;
+    let interrupted = relay.events_named("replication interrupted; reconnecting");
+    assert!(interrupted.is_empty(), "an idle healthy link was dropped: {interrupted:?}");
+    let (status, body) = try_get(relay.addr, "/ready").await.expect("/ready answers");
+    assert_eq!(status, 200, "{body}");
+    let sent = metric(relay.addr, "walcast_replication_heartbeats_sent_total").await;
+    assert_eq!(sent, Some(0.0), "the heartbeat is off");
+    let messages = metric(relay.addr, "walcast_replication_messages_total").await.unwrap_or(0.0);
+    assert!(messages >= 2.0, "keepalives answered the requests: {messages} messages");
+    relay.stop();
 }

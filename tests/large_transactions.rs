@@ -38,7 +38,7 @@ async fn a_million_row_transaction_passes_with_nothing_buffered() {
     let mut last_id = 0i64;
     loop {
         match p.next_event().await {
-            TxEvent::Begin(_) => {}
+            TxEvent::Begin(_) | TxEvent::Message { .. } => {}
             TxEvent::Change(c) => {
                 assert_eq!(c.op, Op::Insert);
                 let id = c.record_json().unwrap()["id"].as_i64().unwrap();

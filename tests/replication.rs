@@ -106,7 +106,7 @@ async fn streams_transactions_and_moves_the_slot_only_on_ack() {
     let created = conn.create_slot(&slot, false).await.unwrap();
     conn.start_replication(&SlotOptions::new(&slot, "supabase_realtime"), Lsn::ZERO).await.unwrap();
     let ack = AckHandle::new(created.consistent_point);
-    let config = StreamConfig { status_interval: Duration::from_millis(100) };
+    let config = StreamConfig { status_interval: Duration::from_millis(100), ..StreamConfig::default() };
     let mut stream = ReplicationStream::new(conn, ack.clone(), config, created.consistent_point);
 
     client
@@ -154,7 +154,7 @@ async fn an_idle_publication_does_not_hold_wal_back() {
     let created = conn.create_slot(&slot, false).await.unwrap();
     conn.start_replication(&SlotOptions::new(&slot, "supabase_realtime"), Lsn::ZERO).await.unwrap();
     let ack = AckHandle::new(created.consistent_point);
-    let config = StreamConfig { status_interval: Duration::from_millis(100) };
+    let config = StreamConfig { status_interval: Duration::from_millis(100), ..StreamConfig::default() };
     let mut stream = ReplicationStream::new(conn, ack, config, created.consistent_point);
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
     let (_stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
@@ -349,9 +349,10 @@ fn collect_source(url: &str, slot: &str) -> Collector {
     let config = SourceConfig {
         connection: tokio_postgres::Config::from_str(url).unwrap().into(),
         slot: SlotOptions::new(slot, "supabase_realtime"),
-        stream: StreamConfig { status_interval: Duration::from_millis(100) },
+        stream: StreamConfig { status_interval: Duration::from_millis(100), ..StreamConfig::default() },
         connect_timeout: CONNECT_TIMEOUT,
         export_snapshot: false,
+        heartbeat: None,
     };
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
     let (stop, stop_rx) = tokio::sync::watch::channel(false);

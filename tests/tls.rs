@@ -209,7 +209,7 @@ async fn tls_server_every_mode_and_the_errors_that_name_the_fix() {
     let mut stream = ReplicationStream::new(
         wal,
         AckHandle::new(created.consistent_point),
-        StreamConfig { status_interval: Duration::from_millis(100) },
+        StreamConfig { status_interval: Duration::from_millis(100), ..StreamConfig::default() },
         created.consistent_point,
     );
     let sql =

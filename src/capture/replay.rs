@@ -135,7 +135,7 @@ pub fn replay<R: BufRead>(
                 match &event {
                     TxEvent::Change(_) => report.changes += 1,
                     TxEvent::Commit(_) => report.transactions += 1,
-                    TxEvent::Begin(_) => {}
+                    TxEvent::Begin(_) | TxEvent::Message { .. } => {}
                 }
                 sink(event);
             }

@@ -504,7 +504,23 @@ impl Assembler {
                     self.buffered = self.buffered - before + after;
                 }
             }
-            // Origins and logical decoding messages carry nothing walcast relays.
+            // walcast's own transactional markers pass on in WAL order. Inside
+            // a stream block they would have to be held with the streamed
+            // transaction's changes, which the spill log cannot carry yet, so
+            // there (protocol 2 only) they are dropped with a debug event;
+            // non-transactional ones (the heartbeat) and other tools'
+            // prefixes carry nothing walcast relays.
+            Message::LogicalMessage(m)
+                if m.is_transactional() && m.prefix.starts_with(super::model::WALCAST_MESSAGE_PREFIX) =>
+            {
+                if self.current_stream.is_some() {
+                    tracing::debug!(lsn = %m.lsn, "walcast message inside a streamed transaction not passed on");
+                } else if self.open.is_some() {
+                    out.push(TxEvent::Message { prefix: m.prefix, content: m.content, lsn: m.lsn });
+                } else {
+                    return Err(ChangeError::Sequence("transactional message outside a transaction".into()));
+                }
+            }
             Message::Origin(_) | Message::LogicalMessage(_) => {}
             other => {
                 return Err(ChangeError::Sequence(format!(
@@ -774,6 +790,40 @@ mod tests {
                 other => panic!("a change between Begin and Commit, got {other:?}"),
             })
             .collect()
+    }
+
+    #[test]
+    fn walcast_messages_pass_in_wal_order_and_others_do_not() {
+        use crate::pgoutput::{Begin, Commit, LogicalMessage};
+        let message = |flags, prefix: &str, lsn| {
+            bytes(
+                Message::LogicalMessage(LogicalMessage {
+                    xid: None,
+                    flags,
+                    lsn: Lsn(lsn),
+                    prefix: prefix.into(),
+                    content: Bytes::from_static(b"marker"),
+                }),
+                false,
+            )
+        };
+        let mut a = Assembler::new();
+        let mut out = Vec::new();
+        let begin = Begin { final_lsn: Lsn(900), commit_timestamp: PgTimestamp(0), xid: 7 };
+        a.push(&bytes(Message::Begin(begin), false), &mut out).unwrap();
+        a.push(&message(LogicalMessage::TRANSACTIONAL, "walcast-policy", 100), &mut out).unwrap();
+        a.push(&message(LogicalMessage::TRANSACTIONAL, "other-tool", 110), &mut out).unwrap();
+        // Non-transactional (the heartbeat's kind) never passes, even with our prefix.
+        a.push(&message(0, "walcast-hb", 120), &mut out).unwrap();
+        let commit = Commit { flags: 0, commit_lsn: Lsn(900), end_lsn: Lsn(908), commit_timestamp: PgTimestamp(0) };
+        a.push(&bytes(Message::Commit(commit), false), &mut out).unwrap();
+        assert_eq!(out.len(), 3, "{out:?}");
+        assert!(matches!(out[0], TxEvent::Begin(_)));
+        assert_eq!(
+            out[1],
+            TxEvent::Message { prefix: "walcast-policy".into(), content: Bytes::from_static(b"marker"), lsn: Lsn(100) }
+        );
+        assert!(matches!(out[2], TxEvent::Commit(_)));
     }
 
     #[test]

@@ -18,4 +18,4 @@ pub mod model;
 pub mod value;
 
 pub use assemble::{Assembler, ChangeError};
-pub use model::{Change, ColumnInfo, Datum, Op, RelationInfo, Row, TxBegin, TxEvent, TxInfo};
+pub use model::{Change, ColumnInfo, Datum, Op, RelationInfo, Row, TxBegin, TxEvent, TxInfo, WALCAST_MESSAGE_PREFIX};

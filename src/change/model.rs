@@ -221,7 +221,25 @@ pub enum TxEvent {
     Change(Change),
     /// The current transaction ends; acknowledge `end_lsn` once handled.
     Commit(TxInfo),
+    /// A transactional logical decoding message of the current transaction
+    /// (`pg_logical_emit_message(true, prefix, content)`) whose prefix
+    /// starts with [`WALCAST_MESSAGE_PREFIX`], in WAL order among its
+    /// changes, so a later stage can react to walcast's own markers exactly
+    /// where they were written. Other prefixes belong to other tools and are
+    /// not passed on.
+    Message {
+        /// The prefix, starting with `walcast`.
+        prefix: String,
+        /// The content as written.
+        content: bytes::Bytes,
+        /// LSN of the message.
+        lsn: crate::lsn::Lsn,
+    },
 }
+
+/// The prefix of the logical decoding messages walcast passes on
+/// ([`TxEvent::Message`]).
+pub const WALCAST_MESSAGE_PREFIX: &str = "walcast";
 
 /// The start of a committed transaction (pgoutput sends only committed
 /// transactions, so its changes can be passed on before the Commit arrives).

@@ -164,6 +164,7 @@ async fn database_checks(
             format!("alter role {} with replication;", quote_ident(&user)),
         );
     }
+    heartbeat_check(client, settings, &user, report).await?;
 
     let slot = client
         .query_opt(
@@ -225,6 +226,50 @@ async fn database_checks(
 
     publication_checks(client, settings, report).await?;
     policy_checks(client, settings, report).await?;
+    Ok(())
+}
+
+/// Whether the role may write the replication heartbeat
+/// ([`crate::replication::heartbeat`]): `pg_logical_emit_message` executable
+/// and a server that writes WAL. Asked of the catalog, so the check stays
+/// read-only (calling the function would write WAL). Without it walcast
+/// still runs; an idle link is then judged by keepalives alone.
+async fn heartbeat_check(
+    client: &Client,
+    settings: &Settings,
+    user: &str,
+    report: &mut Report,
+) -> Result<(), tokio_postgres::Error> {
+    if settings.heartbeat_interval.is_none() {
+        report.ok("replication heartbeat", "off (--heartbeat-interval 0)");
+        return Ok(());
+    }
+    let row = client
+        .query_one(
+            "select has_function_privilege('pg_catalog.pg_logical_emit_message(boolean, text, text)', 'execute'), \
+             pg_is_in_recovery()",
+            &[],
+        )
+        .await?;
+    let (may_execute, in_recovery): (bool, bool) = (row.get(0), row.get(1));
+    if in_recovery {
+        report.warn(
+            "replication heartbeat",
+            "the server is a standby: pg_logical_emit_message cannot write WAL here",
+            "point walcast at the primary, or turn the heartbeat off with --heartbeat-interval 0",
+        );
+    } else if !may_execute {
+        report.warn(
+            "replication heartbeat",
+            format!("role {user} may not execute pg_logical_emit_message: no end-to-end heartbeat"),
+            format!(
+                "grant execute on function pg_catalog.pg_logical_emit_message(boolean, text, text) to {};",
+                quote_ident(user)
+            ),
+        );
+    } else {
+        report.ok("replication heartbeat", format!("role {user} may call pg_logical_emit_message"));
+    }
     Ok(())
 }
 
@@ -335,7 +380,11 @@ async fn policy_checks(
                 _ => report.ok(what, line),
             }
             for w in &plan.warnings {
-                report.warn(format!("plan {}.{} as {role}", table.schema, table.name), w.clone(), "see docs/policies.md");
+                report.warn(
+                    format!("plan {}.{} as {role}", table.schema, table.name),
+                    w.clone(),
+                    "see docs/policies.md",
+                );
             }
         }
     }

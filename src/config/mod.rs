@@ -107,6 +107,10 @@ pub struct FileConfig {
     pub ready_max_lag_secs: Option<f64>,
     /// Stream large in-progress transactions (pgoutput protocol 2, PostgreSQL 14+).
     pub streaming: Option<bool>,
+    /// A replication link silent this long (seconds) is dropped and made again (0 = never).
+    pub replication_timeout_secs: Option<f64>,
+    /// Seconds between end-to-end heartbeats through the slot (0 = off).
+    pub heartbeat_interval_secs: Option<f64>,
 }
 
 impl std::fmt::Debug for FileConfig {
@@ -136,6 +140,8 @@ impl std::fmt::Debug for FileConfig {
             .field("spill_budget_bytes", &self.spill_budget_bytes)
             .field("spill_dir", &self.spill_dir)
             .field("streaming", &self.streaming)
+            .field("replication_timeout_secs", &self.replication_timeout_secs)
+            .field("heartbeat_interval_secs", &self.heartbeat_interval_secs)
             .finish_non_exhaustive()
     }
 }
@@ -185,6 +191,8 @@ impl FileConfig {
             slot_wal_warn_fraction: self.slot_wal_warn_fraction.or(lower.slot_wal_warn_fraction),
             ready_max_lag_secs: self.ready_max_lag_secs.or(lower.ready_max_lag_secs),
             streaming: self.streaming.or(lower.streaming),
+            replication_timeout_secs: self.replication_timeout_secs.or(lower.replication_timeout_secs),
+            heartbeat_interval_secs: self.heartbeat_interval_secs.or(lower.heartbeat_interval_secs),
         }
     }
 }
@@ -332,6 +340,12 @@ pub struct Settings {
     /// `streaming 'on'`; PostgreSQL 14+). Off: protocol 1, PostgreSQL sends
     /// each transaction after its commit.
     pub streaming: bool,
+    /// A replication link that receives nothing for this long is dropped and
+    /// made again (`None`: never); also the TCP keepalive and
+    /// `TCP_USER_TIMEOUT` budget of every connection.
+    pub replication_timeout: Option<Duration>,
+    /// Time between end-to-end heartbeats (`None`: off).
+    pub heartbeat_interval: Option<Duration>,
 }
 
 fn range(name: &'static str, value: usize, min: usize, max: usize) -> Result<usize, ConfigError> {
@@ -382,33 +396,41 @@ impl Settings {
         if merged.policy.is_some() {
             return Err(ConfigError::PolicyRemoved("the [policy] table of the configuration file"));
         }
-        let max_connections =
-            range("MAX_CONNECTIONS (--max-connections)", merged.max_connections.unwrap_or(10_000), 1, 10_000_000)?;
+        // Defaults come from the layers that use them (Limits, HubConfig),
+        // so the binary, the tests and the benches cannot drift apart.
+        let limits = crate::realtime::Limits::default();
+        let hub = crate::hub::HubConfig::default();
+        let max_connections = range(
+            "MAX_CONNECTIONS (--max-connections)",
+            merged.max_connections.unwrap_or(limits.max_connections),
+            1,
+            10_000_000,
+        )?;
         let max_channels = range(
             "MAX_CHANNELS_PER_CLIENT (--max-channels)",
-            merged.max_channels_per_client.unwrap_or(100),
+            merged.max_channels_per_client.unwrap_or(limits.max_channels),
             1,
             10_000,
         )?;
         let ws_read_buffer = range(
             "WS_READ_BUFFER_BYTES (--ws-read-buffer)",
-            merged.ws_read_buffer_bytes.unwrap_or(8 << 10),
+            merged.ws_read_buffer_bytes.unwrap_or(limits.ws_read_buffer),
             1 << 10,
             1 << 20,
         )?;
         let ws_write_buffer = range(
             "WS_WRITE_BUFFER_BYTES (--ws-write-buffer)",
-            merged.ws_write_buffer_bytes.unwrap_or(32 << 10),
+            merged.ws_write_buffer_bytes.unwrap_or(limits.ws_write_buffer),
             0,
             1 << 20,
         )?;
         let outbox_budget = range(
             "OUTBOX_BUDGET_BYTES (--outbox-budget)",
-            merged.outbox_budget_bytes.unwrap_or(crate::hub::DEFAULT_OUTBOX_BUDGET),
+            merged.outbox_budget_bytes.unwrap_or(hub.outbox_budget),
             1 << 20,
             1 << 40,
         )?;
-        let lag_secs = merged.max_reader_lag_secs.unwrap_or(30.0);
+        let lag_secs = merged.max_reader_lag_secs.unwrap_or(hub.max_reader_lag.as_secs_f64());
         if !(1.0..=3600.0).contains(&lag_secs) {
             return Err(ConfigError::OutOfRange { name: "MAX_READER_LAG_SECS (--max-reader-lag)", min: 1, max: 3600 });
         }
@@ -440,6 +462,29 @@ impl Settings {
             }
             monitoring.ready_max_lag = (secs > 0.0).then(|| Duration::from_secs_f64(secs));
         }
+        let timeout_secs = merged
+            .replication_timeout_secs
+            .unwrap_or(crate::replication::stream::DEFAULT_SILENCE_TIMEOUT.as_secs_f64());
+        if timeout_secs != 0.0 && !(2.0..=3600.0).contains(&timeout_secs) {
+            return Err(ConfigError::OutOfRange {
+                name: "REPLICATION_TIMEOUT_SECS (--replication-timeout; 0 = never)",
+                min: 2,
+                max: 3600,
+            });
+        }
+        let heartbeat_secs = merged
+            .heartbeat_interval_secs
+            .unwrap_or(crate::replication::heartbeat::DEFAULT_HEARTBEAT_INTERVAL.as_secs_f64());
+        // A heartbeat must fit in the deadline at least twice, or an idle
+        // healthy link would be judged dead between two of them.
+        let heartbeat_max = if timeout_secs > 0.0 { timeout_secs / 2.0 } else { 3600.0 };
+        if heartbeat_secs != 0.0 && !(0.1..=heartbeat_max).contains(&heartbeat_secs) {
+            return Err(ConfigError::OutOfRange {
+                name: "HEARTBEAT_INTERVAL_SECS (--heartbeat-interval; 0 = off; at most half the replication timeout)",
+                min: 0,
+                max: heartbeat_max as u64,
+            });
+        }
         // The demo serves tokens and data anyone could use: loopback
         // unless an address is asked for.
         let host = merged.host.unwrap_or(match database {
@@ -465,6 +510,8 @@ impl Settings {
             spill_budget,
             demo_writer: (writer_secs > 0.0).then(|| Duration::from_secs_f64(writer_secs)),
             streaming: merged.streaming.unwrap_or(false),
+            replication_timeout: (timeout_secs > 0.0).then(|| Duration::from_secs_f64(timeout_secs)),
+            heartbeat_interval: (heartbeat_secs > 0.0).then(|| Duration::from_secs_f64(heartbeat_secs)),
         })
     }
 
@@ -534,7 +581,11 @@ impl Settings {
             slot.proto_version = 2;
             slot.streaming = true;
         }
-        let mut relay = RelayConfig::new(SourceConfig::new(connection, slot));
+        let mut source = SourceConfig::new(connection, slot);
+        source.stream.silence_timeout = self.replication_timeout;
+        source.heartbeat =
+            self.heartbeat_interval.map(|interval| crate::replication::heartbeat::HeartbeatConfig { interval });
+        let mut relay = RelayConfig::new(source);
         relay.hub.outbox_budget = self.outbox_budget;
         relay.hub.max_reader_lag = self.max_reader_lag;
         relay.spill = crate::spill::SpillConfig { dir: self.spill_dir.clone(), disk_budget: self.spill_budget };
@@ -563,6 +614,44 @@ mod tests {
         assert!(matches!(settings.database, Database::Embedded));
         assert_eq!((settings.port, settings.slot.as_str()), (DEFAULT_PORT, DEFAULT_SLOT));
         assert_eq!(settings.demo_writer, Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn defaults_are_the_layers_own() {
+        let settings = Settings::resolve(FileConfig::default(), None).unwrap();
+        let serve = settings.serve_config(PgConfig::from_str("postgres://u@h/db").unwrap());
+        let limits = crate::realtime::Limits::default();
+        let got = (serve.limits.max_connections, serve.limits.max_channels, serve.limits.ws_read_buffer);
+        assert_eq!(got, (limits.max_connections, limits.max_channels, limits.ws_read_buffer));
+        assert_eq!(serve.limits.ws_write_buffer, limits.ws_write_buffer);
+        let hub = crate::hub::HubConfig::default();
+        assert_eq!(
+            (serve.relay.hub.outbox_budget, serve.relay.hub.max_reader_lag),
+            (hub.outbox_budget, hub.max_reader_lag)
+        );
+        let source = &serve.relay.source;
+        assert_eq!(source.stream.silence_timeout, Some(crate::replication::stream::DEFAULT_SILENCE_TIMEOUT));
+        let heartbeat = source.heartbeat.as_ref().map(|h| h.interval);
+        assert_eq!(heartbeat, Some(crate::replication::heartbeat::DEFAULT_HEARTBEAT_INTERVAL));
+    }
+
+    #[test]
+    fn liveness_settings_are_checked() {
+        let with = |timeout: Option<f64>, heartbeat: Option<f64>| {
+            let given = FileConfig { replication_timeout_secs: timeout, heartbeat_interval_secs: heartbeat, ..given() };
+            Settings::resolve(given, None)
+        };
+        let s = with(Some(3.0), Some(0.5)).unwrap();
+        assert_eq!(
+            (s.replication_timeout, s.heartbeat_interval),
+            (Some(Duration::from_secs(3)), Some(Duration::from_millis(500)))
+        );
+        let off = with(Some(0.0), Some(0.0)).unwrap();
+        assert_eq!((off.replication_timeout, off.heartbeat_interval), (None, None));
+        // A heartbeat must fit twice in the deadline; a deadline under 2 s is refused.
+        assert!(with(Some(4.0), Some(3.0)).unwrap_err().to_string().contains("HEARTBEAT_INTERVAL_SECS"));
+        assert!(with(Some(1.0), None).unwrap_err().to_string().contains("REPLICATION_TIMEOUT_SECS"));
+        assert!(with(Some(0.0), Some(120.0)).is_ok(), "no deadline: any heartbeat up to an hour");
     }
 
     #[test]

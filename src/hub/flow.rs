@@ -98,6 +98,8 @@ impl Core {
                 }
                 self.collect(change)
             }
+            // walcast's own markers: nothing in the hub reacts to them yet.
+            StageEvent::Tx(TxEvent::Message { .. }) => Ok(()),
             StageEvent::Tx(TxEvent::Commit(info)) => {
                 if self.skipping {
                     self.skipping = false;

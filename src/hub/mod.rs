@@ -696,9 +696,10 @@ impl Core {
         let mut candidates = std::mem::take(&mut self.candidates);
         for (role_no, role) in roles.iter().enumerate() {
             let Some(rp) = plan.role(role) else { continue };
-            let mask: Option<Vec<bool>> = rp.columns.as_ref().map(|m| {
-                map.to_plan.iter().map(|p| p.is_some_and(|p| m.get(p).copied().unwrap_or(false))).collect()
-            });
+            let mask: Option<Vec<bool>> = rp
+                .columns
+                .as_ref()
+                .map(|m| map.to_plan.iter().map(|p| p.is_some_and(|p| m.get(p).copied().unwrap_or(false))).collect());
             let shape = MaskRef { id: role_no as u16, mask: mask.as_deref() };
             candidates.clear();
             match &rp.access {
@@ -763,9 +764,7 @@ impl Core {
         };
         match index {
             Index::Nobody => {}
-            Index::Everyone => {
-                self.registry.table_candidates(&change.relation.schema, &change.relation.table, out)
-            }
+            Index::Everyone => self.registry.table_candidates(&change.relation.schema, &change.relation.table, out),
             Index::Claim { path, ty, column } => {
                 if !self.registry.indexes_claim(path, *ty) {
                     return self.registry.table_candidates(&change.relation.schema, &change.relation.table, out);
@@ -836,9 +835,7 @@ impl Core {
                 .columns
                 .iter()
                 .enumerate()
-                .map(|(i, c)| {
-                    (c.is_key || cols.iter().any(|s| *s == c.name)) && shape.mask.is_none_or(|m| m[i])
-                })
+                .map(|(i, c)| (c.is_key || cols.iter().any(|s| *s == c.name)) && shape.mask.is_none_or(|m| m[i]))
                 .collect()
         });
         let (mask, mask_id) = match &selected {
@@ -875,7 +872,8 @@ impl Core {
                 let data = if mask_id == u16::MAX {
                     build(mask)
                 } else {
-                    self.data.entry((event as u8, if mask.is_some() { mask_id } else { u16::MAX - 1 }))
+                    self.data
+                        .entry((event as u8, if mask.is_some() { mask_id } else { u16::MAX - 1 }))
                         .or_insert_with(|| build(mask))
                         .clone()
                 };

@@ -384,8 +384,7 @@ impl Registry {
         let expected_claims: usize =
             self.iter().map(|(_, s)| s.claim_keys.iter().filter(|k| k.is_some()).count()).sum();
         let by_table: usize = self.by_table.values().map(Vec::len).sum();
-        let expected_tables: usize =
-            self.iter().map(|(_, s)| tables_of(&s.bindings).map_or(0, |t| t.len())).sum();
+        let expected_tables: usize = self.iter().map(|(_, s)| tables_of(&s.bindings).map_or(0, |t| t.len())).sum();
         if by_conn != counted || by_claim != expected_claims || by_table != expected_tables {
             return Err("an index holds dead entries".into());
         }

@@ -35,13 +35,13 @@ use futures::FutureExt;
 use uuid::Uuid;
 
 use crate::capture::{self, CaptureReader, Pace, ReplayReport};
+use crate::change::Datum;
 use crate::change::TxEvent;
 use crate::hub::{
     hub, Binding, Control, EventMatch, HubConfig, HubError, HubHandle, Outbox, OutboxLimits, StageEvent, Subscription,
     Vsn,
 };
 use crate::lsn::Lsn;
-use crate::change::Datum;
 use crate::policy::plan::Loaded;
 use crate::policy::{Caches, Filter, LoadedAt, PolicySet, Viewer};
 use crate::replication::AckHandle;
@@ -163,7 +163,6 @@ fn dealerships_in(path: &Path) -> Result<Seen, FanoutError> {
     Ok(out)
 }
 
-
 /// Deterministic user ids for the synthetic subscribers.
 fn synthetic_user(i: u32) -> Uuid {
     Uuid::from_u128(0x5157_0000_0000_4000_8000_0000_0000_0000 | u128::from(i))
@@ -192,8 +191,7 @@ pub fn replay_fanout(path: &Path, pace: Pace, config: &FanoutConfig) -> Result<F
 
     let (mut hub, handle) = hub(HubConfig::default(), AckHandle::default(), Spill::temporary());
     let core = hub.core_mut();
-    let (policies, specs, _) =
-        PolicySet::compile(&super::schema::dealership_catalog(found.orders, found.memberships));
+    let (policies, specs, _) = PolicySet::compile(&super::schema::dealership_catalog(found.orders, found.memberships));
     let mut caches = Caches::new(specs);
     // Unbounded in practice: the replay drains them itself.
     let limits = OutboxLimits::default();

@@ -23,8 +23,7 @@ use crate::policy::{Caches, LoadedAt, PolicySet};
 
 /// The SELECT policy text of `orders` and `dealer_memberships`, as
 /// `pg_get_expr` prints it under an empty search_path.
-pub const MEMBER_POLICY: &str =
-    "(dealership_id IN ( SELECT private.member_dealership_ids() AS member_dealership_ids))";
+pub const MEMBER_POLICY: &str = "(dealership_id IN ( SELECT private.member_dealership_ids() AS member_dealership_ids))";
 
 /// The body of `private.member_dealership_ids` (sql/0004).
 pub const MEMBER_HELPER_BODY: &str = "

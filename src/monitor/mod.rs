@@ -16,7 +16,8 @@
 //! - Counters only go up (`_total`); gauges are read as they are now; units
 //!   are in the names (`_bytes`, `_seconds`); every family has `# HELP` and
 //!   `# TYPE`.
-//! - `/ready` is 200 only when replication streams, the memberships are
+//! - `/ready` is 200 only when replication streams and has heard from the
+//!   walsender within half the replication timeout, the memberships are
 //!   loaded and the lag is within [`MonitorConfig::ready_max_lag`] and
 //!   [`MonitorConfig::ready_max_lag_bytes`]; otherwise 503 with the first
 //!   failing condition as the reason (a definite replication error carries
@@ -121,6 +122,7 @@ fn not_ready_reason(
     error: Option<String>,
     memberships_loaded: bool,
     lag: Lag,
+    silence: Option<Duration>,
     config: &MonitorConfig,
 ) -> Option<String> {
     match state {
@@ -134,6 +136,13 @@ fn not_ready_reason(
         }
         SourceState::Starting => return Some("replication is starting".to_owned()),
         SourceState::Stopped => return Some("replication stopped".to_owned()),
+    }
+    if let Some(silence) = silence {
+        return Some(format!(
+            "nothing received from the walsender for {:.1} s (a silent link, or a pipeline too busy to read); \
+             a silent connection is made again at the replication timeout",
+            silence.as_secs_f64()
+        ));
     }
     if !memberships_loaded {
         return Some("memberships not loaded".to_owned());
@@ -181,9 +190,10 @@ impl Monitor {
     pub fn readiness(&self) -> Readiness {
         let status = self.ack.status();
         let state = status.state();
-        let lag = status.lag(unix_micros_now());
+        let now = unix_micros_now();
+        let lag = status.lag(now);
         let loaded = self.sessions.hub.stats.memberships_loaded.load(Ordering::Relaxed);
-        let reason = not_ready_reason(state, status.error(), loaded, lag, &self.config);
+        let reason = not_ready_reason(state, status.error(), loaded, lag, status.silence(now), &self.config);
         Readiness { reason, state, lag }
     }
 
@@ -403,6 +413,30 @@ impl Monitor {
         if keepalive != 0 {
             w.sample("walcast_replication_last_keepalive_timestamp_seconds", &[], keepalive as f64 / 1e6);
         }
+        let last_message = status.last_message_micros();
+        w.family(
+            "walcast_replication_last_message_timestamp_seconds",
+            Kind::Gauge,
+            "When the last message of any kind arrived from the walsender, Unix seconds.",
+        );
+        if last_message != 0 {
+            w.sample("walcast_replication_last_message_timestamp_seconds", &[], last_message as f64 / 1e6);
+        }
+        w.counter(
+            "walcast_replication_heartbeats_sent_total",
+            "Heartbeats written with pg_logical_emit_message.",
+            status.heartbeats_sent(),
+        );
+        w.counter(
+            "walcast_replication_heartbeat_errors_total",
+            "Heartbeats that failed or timed out (their connection is made again).",
+            status.heartbeat_errors(),
+        );
+        w.counter(
+            "walcast_replication_heartbeats_received_total",
+            "Heartbeats received back through the slot.",
+            status.heartbeats_received(),
+        );
 
         let queue = |w: &mut TextWriter, name: &str, help: &str, figures: Option<(usize, usize)>| {
             w.family(name, Kind::Gauge, help);
@@ -459,7 +493,16 @@ impl Monitor {
             }
         };
         optional(w, "walcast_slot_present", "1 while the replication slot exists.", Some(i64::from(s.present())));
-        optional(w, "walcast_slot_active", "1 while a walsender streams from the slot.", Some(i64::from(s.active())));
+        // The server keeps a walsender on a dead path "active" until its
+        // wal_sender_timeout; only walcast's side knows the link is silent.
+        let status = self.ack.status();
+        let linked = status.state() == SourceState::Streaming && status.silence(unix_micros_now()).is_none();
+        optional(
+            w,
+            "walcast_slot_active",
+            "1 while a walsender streams from the slot (per the last watchdog poll) and walcast hears from it.",
+            Some(i64::from(s.active() && linked)),
+        );
         optional(
             w,
             "walcast_slot_retained_wal_bytes",
@@ -518,30 +561,35 @@ mod tests {
     fn readiness_rules_in_order() {
         let c = MonitorConfig::default();
         let ok = lag(0, 0.0);
-        assert_eq!(not_ready_reason(SourceState::Streaming, None, true, ok, &c), None);
+        assert_eq!(not_ready_reason(SourceState::Streaming, None, true, ok, None, &c), None);
         let failed = not_ready_reason(
             SourceState::Failed,
             Some("replication failed: replication slot \"s\" was dropped".into()),
             true,
             ok,
+            None,
             &c,
         );
         assert_eq!(failed.as_deref(), Some("replication failed: replication slot \"s\" was dropped"));
-        let down = not_ready_reason(SourceState::Disconnected, Some("connection reset".into()), true, ok, &c);
+        let down = not_ready_reason(SourceState::Disconnected, Some("connection reset".into()), true, ok, None, &c);
         assert_eq!(down.as_deref(), Some("replication disconnected: connection reset"));
-        assert!(not_ready_reason(SourceState::Starting, None, true, ok, &c).unwrap().contains("starting"));
-        assert!(not_ready_reason(SourceState::Stopped, None, true, ok, &c).unwrap().contains("stopped"));
+        assert!(not_ready_reason(SourceState::Starting, None, true, ok, None, &c).unwrap().contains("starting"));
+        assert!(not_ready_reason(SourceState::Stopped, None, true, ok, None, &c).unwrap().contains("stopped"));
         assert_eq!(
-            not_ready_reason(SourceState::Streaming, None, false, ok, &c).as_deref(),
+            not_ready_reason(SourceState::Streaming, None, false, ok, None, &c).as_deref(),
             Some("memberships not loaded")
         );
-        assert!(not_ready_reason(SourceState::Streaming, None, true, lag(10, 10.5), &c).unwrap().contains("10.5 s"));
-        assert_eq!(not_ready_reason(SourceState::Streaming, None, true, lag(16 << 20, 9.9), &c), None);
-        assert!(not_ready_reason(SourceState::Streaming, None, true, lag((16 << 20) + 1, 0.0), &c)
+        assert!(not_ready_reason(SourceState::Streaming, None, true, lag(10, 10.5), None, &c)
+            .unwrap()
+            .contains("10.5 s"));
+        assert_eq!(not_ready_reason(SourceState::Streaming, None, true, lag(16 << 20, 9.9), None, &c), None);
+        assert!(not_ready_reason(SourceState::Streaming, None, true, lag((16 << 20) + 1, 0.0), None, &c)
             .unwrap()
             .contains("bytes behind"));
+        let silent = not_ready_reason(SourceState::Streaming, None, true, ok, Some(Duration::from_secs(16)), &c);
+        assert!(silent.unwrap().contains("nothing received from the walsender for 16.0 s"));
         let unlimited = MonitorConfig { ready_max_lag: None, ready_max_lag_bytes: None, ..MonitorConfig::default() };
-        assert_eq!(not_ready_reason(SourceState::Streaming, None, true, lag(u64::MAX, 1e9), &unlimited), None);
+        assert_eq!(not_ready_reason(SourceState::Streaming, None, true, lag(u64::MAX, 1e9), None, &unlimited), None);
     }
 
     #[test]

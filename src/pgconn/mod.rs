@@ -48,6 +48,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 use tokio_postgres::config::Host;
 
@@ -306,6 +307,29 @@ impl PgConfig {
     /// The TLS settings.
     pub fn tls(&self) -> &TlsSettings {
         &self.tls
+    }
+
+    /// Sets TCP keepalive and `TCP_USER_TIMEOUT` so that a connection whose
+    /// network path silently died fails within about `deadline` instead of
+    /// the kernel's defaults (two hours of idle before the first keepalive
+    /// probe, about fifteen minutes of retransmissions). Both the SQL
+    /// connections (tokio-postgres reads these settings) and the replication
+    /// connection ([`crate::replication::WalConnection`] applies them to its
+    /// socket) follow them.
+    ///
+    /// Keepalive probes start after a third of `deadline` of idle and repeat
+    /// every sixth, three times, so an idle dead peer is found within
+    /// `deadline`; `TCP_USER_TIMEOUT` bounds how long sent data may stay
+    /// unacknowledged, which covers a busy connection (keepalives only probe
+    /// idle ones).
+    pub fn set_tcp_liveness(&mut self, deadline: Duration) {
+        let deadline = deadline.max(Duration::from_secs(1));
+        self.postgres
+            .keepalives(true)
+            .keepalives_idle((deadline / 3).max(Duration::from_secs(1)))
+            .keepalives_interval((deadline / 6).max(Duration::from_secs(1)))
+            .keepalives_retries(3)
+            .tcp_user_timeout(deadline);
     }
 
     /// The tokio-postgres configuration to connect with: its `ssl_mode`

@@ -279,9 +279,7 @@ impl<'c> Compiler<'c> {
     fn pred(&mut self, e: &Sql, s: &Scope<'_>) -> R<Expr> {
         match e {
             Sql::Nested(inner) => self.pred(inner, s),
-            Sql::BinaryOp { left, op: BinaryOperator::And, right } => {
-                Ok(self.pred(left, s)?.and(self.pred(right, s)?))
-            }
+            Sql::BinaryOp { left, op: BinaryOperator::And, right } => Ok(self.pred(left, s)?.and(self.pred(right, s)?)),
             Sql::BinaryOp { left, op: BinaryOperator::Or, right } => {
                 Ok(Expr::Or(vec![self.pred(left, s)?, self.pred(right, s)?]))
             }
@@ -550,7 +548,8 @@ impl<'c> Compiler<'c> {
             [schema, name] => format!("{schema}.{name}"),
             [name] => match &s.search_path {
                 Some(path) if !path.is_empty() => {
-                    let found = path.iter().map(|p| format!("{p}.{name}")).find(|k| self.catalog.functions.contains_key(k));
+                    let found =
+                        path.iter().map(|p| format!("{p}.{name}")).find(|k| self.catalog.functions.contains_key(k));
                     match found {
                         Some(k) => k,
                         None => return no(format!("the function {name}()")),
@@ -639,10 +638,10 @@ impl<'c> Compiler<'c> {
         'c: 'a,
     {
         if func.security_definer {
-            self.catalog.roles.get(&func.owner).map_or_else(
-                || no(format!("the owner {} of {}.{}", func.owner, func.schema, func.name)),
-                Ok,
-            )
+            self.catalog
+                .roles
+                .get(&func.owner)
+                .map_or_else(|| no(format!("the owner {} of {}.{}", func.owner, func.schema, func.name)), Ok)
         } else {
             Ok(s.acting)
         }
@@ -827,7 +826,10 @@ impl<'c> Compiler<'c> {
                         if !matches!(o, Operand::Const(_)) =>
                     {
                         if o.ty() != Some(*ty) {
-                            return no(format!("a link between {} and a value of another type", table.columns[*i].name));
+                            return no(format!(
+                                "a link between {} and a value of another type",
+                                table.columns[*i].name
+                            ));
                         }
                         Some((*i, o.clone()))
                     }
@@ -1133,16 +1135,14 @@ fn compare(l: Term, op: CmpOp, r: Term) -> R<Expr> {
 pub fn simplify(e: Expr) -> Expr {
     match e {
         Expr::Cmp(Operand::Const(a), op, Operand::Const(b)) => match (a, b) {
-            (Some(a), Some(b)) => {
-                Expr::Const(a.compare(&b).map(|o| match op {
-                    CmpOp::Eq => o.is_eq(),
-                    CmpOp::Ne => o.is_ne(),
-                    CmpOp::Lt => o.is_lt(),
-                    CmpOp::Le => o.is_le(),
-                    CmpOp::Gt => o.is_gt(),
-                    CmpOp::Ge => o.is_ge(),
-                }))
-            }
+            (Some(a), Some(b)) => Expr::Const(a.compare(&b).map(|o| match op {
+                CmpOp::Eq => o.is_eq(),
+                CmpOp::Ne => o.is_ne(),
+                CmpOp::Lt => o.is_lt(),
+                CmpOp::Le => o.is_le(),
+                CmpOp::Gt => o.is_gt(),
+                CmpOp::Ge => o.is_ge(),
+            })),
             _ => Expr::Const(None),
         },
         Expr::In { operand: Operand::Const(None), .. } => Expr::Const(None),

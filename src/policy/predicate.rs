@@ -788,10 +788,8 @@ mod tests {
 
     #[test]
     fn claims_and_membership() {
-        let org = Operand::Claim {
-            path: ClaimPath(vec![Arc::from("app_metadata"), Arc::from("org_id")]),
-            ty: ColType::Uuid,
-        };
+        let org =
+            Operand::Claim { path: ClaimPath(vec![Arc::from("app_metadata"), Arc::from("org_id")]), ty: ColType::Uuid };
         let tenant = Expr::Cmp(col(0, ColType::Uuid), CmpOp::Eq, org);
         let member = Expr::Member { cache: 0, outer: Some(col(0, ColType::Uuid)), user: uid(), sql_in: true };
         let ctx = Ctx {

@@ -16,8 +16,15 @@ use serde_json::Value;
 
 use crate::hub::Vsn;
 
-/// Longest topic, event or ref accepted (bytes).
+/// Longest event or ref accepted (bytes); longer ones make the frame
+/// undecodable.
 const MAX_FIELD_LEN: usize = 1024;
+
+/// Longest topic a channel may have (bytes). Longer topics still decode (the
+/// frame is bounded by the message size limit) so that the session can
+/// answer them with an error reply instead of dropping the frame silently,
+/// which would leave the client's join waiting for its timeout.
+pub const MAX_TOPIC_LEN: usize = 1024;
 
 /// One client message.
 #[derive(Debug, Clone, PartialEq)]
@@ -104,11 +111,19 @@ fn string(vsn: Vsn, value: Option<Value>, what: &'static str) -> Result<String, 
     }
 }
 
+/// A topic of any length (see [`MAX_TOPIC_LEN`]).
+fn topic(vsn: Vsn, value: Option<Value>, what: &'static str) -> Result<String, ProtocolError> {
+    match value {
+        Some(Value::String(s)) => Ok(s),
+        _ => Err(shape(vsn, what)),
+    }
+}
+
 fn decode_v1(value: Value) -> Result<Message, ProtocolError> {
     let Value::Object(mut map) = value else {
         return Err(shape(Vsn::V1, "expected a JSON object"));
     };
-    let topic = string(Vsn::V1, map.remove("topic"), "`topic` must be a string")?;
+    let topic = topic(Vsn::V1, map.remove("topic"), "`topic` must be a string")?;
     let event = string(Vsn::V1, map.remove("event"), "`event` must be a string")?;
     let payload = map.remove("payload").ok_or_else(|| shape(Vsn::V1, "`payload` is missing"))?;
     let msg_ref = opt_ref(Vsn::V1, map.remove("ref"))?;
@@ -126,7 +141,7 @@ fn decode_v2(value: Value) -> Result<Message, ProtocolError> {
     let mut items = items.into_iter();
     let join_ref = opt_ref(Vsn::V2, items.next())?;
     let msg_ref = opt_ref(Vsn::V2, items.next())?;
-    let topic = string(Vsn::V2, items.next(), "the topic must be a string")?;
+    let topic = topic(Vsn::V2, items.next(), "the topic must be a string")?;
     let event = string(Vsn::V2, items.next(), "the event must be a string")?;
     let payload = items.next().unwrap_or(Value::Null);
     Ok(Message { join_ref, msg_ref, topic, event, payload })
@@ -284,7 +299,10 @@ mod tests {
             assert!(decode_text(vsn, text).is_err(), "{text}");
         }
         let long = "x".repeat(MAX_FIELD_LEN + 1);
-        assert!(decode_text(Vsn::V2, &format!(r#"[null,null,"{long}","b",{{}}]"#)).is_err());
+        assert!(decode_text(Vsn::V2, &format!(r#"[null,null,"a","{long}",{{}}]"#)).is_err(), "a long event");
+        // A long topic decodes: the session answers it with an error reply.
+        let message = decode_text(Vsn::V2, &format!(r#"[null,"1","{long}","phx_join",{{}}]"#)).unwrap();
+        assert_eq!(message.topic.len(), MAX_FIELD_LEN + 1);
     }
 
     #[test]

@@ -304,6 +304,17 @@ impl Session {
     }
 
     async fn message(&mut self, msg: Message) -> Option<End> {
+        if msg.topic.len() > protocol::MAX_TOPIC_LEN {
+            // Answered, so the client's push fails at once instead of timing out.
+            let reason = format!("TopicNameTooLong: a topic is at most {} bytes", protocol::MAX_TOPIC_LEN);
+            if msg.event == "phx_join" {
+                self.ctx.stats.joins.fetch_add(1, Ordering::Relaxed);
+                self.refuse(&msg, &reason);
+            } else {
+                self.push(protocol::reply(self.vsn, &msg, "error", json!({ "reason": reason })));
+            }
+            return None;
+        }
         if msg.topic == "phoenix" {
             let reply = if msg.event == "heartbeat" {
                 protocol::reply(self.vsn, &msg, "ok", json!({}))
@@ -337,8 +348,10 @@ impl Session {
     async fn join(&mut self, msg: Message) -> Option<End> {
         self.ctx.stats.joins.fetch_add(1, Ordering::Relaxed);
         if !self.joins.take(&self.ctx.limits) {
+            // As Supabase: this join is refused; the socket and its other
+            // channels carry on.
             self.refuse(&msg, "ClientJoinRateLimitReached: Too many joins per second");
-            return Some(End::Close(CloseReason { code: 1008, reason: "too many joins per second".into() }));
+            return None;
         }
         let Some(sub_topic) = msg.topic.strip_prefix("realtime:") else {
             self.refuse(&msg, "unmatched topic");

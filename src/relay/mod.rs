@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::change::{Assembler, ChangeError};
@@ -132,6 +133,8 @@ pub struct Relay {
     ack: AckHandle,
     queues: RelayQueues,
     shutdown: watch::Sender<bool>,
+    /// Cancelled when the first stage task ends (each holds a drop guard).
+    ended: CancellationToken,
     source: JoinHandle<Result<(), ReplicationError>>,
     stage: JoinHandle<Result<(), RelayError>>,
     hub_task: JoinHandle<Result<(), HubError>>,
@@ -145,6 +148,7 @@ impl Relay {
     /// A definite error before streaming started, or the start timeout.
     pub async fn start(mut config: RelayConfig) -> Result<Relay, RelayError> {
         config.source.export_snapshot = true;
+        config.source.apply_tcp_liveness();
         // The hub and (with streaming) the change stage spill into
         // directories and budgets of their own: a committed streamed
         // transaction is held by the stage while the hub collects it, so a
@@ -167,11 +171,14 @@ impl Relay {
             stage_spill: Arc::clone(stage_spill.stats()),
         };
         let (ready_tx, ready_rx) = oneshot::channel();
-        let source = tokio::spawn(
+        let ended = CancellationToken::new();
+        let source = spawn_stage(
+            &ended,
             run_source(config.source.clone(), source_tx, ack.clone(), shutdown_rx.clone())
                 .instrument(tracing::info_span!("replication", slot = %config.source.slot.slot)),
         );
-        let stage = tokio::spawn(
+        let stage = spawn_stage(
+            &ended,
             record_end(
                 ack.clone(),
                 "change stage",
@@ -187,10 +194,11 @@ impl Relay {
             )
             .instrument(tracing::info_span!("change_stage")),
         );
-        let hub_task = tokio::spawn(
+        let hub_task = spawn_stage(
+            &ended,
             record_end(ack.clone(), "hub", hub.run(stage_rx, shutdown_rx)).instrument(tracing::info_span!("hub")),
         );
-        let relay = Relay { hub: handle, ack, queues, shutdown, source, stage, hub_task };
+        let relay = Relay { hub: handle, ack, queues, shutdown, ended, source, stage, hub_task };
         match tokio::time::timeout(config.start_timeout, ready_rx).await {
             Ok(Ok(())) => Ok(relay),
             Ok(Err(_)) => Err(relay.stop().await.err().unwrap_or(RelayError::Stopped("change stage"))),
@@ -222,6 +230,12 @@ impl Relay {
         !self.source.is_finished() && !self.stage.is_finished() && !self.hub_task.is_finished()
     }
 
+    /// Resolves once any stage has ended (for whatever reason, a panic
+    /// included): a wait, where [`Relay::is_running`] would be polled.
+    pub fn stage_ended(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.ended.cancelled()
+    }
+
     /// The acknowledgement handle, with the shared replication status (in
     /// the crate only: acknowledging moves the slot).
     pub(crate) fn ack(&self) -> &AckHandle {
@@ -237,6 +251,19 @@ impl Relay {
     pub fn queues(&self) -> RelayQueues {
         self.queues.clone()
     }
+}
+
+/// Spawns a stage task that cancels `ended` when it finishes, returns or
+/// unwinds, so the server can wait for the first stage to end.
+fn spawn_stage<T: Send + 'static>(
+    ended: &CancellationToken,
+    stage: impl std::future::Future<Output = T> + Send + 'static,
+) -> JoinHandle<T> {
+    let guard = ended.clone().drop_guard();
+    tokio::spawn(async move {
+        let _guard = guard;
+        stage.await
+    })
 }
 
 /// Runs a stage and records how it ended in the replication status: an error
@@ -319,13 +346,10 @@ async fn change_stage(
         match event {
             SourceEvent::Snapshot(lease) => {
                 let mut client = connect_sql(&connection).await?;
-                let loaded_now = policy::plan::load(
-                    &mut client,
-                    &publications,
-                    Some((&lease.name, lease.consistent_point)),
-                )
-                .await
-                .map_err(PolicyError::from)?;
+                let loaded_now =
+                    policy::plan::load(&mut client, &publications, Some((&lease.name, lease.consistent_point)))
+                        .await
+                        .map_err(PolicyError::from)?;
                 lease.release();
                 log_plans(&loaded_now);
                 tracing::info!(rows = loaded_now.at.rows, lsn = %loaded_now.at.lsn, "policies and caches loaded in the slot's snapshot");
@@ -339,7 +363,8 @@ async fn change_stage(
                 batch.push(StageEvent::Reset);
                 if !loaded {
                     let mut client = connect_sql(&connection).await?;
-                    let loaded_now = policy::plan::load(&mut client, &publications, None).await.map_err(PolicyError::from)?;
+                    let loaded_now =
+                        policy::plan::load(&mut client, &publications, None).await.map_err(PolicyError::from)?;
                     log_plans(&loaded_now);
                     tracing::info!(rows = loaded_now.at.rows, lsn = %loaded_now.at.lsn, "policies and caches loaded; catch-up window until lsn");
                     loaded = true;

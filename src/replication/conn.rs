@@ -141,7 +141,7 @@ impl WalConnection {
         let mut last = None;
         for (i, host) in hosts.iter().enumerate() {
             let port = ports.get(i).or_else(|| ports.first()).copied().unwrap_or(5432);
-            let attempt = tokio::time::timeout(connect_timeout, Self::open(host, port, tls)).await;
+            let attempt = tokio::time::timeout(connect_timeout, Self::open(host, port, tls, config)).await;
             let socket = match attempt {
                 Ok(Ok(socket)) => socket,
                 Ok(Err(err)) => {
@@ -163,14 +163,29 @@ impl WalConnection {
                 pid: 0,
                 server_version: String::new(),
             };
-            conn.startup(config).await?;
+            // The startup is bounded too: a path that accepts the TCP
+            // connection and then goes quiet would otherwise hang it forever.
+            match tokio::time::timeout(connect_timeout, conn.startup(config)).await {
+                Ok(result) => result?,
+                Err(_) => {
+                    return Err(ReplicationError::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("the server did not complete the startup within {connect_timeout:?}"),
+                    )))
+                }
+            }
             return Ok(conn);
         }
         Err(last.unwrap_or_else(|| ReplicationError::Config("no host to connect to".into())))
     }
 
     /// Opens the socket and negotiates TLS as `tls` says.
-    async fn open(host: &Host, port: u16, tls: &TlsSettings) -> Result<PgStream, ReplicationError> {
+    async fn open(
+        host: &Host,
+        port: u16,
+        tls: &TlsSettings,
+        config: &tokio_postgres::Config,
+    ) -> Result<PgStream, ReplicationError> {
         let name = match host {
             Host::Tcp(name) => name,
             Host::Unix(dir) => {
@@ -181,6 +196,7 @@ impl WalConnection {
         };
         let stream = tokio::net::TcpStream::connect((name.as_str(), port)).await?;
         stream.set_nodelay(true)?;
+        set_tcp_liveness(&stream, config)?;
         if tls.mode == SslMode::Disable {
             return Ok(PgStream::Tcp(stream));
         }
@@ -526,11 +542,14 @@ impl WalConnection {
     }
 
     /// Sends everything queued.
+    ///
+    /// Cancel-safe: `write_all_buf` advances the buffer past each write as
+    /// it completes, so when this future is dropped mid-way (the stream's
+    /// `next()` is raced against shutdown) the bytes already sent are gone
+    /// from the buffer and the next flush sends only the rest; no message
+    /// goes out twice or torn.
     pub(crate) async fn flush(&mut self) -> Result<(), ReplicationError> {
-        if !self.write_buf.is_empty() {
-            self.socket.write_all(&self.write_buf).await?;
-            self.write_buf.clear();
-        }
+        self.socket.write_all_buf(&mut self.write_buf).await?;
         self.socket.flush().await?;
         Ok(())
     }
@@ -541,4 +560,26 @@ impl WalConnection {
         let _ = self.flush().await;
         let _ = self.socket.shutdown().await;
     }
+}
+
+/// Applies the keepalive and `TCP_USER_TIMEOUT` settings of `config` (see
+/// [`PgConfig::set_tcp_liveness`]) to the replication socket, as
+/// tokio-postgres does for its own connections.
+fn set_tcp_liveness(stream: &tokio::net::TcpStream, config: &tokio_postgres::Config) -> std::io::Result<()> {
+    let socket = socket2::SockRef::from(stream);
+    if config.get_keepalives() {
+        let mut keepalive = socket2::TcpKeepalive::new().with_time(config.get_keepalives_idle());
+        if let Some(interval) = config.get_keepalives_interval() {
+            keepalive = keepalive.with_interval(interval);
+        }
+        if let Some(retries) = config.get_keepalives_retries() {
+            keepalive = keepalive.with_retries(retries);
+        }
+        socket.set_tcp_keepalive(&keepalive)?;
+    }
+    #[cfg(target_os = "linux")]
+    if let Some(timeout) = config.get_tcp_user_timeout() {
+        socket.set_tcp_user_timeout(Some(*timeout))?;
+    }
+    Ok(())
 }

@@ -18,6 +18,26 @@
 //!   backoff after transient errors.
 //! - [`status`]: the progress, state and lag shared with the hub and the
 //!   monitor (inside [`AckHandle`]).
+//! - [`heartbeat`]: the end-to-end liveness probe, a non-transactional
+//!   logical decoding message written on a SQL connection every few seconds
+//!   and expected back through the slot.
+//!
+//! # Liveness
+//!
+//! A network path can die without a reset: reads then wait forever while
+//! the server's side, until its `wal_sender_timeout`, still shows the slot
+//! active. So the link is judged by what arrives. [`heartbeat`] makes sure
+//! something flows on an idle database (its message comes back through the
+//! slot), the stream asks the walsender for a keepalive once a third of the
+//! deadline passes in silence, and a stream that receives nothing at all for
+//! [`StreamConfig::silence_timeout`] ends with the transient
+//! [`ReplicationError::Silent`], so the source reconnects. Until then the
+//! status tells the truth: lag grows from the last message received once
+//! half the deadline passed without one, and `/ready` says so. TCP
+//! keepalive and `TCP_USER_TIMEOUT`
+//! ([`crate::pgconn::PgConfig::set_tcp_liveness`]) make the kernel fail a
+//! dead socket too, for the cases where the application would not notice
+//! (a write blocked on a full send buffer).
 //!
 //! # Progress (what the slot is told)
 //!
@@ -44,6 +64,7 @@
 //! privilege, bad credentials, TLS refused or certificate not trusted).
 
 pub mod conn;
+pub mod heartbeat;
 pub mod slot;
 pub mod source;
 pub mod status;
@@ -135,6 +156,14 @@ pub enum ReplicationError {
         /// The server's error.
         err: PgError,
     },
+    /// Nothing at all (data, keepalive, heartbeat) arrived from the walsender
+    /// for the replication timeout: the network path may be silently dead, so
+    /// the connection is dropped and made again.
+    #[error(
+        "no message from the walsender for {0:?} (--replication-timeout); the connection is presumed dead \
+         and is made again"
+    )]
+    Silent(std::time::Duration),
     /// The stream was stopped by shutdown.
     #[error("replication stopped by shutdown")]
     Shutdown,
@@ -151,7 +180,10 @@ impl ReplicationError {
     /// the operator.
     pub fn is_transient(&self) -> bool {
         match self {
-            ReplicationError::Io(_) | ReplicationError::Eof | ReplicationError::Protocol(_) => true,
+            ReplicationError::Io(_)
+            | ReplicationError::Eof
+            | ReplicationError::Protocol(_)
+            | ReplicationError::Silent(_) => true,
             ReplicationError::Config(_) | ReplicationError::Auth(_) | ReplicationError::Shutdown => false,
             ReplicationError::Server { err } => is_transient_sqlstate(&err.code),
             ReplicationError::Tls(err) => err.is_transient(),

@@ -139,6 +139,12 @@ impl WalConnection {
         if options.streaming {
             args.push("streaming 'on'".to_owned());
         }
+        // Logical decoding messages carry the liveness heartbeat and walcast's
+        // own in-transaction markers; pgoutput knows the option from 14 on and
+        // an older server would refuse START_REPLICATION over it.
+        if asks_for_messages(self.server_version()) {
+            args.push("messages 'true'".to_owned());
+        }
         let sql =
             format!("START_REPLICATION SLOT {} LOGICAL {start} ({})", quote_ident(&options.slot), args.join(", "));
         self.start_copy_both(&sql).await
@@ -148,6 +154,17 @@ impl WalConnection {
 /// First PostgreSQL major version that streams in-progress transactions
 /// (pgoutput protocol 2).
 pub const STREAMING_MIN_MAJOR: u32 = 14;
+
+/// First PostgreSQL major version whose pgoutput sends logical decoding
+/// messages (`messages 'true'`).
+pub const MESSAGES_MIN_MAJOR: u32 = 14;
+
+/// Whether to ask pgoutput for logical decoding messages: from
+/// [`MESSAGES_MIN_MAJOR`] on, and when the version is unknown (the server
+/// judges then), never on an older server.
+pub fn asks_for_messages(server_version: &str) -> bool {
+    server_major(server_version).is_none_or(|major| major >= MESSAGES_MIN_MAJOR)
+}
 
 /// The major version in a `server_version` ("17.2 (Debian …)", "9.6.24",
 /// "15beta1"); `None` when it does not start with a number.
@@ -189,6 +206,14 @@ mod tests {
         for ok in ["14.0", "18.1", "unknown"] {
             check_streaming_version(ok).unwrap();
         }
+    }
+
+    #[test]
+    fn messages_only_where_pgoutput_knows_the_option() {
+        assert!(asks_for_messages("14.0"));
+        assert!(asks_for_messages("18.1 (Debian)"));
+        assert!(!asks_for_messages("13.16"));
+        assert!(asks_for_messages(""), "unknown: let the server judge");
     }
 
     #[test]

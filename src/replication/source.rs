@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::heartbeat::{self, HeartbeatConfig};
 use super::{AckHandle, ReplicationError, ReplicationStream, SlotOptions, StreamConfig, WalConnection, WalEvent};
 use crate::lsn::Lsn;
 use crate::pgconn::PgConfig;
@@ -52,10 +53,13 @@ pub struct SourceConfig {
     pub connect_timeout: Duration,
     /// When the slot has to be created, export its snapshot downstream.
     pub export_snapshot: bool,
+    /// The end-to-end heartbeat (`None`: off); see [`super::heartbeat`].
+    pub heartbeat: Option<HeartbeatConfig>,
 }
 
 impl SourceConfig {
-    /// Defaults: status every second, 10 s connect timeout, no snapshot export.
+    /// Defaults: status every second, 10 s connect timeout, no snapshot
+    /// export, a heartbeat every 5 s and a 30 s silence deadline.
     /// `connection` is a [`PgConfig`] or a tokio-postgres config (see
     /// [`WalConnection::connect`]).
     pub fn new(connection: impl Into<PgConfig>, slot: SlotOptions) -> Self {
@@ -65,6 +69,20 @@ impl SourceConfig {
             stream: StreamConfig::default(),
             connect_timeout: Duration::from_secs(10),
             export_snapshot: false,
+            heartbeat: Some(HeartbeatConfig::default()),
+        }
+    }
+}
+
+impl SourceConfig {
+    /// Gives [`SourceConfig::connection`] TCP keepalive and
+    /// `TCP_USER_TIMEOUT` matching the silence deadline (see
+    /// [`PgConfig::set_tcp_liveness`]), so every connection made with it —
+    /// replication, heartbeat, and the SQL ones of whoever shares it — fails
+    /// at the kernel level within about the same time.
+    pub fn apply_tcp_liveness(&mut self) {
+        if let Some(timeout) = self.stream.silence_timeout {
+            self.connection.set_tcp_liveness(timeout);
         }
     }
 }
@@ -121,14 +139,37 @@ pub enum SourceEvent {
 }
 
 /// Runs until shutdown or a definite error. Acknowledgements from downstream
-/// go through `ack`, which survives reconnects.
+/// go through `ack`, which survives reconnects. The heartbeat (when
+/// configured) runs alongside for as long as the source does, through
+/// reconnects, so the link it probes is judged the same way each time.
 ///
 /// # Errors
 /// The definite error that stopped replication; `Ok(())` on shutdown.
 pub async fn run_source(
-    config: SourceConfig,
+    mut config: SourceConfig,
     out: mpsc::Sender<SourceEvent>,
     ack: AckHandle,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), ReplicationError> {
+    config.apply_tcp_liveness();
+    ack.status().set_silence_timeout(config.stream.silence_timeout);
+    let beats = async {
+        match config.heartbeat.clone() {
+            Some(beat) => heartbeat::run(config.connection.clone(), beat, ack.clone()).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        result = supervise(&config, out, &ack, shutdown) => result,
+        () = beats => Ok(()),
+    }
+}
+
+/// The reconnect loop of [`run_source`].
+async fn supervise(
+    config: &SourceConfig,
+    out: mpsc::Sender<SourceEvent>,
+    ack: &AckHandle,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ReplicationError> {
     let mut backoff = BACKOFF_START;
@@ -138,7 +179,7 @@ pub async fn run_source(
             ack.status().set_stopped();
             return Ok(());
         }
-        let result = stream_once(&config, &out, &ack, &mut shutdown, &mut backoff, &mut streamed_before).await;
+        let result = stream_once(config, &out, ack, &mut shutdown, &mut backoff, &mut streamed_before).await;
         match result {
             Err(ReplicationError::Shutdown) | Ok(()) => {
                 ack.status().set_stopped();
@@ -199,9 +240,23 @@ async fn stream_once(
             None => false,
         }
     };
-    let confirmed = confirmed_flush(&mut conn, &config.slot.slot).await?;
-    *streamed_before = true;
-    conn.start_replication(&config.slot, Lsn::ZERO).await?;
+    // Bounded like the connect: a path gone quiet right after it must not
+    // hang the source before its stream's own deadline applies.
+    let start = async {
+        let confirmed = confirmed_flush(&mut conn, &config.slot.slot).await?;
+        *streamed_before = true;
+        conn.start_replication(&config.slot, Lsn::ZERO).await?;
+        Ok::<_, ReplicationError>(confirmed)
+    };
+    let confirmed = match tokio::time::timeout(config.connect_timeout, start).await {
+        Ok(result) => result?,
+        Err(_) => {
+            return Err(ReplicationError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("START_REPLICATION was not answered within {:?}", config.connect_timeout),
+            )))
+        }
+    };
     ack.status().set_streaming();
     let pid = conn.pid();
     tracing::info!(slot = %config.slot.slot, %confirmed, created, pid, "streaming");

@@ -38,6 +38,11 @@
 //!    transaction after a long idle spell from reading as hours of lag;
 //! 3. else the time streaming started on this connection.
 //!
+//! Either way, once nothing at all has arrived from the walsender for half
+//! the replication timeout, the seconds are at least the time since the last
+//! message ([`ReplicationStatus::silence`]): a silently dead link otherwise
+//! reads as caught up (0 bytes pending) while changes pile up on the server.
+//!
 //! Commit times come from the server's clock: skew shows up as lag (clamped
 //! at 0 when the server is ahead).
 //!
@@ -136,6 +141,18 @@ pub struct ReplicationStatus {
     last_keepalive: AtomicI64,
     /// CopyData messages received (stream).
     messages: AtomicU64,
+    /// Unix µs of the last message received from the walsender, or of the
+    /// stream's start; 0 = never streamed (stream).
+    last_message: AtomicI64,
+    /// Silence longer than this (µs) counts as lag and makes the link
+    /// silent for readiness; 0 = never (source task, from the deadline).
+    silence_grace: AtomicI64,
+    /// Heartbeats written on the SQL connection (heartbeat task).
+    heartbeats_sent: AtomicU64,
+    /// Heartbeats that failed or timed out (heartbeat task).
+    heartbeat_errors: AtomicU64,
+    /// Heartbeats received back through the slot (stream).
+    heartbeats_received: AtomicU64,
     /// CopyData payload bytes received (stream).
     bytes: AtomicU64,
     /// Times streaming started (source task).
@@ -187,11 +204,14 @@ impl ReplicationStatus {
         self.received() > self.processed()
     }
 
-    /// The lag at `now_micros` (unix µs).
+    /// The lag at `now_micros` (unix µs). A link silent past the grace
+    /// (half the replication timeout) lags at least since its last message:
+    /// nothing is known to have been received since.
     pub fn lag(&self, now_micros: i64) -> Lag {
         let bytes = self.received().0.saturating_sub(self.processed().0);
+        let silence = self.silence(now_micros).map_or(0.0, |d| d.as_secs_f64());
         if bytes == 0 {
-            return Lag { bytes: 0, seconds: 0.0 };
+            return Lag { bytes: 0, seconds: silence };
         }
         let since = lag_reference(
             self.open_commit.load(Ordering::Relaxed),
@@ -200,7 +220,41 @@ impl ReplicationStatus {
             self.streaming_since.load(Ordering::Relaxed),
         );
         let seconds = if since == 0 { 0.0 } else { now_micros.saturating_sub(since).max(0) as f64 / 1e6 };
-        Lag { bytes, seconds }
+        Lag { bytes, seconds: seconds.max(silence) }
+    }
+
+    /// How long nothing has arrived from the walsender, when that is longer
+    /// than the grace (half the replication timeout: a healthy link answers
+    /// the keepalive request sent after a third); `None` while the link is
+    /// heard from, before the first stream and without a timeout.
+    pub fn silence(&self, now_micros: i64) -> Option<std::time::Duration> {
+        let grace = self.silence_grace.load(Ordering::Relaxed);
+        let last = self.last_message.load(Ordering::Relaxed);
+        if grace <= 0 || last == 0 {
+            return None;
+        }
+        let silent = now_micros.saturating_sub(last);
+        (silent > grace).then(|| std::time::Duration::from_micros(silent.unsigned_abs()))
+    }
+
+    /// Unix µs of the last message from the walsender (0: never streamed).
+    pub fn last_message_micros(&self) -> i64 {
+        self.last_message.load(Ordering::Relaxed)
+    }
+
+    /// Heartbeats written on the SQL connection.
+    pub fn heartbeats_sent(&self) -> u64 {
+        self.heartbeats_sent.load(Ordering::Relaxed)
+    }
+
+    /// Heartbeats that could not be written in time.
+    pub fn heartbeat_errors(&self) -> u64 {
+        self.heartbeat_errors.load(Ordering::Relaxed)
+    }
+
+    /// Heartbeats received back through the slot.
+    pub fn heartbeats_received(&self) -> u64 {
+        self.heartbeats_received.load(Ordering::Relaxed)
     }
 
     /// Unix µs of the last keepalive (0: none yet).
@@ -229,6 +283,19 @@ impl ReplicationStatus {
     }
 
     // ---- source task and relay ----
+
+    /// The replication timeout in force (`None`: none): silence past half
+    /// of it is reported (see [`ReplicationStatus::silence`]).
+    pub(crate) fn set_silence_timeout(&self, timeout: Option<std::time::Duration>) {
+        let grace = timeout.map_or(0, |t| i64::try_from((t / 2).as_micros()).unwrap_or(i64::MAX));
+        self.silence_grace.store(grace, Ordering::Relaxed);
+    }
+
+    /// A heartbeat was written (`ok`) or failed.
+    pub(crate) fn count_heartbeat_sent(&self, ok: bool) {
+        let counter = if ok { &self.heartbeats_sent } else { &self.heartbeat_errors };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 
     fn set_error(&self, text: String) {
         *self.error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(text);
@@ -277,7 +344,10 @@ impl ReplicationStatus {
         self.reported_flush.store(confirmed.0, Ordering::Relaxed);
         self.synced.store(false, Ordering::Relaxed);
         self.behind_since.store(0, Ordering::Relaxed);
-        self.streaming_since.store(unix_micros_now(), Ordering::Relaxed);
+        let now = unix_micros_now();
+        self.streaming_since.store(now, Ordering::Relaxed);
+        // START_REPLICATION was just answered: the link is heard from.
+        self.last_message.store(now, Ordering::Relaxed);
         self.open_commit.store(0, Ordering::Relaxed);
     }
 
@@ -285,6 +355,12 @@ impl ReplicationStatus {
     pub(super) fn count_message(&self, len: usize) {
         self.messages.fetch_add(1, Ordering::Relaxed);
         self.bytes.fetch_add(len as u64, Ordering::Relaxed);
+        self.last_message.store(unix_micros_now(), Ordering::Relaxed);
+    }
+
+    /// A heartbeat came back through the slot.
+    pub(super) fn count_heartbeat_received(&self) {
+        self.heartbeats_received.fetch_add(1, Ordering::Relaxed);
     }
 
     /// An XLogData: `received` is the stream's new high-water mark; `begin`
@@ -427,6 +503,22 @@ mod tests {
         s.on_data(Lsn(200), true);
         let lag = s.lag(unix_micros_now());
         assert!(lag.seconds >= 599.0, "{lag:?}");
+    }
+
+    #[test]
+    fn a_silent_link_lags_from_its_last_message() {
+        let s = streaming(100);
+        let now = unix_micros_now();
+        assert_eq!(s.silence(now + 3600 * S), None, "no timeout configured: silence is not judged");
+        s.set_silence_timeout(Some(std::time::Duration::from_secs(30)));
+        assert_eq!(s.silence(now + 10 * S), None, "within the grace (15 s)");
+        assert_eq!(s.lag(now + 10 * S), Lag { bytes: 0, seconds: 0.0 });
+        let lag = s.lag(now + 20 * S);
+        assert_eq!(lag.bytes, 0);
+        assert!(lag.seconds >= 19.0 && lag.seconds < 25.0, "{lag:?}");
+        // A message resets it.
+        s.count_message(10);
+        assert_eq!(s.silence(unix_micros_now() + S), None);
     }
 
     #[test]

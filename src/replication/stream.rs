@@ -11,11 +11,19 @@
 //!   when a keepalive asks for a reply, and at once when the stream starts
 //!   with an acknowledgement the slot has not been told yet (after a
 //!   reconnect);
-//! - messages are passed on in the order received; nothing is dropped.
+//! - messages are passed on in the order received; nothing is dropped;
+//! - a [`ReplicationStream::next`] call that receives nothing at all for
+//!   [`StreamConfig::silence_timeout`] fails with
+//!   [`ReplicationError::Silent`] (a status write stuck on a dead path
+//!   included); after a third of it, its status update asks the walsender
+//!   for a keepalive, which a live walsender answers at once;
+//! - a non-transactional logical decoding message outside any transaction
+//!   (the heartbeat) counts as progress like a keepalive's `wal_end`.
 //!
 //! The stream peeks at the first byte of each pgoutput payload only to know
-//! whether a transaction is open (`B` … `C`) and the last Commit's `end_lsn`;
-//! decoding is the pgoutput module's job.
+//! whether a transaction or stream block is open (`B` … `C`, `S` … `E`) and
+//! the last Commit's `end_lsn`, and has the pgoutput decoder read an `M`
+//! outside them (the heartbeat); decoding is the pgoutput module's job.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -56,17 +64,27 @@ pub enum WalEvent {
     },
 }
 
+/// Default of [`StreamConfig::silence_timeout`]: below PostgreSQL's default
+/// `wal_sender_timeout` (60 s), so walcast gives up on a dead path before the
+/// server does.
+pub const DEFAULT_SILENCE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Tuning of the stream.
 #[derive(Debug, Clone)]
 pub struct StreamConfig {
     /// Status updates at least this often; keep it ≤ 1 s and ≤ half of the
     /// server's `wal_sender_timeout`.
     pub status_interval: Duration,
+    /// A stream that receives nothing at all (no data, no keepalive) for this
+    /// long while it waits ends with [`ReplicationError::Silent`]; after a
+    /// third of it the status update asks the walsender for a keepalive.
+    /// `None`: wait forever.
+    pub silence_timeout: Option<Duration>,
 }
 
 impl Default for StreamConfig {
     fn default() -> Self {
-        StreamConfig { status_interval: Duration::from_secs(1) }
+        StreamConfig { status_interval: Duration::from_secs(1), silence_timeout: Some(DEFAULT_SILENCE_TIMEOUT) }
     }
 }
 
@@ -115,6 +133,8 @@ pub struct ReplicationStream {
     keepalive_end: Lsn,
     /// Between a Begin and its Commit.
     in_transaction: bool,
+    /// Between a Stream Start and its Stream Stop (protocol 2).
+    in_stream_block: bool,
     /// `end_lsn` of the last Commit (or Stream Commit) received.
     last_commit_end: Lsn,
     next_status: Instant,
@@ -141,6 +161,7 @@ impl ReplicationStream {
             reported_flush: confirmed,
             keepalive_end: Lsn::ZERO,
             in_transaction: false,
+            in_stream_block: false,
             last_commit_end: confirmed,
         }
     }
@@ -165,11 +186,44 @@ impl ReplicationStream {
     ///
     /// # Errors
     /// I/O, EOF, server errors (e.g. a publication that does not exist).
+    ///
+    /// Silence is counted from the call: every message returns, so a call
+    /// that waits past [`StreamConfig::silence_timeout`] has seen nothing
+    /// for that long (time spent not reading, under downstream
+    /// backpressure, is not the link's fault and does not count).
     pub async fn next(&mut self) -> Result<WalEvent, ReplicationError> {
+        let silence = self.config.silence_timeout;
+        let waiting_since = Instant::now();
+        let silent_at = silence.map(|timeout| waiting_since + timeout);
+        let ping_at = silence.map(|timeout| waiting_since + timeout / 3);
+        let mut pinged = false;
         loop {
-            let msg = match tokio::time::timeout_at(self.next_status, self.conn.read()).await {
+            let wake = silent_at.map_or(self.next_status, |at| at.min(self.next_status));
+            let msg = match tokio::time::timeout_at(wake, self.conn.read()).await {
                 Err(_elapsed) => {
-                    self.send_status(false).await?;
+                    let now = Instant::now();
+                    if let (Some(at), Some(timeout)) = (silent_at, silence) {
+                        if now >= at {
+                            return Err(ReplicationError::Silent(timeout));
+                        }
+                    }
+                    if now >= self.next_status {
+                        // An idle but healthy walsender may send nothing
+                        // for a long time (it sends keepalives on its own
+                        // only when our replies stop): ask it for one.
+                        let ping = !pinged && ping_at.is_some_and(|at| now >= at);
+                        pinged |= ping;
+                        let send = self.send_status(ping);
+                        match silent_at {
+                            // A write blocked on a dead path must not outlive
+                            // the deadline either (flush is cancel-safe).
+                            Some(at) => match tokio::time::timeout_at(at, send).await {
+                                Ok(result) => result?,
+                                Err(_) => return Err(ReplicationError::Silent(silence.unwrap_or_default())),
+                            },
+                            None => send.await?,
+                        }
+                    }
                     continue;
                 }
                 Ok(msg) => msg?,
@@ -204,6 +258,7 @@ impl ReplicationStream {
                 self.received = self.received.max(wal_start).max(wal_end);
                 self.ack.status().on_data(self.received, data.first() == Some(&b'B'));
                 self.track_transaction(&data);
+                self.on_logical_message(&data, wal_start.max(wal_end));
                 Ok(Some(WalEvent::XLogData { wal_start, wal_end, send_time, data }))
             }
             Some(b'k') => {
@@ -226,10 +281,41 @@ impl ReplicationStream {
         }
     }
 
+    /// A non-transactional logical decoding message outside any transaction
+    /// (the heartbeat, see [`super::heartbeat`]) is progress like a
+    /// keepalive: logical decoding sends in WAL order, so every transaction
+    /// committed before `position` has been sent, and with nothing pending it
+    /// may be reported flushed. Without this, each heartbeat would read as
+    /// unprocessed WAL, and the lag would count from the last commit, however
+    /// old.
+    fn on_logical_message(&mut self, data: &Bytes, position: Lsn) {
+        // Position 0 marks a message that is not the last of its change: no progress to take.
+        if data.first() != Some(&b'M') || self.in_transaction || self.in_stream_block || position == Lsn::ZERO {
+            return;
+        }
+        let Ok(crate::pgoutput::Message::LogicalMessage(message)) = crate::pgoutput::decode(data) else { return };
+        if message.is_transactional() {
+            return;
+        }
+        if message.prefix == super::heartbeat::HEARTBEAT_PREFIX {
+            self.ack.status().count_heartbeat_received();
+        }
+        self.keepalive_end = self.keepalive_end.max(position);
+        self.ack.status().on_keepalive(position, self.received);
+    }
+
     /// Follows transaction boundaries from the pgoutput tag (by position:
     /// these are top-level message types).
     fn track_transaction(&mut self, data: &[u8]) {
         match data.first() {
+            Some(b'S') => {
+                self.in_stream_block = true;
+                return;
+            }
+            Some(b'E') => {
+                self.in_stream_block = false;
+                return;
+            }
             Some(b'B') => self.in_transaction = true,
             // Commit: flags(1) commit_lsn(8) end_lsn(8)
             Some(b'C') if data.len() >= 18 => {

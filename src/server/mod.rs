@@ -120,7 +120,10 @@ impl Server {
     /// # Errors
     /// Bad auth configuration, PostgreSQL unreachable, replication errors,
     /// or the port in use.
-    pub async fn start(config: ServeConfig) -> Result<Server, ServeError> {
+    pub async fn start(mut config: ServeConfig) -> Result<Server, ServeError> {
+        // Every connection the server makes (preflight, catalog, watchdog,
+        // relay) gets the same kernel-level liveness settings.
+        config.relay.source.apply_tcp_liveness();
         let verifier = Verifier::new(&config.auth).map_err(RealtimeError::from)?;
         let connection = config.relay.source.connection.clone();
         let slot = config.relay.source.slot.slot.clone();
@@ -192,26 +195,15 @@ impl Server {
         &self.monitor
     }
 
-    /// Runs until `signal` resolves or the relay stops, then shuts down.
+    /// Runs until `signal` resolves or a relay stage ends (awaited through
+    /// [`Relay::stage_ended`], not polled), then shuts down.
     ///
     /// # Errors
     /// The error the relay stopped with.
     pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) -> Result<(), ServeError> {
-        tokio::pin!(signal);
-        let mut check = tokio::time::interval(std::time::Duration::from_millis(500));
-        loop {
-            tokio::select! {
-                () = &mut signal => {
-                    tracing::info!("shutting down");
-                    break;
-                }
-                _ = check.tick() => {
-                    if !self.relay.is_running() {
-                        tracing::error!("the relay stopped; shutting down");
-                        break;
-                    }
-                }
-            }
+        tokio::select! {
+            () = signal => tracing::info!("shutting down"),
+            () = self.relay.stage_ended() => tracing::error!("the relay stopped; shutting down"),
         }
         self.shutdown().await
     }

@@ -6,6 +6,7 @@
 pub mod clients;
 pub mod load;
 pub mod pipeline;
+pub mod proxy;
 pub mod relay;
 pub mod server;
 

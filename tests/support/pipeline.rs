@@ -44,7 +44,7 @@ impl Pipeline {
         mut assembler: Assembler,
     ) -> Pipeline {
         let config = SourceConfig {
-            stream: StreamConfig { status_interval: Duration::from_millis(200) },
+            stream: StreamConfig { status_interval: Duration::from_millis(200), ..StreamConfig::default() },
             ..SourceConfig::new(tokio_postgres::Config::from_str(url).unwrap(), slot.clone())
         };
         let (tx, mut rx) = mpsc::channel(256);
