@@ -344,6 +344,7 @@ impl HubHandle {
     ///
     /// # Errors
     /// When the queue is full or the hub has stopped.
+    #[allow(clippy::result_large_err)] // the request comes back whole to be retried; no allocation to box it
     pub fn try_send(&self, control: Control) -> Result<(), Control> {
         self.control.try_send(control).map_err(|e| match e {
             mpsc::error::TrySendError::Full(c) | mpsc::error::TrySendError::Closed(c) => c,
@@ -835,7 +836,7 @@ impl Core {
                 .columns
                 .iter()
                 .enumerate()
-                .map(|(i, c)| (c.is_key || cols.iter().any(|s| *s == c.name)) && shape.mask.is_none_or(|m| m[i]))
+                .map(|(i, c)| (c.is_key || cols.contains(&c.name)) && shape.mask.is_none_or(|m| m[i]))
                 .collect()
         });
         let (mask, mask_id) = match &selected {

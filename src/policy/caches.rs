@@ -47,10 +47,13 @@ struct UserRows {
     groups: HashMap<Box<str>, u32>,
 }
 
+/// A row's `(group, user)`.
+type Pair = (Option<Box<str>>, Box<str>);
+
 /// One cache's data.
 #[derive(Debug, Default, Clone)]
 pub struct GroupCache {
-    rows: HashMap<Box<str>, (Option<Box<str>>, Box<str>)>,
+    rows: HashMap<Box<str>, Pair>,
     by_group: HashMap<Box<str>, HashMap<Box<str>, u32>>,
     by_user: HashMap<Box<str>, UserRows>,
     bytes: usize,
@@ -298,7 +301,7 @@ fn row_key(spec: &CacheSpec, relation: &RelationInfo, row: &Row) -> Option<Box<s
 }
 
 /// The row's `(group, user)` if it passes the filter.
-fn pair(spec: &CacheSpec, map: &[Option<usize>], row: &Row) -> Option<(Option<Box<str>>, Box<str>)> {
+fn pair(spec: &CacheSpec, map: &[Option<usize>], row: &Row) -> Option<Pair> {
     let datums: Vec<&Datum> = map.iter().map(|i| i.and_then(|i| row.0.get(i)).unwrap_or(&ABSENT)).collect();
     if let Some(filter) = &spec.filter {
         let ctx = RowCtx { datums: datums.clone(), claims: serde_json::Value::Null };

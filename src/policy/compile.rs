@@ -436,19 +436,16 @@ impl<'c> Compiler<'c> {
             Sql::BinaryOp { op: BinaryOperator::And | BinaryOperator::Or, .. } | Sql::UnaryOp { .. } => {
                 self.pred(e, s).map(Term::Pred)
             }
-            Sql::BinaryOp { op, .. }
-                if matches!(
-                    op,
+            Sql::BinaryOp {
+                op:
                     BinaryOperator::Eq
-                        | BinaryOperator::NotEq
-                        | BinaryOperator::Lt
-                        | BinaryOperator::LtEq
-                        | BinaryOperator::Gt
-                        | BinaryOperator::GtEq
-                ) =>
-            {
-                self.pred(e, s).map(Term::Pred)
-            }
+                    | BinaryOperator::NotEq
+                    | BinaryOperator::Lt
+                    | BinaryOperator::LtEq
+                    | BinaryOperator::Gt
+                    | BinaryOperator::GtEq,
+                ..
+            } => self.pred(e, s).map(Term::Pred),
             Sql::IsNull(_) | Sql::IsNotNull(_) => self.pred(e, s).map(Term::Pred),
             Sql::Function(f) => self.function(f, s),
             other => no(format!("the expression {}", shorten(&other.to_string()))),
@@ -726,7 +723,7 @@ impl<'c> Compiler<'c> {
                 .membership_in(Term::Op(outer), &q, &inner)
                 .map_err(|Unsupported(w)| Unsupported(format!("{}.{}(): {w}", func.schema, func.name)));
         }
-        let (table, alias) = self.from_one(select, s)?;
+        let (table, alias) = self.single_table(select, s)?;
         let scope = Scope { inner: Some((table, alias)), ..s.clone() };
         let group = match self.term(x, &scope)? {
             Term::Inner(i, ty) => (i, ty),
@@ -750,7 +747,7 @@ impl<'c> Compiler<'c> {
     /// `EXISTS (subquery)`.
     fn exists(&mut self, q: &Query, s: &Scope<'_>) -> R<Expr> {
         let select = unwrap_query(q)?;
-        let (table, alias) = self.from_one(select, s)?;
+        let (table, alias) = self.single_table(select, s)?;
         let scope = Scope { inner: Some((table, alias)), ..s.clone() };
         let mut conds = Vec::new();
         if let Some(w) = &select.selection {
@@ -766,7 +763,7 @@ impl<'c> Compiler<'c> {
         Ok(pulled.into_iter().fold(member, |acc, p| acc.and(Expr::IsTrue(Box::new(p)))))
     }
 
-    fn from_one<'a>(&mut self, select: &sqlparser::ast::Select, s: &Scope<'a>) -> R<(&'a TableCat, String)>
+    fn single_table<'a>(&mut self, select: &sqlparser::ast::Select, s: &Scope<'a>) -> R<(&'a TableCat, String)>
     where
         'c: 'a,
     {

@@ -76,12 +76,12 @@ impl Index {
                 }
                 _ => Index::Everyone,
             },
-            Expr::Member { cache, outer: Some(Operand::Column { index, cast: None, .. }), user, .. } => match user {
-                Operand::Claim { path, ty } => {
-                    Index::Member { cache: *cache, column: *index, path: path.clone(), ty: *ty }
-                }
-                _ => Index::Everyone,
-            },
+            Expr::Member {
+                cache,
+                outer: Some(Operand::Column { index, cast: None, .. }),
+                user: Operand::Claim { path, ty },
+                ..
+            } => Index::Member { cache: *cache, column: *index, path: path.clone(), ty: *ty },
             Expr::And(xs) => {
                 let mut best = Index::Everyone;
                 for x in xs {
