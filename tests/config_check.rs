@@ -40,7 +40,9 @@ async fn a_migrated_database_is_ready_and_each_broken_prerequisite_is_reported()
         assert_eq!(find(&findings, name).status, Status::Ok, "{name}: {findings:#?}");
     }
     assert_eq!(find(&findings, "replica identity public.orders").status, Status::Ok);
-    assert_eq!(find(&findings, "policy public.orders").status, Status::Ok, "{findings:#?}");
+    let orders = find(&findings, "plan public.orders as authenticated");
+    assert_eq!(orders.status, Status::Ok, "{findings:#?}");
+    assert!(orders.detail.starts_with("in memory (member public.dealer_memberships"), "{orders}");
     assert!(find(&findings, "streaming").detail.starts_with("off"));
     // --streaming on a server that can stream (the test clusters are 14+).
     let streaming = Settings { streaming: true, ..settings(db.url()) };
@@ -51,19 +53,20 @@ async fn a_migrated_database_is_ready_and_each_broken_prerequisite_is_reported()
 
     // Replica identity back to default: a warning with the exact fix.
     client.batch_execute("alter table public.orders replica identity default").await.unwrap();
-    // RLS off on memberships: the rule no longer matches the database.
+    // RLS off on memberships: every row, as PostgreSQL would show them.
     client.batch_execute("alter table public.dealer_memberships disable row level security").await.unwrap();
-    // A published table without a rule.
+    // A published table whose policy walcast cannot mirror (a self-join helper).
     client.batch_execute("alter publication supabase_realtime add table public.profiles").await.unwrap();
     let findings = run(db.url()).await;
     assert!(check::ready(&findings), "warnings only: {findings:#?}");
     let identity = find(&findings, "replica identity public.orders");
     assert_eq!(identity.status, Status::Warn);
     assert_eq!(identity.fix.as_deref(), Some(r#"alter table "public"."orders" replica identity full;"#));
-    assert_eq!(find(&findings, "policy public.dealer_memberships").status, Status::Warn);
-    let profiles = find(&findings, "policy public.profiles");
+    let members = find(&findings, "plan public.dealer_memberships as authenticated");
+    assert_eq!((members.status, members.detail.as_str()), (Status::Ok, "every row"), "{members}");
+    let profiles = find(&findings, "plan public.profiles as authenticated");
     assert_eq!(profiles.status, Status::Warn);
-    assert!(profiles.detail.contains("only service_role"), "{profiles}");
+    assert!(profiles.detail.starts_with("database-evaluated"), "{profiles}");
 
     // A role without REPLICATION that cannot read memberships: failures.
     let role = format!("nopriv_{}", uuid::Uuid::new_v4().simple());

@@ -20,6 +20,7 @@ mod large_transactions;
 mod load;
 mod memory;
 mod metrics;
+mod policies;
 mod policy_differential;
 mod readme;
 mod realtime;

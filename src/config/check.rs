@@ -358,7 +358,12 @@ async fn policy_checks(
     let loaded = match crate::policy::plan::load(client, std::slice::from_ref(&settings.publication), None).await {
         Ok(l) => l,
         Err(err) => {
-            report.fail("policies", err.to_string(), "see docs/policies.md");
+            let role = quote_ident(&settings_role(client).await);
+            report.fail(
+                "membership table",
+                err.to_string(),
+                format!("alter role {role} bypassrls; (walcast must read every membership row)"),
+            );
             return Ok(());
         }
     };
@@ -389,8 +394,13 @@ async fn policy_checks(
         }
     }
     report.ok(
-        "membership caches",
+        "membership table",
         format!("{} cache(s), {} rows read", loaded.caches.specs().len(), loaded.caches.rows()),
     );
     Ok(())
+}
+
+/// The role walcast connects as (for fixes).
+async fn settings_role(client: &Client) -> String {
+    client.query_one("select current_user::text", &[]).await.map(|r| r.get(0)).unwrap_or_else(|_| "walcast".into())
 }

@@ -397,6 +397,7 @@ impl<'c> Compiler<'c> {
                 let Term::Json(mut path) = self.term(left, s)? else { return no("-> on something other than the JWT") };
                 let key = match self.term(right, s)? {
                     Term::Literal(k) => k,
+                    Term::Op(Operand::Const(Some(Scalar::Text(k)))) => k.to_string(),
                     _ => return no("-> with a non-constant key"),
                 };
                 path.push(std::sync::Arc::from(key.as_str()));

@@ -138,6 +138,7 @@ impl PolicyError {
     pub fn is_transient(&self) -> bool {
         let db = match self {
             PolicyError::Load(plan::LoadError::Database(e)) | PolicyError::Database(e) => e,
+            PolicyError::Load(plan::LoadError::Hidden(_)) => return false,
         };
         db.as_db_error().is_none() || db.is_closed()
     }

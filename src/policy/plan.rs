@@ -301,6 +301,8 @@ fn plan_for(compiler: &mut Compiler<'_>, catalog: &Catalog, table: &TableCat, ro
                     format!("no SELECT policy of {} lets {} see a row", table.qualified(), role.name)
                 });
             }
+            // Policies that hold for every row: as if RLS were off.
+            Compiled::Memory(Expr::Const(Some(true))) => (Access::Everything, Index::Everyone),
             Compiled::Memory(e) => {
                 let index = Index::of(&e);
                 // Columns the predicate reads that an old row may lack.
@@ -355,6 +357,14 @@ pub enum LoadError {
     /// A database error (transient unless it names a missing object).
     #[error("reading policies: {0}")]
     Database(#[from] tokio_postgres::Error),
+    /// Row level security (or a missing privilege) hides membership rows
+    /// from walcast's role (definite).
+    #[error(
+        "{0} — walcast must read every row of the membership tables its caches mirror, and row-level security or \
+         privileges stop its role: give the role BYPASSRLS (ALTER ROLE <walcast role> BYPASSRLS) and SELECT, or \
+         connect as a superuser"
+    )]
+    Hidden(String),
 }
 
 /// A loaded policy state: plans, caches and when they were loaded.
@@ -405,7 +415,13 @@ pub async fn load(
         functions.extend(new_functions);
     };
     let mut caches = Caches::new(specs);
-    let at = caches::load(&tx, &mut caches, snapshot.map(|(_, lsn)| lsn)).await?;
+    let at = caches::load(&tx, &mut caches, snapshot.map(|(_, lsn)| lsn)).await.map_err(|e| match e.as_db_error() {
+        Some(db) if db.code().code() == "42501" => {
+            let tables: Vec<&str> = caches.specs().iter().map(|s| s.table_name.as_str()).collect();
+            LoadError::Hidden(format!("{} (reading {})", db.message(), tables.join(", ")))
+        }
+        _ => LoadError::Database(e),
+    })?;
     tx.commit().await?;
     Ok(Loaded { policies: Arc::new(set), caches, at })
 }

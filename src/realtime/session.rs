@@ -399,6 +399,18 @@ impl Session {
         let mut channel = Channel { join_ref, token, claims, subscribed: false };
         match resolved {
             Ok(hub_bindings) if !hub_bindings.is_empty() => {
+                // Say what will not arrive and why (never silence): an
+                // unknown role, or a plan's warnings for these tables.
+                for message in plan_notices(&self.ctx.hub.policies(), &channel.claims.role, &hub_bindings) {
+                    self.push(protocol::system(
+                        self.vsn,
+                        channel.join_ref.as_deref(),
+                        &msg.topic,
+                        "postgres_changes",
+                        "error",
+                        &message,
+                    ));
+                }
                 let on_live = self.subscribed_frame(&msg.topic, channel.join_ref.as_deref());
                 let subscription = Subscription {
                     conn: self.conn,
@@ -625,4 +637,34 @@ async fn write_loop<S>(
 pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns is not Send; drop it here.
     let _ = shutdown.wait_for(|stop| *stop).await.map(|_| ());
+}
+
+/// The `system` notices a join gets from the policy plans: the role does not
+/// exist, or the plan of a bound table withholds rows or columns (deduplicated).
+fn plan_notices(policies: &crate::policy::PolicySet, role: &str, bindings: &[crate::hub::Binding]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    if policies.tables().is_empty() {
+        return out;
+    }
+    if policies.role(role).is_none() {
+        out.push(format!(
+            "the token's role {role:?} does not exist in the database: no changes will be delivered to this channel"
+        ));
+        return out;
+    }
+    for b in bindings {
+        for t in policies.tables() {
+            if b.schema.as_deref().is_some_and(|s| s != t.schema) || b.table.as_deref().is_some_and(|x| x != t.name) {
+                continue;
+            }
+            if let Some(plan) = t.role(role) {
+                for w in &plan.warnings {
+                    if !out.contains(w) {
+                        out.push(w.clone());
+                    }
+                }
+            }
+        }
+    }
+    out
 }

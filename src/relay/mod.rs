@@ -352,7 +352,7 @@ async fn change_stage(
                         .map_err(PolicyError::from)?;
                 lease.release();
                 log_plans(&loaded_now);
-                tracing::info!(rows = loaded_now.at.rows, lsn = %loaded_now.at.lsn, "policies and caches loaded in the slot's snapshot");
+                tracing::info!(rows = loaded_now.at.rows, lsn = %loaded_now.at.lsn, "memberships loaded in the slot's snapshot (policies compiled, caches filled)");
                 loaded = true;
                 stats.memberships_loaded.store(true, Ordering::Relaxed);
                 batch.push(StageEvent::Policies(Box::new(loaded_now)));
@@ -366,7 +366,7 @@ async fn change_stage(
                     let loaded_now =
                         policy::plan::load(&mut client, &publications, None).await.map_err(PolicyError::from)?;
                     log_plans(&loaded_now);
-                    tracing::info!(rows = loaded_now.at.rows, lsn = %loaded_now.at.lsn, "policies and caches loaded; catch-up window until lsn");
+                    tracing::info!(rows = loaded_now.at.rows, lsn = %loaded_now.at.lsn, "memberships loaded; catch-up window until lsn (policies compiled, caches filled)");
                     loaded = true;
                     stats.memberships_loaded.store(true, Ordering::Relaxed);
                     batch.push(StageEvent::Policies(Box::new(loaded_now)));
