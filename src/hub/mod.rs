@@ -21,12 +21,15 @@
 //! 2. At Commit, the transaction's membership changes are applied to the
 //!    cache first: every change is judged with the memberships *as of its
 //!    commit*, as PostgreSQL's RLS would judge a read right after it.
-//! 3. Per change, the audience is the members of the old and new row's
-//!    dealership (plus `service_role` subscribers), each with its own event
-//!    after visibility transitions (see [`crate::policy::rules`]), narrowed to
-//!    subscriptions whose bindings match schema, table, event and filter.
-//!    The `data` JSON is built once per event type; each frame once per
-//!    (vsn, topic, ids, event type); subscribers share the `Bytes`.
+//! 3. Per change and subscribed role, the table's plan
+//!    ([`crate::policy::plan`]) names the candidates through the registry's
+//!    indexes (viewers by claim, members of the row's group, or everyone of
+//!    the role); the compiled predicate judges each candidate on the old and
+//!    new row, giving its event (see [`crate::policy::EventType::transition`]),
+//!    narrowed to subscriptions whose bindings match schema, table, event and
+//!    filter. The `data` JSON is built once per (event, column mask); each
+//!    frame once per (vsn, topic, ids, event, mask); subscribers share the
+//!    `Bytes`.
 //! 4. The end LSN is acknowledged to the source once everything is queued;
 //!    a transaction that queued frames records its commit → queued latency in
 //!    [`HubStats::delivery_latency`], and the open/handled commit times feed
@@ -67,7 +70,7 @@
 //! acknowledged after, so a reconnect anywhere inside it re-sends it whole
 //! and it is skipped whole. After a restart with an existing slot, transactions committed
 //! before the membership load point are the catch-up window (see
-//! [`crate::policy::membership`]): their membership changes are applied,
+//! [`crate::policy::caches`]): their membership changes are applied,
 //! their row changes go to `service_role` subscribers only.
 
 mod flow;
