@@ -25,7 +25,7 @@
 use std::collections::HashMap;
 
 use super::compile::CacheSpec;
-use super::predicate::{CacheId, Context, Expr};
+use super::predicate::{CacheId, Context};
 use crate::change::{Change, Datum, Op, RelationInfo, Row};
 use crate::lsn::Lsn;
 
@@ -314,7 +314,9 @@ fn pair(spec: &CacheSpec, map: &[Option<usize>], row: &Row) -> Option<Pair> {
         match datums[i] {
             Datum::Null => Ok(None),
             Datum::Absent => Err(()),
-            Datum::Text(t) => std::str::from_utf8(t).map(|s| Some(canonical(s))).map_err(|_| ()),
+            // The WAL's text is PostgreSQL's canonical output for every
+            // type the caches key on (uuid lower-case, plain integers, t/f).
+            Datum::Text(t) => std::str::from_utf8(t).map(|s| Some(s.into())).map_err(|_| ()),
         }
     };
     let user = text(&spec.user.0).ok()??;
@@ -323,12 +325,6 @@ fn pair(spec: &CacheSpec, map: &[Option<usize>], row: &Row) -> Option<Pair> {
         None => None,
     };
     Some((group, user))
-}
-
-/// The WAL's text is already PostgreSQL's canonical output for every type
-/// the caches key on (uuid lower-case, integers plain, booleans `t`/`f`).
-fn canonical(s: &str) -> Box<str> {
-    s.into()
 }
 
 /// Loads every cache from the database (row security off: walcast must
@@ -390,7 +386,7 @@ pub async fn load(
     Ok(LoadedAt { lsn, exact, rows: total })
 }
 
-/// For [`Expr`]s evaluated by tests against a cache directly.
+/// Lookups the compiled predicates make (see [`super::predicate::Context`]).
 impl Caches {
     /// Whether `(group, user)` is in cache `id`.
     pub fn member(&self, id: CacheId, group: Option<&str>, user: &str) -> bool {
@@ -401,11 +397,6 @@ impl Caches {
     pub fn user_rows(&self, id: CacheId, user: &str) -> (bool, bool) {
         self.data.get(id).map_or((false, false), |c| c.user_rows(user))
     }
-
-    /// Evaluates nothing; kept so `Expr` stays the one evaluator.
-    pub fn filter_of(&self, id: CacheId) -> Option<&Expr> {
-        self.specs.get(id).and_then(|s| s.filter.as_ref())
-    }
 }
 
 #[cfg(test)]
@@ -413,7 +404,7 @@ mod tests {
     use super::*;
     use crate::change::ColumnInfo;
     use crate::pgoutput::ReplicaIdentity;
-    use crate::policy::predicate::{ColType, Operand, Scalar};
+    use crate::policy::predicate::{ColType, Expr, Operand, Scalar};
     use bytes::Bytes;
     use std::sync::Arc;
 

@@ -741,7 +741,7 @@ impl<'c> Compiler<'c> {
         if !pulled.is_empty() {
             return no("conditions on the row or the viewer inside IN (SELECT …)");
         }
-        let cache = self.cache(table, Some(group.0), user_col, filter, &scope, &[x])?;
+        let cache = self.cache(table, Some(group.0), user_col, filter, &scope)?;
         Ok(Expr::Member { cache, outer: Some(outer), user, sql_in: true })
     }
 
@@ -757,7 +757,7 @@ impl<'c> Compiler<'c> {
         let mut group: Option<(usize, Operand)> = None;
         let (user, user_col, filter, pulled) = self.split_conditions(&conds, table, &scope, Some(&mut group))?;
         let group_col = group.as_ref().map(|g| g.0);
-        let cache = self.cache(table, group_col, user_col, filter, &scope, &[])?;
+        let cache = self.cache(table, group_col, user_col, filter, &scope)?;
         let member = Expr::Member { cache, outer: group.map(|g| g.1), user, sql_in: false };
         // Conditions that read only the row or the viewer: EXISTS is
         // two-valued, so they count only when true.
@@ -917,7 +917,6 @@ impl<'c> Compiler<'c> {
         user: usize,
         filter: Option<Expr>,
         s: &Scope<'_>,
-        _projection: &[&Sql],
     ) -> R<CacheId> {
         let name = table.qualified();
         // Who runs the subquery: its RLS and privileges decide what it sees.
