@@ -496,8 +496,6 @@ pub struct Core {
     ack: AckHandle,
     stats: Arc<HubStats>,
     registry: Registry,
-    /// Subscriptions per role (roles the fan-out must consider).
-    roles: HashMap<Arc<str>, usize>,
     /// Transactions committing before this are the catch-up window.
     judge_from: Lsn,
     /// End LSN of the last transaction handled.
@@ -518,6 +516,8 @@ pub struct Core {
     data: HashMap<(u8, u16), Bytes>,
     key: Vec<u8>,
     ids: Vec<u32>,
+    /// Scratch: the matching bindings with a `select` list, per delivery.
+    selects: Vec<usize>,
     /// Scratch: candidate slots per change and role.
     candidates: Vec<Slot>,
     doomed: Vec<ConnId>,
@@ -545,7 +545,6 @@ impl Core {
             ack,
             stats,
             registry: Registry::default(),
-            roles: HashMap::new(),
             judge_from: Lsn::ZERO,
             handled: Lsn::ZERO,
             open: None,
@@ -556,6 +555,7 @@ impl Core {
             data: HashMap::new(),
             key: Vec::new(),
             ids: Vec::new(),
+            selects: Vec::new(),
             candidates: Vec::new(),
             doomed: Vec::new(),
         }
@@ -586,57 +586,27 @@ impl Core {
             Control::Join(sub) => {
                 let on_live = sub.on_live.clone();
                 let outbox = Arc::clone(&sub.outbox);
-                let role = Arc::clone(&sub.viewer.role);
-                let (_, replaced) = self.registry.insert(sub);
-                if let Some(old) = replaced {
-                    self.role_gone(&old.viewer.role);
-                }
-                *self.roles.entry(role).or_default() += 1;
-                self.stats.subscriptions.store(self.registry.len() as u64, Ordering::Relaxed);
+                self.registry.insert(sub);
                 if let Some(frame) = on_live {
                     let _ = outbox.push(frame);
                 }
             }
             Control::Leave { conn, topic } => {
-                if let Some(old) = self.registry.remove(conn, &topic) {
-                    self.role_gone(&old.viewer.role);
-                }
-                self.stats.subscriptions.store(self.registry.len() as u64, Ordering::Relaxed);
+                self.registry.remove(conn, &topic);
             }
             Control::Reauth { conn, topic, viewer, on_live } => {
-                let Some(slot) = self.registry.find(conn, &topic) else { return };
-                let old_role = self.registry.get(slot).map(|s| Arc::clone(&s.viewer.role));
-                let role = Arc::clone(&viewer.role);
                 let Some(outbox) = self.registry.reauth(conn, &topic, viewer) else { return };
-                if let Some(old) = old_role {
-                    self.role_gone(&old);
-                }
-                *self.roles.entry(role).or_default() += 1;
                 if let Some(frame) = on_live {
                     let _ = outbox.push(frame);
                 }
             }
             Control::Disconnect { conn } => self.remove_conn(conn),
         }
-    }
-
-    fn role_gone(&mut self, role: &Arc<str>) {
-        if let Some(n) = self.roles.get_mut(role) {
-            *n -= 1;
-            if *n == 0 {
-                self.roles.remove(role);
-            }
-        }
+        self.stats.subscriptions.store(self.registry.len() as u64, Ordering::Relaxed);
     }
 
     fn remove_conn(&mut self, conn: ConnId) {
-        let topics: Vec<Arc<str>> =
-            self.registry.iter().filter(|(_, s)| s.conn == conn).map(|(_, s)| Arc::clone(&s.topic)).collect();
-        for topic in topics {
-            if let Some(old) = self.registry.remove(conn, &topic) {
-                self.role_gone(&old.viewer.role);
-            }
-        }
+        self.registry.remove_conn(conn);
         self.stats.subscriptions.store(self.registry.len() as u64, Ordering::Relaxed);
     }
 
@@ -696,7 +666,7 @@ impl Core {
         let columns = self.columns_json(&change.relation);
         self.frames.clear();
         self.data.clear();
-        let roles: Vec<Arc<str>> = self.roles.keys().cloned().collect();
+        let roles: Vec<Arc<str>> = self.registry.roles().map(|(r, _)| Arc::clone(r)).collect();
         let mut candidates = std::mem::take(&mut self.candidates);
         for (role_no, role) in roles.iter().enumerate() {
             let Some(rp) = plan.role(role) else { continue };
@@ -781,7 +751,7 @@ impl Core {
             }
             Index::Member { cache, column, path, ty } => {
                 let Some(spec) = self.caches.specs().get(*cache) else { return };
-                let Some((_, group_ty)) = spec.group.clone() else {
+                let Some((_, group_ty)) = &spec.group else {
                     return self.registry.table_candidates(&change.relation.schema, &change.relation.table, out);
                 };
                 if !self.registry.indexes_claim(path, *ty) {
@@ -789,7 +759,7 @@ impl Core {
                 }
                 let Some(data) = self.caches.get(*cache) else { return };
                 for row in [change.old_record.as_ref(), change.record.as_ref()] {
-                    if let Some(g) = value(*column, row, group_ty) {
+                    if let Some(g) = value(*column, row, *group_ty) {
                         data.for_each_member(&g, |user| self.registry.claim_candidates(path, *ty, user, out));
                     }
                 }
@@ -819,27 +789,37 @@ impl Core {
             EventType::Delete => change.old_record.as_ref(),
         };
         self.ids.clear();
-        let mut select: Option<&Vec<String>> = None;
-        for binding in &sub.bindings {
+        // The `select` lists of the matching bindings, all of them; one
+        // binding without a list wants every column.
+        self.selects.clear();
+        let mut every_column = false;
+        for (i, binding) in sub.bindings.iter().enumerate() {
             if binding.wants(&change.relation, event, row) {
                 self.ids.push(binding.id);
-                if let Some(cols) = &binding.select {
-                    select = Some(cols);
+                match &binding.select {
+                    Some(_) => self.selects.push(i),
+                    None => every_column = true,
                 }
             }
         }
         if self.ids.is_empty() {
             return;
         }
-        // The role's columns, narrowed by the binding's `select` (the key
+        // The role's columns, narrowed by the bindings' `select` (the key
         // columns always go, as Supabase sends them).
-        let selected: Option<Vec<bool>> = select.map(|cols| {
+        let selected: Option<Vec<bool>> = (!every_column).then(|| {
             change
                 .relation
                 .columns
                 .iter()
                 .enumerate()
-                .map(|(i, c)| (c.is_key || cols.contains(&c.name)) && shape.mask.is_none_or(|m| m[i]))
+                .map(|(i, c)| {
+                    let wanted = self
+                        .selects
+                        .iter()
+                        .any(|&b| sub.bindings[b].select.as_ref().is_some_and(|cols| cols.contains(&c.name)));
+                    (c.is_key || wanted) && shape.mask.is_none_or(|m| m[i])
+                })
                 .collect()
         });
         let (mask, mask_id) = match &selected {

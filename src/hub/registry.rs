@@ -10,7 +10,9 @@
 //!   `wildcard`: slots with a binding on a whole schema or every schema;
 //! - `by_claim`: for each claim the policies look viewers up by (e.g. `sub`
 //!   as uuid), claim value → slots — so a change reaches its candidates
-//!   without visiting every subscriber.
+//!   without visiting every subscriber;
+//! - `roles`: role → number of subscriptions (the roles a change is judged
+//!   for).
 //!
 //! # Invariants ([`Registry::check`] verifies them in debug builds and tests)
 //!
@@ -19,7 +21,8 @@
 //! 2. Every live slot appears once in `by_key` (under its own key), once in
 //!    `by_conn[conn]`, once in `by_table` per distinct table its bindings
 //!    name or once in `wildcard`, and once in `by_claim[c][v]` per indexed
-//!    claim `c` whose value `v` it has; and no index holds anything else.
+//!    claim `c` whose value `v` it has, and is counted once under its role;
+//!    and no index holds anything else.
 //! 3. Topic ids are stable while a topic has a subscription; the frame
 //!    cache keys on them (never on an address).
 
@@ -67,6 +70,7 @@ pub struct Registry {
     by_claim: Vec<HashMap<Box<str>, Vec<Slot>>>,
     topics: HashMap<Arc<str>, (u32, usize)>,
     next_topic: u32,
+    roles: HashMap<Arc<str>, usize>,
 }
 
 fn drop_slot(list: &mut Vec<Slot>, slot: Slot) {
@@ -115,6 +119,11 @@ impl Registry {
     /// The slot of (conn, topic).
     pub fn find(&self, conn: ConnId, topic: &str) -> Option<Slot> {
         self.by_key.get(&(conn, Arc::from(topic))).copied()
+    }
+
+    /// The roles with at least one subscription, and how many each.
+    pub fn roles(&self) -> impl Iterator<Item = (&Arc<str>, usize)> {
+        self.roles.iter().map(|(r, n)| (r, *n))
     }
 
     /// Every live subscription.
@@ -230,6 +239,7 @@ impl Registry {
     }
 
     fn index(&mut self, slot: Slot, sub: &Sub) {
+        *self.roles.entry(Arc::clone(&sub.viewer.role)).or_default() += 1;
         match tables_of(&sub.bindings) {
             Some(tables) => {
                 for t in tables {
@@ -246,6 +256,12 @@ impl Registry {
     }
 
     fn unindex(&mut self, slot: Slot, sub: &Sub) {
+        if let Some(n) = self.roles.get_mut(&sub.viewer.role) {
+            *n -= 1;
+            if *n == 0 {
+                self.roles.remove(&sub.viewer.role);
+            }
+        }
         match tables_of(&sub.bindings) {
             Some(tables) => {
                 for t in tables {
@@ -302,7 +318,7 @@ impl Registry {
         Some(sub)
     }
 
-    /// Removes every subscription of `conn`.
+    /// Removes every subscription of `conn`; returns how many.
     pub fn remove_conn(&mut self, conn: ConnId) -> usize {
         let slots = self.by_conn.get(&conn).cloned().unwrap_or_default();
         let mut removed = 0;
@@ -387,6 +403,10 @@ impl Registry {
         let expected_tables: usize = self.iter().map(|(_, s)| tables_of(&s.bindings).map_or(0, |t| t.len())).sum();
         if by_conn != counted || by_claim != expected_claims || by_table != expected_tables {
             return Err("an index holds dead entries".into());
+        }
+        let role_refs: usize = self.roles.values().sum();
+        if role_refs != counted || self.roles.values().any(|&n| n == 0) {
+            return Err("role counts out of step".into());
         }
         let topic_refs: usize = self.topics.values().map(|t| t.1).sum();
         if topic_refs != counted {

@@ -652,8 +652,9 @@ fn plan_notices(policies: &crate::policy::PolicySet, role: &str, bindings: &[cra
         ));
         return out;
     }
+    let tables = policies.tables();
     for b in bindings {
-        for t in policies.tables() {
+        for t in &tables {
             if b.schema.as_deref().is_some_and(|s| s != t.schema) || b.table.as_deref().is_some_and(|x| x != t.name) {
                 continue;
             }
