@@ -13,6 +13,7 @@ use std::sync::Arc;
 use super::caches::{self, Caches, LoadedAt};
 use super::catalog::{self, Catalog, RoleCat, TableCat};
 use super::compile::{Compiled, Compiler};
+use super::fallback::DatabaseCheck;
 use super::predicate::{CacheId, ClaimPath, CmpOp, ColType, Expr, Operand};
 use crate::lsn::Lsn;
 
@@ -135,11 +136,20 @@ pub struct RolePlan {
     pub index: Index,
     /// What will not arrive and why (sent to subscribers at join).
     pub warnings: Vec<String>,
+    /// For [`Access::Database`]: how PostgreSQL evaluates it (`None` when
+    /// it cannot, e.g. walcast may not `SET ROLE` to the role).
+    pub database: Option<Arc<DatabaseCheck>>,
 }
 
 impl RolePlan {
     fn nothing(why: String) -> RolePlan {
-        RolePlan { access: Access::Nothing(why), columns: None, index: Index::Nobody, warnings: Vec::new() }
+        RolePlan {
+            access: Access::Nothing(why),
+            columns: None,
+            index: Index::Nobody,
+            warnings: Vec::new(),
+            database: None,
+        }
     }
 
     /// One line: `in memory (auth.uid() = user_id)`, `everything`, ….
@@ -290,6 +300,7 @@ fn plan_for(compiler: &mut Compiler<'_>, catalog: &Catalog, table: &TableCat, ro
     let owner = privileges.is_some_and(|p| p.owner);
     let bypass = role.superuser || role.bypass_rls || !table.rls || (owner && !table.force_rls);
     let mut warnings = Vec::new();
+    let mut database = None;
     let (access, index) = if bypass {
         (Access::Everything, Index::Everyone)
     } else {
@@ -326,13 +337,15 @@ fn plan_for(compiler: &mut Compiler<'_>, catalog: &Catalog, table: &TableCat, ro
                 (Access::Rows(e), index)
             }
             Compiled::Database(why) => {
-                warnings.push(format!(
-                    "changes of {} are not delivered to {}: its policies are evaluated by the database, which this \
-                     walcast does not do yet ({why})",
-                    table.qualified(),
-                    role.name
-                ));
-                (Access::Database(why), Index::Nobody)
+                match database_check(catalog, table, role) {
+                    Ok(check) => database = Some(Arc::new(check)),
+                    Err(cannot) => warnings.push(format!(
+                        "changes of {} are not delivered to {}: its policies need the database ({why}), and {cannot}",
+                        table.qualified(),
+                        role.name
+                    )),
+                }
+                (Access::Database(why), Index::Everyone)
             }
         }
     };
@@ -348,7 +361,50 @@ fn plan_for(compiler: &mut Compiler<'_>, catalog: &Catalog, table: &TableCat, ro
             ));
         }
     }
-    RolePlan { access, columns, index, warnings }
+    RolePlan { access, columns, index, warnings, database }
+}
+
+/// The SQL form of `role`'s policies on `table`, for PostgreSQL to evaluate.
+fn database_check(catalog: &Catalog, table: &TableCat, role: &RoleCat) -> Result<DatabaseCheck, String> {
+    if !role.settable {
+        return Err(format!(
+            "walcast's role {u} may not SET ROLE {r} to ask PostgreSQL (GRANT {r} TO {u})",
+            u = catalog.current_user,
+            r = role.name
+        ));
+    }
+    let applies = |roles: &[String]| roles.is_empty() || roles.iter().any(|r| role.member_of.contains(r));
+    let mut permissive = Vec::new();
+    let mut restrictive = Vec::new();
+    let mut names = Vec::new();
+    for p in table.policies.iter().filter(|p| applies(&p.roles)) {
+        let Some(using) = &p.using else {
+            return Err(format!("policy {} has no USING expression", p.name));
+        };
+        names.push(p.name.clone());
+        if p.permissive {
+            permissive.push(format!("({using})"));
+        } else {
+            restrictive.push(format!("({using})"));
+        }
+    }
+    if permissive.is_empty() {
+        return Err("no permissive policy applies".into());
+    }
+    let mut predicate = format!("({})", permissive.join(" OR "));
+    for r in restrictive {
+        predicate.push_str(" AND ");
+        predicate.push_str(&r);
+    }
+    Ok(DatabaseCheck {
+        table: table.oid,
+        alias: table.name.clone(),
+        qualified: table.qualified(),
+        policies: names,
+        predicate,
+        columns: table.columns.iter().map(|c| (c.name.clone(), c.sql_type.clone())).collect(),
+        role: role.name.clone(),
+    })
 }
 
 /// Errors reading policies.

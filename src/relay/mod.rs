@@ -50,6 +50,8 @@ pub struct RelayConfig {
     pub source: SourceConfig,
     /// Hub settings.
     pub hub: HubConfig,
+    /// Database evaluation of tables whose policies walcast cannot mirror.
+    pub database_eval: policy::fallback::FallbackConfig,
     /// How long [`Relay::start`] waits for the first stream start.
     pub start_timeout: Duration,
     /// Where transactions that outgrow memory go (the hub's and, with
@@ -63,6 +65,7 @@ impl RelayConfig {
         RelayConfig {
             source,
             hub: HubConfig::default(),
+            database_eval: policy::fallback::FallbackConfig::default(),
             start_timeout: Duration::from_secs(60),
             spill: SpillConfig { dir: crate::spill::temporary_dir(), disk_budget: crate::spill::DEFAULT_DISK_BUDGET },
         }
@@ -162,7 +165,15 @@ impl Relay {
         })?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let ack = AckHandle::default();
-        let (hub, handle) = hub::hub(config.hub.clone(), ack.clone(), spill.clone());
+        let (mut hub, handle) = hub::hub(config.hub.clone(), ack.clone(), spill.clone());
+        let (verdicts_tx, verdicts_rx) = mpsc::channel(256);
+        let fallback = policy::fallback::spawn(
+            config.source.connection.clone(),
+            config.database_eval.clone(),
+            Arc::clone(&handle.stats.database),
+            verdicts_tx,
+        );
+        hub.attach_fallback(fallback, verdicts_rx);
         let (source_tx, source_rx) = mpsc::channel(256);
         let (stage_tx, stage_rx) = mpsc::channel(64);
         let queues = RelayQueues {
