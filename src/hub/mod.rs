@@ -293,6 +293,8 @@ pub struct HubStats {
     pub cache_bytes: AtomicU64,
     /// Database evaluation (tables whose policies PostgreSQL judges).
     pub database: Arc<FallbackStats>,
+    /// Per membership cache: description, rows, bytes, over budget.
+    pub caches: std::sync::Mutex<Vec<(String, usize, usize, bool)>>,
     /// Commit → queued latency of each transaction that queued frames: the
     /// commit timestamp (the database's clock) against the wall clock once
     /// its last frame was queued.
@@ -623,6 +625,9 @@ impl Core {
     fn cache_gauges(&self) {
         self.stats.cache_rows.store(self.caches.rows() as u64, Ordering::Relaxed);
         self.stats.cache_bytes.store(self.caches.bytes() as u64, Ordering::Relaxed);
+        if let Ok(mut summary) = self.stats.caches.lock() {
+            *summary = self.caches.summary();
+        }
     }
 
     /// Handles one control request.
@@ -721,7 +726,11 @@ impl Core {
                 .map(|m| map.to_plan.iter().map(|p| p.is_some_and(|p| m.get(p).copied().unwrap_or(false))).collect());
             let shape = MaskRef { id: role_no as u16, mask: mask.as_deref() };
             candidates.clear();
-            match &rp.access {
+            // A predicate whose membership cache went over budget: the
+            // database decides, as for policies that do not compile.
+            let over_budget = matches!(rp.access, Access::Rows(_)) && rp.caches.iter().any(|&c| self.caches.is_over(c));
+            let access = if over_budget { &Access::Database(String::new()) } else { &rp.access };
+            match access {
                 Access::Nothing(_) => continue,
                 Access::Database(_) => {
                     // Catch-up window: as for in-memory plans.

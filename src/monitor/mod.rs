@@ -352,6 +352,26 @@ impl Monitor {
             "Changes withheld from a role whose policies need the database but could not be checked (no SET ROLE, queue full).",
             h.database_denied.load(Ordering::Relaxed),
         );
+        let caches = h.caches.lock().map(|c| c.clone()).unwrap_or_default();
+        for (name, help, pick) in [
+            ("walcast_membership_cache_rows", "Rows per membership cache.", 0usize),
+            ("walcast_membership_cache_bytes_each", "Approximate bytes per membership cache.", 1),
+            (
+                "walcast_membership_cache_over_budget",
+                "1 when a cache was dropped for the budget (its tables are database-evaluated).",
+                2,
+            ),
+        ] {
+            w.family(name, Kind::Gauge, help);
+            for (cache, rows, bytes, over) in &caches {
+                let value = match pick {
+                    0 => *rows as u64,
+                    1 => *bytes as u64,
+                    _ => u64::from(*over),
+                };
+                w.sample(name, &[("cache", cache.as_str())], value);
+            }
+        }
         w.counter(
             "walcast_database_eval_checks_total",
             "Claim sets PostgreSQL evaluated for database-evaluated tables.",

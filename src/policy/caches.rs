@@ -21,6 +21,15 @@
 //!   idempotently, and exact from L on.
 //! - A row whose needed column is absent from the WAL image (an unchanged
 //!   TOASTed value) is dropped from the cache: a possible miss, never a leak.
+//!
+//! # Memory
+//!
+//! All caches together stay within a byte budget ([`DEFAULT_BUDGET`],
+//! `--policy-cache-budget`). When a load or a change would pass it, the
+//! largest cache is dropped and marked *over budget* for good (until the
+//! next load): the hub then has PostgreSQL evaluate the tables whose plans
+//! read it (see [`crate::policy::fallback`]), and `walcast check` and
+//! `/metrics` say so.
 
 use std::collections::HashMap;
 
@@ -28,6 +37,9 @@ use super::compile::CacheSpec;
 use super::predicate::{CacheId, Context};
 use crate::change::{Change, Datum, Op, RelationInfo, Row};
 use crate::lsn::Lsn;
+
+/// Default byte budget of all caches together: 1 GiB.
+pub const DEFAULT_BUDGET: usize = 1 << 30;
 
 /// When the caches were loaded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,6 +182,9 @@ pub struct Caches {
     specs: Vec<CacheSpec>,
     data: Vec<GroupCache>,
     by_table: HashMap<u32, Vec<CacheId>>,
+    /// Caches dropped for the budget (no longer maintained).
+    over: Vec<bool>,
+    budget: usize,
 }
 
 /// A row image seen through a cache spec's column order.
@@ -203,7 +218,45 @@ impl Caches {
             by_table.entry(s.table).or_default().push(i);
         }
         let data = vec![GroupCache::default(); specs.len()];
-        Caches { specs, data, by_table }
+        let over = vec![false; specs.len()];
+        Caches { specs, data, by_table, over, budget: DEFAULT_BUDGET }
+    }
+
+    /// The same caches within `budget` bytes.
+    pub fn with_budget(mut self, budget: usize) -> Caches {
+        self.budget = budget;
+        self.enforce_budget();
+        self
+    }
+
+    /// Whether cache `id` was dropped for the budget.
+    pub fn is_over(&self, id: CacheId) -> bool {
+        self.over.get(id).copied().unwrap_or(false)
+    }
+
+    /// Per cache: description, rows, bytes, over budget.
+    pub fn summary(&self) -> Vec<(String, usize, usize, bool)> {
+        self.specs
+            .iter()
+            .zip(&self.data)
+            .zip(&self.over)
+            .map(|((s, d), o)| (s.describe(), d.len(), d.bytes(), *o))
+            .collect()
+    }
+
+    /// Drops the largest caches until all fit the budget.
+    fn enforce_budget(&mut self) {
+        while self.bytes() > self.budget {
+            let Some((id, _)) = self.data.iter().enumerate().max_by_key(|(_, d)| d.bytes()) else { return };
+            tracing::warn!(
+                cache = %self.specs[id].describe(),
+                bytes = self.data[id].bytes(),
+                budget = self.budget,
+                "membership cache over the budget; its tables are evaluated by the database from now on"
+            );
+            self.data[id].clear();
+            self.over[id] = true;
+        }
     }
 
     /// The specs, by id.
@@ -236,6 +289,9 @@ impl Caches {
     pub fn apply(&mut self, change: &Change) {
         let Some(ids) = self.by_table.get(&change.relation.oid) else { return };
         for &id in ids {
+            if self.over[id] {
+                continue;
+            }
             let spec = &self.specs[id];
             let cache = &mut self.data[id];
             if change.op == Op::Truncate {
@@ -264,11 +320,17 @@ impl Caches {
                 Op::Truncate => {}
             }
         }
+        if self.bytes() > self.budget {
+            self.enforce_budget();
+        }
     }
 
     /// Inserts a row read by [`load`]: `values` in the spec's column order
     /// (`None` = NULL), unread columns [`Datum::Absent`].
     fn load_row(&mut self, id: CacheId, datums: &[Datum]) {
+        if self.over[id] {
+            return;
+        }
         let spec = &self.specs[id];
         let refs: Vec<&Datum> = datums.iter().collect();
         let Some(key) = key_of(spec, |name| spec.columns.iter().position(|c| c == name).map(|i| refs[i])) else {
@@ -277,6 +339,9 @@ impl Caches {
         let map: Vec<Option<usize>> = (0..spec.columns.len()).map(Some).collect();
         if let Some((group, user)) = pair(spec, &map, &Row(datums.to_vec())) {
             self.data[id].insert(key, group, user);
+            if self.bytes() > self.budget {
+                self.enforce_budget();
+            }
         }
     }
 }
@@ -366,13 +431,20 @@ pub async fn load(
         let select: Vec<String> = wanted.iter().map(|&i| format!("{}::text", ident(&spec.columns[i]))).collect();
         let sql = format!("SELECT {} FROM {}.{}", select.join(", "), ident(schema), ident(table));
         caches.data[id].clear();
-        for row in client.query(&sql, &[]).await? {
+        // Streamed, so a table larger than the budget is never held whole.
+        let rows = client.query_raw(&sql, std::iter::empty::<i32>()).await?;
+        futures::pin_mut!(rows);
+        while let Some(row) = futures::StreamExt::next(&mut rows).await {
+            let row = row?;
             let mut datums = vec![Datum::Absent; spec.columns.len()];
             for (j, &i) in wanted.iter().enumerate() {
                 let v: Option<String> = row.get(j);
                 datums[i] = v.map_or(Datum::Null, |s| Datum::Text(bytes::Bytes::from(s)));
             }
             caches.load_row(id, &datums);
+            if caches.over[id] {
+                break;
+            }
         }
         total += caches.data[id].len();
     }

@@ -136,9 +136,12 @@ pub struct RolePlan {
     pub index: Index,
     /// What will not arrive and why (sent to subscribers at join).
     pub warnings: Vec<String>,
-    /// For [`Access::Database`]: how PostgreSQL evaluates it (`None` when
-    /// it cannot, e.g. walcast may not `SET ROLE` to the role).
+    /// How PostgreSQL evaluates it — for [`Access::Database`], and for
+    /// [`Access::Rows`] whose caches went over budget (`None` when it
+    /// cannot, e.g. walcast may not `SET ROLE` to the role).
     pub database: Option<Arc<DatabaseCheck>>,
+    /// The membership caches an [`Access::Rows`] predicate reads.
+    pub caches: Vec<CacheId>,
 }
 
 impl RolePlan {
@@ -149,6 +152,7 @@ impl RolePlan {
             index: Index::Nobody,
             warnings: Vec::new(),
             database: None,
+            caches: Vec::new(),
         }
     }
 
@@ -301,6 +305,7 @@ fn plan_for(compiler: &mut Compiler<'_>, catalog: &Catalog, table: &TableCat, ro
     let bypass = role.superuser || role.bypass_rls || !table.rls || (owner && !table.force_rls);
     let mut warnings = Vec::new();
     let mut database = None;
+    let mut caches = Vec::new();
     let (access, index) = if bypass {
         (Access::Everything, Index::Everyone)
     } else {
@@ -316,6 +321,13 @@ fn plan_for(compiler: &mut Compiler<'_>, catalog: &Catalog, table: &TableCat, ro
             Compiled::Memory(Expr::Const(Some(true))) => (Access::Everything, Index::Everyone),
             Compiled::Memory(e) => {
                 let index = Index::of(&e);
+                e.for_each_member(&mut |c| {
+                    if !caches.contains(&c) {
+                        caches.push(c)
+                    }
+                });
+                // Kept for when a cache outgrows its budget.
+                database = database_check(catalog, table, role).ok().map(Arc::new);
                 // Columns the predicate reads that an old row may lack.
                 if table.replica_identity != 'f' {
                     let mut needs = Vec::new();
@@ -361,7 +373,7 @@ fn plan_for(compiler: &mut Compiler<'_>, catalog: &Catalog, table: &TableCat, ro
             ));
         }
     }
-    RolePlan { access, columns, index, warnings, database }
+    RolePlan { access, columns, index, warnings, database, caches }
 }
 
 /// The SQL form of `role`'s policies on `table`, for PostgreSQL to evaluate.
@@ -436,7 +448,7 @@ pub struct Loaded {
 
 /// Reads the catalog, compiles and loads the caches in one transaction
 /// (inside `snapshot` — the exported snapshot's name and consistent point —
-/// when given).
+/// when given), with the default cache budget.
 ///
 /// # Errors
 /// SQL errors.
@@ -444,6 +456,19 @@ pub async fn load(
     client: &mut tokio_postgres::Client,
     publications: &[String],
     snapshot: Option<(&str, Lsn)>,
+) -> Result<Loaded, LoadError> {
+    load_with_budget(client, publications, snapshot, caches::DEFAULT_BUDGET).await
+}
+
+/// As [`load`], the caches within `budget` bytes.
+///
+/// # Errors
+/// SQL errors.
+pub async fn load_with_budget(
+    client: &mut tokio_postgres::Client,
+    publications: &[String],
+    snapshot: Option<(&str, Lsn)>,
+    budget: usize,
 ) -> Result<Loaded, LoadError> {
     let tx = client
         .build_transaction()
@@ -470,7 +495,7 @@ pub async fn load(
         tables.extend(new_tables);
         functions.extend(new_functions);
     };
-    let mut caches = Caches::new(specs);
+    let mut caches = Caches::new(specs).with_budget(budget);
     let at = caches::load(&tx, &mut caches, snapshot.map(|(_, lsn)| lsn)).await.map_err(|e| match e.as_db_error() {
         Some(db) if db.code().code() == "42501" => {
             let tables: Vec<&str> = caches.specs().iter().map(|s| s.table_name.as_str()).collect();

@@ -52,6 +52,8 @@ pub struct RelayConfig {
     pub hub: HubConfig,
     /// Database evaluation of tables whose policies walcast cannot mirror.
     pub database_eval: policy::fallback::FallbackConfig,
+    /// Memory budget of the membership caches, all together.
+    pub policy_cache_budget: usize,
     /// How long [`Relay::start`] waits for the first stream start.
     pub start_timeout: Duration,
     /// Where transactions that outgrow memory go (the hub's and, with
@@ -66,6 +68,7 @@ impl RelayConfig {
             source,
             hub: HubConfig::default(),
             database_eval: policy::fallback::FallbackConfig::default(),
+            policy_cache_budget: policy::caches::DEFAULT_BUDGET,
             start_timeout: Duration::from_secs(60),
             spill: SpillConfig { dir: crate::spill::temporary_dir(), disk_budget: crate::spill::DEFAULT_DISK_BUDGET },
         }
@@ -196,6 +199,7 @@ impl Relay {
                 change_stage(
                     config.source.connection.clone(),
                     config.source.slot.publications.clone(),
+                    config.policy_cache_budget,
                     Arc::clone(&handle.stats),
                     stage_spill,
                     source_rx,
@@ -340,6 +344,7 @@ async fn send_batch(output: &mpsc::Sender<Vec<StageEvent>>, batch: &mut Vec<Stag
 async fn change_stage(
     connection: PgConfig,
     publications: Vec<String>,
+    cache_budget: usize,
     stats: Arc<HubStats>,
     spill: Spill,
     mut input: mpsc::Receiver<SourceEvent>,
@@ -357,10 +362,14 @@ async fn change_stage(
         match event {
             SourceEvent::Snapshot(lease) => {
                 let mut client = connect_sql(&connection).await?;
-                let loaded_now =
-                    policy::plan::load(&mut client, &publications, Some((&lease.name, lease.consistent_point)))
-                        .await
-                        .map_err(PolicyError::from)?;
+                let loaded_now = policy::plan::load_with_budget(
+                    &mut client,
+                    &publications,
+                    Some((&lease.name, lease.consistent_point)),
+                    cache_budget,
+                )
+                .await
+                .map_err(PolicyError::from)?;
                 lease.release();
                 log_plans(&loaded_now);
                 tracing::info!(rows = loaded_now.at.rows, lsn = %loaded_now.at.lsn, "memberships loaded in the slot's snapshot (policies compiled, caches filled)");
@@ -374,8 +383,9 @@ async fn change_stage(
                 batch.push(StageEvent::Reset);
                 if !loaded {
                     let mut client = connect_sql(&connection).await?;
-                    let loaded_now =
-                        policy::plan::load(&mut client, &publications, None).await.map_err(PolicyError::from)?;
+                    let loaded_now = policy::plan::load_with_budget(&mut client, &publications, None, cache_budget)
+                        .await
+                        .map_err(PolicyError::from)?;
                     log_plans(&loaded_now);
                     tracing::info!(rows = loaded_now.at.rows, lsn = %loaded_now.at.lsn, "memberships loaded; catch-up window until lsn (policies compiled, caches filled)");
                     loaded = true;
