@@ -152,10 +152,15 @@ alter publication supabase_realtime add table public.announcements;
 /// `to_jsonb` of the whole row (projected per channel later).
 #[derive(Debug, Clone)]
 struct Expected {
+    /// The table (schema `public`).
     table: String,
+    /// `INSERT`, `UPDATE` or `DELETE`, after the visibility transition.
     event: &'static str,
+    /// The row's `id::text`.
     id: String,
+    /// The row before the step (UPDATE and DELETE).
     old: Option<Value>,
+    /// The row after the step (INSERT and UPDATE).
     new: Option<Value>,
 }
 
@@ -174,10 +179,12 @@ struct Oracle {
 }
 
 impl Oracle {
+    /// An oracle for `tables` (each with an `id` column) and `viewers`.
     fn new(tables: &[&'static str], viewers: &[Who]) -> Oracle {
         Oracle { tables: tables.to_vec(), viewers: viewers.to_vec(), expected: vec![Vec::new(); viewers.len()] }
     }
 
+    /// Every row of `table`, as the superuser reads it.
     async fn rows(client: &Client, table: &str) -> Rows {
         let sql = format!("select id::text, to_jsonb(t) from public.{table} t");
         client.query(&sql, &[]).await.unwrap().iter().map(|r| (r.get(0), r.get(1))).collect()
@@ -194,6 +201,7 @@ impl Oracle {
         }
     }
 
+    /// Per table: its rows, and the ids each viewer may SELECT.
     async fn state(&self, client: &mut Client) -> (Vec<Rows>, Vec<Vec<Vec<String>>>) {
         let mut rows = Vec::new();
         let mut visible = Vec::new();
@@ -210,7 +218,8 @@ impl Oracle {
 
     /// Runs `sql` (one transaction, as the superuser) and records what each
     /// viewer should receive: the visibility transition of every row it
-    /// inserted, changed or deleted.
+    /// inserted, changed or deleted. Rows are told apart by their images, so
+    /// a step must not update a row to identical values (or twice).
     async fn step(&mut self, client: &mut Client, sql: &str) {
         let (rows_before, visible_before) = self.state(client).await;
         client.batch_execute(&format!("begin; {sql}; commit;")).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
@@ -335,6 +344,7 @@ fn bindings(tables: &[&str]) -> Value {
 struct Channel {
     /// Index into the test's drivers.
     driver: usize,
+    /// The channel's handle and topic.
     name: &'static str,
     /// Index into the oracle's viewers.
     viewer: usize,

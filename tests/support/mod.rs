@@ -50,7 +50,7 @@ impl Who {
             Who::Anon => "anon",
             Who::User(_) => "authenticated",
             Who::Service => "service_role",
-            Who::Role(role) => *role,
+            Who::Role(role) => role,
         }
     }
 
