@@ -625,10 +625,10 @@ async fn column_privileges_and_select_lists_leave_columns_out() {
 
 /// A token whose role the database does not have gets a `system` message at
 /// join saying so (and receives nothing, even for rows its `sub` owns); a
-/// table whose policy walcast cannot compile (`now()`) gets a `system`
-/// message naming the table, not silence.
+/// table whose policy walcast cannot compile (`now()`) is evaluated by
+/// PostgreSQL: a published announcement arrives, a future one does not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unknown_roles_and_database_evaluated_tables_are_announced_at_join() {
+async fn unknown_roles_are_announced_and_uncompiled_policies_are_evaluated_by_postgres() {
     let (t, url) = server(&format!("{TODO_LIST}{NOW_POLICY}")).await;
     let alice = create_user(&t.client, "alice@example.com").await;
 
@@ -641,10 +641,7 @@ async fn unknown_roles_and_database_evaluated_tables_are_announced_at_join() {
 
     let mut alice_js = Driver::start("alice", SUPABASE_JS, &url, &anon()).await;
     let notices = join(&mut alice_js, "news", bindings(&["announcements"]), Some(&user(alice))).await;
-    assert!(
-        notices.iter().any(|n| n["message"].as_str().is_some_and(|m| m.contains("public.announcements"))),
-        "a notice names the database-evaluated table: {notices:?}"
-    );
+    assert!(notices.is_empty(), "PostgreSQL evaluates the table; nothing is withheld: {notices:?}");
     let notices = join(&mut alice_js, "todos", bindings(&["todos"]), None).await;
     assert!(notices.is_empty(), "{notices:?}");
 
@@ -656,23 +653,33 @@ async fn unknown_roles_and_database_evaluated_tables_are_announced_at_join() {
     assert_eq!(change["new"]["task"], "feed the cat");
     quiet_period().await;
     ghost_js.assert_none_since(mark, "changes for an unknown role", |e| e["ev"] == "change");
+
+    // publish_at <= now(): PostgreSQL judges each committed row.
+    let news = alice_js.mark();
+    t.client
+        .batch_execute(
+            "insert into public.announcements values (1, 'out now', now() - interval '1 hour'), \
+             (2, 'next week', now() + interval '7 days')",
+        )
+        .await
+        .unwrap();
+    let change = alice_js.expect_change("news", 0, "the published announcement", |p| p["eventType"] == "INSERT").await;
+    assert_eq!(change["new"]["id"], 1);
+    quiet_period().await;
+    let got = alice_js.since(news, |e| is_change(e, "news", None));
+    assert_eq!(got.len(), 1, "the future announcement is not visible yet: {got:?}");
     for d in [&mut ghost_js, &mut alice_js] {
         d.assert_clean();
     }
     t.server.shutdown().await.unwrap();
 }
 
-/// A `select` list on a REPLICA IDENTITY FULL table: the record should carry
-/// the selected columns plus the primary key only.
-///
-/// Ignored: walcast sends every column. The hub keeps "key columns" by
-/// pgoutput's per-column key flag, which PostgreSQL sets on **every** column
-/// of a REPLICA IDENTITY FULL table, so the list narrows nothing there
-/// (`src/hub/mod.rs`, `deliver`: `c.is_key || wanted`). Tables with a
-/// primary-key replica identity are covered by
+/// A `select` list on a REPLICA IDENTITY FULL table: the record carries the
+/// selected columns plus the primary key only (pgoutput flags every column
+/// of such a table as a key column, so walcast takes the primary key from
+/// the catalog). Tables with a primary-key replica identity are covered by
 /// `column_privileges_and_select_lists_leave_columns_out`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "walcast bug: select lists are not applied on REPLICA IDENTITY FULL tables (hub keeps pgoutput key columns)"]
 async fn select_lists_apply_on_replica_identity_full_tables() {
     let (t, url) = server(&columns_schema().0).await;
     let alice = create_user(&t.client, "alice@example.com").await;

@@ -198,7 +198,7 @@ impl Core {
                         .get(asked.slot)
                         .is_some_and(|s| s.conn == asked.conn && Arc::ptr_eq(&s.viewer.claims, &asked.claims));
                     if same {
-                        let shape = MaskRef { id: 0, mask: mask.as_deref() };
+                        let shape = MaskRef { id: 0, mask: mask.as_deref(), primary_key: &map.primary_key };
                         self.deliver(asked.slot, event, &job.change, &job.commit_timestamp, &columns, shape, now);
                     }
                 }

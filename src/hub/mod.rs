@@ -487,6 +487,10 @@ struct ColumnMap {
     to_rel: Vec<Option<usize>>,
     /// Relation column → plan column.
     to_plan: Vec<Option<usize>>,
+    /// Relation columns in the table's primary key (sent whatever a
+    /// binding's `select` says; pgoutput's key flag marks every column
+    /// under REPLICA IDENTITY FULL, so it cannot serve).
+    primary_key: Vec<bool>,
 }
 
 /// One row image judged for one viewer.
@@ -696,7 +700,9 @@ impl Core {
         let to_rel: Vec<Option<usize>> = plan.columns.iter().map(|c| relation.column_index(c)).collect();
         let to_plan: Vec<Option<usize>> =
             relation.columns.iter().map(|c| plan.columns.iter().position(|p| *p == c.name)).collect();
-        let map = Arc::new(ColumnMap { to_rel, to_plan });
+        let primary_key =
+            to_plan.iter().map(|p| p.is_some_and(|p| plan.primary_key.get(p).copied().unwrap_or(false))).collect();
+        let map = Arc::new(ColumnMap { to_rel, to_plan, primary_key });
         self.maps.insert(relation.oid, (Arc::clone(relation), Arc::clone(&map)));
         map
     }
@@ -724,7 +730,7 @@ impl Core {
                 .columns
                 .as_ref()
                 .map(|m| map.to_plan.iter().map(|p| p.is_some_and(|p| m.get(p).copied().unwrap_or(false))).collect());
-            let shape = MaskRef { id: role_no as u16, mask: mask.as_deref() };
+            let shape = MaskRef { id: role_no as u16, mask: mask.as_deref(), primary_key: &map.primary_key };
             candidates.clear();
             // A predicate whose membership cache went over budget: the
             // database decides, as for policies that do not compile.
@@ -884,7 +890,7 @@ impl Core {
                         .selects
                         .iter()
                         .any(|&b| sub.bindings[b].select.as_ref().is_some_and(|cols| cols.contains(&c.name)));
-                    (c.is_key || wanted) && shape.mask.is_none_or(|m| m[i])
+                    (shape.primary_key.get(i).copied().unwrap_or(false) || wanted) && shape.mask.is_none_or(|m| m[i])
                 })
                 .collect()
         });
@@ -947,6 +953,8 @@ impl Core {
 struct MaskRef<'a> {
     id: u16,
     mask: Option<&'a [bool]>,
+    /// The relation's primary-key columns (always sent).
+    primary_key: &'a [bool],
 }
 
 #[cfg(test)]

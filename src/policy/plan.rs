@@ -187,6 +187,8 @@ pub struct TablePlan {
     pub name: String,
     /// Column names as compiled.
     pub columns: Vec<String>,
+    /// Which of them form the primary key.
+    pub primary_key: Vec<bool>,
     /// Plans by role name.
     pub roles: HashMap<String, Arc<RolePlan>>,
 }
@@ -230,6 +232,7 @@ impl PolicySet {
                     schema: table.schema.clone(),
                     name: table.name.clone(),
                     columns: table.columns.iter().map(|c| c.name.clone()).collect(),
+                    primary_key: table.columns.iter().map(|c| c.primary_key).collect(),
                     roles,
                 },
             );
