@@ -122,8 +122,11 @@ async fn a_restart_never_delivers_to_a_revoked_member_and_resumes_exactly() {
         let mut frames = Vec::new();
         outbox.try_drain(&mut frames);
         let ids: Vec<_> = parse_frames(&frames).into_iter().map(|(_, id, _)| id).collect();
-        assert!(!ids.contains(&during_1) && !ids.contains(&during_2), "catch-up window: users get none: {ids:?}");
+        // In the catch-up window PostgreSQL decides, by today's memberships
+        // (the subscriber may join before or after the replay: a race, so
+        // only what must never arrive is asserted).
         if *user == revoked {
+            assert!(!ids.contains(&during_1) && !ids.contains(&during_2), "revoked: no catch-up change: {ids:?}");
             assert!(!ids.contains(&after), "revoked before the change: never delivered");
         } else {
             assert!(ids.contains(&after), "member at the change: delivered ({user})");

@@ -79,13 +79,15 @@ impl Core {
                     return Ok(());
                 }
                 self.skipping = false;
+                let catch_up = begin.commit_lsn < self.judge_from;
+                self.stats.in_catch_up.store(catch_up, Ordering::Relaxed);
                 let commit_micros = begin.commit_timestamp.unix_micros();
                 self.ack.status().transaction_opened(commit_micros);
                 self.open = Some(OpenTx {
                     commit_timestamp: frame::commit_timestamp(begin.commit_timestamp),
                     commit_micros,
                     deliveries_at_open: self.stats.deliveries.load(Ordering::Relaxed),
-                    catch_up: begin.commit_lsn < self.judge_from,
+                    catch_up,
                     changes: self.spill.log(self.config.max_tx_bytes),
                     memberships: false,
                     count: 0,

@@ -275,6 +275,9 @@ pub struct HubStats {
     pub duplicate_transactions: AtomicU64,
     /// Transactions in the catch-up window.
     pub catch_up_transactions: AtomicU64,
+    /// The transaction being handled is in the catch-up window: tables
+    /// whose policies read memberships are database-evaluated (gauge).
+    pub in_catch_up: AtomicBool,
     /// Transactions that outgrew memory and were spilled to disk.
     pub spilled_transactions: AtomicU64,
     /// Current subscriptions (gauge).
@@ -740,17 +743,16 @@ impl Core {
                 .map(|m| map.to_plan.iter().map(|p| p.is_some_and(|p| m.get(p).copied().unwrap_or(false))).collect());
             let shape = MaskRef { id: role_no as u16, mask: mask.as_deref(), primary_key: &map.primary_key };
             candidates.clear();
-            // A predicate whose membership cache went over budget: the
-            // database decides, as for policies that do not compile.
-            let over_budget = matches!(rp.access, Access::Rows(_)) && rp.caches.iter().any(|&c| self.caches.is_over(c));
-            let access = if over_budget { &Access::Database(String::new()) } else { &rp.access };
-            match access {
+            // PostgreSQL decides for policies that do not compile, and for
+            // predicates whose caches cannot be trusted: a cache over its
+            // budget, or the catch-up window after a restart (caches loaded
+            // from the current state may be ahead of or behind the commit).
+            let in_memory = matches!(rp.access, Access::Rows(_));
+            let by_database = matches!(rp.access, Access::Database(_))
+                || (in_memory && (tx.catch_up || rp.caches.iter().any(|&c| self.caches.is_over(c))));
+            match &rp.access {
                 Access::Nothing(_) => continue,
-                Access::Database(_) => {
-                    // Catch-up window: as for in-memory plans.
-                    if tx.catch_up {
-                        continue;
-                    }
+                _ if by_database => {
                     let Some(check) = rp.database.as_ref() else {
                         self.stats.database_denied.fetch_add(1, Ordering::Relaxed);
                         continue;
@@ -762,6 +764,8 @@ impl Core {
                     let check = Arc::clone(check);
                     self.submit_check(&check, role, event, change, &map, &tx.commit_timestamp, &candidates);
                 }
+                // Covered by the arm above.
+                Access::Database(_) => continue,
                 Access::Everything => {
                     self.registry.table_candidates(&change.relation.schema, &change.relation.table, &mut candidates);
                     self.stats.candidates.fetch_add(candidates.len() as u64, Ordering::Relaxed);
@@ -772,11 +776,6 @@ impl Core {
                     }
                 }
                 Access::Rows(expr) => {
-                    // Catch-up window: the caches may be ahead of or behind
-                    // the truth, so only roles that see every row get it.
-                    if tx.catch_up {
-                        continue;
-                    }
                     self.index_candidates(&rp.index, change, &map, &mut candidates);
                     candidates.sort_unstable();
                     candidates.dedup();

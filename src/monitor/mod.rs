@@ -402,6 +402,27 @@ impl Monitor {
             "1 once the membership cache was loaded.",
             h.memberships_loaded.load(Ordering::Relaxed),
         );
+        w.gauge(
+            "walcast_policy_catch_up",
+            "1 while the catch-up window after a restart is replayed (membership tables database-evaluated).",
+            h.in_catch_up.load(Ordering::Relaxed),
+        );
+        // The plan of every published table for the API roles.
+        let plans = hub.policies();
+        w.family("walcast_policy_plan", Kind::Gauge, "1 per table and API role, labelled with how it is decided.");
+        for t in plans.tables() {
+            let table = format!("{}.{}", t.schema, t.name);
+            for role in ["anon", "authenticated", "service_role"] {
+                let Some(plan) = t.role(role) else { continue };
+                let mode = match plan.access {
+                    crate::policy::Access::Nothing(_) => "nothing",
+                    crate::policy::Access::Everything => "every_row",
+                    crate::policy::Access::Rows(_) => "in_memory",
+                    crate::policy::Access::Database(_) => "database",
+                };
+                w.sample("walcast_policy_plan", &[("table", &table), ("role", role), ("mode", mode)], 1u64);
+            }
+        }
 
         let status = self.ack.status();
         w.family("walcast_replication_state", Kind::Gauge, "1 for the replication source's current state.");
