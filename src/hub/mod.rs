@@ -112,6 +112,12 @@ pub enum StageEvent {
     /// committing before `at.lsn` are the catch-up window unless the load
     /// was exact.
     Policies(Box<Loaded>),
+    /// The policies changed while walcast runs and were read again (after
+    /// the transaction that changed them, or after a poll saw a change):
+    /// plans are replaced for every later transaction; caches whose spec is
+    /// unchanged keep their data, new ones are exact from `at.lsn` on (see
+    /// [`Caches::adopt`]).
+    PolicyUpdate(Box<Loaded>),
     /// The replication connection restarted: forget any partial transaction.
     Reset,
     /// A transaction boundary or change.
@@ -270,6 +276,9 @@ pub struct HubStats {
     pub duplicate_transactions: AtomicU64,
     /// Transactions in the catch-up window.
     pub catch_up_transactions: AtomicU64,
+    /// Policies read again at run time (a `walcast-policy` message or a
+    /// poll that saw a change).
+    pub policy_reloads: AtomicU64,
     /// Transactions that outgrew memory and were spilled to disk.
     pub spilled_transactions: AtomicU64,
     /// Current subscriptions (gauge).
@@ -564,6 +573,22 @@ impl Core {
     /// Installs loaded policies and caches (the change stage's load).
     fn install(&mut self, loaded: Loaded) {
         self.judge_from = if loaded.at.exact { Lsn::ZERO } else { loaded.at.lsn };
+        self.replace_policies(loaded);
+    }
+
+    /// Installs policies read again at run time: caches whose spec is
+    /// unchanged keep the data the hub maintained from the WAL; new caches
+    /// make the tables that read them catch-up until the stream passes their
+    /// load (see [`Caches::adopt`]). Between transactions only.
+    fn update(&mut self, mut loaded: Loaded) {
+        let old = std::mem::take(&mut self.caches);
+        let (kept, fresh) = loaded.caches.adopt(old, loaded.at);
+        self.stats.policy_reloads.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(caches_kept = kept, caches_loaded = fresh, lsn = %loaded.at.lsn, "policies reloaded");
+        self.replace_policies(loaded);
+    }
+
+    fn replace_policies(&mut self, loaded: Loaded) {
         self.registry.set_claims(loaded.policies.indexed_claims());
         if let Ok(mut shared) = self.shared_policies.write() {
             *shared = Arc::clone(&loaded.policies);
@@ -694,7 +719,7 @@ impl Core {
                 Access::Rows(expr) => {
                     // Catch-up window: the caches may be ahead of or behind
                     // the truth, so only roles that see every row get it.
-                    if tx.catch_up {
+                    if tx.catch_up || tx.reads_inexact(expr) {
                         continue;
                     }
                     self.index_candidates(&rp.index, change, &map, &mut candidates);

@@ -21,6 +21,12 @@
 //!   idempotently, and exact from L on.
 //! - A row whose needed column is absent from the WAL image (an unchanged
 //!   TOASTed value) is dropped from the cache: a possible miss, never a leak.
+//! - Policies reloaded at run time ([`Caches::adopt`]): a cache whose spec
+//!   is unchanged keeps its WAL-maintained data and its exactness; a new one
+//!   is read now and, like a restart's load, is exact only from the WAL
+//!   insert position read after it ([`Caches::exact_from`]). Until the
+//!   stream passes that position, the tables whose predicates read it are
+//!   judged as in the catch-up window — per cache, not globally.
 
 use std::collections::HashMap;
 
@@ -170,6 +176,12 @@ pub struct Caches {
     specs: Vec<CacheSpec>,
     data: Vec<GroupCache>,
     by_table: HashMap<u32, Vec<CacheId>>,
+    /// Per cache: transactions committing before this LSN may find it ahead
+    /// of or behind the truth (it was read at run time, not in a snapshot).
+    exact_from: Vec<Lsn>,
+    /// Per cache: whether [`load`] read it (false: left for
+    /// [`Caches::adopt`] to take over from the caches in force).
+    loaded: Vec<bool>,
 }
 
 /// A row image seen through a cache spec's column order.
@@ -203,7 +215,44 @@ impl Caches {
             by_table.entry(s.table).or_default().push(i);
         }
         let data = vec![GroupCache::default(); specs.len()];
-        Caches { specs, data, by_table }
+        let n = specs.len();
+        Caches { specs, data, by_table, exact_from: vec![Lsn::ZERO; n], loaded: vec![false; n] }
+    }
+
+    /// Transactions committing before the returned LSN must not be judged
+    /// with cache `id` (see the module doc).
+    pub fn exact_from(&self, id: CacheId) -> Lsn {
+        self.exact_from.get(id).copied().unwrap_or(Lsn::ZERO)
+    }
+
+    /// Caches that are not exact for a transaction committing at `commit`.
+    pub fn inexact_at(&self, commit: Lsn) -> Vec<CacheId> {
+        (0..self.specs.len()).filter(|&id| self.exact_from[id] > commit).collect()
+    }
+
+    /// Takes over the data of `old` (the caches in force) for every cache
+    /// whose spec is unchanged — data the hub kept exact from the WAL — and
+    /// keeps what [`load`] read for the others (exact from `at` unless the
+    /// load was `exact`). Returns `(kept, loaded)` counts.
+    pub fn adopt(&mut self, mut old: Caches, at: LoadedAt) -> (usize, usize) {
+        let (mut kept, mut fresh) = (0, 0);
+        for id in 0..self.specs.len() {
+            match old.specs.iter().position(|s| *s == self.specs[id]) {
+                Some(from) => {
+                    self.data[id] = std::mem::take(&mut old.data[from]);
+                    self.exact_from[id] = old.exact_from[from];
+                    kept += 1;
+                }
+                None if self.loaded[id] => {
+                    self.exact_from[id] = if at.exact { Lsn::ZERO } else { at.lsn };
+                    fresh += 1;
+                }
+                // Neither read nor in force (cannot happen while the change
+                // stage is the only one loading): never exact.
+                None => self.exact_from[id] = Lsn(u64::MAX),
+            }
+        }
+        (kept, fresh)
     }
 
     /// The specs, by id.
@@ -328,7 +377,9 @@ fn pair(spec: &CacheSpec, map: &[Option<usize>], row: &Row) -> Option<Pair> {
 }
 
 /// Loads every cache from the database (row security off: walcast must
-/// see every row). With `snapshot` the read happens in that snapshot.
+/// see every row), except those whose spec is in `known` (the caches in
+/// force, which [`Caches::adopt`] takes over). With `snapshot` the read
+/// happens in that snapshot.
 ///
 /// # Errors
 /// SQL errors.
@@ -336,12 +387,17 @@ pub async fn load(
     client: &impl tokio_postgres::GenericClient,
     caches: &mut Caches,
     lsn: Option<Lsn>,
+    known: &[CacheSpec],
 ) -> Result<LoadedAt, tokio_postgres::Error> {
     let ident = crate::replication::slot::quote_ident;
     client.batch_execute("SET LOCAL row_security = off").await?;
     let mut total = 0;
     for id in 0..caches.specs.len() {
         let spec = caches.specs[id].clone();
+        if known.contains(&spec) {
+            continue;
+        }
+        caches.loaded[id] = true;
         let mut wanted: Vec<usize> = Vec::new();
         let mut want = |name: &str| {
             if let Some(i) = spec.columns.iter().position(|c| c == name) {

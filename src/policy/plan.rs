@@ -389,6 +389,31 @@ pub async fn load(
     publications: &[String],
     snapshot: Option<(&str, Lsn)>,
 ) -> Result<Loaded, LoadError> {
+    load_except(client, publications, snapshot, &[]).await
+}
+
+/// A reload while walcast runs (the policies changed): reads the catalog
+/// now and compiles; caches whose spec is in `known` (those in force) are
+/// not read — the hub keeps their WAL-maintained data
+/// ([`Caches::adopt`]); the others are read now, exact from the returned
+/// [`LoadedAt::lsn`].
+///
+/// # Errors
+/// SQL errors.
+pub async fn reload(
+    client: &mut tokio_postgres::Client,
+    publications: &[String],
+    known: &[super::compile::CacheSpec],
+) -> Result<Loaded, LoadError> {
+    load_except(client, publications, None, known).await
+}
+
+async fn load_except(
+    client: &mut tokio_postgres::Client,
+    publications: &[String],
+    snapshot: Option<(&str, Lsn)>,
+    known: &[super::compile::CacheSpec],
+) -> Result<Loaded, LoadError> {
     let tx = client
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
@@ -415,7 +440,7 @@ pub async fn load(
         functions.extend(new_functions);
     };
     let mut caches = Caches::new(specs);
-    let at = caches::load(&tx, &mut caches, snapshot.map(|(_, lsn)| lsn)).await.map_err(|e| match e.as_db_error() {
+    let at = caches::load(&tx, &mut caches, snapshot.map(|(_, lsn)| lsn), known).await.map_err(|e| match e.as_db_error() {
         Some(db) if db.code().code() == "42501" => {
             let tables: Vec<&str> = caches.specs().iter().map(|s| s.table_name.as_str()).collect();
             LoadError::Hidden(format!("{} (reading {})", db.message(), tables.join(", ")))
