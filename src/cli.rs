@@ -316,6 +316,11 @@ struct ServeArgs {
     /// timeout (0 = off) [default: 5].
     #[arg(long = "heartbeat-interval", env = "HEARTBEAT_INTERVAL_SECS")]
     heartbeat_interval_secs: Option<f64>,
+    /// Seconds between polls of roles and role memberships (and, without the
+    /// walcast_policy_changes event trigger, of policies, privileges and
+    /// functions); 0.1 to 10 [default: 10].
+    #[arg(long = "policy-poll-interval", env = "POLICY_POLL_INTERVAL_SECS")]
+    policy_poll_interval_secs: Option<f64>,
 }
 
 impl ServeArgs {
@@ -355,6 +360,7 @@ impl ServeArgs {
             streaming: self.streaming,
             replication_timeout_secs: self.replication_timeout_secs,
             heartbeat_interval_secs: self.heartbeat_interval_secs,
+            policy_poll_interval_secs: self.policy_poll_interval_secs,
         };
         Ok(walcast::config::Settings::resolve(given, file.as_deref())?)
     }
@@ -792,7 +798,9 @@ async fn migrate(url: &str, migrations: &Migrations) -> anyhow::Result<()> {
     // gets its schema (walcast then polls for policy changes).
     match schema::migrate(&mut client, &Migrations::walcast()).await {
         Ok(report) => print_setup(&report),
-        Err(err) => println!("warning: walcast's event trigger was not installed ({err}); walcast polls for policy changes instead"),
+        Err(err) => println!(
+            "warning: walcast's event trigger was not installed ({err}); walcast polls for policy changes instead"
+        ),
     }
     Ok(())
 }

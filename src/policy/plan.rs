@@ -440,12 +440,14 @@ async fn load_except(
         functions.extend(new_functions);
     };
     let mut caches = Caches::new(specs);
-    let at = caches::load(&tx, &mut caches, snapshot.map(|(_, lsn)| lsn), known).await.map_err(|e| match e.as_db_error() {
-        Some(db) if db.code().code() == "42501" => {
-            let tables: Vec<&str> = caches.specs().iter().map(|s| s.table_name.as_str()).collect();
-            LoadError::Hidden(format!("{} (reading {})", db.message(), tables.join(", ")))
+    let at = caches::load(&tx, &mut caches, snapshot.map(|(_, lsn)| lsn), known).await.map_err(|e| {
+        match e.as_db_error() {
+            Some(db) if db.code().code() == "42501" => {
+                let tables: Vec<&str> = caches.specs().iter().map(|s| s.table_name.as_str()).collect();
+                LoadError::Hidden(format!("{} (reading {})", db.message(), tables.join(", ")))
+            }
+            _ => LoadError::Database(e),
         }
-        _ => LoadError::Database(e),
     })?;
     tx.commit().await?;
     Ok(Loaded { policies: Arc::new(set), caches, at })

@@ -6,8 +6,19 @@
 //!      ▲                              │ Snapshot: load memberships in the slot's snapshot
 //!      │                              │ Started:  reset assembler; first start on an existing
 //!      │                              │           slot: load memberships now (catch-up window)
+//!      │                              │ walcast-policy message / poll saw a change: read the
+//!      │                              │           policies again at the next commit → PolicyUpdate
 //!      └──────── AckHandle ◀──────────┴───────────────────────────── hub acks end_lsn
 //! ```
+//!
+//! Policy changes at run time (see [`crate::policy::watch`]): a
+//! `walcast-policy` message inside a transaction makes the stage re-read the
+//! policies right after forwarding that transaction's Commit, so the hub
+//! installs them before the next transaction; a poll (every
+//! [`RelayConfig::policy_poll`]) that sees roles — or, without the event
+//! trigger, the catalog — change does the same at the next transaction
+//! boundary. The SQL runs in the stage (the hub stays free of I/O); while
+//! it runs, the stage does not read the source.
 //!
 //! The change stage batches events (up to 256 per send, or whatever is there
 //! when the source is momentarily idle) so the channel costs little per
@@ -30,7 +41,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::change::{Assembler, ChangeError};
+use crate::change::{Assembler, ChangeError, TxEvent};
 use crate::hub::{self, HubConfig, HubError, HubHandle, HubStats, StageEvent};
 use crate::pgconn::PgConfig;
 use crate::policy::{self, PolicyError};
@@ -55,6 +66,9 @@ pub struct RelayConfig {
     /// Where transactions that outgrow memory go (the hub's and, with
     /// streaming, the change stage's), and the disk budget.
     pub spill: SpillConfig,
+    /// Time between two polls of roles and memberships (and, without the
+    /// event trigger, of policies, privileges and functions).
+    pub policy_poll: Duration,
 }
 
 impl RelayConfig {
@@ -65,6 +79,7 @@ impl RelayConfig {
             hub: HubConfig::default(),
             start_timeout: Duration::from_secs(60),
             spill: SpillConfig { dir: crate::spill::temporary_dir(), disk_budget: crate::spill::DEFAULT_DISK_BUDGET },
+            policy_poll: crate::policy::watch::DEFAULT_POLL_INTERVAL,
         }
     }
 }
@@ -185,6 +200,7 @@ impl Relay {
                 change_stage(
                     config.source.connection.clone(),
                     config.source.slot.publications.clone(),
+                    config.policy_poll,
                     Arc::clone(&handle.stats),
                     stage_spill,
                     source_rx,
@@ -329,6 +345,7 @@ async fn send_batch(output: &mpsc::Sender<Vec<StageEvent>>, batch: &mut Vec<Stag
 async fn change_stage(
     connection: PgConfig,
     publications: Vec<String>,
+    policy_poll: Duration,
     stats: Arc<HubStats>,
     spill: Spill,
     mut input: mpsc::Receiver<SourceEvent>,
@@ -342,7 +359,29 @@ async fn change_stage(
     let mut events = Vec::new();
     let mut last_disk_warning: Option<tokio::time::Instant> = None;
     let mut batch: Vec<StageEvent> = Vec::with_capacity(BATCH);
-    while let Some(event) = input.recv().await {
+    let mut follow = Follow::new(connection.clone(), publications.clone());
+    let mut poll = tokio::time::interval(policy_poll);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let event = tokio::select! {
+            biased;
+            // The first tick is immediate: the fingerprints are read before
+            // the first load, so no change after it goes unnoticed.
+            _ = poll.tick() => {
+                follow.poll(loaded).await;
+                if follow.due && !follow.in_tx && loaded {
+                    follow.reload(&mut batch).await?;
+                    if !send_batch(&output, &mut batch).await {
+                        return Ok(());
+                    }
+                }
+                continue;
+            }
+            event = input.recv() => match event {
+                Some(event) => event,
+                None => break,
+            },
+        };
         match event {
             SourceEvent::Snapshot(lease) => {
                 let mut client = connect_sql(&connection).await?;
@@ -352,6 +391,7 @@ async fn change_stage(
                         .map_err(PolicyError::from)?;
                 lease.release();
                 log_plans(&loaded_now);
+                follow.installed(&loaded_now);
                 tracing::info!(rows = loaded_now.at.rows, lsn = %loaded_now.at.lsn, "memberships loaded in the slot's snapshot (policies compiled, caches filled)");
                 loaded = true;
                 stats.memberships_loaded.store(true, Ordering::Relaxed);
@@ -360,12 +400,14 @@ async fn change_stage(
             SourceEvent::Started { .. } => {
                 started = true;
                 assembler.reset();
+                follow.in_tx = false;
                 batch.push(StageEvent::Reset);
                 if !loaded {
                     let mut client = connect_sql(&connection).await?;
                     let loaded_now =
                         policy::plan::load(&mut client, &publications, None).await.map_err(PolicyError::from)?;
                     log_plans(&loaded_now);
+                    follow.installed(&loaded_now);
                     tracing::info!(rows = loaded_now.at.rows, lsn = %loaded_now.at.lsn, "memberships loaded; catch-up window until lsn (policies compiled, caches filled)");
                     loaded = true;
                     stats.memberships_loaded.store(true, Ordering::Relaxed);
@@ -386,7 +428,7 @@ async fn change_stage(
                     }
                     // Hand on what is done, then pause. Shutdown stops the hub
                     // (closing `output`), and the source's end closes `input`.
-                    batch.extend(events.drain(..).map(StageEvent::Tx));
+                    follow.forward(&mut events, &mut batch).await?;
                     if !send_batch(&output, &mut batch).await || output.is_closed() || input.is_closed() {
                         return Ok(());
                     }
@@ -394,16 +436,16 @@ async fn change_stage(
                     wait = (wait * 2).min(DISK_WAIT_MAX);
                     result = assembler.resume();
                 }
-                batch.extend(events.drain(..).map(StageEvent::Tx));
+                follow.forward(&mut events, &mut batch).await?;
                 while assembler.has_pending() {
                     if batch.len() >= BATCH && !send_batch(&output, &mut batch).await {
                         return Ok(());
                     }
-                    if let Err(err) = assembler.drain_pending(&mut events, BATCH - batch.len()) {
+                    if let Err(err) = assembler.drain_pending(&mut events, BATCH.saturating_sub(batch.len()).max(1)) {
                         tracing::error!(error = %err, "change stage stopped");
                         return Err(err.into());
                     }
-                    batch.extend(events.drain(..).map(StageEvent::Tx));
+                    follow.forward(&mut events, &mut batch).await?;
                 }
             }
             SourceEvent::Wal(WalEvent::Keepalive { .. }) => {}
@@ -420,4 +462,155 @@ async fn change_stage(
         }
     }
     Ok(())
+}
+
+/// Attempts at reading the policies again before the stage gives up (the
+/// plans in force would be stale: failing is safer than judging by them).
+const RELOAD_ATTEMPTS: u32 = 3;
+
+/// The change stage's part in following policy changes (see
+/// [`crate::policy::watch`]): notices `walcast-policy` messages and poll
+/// differences, and reloads at transaction boundaries.
+struct Follow {
+    connection: PgConfig,
+    publications: Vec<String>,
+    /// Specs of the caches in force (the last load sent), which a reload
+    /// does not read again: the hub keeps their data.
+    known: Vec<policy::compile::CacheSpec>,
+    /// The SQL session for polls and reloads (made again after an error).
+    client: Option<tokio_postgres::Client>,
+    mode: Option<policy::watch::Mode>,
+    prints: policy::watch::Fingerprints,
+    /// Whether the fingerprints were ever read.
+    printed: bool,
+    /// A reload is due at the next transaction boundary.
+    due: bool,
+    /// Between a forwarded Begin and its Commit.
+    in_tx: bool,
+}
+
+impl Follow {
+    fn new(connection: PgConfig, publications: Vec<String>) -> Follow {
+        Follow {
+            connection,
+            publications,
+            known: Vec::new(),
+            client: None,
+            mode: None,
+            prints: policy::watch::Fingerprints::default(),
+            printed: false,
+            due: false,
+            in_tx: false,
+        }
+    }
+
+    /// A load was sent to the hub: its caches are the ones in force.
+    fn installed(&mut self, loaded: &policy::plan::Loaded) {
+        self.known = loaded.caches.specs().to_vec();
+    }
+
+    async fn client(&mut self) -> Result<&mut tokio_postgres::Client, PolicyError> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.client = Some(policy::watch::connect(&self.connection).await?);
+        }
+        Ok(self.client.as_mut().expect("connected above"))
+    }
+
+    /// Moves `events` into `batch`; after the Commit of a transaction that
+    /// carried a `walcast-policy` message (or with a poll's reload due),
+    /// reads the policies again and appends the update.
+    async fn forward(&mut self, events: &mut Vec<TxEvent>, batch: &mut Vec<StageEvent>) -> Result<(), RelayError> {
+        for event in events.drain(..) {
+            let commit = match &event {
+                TxEvent::Begin(_) => {
+                    self.in_tx = true;
+                    false
+                }
+                TxEvent::Message { prefix, .. } if prefix == policy::watch::MESSAGE_PREFIX => {
+                    self.due = true;
+                    false
+                }
+                TxEvent::Commit(_) => {
+                    self.in_tx = false;
+                    true
+                }
+                _ => false,
+            };
+            batch.push(StageEvent::Tx(event));
+            if commit && self.due {
+                self.reload(batch).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the policies again (current state) and appends the update.
+    async fn reload(&mut self, batch: &mut Vec<StageEvent>) -> Result<(), RelayError> {
+        self.due = false;
+        let mut attempt = 0;
+        let loaded = loop {
+            attempt += 1;
+            let publications = self.publications.clone();
+            let known = self.known.clone();
+            let result = match self.client().await {
+                Ok(client) => policy::plan::reload(client, &publications, &known).await.map_err(PolicyError::from),
+                Err(err) => Err(err),
+            };
+            match result {
+                Ok(loaded) => break loaded,
+                Err(err) if err.is_transient() && attempt < RELOAD_ATTEMPTS => {
+                    tracing::warn!(error = %err, attempt, "reading the policies again failed; retrying");
+                    self.client = None;
+                    tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "reading the changed policies failed; stopping rather than judging by stale ones");
+                    return Err(err.into());
+                }
+            }
+        };
+        log_plans(&loaded);
+        tracing::info!(rows = loaded.at.rows, lsn = %loaded.at.lsn, "policies changed; read again");
+        self.installed(&loaded);
+        batch.push(StageEvent::PolicyUpdate(Box::new(loaded)));
+        Ok(())
+    }
+
+    /// One poll: the mode, then the fingerprints; a difference makes a
+    /// reload due (before the first load, the read only records). Errors
+    /// are logged; the next poll tries again on a new session.
+    async fn poll(&mut self, loaded: bool) {
+        let mut prints = std::mem::take(&mut self.prints);
+        let result = async {
+            let client = self.client().await?;
+            let mode = policy::watch::mode(client).await?;
+            let changed = prints.changed(client, &mode).await?;
+            Ok::<_, PolicyError>((mode, changed))
+        }
+        .await;
+        self.prints = prints;
+        match result {
+            Ok((mode, changed)) => {
+                if self.mode.as_ref() != Some(&mode) {
+                    tracing::info!(mode = %mode, "following policy changes");
+                    // Leaving the trigger for polling: changes in between
+                    // may have gone unnoticed.
+                    if self.mode.is_some() && mode.polls_catalog() {
+                        self.due = true;
+                    }
+                    self.mode = Some(mode);
+                }
+                // The first read after a failed one cannot compare: reload.
+                if changed || (!self.printed && loaded) {
+                    tracing::info!("roles or policies changed (poll)");
+                    self.due = true;
+                }
+                self.printed = true;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "polling roles and policies failed; retrying at the next poll");
+                self.client = None;
+            }
+        }
+    }
 }

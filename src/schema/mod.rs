@@ -289,8 +289,11 @@ async fn apply_pending(client: &mut Client, migrations: &Migrations) -> Result<M
         .query("select name, checksum from walcast.schema_migrations order by name", &[])
         .await
         .map_err(|source| SchemaError::Database { what: "read walcast.schema_migrations", source })?;
-    let applied: Vec<(String, String)> =
-        rows.iter().map(|r| (r.get(0), r.get(1))).filter(|(name, _): &(String, String)| migrations.owns(name)).collect();
+    let applied: Vec<(String, String)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .filter(|(name, _): &(String, String)| migrations.owns(name))
+        .collect();
 
     // Verify everything before applying anything.
     for (name, checksum) in &applied {
