@@ -22,6 +22,7 @@ mod memory;
 mod metrics;
 mod policies;
 mod policy_differential;
+mod policy_runtime;
 mod readme;
 mod realtime;
 mod replay;
