@@ -358,3 +358,45 @@ async fn without_the_trigger_policies_are_polled_and_check_says_so() {
     assert_eq!(s.got(0), set(&[n2]));
     s.relay.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn walcast_setup_installs_the_trigger_once() {
+    let (db, client) = crate::support::empty_db().await;
+    let run = |url: String| {
+        tokio::task::spawn_blocking(move || {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_walcast"))
+                .args(["setup", "--database-url", &url])
+                .env_remove("DATABASE_URL")
+                .output()
+                .expect("run walcast");
+            let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.push_str(&String::from_utf8_lossy(&out.stderr));
+            (out.status.success(), text)
+        })
+    };
+    let (ok, out) = run(db.url().to_owned()).await.unwrap();
+    assert!(ok, "{out}");
+    assert!(out.contains("applied   walcast/0001_policy_changes.sql") && out.contains("1 applied now"), "{out}");
+    let (ok, out) = run(db.url().to_owned()).await.unwrap();
+    assert!(ok && out.contains("0 applied now, 1 already applied"), "{out}");
+    let n: i64 = client
+        .query_one("select count(*) from pg_event_trigger where evtname like 'walcast_policy_%'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2, "ddl_command_end and sql_drop");
+    // A role that is not a superuser is told what is needed.
+    let role = format!("nosu_{}", Uuid::new_v4().simple());
+    client.batch_execute(&format!("create role {role} login password 'pw'")).await.unwrap();
+    let (empty, _) = crate::support::empty_db().await;
+    client.batch_execute(&format!("grant all on database {} to {role}", empty.name())).await.unwrap();
+    let mut config = tokio_postgres::Config::from_str(empty.url()).unwrap();
+    config.user(&role).password("pw");
+    let (mut other, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let err = schema::migrate(&mut other, &Migrations::walcast()).await.unwrap_err();
+    let text = format!("{:#}", anyhow::Error::from(err));
+    assert!(text.contains("needs a superuser"), "{text}");
+    drop(other);
+    client.batch_execute(&format!("drop owned by {role}; drop role {role}")).await.unwrap_or_default();
+}
