@@ -534,6 +534,29 @@ mod tests {
     }
 
     #[test]
+    fn a_reload_keeps_unchanged_caches_and_times_new_ones() {
+        let mut old = Caches::new(vec![spec(None)]);
+        old.apply(&change(Op::Insert, Some(row("1", "g", "u", true)), None));
+        // The reload: the same spec (not read again) and a new one (read).
+        let mut other = spec(None);
+        other.user = ("team_id".into(), ColType::Uuid);
+        let mut new = Caches::new(vec![other.clone(), spec(None)]);
+        new.loaded[0] = true;
+        new.data[0].insert("k".into(), None, "g".into());
+        let at = LoadedAt { lsn: Lsn(500), exact: false, rows: 1 };
+        assert_eq!(new.adopt(old, at), (1, 1));
+        assert!(new.member(1, Some("g"), "u"), "the WAL-maintained data moved over");
+        assert_eq!(new.exact_from(1), Lsn::ZERO, "kept: exact as before");
+        assert_eq!(new.exact_from(0), Lsn(500), "new: exact from its load");
+        assert_eq!(new.inexact_at(Lsn(499)), vec![0]);
+        assert!(new.inexact_at(Lsn(500)).is_empty());
+        // A cache neither read nor in force is never trusted.
+        let mut orphan = Caches::new(vec![other]);
+        orphan.adopt(Caches::default(), at);
+        assert_eq!(orphan.inexact_at(Lsn(u64::MAX - 1)), vec![0]);
+    }
+
+    #[test]
     fn duplicate_pairs_are_counted_and_null_groups_tracked() {
         let mut c = Caches::new(vec![spec(None)]);
         c.apply(&change(Op::Insert, Some(row("1", "g", "u", true)), None));
