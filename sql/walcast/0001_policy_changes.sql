@@ -18,13 +18,33 @@ end $$;
 
 create schema if not exists walcast;
 
+-- Counts the DDL the trigger reported. Each message carries the count after
+-- its DDL; walcast reads the count with the catalog, so it knows whether the
+-- catalog it read is the state right after that DDL or already includes a
+-- later one (then it judges like a catch-up until the stream reaches it).
+create table if not exists walcast.policy_epoch (
+  id boolean primary key default true check (id),
+  epoch bigint not null default 0
+);
+insert into walcast.policy_epoch (id, epoch) values (true, 0) on conflict (id) do nothing;
+grant usage on schema walcast to public;
+grant select on walcast.policy_epoch to public;
+
+-- security definer: any role's DDL may count and write the message.
 create or replace function walcast.policy_changed() returns event_trigger
 language plpgsql
+security definer
 set search_path = pg_catalog
 as $$
 declare
   objects jsonb;
+  n bigint;
 begin
+  begin
+    update walcast.policy_epoch set epoch = epoch + 1 where id returning epoch into n;
+  exception when undefined_table then
+    n := null; -- dropped by hand: the messages still go, without a count
+  end;
   if tg_event = 'sql_drop' then
     select coalesce(jsonb_agg(jsonb_build_object('type', object_type, 'oid', objid, 'identity', object_identity)), '[]')
       into objects
@@ -37,7 +57,7 @@ begin
   perform pg_logical_emit_message(
     true,
     'walcast-policy',
-    jsonb_build_object('event', tg_event, 'tag', tg_tag, 'objects', objects)::text
+    jsonb_build_object('event', tg_event, 'tag', tg_tag, 'epoch', n, 'objects', objects)::text
   );
 end
 $$;

@@ -82,12 +82,12 @@ impl Core {
                 self.install(*loaded);
                 Ok(())
             }
-            StageEvent::PolicyUpdate(loaded) => {
+            StageEvent::PolicyUpdate { loaded, ahead } => {
                 // The change stage sends updates between transactions; one
                 // inside would judge the transaction's changes by the new
                 // plans (and its inexact caches were fixed at Begin).
                 debug_assert!(self.open.is_none(), "policy update inside a transaction");
-                self.update(*loaded);
+                self.update(*loaded, ahead);
                 Ok(())
             }
             StageEvent::Reset => {
@@ -108,7 +108,7 @@ impl Core {
                     commit_timestamp: frame::commit_timestamp(begin.commit_timestamp),
                     commit_micros,
                     deliveries_at_open: self.stats.deliveries.load(Ordering::Relaxed),
-                    catch_up: begin.commit_lsn < self.judge_from,
+                    catch_up: begin.commit_lsn < self.judge_from || self.policies_ahead,
                     inexact: self.caches.inexact_at(begin.commit_lsn),
                     changes: self.spill.log(self.config.max_tx_bytes),
                     memberships: false,

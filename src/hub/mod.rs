@@ -117,7 +117,14 @@ pub enum StageEvent {
     /// plans are replaced for every later transaction; caches whose spec is
     /// unchanged keep their data, new ones are exact from `at.lsn` on (see
     /// [`Caches::adopt`]).
-    PolicyUpdate(Box<Loaded>),
+    PolicyUpdate {
+        /// The policies and the new caches.
+        loaded: Box<Loaded>,
+        /// The catalog read already includes policy DDL the stream has not
+        /// reached: every transaction is judged as in the catch-up window
+        /// until an update that is not ahead.
+        ahead: bool,
+    },
     /// The replication connection restarted: forget any partial transaction.
     Reset,
     /// A transaction boundary or change.
@@ -507,6 +514,9 @@ pub struct Core {
     registry: Registry,
     /// Transactions committing before this are the catch-up window.
     judge_from: Lsn,
+    /// The policies in force were read ahead of the stream (see
+    /// [`StageEvent::PolicyUpdate`]): every transaction is catch-up.
+    policies_ahead: bool,
     /// End LSN of the last transaction handled.
     handled: Lsn,
     open: Option<OpenTx>,
@@ -555,6 +565,7 @@ impl Core {
             stats,
             registry: Registry::default(),
             judge_from: Lsn::ZERO,
+            policies_ahead: false,
             handled: Lsn::ZERO,
             open: None,
             skipping: false,
@@ -580,11 +591,12 @@ impl Core {
     /// unchanged keep the data the hub maintained from the WAL; new caches
     /// make the tables that read them catch-up until the stream passes their
     /// load (see [`Caches::adopt`]). Between transactions only.
-    fn update(&mut self, mut loaded: Loaded) {
+    fn update(&mut self, mut loaded: Loaded, ahead: bool) {
         let old = std::mem::take(&mut self.caches);
         let (kept, fresh) = loaded.caches.adopt(old, loaded.at);
+        self.policies_ahead = ahead;
         self.stats.policy_reloads.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(caches_kept = kept, caches_loaded = fresh, lsn = %loaded.at.lsn, "policies reloaded");
+        tracing::info!(caches_kept = kept, caches_loaded = fresh, lsn = %loaded.at.lsn, ahead, "policies reloaded");
         self.replace_policies(loaded);
     }
 

@@ -389,14 +389,16 @@ pub async fn load(
     publications: &[String],
     snapshot: Option<(&str, Lsn)>,
 ) -> Result<Loaded, LoadError> {
-    load_except(client, publications, snapshot, &[]).await
+    load_except(client, publications, snapshot, &[]).await.map(|(loaded, _)| loaded)
 }
 
 /// A reload while walcast runs (the policies changed): reads the catalog
 /// now and compiles; caches whose spec is in `known` (those in force) are
 /// not read — the hub keeps their WAL-maintained data
 /// ([`Caches::adopt`]); the others are read now, exact from the returned
-/// [`LoadedAt::lsn`].
+/// [`LoadedAt::lsn`]. Also returns the count of policy DDL the event
+/// trigger reported (`walcast.policy_epoch`, read with the catalog; `None`
+/// without the trigger's table).
 ///
 /// # Errors
 /// SQL errors.
@@ -404,7 +406,7 @@ pub async fn reload(
     client: &mut tokio_postgres::Client,
     publications: &[String],
     known: &[super::compile::CacheSpec],
-) -> Result<Loaded, LoadError> {
+) -> Result<(Loaded, Option<i64>), LoadError> {
     load_except(client, publications, None, known).await
 }
 
@@ -413,7 +415,7 @@ async fn load_except(
     publications: &[String],
     snapshot: Option<(&str, Lsn)>,
     known: &[super::compile::CacheSpec],
-) -> Result<Loaded, LoadError> {
+) -> Result<(Loaded, Option<i64>), LoadError> {
     let tx = client
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
@@ -424,6 +426,22 @@ async fn load_except(
         tx.batch_execute(&format!("SET TRANSACTION SNAPSHOT {}", crate::replication::slot::quote_literal(name)))
             .await?;
     }
+    // The event trigger's count of policy DDL, read with the catalog (a
+    // failed query would abort the transaction: ask first).
+    let has_epoch: bool = tx
+        .query_one(
+            "SELECT CASE WHEN pg_catalog.to_regclass('walcast.policy_epoch') IS NULL THEN false
+                    ELSE pg_catalog.has_schema_privilege('walcast', 'USAGE')
+                         AND pg_catalog.has_table_privilege('walcast.policy_epoch', 'SELECT') END",
+            &[],
+        )
+        .await?
+        .get(0);
+    let epoch: Option<i64> = if has_epoch {
+        tx.query_opt("SELECT epoch FROM walcast.policy_epoch", &[]).await?.map(|r| r.get(0))
+    } else {
+        None
+    };
     let mut tables: Vec<String> = Vec::new();
     let mut functions: Vec<String> = Vec::new();
     let mut round = 0;
@@ -450,5 +468,5 @@ async fn load_except(
         }
     })?;
     tx.commit().await?;
-    Ok(Loaded { policies: Arc::new(set), caches, at })
+    Ok((Loaded { policies: Arc::new(set), caches, at }, epoch))
 }

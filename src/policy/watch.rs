@@ -9,6 +9,11 @@
 //!   transactional logical message with prefix [`MESSAGE_PREFIX`] inside its
 //!   own transaction; the stage reloads at that transaction's commit, so
 //!   the new plans judge every transaction committed after it (WAL order).
+//!   Each message carries the trigger's count of policy DDL
+//!   (`walcast.policy_epoch`, [`message_epoch`]); a reload that reads a
+//!   higher count than the stream has shown read a catalog ahead of the
+//!   stream, and the hub judges as in the catch-up window until a reload
+//!   that is not.
 //! - **Polling** ([`Fingerprints`]): role attributes and memberships
 //!   (`pg_roles`, `pg_auth_members`) fire no event trigger, so a fingerprint
 //!   of them is read every poll interval; without the trigger (not
@@ -160,6 +165,11 @@ impl Fingerprints {
     }
 }
 
+/// The count of policy DDL a `walcast-policy` message carries (`epoch`).
+pub fn message_epoch(content: &[u8]) -> Option<i64> {
+    serde_json::from_slice::<serde_json::Value>(content).ok()?.get("epoch")?.as_i64()
+}
+
 /// Connects the poller's SQL session: `statement_timeout` set, so a poll
 /// never hangs the change stage.
 ///
@@ -179,6 +189,16 @@ pub async fn connect(config: &crate::pgconn::PgConfig) -> Result<tokio_postgres:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_carry_the_epoch() {
+        assert_eq!(
+            message_epoch(br#"{"event":"ddl_command_end","tag":"CREATE POLICY","epoch":7,"objects":[]}"#),
+            Some(7)
+        );
+        assert_eq!(message_epoch(br#"{"epoch":null}"#), None);
+        assert_eq!(message_epoch(b"marker"), None);
+    }
 
     #[test]
     fn the_mode_says_what_is_polled() {

@@ -485,6 +485,10 @@ struct Follow {
     printed: bool,
     /// A reload is due at the next transaction boundary.
     due: bool,
+    /// The highest count of policy DDL seen in the stream's `walcast-policy`
+    /// messages (see `sql/walcast/`): a reload reading a higher count read a
+    /// catalog ahead of the stream.
+    seen_epoch: Option<i64>,
     /// Between a forwarded Begin and its Commit.
     in_tx: bool,
 }
@@ -500,6 +504,7 @@ impl Follow {
             prints: policy::watch::Fingerprints::default(),
             printed: false,
             due: false,
+            seen_epoch: None,
             in_tx: false,
         }
     }
@@ -526,8 +531,11 @@ impl Follow {
                     self.in_tx = true;
                     false
                 }
-                TxEvent::Message { prefix, .. } if prefix == policy::watch::MESSAGE_PREFIX => {
+                TxEvent::Message { prefix, content, .. } if prefix == policy::watch::MESSAGE_PREFIX => {
                     self.due = true;
+                    if let Some(epoch) = policy::watch::message_epoch(content) {
+                        self.seen_epoch = Some(self.seen_epoch.map_or(epoch, |e| e.max(epoch)));
+                    }
                     false
                 }
                 TxEvent::Commit(_) => {
@@ -548,7 +556,7 @@ impl Follow {
     async fn reload(&mut self, batch: &mut Vec<StageEvent>) -> Result<(), RelayError> {
         self.due = false;
         let mut attempt = 0;
-        let loaded = loop {
+        let (loaded, epoch) = loop {
             attempt += 1;
             let publications = self.publications.clone();
             let known = self.known.clone();
@@ -557,7 +565,7 @@ impl Follow {
                 Err(err) => Err(err),
             };
             match result {
-                Ok(loaded) => break loaded,
+                Ok(read) => break read,
                 Err(err) if err.is_transient() && attempt < RELOAD_ATTEMPTS => {
                     tracing::warn!(error = %err, attempt, "reading the policies again failed; retrying");
                     self.client = None;
@@ -569,10 +577,13 @@ impl Follow {
                 }
             }
         };
+        // Read ahead: the catalog includes DDL the stream has not reached
+        // (walcast is behind); judged as catch-up until a reload that is not.
+        let ahead = matches!((self.seen_epoch, epoch), (Some(seen), Some(read)) if read > seen);
         log_plans(&loaded);
-        tracing::info!(rows = loaded.at.rows, lsn = %loaded.at.lsn, "policies changed; read again");
+        tracing::info!(rows = loaded.at.rows, lsn = %loaded.at.lsn, ahead, "policies changed; read again");
         self.installed(&loaded);
-        batch.push(StageEvent::PolicyUpdate(Box::new(loaded)));
+        batch.push(StageEvent::PolicyUpdate { loaded: Box::new(loaded), ahead });
         Ok(())
     }
 
