@@ -170,6 +170,88 @@ pub fn message_epoch(content: &[u8]) -> Option<i64> {
     serde_json::from_slice::<serde_json::Value>(content).ok()?.get("epoch")?.as_i64()
 }
 
+/// What the poller tells the change stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Noticed {
+    /// The first fingerprints were read: anything loaded before may have
+    /// missed a change made before them (reload if something was loaded).
+    First,
+    /// A fingerprint changed, or the mode fell back to polling.
+    Changed,
+}
+
+/// Polls every `interval` until `notices` closes: the mode, then the
+/// fingerprints, each read under [`STATEMENT_TIMEOUT`] (the whole poll under
+/// twice that); a failed poll is logged and the next one starts on a new
+/// session. Runs as its own task, so a slow or unreachable database never
+/// holds up the change stage. At most one notice waits (a full channel
+/// already says "reload").
+pub async fn poll(
+    connection: crate::pgconn::PgConfig,
+    interval: Duration,
+    notices: tokio::sync::mpsc::Sender<Noticed>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut client: Option<tokio_postgres::Client> = None;
+    let mut prints = Fingerprints::default();
+    let mut mode: Option<Mode> = None;
+    let mut first = true;
+    loop {
+        tokio::select! {
+            _ = notices.closed() => return,
+            _ = tick.tick() => {}
+        }
+        let read = tokio::time::timeout(2 * STATEMENT_TIMEOUT, async {
+            if client.as_ref().is_none_or(|c| c.is_closed()) {
+                client = Some(connect(&connection).await?);
+            }
+            let c = client.as_ref().expect("connected above");
+            let now = self::mode(c).await?;
+            let changed = prints.changed(c, &now).await?;
+            Ok::<_, super::PolicyError>((now, changed))
+        })
+        .await;
+        let notice = match read {
+            Ok(Ok((now, changed))) => {
+                let mut notice = changed.then_some(Noticed::Changed);
+                if mode.as_ref() != Some(&now) {
+                    tracing::info!(mode = %now, "following policy changes");
+                    // Leaving the trigger for polling: changes in between
+                    // may have gone unnoticed.
+                    if mode.is_some() && now.polls_catalog() {
+                        notice = Some(Noticed::Changed);
+                    }
+                    mode = Some(now);
+                }
+                if first {
+                    first = false;
+                    notice = notice.or(Some(Noticed::First));
+                }
+                notice
+            }
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "polling roles and policies failed; retrying at the next poll");
+                client = None;
+                None
+            }
+            Err(_) => {
+                tracing::warn!(
+                    timeout_ms = (2 * STATEMENT_TIMEOUT).as_millis() as u64,
+                    "polling roles and policies timed out; retrying at the next poll"
+                );
+                client = None;
+                None
+            }
+        };
+        if let Some(notice) = notice {
+            if let Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) = notices.try_send(notice) {
+                return;
+            }
+        }
+    }
+}
+
 /// Connects the poller's SQL session: `statement_timeout` set, so a poll
 /// never hangs the change stage.
 ///

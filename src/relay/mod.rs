@@ -17,8 +17,9 @@
 //! installs them before the next transaction; a poll (every
 //! [`RelayConfig::policy_poll`]) that sees roles — or, without the event
 //! trigger, the catalog — change does the same at the next transaction
-//! boundary. The SQL runs in the stage (the hub stays free of I/O); while
-//! it runs, the stage does not read the source.
+//! boundary. Polls run in a task of their own (a slow database never holds
+//! up the stream); the reload's SQL runs in the stage (the hub stays free of
+//! I/O), and while it runs the stage does not read the source.
 //!
 //! The change stage batches events (up to 256 per send, or whatever is there
 //! when the source is momentarily idle) so the channel costs little per
@@ -360,15 +361,22 @@ async fn change_stage(
     let mut last_disk_warning: Option<tokio::time::Instant> = None;
     let mut batch: Vec<StageEvent> = Vec::with_capacity(BATCH);
     let mut follow = Follow::new(connection.clone(), publications.clone());
-    let mut poll = tokio::time::interval(policy_poll);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The poller: its own task and session; ends when `notices` drops.
+    let (notice_tx, mut notices) = mpsc::channel(1);
+    tokio::spawn(policy::watch::poll(connection.clone(), policy_poll, notice_tx).in_current_span());
     loop {
         let event = tokio::select! {
             biased;
-            // The first tick is immediate: the fingerprints are read before
-            // the first load, so no change after it goes unnoticed.
-            _ = poll.tick() => {
-                follow.poll(loaded).await;
+            Some(notice) = notices.recv() => {
+                // Before the first load there is nothing to refresh (the
+                // load reads the catalog after the poll did); after it, the
+                // first poll may have missed a change made in between.
+                if loaded {
+                    if notice == policy::watch::Noticed::Changed {
+                        tracing::info!("roles or policies changed (poll)");
+                    }
+                    follow.due = true;
+                }
                 if follow.due && !follow.in_tx && loaded {
                     follow.reload(&mut batch).await?;
                     if !send_batch(&output, &mut batch).await {
@@ -477,12 +485,8 @@ struct Follow {
     /// Specs of the caches in force (the last load sent), which a reload
     /// does not read again: the hub keeps their data.
     known: Vec<policy::compile::CacheSpec>,
-    /// The SQL session for polls and reloads (made again after an error).
+    /// The SQL session for reloads (made again after an error).
     client: Option<tokio_postgres::Client>,
-    mode: Option<policy::watch::Mode>,
-    prints: policy::watch::Fingerprints,
-    /// Whether the fingerprints were ever read.
-    printed: bool,
     /// A reload is due at the next transaction boundary.
     due: bool,
     /// The highest count of policy DDL seen in the stream's `walcast-policy`
@@ -495,18 +499,7 @@ struct Follow {
 
 impl Follow {
     fn new(connection: PgConfig, publications: Vec<String>) -> Follow {
-        Follow {
-            connection,
-            publications,
-            known: Vec::new(),
-            client: None,
-            mode: None,
-            prints: policy::watch::Fingerprints::default(),
-            printed: false,
-            due: false,
-            seen_epoch: None,
-            in_tx: false,
-        }
+        Follow { connection, publications, known: Vec::new(), client: None, due: false, seen_epoch: None, in_tx: false }
     }
 
     /// A load was sent to the hub: its caches are the ones in force.
@@ -585,43 +578,5 @@ impl Follow {
         self.installed(&loaded);
         batch.push(StageEvent::PolicyUpdate { loaded: Box::new(loaded), ahead });
         Ok(())
-    }
-
-    /// One poll: the mode, then the fingerprints; a difference makes a
-    /// reload due (before the first load, the read only records). Errors
-    /// are logged; the next poll tries again on a new session.
-    async fn poll(&mut self, loaded: bool) {
-        let mut prints = std::mem::take(&mut self.prints);
-        let result = async {
-            let client = self.client().await?;
-            let mode = policy::watch::mode(client).await?;
-            let changed = prints.changed(client, &mode).await?;
-            Ok::<_, PolicyError>((mode, changed))
-        }
-        .await;
-        self.prints = prints;
-        match result {
-            Ok((mode, changed)) => {
-                if self.mode.as_ref() != Some(&mode) {
-                    tracing::info!(mode = %mode, "following policy changes");
-                    // Leaving the trigger for polling: changes in between
-                    // may have gone unnoticed.
-                    if self.mode.is_some() && mode.polls_catalog() {
-                        self.due = true;
-                    }
-                    self.mode = Some(mode);
-                }
-                // The first read after a failed one cannot compare: reload.
-                if changed || (!self.printed && loaded) {
-                    tracing::info!("roles or policies changed (poll)");
-                    self.due = true;
-                }
-                self.printed = true;
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "polling roles and policies failed; retrying at the next poll");
-                self.client = None;
-            }
-        }
     }
 }
