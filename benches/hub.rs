@@ -219,6 +219,7 @@ impl World {
                     }],
                     outbox: Arc::clone(&outbox),
                     on_live: None,
+                    on_withheld: None,
                 }));
                 outboxes.push(outbox);
             }

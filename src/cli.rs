@@ -282,6 +282,11 @@ struct ServeArgs {
     /// pauses and the slot keeps the WAL [default: 8589934592 = 8 GiB].
     #[arg(long = "spill-budget", env = "SPILL_BUDGET_BYTES")]
     spill_budget_bytes: Option<u64>,
+    /// Most bytes the policies' membership caches hold together; a cache that
+    /// would pass it is dropped and its tables are evaluated by the database
+    /// [default: 1073741824 = 1 GiB].
+    #[arg(long = "policy-cache-budget", env = "POLICY_CACHE_BUDGET_BYTES")]
+    policy_cache_budget_bytes: Option<usize>,
     /// Seconds between demo writer steps; 0 turns the writer off [default: 2].
     #[arg(long)]
     demo_writer_secs: Option<f64>,
@@ -352,6 +357,7 @@ impl ServeArgs {
             outbox_budget_bytes: self.outbox_budget_bytes,
             max_reader_lag_secs: self.max_reader_lag_secs,
             spill_budget_bytes: self.spill_budget_bytes,
+            policy_cache_budget_bytes: self.policy_cache_budget_bytes,
             spill_dir: self.spill_dir,
             demo_writer_secs: self.demo_writer_secs,
             slot_wal_warn_bytes: self.slot_wal_warn_bytes,

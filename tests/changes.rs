@@ -55,9 +55,9 @@ async fn every_type_matches_postgres_to_jsonb() {
             records.push(parsed);
         }
     }
-    // The walsender session is pinned (UTC, ISO dates, ISO 8601 intervals); compare under the same settings.
+    // The walsender session is pinned (UTC, ISO dates, PostgreSQL-style intervals); compare under the same settings.
     client
-        .batch_execute("set timezone = 'UTC'; set intervalstyle = 'iso_8601'; set extra_float_digits = 3")
+        .batch_execute("set timezone = 'UTC'; set intervalstyle = 'postgres'; set extra_float_digits = 3")
         .await
         .unwrap();
     let rows = client.query("select to_jsonb(r) from public.typed r order by id", &[]).await.unwrap();

@@ -543,10 +543,15 @@ async fn replication_revoked_is_a_definite_error() {
     assert_eq!(slots, 0, "the failed start left no slot behind");
     println!("role without BYPASSRLS: {line}");
 
-    // With BYPASSRLS (the documented role): ready, every membership loaded.
+    // Without membership in the API roles: a warning with the README's grant.
     client.batch_execute(&format!("alter role {role} bypassrls")).await.unwrap();
+    let (_, report) = walcast_check(&url, &slot).await;
+    assert!(report.contains("[WARN] set role authenticated"), "{report}");
+    // The documented role (README, set-up step 4): ready, every membership loaded.
+    client.batch_execute(&format!("grant anon, authenticated to {role}")).await.unwrap();
     let (ready, report) = walcast_check(&url, &slot).await;
     assert!(ready, "{report}");
+    assert!(report.contains("[ok  ] set role authenticated"), "{report}");
     let mut relay = RelayProcess::start(&url, &slot).await;
     assert_eq!(memberships_loaded(&relay), 1, "the role reads every membership");
     assert_streams(&relay, &client, fx).await;

@@ -21,6 +21,7 @@ mod load;
 mod memory;
 mod metrics;
 mod policies;
+mod policy_clients;
 mod policy_differential;
 mod policy_runtime;
 mod readme;

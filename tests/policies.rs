@@ -4,8 +4,9 @@
 //! replay tool's copy of sql/'s catalog compiles to the same plans as the
 //! live one.
 
+use walcast::hub::{Binding, Control, EventMatch, Outbox, OutboxLimits, Subscription, Vsn};
 use walcast::policy::plan::load;
-use walcast::policy::Access;
+use walcast::policy::{Access, Filter, Viewer};
 
 use crate::support::migrated_db;
 
@@ -99,4 +100,106 @@ async fn the_replay_tools_copy_of_sql_compiles_like_the_live_catalog() {
             );
         }
     }
+}
+
+const PLPGSQL: &str = "
+create function public.may_see_note(owner uuid) returns boolean language plpgsql stable as $$
+begin
+    if owner is null then
+        raise exception 'a note without an owner';
+    end if;
+    return owner = (select auth.uid());
+end
+$$;
+create table public.notes (id uuid primary key, owner uuid, body text);
+alter table public.notes replica identity full;
+alter table public.notes enable row level security;
+create policy own_notes on public.notes for select to authenticated using (public.may_see_note(owner));
+grant select on public.notes to authenticated;
+alter publication supabase_realtime add table public.notes;
+";
+
+fn notes_subscription(conn: u64, user: uuid::Uuid, outbox: &std::sync::Arc<Outbox>) -> Subscription {
+    Subscription {
+        conn,
+        topic: "realtime:notes".into(),
+        vsn: Vsn::V2,
+        viewer: Viewer::user(user),
+        bindings: vec![Binding {
+            id: 1,
+            schema: Some("public".into()),
+            table: Some("notes".into()),
+            event: EventMatch::All,
+            filter: Filter::default(),
+            select: None,
+        }],
+        outbox: std::sync::Arc::clone(outbox),
+        on_live: None,
+        on_withheld: None,
+    }
+}
+
+/// `(event, id)` of the postgres_changes frames in `frames`.
+fn events(frames: &[bytes::Bytes]) -> Vec<(String, String)> {
+    frames
+        .iter()
+        .filter_map(|f| {
+            let v: serde_json::Value = serde_json::from_slice(f).ok()?;
+            let data = &v[4]["data"];
+            let row = if data["type"] == "DELETE" { &data["old_record"] } else { &data["record"] };
+            Some((data["type"].as_str()?.to_owned(), row["id"].as_str()?.to_owned()))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn policies_walcast_cannot_compile_are_evaluated_by_postgres_on_the_committed_row() {
+    let (db, client) = migrated_db().await;
+    client.batch_execute(PLPGSQL).await.expect("schema");
+    let relay = crate::policy_differential::start_relay(db.url(), &format!("{}_s", db.name())).await;
+    let plans = relay.hub.policies();
+    let notes = plans.table_by_name("public", "notes").expect("notes published");
+    assert!(matches!(notes.role("authenticated").unwrap().access, Access::Database(_)));
+    let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let boxes: Vec<_> = [a, b].iter().map(|_| std::sync::Arc::new(Outbox::new(OutboxLimits::default()))).collect();
+    for (i, (user, outbox)) in [a, b].iter().zip(&boxes).enumerate() {
+        relay.hub.send(Control::Join(notes_subscription(i as u64, *user, outbox))).await.unwrap();
+    }
+    let (n1, n2) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    client.execute("insert into public.notes values ($1, $2, 'a''s')", &[&n1, &a]).await.unwrap();
+    client.execute("insert into public.notes values ($1, $2, 'b''s')", &[&n2, &b]).await.unwrap();
+    // Moved from a to b, then changed again in the same transaction: each
+    // change is judged on its own committed image, not the live row.
+    client
+        .batch_execute(&format!(
+            "begin; update public.notes set owner = '{b}' where id = '{n1}'; \
+             update public.notes set body = 'moved' where id = '{n1}'; commit;"
+        ))
+        .await
+        .unwrap();
+    // An owner-less note makes the policy raise: denied, counted, and the
+    // relay goes on.
+    client.execute("insert into public.notes values ($1, null, 'orphan')", &[&uuid::Uuid::new_v4()]).await.unwrap();
+    client.execute("delete from public.notes where id = $1", &[&n2]).await.unwrap();
+    let mut got_a = Vec::new();
+    let mut got_b = Vec::new();
+    crate::policy_differential::wait_for_frames(&boxes[1], 4, &mut got_b).await;
+    crate::policy_differential::wait_for_frames(&boxes[0], 2, &mut got_a).await;
+    let (s1, s2) = (n1.to_string(), n2.to_string());
+    let ev = |e: &str, id: &String| (e.to_owned(), id.clone());
+    assert_eq!(events(&got_a), vec![ev("INSERT", &s1), ev("DELETE", &s1)], "a: its note, then the move-out");
+    assert_eq!(
+        events(&got_b),
+        vec![ev("INSERT", &s2), ev("INSERT", &s1), ev("UPDATE", &s1), ev("DELETE", &s2)],
+        "b: its note, the move-in, the edit, the delete"
+    );
+    let stats = &relay.hub.stats.database;
+    assert!(stats.evaluated.load(std::sync::atomic::Ordering::Relaxed) >= 6);
+    assert!(stats.errors.load(std::sync::atomic::Ordering::Relaxed) >= 1, "the raising policy is counted");
+    // Nothing more arrives (the orphan reached nobody).
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    boxes[0].try_drain(&mut got_a);
+    boxes[1].try_drain(&mut got_b);
+    assert_eq!((events(&got_a).len(), events(&got_b).len()), (2, 4));
+    relay.stop().await.unwrap();
 }

@@ -77,6 +77,7 @@ pub(crate) fn subscription(conn: u64, viewer: Viewer, outbox: &Arc<Outbox>, live
         bindings: vec![binding(1, "orders"), binding(2, "dealer_memberships")],
         outbox: Arc::clone(outbox),
         on_live: Some(Bytes::from(format!(r#"["1",null,"realtime:differential","system",{{"message":"{live}"}}]"#))),
+        on_withheld: None,
     }
 }
 

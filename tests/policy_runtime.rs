@@ -57,6 +57,7 @@ fn subscription(conn: u64, viewer: Viewer, outbox: &Arc<Outbox>) -> Subscription
         bindings: vec![binding(1, "notes"), binding(2, "orders")],
         outbox: Arc::clone(outbox),
         on_live: None,
+        on_withheld: None,
     }
 }
 

@@ -451,3 +451,53 @@ async fn binary_frames_limits_idle_and_shutdown() {
     assert_eq!(ws.close_code().await, Some(1001));
     shutdown.await.unwrap().unwrap();
 }
+
+/// Intervals arrive in PostgreSQL's default style, as Supabase sends them
+/// (`"1 day 02:00:00"`, not ISO 8601's `P1DT2H`), even when the database
+/// itself defaults to `iso_8601`: the replication connection pins
+/// `IntervalStyle=postgres`. The expectation is PostgreSQL's own `to_jsonb`
+/// in the default style.
+#[tokio::test]
+async fn intervals_arrive_in_postgres_default_style() {
+    let t = TestServer::with_schema(
+        "create table public.timers (id int primary key, span interval, spans interval[]);
+         alter table public.timers replica identity full;
+         grant select on public.timers to service_role;
+         alter publication supabase_realtime add table public.timers;
+         do $$ begin
+             execute format('alter database %I set intervalstyle = %L', current_database(), 'iso_8601');
+         end $$;",
+    )
+    .await;
+    let key = token("service_role", None, 3600);
+    let topic = "realtime:timers";
+    let binding = json!([{"event": "*", "schema": "public", "table": "timers"}]);
+    for vsn in BOTH {
+        let mut ws = t.connect(&key, vsn).await;
+        ws.subscribe(topic, binding.clone(), None).await;
+        t.client.execute("insert into public.timers values (1, '1 day 2 hours', '{1 day, 1 mon}')", &[]).await.unwrap();
+        t.client
+            .execute("update public.timers set span = span * -1.5 - interval '1 second' where id = 1", &[])
+            .await
+            .unwrap();
+        t.client.execute("delete from public.timers where id = 1", &[]).await.unwrap();
+        let insert = change(&mut ws, topic).await;
+        assert_eq!(insert["data"]["record"]["span"], "1 day 02:00:00", "{insert}");
+        assert_eq!(insert["data"]["record"]["spans"], json!(["1 day", "1 mon"]), "{insert}");
+        let update = change(&mut ws, topic).await;
+        assert_eq!(update["data"]["old_record"]["span"], "1 day 02:00:00", "{update}");
+        t.client.batch_execute("set intervalstyle = 'postgres'").await.unwrap();
+        let want: Value = t
+            .client
+            .query_one("select to_jsonb(interval '1 day 2 hours' * -1.5 - interval '1 second')", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(want, json!("-1 days -15:00:01"), "PostgreSQL's own rendering");
+        assert_eq!(update["data"]["record"]["span"], want, "{update}");
+        let delete = change(&mut ws, topic).await;
+        assert_eq!(delete["data"]["old_record"]["span"], want, "{delete}");
+        assert_eq!(delete["data"]["old_record"]["spans"], json!(["1 day", "1 mon"]), "{delete}");
+    }
+    t.server.shutdown().await.unwrap();
+}

@@ -403,8 +403,8 @@ async fn policy_checks(
                 crate::policy::Access::Database(_) => report.warn(
                     what,
                     line,
-                    "rewrite the policy in a supported shape (docs/policies.md), or expect no changes of this table \
-                     for this role",
+                    "PostgreSQL evaluates each change of this table for this role (one query per distinct claim \
+                     set); rewrite the policy in a shape walcast decides in memory (docs/policies.md) to avoid it",
                 ),
                 _ => report.ok(what, line),
             }
@@ -415,6 +415,22 @@ async fn policy_checks(
                     "see docs/policies.md",
                 );
             }
+        }
+    }
+    // Database evaluation runs as the viewer's role: walcast must be able to
+    // SET ROLE to the API roles.
+    for name in ["anon", "authenticated"] {
+        match loaded.policies.role(name) {
+            Some(r) if r.settable => report.ok(format!("set role {name}"), "walcast may evaluate policies as it"),
+            Some(_) => {
+                let me = settings_role(client).await;
+                report.warn(
+                    format!("set role {name}"),
+                    "walcast's role is not a member: policies PostgreSQL must evaluate are withheld from this role",
+                    format!("grant {} to {};", quote_ident(name), quote_ident(&me)),
+                )
+            }
+            None => report.warn(format!("set role {name}"), "the role does not exist", "see the README's role recipe"),
         }
     }
     report.ok(

@@ -97,6 +97,8 @@ pub struct FileConfig {
     pub max_reader_lag_secs: Option<f64>,
     /// Most bytes of spilled transactions on disk.
     pub spill_budget_bytes: Option<u64>,
+    /// Most bytes of the policies' membership caches, all together.
+    pub policy_cache_budget_bytes: Option<usize>,
     /// Seconds between demo writer steps (0 = off).
     pub demo_writer_secs: Option<f64>,
     /// Slot watchdog: warn when retained WAL passes this many bytes (0 = off).
@@ -140,6 +142,7 @@ impl std::fmt::Debug for FileConfig {
             .field("outbox_budget_bytes", &self.outbox_budget_bytes)
             .field("max_reader_lag_secs", &self.max_reader_lag_secs)
             .field("spill_budget_bytes", &self.spill_budget_bytes)
+            .field("policy_cache_budget_bytes", &self.policy_cache_budget_bytes)
             .field("spill_dir", &self.spill_dir)
             .field("streaming", &self.streaming)
             .field("replication_timeout_secs", &self.replication_timeout_secs)
@@ -188,6 +191,7 @@ impl FileConfig {
             outbox_budget_bytes: self.outbox_budget_bytes.or(lower.outbox_budget_bytes),
             max_reader_lag_secs: self.max_reader_lag_secs.or(lower.max_reader_lag_secs),
             spill_budget_bytes: self.spill_budget_bytes.or(lower.spill_budget_bytes),
+            policy_cache_budget_bytes: self.policy_cache_budget_bytes.or(lower.policy_cache_budget_bytes),
             spill_dir: self.spill_dir.or(lower.spill_dir),
             demo_writer_secs: self.demo_writer_secs.or(lower.demo_writer_secs),
             slot_wal_warn_bytes: self.slot_wal_warn_bytes.or(lower.slot_wal_warn_bytes),
@@ -336,6 +340,8 @@ pub struct Settings {
     pub max_reader_lag: Duration,
     /// Spill disk budget, bytes.
     pub spill_budget: u64,
+    /// Membership caches' memory budget, bytes.
+    pub policy_cache_budget: usize,
     /// Demo writer interval (`None` = off).
     pub demo_writer: Option<Duration>,
     /// `/ready` and slot watchdog thresholds.
@@ -449,6 +455,14 @@ impl Settings {
                 max: 1 << 50,
             });
         }
+        let policy_cache_budget = merged.policy_cache_budget_bytes.unwrap_or(crate::policy::caches::DEFAULT_BUDGET);
+        if !((1 << 20)..=(1 << 44)).contains(&policy_cache_budget) {
+            return Err(ConfigError::OutOfRange {
+                name: "POLICY_CACHE_BUDGET_BYTES (--policy-cache-budget)",
+                min: 1 << 20,
+                max: 1 << 44,
+            });
+        }
         let writer_secs = merged.demo_writer_secs.unwrap_or(2.0);
         if !(0.0..=3600.0).contains(&writer_secs) {
             return Err(ConfigError::OutOfRange { name: "--demo-writer-secs", min: 0, max: 3600 });
@@ -524,6 +538,7 @@ impl Settings {
             outbox_budget,
             max_reader_lag: Duration::from_secs_f64(lag_secs),
             spill_budget,
+            policy_cache_budget,
             demo_writer: (writer_secs > 0.0).then(|| Duration::from_secs_f64(writer_secs)),
             streaming: merged.streaming.unwrap_or(false),
             replication_timeout: (timeout_secs > 0.0).then(|| Duration::from_secs_f64(timeout_secs)),
@@ -605,6 +620,7 @@ impl Settings {
         let mut relay = RelayConfig::new(source);
         relay.hub.outbox_budget = self.outbox_budget;
         relay.hub.max_reader_lag = self.max_reader_lag;
+        relay.policy_cache_budget = self.policy_cache_budget;
         relay.spill = crate::spill::SpillConfig { dir: self.spill_dir.clone(), disk_budget: self.spill_budget };
         relay.policy_poll = self.policy_poll_interval;
         let mut config = ServeConfig::new(relay, self.auth.clone());

@@ -158,6 +158,8 @@ impl Core {
                     }
                     self.cache_gauges();
                 }
+                self.tx_seq += 1;
+                self.tx_checks = 0;
                 self.delivering = Some(Delivery { tx, info, cursor: Cursor::default() });
                 self.pump()
             }
@@ -269,7 +271,10 @@ impl Core {
             catch_up = tx.catch_up,
             "transaction handled"
         );
-        self.ack.ack(info.end_lsn);
+        // Held while checks of this or an earlier transaction are out.
+        if let Some(lsn) = self.held.finished(self.tx_seq, info.end_lsn, self.tx_checks) {
+            self.ack.ack(lsn);
+        }
         self.ack.status().transaction_handled(tx.commit_micros);
     }
 

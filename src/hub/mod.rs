@@ -73,6 +73,7 @@
 //! [`crate::policy::caches`]): their membership changes are applied,
 //! their row changes go to `service_role` subscribers only.
 
+mod database;
 mod flow;
 pub mod frame;
 pub mod latency;
@@ -93,6 +94,7 @@ use std::time::{Duration, Instant};
 
 use crate::change::{Change, Datum, RelationInfo, Row, TxEvent};
 use crate::lsn::Lsn;
+use crate::policy::fallback::{Fallback, FallbackStats, Verdict};
 use crate::policy::plan::Loaded;
 use crate::policy::predicate::{CacheId, Context};
 use crate::policy::{Access, Caches, EventType, Filter, Index, PolicySet, TablePlan, Viewer};
@@ -193,6 +195,9 @@ pub struct Subscription {
     pub outbox: Arc<Outbox>,
     /// Queued once the subscription is live ("Subscribed to PostgreSQL").
     pub on_live: Option<Bytes>,
+    /// Queued (once per subscription) when changes are withheld from it
+    /// because the database-evaluation queue is full.
+    pub on_withheld: Option<Bytes>,
 }
 
 /// Requests from the realtime layer.
@@ -292,8 +297,9 @@ pub struct HubStats {
     pub subscriptions: AtomicU64,
     /// Last end LSN handled (gauge).
     pub handled_lsn: AtomicU64,
-    /// Changes not delivered to a role because its policies for the table
-    /// are database-evaluated (not done yet: denied).
+    /// Changes withheld from a role whose policies for the table need the
+    /// database but could not be checked (walcast may not `SET ROLE`, or
+    /// the evaluation queue was full).
     pub database_denied: AtomicU64,
     /// Candidate viewers judged (index hits; the fan-out's work).
     pub candidates: AtomicU64,
@@ -301,6 +307,10 @@ pub struct HubStats {
     pub cache_rows: AtomicU64,
     /// Approximate bytes of the membership caches (gauge).
     pub cache_bytes: AtomicU64,
+    /// Database evaluation (tables whose policies PostgreSQL judges).
+    pub database: Arc<FallbackStats>,
+    /// Per membership cache: description, rows, bytes, over budget.
+    pub caches: std::sync::Mutex<Vec<(String, usize, usize, bool)>>,
     /// Commit → queued latency of each transaction that queued frames: the
     /// commit timestamp (the database's clock) against the wall clock once
     /// its last frame was queued.
@@ -385,7 +395,7 @@ pub fn hub(config: HubConfig, ack: AckHandle, spill: Spill) -> (Hub, HubHandle) 
         spill: Arc::clone(spill.stats()),
     };
     let core = Core::new(config, Arc::clone(&handle.policies), ack, stats, budget, spill);
-    (Hub { core, control: control_rx }, handle)
+    (Hub { core, control: control_rx, verdicts: None }, handle)
 }
 
 /// The hub task's state.
@@ -393,9 +403,18 @@ pub fn hub(config: HubConfig, ack: AckHandle, spill: Spill) -> (Hub, HubHandle) 
 pub struct Hub {
     core: Core,
     control: mpsc::Receiver<Control>,
+    verdicts: Option<mpsc::Receiver<Verdict>>,
 }
 
 impl Hub {
+    /// Lets the hub submit checks of database-evaluated tables to
+    /// `fallback` and receive their verdicts on `verdicts` (without it,
+    /// those tables are withheld).
+    pub fn attach_fallback(&mut self, fallback: Fallback, verdicts: mpsc::Receiver<Verdict>) {
+        self.core.fallback = Some(fallback);
+        self.verdicts = Some(verdicts);
+    }
+
     /// Runs until `input` ends or `shutdown`; then closes every outbox with
     /// [`CloseReason::shutdown`].
     ///
@@ -408,6 +427,7 @@ impl Hub {
     ) -> Result<(), HubError> {
         let budget = Arc::clone(&self.core.budget);
         let mut pending = Vec::new().into_iter();
+        let mut verdicts = self.verdicts.take();
         let mut tick = tokio::time::interval(READER_CHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let result = loop {
@@ -440,6 +460,9 @@ impl Hub {
                 _ = crate::replication::stream::stopped(&mut shutdown) => break Ok(()),
                 Some(control) = self.control.recv() => self.core.control(control),
                 _ = tick.tick() => self.core.check_readers(),
+                // Verdicts only between transactions' fan-outs, never while
+                // paused: their frames charge the same outbox budget.
+                Some(verdict) = next_verdict(&mut verdicts) => self.core.verdict(verdict),
                 batch = input.recv() => {
                     let Some(batch) = batch else { break Ok(()) };
                     pending = batch.into_iter();
@@ -454,6 +477,14 @@ impl Hub {
     /// without tasks.
     pub fn core_mut(&mut self) -> &mut Core {
         &mut self.core
+    }
+}
+
+/// The next verdict, or never without a fallback.
+async fn next_verdict(verdicts: &mut Option<mpsc::Receiver<Verdict>>) -> Option<Verdict> {
+    match verdicts {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -472,6 +503,10 @@ struct ColumnMap {
     to_rel: Vec<Option<usize>>,
     /// Relation column → plan column.
     to_plan: Vec<Option<usize>>,
+    /// Relation columns in the table's primary key (sent whatever a
+    /// binding's `select` says; pgoutput's key flag marks every column
+    /// under REPLICA IDENTITY FULL, so it cannot serve).
+    primary_key: Vec<bool>,
 }
 
 /// One row image judged for one viewer.
@@ -539,6 +574,16 @@ pub struct Core {
     selects: Vec<usize>,
     /// Scratch: candidate slots per change and role.
     candidates: Vec<Slot>,
+    /// Database evaluation, when attached.
+    fallback: Option<Fallback>,
+    /// Checks submitted, by id, until their verdicts come.
+    jobs: HashMap<u64, database::Job>,
+    next_job: u64,
+    /// Sequence of the transaction being delivered, and its checks.
+    tx_seq: u64,
+    tx_checks: usize,
+    /// Acknowledgements waiting for checks.
+    held: database::HeldAcks,
     doomed: Vec<ConnId>,
 }
 
@@ -577,6 +622,12 @@ impl Core {
             ids: Vec::new(),
             selects: Vec::new(),
             candidates: Vec::new(),
+            fallback: None,
+            jobs: HashMap::new(),
+            next_job: 0,
+            tx_seq: 0,
+            tx_checks: 0,
+            held: database::HeldAcks::default(),
             doomed: Vec::new(),
         }
     }
@@ -615,6 +666,9 @@ impl Core {
     fn cache_gauges(&self) {
         self.stats.cache_rows.store(self.caches.rows() as u64, Ordering::Relaxed);
         self.stats.cache_bytes.store(self.caches.bytes() as u64, Ordering::Relaxed);
+        if let Ok(mut summary) = self.stats.caches.lock() {
+            *summary = self.caches.summary();
+        }
     }
 
     /// Handles one control request.
@@ -683,7 +737,9 @@ impl Core {
         let to_rel: Vec<Option<usize>> = plan.columns.iter().map(|c| relation.column_index(c)).collect();
         let to_plan: Vec<Option<usize>> =
             relation.columns.iter().map(|c| plan.columns.iter().position(|p| *p == c.name)).collect();
-        let map = Arc::new(ColumnMap { to_rel, to_plan });
+        let primary_key =
+            to_plan.iter().map(|p| p.is_some_and(|p| plan.primary_key.get(p).copied().unwrap_or(false))).collect();
+        let map = Arc::new(ColumnMap { to_rel, to_plan, primary_key });
         self.maps.insert(relation.oid, (Arc::clone(relation), Arc::clone(&map)));
         map
     }
@@ -711,13 +767,29 @@ impl Core {
                 .columns
                 .as_ref()
                 .map(|m| map.to_plan.iter().map(|p| p.is_some_and(|p| m.get(p).copied().unwrap_or(false))).collect());
-            let shape = MaskRef { id: role_no as u16, mask: mask.as_deref() };
+            let shape = MaskRef { id: role_no as u16, mask: mask.as_deref(), primary_key: &map.primary_key };
             candidates.clear();
-            match &rp.access {
+            // A predicate whose membership cache went over budget: the
+            // database decides, as for policies that do not compile.
+            let over_budget = matches!(rp.access, Access::Rows(_)) && rp.caches.iter().any(|&c| self.caches.is_over(c));
+            let access = if over_budget { &Access::Database(String::new()) } else { &rp.access };
+            match access {
                 Access::Nothing(_) => continue,
                 Access::Database(_) => {
-                    self.stats.database_denied.fetch_add(1, Ordering::Relaxed);
-                    continue;
+                    // Catch-up window: as for in-memory plans.
+                    if tx.catch_up {
+                        continue;
+                    }
+                    let Some(check) = rp.database.as_ref() else {
+                        self.stats.database_denied.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    };
+                    self.registry.table_candidates(&change.relation.schema, &change.relation.table, &mut candidates);
+                    candidates.sort_unstable();
+                    candidates.dedup();
+                    self.stats.candidates.fetch_add(candidates.len() as u64, Ordering::Relaxed);
+                    let check = Arc::clone(check);
+                    self.submit_check(&check, role, event, change, &map, &tx.commit_timestamp, &candidates);
                 }
                 Access::Everything => {
                     self.registry.table_candidates(&change.relation.schema, &change.relation.table, &mut candidates);
@@ -855,7 +927,7 @@ impl Core {
                         .selects
                         .iter()
                         .any(|&b| sub.bindings[b].select.as_ref().is_some_and(|cols| cols.contains(&c.name)));
-                    (c.is_key || wanted) && shape.mask.is_none_or(|m| m[i])
+                    (shape.primary_key.get(i).copied().unwrap_or(false) || wanted) && shape.mask.is_none_or(|m| m[i])
                 })
                 .collect()
         });
@@ -918,6 +990,8 @@ impl Core {
 struct MaskRef<'a> {
     id: u16,
     mask: Option<&'a [bool]>,
+    /// The relation's primary-key columns (always sent).
+    primary_key: &'a [bool],
 }
 
 #[cfg(test)]

@@ -29,6 +29,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use super::{Binding, ConnId, Outbox, Subscription, Vsn};
 use crate::policy::predicate::{ClaimPath, ColType, Scalar};
 use crate::policy::Viewer;
@@ -55,6 +57,8 @@ pub struct Sub {
     pub outbox: Arc<Outbox>,
     /// The viewer's value of each indexed claim (registry order).
     claim_keys: Vec<Option<Box<str>>>,
+    /// The "changes withheld" notice, until it has been sent once.
+    withheld: Option<Bytes>,
 }
 
 /// The registry.
@@ -222,6 +226,7 @@ impl Registry {
             bindings: sub.bindings,
             outbox: sub.outbox,
             claim_keys,
+            withheld: sub.on_withheld,
         };
         let slot = match self.free.pop() {
             Some(i) => i,
@@ -285,6 +290,14 @@ impl Registry {
                 }
             }
         }
+    }
+
+    /// The subscription's "changes withheld" notice and outbox, the first
+    /// time only.
+    pub fn withheld_notice(&mut self, slot: Slot) -> Option<(Arc<Outbox>, Bytes)> {
+        let sub = self.slots.get_mut(slot)?.as_mut()?;
+        let notice = sub.withheld.take()?;
+        Some((Arc::clone(&sub.outbox), notice))
     }
 
     /// Changes a subscription's viewer (a new token); returns its outbox.
@@ -440,6 +453,7 @@ mod tests {
             }],
             outbox: Arc::new(Outbox::new(OutboxLimits::default())),
             on_live: None,
+            on_withheld: None,
         }
     }
 

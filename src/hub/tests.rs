@@ -92,6 +92,7 @@ impl Fixture {
             }],
             outbox: Arc::clone(&outbox),
             on_live: None,
+            on_withheld: None,
         }));
         outbox
     }

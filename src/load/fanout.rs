@@ -237,6 +237,7 @@ pub fn replay_fanout(path: &Path, pace: Pace, config: &FanoutConfig) -> Result<F
             ],
             outbox: Arc::clone(&outbox),
             on_live: None,
+            on_withheld: None,
         }));
         outboxes.push(outbox);
     }

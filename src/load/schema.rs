@@ -34,7 +34,7 @@ pub const MEMBER_HELPER_BODY: &str = "
 ";
 
 fn column(name: &str, type_name: &str, primary_key: bool) -> ColumnCat {
-    ColumnCat { name: name.into(), type_name: type_name.into(), primary_key }
+    ColumnCat { name: name.into(), type_name: type_name.into(), sql_type: type_name.into(), primary_key }
 }
 
 /// The catalog of sql/, with `orders` and `dealer_memberships` at the given

@@ -354,8 +354,48 @@ impl Monitor {
         );
         w.counter(
             "walcast_database_evaluated_denied_total",
-            "Changes withheld from a role whose policies for the table walcast cannot mirror in memory.",
+            "Changes withheld from a role whose policies need the database but could not be checked (no SET ROLE, queue full).",
             h.database_denied.load(Ordering::Relaxed),
+        );
+        let caches = h.caches.lock().map(|c| c.clone()).unwrap_or_default();
+        for (name, help, pick) in [
+            ("walcast_membership_cache_rows", "Rows per membership cache.", 0usize),
+            ("walcast_membership_cache_bytes_each", "Approximate bytes per membership cache.", 1),
+            (
+                "walcast_membership_cache_over_budget",
+                "1 when a cache was dropped for the budget (its tables are database-evaluated).",
+                2,
+            ),
+        ] {
+            w.family(name, Kind::Gauge, help);
+            for (cache, rows, bytes, over) in &caches {
+                let value = match pick {
+                    0 => *rows as u64,
+                    1 => *bytes as u64,
+                    _ => u64::from(*over),
+                };
+                w.sample(name, &[("cache", cache.as_str())], value);
+            }
+        }
+        w.counter(
+            "walcast_database_eval_checks_total",
+            "Claim sets PostgreSQL evaluated for database-evaluated tables.",
+            h.database.evaluated.load(Ordering::Relaxed),
+        );
+        w.counter(
+            "walcast_database_eval_errors_total",
+            "Database evaluations that failed or timed out (denied).",
+            h.database.errors.load(Ordering::Relaxed),
+        );
+        w.counter(
+            "walcast_database_eval_refused_total",
+            "Checks refused because the database-evaluation queue was full (denied, with a system message).",
+            h.database.refused.load(Ordering::Relaxed),
+        );
+        w.gauge(
+            "walcast_database_eval_in_flight",
+            "Claim sets queued or being evaluated.",
+            h.database.in_flight.load(Ordering::Relaxed) as u64,
         );
         w.counter(
             "walcast_policy_candidates_total",

@@ -27,6 +27,15 @@
 //!   insert position read after it ([`Caches::exact_from`]). Until the
 //!   stream passes that position, the tables whose predicates read it are
 //!   judged as in the catch-up window — per cache, not globally.
+//!
+//! # Memory
+//!
+//! All caches together stay within a byte budget ([`DEFAULT_BUDGET`],
+//! `--policy-cache-budget`). When a load or a change would pass it, the
+//! largest cache is dropped and marked *over budget* for good (until the
+//! next load): the hub then has PostgreSQL evaluate the tables whose plans
+//! read it (see [`crate::policy::fallback`]), and `walcast check` and
+//! `/metrics` say so.
 
 use std::collections::HashMap;
 
@@ -34,6 +43,9 @@ use super::compile::CacheSpec;
 use super::predicate::{CacheId, Context};
 use crate::change::{Change, Datum, Op, RelationInfo, Row};
 use crate::lsn::Lsn;
+
+/// Default byte budget of all caches together: 1 GiB.
+pub const DEFAULT_BUDGET: usize = 1 << 30;
 
 /// When the caches were loaded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,6 +194,9 @@ pub struct Caches {
     /// Per cache: whether [`load`] read it (false: left for
     /// [`Caches::adopt`] to take over from the caches in force).
     loaded: Vec<bool>,
+    /// Caches dropped for the budget (no longer maintained).
+    over: Vec<bool>,
+    budget: usize,
 }
 
 /// A row image seen through a cache spec's column order.
@@ -216,7 +231,15 @@ impl Caches {
         }
         let data = vec![GroupCache::default(); specs.len()];
         let n = specs.len();
-        Caches { specs, data, by_table, exact_from: vec![Lsn::ZERO; n], loaded: vec![false; n] }
+        Caches {
+            specs,
+            data,
+            by_table,
+            exact_from: vec![Lsn::ZERO; n],
+            loaded: vec![false; n],
+            over: vec![false; n],
+            budget: DEFAULT_BUDGET,
+        }
     }
 
     /// Transactions committing before the returned LSN must not be judged
@@ -241,6 +264,7 @@ impl Caches {
                 Some(from) => {
                     self.data[id] = std::mem::take(&mut old.data[from]);
                     self.exact_from[id] = old.exact_from[from];
+                    self.over[id] = old.over[from];
                     kept += 1;
                 }
                 None if self.loaded[id] => {
@@ -252,7 +276,48 @@ impl Caches {
                 None => self.exact_from[id] = Lsn(u64::MAX),
             }
         }
+        // Kept and new together may pass the budget.
+        if self.bytes() > self.budget {
+            self.enforce_budget();
+        }
         (kept, fresh)
+    }
+
+    /// The same caches within `budget` bytes.
+    pub fn with_budget(mut self, budget: usize) -> Caches {
+        self.budget = budget;
+        self.enforce_budget();
+        self
+    }
+
+    /// Whether cache `id` was dropped for the budget.
+    pub fn is_over(&self, id: CacheId) -> bool {
+        self.over.get(id).copied().unwrap_or(false)
+    }
+
+    /// Per cache: description, rows, bytes, over budget.
+    pub fn summary(&self) -> Vec<(String, usize, usize, bool)> {
+        self.specs
+            .iter()
+            .zip(&self.data)
+            .zip(&self.over)
+            .map(|((s, d), o)| (s.describe(), d.len(), d.bytes(), *o))
+            .collect()
+    }
+
+    /// Drops the largest caches until all fit the budget.
+    fn enforce_budget(&mut self) {
+        while self.bytes() > self.budget {
+            let Some((id, _)) = self.data.iter().enumerate().max_by_key(|(_, d)| d.bytes()) else { return };
+            tracing::warn!(
+                cache = %self.specs[id].describe(),
+                bytes = self.data[id].bytes(),
+                budget = self.budget,
+                "membership cache over the budget; its tables are evaluated by the database from now on"
+            );
+            self.data[id].clear();
+            self.over[id] = true;
+        }
     }
 
     /// The specs, by id.
@@ -285,6 +350,9 @@ impl Caches {
     pub fn apply(&mut self, change: &Change) {
         let Some(ids) = self.by_table.get(&change.relation.oid) else { return };
         for &id in ids {
+            if self.over[id] {
+                continue;
+            }
             let spec = &self.specs[id];
             let cache = &mut self.data[id];
             if change.op == Op::Truncate {
@@ -313,11 +381,17 @@ impl Caches {
                 Op::Truncate => {}
             }
         }
+        if self.bytes() > self.budget {
+            self.enforce_budget();
+        }
     }
 
     /// Inserts a row read by [`load`]: `values` in the spec's column order
     /// (`None` = NULL), unread columns [`Datum::Absent`].
     fn load_row(&mut self, id: CacheId, datums: &[Datum]) {
+        if self.over[id] {
+            return;
+        }
         let spec = &self.specs[id];
         let refs: Vec<&Datum> = datums.iter().collect();
         let Some(key) = key_of(spec, |name| spec.columns.iter().position(|c| c == name).map(|i| refs[i])) else {
@@ -326,6 +400,9 @@ impl Caches {
         let map: Vec<Option<usize>> = (0..spec.columns.len()).map(Some).collect();
         if let Some((group, user)) = pair(spec, &map, &Row(datums.to_vec())) {
             self.data[id].insert(key, group, user);
+            if self.bytes() > self.budget {
+                self.enforce_budget();
+            }
         }
     }
 }
@@ -422,13 +499,20 @@ pub async fn load(
         let select: Vec<String> = wanted.iter().map(|&i| format!("{}::text", ident(&spec.columns[i]))).collect();
         let sql = format!("SELECT {} FROM {}.{}", select.join(", "), ident(schema), ident(table));
         caches.data[id].clear();
-        for row in client.query(&sql, &[]).await? {
+        // Streamed, so a table larger than the budget is never held whole.
+        let rows = client.query_raw(&sql, std::iter::empty::<i32>()).await?;
+        futures::pin_mut!(rows);
+        while let Some(row) = futures::StreamExt::next(&mut rows).await {
+            let row = row?;
             let mut datums = vec![Datum::Absent; spec.columns.len()];
             for (j, &i) in wanted.iter().enumerate() {
                 let v: Option<String> = row.get(j);
                 datums[i] = v.map_or(Datum::Null, |s| Datum::Text(bytes::Bytes::from(s)));
             }
             caches.load_row(id, &datums);
+            if caches.over[id] {
+                break;
+            }
         }
         total += caches.data[id].len();
     }

@@ -23,6 +23,8 @@ pub struct ColumnCat {
     pub name: String,
     /// `pg_type.typname`.
     pub type_name: String,
+    /// The type as SQL spells it (`format_type`: `text[]`, `numeric(10,2)`).
+    pub sql_type: String,
     /// Part of the primary key.
     pub primary_key: bool,
 }
@@ -171,7 +173,7 @@ WHERE c.relkind IN ('r', 'p') AND (c.oid = ANY ($1) OR EXISTS (
     WHERE pt.pubname = ANY ($2) AND pt.schemaname = n.nspname AND pt.tablename = c.relname))";
 
 const COLUMNS_SQL: &str = "
-SELECT a.attrelid, a.attname::text, t.typname::text,
+SELECT a.attrelid, a.attname::text, t.typname::text, pg_catalog.format_type(a.atttypid, a.atttypmod),
        EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = a.attrelid AND i.indisprimary
                AND a.attnum = ANY (i.indkey))
 FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
@@ -279,7 +281,12 @@ pub async fn load(
     for row in client.query(COLUMNS_SQL, &[&oids]).await? {
         let oid: u32 = row.get(0);
         if let Some(t) = tables.get_mut(&oid) {
-            t.columns.push(ColumnCat { name: row.get(1), type_name: row.get(2), primary_key: row.get(3) });
+            t.columns.push(ColumnCat {
+                name: row.get(1),
+                type_name: row.get(2),
+                sql_type: row.get(3),
+                primary_key: row.get(4),
+            });
         }
     }
     for row in client.query(POLICIES_SQL, &[&oids]).await? {

@@ -20,6 +20,7 @@
 pub mod caches;
 pub mod catalog;
 pub mod compile;
+pub mod fallback;
 pub mod filter;
 pub mod plan;
 pub mod predicate;

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use super::caches::{self, Caches, LoadedAt};
 use super::catalog::{self, Catalog, RoleCat, TableCat};
 use super::compile::{Compiled, Compiler};
+use super::fallback::DatabaseCheck;
 use super::predicate::{CacheId, ClaimPath, CmpOp, ColType, Expr, Operand};
 use crate::lsn::Lsn;
 
@@ -135,11 +136,24 @@ pub struct RolePlan {
     pub index: Index,
     /// What will not arrive and why (sent to subscribers at join).
     pub warnings: Vec<String>,
+    /// How PostgreSQL evaluates it — for [`Access::Database`], and for
+    /// [`Access::Rows`] whose caches went over budget (`None` when it
+    /// cannot, e.g. walcast may not `SET ROLE` to the role).
+    pub database: Option<Arc<DatabaseCheck>>,
+    /// The membership caches an [`Access::Rows`] predicate reads.
+    pub caches: Vec<CacheId>,
 }
 
 impl RolePlan {
     fn nothing(why: String) -> RolePlan {
-        RolePlan { access: Access::Nothing(why), columns: None, index: Index::Nobody, warnings: Vec::new() }
+        RolePlan {
+            access: Access::Nothing(why),
+            columns: None,
+            index: Index::Nobody,
+            warnings: Vec::new(),
+            database: None,
+            caches: Vec::new(),
+        }
     }
 
     /// One line: `in memory (auth.uid() = user_id)`, `everything`, ….
@@ -173,6 +187,8 @@ pub struct TablePlan {
     pub name: String,
     /// Column names as compiled.
     pub columns: Vec<String>,
+    /// Which of them form the primary key.
+    pub primary_key: Vec<bool>,
     /// Plans by role name.
     pub roles: HashMap<String, Arc<RolePlan>>,
 }
@@ -216,6 +232,7 @@ impl PolicySet {
                     schema: table.schema.clone(),
                     name: table.name.clone(),
                     columns: table.columns.iter().map(|c| c.name.clone()).collect(),
+                    primary_key: table.columns.iter().map(|c| c.primary_key).collect(),
                     roles,
                 },
             );
@@ -290,6 +307,8 @@ fn plan_for(compiler: &mut Compiler<'_>, catalog: &Catalog, table: &TableCat, ro
     let owner = privileges.is_some_and(|p| p.owner);
     let bypass = role.superuser || role.bypass_rls || !table.rls || (owner && !table.force_rls);
     let mut warnings = Vec::new();
+    let mut database = None;
+    let mut caches = Vec::new();
     let (access, index) = if bypass {
         (Access::Everything, Index::Everyone)
     } else {
@@ -305,6 +324,13 @@ fn plan_for(compiler: &mut Compiler<'_>, catalog: &Catalog, table: &TableCat, ro
             Compiled::Memory(Expr::Const(Some(true))) => (Access::Everything, Index::Everyone),
             Compiled::Memory(e) => {
                 let index = Index::of(&e);
+                e.for_each_member(&mut |c| {
+                    if !caches.contains(&c) {
+                        caches.push(c)
+                    }
+                });
+                // Kept for when a cache outgrows its budget.
+                database = database_check(catalog, table, role).ok().map(Arc::new);
                 // Columns the predicate reads that an old row may lack.
                 if table.replica_identity != 'f' {
                     let mut needs = Vec::new();
@@ -326,13 +352,15 @@ fn plan_for(compiler: &mut Compiler<'_>, catalog: &Catalog, table: &TableCat, ro
                 (Access::Rows(e), index)
             }
             Compiled::Database(why) => {
-                warnings.push(format!(
-                    "changes of {} are not delivered to {}: its policies are evaluated by the database, which this \
-                     walcast does not do yet ({why})",
-                    table.qualified(),
-                    role.name
-                ));
-                (Access::Database(why), Index::Nobody)
+                match database_check(catalog, table, role) {
+                    Ok(check) => database = Some(Arc::new(check)),
+                    Err(cannot) => warnings.push(format!(
+                        "changes of {} are not delivered to {}: its policies need the database ({why}), and {cannot}",
+                        table.qualified(),
+                        role.name
+                    )),
+                }
+                (Access::Database(why), Index::Everyone)
             }
         }
     };
@@ -348,7 +376,50 @@ fn plan_for(compiler: &mut Compiler<'_>, catalog: &Catalog, table: &TableCat, ro
             ));
         }
     }
-    RolePlan { access, columns, index, warnings }
+    RolePlan { access, columns, index, warnings, database, caches }
+}
+
+/// The SQL form of `role`'s policies on `table`, for PostgreSQL to evaluate.
+fn database_check(catalog: &Catalog, table: &TableCat, role: &RoleCat) -> Result<DatabaseCheck, String> {
+    if !role.settable {
+        return Err(format!(
+            "walcast's role {u} may not SET ROLE {r} to ask PostgreSQL (GRANT {r} TO {u})",
+            u = catalog.current_user,
+            r = role.name
+        ));
+    }
+    let applies = |roles: &[String]| roles.is_empty() || roles.iter().any(|r| role.member_of.contains(r));
+    let mut permissive = Vec::new();
+    let mut restrictive = Vec::new();
+    let mut names = Vec::new();
+    for p in table.policies.iter().filter(|p| applies(&p.roles)) {
+        let Some(using) = &p.using else {
+            return Err(format!("policy {} has no USING expression", p.name));
+        };
+        names.push(p.name.clone());
+        if p.permissive {
+            permissive.push(format!("({using})"));
+        } else {
+            restrictive.push(format!("({using})"));
+        }
+    }
+    if permissive.is_empty() {
+        return Err("no permissive policy applies".into());
+    }
+    let mut predicate = format!("({})", permissive.join(" OR "));
+    for r in restrictive {
+        predicate.push_str(" AND ");
+        predicate.push_str(&r);
+    }
+    Ok(DatabaseCheck {
+        table: table.oid,
+        alias: table.name.clone(),
+        qualified: table.qualified(),
+        policies: names,
+        predicate,
+        columns: table.columns.iter().map(|c| (c.name.clone(), c.sql_type.clone())).collect(),
+        role: role.name.clone(),
+    })
 }
 
 /// Errors reading policies.
@@ -380,7 +451,7 @@ pub struct Loaded {
 
 /// Reads the catalog, compiles and loads the caches in one transaction
 /// (inside `snapshot` — the exported snapshot's name and consistent point —
-/// when given).
+/// when given), with the default cache budget.
 ///
 /// # Errors
 /// SQL errors.
@@ -389,16 +460,29 @@ pub async fn load(
     publications: &[String],
     snapshot: Option<(&str, Lsn)>,
 ) -> Result<Loaded, LoadError> {
-    load_except(client, publications, snapshot, &[]).await.map(|(loaded, _)| loaded)
+    load_with_budget(client, publications, snapshot, caches::DEFAULT_BUDGET).await
+}
+
+/// As [`load`], the caches within `budget` bytes.
+///
+/// # Errors
+/// SQL errors.
+pub async fn load_with_budget(
+    client: &mut tokio_postgres::Client,
+    publications: &[String],
+    snapshot: Option<(&str, Lsn)>,
+    budget: usize,
+) -> Result<Loaded, LoadError> {
+    load_except(client, publications, snapshot, &[], budget).await.map(|(loaded, _)| loaded)
 }
 
 /// A reload while walcast runs (the policies changed): reads the catalog
 /// now and compiles; caches whose spec is in `known` (those in force) are
 /// not read — the hub keeps their WAL-maintained data
-/// ([`Caches::adopt`]); the others are read now, exact from the returned
-/// [`LoadedAt::lsn`]. Also returns the count of policy DDL the event
-/// trigger reported (`walcast.policy_epoch`, read with the catalog; `None`
-/// without the trigger's table).
+/// ([`Caches::adopt`]); the others are read now (within `budget`), exact
+/// from the returned [`LoadedAt::lsn`]. Also returns the count of policy
+/// DDL the event trigger reported (`walcast.policy_epoch`, read with the
+/// catalog; `None` without the trigger's table).
 ///
 /// # Errors
 /// SQL errors.
@@ -406,8 +490,9 @@ pub async fn reload(
     client: &mut tokio_postgres::Client,
     publications: &[String],
     known: &[super::compile::CacheSpec],
+    budget: usize,
 ) -> Result<(Loaded, Option<i64>), LoadError> {
-    load_except(client, publications, None, known).await
+    load_except(client, publications, None, known, budget).await
 }
 
 async fn load_except(
@@ -415,6 +500,7 @@ async fn load_except(
     publications: &[String],
     snapshot: Option<(&str, Lsn)>,
     known: &[super::compile::CacheSpec],
+    budget: usize,
 ) -> Result<(Loaded, Option<i64>), LoadError> {
     let tx = client
         .build_transaction()
@@ -457,7 +543,7 @@ async fn load_except(
         tables.extend(new_tables);
         functions.extend(new_functions);
     };
-    let mut caches = Caches::new(specs);
+    let mut caches = Caches::new(specs).with_budget(budget);
     let at = caches::load(&tx, &mut caches, snapshot.map(|(_, lsn)| lsn), known).await.map_err(|e| {
         match e.as_db_error() {
             Some(db) if db.code().code() == "42501" => {

@@ -420,6 +420,14 @@ impl Session {
                     bindings: hub_bindings,
                     outbox: Arc::clone(&self.outbox),
                     on_live: Some(on_live),
+                    on_withheld: Some(protocol::system(
+                        self.vsn,
+                        channel.join_ref.as_deref(),
+                        &msg.topic,
+                        "postgres_changes",
+                        "error",
+                        WITHHELD,
+                    )),
                 };
                 channel.subscribed = true;
                 self.control(Control::Join(subscription)).await;
@@ -638,6 +646,11 @@ pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns is not Send; drop it here.
     let _ = shutdown.wait_for(|stop| *stop).await.map(|_| ());
 }
+
+/// Sent once to a channel that missed changes because the database could
+/// not keep up with the checks of tables it evaluates.
+const WITHHELD: &str = "some changes were not delivered to this channel: the database-evaluation queue of \
+                        walcast was full (walcast_database_eval_refused_total)";
 
 /// The `system` notices a join gets from the policy plans: the role does not
 /// exist, or the plan of a bound table withholds rows or columns (deduplicated).

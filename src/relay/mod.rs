@@ -62,6 +62,10 @@ pub struct RelayConfig {
     pub source: SourceConfig,
     /// Hub settings.
     pub hub: HubConfig,
+    /// Database evaluation of tables whose policies walcast cannot mirror.
+    pub database_eval: policy::fallback::FallbackConfig,
+    /// Memory budget of the membership caches, all together.
+    pub policy_cache_budget: usize,
     /// How long [`Relay::start`] waits for the first stream start.
     pub start_timeout: Duration,
     /// Where transactions that outgrow memory go (the hub's and, with
@@ -78,6 +82,8 @@ impl RelayConfig {
         RelayConfig {
             source,
             hub: HubConfig::default(),
+            database_eval: policy::fallback::FallbackConfig::default(),
+            policy_cache_budget: policy::caches::DEFAULT_BUDGET,
             start_timeout: Duration::from_secs(60),
             spill: SpillConfig { dir: crate::spill::temporary_dir(), disk_budget: crate::spill::DEFAULT_DISK_BUDGET },
             policy_poll: crate::policy::watch::DEFAULT_POLL_INTERVAL,
@@ -178,7 +184,15 @@ impl Relay {
         })?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let ack = AckHandle::default();
-        let (hub, handle) = hub::hub(config.hub.clone(), ack.clone(), spill.clone());
+        let (mut hub, handle) = hub::hub(config.hub.clone(), ack.clone(), spill.clone());
+        let (verdicts_tx, verdicts_rx) = mpsc::channel(256);
+        let fallback = policy::fallback::spawn(
+            config.source.connection.clone(),
+            config.database_eval.clone(),
+            Arc::clone(&handle.stats.database),
+            verdicts_tx,
+        );
+        hub.attach_fallback(fallback, verdicts_rx);
         let (source_tx, source_rx) = mpsc::channel(256);
         let (stage_tx, stage_rx) = mpsc::channel(64);
         let queues = RelayQueues {
@@ -202,6 +216,7 @@ impl Relay {
                     config.source.connection.clone(),
                     config.source.slot.publications.clone(),
                     config.policy_poll,
+                    config.policy_cache_budget,
                     Arc::clone(&handle.stats),
                     stage_spill,
                     source_rx,
@@ -347,6 +362,7 @@ async fn change_stage(
     connection: PgConfig,
     publications: Vec<String>,
     policy_poll: Duration,
+    cache_budget: usize,
     stats: Arc<HubStats>,
     spill: Spill,
     mut input: mpsc::Receiver<SourceEvent>,
@@ -360,7 +376,7 @@ async fn change_stage(
     let mut events = Vec::new();
     let mut last_disk_warning: Option<tokio::time::Instant> = None;
     let mut batch: Vec<StageEvent> = Vec::with_capacity(BATCH);
-    let mut follow = Follow::new(connection.clone(), publications.clone());
+    let mut follow = Follow::new(connection.clone(), publications.clone(), cache_budget);
     // The poller: its own task and session; ends when `notices` drops.
     let (notice_tx, mut notices) = mpsc::channel(1);
     tokio::spawn(policy::watch::poll(connection.clone(), policy_poll, notice_tx).in_current_span());
@@ -393,10 +409,14 @@ async fn change_stage(
         match event {
             SourceEvent::Snapshot(lease) => {
                 let mut client = connect_sql(&connection).await?;
-                let loaded_now =
-                    policy::plan::load(&mut client, &publications, Some((&lease.name, lease.consistent_point)))
-                        .await
-                        .map_err(PolicyError::from)?;
+                let loaded_now = policy::plan::load_with_budget(
+                    &mut client,
+                    &publications,
+                    Some((&lease.name, lease.consistent_point)),
+                    cache_budget,
+                )
+                .await
+                .map_err(PolicyError::from)?;
                 lease.release();
                 log_plans(&loaded_now);
                 follow.installed(&loaded_now);
@@ -412,8 +432,9 @@ async fn change_stage(
                 batch.push(StageEvent::Reset);
                 if !loaded {
                     let mut client = connect_sql(&connection).await?;
-                    let loaded_now =
-                        policy::plan::load(&mut client, &publications, None).await.map_err(PolicyError::from)?;
+                    let loaded_now = policy::plan::load_with_budget(&mut client, &publications, None, cache_budget)
+                        .await
+                        .map_err(PolicyError::from)?;
                     log_plans(&loaded_now);
                     follow.installed(&loaded_now);
                     tracing::info!(rows = loaded_now.at.rows, lsn = %loaded_now.at.lsn, "memberships loaded; catch-up window until lsn (policies compiled, caches filled)");
@@ -487,6 +508,8 @@ struct Follow {
     known: Vec<policy::compile::CacheSpec>,
     /// The SQL session for reloads (made again after an error).
     client: Option<tokio_postgres::Client>,
+    /// The membership caches' memory budget (for new caches).
+    budget: usize,
     /// A reload is due at the next transaction boundary.
     due: bool,
     /// The highest count of policy DDL seen in the stream's `walcast-policy`
@@ -498,8 +521,17 @@ struct Follow {
 }
 
 impl Follow {
-    fn new(connection: PgConfig, publications: Vec<String>) -> Follow {
-        Follow { connection, publications, known: Vec::new(), client: None, due: false, seen_epoch: None, in_tx: false }
+    fn new(connection: PgConfig, publications: Vec<String>, budget: usize) -> Follow {
+        Follow {
+            connection,
+            publications,
+            known: Vec::new(),
+            client: None,
+            budget,
+            due: false,
+            seen_epoch: None,
+            in_tx: false,
+        }
     }
 
     /// A load was sent to the hub: its caches are the ones in force.
@@ -553,8 +585,11 @@ impl Follow {
             attempt += 1;
             let publications = self.publications.clone();
             let known = self.known.clone();
+            let budget = self.budget;
             let result = match self.client().await {
-                Ok(client) => policy::plan::reload(client, &publications, &known).await.map_err(PolicyError::from),
+                Ok(client) => {
+                    policy::plan::reload(client, &publications, &known, budget).await.map_err(PolicyError::from)
+                }
                 Err(err) => Err(err),
             };
             match result {

@@ -40,9 +40,12 @@ use crate::pgconn::{PgConfig, SslMode, TlsError, TlsSettings};
 pub const MAX_FRAME: usize = 1 << 30;
 
 /// Server settings pinned at startup so text values never depend on server
-/// defaults (see pgoutput.md §4.9).
+/// defaults (see pgoutput.md §4.9). `IntervalStyle=postgres` is PostgreSQL's
+/// default and what Supabase sends (`"1 day 02:00:00"`); it is pinned so a
+/// server or role configured otherwise (`iso_8601`: `P1DT2H`) does not change
+/// the payloads.
 pub const PINNED_OPTIONS: &str =
-    "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=iso_8601 -c extra_float_digits=3 -c bytea_output=hex";
+    "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3 -c bytea_output=hex";
 
 /// Longest ErrorResponse accepted in answer to the SSLRequest.
 const MAX_SSL_ERROR: usize = 64 * 1024;

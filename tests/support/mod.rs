@@ -39,14 +39,18 @@ pub enum Who {
     User(Uuid),
     /// `service_role` (BYPASSRLS).
     Service,
+    /// Another role (a token whose `role` claim names it), no user.
+    Role(&'static str),
 }
 
 impl Who {
-    fn role(&self) -> &'static str {
+    /// The PostgreSQL role its statements run as.
+    pub fn role(&self) -> &'static str {
         match self {
             Who::Anon => "anon",
             Who::User(_) => "authenticated",
             Who::Service => "service_role",
+            Who::Role(role) => role,
         }
     }
 

@@ -74,7 +74,23 @@ impl TestServer {
     /// Starts a server whose [`ServeConfig`] (defaults as in [`TestServer::start`]) `configure`
     /// adjusts first, e.g. to serve `demo_json`.
     pub async fn with_config(configure: impl FnOnce(&mut ServeConfig)) -> TestServer {
+        TestServer::with_schema_and_config("", configure).await
+    }
+
+    /// Starts a server (defaults as in [`TestServer::start`]) after running
+    /// `sql` on its freshly migrated database: walcast reads the policies,
+    /// privileges and roles at start, so tables and policies a test relies on
+    /// must exist before it.
+    pub async fn with_schema(sql: &str) -> TestServer {
+        TestServer::with_schema_and_config(sql, |_| {}).await
+    }
+
+    /// [`TestServer::with_schema`] and [`TestServer::with_config`] together.
+    pub async fn with_schema_and_config(sql: &str, configure: impl FnOnce(&mut ServeConfig)) -> TestServer {
         let (db, client) = migrated_db().await;
+        if !sql.is_empty() {
+            client.batch_execute(sql).await.unwrap_or_else(|e| panic!("the test's schema: {e:?}"));
+        }
         let slot = format!("ws_{}", Uuid::new_v4().simple());
         let source = SourceConfig::new(
             tokio_postgres::Config::from_str(db.url()).unwrap(),
