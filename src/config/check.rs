@@ -244,10 +244,14 @@ async fn policy_change_check(
         crate::policy::watch::Mode::EventTrigger => {
             report.ok(check, format!("{mode} (every {every} s); the walcast_policy_changes event trigger is installed"))
         }
-        crate::policy::watch::Mode::Polling(_) => report.warn(
+        crate::policy::watch::Mode::Polling(why) => report.warn(
             check,
             format!("{mode} (every {every} s)"),
-            "walcast setup --database-url <url> (as a superuser) installs the event trigger (sql/walcast/)",
+            if why.contains("logical messages") {
+                "upgrade to PostgreSQL 14 or later, then walcast setup --database-url <url> (as a superuser)"
+            } else {
+                "walcast setup --database-url <url> (as a superuser) installs the event trigger (sql/walcast/)"
+            },
         ),
     }
     Ok(())
