@@ -53,7 +53,8 @@ enum Command {
     /// unless --host is given.
     Serve(ServeArgs),
     /// Check the configuration and the database's readiness (wal_level,
-    /// publication, replica identity, privileges, slots, rules vs RLS).
+    /// publication, replica identity, privileges, slots, plans, and how
+    /// policy changes are followed: event trigger or polling).
     ///
     /// Prints each problem with its fix; exits non-zero when not ready.
     Check(ServeArgs),

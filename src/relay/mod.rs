@@ -539,9 +539,11 @@ impl Follow {
         self.known = loaded.caches.specs().to_vec();
     }
 
+    /// The reload's session: like the first load's, without a statement
+    /// timeout (a large membership table takes what it takes).
     async fn client(&mut self) -> Result<&mut tokio_postgres::Client, PolicyError> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-            self.client = Some(policy::watch::connect(&self.connection).await?);
+            self.client = Some(connect_sql(&self.connection).await?);
         }
         Ok(self.client.as_mut().expect("connected above"))
     }
