@@ -132,6 +132,10 @@ impl Setup {
     }
 }
 
+async fn epoch(client: &Client) -> i64 {
+    client.query_one("select epoch from walcast.policy_epoch", &[]).await.unwrap().get(0)
+}
+
 async fn note(client: &Client, owner: Uuid, team: Option<Uuid>, public: bool) -> Uuid {
     client
         .query_one(
@@ -399,5 +403,24 @@ async fn walcast_setup_installs_the_trigger_once() {
     let text = format!("{:#}", anyhow::Error::from(err));
     assert!(text.contains("needs a superuser"), "{text}");
     drop(other);
-    client.batch_execute(&format!("drop owned by {role}; drop role {role}")).await.unwrap_or_default();
+    // The trigger counts and reports any role's DDL (security definer).
+    let before = epoch(&client).await;
+    client.batch_execute(&format!("grant create on schema public to {role}")).await.unwrap();
+    let mut config = tokio_postgres::Config::from_str(db.url()).unwrap();
+    config.user(&role).password("pw");
+    let (owner, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    owner
+        .batch_execute(
+            "create table public.owned (id int primary key);
+             alter table public.owned enable row level security;
+             create policy p on public.owned for select using (true);",
+        )
+        .await
+        .unwrap();
+    drop(owner);
+    assert!(epoch(&client).await >= before + 4, "grant, create table, alter table, create policy counted");
+    let empty_admin = empty.connect().await.unwrap();
+    empty_admin.batch_execute(&format!("drop owned by {role}")).await.unwrap();
+    client.batch_execute(&format!("drop owned by {role}; drop role {role}")).await.unwrap();
 }
