@@ -424,3 +424,62 @@ async fn walcast_setup_installs_the_trigger_once() {
     empty_admin.batch_execute(&format!("drop owned by {role}")).await.unwrap();
     client.batch_execute(&format!("drop owned by {role}; drop role {role}")).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_helper_function_redefined_at_run_time_applies_from_its_commit() {
+    let (db, mut client) = migrated_db().await;
+    schema::migrate(&mut client, &Migrations::walcast()).await.expect("walcast setup");
+    client.batch_execute(NOTES).await.unwrap();
+    let (a, b) = (create_user(&client, "fn-a@example.com").await, create_user(&client, "fn-b@example.com").await);
+    let team = Uuid::new_v4();
+    client
+        .batch_execute(&format!(
+            "create table public.team_members (id uuid primary key default gen_random_uuid(), team uuid not null,
+                 user_id uuid not null, active boolean not null);
+             alter publication supabase_realtime add table public.team_members;
+             insert into public.team_members (team, user_id, active) values ('{team}', '{a}', true), ('{team}', '{b}', false);
+             create function public.my_teams() returns setof uuid language sql stable security definer
+                 set search_path = '' as $$
+                 select tm.team from public.team_members tm where tm.user_id = (select auth.uid()) $$;
+             grant execute on function public.my_teams() to authenticated;
+             create policy team_read on public.notes for select to authenticated
+                 using (team in (select public.my_teams()));"
+        ))
+        .await
+        .unwrap();
+    let mut s = Setup::start(
+        db.url(),
+        &format!("{}_s", db.name()),
+        Duration::from_secs(10),
+        vec![Viewer::user(a), Viewer::user(b)],
+    )
+    .await;
+    s.plan("authenticated", |a| matches!(a, Access::Rows(_))).await;
+    let n1 = note(&client, a, Some(team), false).await;
+    s.reached(n1).await;
+    client
+        .batch_execute(
+            "create or replace function public.my_teams() returns setof uuid language sql stable security definer
+                 set search_path = '' as $$
+                 select tm.team from public.team_members tm where tm.user_id = (select auth.uid()) and tm.active $$;",
+        )
+        .await
+        .unwrap();
+    // Right after the new body: judged by it — or, while its new cache (the
+    // `active` condition) is not yet exact, withheld from a and b alike.
+    let n2 = note(&client, a, Some(team), false).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    // The reload is in force once the new body's cache (with `active`) is.
+    let new_cache = || s.relay.hub.stats.caches.lock().unwrap().iter().any(|(name, ..)| name.contains("active"));
+    while !new_cache() {
+        assert!(tokio::time::Instant::now() < deadline, "no reload after the redefinition");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let n3 = note(&client, a, Some(team), false).await;
+    s.reached(n3).await;
+    let got_a = s.got(0);
+    assert!(got_a.contains(&n1) && got_a.contains(&n3) && got_a.len() <= 3, "{got_a:?}");
+    assert_eq!(s.got(1), set(&[n1]), "b was a member before the redefinition, not after it");
+    let _ = n2;
+    s.relay.stop().await.unwrap();
+}
