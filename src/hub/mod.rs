@@ -96,7 +96,7 @@ use crate::change::{Change, Datum, RelationInfo, Row, TxEvent};
 use crate::lsn::Lsn;
 use crate::policy::fallback::{Fallback, FallbackStats, Verdict};
 use crate::policy::plan::Loaded;
-use crate::policy::predicate::{CacheId, Context};
+use crate::policy::predicate::{CacheId, CastError, ClaimPath, ColType, Context, Scalar};
 use crate::policy::{Access, Caches, EventType, Filter, Index, PolicySet, TablePlan, Viewer};
 use crate::replication::AckHandle;
 use crate::spill::{Spill, SpillError, SpillStats};
@@ -513,7 +513,8 @@ struct ColumnMap {
 struct Judge<'a> {
     row: Option<&'a Row>,
     map: &'a ColumnMap,
-    claims: &'a serde_json::Value,
+    sub: &'a registry::Sub,
+    claims: &'a [(ClaimPath, ColType)],
     caches: &'a Caches,
 }
 
@@ -527,7 +528,14 @@ impl Context for Judge<'_> {
         }
     }
     fn claims(&self) -> &serde_json::Value {
-        self.claims
+        &self.sub.viewer.claims
+    }
+    fn claim(&self, path: &ClaimPath, ty: ColType) -> Result<Option<Scalar>, CastError> {
+        // Resolved at join for indexed claims: no JSON walk per change.
+        match self.sub.resolved_claim(self.claims, path, ty) {
+            Some(v) => v.clone(),
+            None => path.value(self.claims(), ty),
+        }
     }
     fn member(&self, cache: CacheId, outer: Option<&str>, user: &str) -> bool {
         self.caches.member(cache, outer, user)
@@ -816,8 +824,8 @@ impl Core {
                             continue;
                         }
                         let judge = |row: Option<&Row>| {
-                            expr.eval(&Judge { row, map: &map, claims: &sub.viewer.claims, caches: &self.caches })
-                                .visible()
+                            let claims = self.registry.claims();
+                            expr.eval(&Judge { row, map: &map, sub, claims, caches: &self.caches }).visible()
                         };
                         let sees_new = event != EventType::Delete && judge(change.record.as_ref());
                         let sees_old = match event {

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::{Binding, ConnId, Outbox, Subscription, Vsn};
-use crate::policy::predicate::{ClaimPath, ColType, Scalar};
+use crate::policy::predicate::{CastError, ClaimPath, ColType, Scalar};
 use crate::policy::Viewer;
 
 /// Index of a subscription in the registry.
@@ -55,8 +55,9 @@ pub struct Sub {
     pub bindings: Vec<Binding>,
     /// The connection's outbox.
     pub outbox: Arc<Outbox>,
-    /// The viewer's value of each indexed claim (registry order).
-    claim_keys: Vec<Option<Box<str>>>,
+    /// The viewer's value of each indexed claim (registry order), resolved
+    /// once: the fan-out reads these instead of the claims' JSON.
+    claim_values: Vec<ClaimValue>,
     /// The "changes withheld" notice, until it has been sent once.
     withheld: Option<Bytes>,
 }
@@ -99,9 +100,28 @@ fn tables_of(bindings: &[Binding]) -> Option<Vec<(Arc<str>, Arc<str>)>> {
     Some(out)
 }
 
-fn claim_key(viewer: &Viewer, path: &ClaimPath, ty: ColType) -> Option<Box<str>> {
-    let text = path.text(&viewer.claims).ok()??;
-    Scalar::parse(ty, &text).ok().map(|v| v.key())
+/// A viewer's claim cast to the indexed type: NULL, a value, or a failed cast.
+pub type ClaimValue = Result<Option<Scalar>, CastError>;
+
+fn claim_value(viewer: &Viewer, path: &ClaimPath, ty: ColType) -> ClaimValue {
+    path.value(&viewer.claims, ty)
+}
+
+/// The index key of a claim value (none for NULL or a failed cast).
+fn key_of(value: &ClaimValue) -> Option<Box<str>> {
+    value.as_ref().ok().and_then(|v| v.as_ref()).map(Scalar::key)
+}
+
+impl Sub {
+    /// The viewer's value of claim `(path, ty)` if the registry resolved it.
+    pub fn resolved_claim(
+        &self,
+        claims: &[(ClaimPath, ColType)],
+        path: &ClaimPath,
+        ty: ColType,
+    ) -> Option<&ClaimValue> {
+        claims.iter().position(|(p, t)| *t == ty && p == path).and_then(|i| self.claim_values.get(i))
+    }
 }
 
 impl Registry {
@@ -162,6 +182,11 @@ impl Registry {
         }
     }
 
+    /// The claims viewers are indexed by (registry order).
+    pub fn claims(&self) -> &[(ClaimPath, ColType)] {
+        &self.claims
+    }
+
     /// Whether the registry indexes claim `(path, ty)`.
     pub fn indexes_claim(&self, path: &ClaimPath, ty: ColType) -> bool {
         self.claims.iter().any(|(p, t)| p == path && *t == ty)
@@ -173,17 +198,17 @@ impl Registry {
         self.claims = claims.to_vec();
         self.by_claim = vec![HashMap::new(); claims.len()];
         for slot in 0..self.slots.len() {
-            let keys = match &self.slots[slot] {
-                Some(sub) => self.claims.iter().map(|(p, t)| claim_key(&sub.viewer, p, *t)).collect::<Vec<_>>(),
+            let values = match &self.slots[slot] {
+                Some(sub) => self.claims.iter().map(|(p, t)| claim_value(&sub.viewer, p, *t)).collect::<Vec<_>>(),
                 None => continue,
             };
-            for (i, k) in keys.iter().enumerate() {
-                if let Some(k) = k {
-                    self.by_claim[i].entry(k.clone()).or_default().push(slot);
+            for (i, v) in values.iter().enumerate() {
+                if let Some(k) = key_of(v) {
+                    self.by_claim[i].entry(k).or_default().push(slot);
                 }
             }
             if let Some(sub) = self.slots[slot].as_mut() {
-                sub.claim_keys = keys;
+                sub.claim_values = values;
             }
         }
         self.debug_check();
@@ -215,8 +240,7 @@ impl Registry {
     pub fn insert(&mut self, sub: Subscription) -> (Slot, Option<Sub>) {
         let replaced = self.remove(sub.conn, &sub.topic);
         let (topic, topic_id) = self.intern(&sub.topic);
-        let claim_keys: Vec<Option<Box<str>>> =
-            self.claims.iter().map(|(p, t)| claim_key(&sub.viewer, p, *t)).collect();
+        let claim_values: Vec<ClaimValue> = self.claims.iter().map(|(p, t)| claim_value(&sub.viewer, p, *t)).collect();
         let entry = Sub {
             conn: sub.conn,
             topic: Arc::clone(&topic),
@@ -225,7 +249,7 @@ impl Registry {
             viewer: sub.viewer,
             bindings: sub.bindings,
             outbox: sub.outbox,
-            claim_keys,
+            claim_values,
             withheld: sub.on_withheld,
         };
         let slot = match self.free.pop() {
@@ -253,9 +277,9 @@ impl Registry {
             }
             None => self.wildcard.push(slot),
         }
-        for (i, k) in sub.claim_keys.iter().enumerate() {
-            if let Some(k) = k {
-                self.by_claim[i].entry(k.clone()).or_default().push(slot);
+        for (i, v) in sub.claim_values.iter().enumerate() {
+            if let Some(k) = key_of(v) {
+                self.by_claim[i].entry(k).or_default().push(slot);
             }
         }
     }
@@ -280,12 +304,12 @@ impl Registry {
             }
             None => drop_slot(&mut self.wildcard, slot),
         }
-        for (i, k) in sub.claim_keys.iter().enumerate() {
-            if let Some(k) = k {
-                if let Some(list) = self.by_claim[i].get_mut(k) {
+        for (i, v) in sub.claim_values.iter().enumerate() {
+            if let Some(k) = key_of(v) {
+                if let Some(list) = self.by_claim[i].get_mut(&k) {
                     drop_slot(list, slot);
                     if list.is_empty() {
-                        self.by_claim[i].remove(k);
+                        self.by_claim[i].remove(&k);
                     }
                 }
             }
@@ -305,7 +329,7 @@ impl Registry {
         let slot = self.find(conn, topic)?;
         let mut sub = self.slots[slot].take()?;
         self.unindex(slot, &sub);
-        sub.claim_keys = self.claims.iter().map(|(p, t)| claim_key(&viewer, p, *t)).collect();
+        sub.claim_values = self.claims.iter().map(|(p, t)| claim_value(&viewer, p, *t)).collect();
         sub.viewer = viewer;
         self.index(slot, &sub);
         let outbox = Arc::clone(&sub.outbox);
@@ -394,9 +418,9 @@ impl Registry {
                     }
                 }
             }
-            for (i, k) in sub.claim_keys.iter().enumerate() {
-                if let Some(k) = k {
-                    if self.by_claim[i].get(k).map_or(0, |l| l.iter().filter(|&&s| s == slot).count()) != 1 {
+            for (i, v) in sub.claim_values.iter().enumerate() {
+                if let Some(k) = key_of(v) {
+                    if self.by_claim[i].get(&k).map_or(0, |l| l.iter().filter(|&&s| s == slot).count()) != 1 {
                         return Err(format!("slot {slot} not once in by_claim"));
                     }
                 }
@@ -411,7 +435,7 @@ impl Registry {
         let by_conn: usize = self.by_conn.values().map(Vec::len).sum();
         let by_claim: usize = self.by_claim.iter().flat_map(|m| m.values()).map(Vec::len).sum();
         let expected_claims: usize =
-            self.iter().map(|(_, s)| s.claim_keys.iter().filter(|k| k.is_some()).count()).sum();
+            self.iter().map(|(_, s)| s.claim_values.iter().filter(|v| key_of(v).is_some()).count()).sum();
         let by_table: usize = self.by_table.values().map(Vec::len).sum();
         let expected_tables: usize = self.iter().map(|(_, s)| tables_of(&s.bindings).map_or(0, |t| t.len())).sum();
         if by_conn != counted || by_claim != expected_claims || by_table != expected_tables {

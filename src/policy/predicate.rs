@@ -224,6 +224,19 @@ impl ClaimPath {
     }
 }
 
+impl ClaimPath {
+    /// The claim cast to `ty` (`None` = NULL), as `(… ->> 'k')::ty` gives it.
+    ///
+    /// # Errors
+    /// When the text is not a value of `ty`, or is not reproducible text.
+    pub fn value(&self, claims: &Value, ty: ColType) -> Result<Option<Scalar>, CastError> {
+        match self.text(claims)? {
+            None => Ok(None),
+            Some(text) => Scalar::parse(ty, &text).map(Some),
+        }
+    }
+}
+
 impl fmt::Display for ClaimPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.0.as_slice() {
@@ -401,6 +414,14 @@ pub trait Context {
     fn column(&self, index: usize) -> &Datum;
     /// The viewer's claims.
     fn claims(&self) -> &Value;
+    /// The viewer's claim at `path` cast to `ty` (`None` = NULL). The hub
+    /// answers from values resolved once per subscription.
+    ///
+    /// # Errors
+    /// When the cast fails.
+    fn claim(&self, path: &ClaimPath, ty: ColType) -> Result<Option<Scalar>, CastError> {
+        path.value(self.claims(), ty)
+    }
     /// Whether `(outer, user)` is in the cache (`outer == None`: whether
     /// `user` is in it at all). Keys are [`Scalar::key`] forms.
     fn member(&self, cache: CacheId, outer: Option<&str>, user: &str) -> bool;
@@ -437,9 +458,9 @@ fn operand(op: &Operand, ctx: &dyn Context) -> Step<Val> {
                 }
             }
         },
-        Operand::Claim { path, ty } => match path.text(ctx.claims())? {
+        Operand::Claim { path, ty } => match ctx.claim(path, *ty)? {
             None => Ok(Val::Null),
-            Some(text) => Scalar::parse(*ty, &text).map(Val::Some),
+            Some(v) => Ok(Val::Some(v)),
         },
     }
 }
