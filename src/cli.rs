@@ -53,11 +53,14 @@ enum Command {
     /// unless --host is given.
     Serve(ServeArgs),
     /// Check the configuration and the database's readiness (wal_level,
-    /// publication, replica identity, privileges, slots, rules vs RLS).
+    /// publication, replica identity, privileges, slots, plans, and how
+    /// policy changes are followed: event trigger or polling).
     ///
     /// Prints each problem with its fix; exits non-zero when not ready.
     Check(ServeArgs),
-    /// Apply the SQL schema (sql/) to a database.
+    /// Apply the SQL schema (sql/) to a database, then walcast's own objects
+    /// (sql/walcast/, as `walcast setup`; skipped with a warning when the role
+    /// is not a superuser).
     ///
     /// Without a database URL, walcast uses its embedded PostgreSQL in
     /// --data-dir (created on first use), migrates it and stops it again.
@@ -71,6 +74,14 @@ enum Command {
         /// Data directory of the embedded PostgreSQL (used without a URL).
         #[arg(long, default_value = ".walcast/postgres", env = "WALCAST_DATA_DIR")]
         data_dir: PathBuf,
+    },
+    /// Install walcast's own database objects (sql/walcast/) in any database:
+    /// the event trigger that reports policy, privilege and function changes
+    /// in WAL order. Needs a superuser; without it walcast polls instead.
+    Setup {
+        /// PostgreSQL URL or key=value connection string.
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
     },
     /// Capture the raw replication stream into a file (for `walcast replay`).
     ///
@@ -311,6 +322,11 @@ struct ServeArgs {
     /// timeout (0 = off) [default: 5].
     #[arg(long = "heartbeat-interval", env = "HEARTBEAT_INTERVAL_SECS")]
     heartbeat_interval_secs: Option<f64>,
+    /// Seconds between polls of roles and role memberships (and, without the
+    /// walcast_policy_changes event trigger, of policies, privileges and
+    /// functions); 0.1 to 10 [default: 10].
+    #[arg(long = "policy-poll-interval", env = "POLICY_POLL_INTERVAL_SECS")]
+    policy_poll_interval_secs: Option<f64>,
 }
 
 impl ServeArgs {
@@ -351,6 +367,7 @@ impl ServeArgs {
             streaming: self.streaming,
             replication_timeout_secs: self.replication_timeout_secs,
             heartbeat_interval_secs: self.heartbeat_interval_secs,
+            policy_poll_interval_secs: self.policy_poll_interval_secs,
         };
         Ok(walcast::config::Settings::resolve(given, file.as_deref())?)
     }
@@ -452,6 +469,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Setup { database_url } => setup(&database_url).await,
         Command::Record { source, out, max_transactions, duration_secs } => {
             record(source, out, max_transactions, duration_secs).await
         }
@@ -783,7 +801,34 @@ async fn migrate(url: &str, migrations: &Migrations) -> anyhow::Result<()> {
         println!("applied   {name}");
     }
     println!("schema up to date: {} applied now, {} already applied", report.applied.len(), report.unchanged.len());
+    // walcast's own objects: a role that may not create event triggers still
+    // gets its schema (walcast then polls for policy changes).
+    match schema::migrate(&mut client, &Migrations::walcast()).await {
+        Ok(report) => print_setup(&report),
+        Err(err) => println!(
+            "warning: walcast's event trigger was not installed ({err}); walcast polls for policy changes instead"
+        ),
+    }
     Ok(())
+}
+
+/// `walcast setup`: walcast's own objects (sql/walcast/).
+async fn setup(url: &str) -> anyhow::Result<()> {
+    let mut client = connect(url).await?;
+    let report = schema::migrate(&mut client, &Migrations::walcast()).await?;
+    print_setup(&report);
+    Ok(())
+}
+
+fn print_setup(report: &schema::MigrationReport) {
+    for name in &report.applied {
+        println!("applied   {name}");
+    }
+    println!(
+        "walcast objects up to date (policy-change event trigger): {} applied now, {} already applied",
+        report.applied.len(),
+        report.unchanged.len()
+    );
 }
 
 #[cfg(test)]

@@ -226,6 +226,34 @@ async fn database_checks(
 
     publication_checks(client, settings, report).await?;
     policy_checks(client, settings, report).await?;
+    policy_change_check(client, settings, report).await?;
+    Ok(())
+}
+
+/// Whether walcast's event trigger (`walcast setup`) is installed, and
+/// which way policy changes are followed while walcast runs.
+async fn policy_change_check(
+    client: &Client,
+    settings: &Settings,
+    report: &mut Report,
+) -> Result<(), tokio_postgres::Error> {
+    let mode = crate::policy::watch::mode(client).await?;
+    let every = settings.policy_poll_interval.as_secs_f64();
+    let check = "policy changes";
+    match &mode {
+        crate::policy::watch::Mode::EventTrigger => {
+            report.ok(check, format!("{mode} (every {every} s); the walcast_policy_changes event trigger is installed"))
+        }
+        crate::policy::watch::Mode::Polling(why) => report.warn(
+            check,
+            format!("{mode} (every {every} s)"),
+            if why.contains("logical messages") {
+                "upgrade to PostgreSQL 14 or later, then walcast setup --database-url <url> (as a superuser)"
+            } else {
+                "walcast setup --database-url <url> (as a superuser) installs the event trigger (sql/walcast/)"
+            },
+        ),
+    }
     Ok(())
 }
 

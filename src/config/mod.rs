@@ -113,6 +113,8 @@ pub struct FileConfig {
     pub replication_timeout_secs: Option<f64>,
     /// Seconds between end-to-end heartbeats through the slot (0 = off).
     pub heartbeat_interval_secs: Option<f64>,
+    /// Seconds between polls of roles (and, without the event trigger, policies).
+    pub policy_poll_interval_secs: Option<f64>,
 }
 
 impl std::fmt::Debug for FileConfig {
@@ -145,6 +147,7 @@ impl std::fmt::Debug for FileConfig {
             .field("streaming", &self.streaming)
             .field("replication_timeout_secs", &self.replication_timeout_secs)
             .field("heartbeat_interval_secs", &self.heartbeat_interval_secs)
+            .field("policy_poll_interval_secs", &self.policy_poll_interval_secs)
             .finish_non_exhaustive()
     }
 }
@@ -197,6 +200,7 @@ impl FileConfig {
             streaming: self.streaming.or(lower.streaming),
             replication_timeout_secs: self.replication_timeout_secs.or(lower.replication_timeout_secs),
             heartbeat_interval_secs: self.heartbeat_interval_secs.or(lower.heartbeat_interval_secs),
+            policy_poll_interval_secs: self.policy_poll_interval_secs.or(lower.policy_poll_interval_secs),
         }
     }
 }
@@ -352,6 +356,9 @@ pub struct Settings {
     pub replication_timeout: Option<Duration>,
     /// Time between end-to-end heartbeats (`None`: off).
     pub heartbeat_interval: Option<Duration>,
+    /// Time between polls of roles (and, without the event trigger, of
+    /// policies, privileges and functions).
+    pub policy_poll_interval: Duration,
 }
 
 fn range(name: &'static str, value: usize, min: usize, max: usize) -> Result<usize, ConfigError> {
@@ -499,6 +506,15 @@ impl Settings {
                 max: heartbeat_max as u64,
             });
         }
+        let poll_secs =
+            merged.policy_poll_interval_secs.unwrap_or(crate::policy::watch::DEFAULT_POLL_INTERVAL.as_secs_f64());
+        if !(0.1..=10.0).contains(&poll_secs) {
+            return Err(ConfigError::OutOfRange {
+                name: "POLICY_POLL_INTERVAL_SECS (--policy-poll-interval; 0.1 to 10)",
+                min: 0,
+                max: 10,
+            });
+        }
         // The demo serves tokens and data anyone could use: loopback
         // unless an address is asked for.
         let host = merged.host.unwrap_or(match database {
@@ -527,6 +543,7 @@ impl Settings {
             streaming: merged.streaming.unwrap_or(false),
             replication_timeout: (timeout_secs > 0.0).then(|| Duration::from_secs_f64(timeout_secs)),
             heartbeat_interval: (heartbeat_secs > 0.0).then(|| Duration::from_secs_f64(heartbeat_secs)),
+            policy_poll_interval: Duration::from_secs_f64(poll_secs),
         })
     }
 
@@ -605,6 +622,7 @@ impl Settings {
         relay.hub.max_reader_lag = self.max_reader_lag;
         relay.policy_cache_budget = self.policy_cache_budget;
         relay.spill = crate::spill::SpillConfig { dir: self.spill_dir.clone(), disk_budget: self.spill_budget };
+        relay.policy_poll = self.policy_poll_interval;
         let mut config = ServeConfig::new(relay, self.auth.clone());
         config.listen = std::net::SocketAddr::new(self.host, self.port);
         config.limits.max_connections = self.max_connections;

@@ -30,12 +30,27 @@ pub(super) struct OpenTx {
     /// [`HubStats::deliveries`] when the transaction opened.
     deliveries_at_open: u64,
     pub(super) catch_up: bool,
+    /// Caches not exact at this commit (reloaded at run time after it):
+    /// predicates reading them are judged as in the catch-up window.
+    inexact: Vec<crate::policy::predicate::CacheId>,
     changes: ChangeLog,
     /// Whether any change is a membership change (the pass that applies
     /// them first is skipped otherwise).
     memberships: bool,
     /// Row changes seen (for the per-transaction debug event).
     count: usize,
+}
+
+impl OpenTx {
+    /// Whether `expr` reads a cache that is not exact at this commit.
+    pub(super) fn reads_inexact(&self, expr: &crate::policy::predicate::Expr) -> bool {
+        if self.inexact.is_empty() {
+            return false;
+        }
+        let mut hit = false;
+        expr.for_each_member(&mut |id| hit |= self.inexact.contains(&id));
+        hit
+    }
 }
 
 /// A committed transaction being fanned out.
@@ -67,6 +82,14 @@ impl Core {
                 self.install(*loaded);
                 Ok(())
             }
+            StageEvent::PolicyUpdate { loaded, ahead } => {
+                // The change stage sends updates between transactions; one
+                // inside would judge the transaction's changes by the new
+                // plans (and its inexact caches were fixed at Begin).
+                debug_assert!(self.open.is_none(), "policy update inside a transaction");
+                self.update(*loaded, ahead);
+                Ok(())
+            }
             StageEvent::Reset => {
                 self.open = None;
                 self.skipping = false;
@@ -79,7 +102,7 @@ impl Core {
                     return Ok(());
                 }
                 self.skipping = false;
-                let catch_up = begin.commit_lsn < self.judge_from;
+                let catch_up = begin.commit_lsn < self.judge_from || self.policies_ahead;
                 self.stats.in_catch_up.store(catch_up, Ordering::Relaxed);
                 let commit_micros = begin.commit_timestamp.unix_micros();
                 self.ack.status().transaction_opened(commit_micros);
@@ -88,6 +111,7 @@ impl Core {
                     commit_micros,
                     deliveries_at_open: self.stats.deliveries.load(Ordering::Relaxed),
                     catch_up,
+                    inexact: self.caches.inexact_at(begin.commit_lsn),
                     changes: self.spill.log(self.config.max_tx_bytes),
                     memberships: false,
                     count: 0,

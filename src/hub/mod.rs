@@ -114,6 +114,19 @@ pub enum StageEvent {
     /// committing before `at.lsn` are the catch-up window unless the load
     /// was exact.
     Policies(Box<Loaded>),
+    /// The policies changed while walcast runs and were read again (after
+    /// the transaction that changed them, or after a poll saw a change):
+    /// plans are replaced for every later transaction; caches whose spec is
+    /// unchanged keep their data, new ones are exact from `at.lsn` on (see
+    /// [`Caches::adopt`]).
+    PolicyUpdate {
+        /// The policies and the new caches.
+        loaded: Box<Loaded>,
+        /// The catalog read already includes policy DDL the stream has not
+        /// reached: every transaction is judged as in the catch-up window
+        /// until an update that is not ahead.
+        ahead: bool,
+    },
     /// The replication connection restarted: forget any partial transaction.
     Reset,
     /// A transaction boundary or change.
@@ -278,6 +291,9 @@ pub struct HubStats {
     /// The transaction being handled is in the catch-up window: tables
     /// whose policies read memberships are database-evaluated (gauge).
     pub in_catch_up: AtomicBool,
+    /// Policies read again at run time (a `walcast-policy` message or a
+    /// poll that saw a change).
+    pub policy_reloads: AtomicU64,
     /// Transactions that outgrew memory and were spilled to disk.
     pub spilled_transactions: AtomicU64,
     /// Current subscriptions (gauge).
@@ -544,6 +560,9 @@ pub struct Core {
     registry: Registry,
     /// Transactions committing before this are the catch-up window.
     judge_from: Lsn,
+    /// The policies in force were read ahead of the stream (see
+    /// [`StageEvent::PolicyUpdate`]): every transaction is catch-up.
+    policies_ahead: bool,
     /// End LSN of the last transaction handled.
     handled: Lsn,
     open: Option<OpenTx>,
@@ -602,6 +621,7 @@ impl Core {
             stats,
             registry: Registry::default(),
             judge_from: Lsn::ZERO,
+            policies_ahead: false,
             handled: Lsn::ZERO,
             open: None,
             skipping: false,
@@ -626,6 +646,23 @@ impl Core {
     /// Installs loaded policies and caches (the change stage's load).
     fn install(&mut self, loaded: Loaded) {
         self.judge_from = if loaded.at.exact { Lsn::ZERO } else { loaded.at.lsn };
+        self.replace_policies(loaded);
+    }
+
+    /// Installs policies read again at run time: caches whose spec is
+    /// unchanged keep the data the hub maintained from the WAL; new caches
+    /// make the tables that read them catch-up until the stream passes their
+    /// load (see [`Caches::adopt`]). Between transactions only.
+    fn update(&mut self, mut loaded: Loaded, ahead: bool) {
+        let old = std::mem::take(&mut self.caches);
+        let (kept, fresh) = loaded.caches.adopt(old, loaded.at);
+        self.policies_ahead = ahead;
+        self.stats.policy_reloads.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(caches_kept = kept, caches_loaded = fresh, lsn = %loaded.at.lsn, ahead, "policies reloaded");
+        self.replace_policies(loaded);
+    }
+
+    fn replace_policies(&mut self, loaded: Loaded) {
         self.registry.set_claims(loaded.policies.indexed_claims());
         if let Ok(mut shared) = self.shared_policies.write() {
             *shared = Arc::clone(&loaded.policies);
@@ -745,11 +782,16 @@ impl Core {
             candidates.clear();
             // PostgreSQL decides for policies that do not compile, and for
             // predicates whose caches cannot be trusted: a cache over its
-            // budget, or the catch-up window after a restart (caches loaded
-            // from the current state may be ahead of or behind the commit).
-            let in_memory = matches!(rp.access, Access::Rows(_));
+            // budget, a cache loaded at run time the stream has not caught up
+            // with, or the catch-up window after a restart (caches loaded from
+            // the current state may be ahead of or behind the commit).
             let by_database = matches!(rp.access, Access::Database(_))
-                || (in_memory && (tx.catch_up || rp.caches.iter().any(|&c| self.caches.is_over(c))));
+                || match &rp.access {
+                    Access::Rows(expr) => {
+                        tx.catch_up || tx.reads_inexact(expr) || rp.caches.iter().any(|&c| self.caches.is_over(c))
+                    }
+                    _ => false,
+                };
             match &rp.access {
                 Access::Nothing(_) => continue,
                 _ if by_database => {

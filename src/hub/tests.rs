@@ -458,3 +458,33 @@ proptest! {
         }
     }
 }
+
+/// A policy update at run time: the dealership cache (same spec) keeps the
+/// memberships the WAL built; an update read ahead of the stream judges like
+/// the catch-up window until one that is not.
+#[test]
+fn a_policy_update_keeps_unchanged_caches_and_an_ahead_one_is_catch_up() {
+    let mut f = Fixture::new();
+    let (d, u) = (Uuid::new_v4(), Uuid::new_v4());
+    f.commit(vec![f.membership(Op::Insert, "m", u, d)]);
+    let user = f.join(1, Viewer::user(u), "realtime:x");
+    let service = f.join(2, Viewer::service(), "realtime:x");
+    let update = |f: &mut Fixture, ahead: bool| {
+        let (policies, specs, _) = PolicySet::compile(&crate::load::schema::dealership_catalog(1, 2));
+        let at = LoadedAt { lsn: Lsn(f.lsn + 1), exact: false, rows: 0 };
+        let loaded = Loaded { policies: Arc::new(policies), caches: Caches::new(specs), at };
+        f.hub.core_mut().stage(StageEvent::PolicyUpdate { loaded: Box::new(loaded), ahead }).unwrap();
+    };
+    update(&mut f, false);
+    f.commit(vec![f.order(Op::Insert, 1, None, Some(d))]);
+    assert_eq!(drain(&user).len(), 1, "the kept cache still knows the member");
+    assert_eq!(drain(&service).len(), 1);
+    update(&mut f, true);
+    f.commit(vec![f.order(Op::Insert, 2, None, Some(d))]);
+    assert!(drain(&user).is_empty(), "read ahead of the stream: service_role only");
+    assert_eq!(drain(&service).len(), 1);
+    update(&mut f, false);
+    f.commit(vec![f.order(Op::Insert, 3, None, Some(d))]);
+    assert_eq!(drain(&user).len(), 1);
+    assert_eq!(f.hub.core_mut().stats.policy_reloads.load(Ordering::Relaxed), 3);
+}

@@ -336,6 +336,11 @@ impl Monitor {
             "Transactions in the catch-up window after a restart (service_role only).",
             load(&h.catch_up_transactions),
         );
+        w.counter(
+            "walcast_policy_reloads_total",
+            "Policies read again while running (a walcast-policy message or a poll that saw a change).",
+            load(&h.policy_reloads),
+        );
         w.histogram_seconds(
             "walcast_delivery_latency_seconds",
             "Commit (database clock) to frames queued (walcast clock), per transaction that queued frames.",

@@ -21,6 +21,12 @@
 //!   idempotently, and exact from L on.
 //! - A row whose needed column is absent from the WAL image (an unchanged
 //!   TOASTed value) is dropped from the cache: a possible miss, never a leak.
+//! - Policies reloaded at run time ([`Caches::adopt`]): a cache whose spec
+//!   is unchanged keeps its WAL-maintained data and its exactness; a new one
+//!   is read now and, like a restart's load, is exact only from the WAL
+//!   insert position read after it ([`Caches::exact_from`]). Until the
+//!   stream passes that position, the tables whose predicates read it are
+//!   judged as in the catch-up window — per cache, not globally.
 //!
 //! # Memory
 //!
@@ -182,6 +188,12 @@ pub struct Caches {
     specs: Vec<CacheSpec>,
     data: Vec<GroupCache>,
     by_table: HashMap<u32, Vec<CacheId>>,
+    /// Per cache: transactions committing before this LSN may find it ahead
+    /// of or behind the truth (it was read at run time, not in a snapshot).
+    exact_from: Vec<Lsn>,
+    /// Per cache: whether [`load`] read it (false: left for
+    /// [`Caches::adopt`] to take over from the caches in force).
+    loaded: Vec<bool>,
     /// Caches dropped for the budget (no longer maintained).
     over: Vec<bool>,
     budget: usize,
@@ -218,8 +230,57 @@ impl Caches {
             by_table.entry(s.table).or_default().push(i);
         }
         let data = vec![GroupCache::default(); specs.len()];
-        let over = vec![false; specs.len()];
-        Caches { specs, data, by_table, over, budget: DEFAULT_BUDGET }
+        let n = specs.len();
+        Caches {
+            specs,
+            data,
+            by_table,
+            exact_from: vec![Lsn::ZERO; n],
+            loaded: vec![false; n],
+            over: vec![false; n],
+            budget: DEFAULT_BUDGET,
+        }
+    }
+
+    /// Transactions committing before the returned LSN must not be judged
+    /// with cache `id` (see the module doc).
+    pub fn exact_from(&self, id: CacheId) -> Lsn {
+        self.exact_from.get(id).copied().unwrap_or(Lsn::ZERO)
+    }
+
+    /// Caches that are not exact for a transaction committing at `commit`.
+    pub fn inexact_at(&self, commit: Lsn) -> Vec<CacheId> {
+        (0..self.specs.len()).filter(|&id| self.exact_from[id] > commit).collect()
+    }
+
+    /// Takes over the data of `old` (the caches in force) for every cache
+    /// whose spec is unchanged — data the hub kept exact from the WAL — and
+    /// keeps what [`load`] read for the others (exact from `at` unless the
+    /// load was `exact`). Returns `(kept, loaded)` counts.
+    pub fn adopt(&mut self, mut old: Caches, at: LoadedAt) -> (usize, usize) {
+        let (mut kept, mut fresh) = (0, 0);
+        for id in 0..self.specs.len() {
+            match old.specs.iter().position(|s| *s == self.specs[id]) {
+                Some(from) => {
+                    self.data[id] = std::mem::take(&mut old.data[from]);
+                    self.exact_from[id] = old.exact_from[from];
+                    self.over[id] = old.over[from];
+                    kept += 1;
+                }
+                None if self.loaded[id] => {
+                    self.exact_from[id] = if at.exact { Lsn::ZERO } else { at.lsn };
+                    fresh += 1;
+                }
+                // Neither read nor in force (cannot happen while the change
+                // stage is the only one loading): never exact.
+                None => self.exact_from[id] = Lsn(u64::MAX),
+            }
+        }
+        // Kept and new together may pass the budget.
+        if self.bytes() > self.budget {
+            self.enforce_budget();
+        }
+        (kept, fresh)
     }
 
     /// The same caches within `budget` bytes.
@@ -393,7 +454,9 @@ fn pair(spec: &CacheSpec, map: &[Option<usize>], row: &Row) -> Option<Pair> {
 }
 
 /// Loads every cache from the database (row security off: walcast must
-/// see every row). With `snapshot` the read happens in that snapshot.
+/// see every row), except those whose spec is in `known` (the caches in
+/// force, which [`Caches::adopt`] takes over). With `snapshot` the read
+/// happens in that snapshot.
 ///
 /// # Errors
 /// SQL errors.
@@ -401,12 +464,17 @@ pub async fn load(
     client: &impl tokio_postgres::GenericClient,
     caches: &mut Caches,
     lsn: Option<Lsn>,
+    known: &[CacheSpec],
 ) -> Result<LoadedAt, tokio_postgres::Error> {
     let ident = crate::replication::slot::quote_ident;
     client.batch_execute("SET LOCAL row_security = off").await?;
     let mut total = 0;
     for id in 0..caches.specs.len() {
         let spec = caches.specs[id].clone();
+        if known.contains(&spec) {
+            continue;
+        }
+        caches.loaded[id] = true;
         let mut wanted: Vec<usize> = Vec::new();
         let mut want = |name: &str| {
             if let Some(i) = spec.columns.iter().position(|c| c == name) {
@@ -547,6 +615,29 @@ mod tests {
         assert_eq!(c.rows(), 0);
         assert_eq!(c.bytes(), 0);
         let _ = Scalar::Bool(true);
+    }
+
+    #[test]
+    fn a_reload_keeps_unchanged_caches_and_times_new_ones() {
+        let mut old = Caches::new(vec![spec(None)]);
+        old.apply(&change(Op::Insert, Some(row("1", "g", "u", true)), None));
+        // The reload: the same spec (not read again) and a new one (read).
+        let mut other = spec(None);
+        other.user = ("team_id".into(), ColType::Uuid);
+        let mut new = Caches::new(vec![other.clone(), spec(None)]);
+        new.loaded[0] = true;
+        new.data[0].insert("k".into(), None, "g".into());
+        let at = LoadedAt { lsn: Lsn(500), exact: false, rows: 1 };
+        assert_eq!(new.adopt(old, at), (1, 1));
+        assert!(new.member(1, Some("g"), "u"), "the WAL-maintained data moved over");
+        assert_eq!(new.exact_from(1), Lsn::ZERO, "kept: exact as before");
+        assert_eq!(new.exact_from(0), Lsn(500), "new: exact from its load");
+        assert_eq!(new.inexact_at(Lsn(499)), vec![0]);
+        assert!(new.inexact_at(Lsn(500)).is_empty());
+        // A cache neither read nor in force is never trusted.
+        let mut orphan = Caches::new(vec![other]);
+        orphan.adopt(Caches::default(), at);
+        assert_eq!(orphan.inexact_at(Lsn(u64::MAX - 1)), vec![0]);
     }
 
     #[test]

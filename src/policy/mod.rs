@@ -9,8 +9,8 @@
 //!  WAL rows of membership tables ──▶ caches (hub is the only writer, commit order)
 //! ```
 //!
-//! Sits between the change stage (which loads a [`plan::Loaded`] at start)
-//! and the hub. Pure except for [`plan::load`], [`catalog::load`] and
+//! Sits between the change stage (which loads a [`plan::Loaded`] at start,
+//! and again when [`watch`] notices a policy change) and the hub. Pure except for [`plan::load`], [`catalog::load`] and
 //! [`caches::load`]. Plus postgres_changes filters ([`filter`]).
 //!
 //! Invariant: when walcast cannot mirror a policy exactly it denies and says
@@ -24,6 +24,7 @@ pub mod fallback;
 pub mod filter;
 pub mod plan;
 pub mod predicate;
+pub mod watch;
 
 use std::sync::Arc;
 

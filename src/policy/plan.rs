@@ -473,6 +473,35 @@ pub async fn load_with_budget(
     snapshot: Option<(&str, Lsn)>,
     budget: usize,
 ) -> Result<Loaded, LoadError> {
+    load_except(client, publications, snapshot, &[], budget).await.map(|(loaded, _)| loaded)
+}
+
+/// A reload while walcast runs (the policies changed): reads the catalog
+/// now and compiles; caches whose spec is in `known` (those in force) are
+/// not read — the hub keeps their WAL-maintained data
+/// ([`Caches::adopt`]); the others are read now (within `budget`), exact
+/// from the returned [`LoadedAt::lsn`]. Also returns the count of policy
+/// DDL the event trigger reported (`walcast.policy_epoch`, read with the
+/// catalog; `None` without the trigger's table).
+///
+/// # Errors
+/// SQL errors.
+pub async fn reload(
+    client: &mut tokio_postgres::Client,
+    publications: &[String],
+    known: &[super::compile::CacheSpec],
+    budget: usize,
+) -> Result<(Loaded, Option<i64>), LoadError> {
+    load_except(client, publications, None, known, budget).await
+}
+
+async fn load_except(
+    client: &mut tokio_postgres::Client,
+    publications: &[String],
+    snapshot: Option<(&str, Lsn)>,
+    known: &[super::compile::CacheSpec],
+    budget: usize,
+) -> Result<(Loaded, Option<i64>), LoadError> {
     let tx = client
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
@@ -483,6 +512,22 @@ pub async fn load_with_budget(
         tx.batch_execute(&format!("SET TRANSACTION SNAPSHOT {}", crate::replication::slot::quote_literal(name)))
             .await?;
     }
+    // The event trigger's count of policy DDL, read with the catalog (a
+    // failed query would abort the transaction: ask first).
+    let has_epoch: bool = tx
+        .query_one(
+            "SELECT CASE WHEN pg_catalog.to_regclass('walcast.policy_epoch') IS NULL THEN false
+                    ELSE pg_catalog.has_schema_privilege('walcast', 'USAGE')
+                         AND pg_catalog.has_table_privilege('walcast.policy_epoch', 'SELECT') END",
+            &[],
+        )
+        .await?
+        .get(0);
+    let epoch: Option<i64> = if has_epoch {
+        tx.query_opt("SELECT epoch FROM walcast.policy_epoch", &[]).await?.map(|r| r.get(0))
+    } else {
+        None
+    };
     let mut tables: Vec<String> = Vec::new();
     let mut functions: Vec<String> = Vec::new();
     let mut round = 0;
@@ -499,13 +544,15 @@ pub async fn load_with_budget(
         functions.extend(new_functions);
     };
     let mut caches = Caches::new(specs).with_budget(budget);
-    let at = caches::load(&tx, &mut caches, snapshot.map(|(_, lsn)| lsn)).await.map_err(|e| match e.as_db_error() {
-        Some(db) if db.code().code() == "42501" => {
-            let tables: Vec<&str> = caches.specs().iter().map(|s| s.table_name.as_str()).collect();
-            LoadError::Hidden(format!("{} (reading {})", db.message(), tables.join(", ")))
+    let at = caches::load(&tx, &mut caches, snapshot.map(|(_, lsn)| lsn), known).await.map_err(|e| {
+        match e.as_db_error() {
+            Some(db) if db.code().code() == "42501" => {
+                let tables: Vec<&str> = caches.specs().iter().map(|s| s.table_name.as_str()).collect();
+                LoadError::Hidden(format!("{} (reading {})", db.message(), tables.join(", ")))
+            }
+            _ => LoadError::Database(e),
         }
-        _ => LoadError::Database(e),
     })?;
     tx.commit().await?;
-    Ok(Loaded { policies: Arc::new(set), caches, at })
+    Ok((Loaded { policies: Arc::new(set), caches, at }, epoch))
 }

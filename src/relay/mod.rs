@@ -6,8 +6,20 @@
 //!      ▲                              │ Snapshot: load memberships in the slot's snapshot
 //!      │                              │ Started:  reset assembler; first start on an existing
 //!      │                              │           slot: load memberships now (catch-up window)
+//!      │                              │ walcast-policy message / poll saw a change: read the
+//!      │                              │           policies again at the next commit → PolicyUpdate
 //!      └──────── AckHandle ◀──────────┴───────────────────────────── hub acks end_lsn
 //! ```
+//!
+//! Policy changes at run time (see [`crate::policy::watch`]): a
+//! `walcast-policy` message inside a transaction makes the stage re-read the
+//! policies right after forwarding that transaction's Commit, so the hub
+//! installs them before the next transaction; a poll (every
+//! [`RelayConfig::policy_poll`]) that sees roles — or, without the event
+//! trigger, the catalog — change does the same at the next transaction
+//! boundary. Polls run in a task of their own (a slow database never holds
+//! up the stream); the reload's SQL runs in the stage (the hub stays free of
+//! I/O), and while it runs the stage does not read the source.
 //!
 //! The change stage batches events (up to 256 per send, or whatever is there
 //! when the source is momentarily idle) so the channel costs little per
@@ -30,7 +42,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::change::{Assembler, ChangeError};
+use crate::change::{Assembler, ChangeError, TxEvent};
 use crate::hub::{self, HubConfig, HubError, HubHandle, HubStats, StageEvent};
 use crate::pgconn::PgConfig;
 use crate::policy::{self, PolicyError};
@@ -59,6 +71,9 @@ pub struct RelayConfig {
     /// Where transactions that outgrow memory go (the hub's and, with
     /// streaming, the change stage's), and the disk budget.
     pub spill: SpillConfig,
+    /// Time between two polls of roles and memberships (and, without the
+    /// event trigger, of policies, privileges and functions).
+    pub policy_poll: Duration,
 }
 
 impl RelayConfig {
@@ -71,6 +86,7 @@ impl RelayConfig {
             policy_cache_budget: policy::caches::DEFAULT_BUDGET,
             start_timeout: Duration::from_secs(60),
             spill: SpillConfig { dir: crate::spill::temporary_dir(), disk_budget: crate::spill::DEFAULT_DISK_BUDGET },
+            policy_poll: crate::policy::watch::DEFAULT_POLL_INTERVAL,
         }
     }
 }
@@ -199,6 +215,7 @@ impl Relay {
                 change_stage(
                     config.source.connection.clone(),
                     config.source.slot.publications.clone(),
+                    config.policy_poll,
                     config.policy_cache_budget,
                     Arc::clone(&handle.stats),
                     stage_spill,
@@ -344,6 +361,7 @@ async fn send_batch(output: &mpsc::Sender<Vec<StageEvent>>, batch: &mut Vec<Stag
 async fn change_stage(
     connection: PgConfig,
     publications: Vec<String>,
+    policy_poll: Duration,
     cache_budget: usize,
     stats: Arc<HubStats>,
     spill: Spill,
@@ -358,7 +376,36 @@ async fn change_stage(
     let mut events = Vec::new();
     let mut last_disk_warning: Option<tokio::time::Instant> = None;
     let mut batch: Vec<StageEvent> = Vec::with_capacity(BATCH);
-    while let Some(event) = input.recv().await {
+    let mut follow = Follow::new(connection.clone(), publications.clone(), cache_budget);
+    // The poller: its own task and session; ends when `notices` drops.
+    let (notice_tx, mut notices) = mpsc::channel(1);
+    tokio::spawn(policy::watch::poll(connection.clone(), policy_poll, notice_tx).in_current_span());
+    loop {
+        let event = tokio::select! {
+            biased;
+            Some(notice) = notices.recv() => {
+                // Before the first load there is nothing to refresh (the
+                // load reads the catalog after the poll did); after it, the
+                // first poll may have missed a change made in between.
+                if loaded {
+                    if notice == policy::watch::Noticed::Changed {
+                        tracing::info!("roles or policies changed (poll)");
+                    }
+                    follow.due = true;
+                }
+                if follow.due && !follow.in_tx && loaded {
+                    follow.reload(&mut batch).await?;
+                    if !send_batch(&output, &mut batch).await {
+                        return Ok(());
+                    }
+                }
+                continue;
+            }
+            event = input.recv() => match event {
+                Some(event) => event,
+                None => break,
+            },
+        };
         match event {
             SourceEvent::Snapshot(lease) => {
                 let mut client = connect_sql(&connection).await?;
@@ -372,6 +419,7 @@ async fn change_stage(
                 .map_err(PolicyError::from)?;
                 lease.release();
                 log_plans(&loaded_now);
+                follow.installed(&loaded_now);
                 tracing::info!(rows = loaded_now.at.rows, lsn = %loaded_now.at.lsn, "memberships loaded in the slot's snapshot (policies compiled, caches filled)");
                 loaded = true;
                 stats.memberships_loaded.store(true, Ordering::Relaxed);
@@ -380,6 +428,7 @@ async fn change_stage(
             SourceEvent::Started { .. } => {
                 started = true;
                 assembler.reset();
+                follow.in_tx = false;
                 batch.push(StageEvent::Reset);
                 if !loaded {
                     let mut client = connect_sql(&connection).await?;
@@ -387,6 +436,7 @@ async fn change_stage(
                         .await
                         .map_err(PolicyError::from)?;
                     log_plans(&loaded_now);
+                    follow.installed(&loaded_now);
                     tracing::info!(rows = loaded_now.at.rows, lsn = %loaded_now.at.lsn, "memberships loaded; catch-up window until lsn (policies compiled, caches filled)");
                     loaded = true;
                     stats.memberships_loaded.store(true, Ordering::Relaxed);
@@ -407,7 +457,7 @@ async fn change_stage(
                     }
                     // Hand on what is done, then pause. Shutdown stops the hub
                     // (closing `output`), and the source's end closes `input`.
-                    batch.extend(events.drain(..).map(StageEvent::Tx));
+                    follow.forward(&mut events, &mut batch).await?;
                     if !send_batch(&output, &mut batch).await || output.is_closed() || input.is_closed() {
                         return Ok(());
                     }
@@ -415,16 +465,16 @@ async fn change_stage(
                     wait = (wait * 2).min(DISK_WAIT_MAX);
                     result = assembler.resume();
                 }
-                batch.extend(events.drain(..).map(StageEvent::Tx));
+                follow.forward(&mut events, &mut batch).await?;
                 while assembler.has_pending() {
                     if batch.len() >= BATCH && !send_batch(&output, &mut batch).await {
                         return Ok(());
                     }
-                    if let Err(err) = assembler.drain_pending(&mut events, BATCH - batch.len()) {
+                    if let Err(err) = assembler.drain_pending(&mut events, BATCH.saturating_sub(batch.len()).max(1)) {
                         tracing::error!(error = %err, "change stage stopped");
                         return Err(err.into());
                     }
-                    batch.extend(events.drain(..).map(StageEvent::Tx));
+                    follow.forward(&mut events, &mut batch).await?;
                 }
             }
             SourceEvent::Wal(WalEvent::Keepalive { .. }) => {}
@@ -441,4 +491,129 @@ async fn change_stage(
         }
     }
     Ok(())
+}
+
+/// Attempts at reading the policies again before the stage gives up (the
+/// plans in force would be stale: failing is safer than judging by them).
+const RELOAD_ATTEMPTS: u32 = 3;
+
+/// The change stage's part in following policy changes (see
+/// [`crate::policy::watch`]): notices `walcast-policy` messages and poll
+/// differences, and reloads at transaction boundaries.
+struct Follow {
+    connection: PgConfig,
+    publications: Vec<String>,
+    /// Specs of the caches in force (the last load sent), which a reload
+    /// does not read again: the hub keeps their data.
+    known: Vec<policy::compile::CacheSpec>,
+    /// The SQL session for reloads (made again after an error).
+    client: Option<tokio_postgres::Client>,
+    /// The membership caches' memory budget (for new caches).
+    budget: usize,
+    /// A reload is due at the next transaction boundary.
+    due: bool,
+    /// The highest count of policy DDL seen in the stream's `walcast-policy`
+    /// messages (see `sql/walcast/`): a reload reading a higher count read a
+    /// catalog ahead of the stream.
+    seen_epoch: Option<i64>,
+    /// Between a forwarded Begin and its Commit.
+    in_tx: bool,
+}
+
+impl Follow {
+    fn new(connection: PgConfig, publications: Vec<String>, budget: usize) -> Follow {
+        Follow {
+            connection,
+            publications,
+            known: Vec::new(),
+            client: None,
+            budget,
+            due: false,
+            seen_epoch: None,
+            in_tx: false,
+        }
+    }
+
+    /// A load was sent to the hub: its caches are the ones in force.
+    fn installed(&mut self, loaded: &policy::plan::Loaded) {
+        self.known = loaded.caches.specs().to_vec();
+    }
+
+    /// The reload's session: like the first load's, without a statement
+    /// timeout (a large membership table takes what it takes).
+    async fn client(&mut self) -> Result<&mut tokio_postgres::Client, PolicyError> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.client = Some(connect_sql(&self.connection).await?);
+        }
+        Ok(self.client.as_mut().expect("connected above"))
+    }
+
+    /// Moves `events` into `batch`; after the Commit of a transaction that
+    /// carried a `walcast-policy` message (or with a poll's reload due),
+    /// reads the policies again and appends the update.
+    async fn forward(&mut self, events: &mut Vec<TxEvent>, batch: &mut Vec<StageEvent>) -> Result<(), RelayError> {
+        for event in events.drain(..) {
+            let commit = match &event {
+                TxEvent::Begin(_) => {
+                    self.in_tx = true;
+                    false
+                }
+                TxEvent::Message { prefix, content, .. } if prefix == policy::watch::MESSAGE_PREFIX => {
+                    self.due = true;
+                    if let Some(epoch) = policy::watch::message_epoch(content) {
+                        self.seen_epoch = Some(self.seen_epoch.map_or(epoch, |e| e.max(epoch)));
+                    }
+                    false
+                }
+                TxEvent::Commit(_) => {
+                    self.in_tx = false;
+                    true
+                }
+                _ => false,
+            };
+            batch.push(StageEvent::Tx(event));
+            if commit && self.due {
+                self.reload(batch).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the policies again (current state) and appends the update.
+    async fn reload(&mut self, batch: &mut Vec<StageEvent>) -> Result<(), RelayError> {
+        self.due = false;
+        let mut attempt = 0;
+        let (loaded, epoch) = loop {
+            attempt += 1;
+            let publications = self.publications.clone();
+            let known = self.known.clone();
+            let budget = self.budget;
+            let result = match self.client().await {
+                Ok(client) => {
+                    policy::plan::reload(client, &publications, &known, budget).await.map_err(PolicyError::from)
+                }
+                Err(err) => Err(err),
+            };
+            match result {
+                Ok(read) => break read,
+                Err(err) if err.is_transient() && attempt < RELOAD_ATTEMPTS => {
+                    tracing::warn!(error = %err, attempt, "reading the policies again failed; retrying");
+                    self.client = None;
+                    tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "reading the changed policies failed; stopping rather than judging by stale ones");
+                    return Err(err.into());
+                }
+            }
+        };
+        // Read ahead: the catalog includes DDL the stream has not reached
+        // (walcast is behind); judged as catch-up until a reload that is not.
+        let ahead = matches!((self.seen_epoch, epoch), (Some(seen), Some(read)) if read > seen);
+        log_plans(&loaded);
+        tracing::info!(rows = loaded.at.rows, lsn = %loaded.at.lsn, ahead, "policies changed; read again");
+        self.installed(&loaded);
+        batch.push(StageEvent::PolicyUpdate { loaded: Box::new(loaded), ahead });
+        Ok(())
+    }
 }

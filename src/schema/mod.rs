@@ -5,6 +5,13 @@
 //! reads the same files from disk instead. `walcast migrate` and the test
 //! harness both go through [`migrate`].
 //!
+//! Two sets share the runner and `walcast.schema_migrations`: the demo
+//! schema (`sql/`, names `NNNN_name.sql`) and walcast's own objects
+//! (`sql/walcast/`, [`Migrations::walcast`], recorded as
+//! `walcast/NNNN_name.sql`): the event trigger that reports policy changes.
+//! `walcast setup` applies the second to any database; `walcast migrate`
+//! applies both. Each run checks only the rows of its own set.
+//!
 //! Invariants:
 //! - files apply in name order, each in its own transaction together with its
 //!   row in `walcast.schema_migrations` (name, SHA-256 of the file, time, role):
@@ -64,10 +71,22 @@ const EMBEDDED: &[(&str, &str)] = embedded![
     "0007_order_numbers_bulk.sql",
 ];
 
+/// walcast's own migrations (`sql/walcast/`), in order; recorded under
+/// [`WALCAST_PREFIX`].
+const WALCAST: &[(&str, &str)] = &[(
+    "0001_policy_changes.sql",
+    include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/sql/walcast/0001_policy_changes.sql")),
+)];
+
+/// The name prefix of walcast's own migrations in `walcast.schema_migrations`.
+pub const WALCAST_PREFIX: &str = "walcast/";
+
 /// An ordered set of migrations.
 #[derive(Debug, Clone)]
 pub struct Migrations {
     items: Vec<Migration>,
+    /// The prefix of this set's names (`""` for the demo schema).
+    prefix: &'static str,
 }
 
 impl Migrations {
@@ -78,6 +97,29 @@ impl Migrations {
                 .iter()
                 .map(|(name, sql)| Migration { name: (*name).to_owned(), sql: (*sql).to_owned() })
                 .collect(),
+            prefix: "",
+        }
+    }
+
+    /// walcast's own objects (`sql/walcast/`): the event trigger reporting
+    /// policy changes. Needs a superuser; applies to any database.
+    pub fn walcast() -> Self {
+        Migrations {
+            items: WALCAST
+                .iter()
+                .map(|(name, sql)| Migration { name: format!("{WALCAST_PREFIX}{name}"), sql: (*sql).to_owned() })
+                .collect(),
+            prefix: WALCAST_PREFIX,
+        }
+    }
+
+    /// Whether a name recorded in `walcast.schema_migrations` belongs to
+    /// this set.
+    fn owns(&self, name: &str) -> bool {
+        if self.prefix.is_empty() {
+            !name.contains('/')
+        } else {
+            name.starts_with(self.prefix)
         }
     }
 
@@ -101,7 +143,7 @@ impl Migrations {
             items.push(Migration { name: name.to_owned(), sql });
         }
         items.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(Migrations { items })
+        Ok(Migrations { items, prefix: "" })
     }
 
     /// The migrations in order.
@@ -247,7 +289,11 @@ async fn apply_pending(client: &mut Client, migrations: &Migrations) -> Result<M
         .query("select name, checksum from walcast.schema_migrations order by name", &[])
         .await
         .map_err(|source| SchemaError::Database { what: "read walcast.schema_migrations", source })?;
-    let applied: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let applied: Vec<(String, String)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .filter(|(name, _): &(String, String)| migrations.owns(name))
+        .collect();
 
     // Verify everything before applying anything.
     for (name, checksum) in &applied {
@@ -300,6 +346,17 @@ mod tests {
         for (a, b) in embedded.iter().zip(on_disk.iter()) {
             assert_eq!(a.checksum(), b.checksum(), "{}", a.name);
         }
+    }
+
+    #[test]
+    fn walcast_list_matches_its_directory() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/walcast");
+        let on_disk = Migrations::from_dir(&dir).unwrap();
+        let ours = Migrations::walcast();
+        let names: Vec<String> = on_disk.iter().map(|m| format!("{WALCAST_PREFIX}{}", m.name)).collect();
+        assert_eq!(ours.iter().map(|m| m.name.clone()).collect::<Vec<_>>(), names, "update WALCAST");
+        assert!(ours.owns("walcast/0001_x.sql") && !ours.owns("0001_x.sql"));
+        assert!(Migrations::embedded().owns("0001_x.sql") && !Migrations::embedded().owns("walcast/0001_x.sql"));
     }
 
     #[test]
