@@ -48,7 +48,7 @@
 //!   every (change, viewer) pair; a failure prints the seed and the schema.
 //!
 //! `WALCAST_RANDOM_SEEDS` (default 10), `WALCAST_RANDOM_SEED` (first seed),
-//! `WALCAST_RANDOM_TXS` (transactions per seed, default 40) and
+//! `WALCAST_RANDOM_TXS` (transactions per seed, default 150) and
 //! `WALCAST_RANDOM_PARALLEL` (seeds at a time, default 2) make longer runs
 //! (docs/policies.md).
 
@@ -664,6 +664,8 @@ fn subscription(conn: u64, world: &World, viewer: Viewer, outbox: &Arc<Outbox>) 
 struct SeedReport {
     seed: u64,
     changes: usize,
+    /// Transactions that changed a membership table and a protected table.
+    mixed: usize,
     pairs: usize,
     expected: usize,
     delivered: usize,
@@ -786,6 +788,10 @@ async fn run_seed(seed: u64, transactions: usize) -> SeedReport {
         report.waiting += waited.elapsed();
         let mut service_got = parse_frames(&service_frames);
         report.changes += made.len();
+        let membership = |m: &Made| world.tables[m.table].membership;
+        if made.iter().any(membership) && !made.iter().all(membership) {
+            report.mixed += 1;
+        }
         let asked = Instant::now();
         // Pipelined on the one connection.
         let expectations =
@@ -797,7 +803,9 @@ async fn run_seed(seed: u64, transactions: usize) -> SeedReport {
                 std::mem::take(&mut service_got)
             } else {
                 let mut frames = Vec::new();
-                drain_until(&outboxes[v], &mut frames, expected.len(), Duration::from_secs(10)).await;
+                // A miss costs the wait: long for the first, short after.
+                let wait = if report.misses == 0 { Duration::from_secs(5) } else { Duration::from_millis(200) };
+                drain_until(&outboxes[v], &mut frames, expected.len(), wait).await;
                 parse_frames(&frames)
             };
             report.pairs += made.len();
@@ -862,7 +870,7 @@ fn env_number(name: &str, default: u64) -> u64 {
 async fn random_schemas_deliver_exactly_what_postgres_rls_allows() {
     let seeds = env_number("WALCAST_RANDOM_SEEDS", 10);
     let first = env_number("WALCAST_RANDOM_SEED", 1);
-    let transactions = env_number("WALCAST_RANDOM_TXS", 40) as usize;
+    let transactions = env_number("WALCAST_RANDOM_TXS", 150) as usize;
     let parallel = env_number("WALCAST_RANDOM_PARALLEL", 2).max(1) as usize;
     let started = Instant::now();
     let reports: Vec<SeedReport> = futures::stream::iter(first..first + seeds)
@@ -873,11 +881,12 @@ async fn random_schemas_deliver_exactly_what_postgres_rls_allows() {
     let mut failures = Vec::new();
     for r in &reports {
         println!(
-            "policy_random seed {}: {} changes, {} (change, viewer) pairs, {} expected events, {} delivered, \
+            "policy_random seed {}: {} changes ({} transactions mixing membership and row changes), {} (change, viewer) pairs, {} expected events, {} delivered, \
              {} leaks, {} misses; {}/{} anon/authenticated plans database-evaluated; {}/{} policy atoms \
              database-only shapes; {:.1} s ({:.1} s asking PostgreSQL, {:.1} s waiting for the relay)",
             r.seed,
             r.changes,
+            r.mixed,
             r.pairs,
             r.expected,
             r.delivered,
