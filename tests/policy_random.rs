@@ -45,7 +45,12 @@
 //!   whole transaction and for the database evaluation queue to drain before
 //!   the next commit, so "now" for database-evaluated policies is the
 //!   commit. Leaks (delivered, not expected) and misses are counted over
-//!   every (change, viewer) pair; a failure prints the seed and the schema.
+//!   every (change, viewer) pair; a failure prints the seed, the schema, the
+//!   relay's plans and the first mismatches with their transactions.
+//!
+//! The driver's commits are visible to every session before the relay
+//! receives them (see `run_seed`); `WALCAST_RANDOM_SYNC_COMMIT=1` lifts that
+//! and shows a known bug of database-evaluated tables (docs/policies.md).
 //!
 //! `WALCAST_RANDOM_SEEDS` (default 10), `WALCAST_RANDOM_SEED` (first seed),
 //! `WALCAST_RANDOM_TXS` (transactions per seed, default 150) and
