@@ -23,6 +23,7 @@ mod metrics;
 mod policies;
 mod policy_clients;
 mod policy_differential;
+mod policy_random;
 mod policy_runtime;
 mod readme;
 mod realtime;

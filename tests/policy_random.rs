@@ -1,0 +1,985 @@
+//! The differential test, generalized: random schemas, policies and
+//! workloads, with PostgreSQL's own row level security as the oracle.
+//!
+//! Per seed (a deterministic xorshift PRNG, so a failure replays):
+//!
+//! - **Schema**: 1–3 protected tables `p0..` (`id uuid` primary key, `owner`,
+//!   `grp`, `status`, `flag`, `due`; REPLICA IDENTITY FULL, published) and
+//!   1–2 membership tables `m0..` (`id, user_id, group_id, role, accepted`;
+//!   REPLICA IDENTITY FULL, published; some under their own RLS, so a
+//!   policy's subquery on them can hide rows from the viewer). Per membership
+//!   table, SECURITY DEFINER helpers in `private` (SQL returning `setof uuid`
+//!   or boolean, one with a defaulted argument, and one PL/pgSQL).
+//!   Per protected table 1–4 policies drawn from the shapes of
+//!   rls-policies.md §1 — owner (wrapped or bare `auth.uid()`), `true`,
+//!   `auth.role()`, an `app_metadata` claim, membership through `IN` and
+//!   `EXISTS` (with `accepted` / role conditions) and through the helpers,
+//!   column constants, AND/OR/NOT — permissive or restrictive (the `aal2`
+//!   gate), `FOR SELECT` or `FOR ALL`, `TO` anon / authenticated / PUBLIC,
+//!   plus shapes PostgreSQL must evaluate (the PL/pgSQL helper, `now()`, a
+//!   subquery on an RLS-protected membership table). `due` is always far in
+//!   the past or the future, so `now()` policies do not change with time.
+//!   SELECT grants to `anon` and `authenticated`: none, the table, or some
+//!   columns (always `id`).
+//! - **Viewers**: 10–30 users (claims `sub`, `role`, `app_metadata.org`,
+//!   `aal`), `anon` and `service_role`; one subscription each, bound to every
+//!   generated table. Policies and data exist before the relay starts (it
+//!   reads policies at start).
+//! - **Churn**: a serial driver commits random transactions of 1–5
+//!   statements mixing row inserts, updates (moving rows between owners,
+//!   groups, statuses) and deletes with membership inserts, deletes and
+//!   role / `accepted` / group changes; a row is touched at most once per
+//!   transaction.
+//! - **Oracle**: after each commit, per viewer, in one rolled-back
+//!   transaction: `SET LOCAL ROLE` + `request.jwt.claims` + SELECT of the
+//!   touched ids (the new images); then, as superuser, the old images of the
+//!   touched protected rows are written back and the same SELECT gives the
+//!   old images' visibility; then likewise for the membership tables. So the
+//!   old image is judged against the memberships *as of the commit* — what
+//!   walcast promises ("membership changes in a transaction apply before its
+//!   rows are judged", docs/policies.md). Visibility transitions give the
+//!   expected INSERT / UPDATE / DELETE.
+//! - **Compare**: each viewer must receive exactly the expected events of
+//!   each transaction (as a multiset: database-evaluated tables may arrive
+//!   after in-memory ones); the driver waits for service_role to see the
+//!   whole transaction and for the database evaluation queue to drain before
+//!   the next commit, so "now" for database-evaluated policies is the
+//!   commit. Leaks (delivered, not expected) and misses are counted over
+//!   every (change, viewer) pair; a failure prints the seed, the schema, the
+//!   relay's plans and the first mismatches with their transactions.
+//!
+//! The driver's commits are visible to every session before the relay
+//! receives them (see `run_seed`); `WALCAST_RANDOM_SYNC_COMMIT=1` lifts that
+//! and shows a known bug of database-evaluated tables (docs/policies.md).
+//!
+//! `WALCAST_RANDOM_SEEDS` (default 10), `WALCAST_RANDOM_SEED` (first seed),
+//! `WALCAST_RANDOM_TXS` (transactions per seed, default 150) and
+//! `WALCAST_RANDOM_PARALLEL` (seeds at a time, default 2) make longer runs
+//! (docs/policies.md).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_json::json;
+use tokio_postgres::{Client, SimpleQueryMessage};
+use uuid::Uuid;
+use walcast::hub::{Binding, Control, EventMatch, Outbox, OutboxLimits, Subscription, Vsn};
+use walcast::policy::{Access, Filter, Viewer};
+use walcast::relay::Relay;
+
+use crate::policy_differential::{parse_frames, start_relay};
+use crate::support::migrated_db;
+
+/// Deterministic PRNG (xorshift64*), seeded through splitmix64 so that
+/// neighbouring seeds diverge at once.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        Rng((z ^ (z >> 31)) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    /// `lo..=hi`.
+    fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + self.below(hi - lo + 1)
+    }
+    /// True with probability `percent`/100.
+    fn chance(&mut self, percent: usize) -> bool {
+        self.below(100) < percent
+    }
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len())]
+    }
+    fn uuid(&mut self) -> Uuid {
+        Uuid::from_u64_pair(self.next(), self.next())
+    }
+}
+
+/// What a role may SELECT of a generated table.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Grant {
+    None,
+    Table,
+    /// Some columns, `id` among them.
+    Columns,
+}
+
+/// A generated table.
+#[derive(Debug, Clone)]
+struct TableSpec {
+    name: String,
+    membership: bool,
+    anon: Grant,
+    authenticated: Grant,
+}
+
+impl TableSpec {
+    fn grant(&self, role: &str) -> Grant {
+        match role {
+            "anon" => self.anon,
+            "authenticated" => self.authenticated,
+            _ => Grant::Table,
+        }
+    }
+}
+
+/// A protected row.
+#[derive(Debug, Clone, PartialEq)]
+struct ProtRow {
+    owner: Option<Uuid>,
+    grp: Option<Uuid>,
+    status: &'static str,
+    flag: bool,
+    /// `due` far in the past (else far in the future).
+    past: bool,
+}
+
+/// A membership row.
+#[derive(Debug, Clone, PartialEq)]
+struct MemRow {
+    user: Uuid,
+    group: Uuid,
+    role: &'static str,
+    accepted: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Values {
+    P(ProtRow),
+    M(MemRow),
+}
+
+const STATUSES: [&str; 3] = ["draft", "published", "archived"];
+const MEMBER_ROLES: [&str; 3] = ["member", "admin", "owner"];
+
+fn lit(u: Option<Uuid>) -> String {
+    u.map_or_else(|| "null".to_owned(), |u| format!("'{u}'"))
+}
+
+impl Values {
+    fn columns(&self) -> &'static str {
+        match self {
+            Values::P(_) => "id, owner, grp, status, flag, due",
+            Values::M(_) => "id, user_id, group_id, role, accepted",
+        }
+    }
+
+    fn tuple(&self, id: Uuid) -> String {
+        match self {
+            Values::P(p) => format!(
+                "('{id}', {}, {}, '{}', {}, '{}')",
+                lit(p.owner),
+                lit(p.grp),
+                p.status,
+                p.flag,
+                if p.past { "2000-01-01 00:00:00+00" } else { "2100-01-01 00:00:00+00" }
+            ),
+            Values::M(m) => format!("('{id}', '{}', '{}', '{}', {})", m.user, m.group, m.role, m.accepted),
+        }
+    }
+
+    fn assignments(&self) -> String {
+        match self {
+            Values::P(p) => format!(
+                "owner = {}, grp = {}, status = '{}', flag = {}, due = '{}'",
+                lit(p.owner),
+                lit(p.grp),
+                p.status,
+                p.flag,
+                if p.past { "2000-01-01 00:00:00+00" } else { "2100-01-01 00:00:00+00" }
+            ),
+            Values::M(m) => format!(
+                "user_id = '{}', group_id = '{}', role = '{}', accepted = {}",
+                m.user, m.group, m.role, m.accepted
+            ),
+        }
+    }
+}
+
+/// A viewer: the relay's [`Viewer`] and how PostgreSQL runs its queries.
+struct ViewerSpec {
+    label: String,
+    role: &'static str,
+    claims: String,
+    viewer: Viewer,
+}
+
+/// A generated world: schema, viewers, rows.
+struct World {
+    sql: String,
+    tables: Vec<TableSpec>,
+    /// Per table: id → values.
+    rows: Vec<BTreeMap<Uuid, Values>>,
+    users: Vec<Uuid>,
+    groups: Vec<Uuid>,
+    viewers: Vec<ViewerSpec>,
+    /// Policy atoms that must go to the database.
+    database_atoms: usize,
+    atoms: usize,
+}
+
+/// Policy expression generator.
+struct PolicyGen<'a> {
+    rng: &'a mut Rng,
+    members: usize,
+    database_atoms: usize,
+    atoms: usize,
+}
+
+impl PolicyGen<'_> {
+    fn member_condition(&mut self) -> &'static str {
+        self.rng.pick(&[
+            "",
+            " and m.accepted",
+            " and m.role in ('admin', 'owner')",
+            " and m.accepted and m.role = 'admin'",
+        ])
+    }
+
+    fn uid(&mut self) -> &'static str {
+        if self.rng.chance(50) {
+            "(select auth.uid())"
+        } else {
+            "auth.uid()"
+        }
+    }
+
+    /// One boolean expression over `p{table}`.
+    fn expr(&mut self, table: usize, depth: usize) -> String {
+        let roll = if depth >= 2 { self.rng.below(80) } else { self.rng.below(100) };
+        let j = self.rng.below(self.members);
+        if roll < 80 {
+            self.atoms += 1;
+        }
+        match roll {
+            0..=13 => format!("{} = owner", self.uid()),
+            14..=18 => "true".to_owned(),
+            19..=24 => "auth.role() = 'authenticated'".to_owned(),
+            25..=32 => "grp = ((select auth.jwt()) -> 'app_metadata' ->> 'org')::uuid".to_owned(),
+            33..=44 => {
+                let uid = self.uid();
+                let cond = self.member_condition();
+                format!("grp in (select m.group_id from public.m{j} m where m.user_id = {uid}{cond})")
+            }
+            45..=56 => {
+                let uid = self.uid();
+                let cond = self.member_condition();
+                format!(
+                    "exists (select 1 from public.m{j} m where m.group_id = p{table}.grp and m.user_id = {uid}{cond})"
+                )
+            }
+            57..=62 => format!("grp in (select private.m{j}_groups())"),
+            63..=69 => match self.rng.below(4) {
+                0 => format!("(select private.m{j}_member(grp))"),
+                1 => format!("private.m{j}_member(grp)"),
+                2 => format!("private.m{j}_has_role(grp)"),
+                _ => format!("private.m{j}_has_role(grp, 'admin')"),
+            },
+            70..=79 => self
+                .rng
+                .pick(&[
+                    "status = 'published'",
+                    "flag",
+                    "status in ('published', 'archived')",
+                    "status <> 'draft'",
+                    "owner is null",
+                ])
+                .to_owned(),
+            80..=89 => {
+                let a = self.expr(table, depth + 1);
+                match self.rng.below(3) {
+                    0 => format!("({a}) and ({})", self.expr(table, depth + 1)),
+                    1 => format!("({a}) or ({})", self.expr(table, depth + 1)),
+                    _ => format!("not ({a})"),
+                }
+            }
+            90..=94 => {
+                self.atoms += 1;
+                self.database_atoms += 1;
+                format!("private.m{j}_plpg(grp)")
+            }
+            _ => {
+                self.atoms += 1;
+                self.database_atoms += 1;
+                "due < now()".to_owned()
+            }
+        }
+    }
+}
+
+fn generate(seed: u64) -> World {
+    let mut rng = Rng::new(seed);
+    let protected = rng.range(1, 3);
+    let members = rng.range(1, 2);
+    let groups: Vec<Uuid> = (0..rng.range(3, 5)).map(|_| rng.uuid()).collect();
+    let users: Vec<Uuid> = (0..rng.range(10, 30)).map(|_| rng.uuid()).collect();
+    let mut sql =
+        String::from("create schema if not exists private;\ngrant usage on schema private to anon, authenticated;\n");
+    let mut tables = Vec::new();
+    let mut rows = Vec::new();
+
+    for j in 0..members {
+        let rls = rng.chance(40);
+        let _ = writeln!(
+            sql,
+            "create table public.m{j} (id uuid primary key, user_id uuid not null, group_id uuid not null, role text not null, accepted boolean not null);
+alter table public.m{j} replica identity full;
+grant select on public.m{j} to anon, authenticated, service_role;
+alter publication supabase_realtime add table public.m{j};"
+        );
+        if rls {
+            let _ = writeln!(
+                sql,
+                "alter table public.m{j} enable row level security;
+create policy m{j}_own on public.m{j} for select to authenticated using (user_id = (select auth.uid()));"
+            );
+        }
+        let _ = writeln!(
+            sql,
+            "create function private.m{j}_groups() returns setof uuid language sql stable security definer set search_path = '' as $$
+    select m.group_id from public.m{j} m where m.user_id = (select auth.uid()) and m.accepted $$;
+create function private.m{j}_member(g uuid) returns boolean language sql stable security definer set search_path = '' as $$
+    select exists (select 1 from public.m{j} m where m.group_id = g and m.user_id = (select auth.uid())) $$;
+create function private.m{j}_has_role(g uuid, r text default null) returns boolean language sql stable security definer set search_path = '' as $$
+    select exists (select 1 from public.m{j} m where m.group_id = g and m.user_id = (select auth.uid()) and (m.role = r or r is null)) $$;
+create function private.m{j}_plpg(g uuid) returns boolean language plpgsql stable security definer set search_path = '' as $$
+begin
+    return exists (select 1 from public.m{j} m where m.group_id = g and m.user_id = (select auth.uid()) and m.accepted);
+end $$;"
+        );
+        tables.push(TableSpec {
+            name: format!("m{j}"),
+            membership: true,
+            anon: Grant::Table,
+            authenticated: Grant::Table,
+        });
+        let mut table_rows = BTreeMap::new();
+        for &u in &users {
+            for &g in &groups {
+                if rng.chance(30) {
+                    let row = MemRow { user: u, group: g, role: rng.pick(&MEMBER_ROLES), accepted: rng.chance(70) };
+                    table_rows.insert(rng.uuid(), Values::M(row));
+                }
+            }
+        }
+        rows.push(table_rows);
+    }
+
+    let mut gen = PolicyGen { rng: &mut rng, members, database_atoms: 0, atoms: 0 };
+    for i in 0..protected {
+        let _ = writeln!(
+            sql,
+            "create table public.p{i} (id uuid primary key, owner uuid, grp uuid, status text not null, flag boolean not null, due timestamptz not null);
+alter table public.p{i} replica identity full;
+alter table public.p{i} enable row level security;
+grant select on public.p{i} to service_role;
+alter publication supabase_realtime add table public.p{i};"
+        );
+        let authenticated = if gen.rng.chance(75) { Grant::Table } else { Grant::Columns };
+        let anon = match gen.rng.below(10) {
+            0..=3 => Grant::None,
+            4..=7 => Grant::Table,
+            _ => Grant::Columns,
+        };
+        for (role, grant) in [("authenticated", authenticated), ("anon", anon)] {
+            match grant {
+                Grant::None => {}
+                Grant::Table => {
+                    let _ = writeln!(sql, "grant select on public.p{i} to {role};");
+                }
+                Grant::Columns => {
+                    let _ = writeln!(sql, "grant select (id, owner, status) on public.p{i} to {role};");
+                }
+            }
+        }
+        for k in 0..gen.rng.range(1, 4) {
+            let restrictive = k > 0 && gen.rng.chance(20);
+            let using = if restrictive && gen.rng.chance(50) {
+                "((select auth.jwt()) ->> 'aal') = 'aal2'".to_owned()
+            } else {
+                gen.expr(i, 0)
+            };
+            let to = gen.rng.pick(&["authenticated", "authenticated", "public", "anon", "anon, authenticated"]);
+            let command = if gen.rng.chance(70) { "select" } else { "all" };
+            let kind = if restrictive { "restrictive" } else { "permissive" };
+            let _ =
+                writeln!(sql, "create policy pol{k} on public.p{i} as {kind} for {command} to {to} using ({using});");
+        }
+        tables.push(TableSpec { name: format!("p{i}"), membership: false, anon, authenticated });
+        let mut table_rows = BTreeMap::new();
+        for _ in 0..gen.rng.range(6, 10) {
+            let row = random_row(gen.rng, &users, &groups);
+            table_rows.insert(gen.rng.uuid(), Values::P(row));
+        }
+        rows.push(table_rows);
+    }
+    let (database_atoms, atoms) = (gen.database_atoms, gen.atoms);
+
+    let mut viewers = Vec::new();
+    for (n, &u) in users.iter().enumerate() {
+        let mut claims = json!({"sub": u.to_string(), "role": "authenticated", "aal": rng.pick(&["aal1", "aal2"])});
+        claims["app_metadata"] =
+            if rng.chance(80) { json!({"org": rng.pick(&groups).to_string()}) } else { json!({"provider": "email"}) };
+        viewers.push(ViewerSpec {
+            label: format!("user{n}"),
+            role: "authenticated",
+            claims: claims.to_string(),
+            viewer: Viewer::new("authenticated", claims),
+        });
+    }
+    viewers.push(ViewerSpec {
+        label: "anon".into(),
+        role: "anon",
+        claims: json!({"role": "anon"}).to_string(),
+        viewer: Viewer::anon(),
+    });
+    viewers.push(ViewerSpec {
+        label: "service_role".into(),
+        role: "service_role",
+        claims: json!({"role": "service_role"}).to_string(),
+        viewer: Viewer::service(),
+    });
+    World { sql, tables, rows, users, groups, viewers, database_atoms, atoms }
+}
+
+fn random_row(rng: &mut Rng, users: &[Uuid], groups: &[Uuid]) -> ProtRow {
+    ProtRow {
+        owner: if rng.chance(85) { Some(rng.pick(users)) } else { None },
+        grp: if rng.chance(85) { Some(rng.pick(groups)) } else { None },
+        status: rng.pick(&STATUSES),
+        flag: rng.chance(50),
+        past: rng.chance(50),
+    }
+}
+
+/// One change the driver made.
+#[derive(Debug, Clone)]
+struct Made {
+    table: usize,
+    op: &'static str,
+    id: Uuid,
+    /// The row before (UPDATE, DELETE).
+    old: Option<Values>,
+}
+
+fn transition(op: &str, old: bool, new: bool) -> Option<&'static str> {
+    match (op, old, new) {
+        ("INSERT", _, true) => Some("INSERT"),
+        ("DELETE", true, _) => Some("DELETE"),
+        ("UPDATE", true, true) => Some("UPDATE"),
+        ("UPDATE", false, true) => Some("INSERT"),
+        ("UPDATE", true, false) => Some("DELETE"),
+        _ => None,
+    }
+}
+
+/// One random transaction: its SQL and its changes (applied to `world.rows`).
+fn random_transaction(rng: &mut Rng, world: &mut World) -> (String, Vec<Made>) {
+    let mut sql = String::from("begin;\n");
+    let mut made: Vec<Made> = Vec::new();
+    let protected: Vec<usize> = (0..world.tables.len()).filter(|&t| !world.tables[t].membership).collect();
+    let memberships: Vec<usize> = (0..world.tables.len()).filter(|&t| world.tables[t].membership).collect();
+    for _ in 0..rng.range(1, 5) {
+        let membership = rng.chance(40);
+        let t = if membership { rng.pick(&memberships) } else { rng.pick(&protected) };
+        let name = world.tables[t].name.clone();
+        let untouched: Vec<Uuid> =
+            world.rows[t].keys().copied().filter(|id| !made.iter().any(|m| m.id == *id)).collect();
+        let op = match rng.below(10) {
+            _ if untouched.is_empty() => 0,
+            0..=2 => 0,
+            3..=7 => 1,
+            _ if world.rows[t].len() <= 3 => 1,
+            _ => 2,
+        };
+        match op {
+            0 => {
+                let id = rng.uuid();
+                let values = if membership {
+                    Values::M(MemRow {
+                        user: rng.pick(&world.users),
+                        group: rng.pick(&world.groups),
+                        role: rng.pick(&MEMBER_ROLES),
+                        accepted: rng.chance(70),
+                    })
+                } else {
+                    Values::P(random_row(rng, &world.users, &world.groups))
+                };
+                let _ = writeln!(sql, "insert into public.{name} ({}) values {};", values.columns(), values.tuple(id));
+                world.rows[t].insert(id, values);
+                made.push(Made { table: t, op: "INSERT", id, old: None });
+            }
+            1 => {
+                let id = rng.pick(&untouched);
+                let old = world.rows[t][&id].clone();
+                let mut new = old.clone();
+                while new == old {
+                    match &mut new {
+                        Values::P(p) => match rng.below(6) {
+                            0 | 1 => p.owner = if rng.chance(85) { Some(rng.pick(&world.users)) } else { None },
+                            2 | 3 => p.grp = if rng.chance(85) { Some(rng.pick(&world.groups)) } else { None },
+                            4 => p.status = rng.pick(&STATUSES),
+                            _ => {
+                                if rng.chance(70) {
+                                    p.flag = !p.flag
+                                } else {
+                                    p.past = !p.past
+                                }
+                            }
+                        },
+                        Values::M(m) => match rng.below(4) {
+                            0 => m.role = rng.pick(&MEMBER_ROLES),
+                            1 => m.accepted = !m.accepted,
+                            2 => m.group = rng.pick(&world.groups),
+                            _ => m.user = rng.pick(&world.users),
+                        },
+                    }
+                }
+                let _ = writeln!(sql, "update public.{name} set {} where id = '{id}';", new.assignments());
+                world.rows[t].insert(id, new);
+                made.push(Made { table: t, op: "UPDATE", id, old: Some(old) });
+            }
+            _ => {
+                let id = rng.pick(&untouched);
+                let old = world.rows[t].remove(&id);
+                let _ = writeln!(sql, "delete from public.{name} where id = '{id}';");
+                made.push(Made { table: t, op: "DELETE", id, old });
+            }
+        }
+    }
+    sql.push_str("commit;");
+    (sql, made)
+}
+
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+fn id_array(ids: &[Uuid]) -> String {
+    let items: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+    format!("'{{{}}}'::uuid[]", items.join(","))
+}
+
+/// Per viewer: the oracle's SQL for one transaction (one round trip).
+fn oracle_sql(world: &World, viewer: &ViewerSpec, made: &[Made]) -> String {
+    let as_viewer = format!(
+        "set local role {}; select set_config('request.jwt.claims', {}, true);\n",
+        viewer.role,
+        quote(&viewer.claims)
+    );
+    let select = |sql: &mut String, side: &str, t: usize, ids: &[Uuid]| {
+        let table = &world.tables[t];
+        if ids.is_empty() || table.grant(viewer.role) == Grant::None {
+            return;
+        }
+        let _ = writeln!(
+            sql,
+            "select '{side}', {t}, id::text from public.{} where id = any({});",
+            table.name,
+            id_array(ids)
+        );
+    };
+    let mut sql = String::from("begin;\n");
+    sql.push_str(&as_viewer);
+    for t in 0..world.tables.len() {
+        let ids: Vec<Uuid> = made.iter().filter(|m| m.table == t && m.op != "DELETE").map(|m| m.id).collect();
+        select(&mut sql, "new", t, &ids);
+    }
+    // Old images: protected tables first (judged against the memberships as
+    // of the commit), then the membership tables.
+    for membership in [false, true] {
+        let tables: Vec<usize> =
+            (0..world.tables.len()).filter(|&t| world.tables[t].membership == membership).collect();
+        let mut restore = String::new();
+        let mut selects = String::new();
+        for &t in &tables {
+            let olds: Vec<(Uuid, &Values)> =
+                made.iter().filter(|m| m.table == t).filter_map(|m| m.old.as_ref().map(|o| (m.id, o))).collect();
+            if olds.is_empty() {
+                continue;
+            }
+            let ids: Vec<Uuid> = olds.iter().map(|(id, _)| *id).collect();
+            let name = &world.tables[t].name;
+            let tuples: Vec<String> = olds.iter().map(|(id, v)| v.tuple(*id)).collect();
+            let _ = writeln!(
+                restore,
+                "delete from public.{name} where id = any({});\ninsert into public.{name} ({}) values {};",
+                id_array(&ids),
+                olds[0].1.columns(),
+                tuples.join(", ")
+            );
+            select(&mut selects, "old", t, &ids);
+        }
+        if !restore.is_empty() {
+            sql.push_str("reset role;\n");
+            sql.push_str(&restore);
+            sql.push_str(&as_viewer);
+            sql.push_str(&selects);
+        }
+    }
+    sql.push_str("rollback;");
+    sql
+}
+
+/// Per viewer: the expected `(table, id, event)`s of a transaction.
+async fn oracle(client: &Client, world: &World, viewer: &ViewerSpec, made: &[Made]) -> Vec<(String, Uuid, String)> {
+    let sql = oracle_sql(world, viewer, made);
+    let messages = client.simple_query(&sql).await.unwrap_or_else(|e| panic!("oracle query failed: {e:?}\n{sql}"));
+    let mut new = BTreeSet::new();
+    let mut old = BTreeSet::new();
+    for m in messages {
+        if let SimpleQueryMessage::Row(row) = m {
+            if row.len() != 3 {
+                continue;
+            }
+            let t: usize = row.get(1).unwrap().parse().unwrap();
+            let id = Uuid::parse_str(row.get(2).unwrap()).unwrap();
+            match row.get(0) {
+                Some("new") => new.insert((t, id)),
+                _ => old.insert((t, id)),
+            };
+        }
+    }
+    made.iter()
+        .filter_map(|m| {
+            let event = transition(m.op, old.contains(&(m.table, m.id)), new.contains(&(m.table, m.id)))?;
+            Some((world.tables[m.table].name.clone(), m.id, event.to_owned()))
+        })
+        .collect()
+}
+
+fn subscription(conn: u64, world: &World, viewer: Viewer, outbox: &Arc<Outbox>) -> Subscription {
+    let bindings = world
+        .tables
+        .iter()
+        .enumerate()
+        .map(|(i, t)| Binding {
+            id: i as u32 + 1,
+            schema: Some("public".into()),
+            table: Some(t.name.clone()),
+            event: EventMatch::All,
+            filter: Filter::default(),
+            select: None,
+        })
+        .collect();
+    Subscription {
+        conn,
+        topic: "realtime:random".into(),
+        vsn: Vsn::V2,
+        viewer,
+        bindings,
+        outbox: Arc::clone(outbox),
+        on_live: Some(Bytes::from_static(br#"["1",null,"realtime:random","system",{"message":"live"}]"#)),
+        on_withheld: None,
+    }
+}
+
+/// What one seed's run found.
+#[derive(Debug, Default)]
+struct SeedReport {
+    seed: u64,
+    changes: usize,
+    /// Transactions that changed a membership table and a protected table.
+    mixed: usize,
+    pairs: usize,
+    expected: usize,
+    delivered: usize,
+    leaks: usize,
+    misses: usize,
+    database_plans: usize,
+    plans: usize,
+    database_atoms: usize,
+    atoms: usize,
+    elapsed: Duration,
+    /// Time spent waiting for the relay (service_role, database queue, viewers).
+    waiting: Duration,
+    /// Time spent asking the oracle.
+    asking: Duration,
+    /// On failure: the seed, schema, plans and first mismatches.
+    failure: Option<String>,
+}
+
+impl SeedReport {
+    /// One line for the test's output.
+    fn summary(&self) -> String {
+        format!(
+            "policy_random seed {}: {} changes ({} transactions mixing membership and row changes), {} (change, \
+             viewer) pairs, {} expected events, {} delivered, {} leaks, {} misses; {}/{} anon/authenticated plans \
+             database-evaluated; {}/{} policy atoms of database-only shapes; {:.1} s ({:.1} s asking PostgreSQL, \
+             {:.1} s waiting for the relay)",
+            self.seed,
+            self.changes,
+            self.mixed,
+            self.pairs,
+            self.expected,
+            self.delivered,
+            self.leaks,
+            self.misses,
+            self.database_plans,
+            self.plans,
+            self.database_atoms,
+            self.atoms,
+            self.elapsed.as_secs_f64(),
+            self.asking.as_secs_f64(),
+            self.waiting.as_secs_f64()
+        )
+    }
+}
+
+/// Each (table, role) plan of the generated tables, one line each.
+fn plans(relay: &Relay, world: &World) -> (Vec<String>, usize, usize) {
+    let set = relay.hub.policies();
+    let mut lines = Vec::new();
+    let (mut database, mut total) = (0, 0);
+    for t in &world.tables {
+        let Some(plan) = set.table_by_name("public", &t.name) else {
+            lines.push(format!("{}: not published?", t.name));
+            continue;
+        };
+        for role in ["anon", "authenticated"] {
+            let Some(p) = plan.role(role) else { continue };
+            total += 1;
+            let text = match &p.access {
+                Access::Nothing(why) => format!("nothing ({why})"),
+                Access::Everything => "every row".to_owned(),
+                Access::Rows(e) => format!("in memory ({})", e.describe(&plan.columns, &|id| format!("cache#{id}"))),
+                Access::Database(why) => {
+                    database += 1;
+                    format!("database-evaluated ({why})")
+                }
+            };
+            lines.push(format!("{}/{role}: {text}", t.name));
+        }
+    }
+    (lines, database, total)
+}
+
+async fn drain_until(outbox: &Outbox, frames: &mut Vec<Bytes>, want: usize, wait: Duration) {
+    let deadline = Instant::now() + wait;
+    loop {
+        outbox.try_drain(frames);
+        if parse_frames(frames).len() >= want || Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+async fn run_seed(seed: u64, transactions: usize) -> SeedReport {
+    let started = Instant::now();
+    let mut world = generate(seed);
+    let mut rng = Rng::new(seed ^ 0xC0FF_EE00);
+    let (db, client) = migrated_db().await;
+    client.batch_execute(&world.sql).await.unwrap_or_else(|e| panic!("seed {seed}: schema: {e:?}\n{}", world.sql));
+    let mut data = String::new();
+    for (t, rows) in world.rows.iter().enumerate() {
+        for (id, v) in rows {
+            let _ = writeln!(
+                data,
+                "insert into public.{} ({}) values {};",
+                world.tables[t].name,
+                v.columns(),
+                v.tuple(*id)
+            );
+        }
+    }
+    client.batch_execute(&data).await.unwrap_or_else(|e| panic!("seed {seed}: data: {e:?}"));
+
+    // The driver commits asynchronously (the scratch cluster's setting),
+    // then flushes the WAL with a synchronous commit of an unpublished
+    // table: the walsender sends only flushed WAL, so each transaction
+    // reaches the relay at once, and only once it is visible to every new
+    // snapshot. With `WALCAST_RANDOM_SYNC_COMMIT=1` the driver commits
+    // synchronously instead: the relay may then receive a commit before
+    // PostgreSQL shows it to other sessions, and database-evaluated
+    // policies that read a table changed by that transaction can be judged
+    // on the state before it (a known walcast bug, see docs/policies.md).
+    let sync_commit = env_number("WALCAST_RANDOM_SYNC_COMMIT", 0) == 1;
+    client
+        .batch_execute(if sync_commit {
+            "set synchronous_commit = on"
+        } else {
+            "create table private.flush (n int); set synchronous_commit = off"
+        })
+        .await
+        .unwrap();
+    let relay = start_relay(db.url(), &format!("{}_s", db.name())).await;
+    // The relay installs the policies it read once the slot exists.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while world.tables.iter().any(|t| relay.hub.policies().table_by_name("public", &t.name).is_none()) {
+        assert!(Instant::now() < deadline, "seed {seed}: the relay never installed its policies");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (plan_lines, database_plans, plan_count) = plans(&relay, &world);
+    let limits = OutboxLimits::default();
+    let mut outboxes = Vec::new();
+    for (i, v) in world.viewers.iter().enumerate() {
+        let outbox = Arc::new(Outbox::new(limits));
+        relay.hub.send(Control::Join(subscription(i as u64, &world, v.viewer.clone(), &outbox))).await.unwrap();
+        outboxes.push(outbox);
+    }
+    for outbox in &outboxes {
+        let mut frames = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while frames.is_empty() {
+            assert!(Instant::now() < deadline, "seed {seed}: a subscriber never went live");
+            outbox.try_drain(&mut frames);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    let service = world.viewers.len() - 1;
+    let stats = Arc::clone(&relay.hub.stats);
+
+    let mut report = SeedReport {
+        seed,
+        database_plans,
+        plans: plan_count,
+        database_atoms: world.database_atoms,
+        atoms: world.atoms,
+        ..SeedReport::default()
+    };
+    let mut mismatches: Vec<String> = Vec::new();
+    for n in 0..transactions {
+        let (sql, made) = random_transaction(&mut rng, &mut world);
+        client.batch_execute(&sql).await.unwrap_or_else(|e| panic!("seed {seed} tx {n}: {e:?}\n{sql}"));
+        if !sync_commit {
+            client
+                .batch_execute(
+                    "begin; set local synchronous_commit = on; insert into private.flush values (1); commit;",
+                )
+                .await
+                .unwrap();
+        }
+        // service_role sees every change: once it has them, the hub has
+        // judged the whole transaction; then the database checks drain.
+        let waited = Instant::now();
+        let mut service_frames = Vec::new();
+        drain_until(&outboxes[service], &mut service_frames, made.len(), Duration::from_secs(30)).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while stats.database.in_flight.load(Ordering::Acquire) > 0 {
+            assert!(Instant::now() < deadline, "seed {seed}: database evaluation never drained");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        report.waiting += waited.elapsed();
+        let mut service_got = parse_frames(&service_frames);
+        report.changes += made.len();
+        let membership = |m: &Made| world.tables[m.table].membership;
+        if made.iter().any(membership) && !made.iter().all(membership) {
+            report.mixed += 1;
+        }
+        let asked = Instant::now();
+        // Pipelined on the one connection.
+        let expectations =
+            futures::future::join_all(world.viewers.iter().map(|viewer| oracle(&client, &world, viewer, &made))).await;
+        report.asking += asked.elapsed();
+        let waited = Instant::now();
+        for ((v, viewer), expected) in world.viewers.iter().enumerate().zip(expectations) {
+            let mut got = if v == service {
+                std::mem::take(&mut service_got)
+            } else {
+                let mut frames = Vec::new();
+                // A miss costs the wait: long for the first, short after.
+                let wait = if report.misses == 0 { Duration::from_secs(5) } else { Duration::from_millis(200) };
+                drain_until(&outboxes[v], &mut frames, expected.len(), wait).await;
+                parse_frames(&frames)
+            };
+            report.pairs += made.len();
+            report.expected += expected.len();
+            report.delivered += got.len();
+            let mut want = expected.clone();
+            want.sort();
+            got.sort();
+            if got != want {
+                let mut rest = want.clone();
+                for g in &got {
+                    match rest.iter().position(|e| e == g) {
+                        Some(i) => {
+                            rest.remove(i);
+                        }
+                        None => {
+                            report.leaks += 1;
+                            mismatches.push(format!("LEAK tx {n}: {} got {g:?}", viewer.label));
+                        }
+                    }
+                }
+                for e in rest {
+                    report.misses += 1;
+                    mismatches.push(format!("MISS tx {n}: {} did not get {e:?}", viewer.label));
+                }
+                mismatches.push(format!("  tx {n} was: {sql}\n  changes {made:?}\n  claims {}", viewer.claims));
+            }
+        }
+        report.waiting += waited.elapsed();
+    }
+    // Anything arriving late is a leak.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (v, outbox) in outboxes.iter().enumerate() {
+        let mut frames = Vec::new();
+        outbox.try_drain(&mut frames);
+        for g in parse_frames(&frames) {
+            report.leaks += 1;
+            mismatches.push(format!("LEAK (late): {} got {g:?}", world.viewers[v].label));
+        }
+    }
+    relay.stop().await.unwrap();
+    report.elapsed = started.elapsed();
+    if report.leaks + report.misses > 0 {
+        let shown: Vec<&str> = mismatches.iter().take(40).map(String::as_str).collect();
+        report.failure = Some(format!(
+            "seed {seed} ({} leaks, {} misses)\n--- schema\n{}\n--- plans\n{}\n--- first mismatches\n{}",
+            report.leaks,
+            report.misses,
+            world.sql,
+            plan_lines.join("\n"),
+            shown.join("\n")
+        ));
+    }
+    report
+}
+
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_schemas_deliver_exactly_what_postgres_rls_allows() {
+    let seeds = env_number("WALCAST_RANDOM_SEEDS", 10);
+    let first = env_number("WALCAST_RANDOM_SEED", 1);
+    let transactions = env_number("WALCAST_RANDOM_TXS", 150) as usize;
+    let parallel = env_number("WALCAST_RANDOM_PARALLEL", 2).max(1) as usize;
+    let started = Instant::now();
+    // Each seed's line as it finishes (long runs take minutes).
+    let reports: Vec<SeedReport> = futures::stream::iter(first..first + seeds)
+        .map(|seed| run_seed(seed, transactions))
+        .buffer_unordered(parallel)
+        .inspect(|r| println!("{}", r.summary()))
+        .collect()
+        .await;
+    let failures: Vec<&str> = reports.iter().filter_map(|r| r.failure.as_deref()).collect();
+    let pairs: usize = reports.iter().map(|r| r.pairs).sum();
+    let leaks: usize = reports.iter().map(|r| r.leaks).sum();
+    let misses: usize = reports.iter().map(|r| r.misses).sum();
+    println!(
+        "policy_random: {seeds} seeds × {transactions} transactions: {pairs} (change, viewer) pairs, {leaks} leaks, \
+         {misses} misses, {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    assert_eq!(reports.len() as u64, seeds);
+}
