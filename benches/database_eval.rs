@@ -51,6 +51,10 @@ async fn connect(url: &str) -> anyhow::Result<Client> {
     Ok(client)
 }
 
+fn db(e: tokio_postgres::Error) -> anyhow::Error {
+    anyhow::anyhow!(e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_owned()))
+}
+
 fn runs() -> usize {
     std::env::var("WALCAST_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(2).max(1)
 }
@@ -82,6 +86,7 @@ async fn checks_per_second(url: &str, claim_sets: usize, checks: usize) -> anyho
     while answered < checks {
         while submitted < checks {
             let check = Check {
+                xid: 0,
                 id: submitted as u64,
                 plan: Arc::clone(&plan),
                 claims: claims.clone(),
@@ -131,18 +136,23 @@ async fn orders_latency(url: &str, run: usize, flood: bool) -> anyhow::Result<(D
             "insert into public.dealerships (code, name) values ($1, 'd') returning id",
             &[&format!("BENCH{run}{}", u8::from(flood))],
         )
-        .await?
+        .await
+        .map_err(db)?
         .get(0);
-    let member: Uuid = client
-        .query_one("insert into auth.users (email) values ($1) returning id", &[&format!("m{run}{flood}@x")])
-        .await?
-        .get(0);
+    let member = Uuid::new_v4();
+    let email = format!("m{run}{flood}@example.com");
+    client.execute("insert into auth.users (id, email) values ($1, $2)", &[&member, &email]).await.map_err(db)?;
+    client
+        .execute("insert into public.profiles (id, email, full_name) values ($1, $2, $2)", &[&member, &email])
+        .await
+        .map_err(db)?;
     client
         .execute(
             "insert into public.dealer_memberships (user_id, dealership_id, role) values ($1, $2, 'user')",
             &[&member, &dealership],
         )
-        .await?;
+        .await
+        .map_err(db)?;
     let source = SourceConfig::new(
         tokio_postgres::Config::from_str(url)?,
         SlotOptions::new(format!("bench_{run}_{flood}"), "supabase_realtime"),
@@ -182,13 +192,14 @@ async fn orders_latency(url: &str, run: usize, flood: bool) -> anyhow::Result<(D
             "insert into public.orders (dealership_id, type, customer_info, created_by) \
              values ($1, 'sales', '{\"name\": \"Ada\"}', $2) returning id",
         )
-        .await?;
+        .await
+        .map_err(db)?;
     let mut latencies = Vec::with_capacity(1000);
     let mut frames = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(5));
     for _ in 0..1000 {
         tick.tick().await;
-        let id: Uuid = client.query_one(&insert, &[&dealership, &member]).await?.get(0);
+        let id: Uuid = client.query_one(&insert, &[&dealership, &member]).await.map_err(db)?.get(0);
         let committed = Instant::now();
         let needle = id.to_string();
         let deadline = committed + Duration::from_secs(30);

@@ -48,9 +48,10 @@
 //!   every (change, viewer) pair; a failure prints the seed, the schema, the
 //!   relay's plans and the first mismatches with their transactions.
 //!
-//! The driver's commits are visible to every session before the relay
-//! receives them (see `run_seed`); `WALCAST_RANDOM_SYNC_COMMIT=1` lifts that
-//! and shows a known bug of database-evaluated tables (docs/policies.md).
+//! The driver commits synchronously, so the relay may receive a commit
+//! before other sessions see it (database evaluation waits for visibility,
+//! docs/policies.md); `WALCAST_RANDOM_SYNC_COMMIT=0` makes every commit
+//! visible before the relay receives it.
 //!
 //! `WALCAST_RANDOM_SEEDS` (default 10), `WALCAST_RANDOM_SEED` (first seed),
 //! `WALCAST_RANDOM_TXS` (transactions per seed, default 150) and
@@ -801,16 +802,14 @@ async fn run_seed(seed: u64, transactions: usize) -> SeedReport {
     }
     client.batch_execute(&data).await.unwrap_or_else(|e| panic!("seed {seed}: data: {e:?}"));
 
-    // The driver commits asynchronously (the scratch cluster's setting),
-    // then flushes the WAL with a synchronous commit of an unpublished
-    // table: the walsender sends only flushed WAL, so each transaction
-    // reaches the relay at once, and only once it is visible to every new
-    // snapshot. With `WALCAST_RANDOM_SYNC_COMMIT=1` the driver commits
-    // synchronously instead: the relay may then receive a commit before
-    // PostgreSQL shows it to other sessions, and database-evaluated
-    // policies that read a table changed by that transaction can be judged
-    // on the state before it (a known walcast bug, see docs/policies.md).
-    let sync_commit = env_number("WALCAST_RANDOM_SYNC_COMMIT", 0) == 1;
+    // The driver commits synchronously (PostgreSQL's default): the relay
+    // may receive a commit before PostgreSQL shows it to other sessions, the
+    // window the database evaluation's visibility wait closes. With
+    // `WALCAST_RANDOM_SYNC_COMMIT=0` it commits asynchronously (the scratch
+    // cluster's setting), then flushes the WAL with a synchronous commit of
+    // an unpublished table: each transaction reaches the relay at once, and
+    // only once it is visible to every new snapshot.
+    let sync_commit = env_number("WALCAST_RANDOM_SYNC_COMMIT", 1) == 1;
     client
         .batch_execute(if sync_commit {
             "set synchronous_commit = on"

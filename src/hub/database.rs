@@ -106,6 +106,7 @@ impl Core {
         &mut self,
         check: &Arc<DatabaseCheck>,
         role: &Arc<str>,
+        xid: u32,
         event: EventType,
         change: &Change,
         map: &ColumnMap,
@@ -139,7 +140,7 @@ impl Core {
         let new = if event == EventType::Delete { None } else { image(change.record.as_ref(), map) };
         let id = self.next_job;
         self.next_job += 1;
-        let submitted = fallback.submit(Check { id, plan: Arc::clone(check), claims, images: vec![old, new] });
+        let submitted = fallback.submit(Check { id, xid, plan: Arc::clone(check), claims, images: vec![old, new] });
         match submitted {
             Ok(()) => {
                 self.tx_checks += 1;

@@ -24,6 +24,8 @@ const CLOCK_EVERY: usize = 256;
 /// The transaction being collected.
 #[derive(Debug)]
 pub(super) struct OpenTx {
+    /// The transaction id (database evaluation waits until it is visible).
+    pub(super) xid: u32,
     pub(super) commit_timestamp: String,
     /// Commit time, µs since the Unix epoch (latency and lag).
     commit_micros: i64,
@@ -107,6 +109,7 @@ impl Core {
                 let commit_micros = begin.commit_timestamp.unix_micros();
                 self.ack.status().transaction_opened(commit_micros);
                 self.open = Some(OpenTx {
+                    xid: begin.xid,
                     commit_timestamp: frame::commit_timestamp(begin.commit_timestamp),
                     commit_micros,
                     deliveries_at_open: self.stats.deliveries.load(Ordering::Relaxed),

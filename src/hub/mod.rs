@@ -804,7 +804,7 @@ impl Core {
                     candidates.dedup();
                     self.stats.candidates.fetch_add(candidates.len() as u64, Ordering::Relaxed);
                     let check = Arc::clone(check);
-                    self.submit_check(&check, role, event, change, &map, &tx.commit_timestamp, &candidates);
+                    self.submit_check(&check, role, tx.xid, event, change, &map, &tx.commit_timestamp, &candidates);
                 }
                 // Covered by the arm above.
                 Access::Database(_) => continue,

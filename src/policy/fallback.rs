@@ -25,6 +25,12 @@
 //! RLS, exactly as a SELECT would. Tables the policies read are read *as of
 //! now*, not as of the commit — the one unavoidable difference.
 //!
+//! The walsender sends a commit a moment before it becomes visible to other
+//! sessions (it is flushed to the WAL first), so before a transaction's
+//! first check a worker waits until PostgreSQL shows the transaction as
+//! visible (`pg_visible_in_snapshot`); otherwise the policies' subqueries
+//! would read the tables as they were before it.
+//!
 //! Invariants: the number of claim sets in flight is bounded in total
 //! ([`FallbackConfig::max_checks`]); a full queue refuses the check (the hub
 //! denies and says so) rather than waiting; any error or timeout is a
@@ -84,6 +90,9 @@ pub struct DatabaseCheck {
 pub struct Check {
     /// Chosen by the submitter; echoed in the verdict.
     pub id: u64,
+    /// The transaction the change committed in (32-bit xid; 0 = do not
+    /// wait for visibility).
+    pub xid: u32,
     /// What to evaluate.
     pub plan: Arc<DatabaseCheck>,
     /// The distinct claim sets (JSON), one verdict each.
@@ -176,6 +185,9 @@ async fn worker(
     stats: Arc<FallbackStats>,
 ) {
     let mut client: Option<tokio_postgres::Client> = None;
+    // The last transaction seen visible (checks of one transaction come
+    // together).
+    let mut visible_xid: Option<u32> = None;
     while let Some(check) = input.recv().await {
         let n = check.claims.len();
         if client.as_ref().is_none_or(|c| c.is_closed()) {
@@ -189,7 +201,20 @@ async fn worker(
             };
         }
         let results = match &client {
-            Some(c) => evaluate(c, &check, timeout).await,
+            Some(c) => {
+                let ready = if check.xid == 0 || visible_xid == Some(check.xid) {
+                    Ok(())
+                } else {
+                    wait_visible(c, check.xid, timeout).await
+                };
+                match ready {
+                    Ok(()) => {
+                        visible_xid = Some(check.xid);
+                        evaluate(c, &check, timeout).await
+                    }
+                    Err(e) => vec![Err(e); n],
+                }
+            }
             None => vec![Err("no connection to the database".to_owned()); n],
         };
         let failed = results.iter().filter(|r| r.is_err()).count();
@@ -214,6 +239,37 @@ async fn worker(
         if verdicts.send(Verdict { id: check.id, results }).await.is_err() {
             return;
         }
+    }
+}
+
+/// Whether the transaction with 32-bit id `$1` is visible to a new
+/// snapshot. The full id takes the epoch of the snapshot's `xmax` (or the
+/// one before, for an id above `xmax`'s low half: it wrapped).
+const VISIBLE_SQL: &str = "
+SELECT pg_catalog.pg_visible_in_snapshot(
+    (CASE WHEN $1::bigint <= (x & 4294967295) THEN ((x >> 32) << 32) | $1::bigint
+          ELSE (((x >> 32) - 1) << 32) | $1::bigint END)::text::xid8,
+    s)
+FROM (SELECT pg_catalog.pg_current_snapshot() AS s,
+             pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())::text::bigint AS x) AS snap";
+
+/// Waits (polling, up to `timeout`) until transaction `xid` is visible.
+async fn wait_visible(client: &tokio_postgres::Client, xid: u32, timeout: Duration) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut pause = Duration::from_micros(200);
+    loop {
+        let row = tokio::time::timeout(timeout, client.query_one(VISIBLE_SQL, &[&i64::from(xid)]))
+            .await
+            .map_err(|_| "client timeout".to_owned())?
+            .map_err(|e| e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_owned()))?;
+        if row.try_get::<_, bool>(0).unwrap_or(false) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("transaction {xid} did not become visible within {timeout:?}"));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(20));
     }
 }
 
