@@ -117,17 +117,23 @@ impl Core {
             self.stats.database_denied.fetch_add(1, Ordering::Relaxed);
             return;
         };
+        if fallback.is_full() {
+            // Refused before any grouping work: the hub's time goes to the
+            // tables it can serve.
+            fallback.refused();
+            self.withhold(role, candidates);
+            return;
+        }
         let mut claims: Vec<Arc<str>> = Vec::new();
         let mut groups: Vec<Vec<Asked>> = Vec::new();
-        let mut by_json: HashMap<String, usize> = HashMap::new();
+        let mut by_json: HashMap<Arc<str>, usize> = HashMap::new();
         for &slot in candidates {
             let Some(sub) = self.registry.get(slot) else { continue };
             if sub.viewer.role != *role {
                 continue;
             }
-            let json = serde_json::to_string(&*sub.viewer.claims).unwrap_or_default();
-            let at = *by_json.entry(json).or_insert_with_key(|json| {
-                claims.push(Arc::from(json.as_str()));
+            let at = *by_json.entry(Arc::clone(&sub.viewer.claims_json)).or_insert_with_key(|json| {
+                claims.push(Arc::clone(json));
                 groups.push(Vec::new());
                 groups.len() - 1
             });
@@ -157,14 +163,22 @@ impl Core {
                 );
             }
             Err(_) => {
-                // Full: deny these viewers, say so once per subscription,
-                // never wait (other tables must not slow down).
-                self.stats.database_denied.fetch_add(1, Ordering::Relaxed);
-                for asked in groups.iter().flatten() {
-                    if let Some((outbox, notice)) = self.registry.withheld_notice(asked.slot) {
-                        let _ = outbox.push(notice);
-                    }
-                }
+                let slots: Vec<Slot> = groups.iter().flatten().map(|a| a.slot).collect();
+                self.withhold(role, &slots);
+            }
+        }
+    }
+
+    /// Full queue: deny these viewers and say so once per subscription;
+    /// never wait (other tables must not slow down).
+    fn withhold(&mut self, role: &Arc<str>, slots: &[Slot]) {
+        self.stats.database_denied.fetch_add(1, Ordering::Relaxed);
+        for &slot in slots {
+            if !self.registry.get(slot).is_some_and(|s| s.viewer.role == *role) {
+                continue;
+            }
+            if let Some((outbox, notice)) = self.registry.withheld_notice(slot) {
+                let _ = outbox.push(notice);
             }
         }
     }

@@ -135,6 +135,17 @@ pub struct Fallback {
 }
 
 impl Fallback {
+    /// Whether the bound is reached (a check now would be refused).
+    pub fn is_full(&self) -> bool {
+        self.workers.is_empty() || self.stats.in_flight.load(Ordering::Acquire) >= self.max_checks
+    }
+
+    /// Counts a check refused without [`Fallback::submit`] (the queue was
+    /// full).
+    pub fn refused(&self) {
+        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Queues a check, or hands it back when the total bound is reached.
     ///
     /// # Errors

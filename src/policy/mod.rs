@@ -95,12 +95,21 @@ pub struct Viewer {
     pub role: Arc<str>,
     /// The JWT claims.
     pub claims: Arc<serde_json::Value>,
+    /// The claims as JSON text, serialized once (database evaluation sends
+    /// it, and groups viewers by it).
+    pub claims_json: Arc<str>,
 }
 
 impl Viewer {
     /// A viewer with `role` and these claims.
     pub fn new(role: &str, claims: serde_json::Value) -> Viewer {
-        Viewer { role: Arc::from(role), claims: Arc::new(claims) }
+        Viewer::shared(role, Arc::new(claims))
+    }
+
+    /// A viewer with `role` and already shared claims.
+    pub fn shared(role: &str, claims: Arc<serde_json::Value>) -> Viewer {
+        let claims_json = Arc::from(serde_json::to_string(&*claims).unwrap_or_default().as_str());
+        Viewer { role: Arc::from(role), claims, claims_json }
     }
 
     /// `authenticated` with `sub` = `user` (tests, tools).

@@ -258,7 +258,7 @@ impl Eq for Claims {}
 impl Claims {
     /// Who is looking, for the policy layer.
     pub fn viewer(&self) -> Viewer {
-        Viewer { role: Arc::from(self.role.as_str()), claims: Arc::clone(&self.all) }
+        Viewer::shared(&self.role, Arc::clone(&self.all))
     }
 
     /// Seconds until the token expires: `exp - now`, 0 or less once expired.
