@@ -174,7 +174,7 @@ impl Core {
     fn withhold(&mut self, role: &Arc<str>, slots: &[Slot]) {
         self.stats.database_denied.fetch_add(1, Ordering::Relaxed);
         for &slot in slots {
-            if !self.registry.get(slot).is_some_and(|s| s.viewer.role == *role) {
+            if self.registry.get(slot).is_none_or(|s| s.viewer.role != *role) {
                 continue;
             }
             if let Some((outbox, notice)) = self.registry.withheld_notice(slot) {
