@@ -7,7 +7,8 @@
 //!   exactly one of them; hub time per single-change transaction through
 //!   [`Core::stage`], 20,000 transactions per round, the two sizes
 //!   alternating for 5 rounds; medians and their ratio (goal ≤ 1.5).
-//!   `WALCAST_BENCH_ROUNDS` changes the rounds.
+//!   `WALCAST_BENCH_ROUNDS` changes the rounds; `WALCAST_BENCH_LARGE_ONLY=1`
+//!   runs the 10,000 case alone (for a profile).
 //! - `policy_eval/<shape>`: one evaluation of a compiled predicate on a row
 //!   for one viewer — owner, JWT claim, membership (cache lookup), and
 //!   `owner OR membership` — the plans coming out of the policy compiler
@@ -243,10 +244,18 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 fn owner_fanout_ratio() {
     let rounds: usize = std::env::var("WALCAST_BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    // `WALCAST_BENCH_LARGE_ONLY=1`: the 10,000 case alone (for a profile).
+    let large_only = std::env::var("WALCAST_BENCH_LARGE_ONLY").is_ok_and(|v| v == "1");
     let (mut small, mut large) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
-        small.push(owner_hub_time_per_change(100, 20_000));
+        if !large_only {
+            small.push(owner_hub_time_per_change(100, 20_000));
+        }
         large.push(owner_hub_time_per_change(10_000, 20_000));
+    }
+    if large_only {
+        eprintln!("owner fan-out, 10,000 subscribers: {:.2} µs per change", median(large).as_secs_f64() * 1e6);
+        return;
     }
     let (s, l) = (median(small), median(large));
     eprintln!(
@@ -283,10 +292,10 @@ impl Context for Ctx<'_> {
             None => path.value(self.claims, ty),
         }
     }
-    fn member(&self, cache: CacheId, outer: Option<&str>, user: &str) -> bool {
+    fn member(&self, cache: CacheId, outer: Option<&Scalar>, user: &Scalar) -> bool {
         self.caches.member(cache, outer, user)
     }
-    fn user_rows(&self, cache: CacheId, user: &str) -> (bool, bool) {
+    fn user_rows(&self, cache: CacheId, user: &Scalar) -> (bool, bool) {
         self.caches.user_rows(cache, user)
     }
 }
@@ -309,11 +318,8 @@ fn bench_eval(c: &mut Criterion) {
             other => panic!("{oid}: {other:?}"),
         }
     };
-    let resolved: Vec<(ClaimPath, ColType, Option<Scalar>)> = set
-        .indexed_claims()
-        .iter()
-        .map(|(p, t)| (p.clone(), *t, p.value(&claims, *t).expect("claims cast")))
-        .collect();
+    let resolved: Vec<(ClaimPath, ColType, Option<Scalar>)> =
+        set.indexed_claims().iter().map(|(p, t)| (p.clone(), *t, p.value(&claims, *t).expect("claims cast"))).collect();
     let mut group = c.benchmark_group("policy_eval");
     let cases: [(&str, u32, Vec<Datum>); 4] = [
         ("owner", TODOS, vec![uuid_datum(Uuid::from_u128(1)), uuid_datum(user)]),

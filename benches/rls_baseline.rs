@@ -49,7 +49,7 @@ use walcast::change::{Change, Datum, Op, Row};
 use walcast::cluster::{Cluster, ClusterConfig};
 use walcast::pgoutput::ReplicaIdentity;
 use walcast::policy::plan::Loaded;
-use walcast::policy::predicate::{CacheId, Context as PolicyContext, Expr};
+use walcast::policy::predicate::{CacheId, ColType, Context as PolicyContext, Expr, Scalar};
 use walcast::policy::{Access, Caches, Index};
 
 mod common;
@@ -201,10 +201,10 @@ impl PolicyContext for Ctx<'_> {
     fn claims(&self) -> &serde_json::Value {
         self.claims
     }
-    fn member(&self, cache: CacheId, outer: Option<&str>, user: &str) -> bool {
+    fn member(&self, cache: CacheId, outer: Option<&Scalar>, user: &Scalar) -> bool {
         self.caches.member(cache, outer, user)
     }
-    fn user_rows(&self, cache: CacheId, user: &str) -> (bool, bool) {
+    fn user_rows(&self, cache: CacheId, user: &Scalar) -> (bool, bool) {
         self.caches.user_rows(cache, user)
     }
 }
@@ -228,8 +228,9 @@ impl Judge<'_> {
         let Index::Member { cache, column, .. } = self.index else { panic!("orders is indexed by membership") };
         let row = change.record.as_ref().expect("an INSERT has a row");
         let Some(group) = self.map[*column].and_then(|i| row.0.get(i)).and_then(Datum::as_str) else { return };
+        let Ok(group) = Scalar::parse(ColType::Uuid, group) else { return };
         if let Some(c) = self.caches.get(*cache) {
-            c.for_each_member(group, |u| out.push(u.to_owned()));
+            c.for_each_member(&group, |u| out.push(u.canonical()));
         }
     }
 }

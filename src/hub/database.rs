@@ -129,7 +129,7 @@ impl Core {
         let mut by_json: HashMap<Arc<str>, usize> = HashMap::new();
         for &slot in candidates {
             let Some(sub) = self.registry.get(slot) else { continue };
-            if sub.viewer.role != *role {
+            if !super::same_role(&sub.viewer.role, role) {
                 continue;
             }
             let at = *by_json.entry(Arc::clone(&sub.viewer.claims_json)).or_insert_with_key(|json| {

@@ -540,10 +540,10 @@ impl Context for Judge<'_> {
             None => path.value(self.claims(), ty),
         }
     }
-    fn member(&self, cache: CacheId, outer: Option<&str>, user: &str) -> bool {
+    fn member(&self, cache: CacheId, outer: Option<&Scalar>, user: &Scalar) -> bool {
         self.caches.member(cache, outer, user)
     }
-    fn user_rows(&self, cache: CacheId, user: &str) -> (bool, bool) {
+    fn user_rows(&self, cache: CacheId, user: &Scalar) -> (bool, bool) {
         self.caches.user_rows(cache, user)
     }
 }
@@ -812,7 +812,7 @@ impl Core {
                     self.registry.table_candidates(&change.relation.schema, &change.relation.table, &mut candidates);
                     self.stats.candidates.fetch_add(candidates.len() as u64, Ordering::Relaxed);
                     for &slot in &candidates {
-                        if self.registry.get(slot).is_some_and(|s| s.viewer.role == *role) {
+                        if self.registry.get(slot).is_some_and(|s| same_role(&s.viewer.role, role)) {
                             self.deliver(slot, event, change, &tx.commit_timestamp, &columns, shape, now);
                         }
                     }
@@ -824,7 +824,7 @@ impl Core {
                     self.stats.candidates.fetch_add(candidates.len() as u64, Ordering::Relaxed);
                     for &slot in &candidates {
                         let Some(sub) = self.registry.get(slot) else { continue };
-                        if sub.viewer.role != *role {
+                        if !same_role(&sub.viewer.role, role) {
                             continue;
                         }
                         let judge = |row: Option<&Row>| {
@@ -852,10 +852,10 @@ impl Core {
     /// Candidate slots for a change under `index` (a superset of those who
     /// may see the old or new row; the predicate decides).
     fn index_candidates(&self, index: &Index, change: &Change, map: &ColumnMap, out: &mut Vec<Slot>) {
-        let value = |column: usize, row: Option<&Row>, ty| -> Option<Box<str>> {
+        let value = |column: usize, row: Option<&Row>, ty| -> Option<Scalar> {
             let i = map.to_rel.get(column).copied().flatten()?;
             let text = row?.0.get(i)?.as_str()?;
-            crate::policy::predicate::Scalar::parse(ty, text).ok().map(|v| v.key())
+            Scalar::parse(ty, text).ok()
         };
         match index {
             Index::Nobody => {}
@@ -995,6 +995,12 @@ impl Core {
             Err(PushError::Full) | Err(PushError::Closed) => self.doomed.push(sub.conn),
         }
     }
+}
+
+/// Whether two roles are the same (the registry interns them: usually one
+/// pointer comparison).
+fn same_role(a: &Arc<str>, b: &Arc<str>) -> bool {
+    Arc::ptr_eq(a, b) || a == b
 }
 
 /// The column mask of the role being delivered to, with an id for caches.

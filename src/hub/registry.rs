@@ -72,7 +72,7 @@ pub struct Registry {
     by_table: HashMap<(Arc<str>, Arc<str>), Vec<Slot>>,
     wildcard: Vec<Slot>,
     claims: Vec<(ClaimPath, ColType)>,
-    by_claim: Vec<HashMap<Box<str>, Vec<Slot>>>,
+    by_claim: Vec<HashMap<Scalar, Vec<Slot>>>,
     topics: HashMap<Arc<str>, (u32, usize)>,
     next_topic: u32,
     roles: HashMap<Arc<str>, usize>,
@@ -108,8 +108,8 @@ fn claim_value(viewer: &Viewer, path: &ClaimPath, ty: ColType) -> ClaimValue {
 }
 
 /// The index key of a claim value (none for NULL or a failed cast).
-fn key_of(value: &ClaimValue) -> Option<Box<str>> {
-    value.as_ref().ok().and_then(|v| v.as_ref()).map(Scalar::key)
+fn key_of(value: &ClaimValue) -> Option<Scalar> {
+    value.as_ref().ok().and_then(|v| v.clone())
 }
 
 impl Sub {
@@ -174,7 +174,7 @@ impl Registry {
     }
 
     /// Slots whose claim `(path, ty)` has key `value`.
-    pub fn claim_candidates(&self, path: &ClaimPath, ty: ColType, value: &str, out: &mut Vec<Slot>) {
+    pub fn claim_candidates(&self, path: &ClaimPath, ty: ColType, value: &Scalar, out: &mut Vec<Slot>) {
         if let Some(i) = self.claims.iter().position(|(p, t)| p == path && *t == ty) {
             if let Some(list) = self.by_claim[i].get(value) {
                 out.extend_from_slice(list);
@@ -241,12 +241,14 @@ impl Registry {
         let replaced = self.remove(sub.conn, &sub.topic);
         let (topic, topic_id) = self.intern(&sub.topic);
         let claim_values: Vec<ClaimValue> = self.claims.iter().map(|(p, t)| claim_value(&sub.viewer, p, *t)).collect();
+        let mut viewer = sub.viewer;
+        viewer.role = self.intern_role(&viewer.role);
         let entry = Sub {
             conn: sub.conn,
             topic: Arc::clone(&topic),
             topic_id,
             vsn: sub.vsn,
-            viewer: sub.viewer,
+            viewer,
             bindings: sub.bindings,
             outbox: sub.outbox,
             claim_values,
@@ -265,6 +267,12 @@ impl Registry {
         self.slots[slot] = Some(entry);
         self.debug_check();
         (slot, replaced)
+    }
+
+    /// The registry's one `Arc` of `role`, so role checks on the fan-out
+    /// path compare pointers, not strings in each viewer's allocation.
+    fn intern_role(&self, role: &Arc<str>) -> Arc<str> {
+        self.roles.get_key_value(role).map_or_else(|| Arc::clone(role), |(r, _)| Arc::clone(r))
     }
 
     fn index(&mut self, slot: Slot, sub: &Sub) {
@@ -330,6 +338,8 @@ impl Registry {
         let mut sub = self.slots[slot].take()?;
         self.unindex(slot, &sub);
         sub.claim_values = self.claims.iter().map(|(p, t)| claim_value(&viewer, p, *t)).collect();
+        let mut viewer = viewer;
+        viewer.role = self.intern_role(&viewer.role);
         sub.viewer = viewer;
         self.index(slot, &sub);
         let outbox = Arc::clone(&sub.outbox);
@@ -537,7 +547,7 @@ mod tests {
             // Every claim lookup finds exactly the model's subscriptions.
             r.set_claims(&[(ClaimPath::sub(), ColType::Uuid)]);
             for u in 0u8..5 {
-                let key = uuid::Uuid::from_u128(u128::from(u)).hyphenated().to_string();
+                let key = Scalar::Uuid(uuid::Uuid::from_u128(u128::from(u)));
                 let mut found = Vec::new();
                 r.claim_candidates(&ClaimPath::sub(), ColType::Uuid, &key, &mut found);
                 prop_assert_eq!(found.len(), model.values().filter(|&&v| v == u).count());

@@ -40,7 +40,7 @@
 use std::collections::HashMap;
 
 use super::compile::CacheSpec;
-use super::predicate::{CacheId, Context};
+use super::predicate::{CacheId, ColType, Context, Scalar};
 use crate::change::{Change, Datum, Op, RelationInfo, Row};
 use crate::lsn::Lsn;
 
@@ -62,18 +62,19 @@ pub struct LoadedAt {
 struct UserRows {
     rows: u32,
     null_group: u32,
-    groups: HashMap<Box<str>, u32>,
+    groups: HashMap<Scalar, u32>,
 }
 
-/// A row's `(group, user)`.
-type Pair = (Option<Box<str>>, Box<str>);
+/// A row's `(group, user)`, typed (a uuid is 16 bytes to hash, not a
+/// string, and a lookup allocates nothing).
+type Pair = (Option<Scalar>, Scalar);
 
 /// One cache's data.
 #[derive(Debug, Default, Clone)]
 pub struct GroupCache {
     rows: HashMap<Box<str>, Pair>,
-    by_group: HashMap<Box<str>, HashMap<Box<str>, u32>>,
-    by_user: HashMap<Box<str>, UserRows>,
+    by_group: HashMap<Scalar, HashMap<Scalar, u32>>,
+    by_user: HashMap<Scalar, UserRows>,
     bytes: usize,
 }
 
@@ -93,9 +94,9 @@ impl GroupCache {
         self.bytes
     }
 
-    fn insert(&mut self, key: Box<str>, group: Option<Box<str>>, user: Box<str>) {
+    fn insert(&mut self, key: Box<str>, group: Option<Scalar>, user: Scalar) {
         self.remove(&key);
-        self.bytes += entry_bytes(&key, group.as_deref(), &user);
+        self.bytes += entry_bytes(&key, group.as_ref(), &user);
         let u = self.by_user.entry(user.clone()).or_default();
         u.rows += 1;
         match &group {
@@ -110,7 +111,7 @@ impl GroupCache {
 
     fn remove(&mut self, key: &str) {
         let Some((key, (group, user))) = self.rows.remove_entry(key) else { return };
-        self.bytes = self.bytes.saturating_sub(entry_bytes(&key, group.as_deref(), &user));
+        self.bytes = self.bytes.saturating_sub(entry_bytes(&key, group.as_ref(), &user));
         if let Some(u) = self.by_user.get_mut(&user) {
             u.rows -= 1;
             match &group {
@@ -145,7 +146,7 @@ impl GroupCache {
 
     /// Whether `(group, user)` is held (`group == None`: whether `user` has
     /// any row).
-    pub fn contains(&self, group: Option<&str>, user: &str) -> bool {
+    pub fn contains(&self, group: Option<&Scalar>, user: &Scalar) -> bool {
         match group {
             None => self.by_user.contains_key(user),
             Some(g) => self.by_user.get(user).is_some_and(|u| u.groups.contains_key(g)),
@@ -153,21 +154,21 @@ impl GroupCache {
     }
 
     /// `(has any row, has a row with a NULL group)` for `user`.
-    pub fn user_rows(&self, user: &str) -> (bool, bool) {
+    pub fn user_rows(&self, user: &Scalar) -> (bool, bool) {
         self.by_user.get(user).map_or((false, false), |u| (u.rows > 0, u.null_group > 0))
     }
 
     /// Calls `f` with every user of `group`.
-    pub fn for_each_member(&self, group: &str, mut f: impl FnMut(&str)) {
+    pub fn for_each_member(&self, group: &Scalar, mut f: impl FnMut(&Scalar)) {
         if let Some(m) = self.by_group.get(group) {
-            m.keys().for_each(|u| f(u));
+            m.keys().for_each(&mut f);
         }
     }
 
-    /// Users of `group`, sorted (tests and tools).
-    pub fn members(&self, group: &str) -> Vec<String> {
+    /// Users of `group` as text, sorted (tests and tools).
+    pub fn members(&self, group: &Scalar) -> Vec<String> {
         let mut out = Vec::new();
-        self.for_each_member(group, |u| out.push(u.to_owned()));
+        self.for_each_member(group, |u| out.push(u.canonical()));
         out.sort();
         out
     }
@@ -177,9 +178,11 @@ impl GroupCache {
     }
 }
 
-fn entry_bytes(key: &str, group: Option<&str>, user: &str) -> usize {
-    // Three maps' entries, boxed strings and hash overhead, roughly.
-    160 + 2 * key.len() + 3 * group.map_or(0, str::len) + 3 * user.len()
+fn entry_bytes(key: &str, group: Option<&Scalar>, user: &Scalar) -> usize {
+    // Three maps' entries, the boxed key and hash overhead, roughly; text
+    // values count their bytes where they are stored.
+    let text = |v: &Scalar| if let Scalar::Text(t) = v { t.len() } else { 0 };
+    200 + key.len() + 3 * group.map_or(0, text) + 3 * text(user)
 }
 
 /// All caches of a compiled policy set.
@@ -212,10 +215,10 @@ impl Context for RowCtx<'_> {
     fn claims(&self) -> &serde_json::Value {
         &self.claims
     }
-    fn member(&self, _: CacheId, _: Option<&str>, _: &str) -> bool {
+    fn member(&self, _: CacheId, _: Option<&Scalar>, _: &Scalar) -> bool {
         false
     }
-    fn user_rows(&self, _: CacheId, _: &str) -> (bool, bool) {
+    fn user_rows(&self, _: CacheId, _: &Scalar) -> (bool, bool) {
         (false, false)
     }
 }
@@ -435,19 +438,22 @@ fn pair(spec: &CacheSpec, map: &[Option<usize>], row: &Row) -> Option<Pair> {
             return None;
         }
     }
-    let text = |name: &str| -> Result<Option<Box<str>>, ()> {
+    // A value of the column's own type always parses; one that does not
+    // (the column's type changed under the plan) is no membership.
+    let value = |name: &str, ty: ColType| -> Result<Option<Scalar>, ()> {
         let i = spec.columns.iter().position(|c| c == name).ok_or(())?;
         match datums[i] {
             Datum::Null => Ok(None),
             Datum::Absent => Err(()),
-            // The WAL's text is PostgreSQL's canonical output for every
-            // type the caches key on (uuid lower-case, plain integers, t/f).
-            Datum::Text(t) => std::str::from_utf8(t).map(|s| Some(s.into())).map_err(|_| ()),
+            Datum::Text(t) => {
+                let text = std::str::from_utf8(t).map_err(|_| ())?;
+                Scalar::parse(ty, text).map(Some).map_err(|_| ())
+            }
         }
     };
-    let user = text(&spec.user.0).ok()??;
+    let user = value(&spec.user.0, spec.user.1).ok()??;
     let group = match &spec.group {
-        Some((g, _)) => text(g).ok()?,
+        Some((g, ty)) => value(g, *ty).ok()?,
         None => None,
     };
     Some((group, user))
@@ -529,12 +535,12 @@ pub async fn load(
 /// Lookups the compiled predicates make (see [`super::predicate::Context`]).
 impl Caches {
     /// Whether `(group, user)` is in cache `id`.
-    pub fn member(&self, id: CacheId, group: Option<&str>, user: &str) -> bool {
+    pub fn member(&self, id: CacheId, group: Option<&Scalar>, user: &Scalar) -> bool {
         self.data.get(id).is_some_and(|c| c.contains(group, user))
     }
 
     /// See [`GroupCache::user_rows`].
-    pub fn user_rows(&self, id: CacheId, user: &str) -> (bool, bool) {
+    pub fn user_rows(&self, id: CacheId, user: &Scalar) -> (bool, bool) {
         self.data.get(id).map_or((false, false), |c| c.user_rows(user))
     }
 }
@@ -552,8 +558,8 @@ mod tests {
         CacheSpec {
             table: 9,
             table_name: "public.team_members".into(),
-            group: Some(("team_id".into(), ColType::Uuid)),
-            user: ("user_id".into(), ColType::Uuid),
+            group: Some(("team_id".into(), ColType::Text)),
+            user: ("user_id".into(), ColType::Text),
             filter,
             columns: vec!["id".into(), "team_id".into(), "user_id".into(), "accepted".into()],
             key: vec!["id".into()],
@@ -575,6 +581,10 @@ mod tests {
             replica_identity: ReplicaIdentity::Default,
             columns: vec![col("id", 25), col("team_id", 2950), col("user_id", 2950), col("accepted", 16)],
         })
+    }
+
+    fn v(s: &str) -> Scalar {
+        Scalar::Text(s.into())
     }
 
     fn t(s: &str) -> Datum {
@@ -599,17 +609,17 @@ mod tests {
         let mut c = Caches::new(vec![spec(Some(accepted))]);
         c.apply(&change(Op::Insert, Some(row("1", "g1", "u1", true)), None));
         c.apply(&change(Op::Insert, Some(row("2", "g1", "u2", false)), None));
-        assert!(c.member(0, Some("g1"), "u1"));
-        assert!(!c.member(0, Some("g1"), "u2"), "filtered out");
+        assert!(c.member(0, Some(&v("g1")), &v("u1")));
+        assert!(!c.member(0, Some(&v("g1")), &v("u2")), "filtered out");
         c.apply(&change(Op::Update, Some(row("2", "g1", "u2", true)), Some(key_only("2"))));
-        assert!(c.member(0, Some("g1"), "u2"));
+        assert!(c.member(0, Some(&v("g1")), &v("u2")));
         // Moved to another group, old row key-only.
         c.apply(&change(Op::Update, Some(row("1", "g2", "u1", true)), Some(key_only("1"))));
-        assert!(!c.member(0, Some("g1"), "u1") && c.member(0, Some("g2"), "u1"));
-        assert_eq!(c.get(0).unwrap().members("g1"), vec!["u2".to_owned()]);
+        assert!(!c.member(0, Some(&v("g1")), &v("u1")) && c.member(0, Some(&v("g2")), &v("u1")));
+        assert_eq!(c.get(0).unwrap().members(&v("g1")), vec!["u2".to_owned()]);
         c.apply(&change(Op::Delete, None, Some(key_only("2"))));
         c.apply(&change(Op::Delete, None, Some(key_only("2"))));
-        assert!(c.get(0).unwrap().members("g1").is_empty());
+        assert!(c.get(0).unwrap().members(&v("g1")).is_empty());
         assert_eq!(c.rows(), 1);
         c.apply(&change(Op::Truncate, None, None));
         assert_eq!(c.rows(), 0);
@@ -626,10 +636,10 @@ mod tests {
         other.user = ("team_id".into(), ColType::Uuid);
         let mut new = Caches::new(vec![other.clone(), spec(None)]);
         new.loaded[0] = true;
-        new.data[0].insert("k".into(), None, "g".into());
+        new.data[0].insert("k".into(), None, v("g"));
         let at = LoadedAt { lsn: Lsn(500), exact: false, rows: 1 };
         assert_eq!(new.adopt(old, at), (1, 1));
-        assert!(new.member(1, Some("g"), "u"), "the WAL-maintained data moved over");
+        assert!(new.member(1, Some(&v("g")), &v("u")), "the WAL-maintained data moved over");
         assert_eq!(new.exact_from(1), Lsn::ZERO, "kept: exact as before");
         assert_eq!(new.exact_from(0), Lsn(500), "new: exact from its load");
         assert_eq!(new.inexact_at(Lsn(499)), vec![0]);
@@ -646,11 +656,11 @@ mod tests {
         c.apply(&change(Op::Insert, Some(row("1", "g", "u", true)), None));
         c.apply(&change(Op::Insert, Some(row("2", "g", "u", true)), None));
         c.apply(&change(Op::Delete, None, Some(key_only("1"))));
-        assert!(c.member(0, Some("g"), "u"), "row 2 still grants it");
+        assert!(c.member(0, Some(&v("g")), &v("u")), "row 2 still grants it");
         let mut null_group = row("3", "x", "u", true);
         null_group.0[1] = Datum::Null;
         c.apply(&change(Op::Insert, Some(null_group), None));
-        assert_eq!(c.user_rows(0, "u"), (true, true));
-        assert_eq!(c.user_rows(0, "v"), (false, false));
+        assert_eq!(c.user_rows(0, &v("u")), (true, true));
+        assert_eq!(c.user_rows(0, &v("v")), (false, false));
     }
 }

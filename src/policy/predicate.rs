@@ -423,10 +423,10 @@ pub trait Context {
         path.value(self.claims(), ty)
     }
     /// Whether `(outer, user)` is in the cache (`outer == None`: whether
-    /// `user` is in it at all). Keys are [`Scalar::key`] forms.
-    fn member(&self, cache: CacheId, outer: Option<&str>, user: &str) -> bool;
+    /// `user` is in it at all).
+    fn member(&self, cache: CacheId, outer: Option<&Scalar>, user: &Scalar) -> bool;
     /// Whether `user` has any row in the cache, and any with a NULL group.
-    fn user_rows(&self, cache: CacheId, user: &str) -> (bool, bool);
+    fn user_rows(&self, cache: CacheId, user: &Scalar) -> (bool, bool);
 }
 
 /// An operand's value: NULL, unknown (absent column), or a value.
@@ -549,7 +549,7 @@ impl Expr {
             }
             Expr::Member { cache, outer, user, sql_in } => {
                 let user = match operand(user, ctx)? {
-                    Val::Some(v) => v.key(),
+                    Val::Some(v) => v,
                     // `… WHERE u = NULL` selects nothing: false (IN of an
                     // empty set, or EXISTS); an unknown key: unknown.
                     Val::Null => return Ok(Some(false)),
@@ -559,7 +559,7 @@ impl Expr {
                     None => Some(ctx.member(*cache, None, &user)),
                     Some(o) => match operand(o, ctx)? {
                         Val::Some(v) => {
-                            if ctx.member(*cache, Some(&v.key()), &user) {
+                            if ctx.member(*cache, Some(&v), &user) {
                                 Some(true)
                             } else if *sql_in && ctx.user_rows(*cache, &user).1 {
                                 None
@@ -748,10 +748,12 @@ mod tests {
         fn claims(&self) -> &Value {
             &self.claims
         }
-        fn member(&self, _: CacheId, outer: Option<&str>, user: &str) -> bool {
-            self.pairs.iter().any(|(o, u)| *u == user && (outer.is_none() || *o == outer))
+        fn member(&self, _: CacheId, outer: Option<&Scalar>, user: &Scalar) -> bool {
+            let (outer, user) = (outer.map(Scalar::canonical), user.canonical());
+            self.pairs.iter().any(|(o, u)| *u == user && (outer.is_none() || o.map(str::to_owned) == outer))
         }
-        fn user_rows(&self, _: CacheId, user: &str) -> (bool, bool) {
+        fn user_rows(&self, _: CacheId, user: &Scalar) -> (bool, bool) {
+            let user = user.canonical();
             (self.pairs.iter().any(|(_, u)| *u == user), self.pairs.iter().any(|(o, u)| *u == user && o.is_none()))
         }
     }
