@@ -41,8 +41,15 @@ alter table public.weird enable row level security;
 create policy recent on public.weird for select to authenticated using (created_at > now() - interval '1 day');
 grant select on public.weird to authenticated;
 
+create table public.crew (crew_id uuid, user_id uuid, primary key (crew_id, user_id));
+create table public.boats (id uuid primary key, crew_id uuid);
+alter table public.boats enable row level security;
+create policy crew_boats on public.boats for select to authenticated using (
+    crew_id in (select c.crew_id from public.crew c where c.user_id = (select auth.uid())));
+grant select on public.boats, public.crew to authenticated;
+
 alter publication supabase_realtime add table public.todos, public.channels, public.team_members,
-    public.projects, public.weird;
+    public.projects, public.weird, public.boats;
 ";
 
 #[tokio::test]
@@ -74,6 +81,11 @@ async fn real_catalogs_compile_to_the_documented_plans() {
     // now(): database-evaluated, with the reason.
     let weird = plan("weird", "authenticated");
     assert!(weird.starts_with("database-evaluated (policy recent:"), "{weird}");
+    // A membership table outside the publication: its changes cannot be
+    // followed, so PostgreSQL judges, and the plan names the fix.
+    let boats = plan("boats", "authenticated");
+    assert!(boats.starts_with("database-evaluated ("), "{boats}");
+    assert!(boats.contains("ALTER PUBLICATION supabase_realtime ADD TABLE public.crew"), "{boats}");
     // sql/'s own tables: membership through the SECURITY DEFINER helper.
     assert_eq!(
         plan("orders", "authenticated"),

@@ -516,9 +516,13 @@ async fn load_except(
     // failed query would abort the transaction: ask first).
     let has_epoch: bool = tx
         .query_one(
-            "SELECT CASE WHEN pg_catalog.to_regclass('walcast.policy_epoch') IS NULL THEN false
-                    ELSE pg_catalog.has_schema_privilege('walcast', 'USAGE')
-                         AND pg_catalog.has_table_privilege('walcast.policy_epoch', 'SELECT') END",
+            // In this order (CASE evaluates in order): `to_regclass` raises
+            // for a schema the role may not use (the migration runner's own
+            // `walcast` schema exists without the event trigger's grants).
+            "SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = 'walcast') THEN false
+                    WHEN NOT pg_catalog.has_schema_privilege('walcast', 'USAGE') THEN false
+                    WHEN pg_catalog.to_regclass('walcast.policy_epoch') IS NULL THEN false
+                    ELSE pg_catalog.has_table_privilege('walcast.policy_epoch', 'SELECT') END",
             &[],
         )
         .await?

@@ -398,6 +398,13 @@ async fn change_stage(
                     if !send_batch(&output, &mut batch).await {
                         return Ok(());
                     }
+                    // That batch may have carried the first load: the
+                    // pipeline is ready as after any other send.
+                    if started {
+                        if let Some(ready) = ready.take() {
+                            let _ = ready.send(());
+                        }
+                    }
                 }
                 continue;
             }
