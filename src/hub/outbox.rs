@@ -353,6 +353,13 @@ impl Outbox {
         (state.queue.len(), state.queued)
     }
 
+    /// Whether the connection's own replies fill half their cap: the
+    /// session then stops reading requests until the writer drains them, so
+    /// a client that sends faster than it reads is slowed, not closed.
+    pub fn replies_backlogged(&self) -> bool {
+        self.lock().replies >= self.limits.max_reply_bytes / 2
+    }
+
     /// Charged bytes queued or being written.
     pub fn held(&self) -> usize {
         let state = self.lock();

@@ -194,6 +194,10 @@ pub async fn run<S>(
     let mut writer_done = false;
     let end = loop {
         let expiry = session.next_expiry();
+        // Requests wait while the client has not read half a reply cap of
+        // answers (TCP then slows the sender): never closed for its own
+        // replies as long as it reads.
+        let backlogged = session.outbox.replies_backlogged();
         tokio::select! {
             biased;
             // 1. Server shutdown.
@@ -211,8 +215,12 @@ pub async fn run<S>(
             () = tokio::time::sleep_until(idle_deadline) => {
                 break End::Close(CloseReason { code: 1000, reason: format!("no message for {}s (heartbeat timeout)", idle.as_secs()) });
             }
-            // 5. A frame from the client.
-            frame = stream.next() => {
+            // 5. Replies backlogged: look again shortly (the writer drains).
+            () = tokio::time::sleep(REPLY_BACKLOG_RECHECK), if backlogged => {
+                idle_deadline = Instant::now() + idle;
+            }
+            // 6. A frame from the client.
+            frame = stream.next(), if !backlogged => {
                 idle_deadline = Instant::now() + idle;
                 match frame {
                     None => break End::Peer,
@@ -228,6 +236,10 @@ pub async fn run<S>(
     };
     session.finish(end, (!writer_done).then_some(writer)).await;
 }
+
+/// How often a session with backlogged replies looks whether the writer
+/// drained them.
+const REPLY_BACKLOG_RECHECK: std::time::Duration = std::time::Duration::from_millis(5);
 
 impl Session {
     fn next_expiry(&self) -> Option<Instant> {
