@@ -43,6 +43,8 @@ async fn a_migrated_database_is_ready_and_each_broken_prerequisite_is_reported()
     let orders = find(&findings, "plan public.orders as authenticated");
     assert_eq!(orders.status, Status::Ok, "{findings:#?}");
     assert!(orders.detail.starts_with("in memory (member public.dealer_memberships"), "{orders}");
+    let cache = find(&findings, "cache public.dealer_memberships(user_id → dealership_id)");
+    assert_eq!(cache.status, Status::Ok, "{cache}");
     assert!(find(&findings, "streaming").detail.starts_with("off"));
     // --streaming on a server that can stream (the test clusters are 14+).
     let streaming = Settings { streaming: true, ..settings(db.url()) };

@@ -383,18 +383,20 @@ async fn policy_checks(
     settings: &Settings,
     report: &mut Report,
 ) -> Result<(), tokio_postgres::Error> {
-    let loaded = match crate::policy::plan::load(client, std::slice::from_ref(&settings.publication), None).await {
-        Ok(l) => l,
-        Err(err) => {
-            let role = quote_ident(&settings_role(client).await);
-            report.fail(
-                "membership table",
-                err.to_string(),
-                format!("alter role {role} bypassrls; (walcast must read every membership row)"),
-            );
-            return Ok(());
-        }
-    };
+    let publications = std::slice::from_ref(&settings.publication);
+    let loaded =
+        match crate::policy::plan::load_with_budget(client, publications, None, settings.policy_cache_budget).await {
+            Ok(l) => l,
+            Err(err) => {
+                let role = quote_ident(&settings_role(client).await);
+                report.fail(
+                    "membership table",
+                    err.to_string(),
+                    format!("alter role {role} bypassrls; (walcast must read every membership row)"),
+                );
+                return Ok(());
+            }
+        };
     for table in loaded.policies.tables() {
         let mut roles: Vec<&String> =
             table.roles.keys().filter(|r| ["anon", "authenticated", "service_role"].contains(&r.as_str())).collect();
@@ -441,6 +443,20 @@ async fn policy_checks(
         "membership table",
         format!("{} cache(s), {} rows read", loaded.caches.specs().len(), loaded.caches.rows()),
     );
+    for (cache, rows, bytes, over) in loaded.caches.summary() {
+        if over {
+            report.warn(
+                format!("cache {cache}"),
+                format!(
+                    "over the {} byte budget: dropped, its tables are evaluated by the database",
+                    settings.policy_cache_budget
+                ),
+                "raise --policy-cache-budget (POLICY_CACHE_BUDGET_BYTES)",
+            );
+        } else {
+            report.ok(format!("cache {cache}"), format!("{rows} rows, about {bytes} bytes"));
+        }
+    }
     Ok(())
 }
 

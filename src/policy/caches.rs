@@ -651,6 +651,23 @@ mod tests {
     }
 
     #[test]
+    fn a_cache_past_the_budget_is_dropped_for_good() {
+        let mut c = Caches::new(vec![spec(None)]).with_budget(2_000);
+        for i in 0..5 {
+            c.apply(&change(Op::Insert, Some(row(&i.to_string(), "g", &format!("u{i}"), true)), None));
+        }
+        assert!(!c.is_over(0) && c.rows() == 5, "{} bytes", c.bytes());
+        for i in 5..50 {
+            c.apply(&change(Op::Insert, Some(row(&i.to_string(), "g", &format!("u{i}"), true)), None));
+        }
+        assert!(c.is_over(0), "past 2,000 bytes");
+        assert_eq!((c.rows(), c.bytes()), (0, 0), "its memory is given back");
+        c.apply(&change(Op::Insert, Some(row("99", "g", "u", true)), None));
+        assert_eq!(c.rows(), 0, "no longer maintained");
+        assert!(c.summary()[0].3);
+    }
+
+    #[test]
     fn duplicate_pairs_are_counted_and_null_groups_tracked() {
         let mut c = Caches::new(vec![spec(None)]);
         c.apply(&change(Op::Insert, Some(row("1", "g", "u", true)), None));
