@@ -257,6 +257,13 @@ struct ServeArgs {
     /// Most channels per socket [default: 100].
     #[arg(long = "max-channels", env = "MAX_CHANNELS_PER_CLIENT")]
     max_channels_per_client: Option<usize>,
+    /// Most filters per socket without an `eq` or `in` condition (evaluated for every change of their
+    /// table; a join past it is refused) [default: 20].
+    #[arg(long = "max-unindexed-filters", env = "MAX_UNINDEXED_FILTERS_PER_CLIENT")]
+    max_unindexed_filters_per_client: Option<usize>,
+    /// Largest join message, bytes (a larger join is refused) [default: 65536].
+    #[arg(long = "max-join-bytes", env = "MAX_JOIN_BYTES")]
+    max_join_bytes: Option<usize>,
     /// WebSocket read buffer per socket, bytes (tokio-tungstenite's default: 131072) [default: 8192].
     #[arg(long = "ws-read-buffer", env = "WS_READ_BUFFER_BYTES")]
     ws_read_buffer_bytes: Option<usize>,
@@ -352,6 +359,8 @@ impl ServeArgs {
             policy: None,
             max_connections: self.max_connections,
             max_channels_per_client: self.max_channels_per_client,
+            max_unindexed_filters_per_client: self.max_unindexed_filters_per_client,
+            max_join_bytes: self.max_join_bytes,
             ws_read_buffer_bytes: self.ws_read_buffer_bytes,
             ws_write_buffer_bytes: self.ws_write_buffer_bytes,
             data_dir: self.data_dir,

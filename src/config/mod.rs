@@ -83,6 +83,10 @@ pub struct FileConfig {
     pub max_connections: Option<usize>,
     /// Most channels per socket.
     pub max_channels_per_client: Option<usize>,
+    /// Most filters without an `eq`/`in` condition per socket.
+    pub max_unindexed_filters_per_client: Option<usize>,
+    /// Largest join message, bytes.
+    pub max_join_bytes: Option<usize>,
     /// WebSocket read buffer per socket, bytes.
     pub ws_read_buffer_bytes: Option<usize>,
     /// WebSocket write buffer (flush threshold) per socket, bytes.
@@ -137,6 +141,8 @@ impl std::fmt::Debug for FileConfig {
             .field("policy_file", &self.policy_file)
             .field("max_connections", &self.max_connections)
             .field("max_channels_per_client", &self.max_channels_per_client)
+            .field("max_unindexed_filters_per_client", &self.max_unindexed_filters_per_client)
+            .field("max_join_bytes", &self.max_join_bytes)
             .field("ws_read_buffer_bytes", &self.ws_read_buffer_bytes)
             .field("ws_write_buffer_bytes", &self.ws_write_buffer_bytes)
             .field("outbox_budget_bytes", &self.outbox_budget_bytes)
@@ -185,6 +191,10 @@ impl FileConfig {
             policy: self.policy.or(lower.policy),
             max_connections: self.max_connections.or(lower.max_connections),
             max_channels_per_client: self.max_channels_per_client.or(lower.max_channels_per_client),
+            max_unindexed_filters_per_client: self
+                .max_unindexed_filters_per_client
+                .or(lower.max_unindexed_filters_per_client),
+            max_join_bytes: self.max_join_bytes.or(lower.max_join_bytes),
             ws_read_buffer_bytes: self.ws_read_buffer_bytes.or(lower.ws_read_buffer_bytes),
             ws_write_buffer_bytes: self.ws_write_buffer_bytes.or(lower.ws_write_buffer_bytes),
             data_dir: self.data_dir.or(lower.data_dir),
@@ -326,6 +336,10 @@ pub struct Settings {
     pub max_connections: usize,
     /// Most channels per socket.
     pub max_channels: usize,
+    /// Most unindexed filters per socket.
+    pub max_unindexed_filters: usize,
+    /// Largest join message (bytes).
+    pub max_join_bytes: usize,
     /// WebSocket read buffer per socket (bytes).
     pub ws_read_buffer: usize,
     /// WebSocket write buffer per socket (bytes).
@@ -424,6 +438,18 @@ impl Settings {
             merged.max_channels_per_client.unwrap_or(limits.max_channels),
             1,
             10_000,
+        )?;
+        let max_unindexed_filters = range(
+            "MAX_UNINDEXED_FILTERS_PER_CLIENT (--max-unindexed-filters)",
+            merged.max_unindexed_filters_per_client.unwrap_or(limits.max_unindexed_filters),
+            0,
+            10_000,
+        )?;
+        let max_join_bytes = range(
+            "MAX_JOIN_BYTES (--max-join-bytes)",
+            merged.max_join_bytes.unwrap_or(limits.max_join_bytes),
+            1 << 10,
+            16 << 20,
         )?;
         let ws_read_buffer = range(
             "WS_READ_BUFFER_BYTES (--ws-read-buffer)",
@@ -531,6 +557,8 @@ impl Settings {
             auth,
             max_connections,
             max_channels,
+            max_unindexed_filters,
+            max_join_bytes,
             ws_read_buffer,
             ws_write_buffer,
             data_dir: merged.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
@@ -627,6 +655,8 @@ impl Settings {
         config.listen = std::net::SocketAddr::new(self.host, self.port);
         config.limits.max_connections = self.max_connections;
         config.limits.max_channels = self.max_channels;
+        config.limits.max_unindexed_filters = self.max_unindexed_filters;
+        config.limits.max_join_bytes = self.max_join_bytes;
         config.limits.ws_read_buffer = self.ws_read_buffer;
         config.limits.ws_write_buffer = self.ws_write_buffer;
         config.monitoring = self.monitoring.clone();

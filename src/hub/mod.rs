@@ -306,6 +306,10 @@ pub struct HubStats {
     pub database_denied: AtomicU64,
     /// Candidate viewers judged (index hits; the fan-out's work).
     pub candidates: AtomicU64,
+    /// Row filters evaluated (the bindings with a filter of the candidates
+    /// a change reached; the filter index keeps this to the subscribers a
+    /// change's values may match, plus unindexed filters).
+    pub filter_evaluations: AtomicU64,
     /// Rows in the membership caches (gauge).
     pub cache_rows: AtomicU64,
     /// Approximate bytes of the membership caches (gauge).
@@ -799,9 +803,7 @@ impl Core {
                         self.stats.database_denied.fetch_add(1, Ordering::Relaxed);
                         continue;
                     };
-                    self.registry.table_candidates(&change.relation.schema, &change.relation.table, &mut candidates);
-                    candidates.sort_unstable();
-                    candidates.dedup();
+                    self.registry.filtered_candidates(change, &mut candidates);
                     self.stats.candidates.fetch_add(candidates.len() as u64, Ordering::Relaxed);
                     let check = Arc::clone(check);
                     self.submit_check(&check, role, tx.xid, event, change, &map, &tx.commit_timestamp, &candidates);
@@ -809,7 +811,7 @@ impl Core {
                 // Covered by the arm above.
                 Access::Database(_) => continue,
                 Access::Everything => {
-                    self.registry.table_candidates(&change.relation.schema, &change.relation.table, &mut candidates);
+                    self.registry.filtered_candidates(change, &mut candidates);
                     self.stats.candidates.fetch_add(candidates.len() as u64, Ordering::Relaxed);
                     for &slot in &candidates {
                         if self.registry.get(slot).is_some_and(|s| same_role(&s.viewer.role, role)) {
@@ -859,10 +861,13 @@ impl Core {
         };
         match index {
             Index::Nobody => {}
-            Index::Everyone => self.registry.table_candidates(&change.relation.schema, &change.relation.table, out),
+            Index::Everyone => {
+                self.registry.filtered_candidates(change, out);
+            }
             Index::Claim { path, ty, column } => {
                 if !self.registry.indexes_claim(path, *ty) {
-                    return self.registry.table_candidates(&change.relation.schema, &change.relation.table, out);
+                    self.registry.filtered_candidates(change, out);
+                    return;
                 }
                 for row in [change.old_record.as_ref(), change.record.as_ref()] {
                     if let Some(v) = value(*column, row, *ty) {
@@ -873,10 +878,12 @@ impl Core {
             Index::Member { cache, column, path, ty } => {
                 let Some(spec) = self.caches.specs().get(*cache) else { return };
                 let Some((_, group_ty)) = &spec.group else {
-                    return self.registry.table_candidates(&change.relation.schema, &change.relation.table, out);
+                    self.registry.filtered_candidates(change, out);
+                    return;
                 };
                 if !self.registry.indexes_claim(path, *ty) {
-                    return self.registry.table_candidates(&change.relation.schema, &change.relation.table, out);
+                    self.registry.filtered_candidates(change, out);
+                    return;
                 }
                 let Some(data) = self.caches.get(*cache) else { return };
                 for row in [change.old_record.as_ref(), change.record.as_ref()] {
@@ -914,7 +921,9 @@ impl Core {
         // binding without a list wants every column.
         self.selects.clear();
         let mut every_column = false;
+        let mut evaluated = 0u64;
         for (i, binding) in sub.bindings.iter().enumerate() {
+            evaluated += u64::from(!binding.filter.is_empty());
             if binding.wants(&change.relation, event, row) {
                 self.ids.push(binding.id);
                 match &binding.select {
@@ -923,6 +932,7 @@ impl Core {
                 }
             }
         }
+        self.stats.filter_evaluations.fetch_add(evaluated, Ordering::Relaxed);
         if self.ids.is_empty() {
             return;
         }

@@ -6,7 +6,12 @@
 //! - `by_key`: (connection, topic) → slot — a connection has at most one
 //!   subscription per topic;
 //! - `by_conn`: connection → its slots;
-//! - `by_table`: (schema, table) → slots with a binding naming that table;
+//! - `by_table`: schema → table → the slots with a binding naming that
+//!   table, split for the filter index: `open` (some binding on the table
+//!   has no filter, or one without an `eq`/`in` condition an index can look
+//!   up) and, per filtered column, key → slots (every other slot, under each
+//!   key of each of its bindings' index conditions) — so a change reaches
+//!   the subscribers its values may match, not every filtered binding;
 //!   `wildcard`: slots with a binding on a whole schema or every schema;
 //! - `by_claim`: for each claim the policies look viewers up by (e.g. `sub`
 //!   as uuid), claim value → slots — so a change reaches its candidates
@@ -20,7 +25,9 @@
 //!    `free`, each once.
 //! 2. Every live slot appears once in `by_key` (under its own key), once in
 //!    `by_conn[conn]`, once in `by_table` per distinct table its bindings
-//!    name or once in `wildcard`, and once in `by_claim[c][v]` per indexed
+//!    name (in that table's `open`, or under each of its distinct index
+//!    keys there, never both) or once in `wildcard`, and once in
+//!    `by_claim[c][v]` per indexed
 //!    claim `c` whose value `v` it has, and is counted once under its role;
 //!    and no index holds anything else.
 //! 3. Topic ids are stable while a topic has a subscription; the frame
@@ -32,8 +39,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::{Binding, ConnId, Outbox, Subscription, Vsn};
+use crate::change::Change;
 use crate::policy::predicate::{CastError, ClaimPath, ColType, Scalar};
-use crate::policy::Viewer;
+use crate::policy::{KeyKind, Viewer};
 
 /// Index of a subscription in the registry.
 pub type Slot = usize;
@@ -69,13 +77,126 @@ pub struct Registry {
     free: Vec<Slot>,
     by_key: HashMap<(ConnId, Arc<str>), Slot>,
     by_conn: HashMap<ConnId, Vec<Slot>>,
-    by_table: HashMap<(Arc<str>, Arc<str>), Vec<Slot>>,
+    by_table: HashMap<Arc<str>, HashMap<Arc<str>, TableSubs>>,
     wildcard: Vec<Slot>,
     claims: Vec<(ClaimPath, ColType)>,
     by_claim: Vec<HashMap<Scalar, Vec<Slot>>>,
     topics: HashMap<Arc<str>, (u32, usize)>,
     next_topic: u32,
     roles: HashMap<Arc<str>, usize>,
+}
+
+/// The subscriptions naming one table, as the filter index sees them.
+#[derive(Debug, Default)]
+struct TableSubs {
+    /// Slots the index cannot narrow: candidates for every change.
+    open: Vec<Slot>,
+    /// Per filtered column and key kind: key → slots.
+    columns: Vec<ColumnKeys>,
+}
+
+#[derive(Debug)]
+struct ColumnKeys {
+    column: Box<str>,
+    kind: KeyKind,
+    keys: HashMap<Box<[u8]>, Vec<Slot>>,
+}
+
+impl TableSubs {
+    fn is_empty(&self) -> bool {
+        self.open.is_empty() && self.columns.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.open.len() + self.columns.iter().flat_map(|c| c.keys.values()).map(Vec::len).sum::<usize>()
+    }
+
+    fn add(&mut self, slot: Slot, route: &Route) {
+        match route {
+            Route::Open => self.open.push(slot),
+            Route::Keys(keys) => {
+                for (column, kind, key) in keys {
+                    let i = match self.columns.iter().position(|c| c.column == *column && c.kind == *kind) {
+                        Some(i) => i,
+                        None => {
+                            self.columns.push(ColumnKeys { column: column.clone(), kind: *kind, keys: HashMap::new() });
+                            self.columns.len() - 1
+                        }
+                    };
+                    self.columns[i].keys.entry(key.clone()).or_default().push(slot);
+                }
+            }
+        }
+    }
+
+    fn drop(&mut self, slot: Slot, route: &Route) {
+        match route {
+            Route::Open => drop_slot(&mut self.open, slot),
+            Route::Keys(keys) => {
+                for (column, kind, key) in keys {
+                    let Some(i) = self.columns.iter().position(|c| c.column == *column && c.kind == *kind) else {
+                        continue;
+                    };
+                    let col = &mut self.columns[i];
+                    if let Some(list) = col.keys.get_mut(key) {
+                        drop_slot(list, slot);
+                        if list.is_empty() {
+                            col.keys.remove(key);
+                        }
+                    }
+                    if col.keys.is_empty() {
+                        self.columns.swap_remove(i);
+                    }
+                }
+            }
+        }
+    }
+
+    /// How many times `slot` is filed under `route`'s places.
+    fn count(&self, slot: Slot, route: &Route) -> Vec<usize> {
+        let times = |list: Option<&Vec<Slot>>| list.map_or(0, |l| l.iter().filter(|&&s| s == slot).count());
+        match route {
+            Route::Open => vec![times(Some(&self.open))],
+            Route::Keys(keys) => keys
+                .iter()
+                .map(|(column, kind, key)| {
+                    times(
+                        self.columns
+                            .iter()
+                            .find(|c| c.column == *column && c.kind == *kind)
+                            .and_then(|c| c.keys.get(key)),
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Where a subscription is filed under one of its tables.
+#[derive(Debug, PartialEq, Eq)]
+enum Route {
+    /// In `open`.
+    Open,
+    /// Under each (column, kind, key), each once.
+    Keys(Vec<(Box<str>, KeyKind, Box<[u8]>)>),
+}
+
+/// Where the bindings naming `schema.table` file a subscription: open if one
+/// of them has no index condition, else under every key of every binding.
+fn route(bindings: &[Binding], schema: &str, table: &str) -> Route {
+    let mut keys: Vec<(Box<str>, KeyKind, Box<[u8]>)> = Vec::new();
+    for b in bindings {
+        if b.schema.as_deref() != Some(schema) || b.table.as_deref() != Some(table) {
+            continue;
+        }
+        let Some(index) = b.filter.index_keys() else { return Route::Open };
+        for key in index.keys {
+            if !keys.iter().any(|(c, k, v)| *c == index.column && *k == index.kind && *v == key) {
+                keys.push((index.column.clone(), index.kind, key));
+            }
+        }
+    }
+    Route::Keys(keys)
 }
 
 fn drop_slot(list: &mut Vec<Slot>, slot: Slot) {
@@ -165,12 +286,44 @@ impl Registry {
         self.by_conn.get(&conn).and_then(|l| l.first()).and_then(|&s| self.get(s))
     }
 
-    /// Slots subscribed to `schema.table` by name, then wildcard slots.
-    pub fn table_candidates(&self, schema: &str, table: &str, out: &mut Vec<Slot>) {
-        if let Some(list) = self.by_table.get(&(Arc::from(schema), Arc::from(table))) {
-            out.extend_from_slice(list);
-        }
+    /// The slots that may want `change` by their filters (a superset: the
+    /// bindings decide): wildcard and open slots, and filtered slots whose
+    /// index key is the old or new row's value of the filtered column. Each
+    /// slot at most once; returns how many key lookups were made.
+    pub fn filtered_candidates(&self, change: &Change, out: &mut Vec<Slot>) -> usize {
+        let relation = &change.relation;
         out.extend_from_slice(&self.wildcard);
+        let Some(subs) = self.by_table.get(relation.schema.as_str()).and_then(|t| t.get(relation.table.as_str()))
+        else {
+            return 0;
+        };
+        out.extend_from_slice(&subs.open);
+        let start = out.len();
+        let mut lookups = 0;
+        let mut hits = 0;
+        let mut key = Vec::new();
+        for col in &subs.columns {
+            let Some(i) = relation.column_index(&col.column) else { continue };
+            for row in [change.old_record.as_ref(), change.record.as_ref()].into_iter().flatten() {
+                let Some(datum) = row.0.get(i) else { continue };
+                if !col.kind.row_key(datum, &mut key) {
+                    continue;
+                }
+                lookups += 1;
+                if let Some(list) = col.keys.get(key.as_slice()) {
+                    out.extend_from_slice(list);
+                    hits += 1;
+                }
+            }
+        }
+        if hits > 1 {
+            // The old and new rows, or two columns, may name one slot twice.
+            out[start..].sort_unstable();
+            let mut tail = out.split_off(start);
+            tail.dedup();
+            out.extend_from_slice(&tail);
+        }
+        lookups
     }
 
     /// Slots whose claim `(path, ty)` has key `value`.
@@ -279,8 +432,13 @@ impl Registry {
         *self.roles.entry(Arc::clone(&sub.viewer.role)).or_default() += 1;
         match tables_of(&sub.bindings) {
             Some(tables) => {
-                for t in tables {
-                    self.by_table.entry(t).or_default().push(slot);
+                for (schema, table) in tables {
+                    let route = route(&sub.bindings, &schema, &table);
+                    if route == Route::Keys(Vec::new()) {
+                        // `in.()` only: no change can reach it.
+                        continue;
+                    }
+                    self.by_table.entry(schema).or_default().entry(table).or_default().add(slot, &route);
                 }
             }
             None => self.wildcard.push(slot),
@@ -301,11 +459,17 @@ impl Registry {
         }
         match tables_of(&sub.bindings) {
             Some(tables) => {
-                for t in tables {
-                    if let Some(list) = self.by_table.get_mut(&t) {
-                        drop_slot(list, slot);
-                        if list.is_empty() {
-                            self.by_table.remove(&t);
+                for (schema, table) in tables {
+                    let route = route(&sub.bindings, &schema, &table);
+                    if let Some(of_schema) = self.by_table.get_mut(&schema) {
+                        if let Some(subs) = of_schema.get_mut(&table) {
+                            subs.drop(slot, &route);
+                            if subs.is_empty() {
+                                of_schema.remove(&table);
+                            }
+                        }
+                        if of_schema.is_empty() {
+                            self.by_table.remove(&schema);
                         }
                     }
                 }
@@ -416,9 +580,18 @@ impl Registry {
             }
             match tables_of(&sub.bindings) {
                 Some(tables) => {
-                    for t in &tables {
-                        if self.by_table.get(t).map_or(0, |l| l.iter().filter(|&&s| s == slot).count()) != 1 {
-                            return Err(format!("slot {slot} not once in by_table"));
+                    for (schema, table) in &tables {
+                        let route = route(&sub.bindings, schema, table);
+                        if route == Route::Keys(Vec::new()) {
+                            continue;
+                        }
+                        let counts = self
+                            .by_table
+                            .get(schema)
+                            .and_then(|t| t.get(table))
+                            .map_or_else(|| vec![0], |subs| subs.count(slot, &route));
+                        if counts.iter().any(|&n| n != 1) {
+                            return Err(format!("slot {slot} not once per key in by_table"));
                         }
                     }
                 }
@@ -446,8 +619,26 @@ impl Registry {
         let by_claim: usize = self.by_claim.iter().flat_map(|m| m.values()).map(Vec::len).sum();
         let expected_claims: usize =
             self.iter().map(|(_, s)| s.claim_values.iter().filter(|v| key_of(v).is_some()).count()).sum();
-        let by_table: usize = self.by_table.values().map(Vec::len).sum();
-        let expected_tables: usize = self.iter().map(|(_, s)| tables_of(&s.bindings).map_or(0, |t| t.len())).sum();
+        let by_table: usize = self.by_table.values().flat_map(|t| t.values()).map(TableSubs::len).sum();
+        let expected_tables: usize = self
+            .iter()
+            .map(|(_, s)| {
+                tables_of(&s.bindings).map_or(0, |tables| {
+                    tables
+                        .iter()
+                        .map(|(schema, table)| match route(&s.bindings, schema, table) {
+                            Route::Open => 1,
+                            Route::Keys(keys) => keys.len(),
+                        })
+                        .sum()
+                })
+            })
+            .sum();
+        let empty = self.by_table.values().any(|t| t.is_empty() || t.values().any(TableSubs::is_empty))
+            || self.by_table.values().flat_map(|t| t.values()).any(|t| t.columns.iter().any(|c| c.keys.is_empty()));
+        if empty {
+            return Err("by_table keeps an empty entry".into());
+        }
         if by_conn != counted || by_claim != expected_claims || by_table != expected_tables {
             return Err("an index holds dead entries".into());
         }
@@ -470,8 +661,15 @@ mod tests {
     use crate::policy::Filter;
     use proptest::prelude::*;
 
+    /// Filters of the bindings: none, indexed (one or several keys, keys
+    /// shared between subscriptions), unindexed, and `in.()`.
+    const SPECS: [&str; 6] = ["", "c=eq.1", "c=in.(1,2)", "c=neq.1", "c=in.()", "d=eq.x,c=in.(2,3)"];
+
     fn sub(conn: ConnId, topic: u8, user: u8, table: Option<u8>) -> Subscription {
+        // The filter follows from (topic, user), so a rejoin may change it.
+        let spec = if table.is_some() { SPECS[(usize::from(topic) + usize::from(user)) % SPECS.len()] } else { "" };
         let user = uuid::Uuid::from_u128(u128::from(user));
+        let filter = Filter::parse(spec, |_| Some("text")).unwrap();
         Subscription {
             conn,
             topic: format!("realtime:t{topic}"),
@@ -482,7 +680,7 @@ mod tests {
                 schema: Some("public".into()),
                 table: table.map(|t| format!("t{t}")),
                 event: EventMatch::All,
-                filter: Filter::default(),
+                filter,
                 select: None,
             }],
             outbox: Arc::new(Outbox::new(OutboxLimits::default())),

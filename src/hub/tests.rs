@@ -488,3 +488,171 @@ fn a_policy_update_keeps_unchanged_caches_and_an_ahead_one_is_catch_up() {
     assert_eq!(drain(&user).len(), 1);
     assert_eq!(f.hub.core_mut().stats.policy_reloads.load(Ordering::Relaxed), 3);
 }
+
+/// Joins `conn` as service_role with one binding on public.orders per filter
+/// spec (binding ids 1, 2, …).
+fn join_filtered(f: &mut Fixture, conn: ConnId, specs: &[&str]) -> (Arc<Outbox>, Vec<Binding>) {
+    let outbox = Arc::new(Outbox::with_budget(OutboxLimits::default(), Arc::clone(&f.budget)));
+    let bindings: Vec<Binding> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| Binding {
+            id: i as u32 + 1,
+            schema: Some("public".into()),
+            table: Some("orders".into()),
+            event: EventMatch::All,
+            filter: Filter::for_relation(spec, &f.orders).unwrap(),
+            select: None,
+        })
+        .collect();
+    f.hub.core_mut().control(Control::Join(Subscription {
+        conn,
+        topic: format!("realtime:f{conn}"),
+        vsn: Vsn::V2,
+        viewer: Viewer::service(),
+        bindings: bindings.clone(),
+        outbox: Arc::clone(&outbox),
+        on_live: None,
+        on_withheld: None,
+    }));
+    (outbox, bindings)
+}
+
+fn order_row(id: &str, status: Option<&str>) -> Row {
+    Row(vec![text(id), text(Uuid::nil()), status.map_or(Datum::Null, text)])
+}
+
+/// The binding ids of each frame.
+fn frame_ids(frames: &[Bytes]) -> Vec<Vec<u64>> {
+    frames
+        .iter()
+        .map(|f| {
+            let v: serde_json::Value = serde_json::from_slice(f).unwrap();
+            let mut ids: Vec<u64> = v[4]["ids"].as_array().unwrap().iter().map(|i| i.as_u64().unwrap()).collect();
+            ids.sort_unstable();
+            ids
+        })
+        .collect()
+}
+
+#[test]
+fn eq_and_in_filters_are_looked_up_not_evaluated_for_every_change() {
+    let mut f = Fixture::new();
+    // 200 subscribers with a 100-value `in` filter each, none matching "x".
+    let mut hostile = Vec::new();
+    for conn in 0..200u64 {
+        let values: Vec<String> = (0..100).map(|v| format!("s{conn}-{v}")).collect();
+        let spec = format!("status=in.({})", values.join(","));
+        hostile.push(join_filtered(&mut f, conn, &[&spec]).0);
+    }
+    let (eq, _) = join_filtered(&mut f, 1000, &["status=eq.x"]);
+    let (neq, _) = join_filtered(&mut f, 1001, &["status=neq.y"]);
+    let (all, _) = join_filtered(&mut f, 1002, &[""]);
+    let stats = Arc::clone(&f.hub.core_mut().stats);
+    let evaluations = || stats.filter_evaluations.load(Ordering::Relaxed);
+    let before = evaluations();
+    let insert = Change {
+        relation: Arc::clone(&f.orders),
+        op: Op::Insert,
+        record: Some(order_row("1", Some("x"))),
+        old_record: None,
+        missing_toast: vec![],
+    };
+    f.commit(vec![insert]);
+    // Judged: the eq subscriber (a key hit) and the unindexed neq one; the
+    // 200 `in` filters were never evaluated.
+    assert_eq!(evaluations() - before, 2);
+    assert_eq!(frame_ids(&drain(&eq)), vec![vec![1]]);
+    assert_eq!(frame_ids(&drain(&neq)), vec![vec![1]]);
+    assert_eq!(frame_ids(&drain(&all)), vec![vec![1]]);
+    assert!(hostile.iter().all(|o| drain(o).is_empty()));
+    // A value one `in` list holds reaches exactly that subscriber.
+    let before = evaluations();
+    let update = Change {
+        relation: Arc::clone(&f.orders),
+        op: Op::Update,
+        record: Some(order_row("1", Some("s7-42"))),
+        old_record: Some(order_row("1", Some("x"))),
+        missing_toast: vec![],
+    };
+    f.commit(vec![update]);
+    assert_eq!(evaluations() - before, 3, "the eq (old row's key), the neq, and subscriber 7");
+    assert_eq!(frame_ids(&drain(&hostile[7])), vec![vec![1]]);
+    assert!(drain(&eq).is_empty(), "an update is judged on the new row");
+    assert!(hostile.iter().enumerate().all(|(i, o)| i == 7 || drain(o).is_empty()));
+}
+
+#[derive(Debug, Clone)]
+struct FilterCase {
+    subs: Vec<Vec<&'static str>>,
+    changes: Vec<(u8, Option<&'static str>, Option<&'static str>, &'static str)>,
+}
+
+const SPECS: &[&str] = &[
+    "",
+    "status=eq.a",
+    "status=in.(a,b)",
+    "status=in.(c)",
+    "status=in.()",
+    "status=neq.a",
+    "status=not.eq.b",
+    "status=like.a%",
+    "status=is.null",
+    "id=eq.1",
+    "id=in.(1,2),status=eq.b",
+    "status=in.(a,b,c),id=eq.2",
+];
+
+fn filter_case() -> impl Strategy<Value = FilterCase> {
+    let statuses = proptest::option::of(proptest::sample::select(vec!["a", "b", "c"]));
+    (
+        proptest::collection::vec(proptest::collection::vec(proptest::sample::select(SPECS.to_vec()), 1..4), 1..8),
+        proptest::collection::vec(
+            (0u8..3, statuses.clone(), statuses, proptest::sample::select(vec!["1", "2", "3"])),
+            1..12,
+        ),
+    )
+        .prop_map(|(subs, changes)| FilterCase { subs, changes })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// The filter index delivers exactly what evaluating every binding
+    /// would: the same subscribers, the same binding ids, for inserts,
+    /// updates (the old and new values) and deletes.
+    #[test]
+    fn the_filter_index_delivers_exactly_what_every_binding_says(case in filter_case()) {
+        let mut f = Fixture::new();
+        let mut subs = Vec::new();
+        for (conn, specs) in case.subs.iter().enumerate() {
+            subs.push(join_filtered(&mut f, conn as u64, specs));
+        }
+        for (op, old, new, id) in case.changes {
+            let (op, record, old_record) = match op {
+                0 => (Op::Insert, Some(order_row(id, new)), None),
+                1 => (Op::Update, Some(order_row(id, new)), Some(order_row(id, old))),
+                _ => (Op::Delete, None, Some(order_row(id, old))),
+            };
+            let change = Change { relation: Arc::clone(&f.orders), op, record, old_record, missing_toast: vec![] };
+            let event = EventType::of(op).unwrap();
+            let row = if op == Op::Delete { change.old_record.as_ref() } else { change.record.as_ref() };
+            let expected: Vec<Vec<Vec<u64>>> = subs
+                .iter()
+                .map(|(_, bindings)| {
+                    let mut ids: Vec<u64> = bindings
+                        .iter()
+                        .filter(|b| b.wants(&change.relation, event, row))
+                        .map(|b| u64::from(b.id))
+                        .collect();
+                    ids.sort_unstable();
+                    ids.dedup();
+                    if ids.is_empty() { vec![] } else { vec![ids] }
+                })
+                .collect();
+            f.commit(vec![change]);
+            let got: Vec<Vec<Vec<u64>>> = subs.iter().map(|(o, _)| frame_ids(&drain(o))).collect();
+            prop_assert_eq!(got, expected);
+        }
+    }
+}

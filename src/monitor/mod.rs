@@ -217,6 +217,11 @@ impl Monitor {
             "Join requests refused (token, limits, payload).",
             load(&r.joins_refused),
         );
+        w.counter(
+            "walcast_joins_refused_unindexed_filters_total",
+            "Joins refused because the socket would hold more unindexed filters than --max-unindexed-filters.",
+            load(&r.unindexed_refused),
+        );
         w.counter("walcast_bad_frames_total", "Client frames that could not be decoded.", load(&r.bad_frames));
         w.counter(
             "walcast_tokens_expired_total",
@@ -401,6 +406,11 @@ impl Monitor {
             "walcast_policy_candidates_total",
             "Candidate subscriptions judged by the fan-out (index hits).",
             h.candidates.load(Ordering::Relaxed),
+        );
+        w.counter(
+            "walcast_filter_evaluations_total",
+            "Row filters evaluated by the fan-out (eq/in filters only where a change's values match them).",
+            h.filter_evaluations.load(Ordering::Relaxed),
         );
         w.gauge(
             "walcast_memberships_loaded",

@@ -189,6 +189,76 @@ impl Filter {
     }
 }
 
+/// How a row's datum becomes an index key for one filter column: opaque, compared by the hub's filter index
+/// (two filters on the same column of the same type share a kind).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyKind(ColType);
+
+impl KeyKind {
+    /// Writes the key of `datum` into `out`; `false` when the datum can equal no filter value (NULL, absent,
+    /// unreadable, or a type that is not indexed).
+    pub fn row_key(self, datum: &Datum, out: &mut Vec<u8>) -> bool {
+        match datum {
+            Datum::Text(text) => self.0.text_key(text, out),
+            Datum::Null | Datum::Absent => false,
+        }
+    }
+}
+
+/// One `eq` or `in` condition of a filter as hash keys: a row passes the filter only if its `column` has one of
+/// `keys` (a necessary condition, not a sufficient one: the filter still decides).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexKeys {
+    /// The condition's column.
+    pub column: Box<str>,
+    /// How that column's datum becomes a key.
+    pub kind: KeyKind,
+    /// The condition's values as keys, each once (empty for `in.()`, which nothing passes).
+    pub keys: Vec<Box<[u8]>>,
+}
+
+impl Filter {
+    /// The condition an index can look this filter up by: the non-negated `eq` or `in` with the fewest values
+    /// (over a type with a canonical key). `None` for no filter, or one without such a condition (`neq`, `lt`,
+    /// `like`, `is`, any `not.`, `numeric` columns): such filters must be evaluated for every change of their
+    /// table.
+    pub fn index_keys(&self) -> Option<IndexKeys> {
+        let mut best: Option<IndexKeys> = None;
+        let mut buf = Vec::new();
+        for condition in &self.conditions {
+            if condition.negated {
+                continue;
+            }
+            let values: &[Value] = match &condition.test {
+                Test::Compare(CmpOp::Eq, value) => std::slice::from_ref(value),
+                Test::In(values) => values,
+                _ => continue,
+            };
+            let mut keys: Vec<Box<[u8]>> = Vec::with_capacity(values.len());
+            let mut indexable = true;
+            for value in values {
+                if !condition.ty.value_key(value, &mut buf) {
+                    indexable = false;
+                    break;
+                }
+                if !keys.iter().any(|k| **k == *buf) {
+                    keys.push(buf.as_slice().into());
+                }
+            }
+            if indexable && best.as_ref().is_none_or(|b| keys.len() < b.keys.len()) {
+                best = Some(IndexKeys { column: condition.column.clone(), kind: KeyKind(condition.ty), keys });
+            }
+        }
+        best
+    }
+
+    /// Whether the filter costs an evaluation for every change of its table: it has conditions but none an
+    /// index can look up ([`Filter::index_keys`] is `None`).
+    pub fn is_unindexed(&self) -> bool {
+        !self.is_empty() && self.index_keys().is_none()
+    }
+}
+
 /// Why a filter string was rejected; the message is sent to the subscribing client.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum FilterError {

@@ -29,7 +29,7 @@ pub mod watch;
 use std::sync::Arc;
 
 pub use caches::{Caches, LoadedAt};
-pub use filter::{Filter, FilterError};
+pub use filter::{Filter, FilterError, IndexKeys, KeyKind};
 pub use plan::{Access, Index, PolicySet, RolePlan, TablePlan};
 
 use crate::change::Op;

@@ -33,6 +33,12 @@ pub use session::{RealtimeStats, SessionContext};
 pub struct Limits {
     /// Channels per socket (Supabase: 100).
     pub max_channels: usize,
+    /// Bindings per socket whose filter has no `eq`/`in` condition (such
+    /// filters are evaluated for every change of their table; the filter
+    /// index narrows the rest). A join past it is refused.
+    pub max_unindexed_filters: usize,
+    /// Largest join message (bytes); a larger join is refused.
+    pub max_join_bytes: usize,
     /// Largest client message (bytes); larger closes the socket with 1009.
     pub max_message_bytes: usize,
     /// Sustained joins per second per socket.
@@ -57,6 +63,8 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_channels: 100,
+            max_unindexed_filters: 20,
+            max_join_bytes: 64 << 10,
             max_message_bytes: 1 << 20,
             joins_per_second: 20,
             join_burst: 100,

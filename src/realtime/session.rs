@@ -81,6 +81,8 @@ pub struct RealtimeStats {
     pub joins: AtomicU64,
     /// Joins refused (token, limits).
     pub joins_refused: AtomicU64,
+    /// Of those, joins refused for the socket's unindexed-filter budget.
+    pub unindexed_refused: AtomicU64,
     /// Frames that could not be decoded.
     pub bad_frames: AtomicU64,
     /// Channels closed because their token expired.
@@ -117,6 +119,9 @@ struct Channel {
     claims: Claims,
     /// Whether the hub holds a subscription for it.
     subscribed: bool,
+    /// Its bindings whose filter no index can look up (charged to the
+    /// socket's [`Limits::max_unindexed_filters`]).
+    unindexed: usize,
 }
 
 /// A token bucket for joins.
@@ -158,6 +163,8 @@ struct Session {
     outbox: Arc<Outbox>,
     channels: HashMap<String, Channel>,
     joins: JoinBucket,
+    /// Bytes of the text frame being handled (a join's size budget).
+    frame_len: usize,
 }
 
 /// Runs a connection until it closes. `apikey` was verified at the upgrade.
@@ -186,6 +193,7 @@ pub async fn run<S>(
         apikey_claims,
         outbox: Arc::clone(&outbox),
         channels: HashMap::new(),
+        frame_len: 0,
     };
     tracing::debug!(conn, vsn = protocol::vsn_str(vsn), "socket open");
     let idle = session.ctx.limits.idle_timeout;
@@ -278,7 +286,10 @@ impl Session {
     async fn frame(&mut self, frame: WsMessage) -> Option<End> {
         match frame {
             WsMessage::Text(text) => match protocol::decode_text(self.vsn, text.as_str()) {
-                Ok(message) => self.message(message).await,
+                Ok(message) => {
+                    self.frame_len = text.len();
+                    self.message(message).await
+                }
                 Err(err) => {
                     self.ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(conn = self.conn, error = %err, "ignoring an undecodable frame");
@@ -377,6 +388,14 @@ impl Session {
             self.refuse(&msg, "ChannelRateLimitReached: Too many channels");
             return None;
         }
+        if self.frame_len > self.ctx.limits.max_join_bytes {
+            let reason = format!(
+                "InvalidJoinPayload: the join message is {} bytes; at most {} are accepted",
+                self.frame_len, self.ctx.limits.max_join_bytes
+            );
+            self.refuse(&msg, &reason);
+            return None;
+        }
         let request = match join::parse_join(&msg.payload) {
             Ok(request) => request,
             Err(err) => {
@@ -395,6 +414,24 @@ impl Session {
             },
             None => (self.apikey.clone(), self.apikey_claims.clone()),
         };
+        let resolved =
+            if bindings.is_empty() { Ok(Vec::new()) } else { join::resolve(&bindings, &self.ctx.catalog).await };
+        // Filters no index can look up are evaluated for every change of
+        // their table: the socket pays for them from its own budget.
+        let unindexed = resolved.as_ref().map_or(0, |b| b.iter().filter(|b| b.filter.is_unindexed()).count());
+        let held: usize =
+            self.channels.iter().filter(|(topic, _)| **topic != msg.topic).map(|(_, c)| c.unindexed).sum();
+        if unindexed > 0 && held + unindexed > self.ctx.limits.max_unindexed_filters {
+            self.ctx.stats.unindexed_refused.fetch_add(1, Ordering::Relaxed);
+            let reason = format!(
+                "TooManyUnindexedFilters: this join adds {unindexed} filters without an eq or in condition to the \
+                 {held} this socket holds; at most {} per socket (such filters are evaluated for every change of \
+                 their table; add an eq or in condition, or use fewer)",
+                self.ctx.limits.max_unindexed_filters
+            );
+            self.refuse(&msg, &reason);
+            return None;
+        }
         // A second join on a topic replaces the first: close the old channel.
         if let Some(old) = self.channels.remove(&msg.topic) {
             self.ctx.stats.channels_open.fetch_sub(1, Ordering::Relaxed);
@@ -403,12 +440,10 @@ impl Session {
                 self.control(Control::Leave { conn: self.conn, topic: msg.topic.clone() }).await;
             }
         }
-        let resolved =
-            if bindings.is_empty() { Ok(Vec::new()) } else { join::resolve(&bindings, &self.ctx.catalog).await };
         let response = json!({ "postgres_changes": join::reply_bindings(&bindings) });
         self.push(protocol::reply(self.vsn, &msg, "ok", response));
         let join_ref = msg.join_ref.clone().or_else(|| msg.msg_ref.clone());
-        let mut channel = Channel { join_ref, token, claims, subscribed: false };
+        let mut channel = Channel { join_ref, token, claims, subscribed: false, unindexed };
         match resolved {
             Ok(hub_bindings) if !hub_bindings.is_empty() => {
                 // Say what will not arrive and why (never silence): an

@@ -1039,3 +1039,97 @@ proptest! {
         check_ops("float8", &show_float(a), &show_float(b), types::float_cmp(a, b))?;
     }
 }
+
+/// Whether the index would find a row `value` for filter `c=<spec>`: the filter has index keys and the row's
+/// key is among them; `None` when the filter has no index keys.
+fn index_finds(type_name: &str, value: Option<&str>, spec: &str) -> Option<bool> {
+    let rel = relation(&[("c", type_name)]);
+    let filter = Filter::for_relation(&format!("c={spec}"), &rel).ok()?;
+    let keys = filter.index_keys()?;
+    assert_eq!(&*keys.column, "c");
+    let mut buf = Vec::new();
+    Some(keys.kind.row_key(&datum(value), &mut buf) && keys.keys.iter().any(|k| **k == *buf))
+}
+
+/// The filter index never loses a match: every case a filter passes, the index finds (`eq` and `in` on every
+/// type but `numeric` are indexed; everything else, and anything under `not.`, is not).
+#[test]
+fn the_index_finds_every_row_the_filter_passes() {
+    let mut indexed = 0;
+    for &(type_name, value, spec, expected) in CASES {
+        let lower = spec.to_ascii_lowercase();
+        let eq_or_in = lower.starts_with("eq.") || lower.starts_with("in.");
+        let found = index_finds(type_name, value, spec);
+        if !eq_or_in || type_name == "numeric" {
+            assert_eq!(found, None, "c={spec} on {type_name} is not indexed");
+            continue;
+        }
+        let found = found.unwrap_or_else(|| panic!("c={spec} on {type_name} has index keys"));
+        indexed += 1;
+        if expected {
+            assert!(found, "c={spec} on {type_name}: the filter passes {value:?}, the index must find it");
+        }
+        assert_eq!(index_finds(type_name, value, &format!("not.{spec}")), None, "not.{spec} is not indexed");
+        assert_eq!(index_finds(type_name, None, spec), Some(false), "NULL passes no eq/in");
+    }
+    assert!(indexed > 40, "the table covers the indexed types ({indexed} cases)");
+}
+
+#[test]
+fn the_index_takes_the_narrowest_eq_or_in_condition() {
+    let rel = relation(&[("id", "int8"), ("status", "text"), ("n", "numeric")]);
+    let keys = |spec: &str| Filter::for_relation(spec, &rel).unwrap().index_keys();
+    let k = keys("status=in.(a,b,a),id=in.(1,2,3)").unwrap();
+    assert_eq!((&*k.column, k.keys.len()), ("status", 2), "duplicates count once");
+    assert_eq!(&*keys("id=gt.5,status=eq.x").unwrap().column, "status");
+    assert!(keys("id=gt.5,status=neq.x").is_none());
+    assert!(keys("n=eq.1").is_none());
+    assert!(keys("status=not.in.(a)").is_none());
+    assert!(keys("").is_none());
+    assert!(keys("id=in.()").unwrap().keys.is_empty(), "in.() passes nothing, and is found by nothing");
+    assert!(Filter::for_relation("id=gt.5", &rel).unwrap().is_unindexed());
+    assert!(!Filter::for_relation("id=gt.5,id=eq.6", &rel).unwrap().is_unindexed());
+    assert!(!Filter::default().is_unindexed());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2_000, ..ProptestConfig::default() })]
+
+    /// Spellings of equal values (case, whitespace, signs, zero forms, trailing blanks) all land on one key
+    /// whenever the filter says they are equal.
+    #[test]
+    fn equal_values_have_equal_keys(
+        type_name in proptest::sample::select(vec![
+            "int2", "int8", "float4", "float8", "text", "bpchar", "citext", "uuid", "bool", "date",
+            "timestamptz", "timestamp", "jsonb", "name",
+        ]),
+        a in proptest::sample::select(vec![
+            "0", "-0", "+0", " 1", "1", "01", "1.0", "1e0", "NaN", "nan", "Infinity", "t", "TRUE", "yes", "on",
+            "f", "no", "off", "a", "A", "a ", "ÄB", "äb", "2026-11-25", "2026-11-25 10:00:00+00",
+            "2026-11-25T10:00:00Z", "2026-11-25 11:00:00+01", "infinity", "-infinity", U,
+            "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11", "{\"a\": 1}",
+        ]),
+        b in proptest::sample::select(vec![
+            "0", "-0", "1", "1.0", "NaN", "t", "true", "f", "a", "a  ", "äb", "2026-11-25",
+            "2026-11-25 10:00:00+00", "infinity", U, "{\"a\": 1}",
+        ]),
+    ) {
+        if let Some(passes) = index_finds(type_name, Some(a), &format!("eq.{b}")) {
+            if eval_opt(type_name, Some(a), &format!("eq.{b}")) == Some(true) {
+                prop_assert!(passes, "{} eq.{} on {}", a, b, type_name);
+            }
+        }
+        if let Some(passes) = index_finds(type_name, Some(a), &format!("in.({b},zz)")) {
+            if eval_opt(type_name, Some(a), &format!("in.({b},zz)")) == Some(true) {
+                prop_assert!(passes, "{} in.({}) on {}", a, b, type_name);
+            }
+        }
+    }
+}
+
+/// [`eval`] for specs that may not parse (`None`).
+fn eval_opt(type_name: &str, value: Option<&str>, spec: &str) -> Option<bool> {
+    let rel = relation(&[("c", type_name)]);
+    let filter = Filter::for_relation(&format!("c={spec}"), &rel).ok()?;
+    Some(filter.matches_row(&rel, &Row(vec![datum(value)])))
+}

@@ -10,7 +10,7 @@ use super::numeric::{self, NumRef, Numeric};
 const NAME_MAX_BYTES: usize = 63;
 
 /// How a column's values are compared.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) enum ColType {
     /// `int2`, `int4`, `int8`: integers in `min..=max`.
     Int {
@@ -44,7 +44,7 @@ pub(super) enum ColType {
 }
 
 /// The string types.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) enum TextKind {
     /// `text`, `varchar`.
     Plain,
@@ -152,6 +152,103 @@ impl ColType {
             ColType::Timestamp { zone } => Cell::Timestamp(datetime::parse_timestamp(text, zone).ok()?),
             ColType::Other => Cell::Exact(text),
         })
+    }
+}
+
+impl ColType {
+    /// Writes the hash key of a filter value into `out` (cleared first): two values whose keys differ are
+    /// never equal under this type. `false` for types not indexed (`numeric`, whose equal values have many
+    /// spellings).
+    pub(super) fn value_key(self, value: &Value, out: &mut Vec<u8>) -> bool {
+        out.clear();
+        match (self, value) {
+            (ColType::Int { .. }, Value::Int(v)) => out.extend_from_slice(&v.to_be_bytes()),
+            (ColType::Float { .. }, Value::Float(v)) => out.extend_from_slice(&float_key(*v).to_be_bytes()),
+            (ColType::Text(_), Value::Text(t)) => out.extend_from_slice(t.as_bytes()),
+            (ColType::Uuid, Value::Uuid { canonical, .. }) => out.extend_from_slice(canonical),
+            (ColType::Bool, Value::Bool(b)) => out.push(u8::from(*b)),
+            (ColType::Date, Value::Date(d)) => date_key(*d, out),
+            (ColType::Timestamp { .. }, Value::Timestamp(t)) => ts_key(*t, out),
+            (ColType::Other, Value::Exact(bytes)) => out.extend_from_slice(bytes),
+            _ => return false,
+        }
+        true
+    }
+
+    /// Writes the hash key of a row's text into `out` (cleared first), such that whenever the row's value
+    /// [`Cell::equals`] a filter value, the two keys are the same bytes. `false` when the text does not read
+    /// as the type (it then equals nothing) or the type is not indexed.
+    pub(super) fn text_key(self, text: &[u8], out: &mut Vec<u8>) -> bool {
+        out.clear();
+        match self {
+            ColType::Int { .. } => match parse_int(text) {
+                Some(Ok(v)) => out.extend_from_slice(&v.to_be_bytes()),
+                _ => return false,
+            },
+            ColType::Float { single } => match parse_float(text, single) {
+                Ok(v) => out.extend_from_slice(&float_key(v).to_be_bytes()),
+                Err(_) => return false,
+            },
+            ColType::Numeric => return false,
+            ColType::Text(TextKind::Plain | TextKind::Name) | ColType::Uuid | ColType::Other => {
+                // A uuid equals a filter value only as its exact (canonical) text.
+                out.extend_from_slice(text)
+            }
+            ColType::Text(TextKind::Bpchar) => out.extend_from_slice(trim_trailing_spaces(text)),
+            ColType::Text(TextKind::Citext) => {
+                let Ok(text) = std::str::from_utf8(text) else { return false };
+                let mut buf = [0u8; 4];
+                for c in text.chars().flat_map(char::to_lowercase) {
+                    out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                }
+            }
+            ColType::Bool => match parse_bool(text) {
+                Some(b) => out.push(u8::from(b)),
+                None => return false,
+            },
+            ColType::Date => match datetime::parse_date(text) {
+                Ok(d) => date_key(d, out),
+                Err(_) => return false,
+            },
+            ColType::Timestamp { zone } => match datetime::parse_timestamp(text, zone) {
+                Ok(t) => ts_key(t, out),
+                Err(_) => return false,
+            },
+        }
+        true
+    }
+}
+
+/// A float's key: equal under [`float_cmp`] iff equal bits (`-0` is `0`, every `NaN` one `NaN`).
+fn float_key(v: f64) -> u64 {
+    if v.is_nan() {
+        f64::NAN.to_bits()
+    } else if v == 0.0 {
+        0
+    } else {
+        v.to_bits()
+    }
+}
+
+fn date_key(d: DateVal, out: &mut Vec<u8>) {
+    match d {
+        DateVal::NegInfinity => out.push(0),
+        DateVal::Finite(days) => {
+            out.push(1);
+            out.extend_from_slice(&days.to_be_bytes());
+        }
+        DateVal::Infinity => out.push(2),
+    }
+}
+
+fn ts_key(t: TsVal, out: &mut Vec<u8>) {
+    match t {
+        TsVal::NegInfinity => out.push(0),
+        TsVal::Finite(micros) => {
+            out.push(1);
+            out.extend_from_slice(&micros.to_be_bytes());
+        }
+        TsVal::Infinity => out.push(2),
     }
 }
 
