@@ -14,6 +14,15 @@
 //!   Changes are built before the timed section; outboxes are drained between
 //!   timed chunks (never inside them), so memory stays bounded and the
 //!   queues' capacity is warm, as with a live writer task.
+//! - `hub_filters`: 10,000 `service_role` subscribers on `public.orders`
+//!   (every row visible), one change per transaction into a random one of
+//!   1,000 dealerships. `unfiltered`: no filter (10,000 deliveries per
+//!   change); `in_100_indexed`: each subscriber's filter is
+//!   `dealership_id=in.(…)` over 100 distinct dealerships (≈1,000 matches
+//!   per change), looked up through the filter index. `in_100_one_by_one`
+//!   evaluates the same 10,000 filters on the change's row one after another
+//!   — what the hub did per change before the index (no deliveries). Time is
+//!   per change.
 //! - Before criterion runs, a counting global allocator reports the heap
 //!   allocations (`alloc`, `alloc_zeroed` and `realloc` calls) the hub makes
 //!   per change for the 1-change transaction over 10,000 transactions, after
@@ -52,28 +61,35 @@ mod common;
 struct Counting;
 
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+/// Bytes allocated and not yet freed.
+static LIVE_BYTES: AtomicU64 = AtomicU64::new(0);
 
 // SAFETY: every call is forwarded unchanged to the system allocator.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        LIVE_BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
         // SAFETY: same contract as ours.
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        LIVE_BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
         // SAFETY: same contract as ours.
         unsafe { System.alloc_zeroed(layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        LIVE_BYTES.fetch_add(new_size as u64, Ordering::Relaxed);
+        LIVE_BYTES.fetch_sub(layout.size() as u64, Ordering::Relaxed);
         // SAFETY: same contract as ours.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE_BYTES.fetch_sub(layout.size() as u64, Ordering::Relaxed);
         // SAFETY: same contract as ours.
         unsafe { System.dealloc(ptr, layout) }
     }
@@ -344,7 +360,138 @@ fn allocations_report() {
     );
 }
 
-criterion_group!(benches, bench_filter, bench_fanout);
+/// 10,000 service_role subscribers with `filters[i]` (binding on orders).
+struct Filtered {
+    hub: Hub,
+    handle: HubHandle,
+    outboxes: Vec<Arc<Outbox>>,
+    dealerships: Vec<Uuid>,
+    relation: Arc<RelationInfo>,
+    rng: Rng,
+    lsn: u64,
+    drained: Vec<Bytes>,
+}
+
+impl Filtered {
+    fn new(specs: &[String], dealerships: Vec<Uuid>) -> Filtered {
+        let (mut hub, handle) = hub(HubConfig::default(), AckHandle::default(), walcast::spill::Spill::temporary());
+        let relation = orders_relation();
+        let core = hub.core_mut();
+        let loaded = walcast::load::schema::dealership_loaded(relation.oid, relation.oid + 1, &[]);
+        core.stage(walcast::hub::StageEvent::Policies(Box::new(loaded))).expect("policies");
+        let mut outboxes = Vec::with_capacity(specs.len());
+        for (conn, spec) in specs.iter().enumerate() {
+            let outbox = Arc::new(Outbox::new(OutboxLimits::default()));
+            core.control(Control::Join(Subscription {
+                conn: conn as u64,
+                topic: "realtime:orders".into(),
+                vsn: Vsn::V2,
+                viewer: Viewer::service(),
+                bindings: vec![Binding {
+                    id: BINDING_ID,
+                    schema: Some("public".into()),
+                    table: Some("orders".into()),
+                    event: EventMatch::All,
+                    filter: Filter::for_relation(spec, &relation).expect("filter parses"),
+                    select: None,
+                }],
+                outbox: Arc::clone(&outbox),
+                on_live: None,
+                on_withheld: None,
+            }));
+            outboxes.push(outbox);
+        }
+        Filtered { hub, handle, outboxes, dealerships, relation, rng: Rng(7), lsn: 0x100_0000, drained: Vec::new() }
+    }
+
+    fn transaction(&mut self, out: &mut Vec<StageEvent>) {
+        let commit_lsn = Lsn(self.lsn + 0x100);
+        let end_lsn = Lsn(commit_lsn.0 + 0x30);
+        self.lsn = end_lsn.0;
+        let commit_timestamp = PgTimestamp(848_916_000_000_000);
+        out.push(StageEvent::Tx(TxEvent::Begin(TxBegin { xid: 1, commit_lsn, commit_timestamp })));
+        let dealership = self.dealerships[self.rng.below(self.dealerships.len())];
+        out.push(StageEvent::Tx(TxEvent::Change(Change {
+            relation: Arc::clone(&self.relation),
+            op: Op::Insert,
+            record: Some(orders_row(self.rng.uuid(), dealership, 1, "pending", "2026-11-25 10:00:00.123456+00")),
+            old_record: None,
+            missing_toast: Vec::new(),
+        })));
+        out.push(StageEvent::Tx(TxEvent::Commit(TxInfo { xid: 1, commit_lsn, end_lsn, commit_timestamp })));
+    }
+
+    fn drain(&mut self) {
+        for outbox in &self.outboxes {
+            if outbox.depth().0 > 0 {
+                let ready = outbox.next_batch(&mut self.drained).now_or_never();
+                assert!(matches!(ready, Some(Ok(()))), "outbox closed");
+                self.drained.clear();
+            }
+        }
+    }
+}
+
+fn bench_filters(c: &mut Criterion) {
+    const SUBSCRIBERS: usize = 10_000;
+    let mut rng = Rng(0xf17e);
+    let dealerships: Vec<Uuid> = (0..DEALERSHIPS).map(|_| rng.uuid()).collect();
+    let in_lists: Vec<String> = (0..SUBSCRIBERS)
+        .map(|i| {
+            let values: Vec<String> =
+                (0..100).map(|k| dealerships[(i * 7 + k * 10) % DEALERSHIPS].to_string()).collect();
+            format!("dealership_id=in.({})", values.join(","))
+        })
+        .collect();
+    let mut group = c.benchmark_group("hub_filters");
+    group.throughput(Throughput::Elements(1));
+    for (name, specs) in [("unfiltered", vec![String::new(); SUBSCRIBERS]), ("in_100_indexed", in_lists.clone())] {
+        // Heap held per subscription: the hub with its subscriptions, less
+        // the hub alone (outboxes included, the join's JSON not).
+        let empty = LIVE_BYTES.load(Ordering::Relaxed);
+        let alone = Filtered::new(&[], dealerships.clone());
+        let hub_alone = LIVE_BYTES.load(Ordering::Relaxed) - empty;
+        drop(alone);
+        let before = LIVE_BYTES.load(Ordering::Relaxed);
+        let mut world = Filtered::new(&specs, dealerships.clone());
+        let held = LIVE_BYTES.load(Ordering::Relaxed) - before - hub_alone;
+        println!(
+            "hub_filters/{name}: {:.0} bytes of heap per subscription ({SUBSCRIBERS} subscriptions, one binding each)",
+            held as f64 / SUBSCRIBERS as f64
+        );
+        group.bench_function(format!("10k_subs/{name}"), |b| {
+            b.iter_custom(|iters| {
+                let mut events = Vec::with_capacity(30);
+                let mut elapsed = Duration::ZERO;
+                let before = world.handle.stats.deliveries.load(Ordering::Relaxed);
+                let mut done = 0;
+                while done < iters {
+                    let n = 10.min(iters - done);
+                    for _ in 0..n {
+                        world.transaction(&mut events);
+                    }
+                    let start = Instant::now();
+                    stage_all(world.hub.core_mut(), &mut events);
+                    elapsed += start.elapsed();
+                    world.drain();
+                    done += n;
+                }
+                let per_change = (world.handle.stats.deliveries.load(Ordering::Relaxed) - before) / iters.max(1);
+                assert!(per_change > 0, "changes are delivered");
+                elapsed
+            })
+        });
+    }
+    let relation = orders_relation();
+    let filters: Vec<Filter> = in_lists.iter().map(|s| Filter::for_relation(s, &relation).unwrap()).collect();
+    let row = orders_row(Uuid::new_v4(), dealerships[3], 1, "pending", "2026-11-25 10:00:00.123456+00");
+    group.bench_function("10k_subs/in_100_one_by_one", |b| {
+        b.iter(|| black_box(&filters).iter().filter(|f| f.matches_row(black_box(&relation), black_box(&row))).count())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_filter, bench_fanout, bench_filters);
 
 fn main() {
     allocations_report();

@@ -251,3 +251,114 @@ async fn half_open_and_silent_connections_do_not_block_the_server() {
     drop(idle);
     t.server.shutdown().await.unwrap();
 }
+
+/// A counter from `/metrics`.
+async fn counter(t: &TestServer, name: &str) -> u64 {
+    let (status, body) = crate::support::server::http_get(t.addr(), "/metrics", &[]).await;
+    assert_eq!(status, 200, "/metrics: {body}");
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics")) as u64
+}
+
+/// The repro, bounded: sockets holding 100 channels' worth of
+/// 100-value `in` filters cost nothing for changes their values do not
+/// match (0 filter evaluations, counted), and reach exactly the socket a
+/// value matches; unindexed filters are budgeted per socket and oversized
+/// joins refused, each with a reason, the socket left serving.
+#[tokio::test]
+async fn filters_cost_only_their_owner_and_over_budget_joins_are_refused() {
+    let t = TestServer::start().await;
+    let owner = create_user(&t.client, "f@example.com").await;
+    let north = create_dealership(&t.client, "NORTH").await;
+    let service = token("service_role", None, 3600);
+    let mut witness = t.connect(&service, Vsn::V2).await;
+    witness.subscribe("realtime:w", json!([{"event": "*", "schema": "public", "table": "orders"}]), None).await;
+
+    // 5 sockets × 10 channels × 100 bindings, each `status=in.(…)` of 100
+    // values; socket 3's lists hold "completed".
+    let mut hostile = Vec::new();
+    for s in 0..5 {
+        let mut ws = t.connect(&service, Vsn::V2).await;
+        for c in 0..10 {
+            let bindings: Vec<serde_json::Value> = (0..100)
+                .map(|b| {
+                    let mut values: Vec<String> = (0..100).map(|v| format!("{b}z{v}")).collect();
+                    if s == 3 {
+                        values[99] = "completed".into();
+                    }
+                    json!({"event": "*", "schema": "public", "table": "orders",
+                           "filter": format!("status=in.({})", values.join(","))})
+                })
+                .collect();
+            ws.subscribe(&format!("realtime:h{c}"), json!(bindings), None).await;
+        }
+        hostile.push(ws);
+    }
+    let evaluations = counter(&t, "walcast_filter_evaluations_total").await;
+    for _ in 0..10 {
+        create_order(&t.client, north, owner, "sales", "pending").await;
+    }
+    for _ in 0..10 {
+        assert_eq!(witness.expect("realtime:w", "postgres_changes").await.payload["data"]["type"], "INSERT");
+    }
+    assert_eq!(
+        counter(&t, "walcast_filter_evaluations_total").await - evaluations,
+        0,
+        "5,000 filters matching none of the values were never evaluated"
+    );
+    // A value one socket's filters hold reaches that socket (one frame per
+    // channel, naming all 100 bindings), and no other.
+    let id = create_order(&t.client, north, owner, "sales", "completed").await;
+    assert_eq!(witness.expect("realtime:w", "postgres_changes").await.payload["data"]["record"]["id"], json!(id));
+    for c in 0..10 {
+        let frame = hostile[3].expect(&format!("realtime:h{c}"), "postgres_changes").await;
+        assert_eq!(frame.payload["ids"].as_array().unwrap().len(), 100);
+    }
+    assert_eq!(counter(&t, "walcast_filter_evaluations_total").await - evaluations, 1_000, "socket 3's bindings");
+    for (s, ws) in hostile.iter_mut().enumerate().filter(|(s, _)| *s != 3) {
+        assert!(ws.next_within(Duration::from_millis(300)).await.is_none(), "socket {s} got nothing");
+    }
+
+    // Unindexed filters: 20 per socket by default.
+    let mut ws = t.connect(&service, Vsn::V2).await;
+    let neq = |n: usize| -> serde_json::Value {
+        json!((0..n)
+            .map(|i| json!({"event": "*", "schema": "public", "table": "orders", "filter": format!("type=neq.t{i}")}))
+            .collect::<Vec<_>>())
+    };
+    ws.subscribe("realtime:n1", neq(20), None).await;
+    ws.join("realtime:n2", neq(1), None).await;
+    let reply = ws.expect("realtime:n2", "phx_reply").await;
+    assert_eq!(reply.payload["status"], "error");
+    let reason = reply.payload["response"]["reason"].as_str().unwrap();
+    assert!(reason.starts_with("TooManyUnindexedFilters: this join adds 1 filters"), "{reason}");
+    assert!(reason.contains("at most 20 per socket"), "{reason}");
+    // Rejoining the same channel replaces its filters: not counted twice. An
+    // eq condition makes a filter indexed, so it does not count at all.
+    ws.subscribe("realtime:n1", neq(20), None).await;
+    let indexed =
+        json!([{"event": "*", "schema": "public", "table": "orders", "filter": "type=neq.x,status=eq.draft"}]);
+    ws.subscribe("realtime:n3", indexed, None).await;
+    assert_eq!(counter(&t, "walcast_joins_refused_unindexed_filters_total").await, 1);
+
+    // A join larger than 64 KiB: refused with the sizes, the socket serves.
+    let mut padded = json!({"config": {"postgres_changes": []}, "pad": "x".repeat(70 << 10)});
+    padded["config"]["postgres_changes"] = json!([{"event": "*", "schema": "public", "table": "orders"}]);
+    ws.send(Some("9"), "realtime:big", "phx_join", padded).await;
+    let reply = ws.expect("realtime:big", "phx_reply").await;
+    let reason = reply.payload["response"]["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("InvalidJoinPayload: the join message is ")
+            && reason.ends_with("at most 65536 are accepted"),
+        "{reason}"
+    );
+    ws.send(None, "phoenix", "heartbeat", json!({})).await;
+    assert_eq!(ws.expect("phoenix", "phx_reply").await.payload["status"], "ok");
+    // The socket's accepted channels still deliver.
+    let id = create_order(&t.client, north, owner, "sales", "draft").await;
+    let frame = ws.expect("realtime:n3", "postgres_changes").await;
+    assert_eq!(frame.payload["data"]["record"]["id"], json!(id));
+    t.server.shutdown().await.unwrap();
+}

@@ -75,6 +75,9 @@ impl Report {
     }
 }
 
+/// `statement_timeout` of every query `walcast check` makes.
+const CHECK_STATEMENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Runs every check against the database at `connection`.
 /// `connection` is a [`PgConfig`](crate::pgconn::PgConfig) (TLS as its
 /// `sslmode` says) or a tokio-postgres config.
@@ -84,7 +87,8 @@ pub async fn run(settings: &Settings, connection: impl Into<crate::pgconn::PgCon
         Ok(_) => report.ok("JWT keys", "configured and valid"),
         Err(err) => report.fail("JWT keys", err.to_string(), "pass --jwt-secret or --jwks"),
     }
-    let mut client = match crate::pgconn::connect(&connection.into()).await {
+    let connection: crate::pgconn::PgConfig = connection.into();
+    let mut client = match crate::pgconn::connect(&connection.with_statement_timeout(CHECK_STATEMENT_TIMEOUT)).await {
         Ok(client) => client,
         Err(err) => {
             report.fail(

@@ -131,13 +131,17 @@ fn claims_json(claims: &Claims) -> String {
     json.to_string()
 }
 
+/// `statement_timeout` of the dashboard's read (a bounded query on an
+/// index; anything slower is a stuck database).
+const DEMO_STATEMENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The orders `role` with `claims` may see, as a JSON array (text).
 async fn read_orders(
     database: &PgConfig,
     role: &'static str,
     claims: &Claims,
 ) -> Result<String, tokio_postgres::Error> {
-    let mut client = crate::pgconn::connect(database).await?;
+    let mut client = crate::pgconn::connect(&database.with_statement_timeout(DEMO_STATEMENT_TIMEOUT)).await?;
     let tx = client.build_transaction().read_only(true).start().await?;
     // `role` is one of `ROLES`: fixed names, safe to splice.
     tx.batch_execute(&format!("set local role {role}; set local timezone = 'UTC'")).await?;

@@ -244,7 +244,9 @@ fn warning_reason(reading: &Reading, config: &WatchdogConfig) -> Option<String> 
 }
 
 async fn connect(connection: &PgConfig) -> Result<tokio_postgres::Client, String> {
-    match tokio::time::timeout(QUERY_TIMEOUT, crate::pgconn::connect(connection)).await {
+    match tokio::time::timeout(QUERY_TIMEOUT, crate::pgconn::connect(&connection.with_statement_timeout(QUERY_TIMEOUT)))
+        .await
+    {
         Ok(Ok(client)) => Ok(client),
         Ok(Err(err)) => Err(crate::pgconn::describe(&err)),
         Err(_) => Err(format!("connecting took longer than {QUERY_TIMEOUT:?}")),

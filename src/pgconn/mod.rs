@@ -332,6 +332,22 @@ impl PgConfig {
             .tcp_user_timeout(deadline);
     }
 
+    /// A copy whose sessions run every statement under `statement_timeout`
+    /// (PostgreSQL cancels a longer one; `0` would mean none, so at least
+    /// 1 ms) and whose connect gives up after the same time. The setting
+    /// goes in the startup packet's `options` (after any the connection
+    /// string gives, so it wins), so no statement of the session escapes it.
+    pub fn with_statement_timeout(&self, statement_timeout: Duration) -> PgConfig {
+        let ms = statement_timeout.as_millis().clamp(1, i32::MAX as u128);
+        let mut copy = self.clone();
+        let options = match self.postgres.get_options() {
+            Some(given) if !given.trim().is_empty() => format!("{given} -c statement_timeout={ms}"),
+            _ => format!("-c statement_timeout={ms}"),
+        };
+        copy.postgres.options(&options).connect_timeout(statement_timeout.max(Duration::from_secs(1)));
+        copy
+    }
+
     /// The tokio-postgres configuration to connect with: its `ssl_mode`
     /// follows [`TlsSettings::mode`] (verify-* are `Require`; the checks are
     /// the connector's), and is `Disable` when every host is a Unix socket.
@@ -586,6 +602,17 @@ mod tests {
 
     fn parse(s: &str) -> PgConfig {
         s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[test]
+    fn statement_timeout_is_appended_to_the_given_options() {
+        let c = parse("postgres://u@h/db?options=-c%20search_path%3Dapp");
+        let bounded = c.with_statement_timeout(Duration::from_millis(2500));
+        assert_eq!(bounded.postgres().get_options(), Some("-c search_path=app -c statement_timeout=2500"));
+        assert_eq!(bounded.postgres().get_connect_timeout(), Some(&Duration::from_millis(2500)));
+        let plain = parse("postgres://u@h/db").with_statement_timeout(Duration::from_secs(30));
+        assert_eq!(plain.postgres().get_options(), Some("-c statement_timeout=30000"));
+        assert_eq!(c.postgres().get_options(), Some("-c search_path=app"), "the original is unchanged");
     }
 
     #[test]

@@ -241,10 +241,11 @@ impl Filter {
                     indexable = false;
                     break;
                 }
-                if !keys.iter().any(|k| **k == *buf) {
-                    keys.push(buf.as_slice().into());
-                }
+                keys.push(buf.as_slice().into());
             }
+            // At most 100 values (the parser's limit): sorting is cheap.
+            keys.sort_unstable();
+            keys.dedup();
             if indexable && best.as_ref().is_none_or(|b| keys.len() < b.keys.len()) {
                 best = Some(IndexKeys { column: condition.column.clone(), kind: KeyKind(condition.ty), keys });
             }

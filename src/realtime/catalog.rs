@@ -57,6 +57,9 @@ join pg_catalog.pg_type t on t.oid = a.atttypid
 where pt.pubname = any($1)
 order by 1, 2, 3";
 
+/// Longest a catalog read may take (connect and query).
+const CATALOG_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Catalog {
     /// Loads the tables of `publications`.
     ///
@@ -74,9 +77,17 @@ impl Catalog {
     }
 
     async fn reload(&self) -> Result<(), RealtimeError> {
-        let client = crate::pgconn::connect(&self.connection).await.map_err(RealtimeError::Catalog)?;
-        let rows = client.query(TABLES_SQL, &[&self.publications]).await.map_err(RealtimeError::Catalog)?;
-        drop(client);
+        // Bounded on both sides: PostgreSQL cancels a stuck statement, and a
+        // join waiting on a hung connection gives up at the same deadline.
+        let query = async {
+            let connection = self.connection.with_statement_timeout(CATALOG_TIMEOUT);
+            let client = crate::pgconn::connect(&connection).await?;
+            client.query(TABLES_SQL, &[&self.publications]).await
+        };
+        let rows = match tokio::time::timeout(CATALOG_TIMEOUT, query).await {
+            Ok(rows) => rows.map_err(RealtimeError::Catalog)?,
+            Err(_) => return Err(RealtimeError::CatalogTimeout(CATALOG_TIMEOUT)),
+        };
         let mut tables: HashMap<(String, String), TableInfo> = HashMap::new();
         for row in rows {
             let (schema, table, column, type_name): (String, String, String, String) =

@@ -98,6 +98,10 @@ pub enum RealtimeError {
     /// The published tables could not be read (transient: PostgreSQL unreachable).
     #[error("reading the published tables failed: {}", crate::pgconn::cause(.0))]
     Catalog(tokio_postgres::Error),
+    /// The published tables were not read within the deadline (transient:
+    /// PostgreSQL or the network is stuck).
+    #[error("reading the published tables took longer than {0:?}")]
+    CatalogTimeout(Duration),
     /// The listener could not be bound (definite: pick a free port).
     #[error("cannot listen on {addr}: {source}; choose another --port or free this one")]
     Bind {
@@ -115,6 +119,6 @@ pub enum RealtimeError {
 impl RealtimeError {
     /// Whether retrying may help.
     pub fn is_transient(&self) -> bool {
-        matches!(self, RealtimeError::Catalog(_))
+        matches!(self, RealtimeError::Catalog(_) | RealtimeError::CatalogTimeout(_))
     }
 }

@@ -313,8 +313,12 @@ async fn record_end<E: std::fmt::Display>(
     result
 }
 
+/// `statement_timeout` of the policy and cache loads (a load streams a
+/// whole membership table; minutes are normal, hours are not).
+pub const LOAD_STATEMENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 async fn connect_sql(config: &PgConfig) -> Result<tokio_postgres::Client, PolicyError> {
-    Ok(crate::pgconn::connect(config).await?)
+    Ok(crate::pgconn::connect(&config.with_statement_timeout(LOAD_STATEMENT_TIMEOUT)).await?)
 }
 
 /// Logs the plan of every published table and API role (what is mirrored,

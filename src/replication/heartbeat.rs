@@ -63,6 +63,8 @@ pub async fn run(connection: PgConfig, config: HeartbeatConfig, ack: AckHandle) 
     let mut ticker = tokio::time::interval(config.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut client: Option<tokio_postgres::Client> = None;
+    // PostgreSQL gives up on a stuck heartbeat too, not only walcast.
+    let connection = connection.with_statement_timeout(deadline);
     let mut last_warning: Option<tokio::time::Instant> = None;
     loop {
         ticker.tick().await;
