@@ -14,6 +14,10 @@ use super::Settings;
 use crate::realtime::auth::Verifier;
 use crate::replication::slot::quote_ident;
 
+/// The oldest PostgreSQL major version the version matrix
+/// (`tests/versions.rs`) runs walcast on; older ones get a warning.
+pub const TESTED_MIN_MAJOR: u32 = 14;
+
 /// How a check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -124,13 +128,17 @@ async fn database_checks(
     let (superuser, replication): (bool, bool) = (row.get(3), row.get(4));
     let (max_slots, max_senders, slots, senders): (i32, i32, i32, i32) =
         (row.get(5), row.get(6), row.get(7), row.get(8));
-    if version >= 150_000 {
+    if version >= TESTED_MIN_MAJOR as i32 * 10_000 {
         report.ok("server version", format!("{}.{}", version / 10_000, version % 10_000));
     } else {
         report.warn(
             "server version",
-            format!("{}.{}: walcast is tested on PostgreSQL 15 and later", version / 10_000, version % 10_000),
-            "upgrade to PostgreSQL 15+",
+            format!(
+                "{}.{}: walcast is tested on PostgreSQL {TESTED_MIN_MAJOR} and later",
+                version / 10_000,
+                version % 10_000
+            ),
+            format!("upgrade to PostgreSQL {TESTED_MIN_MAJOR}+"),
         );
     }
     let (major, minor) = (version / 10_000, version % 10_000);
@@ -165,6 +173,7 @@ async fn database_checks(
         );
     }
     heartbeat_check(client, settings, &user, report).await?;
+    failover_check(client, settings, major, minor, report).await?;
 
     let slot = client
         .query_opt(
@@ -227,6 +236,61 @@ async fn database_checks(
     publication_checks(client, settings, report).await?;
     policy_checks(client, settings, report).await?;
     policy_change_check(client, settings, report).await?;
+    Ok(())
+}
+
+/// `--slot-failover`: refused before PostgreSQL 17; on 17+ whether the
+/// slot is (or will be made) a failover slot, and whether the primary names
+/// the standby's slot in `synchronized_standby_slots` (without, walcast may
+/// be sent changes the standby has not received yet).
+async fn failover_check(
+    client: &Client,
+    settings: &Settings,
+    major: i32,
+    minor: i32,
+    report: &mut Report,
+) -> Result<(), tokio_postgres::Error> {
+    let check = "slot failover";
+    let min = crate::replication::slot::FAILOVER_MIN_MAJOR as i32;
+    if !settings.slot_failover {
+        let how = if major >= min {
+            "--slot-failover (WALCAST_SLOT_FAILOVER) makes it one".to_owned()
+        } else {
+            format!("failover slots need PostgreSQL {min}+")
+        };
+        report.ok(check, format!("off: the slot is not synchronized to standbys ({how})"));
+        return Ok(());
+    }
+    if major < min {
+        report.fail(
+            check,
+            format!("--slot-failover needs PostgreSQL {min} or later; this server is {major}.{minor}"),
+            "turn --slot-failover (WALCAST_SLOT_FAILOVER) off, or upgrade PostgreSQL",
+        );
+        return Ok(());
+    }
+    let row = client
+        .query_one(
+            "select (select failover from pg_replication_slots where slot_name = $1), \
+             current_setting('synchronized_standby_slots')",
+            &[&settings.slot],
+        )
+        .await?;
+    let (failover, standby_slots): (Option<bool>, String) = (row.get(0), row.get(1));
+    let slot = match failover {
+        Some(true) => format!("{} is a failover slot", settings.slot),
+        Some(false) => format!("{} will be made a failover slot at start", settings.slot),
+        None => format!("{} will be created as a failover slot", settings.slot),
+    };
+    if standby_slots.is_empty() {
+        report.warn(
+            check,
+            format!("on: {slot}, but synchronized_standby_slots is empty: walcast may receive changes a standby lacks"),
+            "alter system set synchronized_standby_slots = '<the standby's physical slot>'; select pg_reload_conf();",
+        );
+    } else {
+        report.ok(check, format!("on: {slot}; synchronized_standby_slots = {standby_slots}"));
+    }
     Ok(())
 }
 
