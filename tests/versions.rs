@@ -246,7 +246,7 @@ async fn differential_step(cluster: &Cluster, major: u32) -> usize {
 /// Step 6 below 17: `--slot-failover` is refused by `walcast check` and by
 /// `walcast serve`, naming the flag and PostgreSQL 17.
 async fn failover_refused_step(url: &str, major: u32) {
-    let slot = "matrix_failover";
+    let slot = &format!("matrix_failover_{major}");
     let check = tokio::process::Command::new(env!("CARGO_BIN_EXE_walcast"))
         .env_clear()
         .args(["check", "--database-url", url, "--jwt-secret", crate::support::server::SECRET])
@@ -282,11 +282,14 @@ async fn matrix(major: u32) {
 
     let (url, client) = migrated(&cluster, "walcast_matrix").await;
     let version = server_version(&client).await;
-    let slot = "matrix";
+    // Each relay's spill directory is named after its slot: one per version.
+    let slot = &format!("matrix_{major}");
     let (ok, out) = walcast_check(&url, slot).await;
     assert!(ok, "walcast check on {version}:\n{out}");
     let line = out.lines().find(|l| l.contains("server version")).unwrap_or_else(|| panic!("{out}"));
     assert!(line.starts_with("[ok"), "PostgreSQL {major} is supported: {line}");
+    let line = out.lines().find(|l| l.contains("replication heartbeat")).unwrap_or_else(|| panic!("{out}"));
+    assert!(line.starts_with("[ok"), "the heartbeat function is found on PostgreSQL {major}: {line}");
 
     let mut extra: Vec<&str> = Vec::new();
     if major >= 17 {
@@ -452,9 +455,26 @@ async fn postgresql_17_failover_to_a_promoted_standby_loses_and_repeats_nothing(
     first.wait_serving().await;
     assert!(is_failover(&client, slot).await, "--slot-failover created a failover slot");
     let witness = ChangeWitness::subscribe(first.addr).await;
-    let before = write_orders(&client, fx, BEFORE).await;
+    let mut before = write_orders(&client, fx, BEFORE).await;
+    // The standby's first copy of the slot is temporary until the primary's
+    // slot moves past the position the standby reserved for it: keep
+    // writing (walcast confirming) until the copy is a persistent synced
+    // slot, so it follows the primary's from then on.
+    let deadline = Instant::now() + WAIT * 2;
+    loop {
+        if let Some((true, false, _)) = synced_slot(&standby_client, slot).await {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the standby never had a persistent copy of the slot: {:?}",
+            synced_slot(&standby_client, slot).await
+        );
+        before.extend(write_orders(&client, fx, 1).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let missing = witness.wait_for(&ids(&before), WAIT).await;
-    assert!(missing.is_empty(), "{} of {BEFORE} orders did not arrive\n{}", missing.len(), first.output());
+    assert!(missing.is_empty(), "{} of {} orders did not arrive\n{}", missing.len(), before.len(), first.output());
     first.stop();
     let first_client = witness.ids();
     drop(witness);
@@ -525,15 +545,16 @@ async fn postgresql_17_failover_to_a_promoted_standby_loses_and_repeats_nothing(
         }
     }
     // And by the clients: each once, nothing of the first walcast's again.
-    assert_eq!(first_client.len(), BEFORE, "the first walcast's client got each order once: {first_client:?}");
+    assert_eq!(first_client.len(), before.len(), "the first walcast's client got each order once: {first_client:?}");
     let second_client = witness.ids();
     let unique: HashSet<&Uuid> = second_client.iter().collect();
     assert_eq!(second_client.len(), unique.len(), "no order twice after the promotion");
     assert!(second_client.iter().all(|id| !first_client.contains(id)), "an order of the first walcast came again");
     println!(
-        "failover: {BEFORE} orders through walcast on the primary, {WHILE_DOWN} while it was down, {AFTER} after \
+        "failover: {} orders through walcast on the primary, {WHILE_DOWN} while it was down, {AFTER} after \
          the promotion through walcast on the standby ({} delivered to its client); the slot was synchronized \
          {:.1} s after the standby caught up; 0 lost, 0 duplicated; {:.1} s",
+        before.len(),
         second_client.len(),
         sync_took.as_secs_f64(),
         started.elapsed().as_secs_f64()

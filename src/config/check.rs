@@ -102,7 +102,7 @@ pub async fn run(settings: &Settings, connection: impl Into<crate::pgconn::PgCon
     if let Err(err) = database_checks(&mut client, settings, &mut report).await {
         report.fail(
             "queries",
-            format!("a catalog query failed: {err}"),
+            format!("a catalog query failed: {}", crate::pgconn::cause(&err)),
             "run check as a role that can read pg_catalog",
         );
     }
@@ -336,14 +336,21 @@ async fn heartbeat_check(
         report.ok("replication heartbeat", "off (--heartbeat-interval 0)");
         return Ok(());
     }
+    // The text variant: (boolean, text, text) before PostgreSQL 17, with a
+    // defaulted `flush boolean` after; the heartbeat calls it with three.
     let row = client
         .query_one(
-            "select has_function_privilege('pg_catalog.pg_logical_emit_message(boolean, text, text)', 'execute'), \
-             pg_is_in_recovery()",
+            "select coalesce(bool_and(has_function_privilege(p.oid, 'execute')), false), \
+             coalesce(min(p.oid::regprocedure::text), 'pg_catalog.pg_logical_emit_message(boolean, text, text)'), \
+             pg_is_in_recovery() \
+             from pg_catalog.pg_proc p where p.proname = 'pg_logical_emit_message' \
+             and p.pronamespace = 'pg_catalog'::regnamespace and p.proargtypes[2] = 'text'::regtype",
             &[],
         )
         .await?;
-    let (may_execute, in_recovery): (bool, bool) = (row.get(0), row.get(1));
+    let (may_execute, function, in_recovery): (bool, String, bool) = (row.get(0), row.get(1), row.get(2));
+    // regprocedure omits the schema on the search path.
+    let function = if function.starts_with("pg_catalog.") { function } else { format!("pg_catalog.{function}") };
     if in_recovery {
         report.warn(
             "replication heartbeat",
@@ -355,7 +362,7 @@ async fn heartbeat_check(
             "replication heartbeat",
             format!("role {user} may not execute pg_logical_emit_message: no end-to-end heartbeat"),
             format!(
-                "grant execute on function pg_catalog.pg_logical_emit_message(boolean, text, text) to {};",
+                "grant execute on function {function} to {};",
                 quote_ident(user)
             ),
         );
