@@ -19,7 +19,7 @@
 //!    and nothing of another dealership's order;
 //! 4. **fault**: the walsender terminated 5 times under a steady writer;
 //!    a `service_role` client receives every order exactly once;
-//! 5. **differential**: 2 seeds of the random policy differential
+//! 5. **differential**: 3 seeds × 50 transactions of the random policy differential
 //!    (tests/policy_random.rs), PostgreSQL's own RLS of that version as the
 //!    oracle: no leak, no miss;
 //! 6. **failover flag**: below 17, `--slot-failover` is refused by `walcast
@@ -73,8 +73,8 @@ const WAIT: Duration = Duration::from_secs(60);
 const KILLS: usize = 5;
 
 /// Seeds and transactions per seed of the differential step.
-const SEEDS: u64 = 2;
-const SEED_TRANSACTIONS: usize = 30;
+const SEEDS: u64 = 3;
+const SEED_TRANSACTIONS: usize = 50;
 
 /// The fetch cache, shared with tests/fetch.rs.
 fn cache() -> PathBuf {
@@ -95,8 +95,8 @@ async fn bindir(major: u32) -> PathBuf {
 /// A throw-away cluster of PostgreSQL `major` with extra settings.
 async fn start_cluster(major: u32, settings: &[(&str, &str)]) -> Cluster {
     let bindir = bindir(major).await;
-    let mut config = ClusterConfig { bindir: Some(bindir), ..ClusterConfig::ephemeral() }
-        .setting("wal_sender_timeout", "10s");
+    let mut config =
+        ClusterConfig { bindir: Some(bindir), ..ClusterConfig::ephemeral() }.setting("wal_sender_timeout", "10s");
     for (name, value) in settings {
         config = config.setting(name, value);
     }
@@ -534,9 +534,11 @@ async fn postgresql_17_failover_to_a_promoted_standby_loses_and_repeats_nothing(
     // By transaction id (kept by physical replication): each order handled
     // by exactly one of the two walcasts, the right one.
     let (by_first, by_second) = (handled(&first), handled(&second));
-    for (phase, writes, first_handles) in
-        [("before the stop", &before, true), ("while walcast was down", &while_down, false), ("after the promotion", &after, false)]
-    {
+    for (phase, writes, first_handles) in [
+        ("before the stop", &before, true),
+        ("while walcast was down", &while_down, false),
+        ("after the promotion", &after, false),
+    ] {
         for w in writes.iter() {
             let seen = (by_first.contains_key(&w.xid), by_second.contains_key(&w.xid));
             assert_ne!(seen, (false, false), "an order written {phase} was lost (xid {})", w.xid);

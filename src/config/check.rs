@@ -349,8 +349,9 @@ async fn heartbeat_check(
         )
         .await?;
     let (may_execute, function, in_recovery): (bool, String, bool) = (row.get(0), row.get(1), row.get(2));
-    // regprocedure omits the schema on the search path.
-    let function = if function.starts_with("pg_catalog.") { function } else { format!("pg_catalog.{function}") };
+    // regprocedure omits the schema on the search path and spaces.
+    let function = function.strip_prefix("pg_catalog.").unwrap_or(&function).replace(',', ", ");
+    let function = format!("pg_catalog.{function}");
     if in_recovery {
         report.warn(
             "replication heartbeat",
@@ -361,10 +362,7 @@ async fn heartbeat_check(
         report.warn(
             "replication heartbeat",
             format!("role {user} may not execute pg_logical_emit_message: no end-to-end heartbeat"),
-            format!(
-                "grant execute on function {function} to {};",
-                quote_ident(user)
-            ),
+            format!("grant execute on function {function} to {};", quote_ident(user)),
         );
     } else {
         report.ok("replication heartbeat", format!("role {user} may call pg_logical_emit_message"));

@@ -307,7 +307,10 @@ mod tests {
             create_slot_sql("s", true, true, "17.10"),
             "CREATE_REPLICATION_SLOT \"s\" LOGICAL pgoutput (SNAPSHOT 'export', FAILOVER)"
         );
-        assert_eq!(create_slot_sql("s", false, false, ""), "CREATE_REPLICATION_SLOT \"s\" LOGICAL pgoutput (SNAPSHOT 'nothing')");
+        assert_eq!(
+            create_slot_sql("s", false, false, ""),
+            "CREATE_REPLICATION_SLOT \"s\" LOGICAL pgoutput (SNAPSHOT 'nothing')"
+        );
     }
 
     #[test]

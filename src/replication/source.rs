@@ -14,7 +14,9 @@
 //! (streaming, disconnected with the error, failed with the error, stopped),
 //! which `/ready` reports.
 //!
-//! The slot is created only by the task's first connection. With
+//! The slot is created only by the task's first connection; with
+//! [`SlotOptions::failover`] (PostgreSQL 17+) as a failover slot, and an
+//! existing slot without failover is altered to one. With
 //! [`SourceConfig::export_snapshot`], creating it exports a snapshot and the
 //! task hands it downstream as [`SourceEvent::Snapshot`], waiting until the
 //! lease is released (the snapshot lives only until the walsender runs its
