@@ -247,6 +247,18 @@ async fn differential_step(cluster: &Cluster, major: u32) -> usize {
 /// `walcast serve`, naming the flag and PostgreSQL 17.
 async fn failover_refused_step(url: &str, major: u32) {
     let slot = &format!("matrix_failover_{major}");
+    let (ok, line, text) = check_failover(url, slot).await;
+    assert!(!ok, "check fails with --slot-failover on PostgreSQL {major}:\n{text}");
+    assert!(line.starts_with("[FAIL]") && line.contains("needs PostgreSQL 17"), "{line}");
+
+    let mut relay = RelayProcess::spawn(url, slot, &["--slot-failover"]);
+    let last = expect_exit(&mut relay, &["--slot-failover", "PostgreSQL 17"]).await;
+    println!("PostgreSQL {major}: --slot-failover refused: {last}");
+}
+
+/// `walcast check --slot-failover`: whether it passed, its `slot failover`
+/// line, and its whole output.
+async fn check_failover(url: &str, slot: &str) -> (bool, String, String) {
     let check = tokio::process::Command::new(env!("CARGO_BIN_EXE_walcast"))
         .env_clear()
         .args(["check", "--database-url", url, "--jwt-secret", crate::support::server::SECRET])
@@ -254,14 +266,9 @@ async fn failover_refused_step(url: &str, major: u32) {
         .kill_on_drop(true)
         .output();
     let out = tokio::time::timeout(WAIT, check).await.expect("walcast check finishes").expect("run walcast check");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "check fails with --slot-failover on PostgreSQL {major}:\n{text}");
-    let line = text.lines().find(|l| l.contains("slot failover")).unwrap_or_else(|| panic!("{text}"));
-    assert!(line.contains("FAIL") && line.contains("needs PostgreSQL 17"), "{line}");
-
-    let mut relay = RelayProcess::spawn(url, slot, &["--slot-failover"]);
-    let last = expect_exit(&mut relay, &["--slot-failover", "PostgreSQL 17"]).await;
-    println!("PostgreSQL {major}: --slot-failover refused: {last}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = text.lines().find(|l| l.contains("slot failover")).unwrap_or_else(|| panic!("{text}")).to_owned();
+    (out.status.success(), line, text)
 }
 
 /// Whether `slot` is a failover slot (PostgreSQL 17+).
@@ -304,6 +311,10 @@ async fn matrix(major: u32) {
     relay.wait_serving().await;
     if major >= 17 {
         assert!(is_failover(&client, slot).await, "--slot-failover made {slot} a failover slot");
+        // No standby here: synchronized_standby_slots is empty, a warning.
+        let (ok, line, text) = check_failover(&url, slot).await;
+        assert!(ok, "{text}");
+        assert!(line.starts_with("[WARN]") && line.contains("synchronized_standby_slots is empty"), "{line}");
     }
     replication_step(&relay, &client).await;
     let (writes, frames) = fault_step(&relay, &client, &url, slot).await;
@@ -454,6 +465,10 @@ async fn postgresql_17_failover_to_a_promoted_standby_loses_and_repeats_nothing(
     let mut first = RelayProcess::spawn(&primary_url, slot, &["--slot-failover"]);
     first.wait_serving().await;
     assert!(is_failover(&client, slot).await, "--slot-failover created a failover slot");
+    let (ok, line, text) = check_failover(&primary_url, slot).await;
+    assert!(ok, "{text}");
+    assert!(line.starts_with("[ok") && line.contains(&format!("{slot} is a failover slot")), "{line}");
+    assert!(line.contains(&format!("synchronized_standby_slots = {physical}")), "{line}");
     let witness = ChangeWitness::subscribe(first.addr).await;
     let mut before = write_orders(&client, fx, BEFORE).await;
     // The standby's first copy of the slot is temporary until the primary's
