@@ -274,7 +274,9 @@ async fn kill_9_during_writes_then_restart_loses_no_committed_transaction() {
     for write in &reached {
         assert_eq!(after.get(&write.xid), Some(&true), "a change of the downtime reached a client outside catch-up");
     }
-    let later: Vec<Uuid> = writes[subscribed + 1..].iter().map(|w| w.id).collect();
+    // Empty when the writer finished before the client subscribed (a slow
+    // restart on a loaded machine).
+    let later: Vec<Uuid> = writes[(subscribed + 1).min(writes.len())..].iter().map(|w| w.id).collect();
     let missing = early.wait_for(&later, WAIT).await;
     assert!(missing.is_empty(), "{} of {} orders after the subscription missing", missing.len(), later.len());
     // A service_role client of the restarted relay receives new changes.
