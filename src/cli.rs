@@ -319,6 +319,20 @@ struct ServeArgs {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     streaming: Option<bool>,
+    /// Create the replication slot as a failover slot, or make an existing one a failover
+    /// slot (PostgreSQL 17+; refused on older servers): a physical standby with
+    /// sync_replication_slots = on keeps a copy, and walcast pointed at the promoted
+    /// standby resumes from it. Set synchronized_standby_slots on the primary too
+    /// [default: false].
+    #[arg(
+        long,
+        env = "WALCAST_SLOT_FAILOVER",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    slot_failover: Option<bool>,
     /// Drop and remake the replication connection when nothing (no data, no keepalive,
     /// no heartbeat) arrives from the walsender for this many seconds; keep it below the
     /// server's wal_sender_timeout (0 = never) [default: 30].
@@ -374,6 +388,7 @@ impl ServeArgs {
             slot_wal_warn_fraction: self.slot_wal_warn_fraction,
             ready_max_lag_secs: self.ready_max_lag_secs,
             streaming: self.streaming,
+            slot_failover: self.slot_failover,
             replication_timeout_secs: self.replication_timeout_secs,
             heartbeat_interval_secs: self.heartbeat_interval_secs,
             policy_poll_interval_secs: self.policy_poll_interval_secs,
@@ -900,5 +915,8 @@ mod tests {
         assert!(serve(&["--streaming=true"]).streaming);
         assert!(!serve(&["--streaming=false"]).streaming);
         assert!(Cli::try_parse_from(["walcast", "serve", "--streaming=maybe"]).is_err());
+        assert!(!serve(&[]).slot_failover);
+        assert!(serve(&["--slot-failover"]).slot_failover);
+        assert!(!serve(&["--slot-failover=false"]).slot_failover);
     }
 }

@@ -34,3 +34,4 @@ mod schema_orders;
 mod schema_realtime;
 mod schema_rls;
 mod tls;
+mod versions;

@@ -693,16 +693,16 @@ fn subscription(conn: u64, world: &World, viewer: Viewer, outbox: &Arc<Outbox>) 
 
 /// What one seed's run found.
 #[derive(Debug, Default)]
-struct SeedReport {
-    seed: u64,
+pub(crate) struct SeedReport {
+    pub(crate) seed: u64,
     changes: usize,
     /// Transactions that changed a membership table and a protected table.
     mixed: usize,
-    pairs: usize,
+    pub(crate) pairs: usize,
     expected: usize,
     delivered: usize,
-    leaks: usize,
-    misses: usize,
+    pub(crate) leaks: usize,
+    pub(crate) misses: usize,
     database_plans: usize,
     plans: usize,
     database_atoms: usize,
@@ -713,12 +713,12 @@ struct SeedReport {
     /// Time spent asking the oracle.
     asking: Duration,
     /// On failure: the seed, schema, plans and first mismatches.
-    failure: Option<String>,
+    pub(crate) failure: Option<String>,
 }
 
 impl SeedReport {
     /// One line for the test's output.
-    fn summary(&self) -> String {
+    pub(crate) fn summary(&self) -> String {
         format!(
             "policy_random seed {}: {} changes ({} transactions mixing membership and row changes), {} (change, \
              viewer) pairs, {} expected events, {} delivered, {} leaks, {} misses; {}/{} anon/authenticated plans \
@@ -783,10 +783,17 @@ async fn drain_until(outbox: &Outbox, frames: &mut Vec<Bytes>, want: usize, wait
 }
 
 async fn run_seed(seed: u64, transactions: usize) -> SeedReport {
+    let (db, client) = migrated_db().await;
+    run_seed_on(seed, transactions, db.url(), &format!("{}_s", db.name()), client).await
+}
+
+/// One seed on the migrated database at `url` (`client` connected to it),
+/// through a relay on `slot`: the version matrix runs seeds on the server
+/// under test.
+pub(crate) async fn run_seed_on(seed: u64, transactions: usize, url: &str, slot: &str, client: Client) -> SeedReport {
     let started = Instant::now();
     let mut world = generate(seed);
     let mut rng = Rng::new(seed ^ 0xC0FF_EE00);
-    let (db, client) = migrated_db().await;
     client.batch_execute(&world.sql).await.unwrap_or_else(|e| panic!("seed {seed}: schema: {e:?}\n{}", world.sql));
     let mut data = String::new();
     for (t, rows) in world.rows.iter().enumerate() {
@@ -818,7 +825,7 @@ async fn run_seed(seed: u64, transactions: usize) -> SeedReport {
         })
         .await
         .unwrap();
-    let relay = start_relay(db.url(), &format!("{}_s", db.name())).await;
+    let relay = start_relay(url, slot).await;
     // The relay installs the policies it read once the slot exists.
     let deadline = Instant::now() + Duration::from_secs(30);
     while world.tables.iter().any(|t| relay.hub.policies().table_by_name("public", &t.name).is_none()) {

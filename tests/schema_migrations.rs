@@ -6,7 +6,7 @@ use walcast::schema::{migrate, Migrations, SchemaError};
 
 /// Everything the migrations define, as text, independent of OIDs: compare two
 /// snapshots to prove nothing changed.
-const CATALOG_SNAPSHOT: &str = r#"
+pub(crate) const CATALOG_SNAPSHOT: &str = r#"
 with ours as (
     select c.oid, c.relname, c.relkind
     from pg_class c join pg_namespace n on n.oid = c.relnamespace
@@ -50,7 +50,7 @@ select string_agg(x, E'\n' order by x) from (
 ) s(x)
 "#;
 
-async fn snapshot(client: &tokio_postgres::Client) -> String {
+pub(crate) async fn snapshot(client: &tokio_postgres::Client) -> String {
     client.query_one(CATALOG_SNAPSHOT, &[]).await.expect("snapshot").get(0)
 }
 

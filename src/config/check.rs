@@ -14,6 +14,10 @@ use super::Settings;
 use crate::realtime::auth::Verifier;
 use crate::replication::slot::quote_ident;
 
+/// The oldest PostgreSQL major version the version matrix
+/// (`tests/versions.rs`) runs walcast on; older ones get a warning.
+pub const TESTED_MIN_MAJOR: u32 = 14;
+
 /// How a check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -102,7 +106,7 @@ pub async fn run(settings: &Settings, connection: impl Into<crate::pgconn::PgCon
     if let Err(err) = database_checks(&mut client, settings, &mut report).await {
         report.fail(
             "queries",
-            format!("a catalog query failed: {err}"),
+            format!("a catalog query failed: {}", crate::pgconn::cause(&err)),
             "run check as a role that can read pg_catalog",
         );
     }
@@ -128,13 +132,17 @@ async fn database_checks(
     let (superuser, replication): (bool, bool) = (row.get(3), row.get(4));
     let (max_slots, max_senders, slots, senders): (i32, i32, i32, i32) =
         (row.get(5), row.get(6), row.get(7), row.get(8));
-    if version >= 150_000 {
+    if version >= TESTED_MIN_MAJOR as i32 * 10_000 {
         report.ok("server version", format!("{}.{}", version / 10_000, version % 10_000));
     } else {
         report.warn(
             "server version",
-            format!("{}.{}: walcast is tested on PostgreSQL 15 and later", version / 10_000, version % 10_000),
-            "upgrade to PostgreSQL 15+",
+            format!(
+                "{}.{}: walcast is tested on PostgreSQL {TESTED_MIN_MAJOR} and later",
+                version / 10_000,
+                version % 10_000
+            ),
+            format!("upgrade to PostgreSQL {TESTED_MIN_MAJOR}+"),
         );
     }
     let (major, minor) = (version / 10_000, version % 10_000);
@@ -169,6 +177,7 @@ async fn database_checks(
         );
     }
     heartbeat_check(client, settings, &user, report).await?;
+    failover_check(client, settings, major, minor, report).await?;
 
     let slot = client
         .query_opt(
@@ -234,6 +243,61 @@ async fn database_checks(
     Ok(())
 }
 
+/// `--slot-failover`: refused before PostgreSQL 17; on 17+ whether the
+/// slot is (or will be made) a failover slot, and whether the primary names
+/// the standby's slot in `synchronized_standby_slots` (without, walcast may
+/// be sent changes the standby has not received yet).
+async fn failover_check(
+    client: &Client,
+    settings: &Settings,
+    major: i32,
+    minor: i32,
+    report: &mut Report,
+) -> Result<(), tokio_postgres::Error> {
+    let check = "slot failover";
+    let min = crate::replication::slot::FAILOVER_MIN_MAJOR as i32;
+    if !settings.slot_failover {
+        let how = if major >= min {
+            "--slot-failover (WALCAST_SLOT_FAILOVER) makes it one".to_owned()
+        } else {
+            format!("failover slots need PostgreSQL {min}+")
+        };
+        report.ok(check, format!("off: the slot is not synchronized to standbys ({how})"));
+        return Ok(());
+    }
+    if major < min {
+        report.fail(
+            check,
+            format!("--slot-failover needs PostgreSQL {min} or later; this server is {major}.{minor}"),
+            "turn --slot-failover (WALCAST_SLOT_FAILOVER) off, or upgrade PostgreSQL",
+        );
+        return Ok(());
+    }
+    let row = client
+        .query_one(
+            "select (select failover from pg_replication_slots where slot_name = $1), \
+             current_setting('synchronized_standby_slots')",
+            &[&settings.slot],
+        )
+        .await?;
+    let (failover, standby_slots): (Option<bool>, String) = (row.get(0), row.get(1));
+    let slot = match failover {
+        Some(true) => format!("{} is a failover slot", settings.slot),
+        Some(false) => format!("{} will be made a failover slot at start", settings.slot),
+        None => format!("{} will be created as a failover slot", settings.slot),
+    };
+    if standby_slots.is_empty() {
+        report.warn(
+            check,
+            format!("on: {slot}, but synchronized_standby_slots is empty: walcast may receive changes a standby lacks"),
+            "alter system set synchronized_standby_slots = '<the standby's physical slot>'; select pg_reload_conf();",
+        );
+    } else {
+        report.ok(check, format!("on: {slot}; synchronized_standby_slots = {standby_slots}"));
+    }
+    Ok(())
+}
+
 /// Whether walcast's event trigger (`walcast setup`) is installed, and
 /// which way policy changes are followed while walcast runs.
 async fn policy_change_check(
@@ -276,14 +340,22 @@ async fn heartbeat_check(
         report.ok("replication heartbeat", "off (--heartbeat-interval 0)");
         return Ok(());
     }
+    // The text variant: (boolean, text, text) before PostgreSQL 17, with a
+    // defaulted `flush boolean` after; the heartbeat calls it with three.
     let row = client
         .query_one(
-            "select has_function_privilege('pg_catalog.pg_logical_emit_message(boolean, text, text)', 'execute'), \
-             pg_is_in_recovery()",
+            "select coalesce(bool_and(has_function_privilege(p.oid, 'execute')), false), \
+             coalesce(min(p.oid::regprocedure::text), 'pg_catalog.pg_logical_emit_message(boolean, text, text)'), \
+             pg_is_in_recovery() \
+             from pg_catalog.pg_proc p where p.proname = 'pg_logical_emit_message' \
+             and p.pronamespace = 'pg_catalog'::regnamespace and p.proargtypes[2] = 'text'::regtype",
             &[],
         )
         .await?;
-    let (may_execute, in_recovery): (bool, bool) = (row.get(0), row.get(1));
+    let (may_execute, function, in_recovery): (bool, String, bool) = (row.get(0), row.get(1), row.get(2));
+    // regprocedure omits the schema on the search path and spaces.
+    let function = function.strip_prefix("pg_catalog.").unwrap_or(&function).replace(',', ", ");
+    let function = format!("pg_catalog.{function}");
     if in_recovery {
         report.warn(
             "replication heartbeat",
@@ -294,10 +366,7 @@ async fn heartbeat_check(
         report.warn(
             "replication heartbeat",
             format!("role {user} may not execute pg_logical_emit_message: no end-to-end heartbeat"),
-            format!(
-                "grant execute on function pg_catalog.pg_logical_emit_message(boolean, text, text) to {};",
-                quote_ident(user)
-            ),
+            format!("grant execute on function {function} to {};", quote_ident(user)),
         );
     } else {
         report.ok("replication heartbeat", format!("role {user} may call pg_logical_emit_message"));

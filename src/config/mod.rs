@@ -113,6 +113,8 @@ pub struct FileConfig {
     pub ready_max_lag_secs: Option<f64>,
     /// Stream large in-progress transactions (pgoutput protocol 2, PostgreSQL 14+).
     pub streaming: Option<bool>,
+    /// Make the replication slot a failover slot (PostgreSQL 17+).
+    pub slot_failover: Option<bool>,
     /// A replication link silent this long (seconds) is dropped and made again (0 = never).
     pub replication_timeout_secs: Option<f64>,
     /// Seconds between end-to-end heartbeats through the slot (0 = off).
@@ -151,6 +153,7 @@ impl std::fmt::Debug for FileConfig {
             .field("policy_cache_budget_bytes", &self.policy_cache_budget_bytes)
             .field("spill_dir", &self.spill_dir)
             .field("streaming", &self.streaming)
+            .field("slot_failover", &self.slot_failover)
             .field("replication_timeout_secs", &self.replication_timeout_secs)
             .field("heartbeat_interval_secs", &self.heartbeat_interval_secs)
             .field("policy_poll_interval_secs", &self.policy_poll_interval_secs)
@@ -208,6 +211,7 @@ impl FileConfig {
             slot_wal_warn_fraction: self.slot_wal_warn_fraction.or(lower.slot_wal_warn_fraction),
             ready_max_lag_secs: self.ready_max_lag_secs.or(lower.ready_max_lag_secs),
             streaming: self.streaming.or(lower.streaming),
+            slot_failover: self.slot_failover.or(lower.slot_failover),
             replication_timeout_secs: self.replication_timeout_secs.or(lower.replication_timeout_secs),
             heartbeat_interval_secs: self.heartbeat_interval_secs.or(lower.heartbeat_interval_secs),
             policy_poll_interval_secs: self.policy_poll_interval_secs.or(lower.policy_poll_interval_secs),
@@ -364,6 +368,11 @@ pub struct Settings {
     /// `streaming 'on'`; PostgreSQL 14+). Off: protocol 1, PostgreSQL sends
     /// each transaction after its commit.
     pub streaming: bool,
+    /// Create the replication slot as a failover slot, or make an existing
+    /// one a failover slot (PostgreSQL 17+; refused before). A physical
+    /// standby with `sync_replication_slots = on` keeps a copy of it, and
+    /// walcast pointed at the promoted standby resumes from that copy.
+    pub slot_failover: bool,
     /// A replication link that receives nothing for this long is dropped and
     /// made again (`None`: never); also the TCP keepalive and
     /// `TCP_USER_TIMEOUT` budget of every connection.
@@ -569,6 +578,7 @@ impl Settings {
             policy_cache_budget,
             demo_writer: (writer_secs > 0.0).then(|| Duration::from_secs_f64(writer_secs)),
             streaming: merged.streaming.unwrap_or(false),
+            slot_failover: merged.slot_failover.unwrap_or(false),
             replication_timeout: (timeout_secs > 0.0).then(|| Duration::from_secs_f64(timeout_secs)),
             heartbeat_interval: (heartbeat_secs > 0.0).then(|| Duration::from_secs_f64(heartbeat_secs)),
             policy_poll_interval: Duration::from_secs_f64(poll_secs),
@@ -641,6 +651,7 @@ impl Settings {
             slot.proto_version = 2;
             slot.streaming = true;
         }
+        slot.failover = self.slot_failover;
         let mut source = SourceConfig::new(connection, slot);
         source.stream.silence_timeout = self.replication_timeout;
         source.heartbeat =
@@ -864,6 +875,21 @@ mod tests {
         assert_eq!((limits.ws_read_buffer, limits.ws_write_buffer), (4096, 0));
         let bad = FileConfig { ws_read_buffer_bytes: Some(16), ..given() };
         assert!(Settings::resolve(bad, None).unwrap_err().to_string().contains("--ws-read-buffer"));
+    }
+
+    #[test]
+    fn slot_failover_is_off_by_default_and_reaches_the_slot_options() {
+        let settings = Settings::resolve(given(), None).unwrap();
+        assert!(!settings.slot_failover);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("walcast.toml");
+        std::fs::write(&path, "jwt_secret = \"f\"\nslot_failover = true\n").unwrap();
+        let settings = Settings::resolve(FileConfig::default(), Some(&path)).unwrap();
+        assert!(settings.slot_failover, "from the file");
+        let url = PgConfig::from_str("postgres://u@h/db").unwrap();
+        assert!(settings.serve_config(url).relay.source.slot.failover);
+        let off = FileConfig { slot_failover: Some(false), ..FileConfig::default() };
+        assert!(!Settings::resolve(off, Some(&path)).unwrap().slot_failover, "a flag or variable beats the file");
     }
 
     #[test]

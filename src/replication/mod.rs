@@ -249,7 +249,7 @@ fn fix_for(err: &PgError) -> Option<&'static str> {
              database; on Supabase use the postgres role",
         ),
         "53400" => Some("raise max_replication_slots / max_wal_senders in postgresql.conf, or drop unused slots"),
-        "0A000" => Some("this PostgreSQL does not support the requested option; walcast needs PostgreSQL 15 or newer"),
+        "0A000" => Some("this PostgreSQL does not support the requested option; walcast needs PostgreSQL 14 or newer"),
         _ if err.code.starts_with("28") => Some("check the user and password in the database URL and pg_hba.conf"),
         _ => None,
     }

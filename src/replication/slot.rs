@@ -46,12 +46,23 @@ pub struct SlotOptions {
     pub proto_version: u8,
     /// Stream large in-progress transactions (needs `proto_version` ≥ 2).
     pub streaming: bool,
+    /// Make the slot a failover slot (`FAILOVER`, PostgreSQL 17+): created
+    /// with it, or altered to it when it exists without. A physical standby
+    /// with `sync_replication_slots = on` then keeps a copy of the slot, and
+    /// walcast resumes from that copy once the standby is promoted.
+    pub failover: bool,
 }
 
 impl SlotOptions {
-    /// Protocol 1 for `publication` through `slot`.
+    /// Protocol 1 for `publication` through `slot`, not a failover slot.
     pub fn new(slot: impl Into<String>, publication: impl Into<String>) -> Self {
-        SlotOptions { slot: slot.into(), publications: vec![publication.into()], proto_version: 1, streaming: false }
+        SlotOptions {
+            slot: slot.into(),
+            publications: vec![publication.into()],
+            proto_version: 1,
+            streaming: false,
+            failover: false,
+        }
     }
 }
 
@@ -96,8 +107,26 @@ impl WalConnection {
     /// `42710` when the slot exists (see [`ReplicationError::sqlstate`]), or
     /// any other server error.
     pub async fn create_slot(&mut self, slot: &str, export_snapshot: bool) -> Result<CreatedSlot, ReplicationError> {
-        let snapshot = if export_snapshot { "export" } else { "nothing" };
-        let sql = format!("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT '{snapshot}')", quote_ident(slot));
+        self.create_slot_with(slot, export_snapshot, false).await
+    }
+
+    /// [`WalConnection::create_slot`], as a failover slot when `failover`
+    /// (refused before the server is asked on PostgreSQL < 17, see
+    /// [`check_failover_version`]).
+    ///
+    /// # Errors
+    /// As [`WalConnection::create_slot`]; [`ReplicationError::Config`] for
+    /// `failover` on PostgreSQL 16 or older.
+    pub async fn create_slot_with(
+        &mut self,
+        slot: &str,
+        export_snapshot: bool,
+        failover: bool,
+    ) -> Result<CreatedSlot, ReplicationError> {
+        if failover {
+            check_failover_version(self.server_version())?;
+        }
+        let sql = create_slot_sql(slot, export_snapshot, failover, self.server_version());
         let result = self.simple_query(&sql).await?;
         let consistent_point = result
             .first("consistent_point")
@@ -108,6 +137,17 @@ impl WalConnection {
             consistent_point,
             snapshot_name: result.first("snapshot_name").map(str::to_owned),
         })
+    }
+
+    /// `ALTER_REPLICATION_SLOT … (FAILOVER true)`: makes an existing slot a
+    /// failover slot (PostgreSQL 17+).
+    ///
+    /// # Errors
+    /// [`ReplicationError::Config`] on PostgreSQL 16 or older; a server error
+    /// (e.g. `42704` when the slot is missing, `55006` while it is in use).
+    pub async fn set_slot_failover(&mut self, slot: &str) -> Result<(), ReplicationError> {
+        check_failover_version(self.server_version())?;
+        self.simple_query(&format!("ALTER_REPLICATION_SLOT {} (FAILOVER true)", quote_ident(slot))).await.map(|_| ())
     }
 
     /// `DROP_REPLICATION_SLOT`, waiting for it to become inactive.
@@ -154,6 +194,47 @@ impl WalConnection {
 /// First PostgreSQL major version that streams in-progress transactions
 /// (pgoutput protocol 2).
 pub const STREAMING_MIN_MAJOR: u32 = 14;
+
+/// First PostgreSQL major version taking `CREATE_REPLICATION_SLOT` options
+/// in parentheses (`(SNAPSHOT 'export')`); PostgreSQL 14 knows only the
+/// keyword form (`EXPORT_SNAPSHOT`), which later versions still accept.
+pub const OPTION_LIST_MIN_MAJOR: u32 = 15;
+
+/// The `CREATE_REPLICATION_SLOT` command for a pgoutput slot: the option
+/// list from [`OPTION_LIST_MIN_MAJOR`] on (and when the version is unknown),
+/// the keyword form before. `failover` needs the option list (it is refused
+/// before PostgreSQL 17 anyway, see [`check_failover_version`]).
+pub fn create_slot_sql(slot: &str, export_snapshot: bool, failover: bool, server_version: &str) -> String {
+    let slot = quote_ident(slot);
+    if server_major(server_version).is_some_and(|major| major < OPTION_LIST_MIN_MAJOR) {
+        let snapshot = if export_snapshot { "EXPORT_SNAPSHOT" } else { "NOEXPORT_SNAPSHOT" };
+        return format!("CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput {snapshot}");
+    }
+    let snapshot = if export_snapshot { "export" } else { "nothing" };
+    let failover = if failover { ", FAILOVER" } else { "" };
+    format!("CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput (SNAPSHOT '{snapshot}'{failover})")
+}
+
+/// First PostgreSQL major version with failover slots (`FAILOVER`,
+/// `sync_replication_slots`).
+pub const FAILOVER_MIN_MAJOR: u32 = 17;
+
+/// Refuses a failover slot on a server older than PostgreSQL 17 with an
+/// error that names the setting (an unknown version is left to the server
+/// to judge).
+///
+/// # Errors
+/// [`ReplicationError::Config`] (definite).
+pub fn check_failover_version(server_version: &str) -> Result<(), ReplicationError> {
+    match server_major(server_version) {
+        Some(major) if major < FAILOVER_MIN_MAJOR => Err(ReplicationError::Config(format!(
+            "--slot-failover (WALCAST_SLOT_FAILOVER, slot_failover = true) needs PostgreSQL {FAILOVER_MIN_MAJOR} or \
+             later, this server is {server_version}: turn it off (the slot then stays on this server only) or \
+             upgrade PostgreSQL"
+        ))),
+        _ => Ok(()),
+    }
+}
 
 /// First PostgreSQL major version whose pgoutput sends logical decoding
 /// messages (`messages 'true'`).
@@ -205,6 +286,41 @@ mod tests {
         assert!(text.contains("--streaming") && text.contains("PostgreSQL 14") && text.contains("13.16"), "{text}");
         for ok in ["14.0", "18.1", "unknown"] {
             check_streaming_version(ok).unwrap();
+        }
+    }
+
+    #[test]
+    fn slot_creation_in_the_syntax_of_the_server() {
+        assert_eq!(
+            create_slot_sql("s", true, false, "14.23"),
+            "CREATE_REPLICATION_SLOT \"s\" LOGICAL pgoutput EXPORT_SNAPSHOT"
+        );
+        assert_eq!(
+            create_slot_sql("s", false, false, "14.23"),
+            "CREATE_REPLICATION_SLOT \"s\" LOGICAL pgoutput NOEXPORT_SNAPSHOT"
+        );
+        assert_eq!(
+            create_slot_sql("s", false, false, "15.20 (Debian)"),
+            "CREATE_REPLICATION_SLOT \"s\" LOGICAL pgoutput (SNAPSHOT 'nothing')"
+        );
+        assert_eq!(
+            create_slot_sql("s", true, true, "17.10"),
+            "CREATE_REPLICATION_SLOT \"s\" LOGICAL pgoutput (SNAPSHOT 'export', FAILOVER)"
+        );
+        assert_eq!(
+            create_slot_sql("s", false, false, ""),
+            "CREATE_REPLICATION_SLOT \"s\" LOGICAL pgoutput (SNAPSHOT 'nothing')"
+        );
+    }
+
+    #[test]
+    fn failover_needs_postgresql_17() {
+        let err = check_failover_version("16.14").unwrap_err();
+        assert!(!err.is_transient());
+        let text = err.to_string();
+        assert!(text.contains("--slot-failover") && text.contains("PostgreSQL 17") && text.contains("16.14"), "{text}");
+        for ok in ["17.0", "18.4 (Debian)", "unknown"] {
+            check_failover_version(ok).unwrap();
         }
     }
 

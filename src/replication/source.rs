@@ -14,7 +14,9 @@
 //! (streaming, disconnected with the error, failed with the error, stopped),
 //! which `/ready` reports.
 //!
-//! The slot is created only by the task's first connection. With
+//! The slot is created only by the task's first connection; with
+//! [`SlotOptions::failover`] (PostgreSQL 17+) as a failover slot, and an
+//! existing slot without failover is altered to one. With
 //! [`SourceConfig::export_snapshot`], creating it exports a snapshot and the
 //! task hands it downstream as [`SourceEvent::Snapshot`], waiting until the
 //! lease is released (the snapshot lives only until the walsender runs its
@@ -215,7 +217,7 @@ async fn stream_once(
     let created = if *streamed_before {
         false
     } else {
-        match ensure_slot(&mut conn, &config.slot.slot, config.export_snapshot).await? {
+        match ensure_slot(&mut conn, &config.slot, config.export_snapshot).await? {
             Some(slot) => {
                 if let Some(name) = slot.snapshot_name {
                     let (tx, rx) = oneshot::channel();
@@ -294,17 +296,37 @@ async fn stream_once(
     }
 }
 
-/// Creates the slot when it is missing; returns it when it did.
+/// Creates the slot when it is missing; returns it when it did. With
+/// [`SlotOptions::failover`] the slot is created as a failover slot, and an
+/// existing one without failover is altered to it (a failover slot a
+/// standby synchronized, found after its promotion, is used as it is).
 async fn ensure_slot(
     conn: &mut WalConnection,
-    slot: &str,
+    options: &SlotOptions,
     export_snapshot: bool,
 ) -> Result<Option<super::CreatedSlot>, ReplicationError> {
-    match conn.create_slot(slot, export_snapshot).await {
+    let slot = options.slot.as_str();
+    match conn.create_slot_with(slot, export_snapshot, options.failover).await {
         Ok(created) => Ok(Some(created)),
-        Err(err) if err.sqlstate() == Some("42710") => Ok(None),
+        Err(err) if err.sqlstate() == Some("42710") => {
+            if options.failover && !is_failover_slot(conn, slot).await? {
+                conn.set_slot_failover(slot).await?;
+                tracing::info!(slot, "the existing slot is a failover slot now");
+            }
+            Ok(None)
+        }
         Err(err) => Err(err),
     }
+}
+
+/// Whether `slot` is a failover slot (`pg_replication_slots.failover`,
+/// PostgreSQL 17+), read over the walsender connection.
+async fn is_failover_slot(conn: &mut WalConnection, slot: &str) -> Result<bool, ReplicationError> {
+    let sql = format!(
+        "SELECT failover FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
+        super::slot::quote_literal(slot)
+    );
+    Ok(conn.simple_query(&sql).await?.first("failover") == Some("t"))
 }
 
 /// The slot's `confirmed_flush_lsn`, read over the walsender connection (a
