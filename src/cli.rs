@@ -264,6 +264,10 @@ struct ServeArgs {
     /// Largest join message, bytes (a larger join is refused) [default: 65536].
     #[arg(long = "max-join-bytes", env = "MAX_JOIN_BYTES")]
     max_join_bytes: Option<usize>,
+    /// Most bytes of join messages one socket's channels hold together (a join past it is refused)
+    /// [default: 1048576].
+    #[arg(long = "max-socket-join-bytes", env = "MAX_SOCKET_JOIN_BYTES")]
+    max_socket_join_bytes: Option<usize>,
     /// WebSocket read buffer per socket, bytes (tokio-tungstenite's default: 131072) [default: 8192].
     #[arg(long = "ws-read-buffer", env = "WS_READ_BUFFER_BYTES")]
     ws_read_buffer_bytes: Option<usize>,
@@ -375,6 +379,7 @@ impl ServeArgs {
             max_channels_per_client: self.max_channels_per_client,
             max_unindexed_filters_per_client: self.max_unindexed_filters_per_client,
             max_join_bytes: self.max_join_bytes,
+            max_socket_join_bytes: self.max_socket_join_bytes,
             ws_read_buffer_bytes: self.ws_read_buffer_bytes,
             ws_write_buffer_bytes: self.ws_write_buffer_bytes,
             data_dir: self.data_dir,

@@ -326,6 +326,31 @@ async fn filters_cost_only_their_owner_and_over_budget_joins_are_refused() {
         assert!(ws.next_within(Duration::from_millis(300)).await.is_none(), "socket {s} got nothing");
     }
 
+    // A socket's joins hold at most 1 MiB together: socket 0 (10 channels of
+    // ~30 KiB joins) may add channels until then, and is refused past it.
+    let bindings: Vec<serde_json::Value> = (0..100)
+        .map(|_| {
+            let values: Vec<String> = (0..100).map(|v| format!("{v}")).collect();
+            json!({"event": "*", "schema": "public", "table": "orders",
+                   "filter": format!("status=in.({})", values.join(","))})
+        })
+        .collect();
+    let mut accepted = 0;
+    let reason = loop {
+        hostile[0].join(&format!("realtime:more{accepted}"), json!(bindings), None).await;
+        let reply = hostile[0].expect(&format!("realtime:more{accepted}"), "phx_reply").await;
+        if reply.payload["status"] != "ok" {
+            break reply.payload["response"]["reason"].as_str().unwrap().to_owned();
+        }
+        accepted += 1;
+        assert!(accepted < 100, "never refused");
+    };
+    assert!(reason.starts_with("InvalidJoinPayload: this socket's channels would hold "), "{reason}");
+    assert!(reason.ends_with("at most 1048576 per socket"), "{reason}");
+    assert!(accepted >= 10, "room for the first 1 MiB: {accepted} more channels");
+    hostile[0].send(None, "phoenix", "heartbeat", json!({})).await;
+    assert_eq!(hostile[0].expect("phoenix", "phx_reply").await.payload["status"], "ok");
+
     // Unindexed filters: 20 per socket by default.
     let mut ws = t.connect(&service, Vsn::V2).await;
     let neq = |n: usize| -> serde_json::Value {

@@ -87,6 +87,8 @@ pub struct FileConfig {
     pub max_unindexed_filters_per_client: Option<usize>,
     /// Largest join message, bytes.
     pub max_join_bytes: Option<usize>,
+    /// Most bytes of join messages per socket.
+    pub max_socket_join_bytes: Option<usize>,
     /// WebSocket read buffer per socket, bytes.
     pub ws_read_buffer_bytes: Option<usize>,
     /// WebSocket write buffer (flush threshold) per socket, bytes.
@@ -145,6 +147,7 @@ impl std::fmt::Debug for FileConfig {
             .field("max_channels_per_client", &self.max_channels_per_client)
             .field("max_unindexed_filters_per_client", &self.max_unindexed_filters_per_client)
             .field("max_join_bytes", &self.max_join_bytes)
+            .field("max_socket_join_bytes", &self.max_socket_join_bytes)
             .field("ws_read_buffer_bytes", &self.ws_read_buffer_bytes)
             .field("ws_write_buffer_bytes", &self.ws_write_buffer_bytes)
             .field("outbox_budget_bytes", &self.outbox_budget_bytes)
@@ -198,6 +201,7 @@ impl FileConfig {
                 .max_unindexed_filters_per_client
                 .or(lower.max_unindexed_filters_per_client),
             max_join_bytes: self.max_join_bytes.or(lower.max_join_bytes),
+            max_socket_join_bytes: self.max_socket_join_bytes.or(lower.max_socket_join_bytes),
             ws_read_buffer_bytes: self.ws_read_buffer_bytes.or(lower.ws_read_buffer_bytes),
             ws_write_buffer_bytes: self.ws_write_buffer_bytes.or(lower.ws_write_buffer_bytes),
             data_dir: self.data_dir.or(lower.data_dir),
@@ -344,6 +348,8 @@ pub struct Settings {
     pub max_unindexed_filters: usize,
     /// Largest join message (bytes).
     pub max_join_bytes: usize,
+    /// Most bytes of join messages per socket.
+    pub max_socket_join_bytes: usize,
     /// WebSocket read buffer per socket (bytes).
     pub ws_read_buffer: usize,
     /// WebSocket write buffer per socket (bytes).
@@ -460,6 +466,12 @@ impl Settings {
             1 << 10,
             16 << 20,
         )?;
+        let max_socket_join_bytes = range(
+            "MAX_SOCKET_JOIN_BYTES (--max-socket-join-bytes)",
+            merged.max_socket_join_bytes.unwrap_or(limits.max_socket_join_bytes),
+            max_join_bytes,
+            1 << 30,
+        )?;
         let ws_read_buffer = range(
             "WS_READ_BUFFER_BYTES (--ws-read-buffer)",
             merged.ws_read_buffer_bytes.unwrap_or(limits.ws_read_buffer),
@@ -568,6 +580,7 @@ impl Settings {
             max_channels,
             max_unindexed_filters,
             max_join_bytes,
+            max_socket_join_bytes,
             ws_read_buffer,
             ws_write_buffer,
             data_dir: merged.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
@@ -668,6 +681,7 @@ impl Settings {
         config.limits.max_channels = self.max_channels;
         config.limits.max_unindexed_filters = self.max_unindexed_filters;
         config.limits.max_join_bytes = self.max_join_bytes;
+        config.limits.max_socket_join_bytes = self.max_socket_join_bytes;
         config.limits.ws_read_buffer = self.ws_read_buffer;
         config.limits.ws_write_buffer = self.ws_write_buffer;
         config.monitoring = self.monitoring.clone();
@@ -698,6 +712,8 @@ mod tests {
         let limits = crate::realtime::Limits::default();
         let got = (serve.limits.max_connections, serve.limits.max_channels, serve.limits.ws_read_buffer);
         assert_eq!(got, (limits.max_connections, limits.max_channels, limits.ws_read_buffer));
+        let got = (serve.limits.max_unindexed_filters, serve.limits.max_join_bytes, serve.limits.max_socket_join_bytes);
+        assert_eq!(got, (limits.max_unindexed_filters, limits.max_join_bytes, limits.max_socket_join_bytes));
         assert_eq!(serve.limits.ws_write_buffer, limits.ws_write_buffer);
         let hub = crate::hub::HubConfig::default();
         assert_eq!(
@@ -773,14 +789,18 @@ mod tests {
         std::fs::write(
             &path,
             "database_url = \"postgres://u:p@h/db\"\nport = 5000\nslot_name = \"from_file\"\njwt_secret = \"f\"\n\
-             max_channels_per_client = 7\n",
+             max_channels_per_client = 7\nmax_unindexed_filters_per_client = 3\nmax_join_bytes = 4096\n",
         )
         .unwrap();
-        let given = FileConfig { port: Some(6000), ..FileConfig::default() };
+        let given = FileConfig { port: Some(6000), max_join_bytes: Some(8192), ..FileConfig::default() };
         let settings = Settings::resolve(given, Some(&path)).unwrap();
         assert_eq!(settings.port, 6000, "flag/env beats the file");
         assert_eq!(settings.slot, "from_file", "the file beats the default");
         assert_eq!(settings.max_channels, 7);
+        assert_eq!(settings.max_unindexed_filters, 3);
+        assert_eq!(settings.max_join_bytes, 8192);
+        let serve = settings.serve_config(PgConfig::from_str("postgres://u@h/db").unwrap());
+        assert_eq!((serve.limits.max_unindexed_filters, serve.limits.max_join_bytes), (3, 8192));
         assert_eq!(settings.auth.jwt_secret.as_deref(), Some("f"));
         assert!(matches!(settings.database, Database::Url(_)));
     }

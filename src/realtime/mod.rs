@@ -39,6 +39,10 @@ pub struct Limits {
     pub max_unindexed_filters: usize,
     /// Largest join message (bytes); a larger join is refused.
     pub max_join_bytes: usize,
+    /// Most bytes of join messages a socket's channels hold together (what
+    /// its subscriptions keep in memory follows them); a join past it is
+    /// refused.
+    pub max_socket_join_bytes: usize,
     /// Largest client message (bytes); larger closes the socket with 1009.
     pub max_message_bytes: usize,
     /// Sustained joins per second per socket.
@@ -65,6 +69,7 @@ impl Default for Limits {
             max_channels: 100,
             max_unindexed_filters: 20,
             max_join_bytes: 64 << 10,
+            max_socket_join_bytes: 1 << 20,
             max_message_bytes: 1 << 20,
             joins_per_second: 20,
             join_burst: 100,

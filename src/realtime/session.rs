@@ -122,6 +122,9 @@ struct Channel {
     /// Its bindings whose filter no index can look up (charged to the
     /// socket's [`Limits::max_unindexed_filters`]).
     unindexed: usize,
+    /// Bytes of its join message (charged to the socket's
+    /// [`Limits::max_socket_join_bytes`]).
+    join_bytes: usize,
 }
 
 /// A token bucket for joins.
@@ -421,6 +424,20 @@ impl Session {
         let unindexed = resolved.as_ref().map_or(0, |b| b.iter().filter(|b| b.filter.is_unindexed()).count());
         let held: usize =
             self.channels.iter().filter(|(topic, _)| **topic != msg.topic).map(|(_, c)| c.unindexed).sum();
+        // What a socket's subscriptions hold in memory follows the size of
+        // its joins (docs/operations.md): bounded per socket.
+        let held_bytes: usize =
+            self.channels.iter().filter(|(topic, _)| **topic != msg.topic).map(|(_, c)| c.join_bytes).sum();
+        if held_bytes + self.frame_len > self.ctx.limits.max_socket_join_bytes {
+            let reason = format!(
+                "InvalidJoinPayload: this socket's channels would hold {} bytes of join messages; at most {} per \
+                 socket",
+                held_bytes + self.frame_len,
+                self.ctx.limits.max_socket_join_bytes
+            );
+            self.refuse(&msg, &reason);
+            return None;
+        }
         if unindexed > 0 && held + unindexed > self.ctx.limits.max_unindexed_filters {
             self.ctx.stats.unindexed_refused.fetch_add(1, Ordering::Relaxed);
             let reason = format!(
@@ -443,7 +460,8 @@ impl Session {
         let response = json!({ "postgres_changes": join::reply_bindings(&bindings) });
         self.push(protocol::reply(self.vsn, &msg, "ok", response));
         let join_ref = msg.join_ref.clone().or_else(|| msg.msg_ref.clone());
-        let mut channel = Channel { join_ref, token, claims, subscribed: false, unindexed };
+        let join_bytes = self.frame_len;
+        let mut channel = Channel { join_ref, token, claims, subscribed: false, unindexed, join_bytes };
         match resolved {
             Ok(hub_bindings) if !hub_bindings.is_empty() => {
                 // Say what will not arrive and why (never silence): an
