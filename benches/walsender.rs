@@ -33,9 +33,9 @@ async fn walcast_run(url: &str, slot: &str) -> anyhow::Result<(u64, Lsn, Duratio
     let started = Instant::now();
     let config = SourceConfig::new(tokio_postgres::Config::from_str(url)?, SlotOptions::new(slot, PUBLICATION));
     let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop = tokio_util::sync::CancellationToken::new();
     let ack = AckHandle::default();
-    let source = tokio::spawn(run_source(config, tx, ack.clone(), stop_rx));
+    let source = tokio::spawn(run_source(config, tx, ack.clone(), stop.clone()));
     let mut assembler = Assembler::new();
     let mut events = Vec::with_capacity(64);
     let mut changes = 0u64;
@@ -54,7 +54,7 @@ async fn walcast_run(url: &str, slot: &str) -> anyhow::Result<(u64, Lsn, Duratio
             }
         }
     };
-    let _ = stop_tx.send(true);
+    stop.cancel();
     let _ = source.await;
     Ok(result)
 }
@@ -136,7 +136,7 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("backlog.walcast");
     let config = SourceConfig::new(tokio_postgres::Config::from_str(&url)?, SlotOptions::new("capture", PUBLICATION));
-    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_rx = tokio_util::sync::CancellationToken::new();
     let writer = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&path)?);
     let limits = walcast::capture::RecordLimits { max_transactions: Some(1), duration: None };
     walcast::capture::record(config, writer, limits, stop_rx).await?;

@@ -796,10 +796,11 @@ async fn record(
     let config = source.config()?;
     let file = std::fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?;
     let writer = std::io::BufWriter::with_capacity(1 << 20, file);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_rx = tokio_util::sync::CancellationToken::new();
+    let stop_tx = stop_rx.clone();
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
-            let _ = stop_tx.send(true);
+            stop_tx.cancel();
         }
     });
     let limits = walcast::capture::RecordLimits {

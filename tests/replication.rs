@@ -157,9 +157,9 @@ async fn an_idle_publication_does_not_hold_wal_back() {
     let config = StreamConfig { status_interval: Duration::from_millis(100), ..StreamConfig::default() };
     let mut stream = ReplicationStream::new(conn, ack, config, created.consistent_point);
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-    let (_stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let stop = tokio_util::sync::CancellationToken::new();
     let pump = tokio::spawn(async move {
-        let result = stream.pump(&tx, &mut stop_rx).await;
+        let result = stream.pump(&tx, &stop).await;
         (stream, result)
     });
     let drain = tokio::spawn(async move {
@@ -340,7 +340,7 @@ struct Collector {
     ids: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
     starts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<Result<(), ReplicationError>>,
-    stop: tokio::sync::watch::Sender<bool>,
+    stop: tokio_util::sync::CancellationToken,
 }
 
 fn collect_source(url: &str, slot: &str) -> Collector {
@@ -355,9 +355,9 @@ fn collect_source(url: &str, slot: &str) -> Collector {
         heartbeat: None,
     };
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let stop = tokio_util::sync::CancellationToken::new();
     let ack = AckHandle::default();
-    let task = tokio::spawn(run_source(config, tx, ack.clone(), stop_rx));
+    let task = tokio::spawn(run_source(config, tx, ack.clone(), stop.clone()));
     let ids = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
     let starts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (ids2, starts2) = (std::sync::Arc::clone(&ids), std::sync::Arc::clone(&starts));
@@ -438,7 +438,7 @@ async fn the_source_reconnects_after_the_walsender_is_terminated_without_loss() 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(collector.starts.load(std::sync::atomic::Ordering::SeqCst) >= 2, "the source reconnected");
-    collector.stop.send(true).unwrap();
+    collector.stop.cancel();
     collector.task.await.unwrap().unwrap();
 }
 
@@ -473,7 +473,7 @@ async fn a_restarted_consumer_resumes_after_its_last_ack() {
         assert!(tokio::time::Instant::now() < deadline, "first batch not received");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    first.stop.send(true).unwrap();
+    first.stop.cancel();
     first.task.await.unwrap().unwrap();
 
     // Written while no consumer runs.
@@ -487,6 +487,6 @@ async fn a_restarted_consumer_resumes_after_its_last_ack() {
     }
     let seen = second.ids.lock().unwrap().clone();
     assert!(seen.is_disjoint(&batch1), "a transaction acknowledged before the stop was sent again");
-    second.stop.send(true).unwrap();
+    second.stop.cancel();
     second.task.await.unwrap().unwrap();
 }

@@ -403,13 +403,13 @@ pub async fn record<W: Write + Send>(
     config: crate::replication::SourceConfig,
     writer: W,
     limits: RecordLimits,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<RecordReport, RecordError> {
     use crate::replication::{run_source, AckHandle, SourceEvent};
     let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop = tokio_util::sync::CancellationToken::new();
     let ack = AckHandle::default();
-    let source = tokio::spawn(run_source(config.clone(), tx, ack.clone(), stop_rx));
+    let source = tokio::spawn(run_source(config.clone(), tx, ack.clone(), stop.clone()));
     let mut capture: Option<CaptureWriter<W>> = None;
     let mut writer = Some(writer);
     let mut report = RecordReport::default();
@@ -417,7 +417,7 @@ pub async fn record<W: Write + Send>(
     let result = loop {
         let event = tokio::select! {
             biased;
-            _ = crate::replication::stream::stopped(&mut shutdown) => break Ok(()),
+            () = shutdown.cancelled() => break Ok(()),
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break Ok(()),
             event = rx.recv() => event,
         };
@@ -469,7 +469,7 @@ pub async fn record<W: Write + Send>(
             }
         }
     };
-    let _ = stop_tx.send(true);
+    stop.cancel();
     let source_result = source.await;
     if let Some(w) = capture {
         w.finish().map_err(RecordError::Capture)?;

@@ -85,7 +85,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 pub use frame::Vsn;
 pub use outbox::{CloseReason, Outbox, OutboxBudget, OutboxLimits, PushError, DEFAULT_OUTBOX_BUDGET};
@@ -430,7 +431,7 @@ impl Hub {
     pub async fn run(
         mut self,
         mut input: mpsc::Receiver<Vec<StageEvent>>,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: CancellationToken,
     ) -> Result<(), HubError> {
         let budget = Arc::clone(&self.core.budget);
         let mut pending = Vec::new().into_iter();
@@ -444,7 +445,7 @@ impl Hub {
                 let wait = if self.core.spill_blocked.is_some() { SPILL_RETRY } else { PAUSE_RECHECK };
                 tokio::select! {
                     biased;
-                    _ = crate::replication::stream::stopped(&mut shutdown) => break Ok(()),
+                    () = shutdown.cancelled() => break Ok(()),
                     Some(control) = self.control.recv() => self.core.control(control),
                     _ = tick.tick() => self.core.check_readers(),
                     () = budget.wait_for_room(wait) => {}
@@ -464,7 +465,7 @@ impl Hub {
             }
             tokio::select! {
                 biased;
-                _ = crate::replication::stream::stopped(&mut shutdown) => break Ok(()),
+                () = shutdown.cancelled() => break Ok(()),
                 Some(control) = self.control.recv() => self.core.control(control),
                 _ = tick.tick() => self.core.check_readers(),
                 // Verdicts only between transactions' fan-outs, never while

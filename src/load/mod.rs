@@ -341,7 +341,7 @@ fn utc_stamp(t: std::time::SystemTime) -> String {
 struct Recording {
     slot: String,
     path: PathBuf,
-    stop: watch::Sender<bool>,
+    stop: tokio_util::sync::CancellationToken,
     task: tokio::task::JoinHandle<Result<crate::capture::RecordReport, crate::capture::RecordError>>,
 }
 
@@ -368,7 +368,8 @@ impl Recording {
         let file =
             std::fs::File::create(path).map_err(|e| LoadError::Io(format!("creating {}: {e}", path.display())))?;
         let writer = std::io::BufWriter::with_capacity(1 << 20, file);
-        let (stop, stopped) = watch::channel(false);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stopped = stop.clone();
         let task =
             tokio::spawn(crate::capture::record(config, writer, crate::capture::RecordLimits::default(), stopped));
         Ok(Recording { slot: slot.to_owned(), path: path.to_owned(), stop, task })
@@ -395,7 +396,7 @@ impl Recording {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let _ = self.stop.send(true);
+        self.stop.cancel();
         let report = match self.task.await {
             Ok(Ok(report)) => report,
             Ok(Err(err)) => return Err(LoadError::Io(format!("recording {}: {err}", self.path.display()))),

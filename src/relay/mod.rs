@@ -37,7 +37,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -154,7 +154,9 @@ pub struct Relay {
     /// Acknowledgements and the shared replication status.
     ack: AckHandle,
     queues: RelayQueues,
-    shutdown: watch::Sender<bool>,
+    /// Cancelled to stop the stages (the source first sends a final status
+    /// update).
+    shutdown: CancellationToken,
     /// Cancelled when the first stage task ends (each holds a drop guard).
     ended: CancellationToken,
     source: JoinHandle<Result<(), ReplicationError>>,
@@ -182,7 +184,7 @@ impl Relay {
             dir: config.spill.dir.join("stream"),
             disk_budget: config.spill.disk_budget - hub_budget,
         })?;
-        let (shutdown, shutdown_rx) = watch::channel(false);
+        let shutdown = CancellationToken::new();
         let ack = AckHandle::default();
         let (mut hub, handle) = hub::hub(config.hub.clone(), ack.clone(), spill.clone());
         let (verdicts_tx, verdicts_rx) = mpsc::channel(256);
@@ -204,7 +206,7 @@ impl Relay {
         let ended = CancellationToken::new();
         let source = spawn_stage(
             &ended,
-            run_source(config.source.clone(), source_tx, ack.clone(), shutdown_rx.clone())
+            run_source(config.source.clone(), source_tx, ack.clone(), shutdown.clone())
                 .instrument(tracing::info_span!("replication", slot = %config.source.slot.slot)),
         );
         let stage = spawn_stage(
@@ -228,7 +230,7 @@ impl Relay {
         );
         let hub_task = spawn_stage(
             &ended,
-            record_end(ack.clone(), "hub", hub.run(stage_rx, shutdown_rx)).instrument(tracing::info_span!("hub")),
+            record_end(ack.clone(), "hub", hub.run(stage_rx, shutdown.clone())).instrument(tracing::info_span!("hub")),
         );
         let relay = Relay { hub: handle, ack, queues, shutdown, ended, source, stage, hub_task };
         match tokio::time::timeout(config.start_timeout, ready_rx).await {
@@ -247,7 +249,7 @@ impl Relay {
     /// # Errors
     /// That error.
     pub async fn stop(self) -> Result<(), RelayError> {
-        let _ = self.shutdown.send(true);
+        self.shutdown.cancel();
         let source = self.source.await.map_err(|_| RelayError::Stopped("replication source"))?;
         let stage = self.stage.await.map_err(|_| RelayError::Stopped("change stage"))?;
         let hub = self.hub_task.await.map_err(|_| RelayError::Stopped("hub"))?;

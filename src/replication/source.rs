@@ -29,7 +29,8 @@ use std::time::Duration;
 
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use super::heartbeat::{self, HeartbeatConfig};
 use super::{AckHandle, ReplicationError, ReplicationStream, SlotOptions, StreamConfig, WalConnection, WalEvent};
@@ -151,7 +152,7 @@ pub async fn run_source(
     mut config: SourceConfig,
     out: mpsc::Sender<SourceEvent>,
     ack: AckHandle,
-    shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) -> Result<(), ReplicationError> {
     config.apply_tcp_liveness();
     ack.status().set_silence_timeout(config.stream.silence_timeout);
@@ -172,16 +173,16 @@ async fn supervise(
     config: &SourceConfig,
     out: mpsc::Sender<SourceEvent>,
     ack: &AckHandle,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) -> Result<(), ReplicationError> {
     let mut backoff = BACKOFF_START;
     let mut streamed_before = false;
     loop {
-        if *shutdown.borrow() {
+        if shutdown.is_cancelled() {
             ack.status().set_stopped();
             return Ok(());
         }
-        let result = stream_once(config, &out, ack, &mut shutdown, &mut backoff, &mut streamed_before).await;
+        let result = stream_once(config, &out, ack, &shutdown, &mut backoff, &mut streamed_before).await;
         match result {
             Err(ReplicationError::Shutdown) | Ok(()) => {
                 ack.status().set_stopped();
@@ -192,7 +193,7 @@ async fn supervise(
                 tracing::warn!(error = %err, retry_in = ?backoff, "replication interrupted; reconnecting");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.changed() => {}
+                    () = shutdown.cancelled() => {}
                 }
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
@@ -209,7 +210,7 @@ async fn stream_once(
     config: &SourceConfig,
     out: &mpsc::Sender<SourceEvent>,
     ack: &AckHandle,
-    shutdown: &mut watch::Receiver<bool>,
+    shutdown: &CancellationToken,
     backoff: &mut Duration,
     streamed_before: &mut bool,
 ) -> Result<(), ReplicationError> {
@@ -234,7 +235,7 @@ async fn stream_once(
                         _ = tokio::time::sleep(SNAPSHOT_LEASE_MAX) => {
                             tracing::warn!("the exported snapshot was not released in time; streaming anyway");
                         }
-                        _ = super::stream::stopped(shutdown) => return Err(ReplicationError::Shutdown),
+                        () = shutdown.cancelled() => return Err(ReplicationError::Shutdown),
                     }
                 }
                 true

@@ -30,7 +30,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tokio::time::Instant;
 
 use super::conn::Backend;
@@ -377,13 +378,13 @@ impl ReplicationStream {
     pub async fn pump(
         &mut self,
         out: &mpsc::Sender<WalEvent>,
-        shutdown: &mut watch::Receiver<bool>,
+        shutdown: &CancellationToken,
     ) -> Result<(), ReplicationError> {
         loop {
             // 1. shutdown, 2. status timer while waiting for capacity, 3. capacity.
             let permit = tokio::select! {
                 biased;
-                _ = stopped(shutdown) => {
+                () = shutdown.cancelled() => {
                     self.send_status(false).await?;
                     return Err(ReplicationError::Shutdown);
                 }
@@ -398,7 +399,7 @@ impl ReplicationStream {
             };
             let event = tokio::select! {
                 biased;
-                _ = stopped(shutdown) => {
+                () = shutdown.cancelled() => {
                     self.send_status(false).await?;
                     return Err(ReplicationError::Shutdown);
                 }
@@ -427,13 +428,6 @@ impl ReplicationStream {
                 _ => {}
             }
         }
-    }
-}
-
-/// Resolves once shutdown is signalled (never, if the sender is gone).
-pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    if shutdown.wait_for(|stop| *stop).await.is_err() {
-        std::future::pending::<()>().await;
     }
 }
 

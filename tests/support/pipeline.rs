@@ -16,7 +16,7 @@ use walcast::replication::{run_source, AckHandle, SlotOptions, SourceConfig, Sou
 /// A running source + assembler.
 pub struct Pipeline {
     events: mpsc::Receiver<TxEvent>,
-    stop: tokio::sync::watch::Sender<bool>,
+    stop: tokio_util::sync::CancellationToken,
     /// The assembler's peak buffered bytes, updated as it runs.
     pub peak_buffered: Arc<AtomicUsize>,
     task: Option<tokio::task::JoinHandle<Option<CaptureWriter<std::fs::File>>>>,
@@ -48,9 +48,9 @@ impl Pipeline {
             ..SourceConfig::new(tokio_postgres::Config::from_str(url).unwrap(), slot.clone())
         };
         let (tx, mut rx) = mpsc::channel(256);
-        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let stop = tokio_util::sync::CancellationToken::new();
         let ack = AckHandle::default();
-        tokio::spawn(run_source(config, tx, ack.clone(), stop_rx));
+        tokio::spawn(run_source(config, tx, ack.clone(), stop.clone()));
         let (out_tx, out_rx) = mpsc::channel(1024);
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let peak_buffered = Arc::new(AtomicUsize::new(0));
@@ -136,7 +136,7 @@ impl Pipeline {
 
     /// Stops the source; returns the capture writer, finished by the caller.
     pub async fn stop(mut self) -> Option<CaptureWriter<std::fs::File>> {
-        let _ = self.stop.send(true);
+        self.stop.cancel();
         self.events.close();
         while self.events.recv().await.is_some() {}
         self.task.take()?.await.ok().flatten()
@@ -145,7 +145,7 @@ impl Pipeline {
 
 impl Drop for Pipeline {
     fn drop(&mut self) {
-        let _ = self.stop.send(true);
+        self.stop.cancel();
     }
 }
 
