@@ -353,9 +353,28 @@ async fn filters_cost_only_their_owner_and_over_budget_joins_are_refused() {
 
     // Unindexed filters: 20 per socket by default.
     let mut ws = t.connect(&service, Vsn::V2).await;
+    // Every operator no index can look up, in turn (each a valid filter).
+    const UNINDEXED: [&str; 13] = [
+        "type=neq.t",
+        "created_at=lt.2000-01-01",
+        "created_at=lte.2000-01-01",
+        "created_at=gt.2000-01-01",
+        "created_at=gte.2000-01-01",
+        "type=like.s%",
+        "type=ilike.S%",
+        "type=match.^s",
+        "type=imatch.^S",
+        "type=is.null",
+        "type=isdistinct.x",
+        "status=not.eq.x",
+        "status=not.in.(x,y)",
+    ];
     let neq = |n: usize| -> serde_json::Value {
         json!((0..n)
-            .map(|i| json!({"event": "*", "schema": "public", "table": "orders", "filter": format!("type=neq.t{i}")}))
+            .map(|i| {
+                let filter = format!("{},type=neq.t{i}", UNINDEXED[i % UNINDEXED.len()]);
+                json!({"event": "*", "schema": "public", "table": "orders", "filter": filter})
+            })
             .collect::<Vec<_>>())
     };
     ws.subscribe("realtime:n1", neq(20), None).await;
