@@ -405,6 +405,18 @@ async fn filters_cost_only_their_owner_and_over_budget_joins_are_refused() {
     );
     ws.send(None, "phoenix", "heartbeat", json!({})).await;
     assert_eq!(ws.expect("phoenix", "phx_reply").await.payload["status"], "ok");
+    // A private channel: Realtime Authorization is not evaluated yet, so the
+    // join is refused with Supabase's text, never accepted unchecked.
+    let private = json!({"config": {"private": true, "postgres_changes": [
+        {"event": "*", "schema": "public", "table": "orders"}]}});
+    ws.send(Some("10"), "realtime:room-1", "phx_join", private).await;
+    let reply = ws.expect("realtime:room-1", "phx_reply").await;
+    assert_eq!(reply.payload["status"], "error");
+    assert_eq!(
+        reply.payload["response"]["reason"],
+        "Unauthorized: You do not have permissions to read from this Channel topic: room-1"
+    );
+    assert_eq!(counter(&t, "walcast_joins_refused_private_total").await, 1);
     // The socket's accepted channels still deliver.
     let id = create_order(&t.client, north, owner, "sales", "draft").await;
     let frame = ws.expect("realtime:n3", "postgres_changes").await;

@@ -222,6 +222,11 @@ impl Monitor {
             "Joins refused because the socket would hold more unindexed filters than --max-unindexed-filters.",
             load(&r.unindexed_refused),
         );
+        w.counter(
+            "walcast_joins_refused_private_total",
+            "Private-channel joins refused (Realtime Authorization on realtime.messages is not evaluated yet).",
+            load(&r.private_refused),
+        );
         w.counter("walcast_bad_frames_total", "Client frames that could not be decoded.", load(&r.bad_frames));
         w.counter(
             "walcast_tokens_expired_total",

@@ -32,6 +32,9 @@ pub struct JoinRequest {
     /// `access_token` (or the legacy `user_token`), unless absent, not a
     /// string, or an `sb_…` key (which Supabase ignores too).
     pub access_token: Option<String>,
+    /// `config.private`: a channel under Realtime Authorization (policies
+    /// on `realtime.messages`), which this server does not evaluate yet.
+    pub private: bool,
 }
 
 /// A join payload that cannot be used.
@@ -72,7 +75,8 @@ pub fn parse_join(payload: &Value) -> Result<JoinRequest, JoinError> {
         }
         Some(_) => return Err(JoinError::BindingsShape),
     };
-    Ok(JoinRequest { bindings, access_token })
+    let private = payload.get("config").and_then(|c| c.get("private")).and_then(Value::as_bool).unwrap_or(false);
+    Ok(JoinRequest { bindings, access_token, private })
 }
 
 /// The binding's id: a hash of its parameters (keys sorted) in `[1, 2^27)`.
@@ -211,6 +215,9 @@ mod tests {
         assert_eq!(parse_join(&json!({"access_token": "sb_publishable_x"})).unwrap().access_token, None);
         assert_eq!(parse_join(&json!({"access_token": null})).unwrap().access_token, None);
         assert!(parse_join(&json!({})).unwrap().bindings.is_empty());
+        assert!(!join.private);
+        assert!(parse_join(&json!({"config": {"private": true}})).unwrap().private);
+        assert!(!parse_join(&json!({"config": {"private": "yes"}})).unwrap().private);
         assert_eq!(parse_join(&json!({"config": {"postgres_changes": {}}})), Err(JoinError::BindingsShape));
         assert_eq!(parse_join(&json!({"config": {"postgres_changes": [1]}})), Err(JoinError::BindingsShape));
         let many: Vec<Value> = (0..=MAX_BINDINGS).map(|_| json!({"schema": "public"})).collect();

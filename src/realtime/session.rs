@@ -83,6 +83,9 @@ pub struct RealtimeStats {
     pub joins_refused: AtomicU64,
     /// Of those, joins refused for the socket's unindexed-filter budget.
     pub unindexed_refused: AtomicU64,
+    /// Of those, private-channel joins (Realtime Authorization is not
+    /// evaluated by this server yet).
+    pub private_refused: AtomicU64,
     /// Frames that could not be decoded.
     pub bad_frames: AtomicU64,
     /// Channels closed because their token expired.
@@ -406,7 +409,17 @@ impl Session {
                 return None;
             }
         };
-        let JoinRequest { bindings, access_token } = request;
+        let JoinRequest { bindings, access_token, private } = request;
+        if private {
+            // Realtime Authorization (policies on realtime.messages) is not
+            // evaluated here yet: refused, as Supabase refuses a private
+            // join no policy lets read, never accepted unchecked.
+            self.ctx.stats.private_refused.fetch_add(1, Ordering::Relaxed);
+            let reason =
+                format!("Unauthorized: You do not have permissions to read from this Channel topic: {sub_topic}");
+            self.refuse(&msg, &reason);
+            return None;
+        }
         let (token, claims) = match access_token {
             Some(token) => match self.ctx.verifier.verify(&token, now_unix()) {
                 Ok(claims) => (token, claims),
