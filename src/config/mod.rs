@@ -115,6 +115,12 @@ pub struct FileConfig {
     pub heartbeat_interval_secs: Option<f64>,
     /// Seconds between polls of roles (and, without the event trigger, policies).
     pub policy_poll_interval_secs: Option<f64>,
+    /// Most open sockets per user (`sub` of the upgrade's token).
+    pub max_sockets_per_user: Option<usize>,
+    /// Most open sockets per client address.
+    pub max_sockets_per_address: Option<usize>,
+    /// Comma-separated CIDRs of reverse proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Option<String>,
 }
 
 impl std::fmt::Debug for FileConfig {
@@ -148,6 +154,9 @@ impl std::fmt::Debug for FileConfig {
             .field("replication_timeout_secs", &self.replication_timeout_secs)
             .field("heartbeat_interval_secs", &self.heartbeat_interval_secs)
             .field("policy_poll_interval_secs", &self.policy_poll_interval_secs)
+            .field("max_sockets_per_user", &self.max_sockets_per_user)
+            .field("max_sockets_per_address", &self.max_sockets_per_address)
+            .field("trusted_proxies", &self.trusted_proxies)
             .finish_non_exhaustive()
     }
 }
@@ -201,6 +210,9 @@ impl FileConfig {
             replication_timeout_secs: self.replication_timeout_secs.or(lower.replication_timeout_secs),
             heartbeat_interval_secs: self.heartbeat_interval_secs.or(lower.heartbeat_interval_secs),
             policy_poll_interval_secs: self.policy_poll_interval_secs.or(lower.policy_poll_interval_secs),
+            max_sockets_per_user: self.max_sockets_per_user.or(lower.max_sockets_per_user),
+            max_sockets_per_address: self.max_sockets_per_address.or(lower.max_sockets_per_address),
+            trusted_proxies: self.trusted_proxies.or(lower.trusted_proxies),
         }
     }
 }
@@ -261,6 +273,9 @@ pub enum ConfigError {
     /// An empty name.
     #[error("{0} must not be empty")]
     Empty(&'static str),
+    /// A trusted proxy that is not an address block.
+    #[error("TRUSTED_PROXIES (--trusted-proxies): {0}")]
+    TrustedProxies(#[source] crate::http::CidrError),
     /// `walcast serve` (or `check`) without a database.
     #[error(
         "no database configured: set DATABASE_URL (--database-url), or DB_HOST with DB_PORT, DB_USER, \
@@ -326,6 +341,12 @@ pub struct Settings {
     pub max_connections: usize,
     /// Most channels per socket.
     pub max_channels: usize,
+    /// Most sockets per user (`sub`).
+    pub max_sockets_per_user: usize,
+    /// Most sockets per client address.
+    pub max_sockets_per_address: usize,
+    /// Reverse proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<crate::http::Cidr>,
     /// WebSocket read buffer per socket (bytes).
     pub ws_read_buffer: usize,
     /// WebSocket write buffer per socket (bytes).
@@ -425,6 +446,22 @@ impl Settings {
             1,
             10_000,
         )?;
+        let max_sockets_per_user = range(
+            "MAX_SOCKETS_PER_USER (--max-sockets-per-user)",
+            merged.max_sockets_per_user.unwrap_or(limits.max_sockets_per_user),
+            1,
+            10_000_000,
+        )?;
+        let max_sockets_per_address = range(
+            "MAX_SOCKETS_PER_ADDRESS (--max-sockets-per-address)",
+            merged.max_sockets_per_address.unwrap_or(limits.max_sockets_per_address),
+            1,
+            10_000_000,
+        )?;
+        let trusted_proxies = match &merged.trusted_proxies {
+            Some(list) => crate::http::Cidr::parse_list(list).map_err(ConfigError::TrustedProxies)?,
+            None => limits.trusted_proxies.clone(),
+        };
         let ws_read_buffer = range(
             "WS_READ_BUFFER_BYTES (--ws-read-buffer)",
             merged.ws_read_buffer_bytes.unwrap_or(limits.ws_read_buffer),
@@ -531,6 +568,9 @@ impl Settings {
             auth,
             max_connections,
             max_channels,
+            max_sockets_per_user,
+            max_sockets_per_address,
+            trusted_proxies,
             ws_read_buffer,
             ws_write_buffer,
             data_dir: merged.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
@@ -627,6 +667,9 @@ impl Settings {
         config.listen = std::net::SocketAddr::new(self.host, self.port);
         config.limits.max_connections = self.max_connections;
         config.limits.max_channels = self.max_channels;
+        config.limits.max_sockets_per_user = self.max_sockets_per_user;
+        config.limits.max_sockets_per_address = self.max_sockets_per_address;
+        config.limits.trusted_proxies = self.trusted_proxies.clone();
         config.limits.ws_read_buffer = self.ws_read_buffer;
         config.limits.ws_write_buffer = self.ws_write_buffer;
         config.monitoring = self.monitoring.clone();
