@@ -788,6 +788,43 @@ mod tests {
     }
 
     #[test]
+    fn socket_budgets_and_trusted_proxies_from_flags_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("walcast.toml");
+        std::fs::write(
+            &path,
+            "database_url = \"postgres://u:p@h/db\"\njwt_secret = \"f\"\nmax_sockets_per_user = 7\n\
+             max_sockets_per_address = 70\ntrusted_proxies = \"10.0.0.0/8, 127.0.0.1\"\n",
+        )
+        .unwrap();
+        let settings = Settings::resolve(FileConfig::default(), Some(&path)).unwrap();
+        assert_eq!((settings.max_sockets_per_user, settings.max_sockets_per_address), (7, 70));
+        assert_eq!(settings.trusted_proxies.len(), 2);
+        let limits = settings.serve_config(settings.require_database().unwrap().clone()).limits;
+        assert_eq!((limits.max_sockets_per_user, limits.max_sockets_per_address), (7, 70));
+        assert!(limits.trusted_proxies[1].contains(IpAddr::from([127, 0, 0, 1])));
+        // Flags beat the file; defaults come from Limits.
+        let given = FileConfig { max_sockets_per_user: Some(3), trusted_proxies: Some(String::new()), ..given() };
+        let settings = Settings::resolve(given, Some(&path)).unwrap();
+        assert_eq!(settings.max_sockets_per_user, 3);
+        assert!(settings.trusted_proxies.is_empty());
+        let settings = Settings::resolve(given_url(), None).unwrap();
+        let defaults = crate::realtime::Limits::default();
+        assert_eq!(settings.max_sockets_per_user, defaults.max_sockets_per_user);
+        assert_eq!(settings.max_sockets_per_address, defaults.max_sockets_per_address);
+        // Refusals name the setting.
+        let bad = FileConfig { trusted_proxies: Some("10.0.0.0/8,nope".into()), ..given_url() };
+        let err = Settings::resolve(bad, None).unwrap_err().to_string();
+        assert!(err.starts_with("TRUSTED_PROXIES (--trusted-proxies): \"nope\""), "{err}");
+        let zero = FileConfig { max_sockets_per_address: Some(0), ..given_url() };
+        assert!(Settings::resolve(zero, None).unwrap_err().to_string().contains("MAX_SOCKETS_PER_ADDRESS"));
+    }
+
+    fn given_url() -> FileConfig {
+        FileConfig { database_url: Some("postgres://u:p@h/db".into()), ..given() }
+    }
+
+    #[test]
     fn supabase_db_variables_build_the_connection() {
         let given = FileConfig {
             db_host: Some("db.example.com".into()),

@@ -129,7 +129,6 @@ pub async fn serve(listener: TcpListener, ctx: Arc<HttpContext>, mut shutdown: w
 /// An upgrade answered with 101: what its session needs once hyper hands
 /// the connection over.
 struct Accepted {
-    on_upgrade: OnUpgrade,
     vsn: Vsn,
     apikey: String,
     claims: Claims,
@@ -137,9 +136,9 @@ struct Accepted {
     ticket: Ticket,
 }
 
-/// Where the request handler leaves an [`Accepted`] upgrade for the
-/// connection task (one request per connection).
-type Handoff = Arc<Mutex<Option<Accepted>>>;
+/// Where the request handler leaves an accepted upgrade for the connection
+/// task (one request per connection).
+type Handoff = Arc<Mutex<Option<(OnUpgrade, Accepted)>>>;
 
 /// One connection: its HTTP request, then — if it was an accepted upgrade —
 /// its realtime session, in this task.
@@ -150,9 +149,31 @@ async fn connection(
     ctx: Arc<HttpContext>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // Boxed: hyper's state is freed once the request is answered, and does
+    // not add to the size of this future, which lives as long as the socket.
+    let exchange = Box::pin(exchange(stream, peer, http, Arc::clone(&ctx), &mut shutdown)).await;
+    let Some((Accepted { vsn, apikey, claims, ticket }, stream, read_buf)) = exchange else { return };
+    let sessions = Arc::clone(&ctx.sessions);
+    drop(ctx);
+    let config = Some(sessions.limits.websocket_config());
+    let ws = WebSocketStream::from_partially_read(stream, read_buf, Role::Server, config).await;
+    session::run(ws, sessions, vsn, apikey, claims, shutdown).await;
+    drop(ticket);
+}
+
+/// The HTTP part of a connection: serves its one request; for an accepted
+/// upgrade, returns the session's parameters and the bare socket with the
+/// bytes hyper read past the request.
+async fn exchange(
+    stream: TcpStream,
+    peer: SocketAddr,
+    http: Arc<http1::Builder>,
+    ctx: Arc<HttpContext>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<(Accepted, TcpStream, Vec<u8>)> {
     let handoff: Handoff = Arc::new(Mutex::new(None));
     let service = {
-        let (ctx, handoff) = (Arc::clone(&ctx), Arc::clone(&handoff));
+        let handoff = Arc::clone(&handoff);
         service_fn(move |request| {
             let (ctx, handoff) = (Arc::clone(&ctx), Arc::clone(&handoff));
             async move { Ok::<_, Infallible>(route(request, peer, &ctx, &handoff).await) }
@@ -162,7 +183,8 @@ async fn connection(
     let mut conn = std::pin::pin!(conn);
     let served = tokio::select! {
         served = conn.as_mut() => served,
-        () = stopped(&mut shutdown) => {
+        () = stopped(shutdown) => {
+            // A request in progress is answered; an idle connection closes.
             conn.as_mut().graceful_shutdown();
             conn.as_mut().await
         }
@@ -170,36 +192,21 @@ async fn connection(
     if let Err(err) = served {
         tracing::debug!(error = %err, "http connection ended");
     }
-    let accepted = handoff.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-    let Some(Accepted { on_upgrade, vsn, apikey, claims, ticket }) = accepted else { return };
+    let (on_upgrade, accepted) = handoff.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()?;
     let upgraded = match on_upgrade.await {
         Ok(upgraded) => upgraded,
         Err(err) => {
             tracing::debug!(error = %err, "upgrade failed");
-            return;
+            return None;
         }
     };
-    let config = Some(ctx.sessions.limits.websocket_config());
-    let sessions = Arc::clone(&ctx.sessions);
-    drop(ctx);
     // The bare socket: no hyper layer (or its buffers) under the session.
-    match upgraded.downcast::<TokioIo<TcpStream>>() {
-        Ok(parts) => {
-            let ws = WebSocketStream::from_partially_read(
-                parts.io.into_inner(),
-                parts.read_buf.to_vec(),
-                Role::Server,
-                config,
-            )
-            .await;
-            session::run(ws, sessions, vsn, apikey, claims, shutdown).await;
-        }
-        Err(upgraded) => {
-            let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, config).await;
-            session::run(ws, sessions, vsn, apikey, claims, shutdown).await;
-        }
-    }
-    drop(ticket);
+    // The connection above serves a `TokioIo<TcpStream>`, so this cannot fail.
+    let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+        tracing::warn!("an upgraded connection is not the socket it was served on; dropping it");
+        return None;
+    };
+    Some((accepted, parts.io.into_inner(), parts.read_buf.to_vec()))
 }
 
 /// A request's query parameter.
@@ -314,7 +321,7 @@ fn upgrade(
         return respond_error(StatusCode::UPGRADE_REQUIRED, "expected a WebSocket upgrade");
     };
     *handoff.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-        Some(Accepted { on_upgrade, vsn, apikey, claims, ticket });
+        Some((on_upgrade, Accepted { vsn, apikey, claims, ticket }));
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
