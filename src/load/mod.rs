@@ -617,7 +617,7 @@ async fn run_held(
     });
     let tokens: Vec<Arc<str>> =
         (0..args.users).map(|u| Arc::from(token("authenticated", Some(ids.uuid(Tag::User, u))).as_str())).collect();
-    let (sources, _) = source_spread(&args);
+    let (sources, _) = source_spread(args);
     let spread = relay_addr.ip().is_loopback() && relay_addr.is_ipv4();
     let mut rng = Rng::new(args.seed ^ 0xf1_17e5);
     let specs: Vec<ClientSpec> = (0..args.clients)
