@@ -25,11 +25,15 @@
 //!   cap and the budgets cannot be overshot, and they come back when the
 //!   session ends however it ends.
 //! - After the upgrade, hyper's connection state and buffers are gone: the
-//!   session runs on the bare `TcpStream` (hyper's [`hyper::upgrade::Upgraded`] is unwrapped,
-//!   its unread bytes handed to tungstenite), as before hyper.
+//!   session runs on the bare `TcpStream` (hyper's
+//!   [`hyper::upgrade::Upgraded`] is unwrapped, its unread bytes handed to
+//!   tungstenite), so a socket costs what it cost before hyper.
 //! - Shutdown stops accepting first; a connection still in its HTTP request
 //!   is finished gracefully, sessions close their sockets with 1001, and the
 //!   accept loop waits for them (bounded by a deadline).
+//!
+//! hyper without axum: a handful of fixed GET routes need no router, and
+//! the upgrade needs hyper's own `OnUpgrade`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
