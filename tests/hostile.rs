@@ -253,6 +253,12 @@ async fn half_open_and_silent_connections_do_not_block_the_server() {
     let mut ws: Ws = t.connect(&token("anon", None, 3600), Vsn::V2).await;
     ws.send(None, "phoenix", "heartbeat", json!({})).await;
     assert_eq!(ws.expect("phoenix", "phx_reply").await.payload["status"], "ok");
+    // A head that never comes: the server closes the connection (10 s head
+    // timeout; the deadline here is generous).
+    let mut silent = idle.pop().unwrap();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(60), silent.read(&mut byte)).await;
+    assert!(matches!(read, Ok(Ok(0) | Err(_))), "the server closed a connection that sent no head: {read:?}");
     drop(idle);
     t.server.shutdown().await.unwrap();
 }
