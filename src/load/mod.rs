@@ -1184,4 +1184,25 @@ mod tests {
         assert_eq!(utc_stamp(t), "20261126T123530Z");
         assert_eq!(utc_stamp(std::time::UNIX_EPOCH), "19700101T000000Z");
     }
+
+    #[test]
+    fn clients_are_spread_within_the_default_per_address_budget() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: LoadArgs,
+        }
+        let spread = |flags: &[&str]| {
+            let cli = <Cli as clap::Parser>::parse_from(std::iter::once("load").chain(flags.iter().copied()));
+            source_spread(&cli.args)
+        };
+        let budget = crate::realtime::Limits::default().max_sockets_per_address;
+        assert_eq!(spread(&["--clients", "10"]), (1, 10));
+        assert_eq!(spread(&["--clients", "2000"]), (2, 1000));
+        assert_eq!(spread(&["--clients", "19700"]), (20, 985));
+        assert!(spread(&["--clients", "200000"]).1 <= budget);
+        // Past 249 addresses the relay needs a larger budget (the run gives it one).
+        assert_eq!(spread(&["--clients", "300000"]), (249, 1205));
+        assert_eq!(spread(&["--clients", "100", "--source-addrs", "7"]), (7, 15));
+    }
 }
