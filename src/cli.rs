@@ -268,6 +268,18 @@ struct ServeArgs {
     /// [default: 1048576].
     #[arg(long = "max-socket-join-bytes", env = "MAX_SOCKET_JOIN_BYTES")]
     max_socket_join_bytes: Option<usize>,
+    /// Most open sockets per user (the `sub` of the upgrade's apikey; tokens without
+    /// `sub` are not counted); more get HTTP 429 [default: 100].
+    #[arg(long = "max-sockets-per-user", env = "MAX_SOCKETS_PER_USER")]
+    max_sockets_per_user: Option<usize>,
+    /// Most open sockets per client address; more get HTTP 429 [default: 1000].
+    #[arg(long = "max-sockets-per-address", env = "MAX_SOCKETS_PER_ADDRESS")]
+    max_sockets_per_address: Option<usize>,
+    /// Reverse proxies, comma-separated CIDRs (10.0.0.0/8,127.0.0.1): a connection from
+    /// one of them is counted under the rightmost untrusted X-Forwarded-For address
+    /// [default: none; X-Forwarded-For is ignored].
+    #[arg(long = "trusted-proxies", env = "TRUSTED_PROXIES")]
+    trusted_proxies: Option<String>,
     /// WebSocket read buffer per socket, bytes (tokio-tungstenite's default: 131072) [default: 8192].
     #[arg(long = "ws-read-buffer", env = "WS_READ_BUFFER_BYTES")]
     ws_read_buffer_bytes: Option<usize>,
@@ -397,6 +409,9 @@ impl ServeArgs {
             replication_timeout_secs: self.replication_timeout_secs,
             heartbeat_interval_secs: self.heartbeat_interval_secs,
             policy_poll_interval_secs: self.policy_poll_interval_secs,
+            max_sockets_per_user: self.max_sockets_per_user,
+            max_sockets_per_address: self.max_sockets_per_address,
+            trusted_proxies: self.trusted_proxies,
         };
         Ok(walcast::config::Settings::resolve(given, file.as_deref())?)
     }

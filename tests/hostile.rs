@@ -1,8 +1,12 @@
 //! Hostile input on the WebSocket side: malformed frames, invalid JSON and
 //! UTF-8, oversized messages, a join flood, unknown topics. Each gets a
 //! precise error reply or close code, and a second client keeps receiving
-//! every change, in order, throughout.
+//! every change, in order, throughout. Over-budget upgrades (per user, per
+//! address, the connection cap under a burst) get HTTP 429 with the budget
+//! named, while everyone else connects; `X-Forwarded-For` counts only from a
+//! trusted proxy.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
@@ -12,9 +16,10 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 use walcast::hub::Vsn;
+use walcast::realtime::Limits;
 
-use crate::support::server::{token, TestServer, Ws};
-use crate::support::{create_dealership, create_order, create_user};
+use crate::support::server::{anon, http_get, token, user, TestServer, Ws, WAIT};
+use crate::support::{add_member, create_dealership, create_order, create_user};
 
 /// Upgrades a raw TCP connection by hand and returns it (for invalid frames
 /// no WebSocket library would send).
@@ -248,6 +253,12 @@ async fn half_open_and_silent_connections_do_not_block_the_server() {
     let mut ws: Ws = t.connect(&token("anon", None, 3600), Vsn::V2).await;
     ws.send(None, "phoenix", "heartbeat", json!({})).await;
     assert_eq!(ws.expect("phoenix", "phx_reply").await.payload["status"], "ok");
+    // A head that never comes: the server closes the connection (10 s head
+    // timeout; the deadline here is generous).
+    let mut silent = idle.pop().unwrap();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(60), silent.read(&mut byte)).await;
+    assert!(matches!(read, Ok(Ok(0) | Err(_))), "the server closed a connection that sent no head: {read:?}");
     drop(idle);
     t.server.shutdown().await.unwrap();
 }
@@ -421,5 +432,202 @@ async fn filters_cost_only_their_owner_and_over_budget_joins_are_refused() {
     let id = create_order(&t.client, north, owner, "sales", "draft").await;
     let frame = ws.expect("realtime:n3", "postgres_changes").await;
     assert_eq!(frame.payload["data"]["record"]["id"], json!(id));
+    t.server.shutdown().await.unwrap();
+}
+
+/// The value of one sample line of `/metrics` (`name` with its labels, as
+/// written), 0 when absent.
+async fn metric(addr: std::net::SocketAddr, sample: &str) -> f64 {
+    let (status, body) = http_get(addr, "/metrics", &[]).await;
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|line| line.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
+        .map_or(0.0, |value| value.parse().unwrap())
+}
+
+/// A loopback source address.
+fn local(last: u8) -> Option<IpAddr> {
+    Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)))
+}
+
+/// Heartbeats on every socket; each must answer.
+async fn all_answer(sockets: &mut [Ws]) {
+    for ws in sockets {
+        ws.send(None, "phoenix", "heartbeat", json!({})).await;
+        assert_eq!(ws.expect("phoenix", "phx_reply").await.payload["status"], "ok");
+    }
+}
+
+/// Upgrades until one is admitted (a closed socket's budget comes back once
+/// its session ends), within the wait.
+async fn admitted_eventually(addr: std::net::SocketAddr, source: Option<IpAddr>, key: &str) -> Ws {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match Ws::upgrade_from(addr, source, key, &[]).await {
+            Ok(ws) => return ws,
+            Err((status, body)) => {
+                assert_eq!(status, 429, "{body}");
+                assert!(tokio::time::Instant::now() < deadline, "the budget never came back: {body}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_101st_socket_of_a_user_is_refused_and_others_are_unaffected() {
+    let t = TestServer::start().await;
+    let addr = t.addr();
+    let per_user = Limits::default().max_sockets_per_user;
+    assert_eq!(per_user, 100, "the documented default");
+    let owner = create_user(&t.client, "owner@example.com").await;
+    let alice = create_user(&t.client, "alice@example.com").await;
+    let bob = create_user(&t.client, "bob@example.com").await;
+    let north = create_dealership(&t.client, "NORTH").await;
+    add_member(&t.client, bob, north, "user").await;
+
+    let mut alices = Vec::new();
+    for _ in 0..per_user {
+        alices.push(Ws::upgrade_from(addr, None, &user(alice), &[]).await.expect("within alice's budget"));
+    }
+    let (status, body) = Ws::upgrade_from(addr, None, &user(alice), &[]).await.err().expect("the 101st is refused");
+    assert_eq!(status, 429);
+    assert_eq!(body, r#"{"error":"too many sockets for this user (limit 100)"}"#);
+    // Another token of the same user counts too: the budget is the `sub`'s.
+    let other_token = token("authenticated", Some(alice), 7200);
+    let (status, _) = Ws::upgrade_from(addr, None, &other_token, &[]).await.err().expect("same sub, other token");
+    assert_eq!(status, 429);
+    // Tokens without `sub` are not counted per user.
+    let mut anons = Vec::new();
+    for _ in 0..3 {
+        anons.push(Ws::upgrade_from(addr, None, &anon(), &[]).await.expect("the anon key has no sub"));
+    }
+
+    // Everyone else: bob connects and receives changes; alice's sockets serve.
+    let mut bobs = Ws::upgrade_from(addr, None, &user(bob), &[]).await.expect("another user connects");
+    let topic = "realtime:bob";
+    bobs.subscribe(topic, json!([{"event": "INSERT", "schema": "public", "table": "orders"}]), None).await;
+    let order = create_order(&t.client, north, owner, "sales", "pending").await;
+    let change = bobs.expect(topic, "postgres_changes").await;
+    assert_eq!(change.payload["data"]["record"]["id"], json!(order));
+    all_answer(&mut alices[..3]).await;
+    all_answer(&mut anons).await;
+    assert_eq!(metric(addr, r#"walcast_upgrades_refused_total{reason="user"}"#).await, 2.0);
+    assert_eq!(metric(addr, r#"walcast_upgrades_refused_total{reason="address"}"#).await, 0.0);
+    assert_eq!(metric(addr, r#"walcast_upgrades_refused_total{reason="connections"}"#).await, 0.0);
+
+    // One of alice's sockets closes: her budget has room again.
+    alices.pop().unwrap().ws.close(None).await.unwrap();
+    let mut again = admitted_eventually(addr, None, &user(alice)).await;
+    all_answer(std::slice::from_mut(&mut again)).await;
+    t.server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_address_over_its_budget_is_refused_and_other_addresses_are_not() {
+    let limits = Limits { max_sockets_per_address: 5, ..Limits::default() };
+    let t = TestServer::with_limits(limits).await;
+    let addr = t.addr();
+    let mut sockets = Vec::new();
+    for _ in 0..5 {
+        sockets.push(Ws::upgrade_from(addr, local(7), &anon(), &[]).await.expect("within the budget"));
+    }
+    let (status, body) = Ws::upgrade_from(addr, local(7), &anon(), &[]).await.err().expect("the 6th is refused");
+    assert_eq!((status, body.as_str()), (429, r#"{"error":"too many sockets from this address (limit 5)"}"#));
+    // X-Forwarded-For from an untrusted peer (no --trusted-proxies) changes nothing.
+    let spoofed = [("x-forwarded-for", "198.51.100.1")];
+    let (status, _) = Ws::upgrade_from(addr, local(7), &anon(), &spoofed).await.err().expect("spoofing ignored");
+    assert_eq!(status, 429);
+    // Another address is unaffected, and the full one's sockets still serve.
+    let mut other = Ws::upgrade_from(addr, local(8), &anon(), &[]).await.expect("another address connects");
+    all_answer(std::slice::from_mut(&mut other)).await;
+    all_answer(&mut sockets).await;
+    assert_eq!(metric(addr, r#"walcast_upgrades_refused_total{reason="address"}"#).await, 2.0);
+    // A socket closes: the address has room again.
+    sockets.pop().unwrap().ws.close(None).await.unwrap();
+    admitted_eventually(addr, local(7), &anon()).await;
+    t.server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn forwarded_for_is_believed_only_from_a_trusted_proxy() {
+    let limits = Limits {
+        max_sockets_per_address: 2,
+        trusted_proxies: walcast::http::Cidr::parse_list("127.0.0.9/32, 10.0.0.0/8").unwrap(),
+        ..Limits::default()
+    };
+    let t = TestServer::with_limits(limits).await;
+    let addr = t.addr();
+    let (proxy, stranger) = (local(9), local(10));
+    let mut held = Vec::new();
+    // Behind the trusted proxy: each client address has its own budget.
+    for client in ["198.51.100.7", "198.51.100.7", "198.51.100.8", "198.51.100.8"] {
+        let xff = [("x-forwarded-for", client)];
+        held.push(Ws::upgrade_from(addr, proxy, &anon(), &xff).await.expect("a client behind the proxy"));
+    }
+    let xff = [("x-forwarded-for", "198.51.100.7")];
+    let (status, body) = Ws::upgrade_from(addr, proxy, &anon(), &xff).await.err().expect("the client's third");
+    assert_eq!((status, body.as_str()), (429, r#"{"error":"too many sockets from this address (limit 2)"}"#));
+    // The rightmost untrusted hop is the client: a value the client put in
+    // front of the chain does not help it.
+    let chain = [("x-forwarded-for", "203.0.113.50, 198.51.100.7, 10.1.2.3")];
+    let (status, _) = Ws::upgrade_from(addr, proxy, &anon(), &chain).await.err().expect("counted as .7");
+    assert_eq!(status, 429);
+    let chain = [("x-forwarded-for", "198.51.100.7, 198.51.100.9, 10.1.2.3")];
+    held.push(Ws::upgrade_from(addr, proxy, &anon(), &chain).await.expect("counted as .9"));
+    // The proxy's own address is not what is counted: without a header it
+    // has a budget of its own too.
+    held.push(Ws::upgrade_from(addr, proxy, &anon(), &[]).await.expect("the proxy itself"));
+
+    // From an untrusted peer the header is ignored: every socket counts
+    // under the peer, whatever it claims.
+    for claim in ["203.0.113.1", "203.0.113.2"] {
+        let xff = [("x-forwarded-for", claim)];
+        held.push(Ws::upgrade_from(addr, stranger, &anon(), &xff).await.expect("within the stranger's budget"));
+    }
+    let xff = [("x-forwarded-for", "203.0.113.3")];
+    let (status, _) = Ws::upgrade_from(addr, stranger, &anon(), &xff).await.err().expect("spoofed XFF ignored");
+    assert_eq!(status, 429);
+    all_answer(&mut held).await;
+    assert_eq!(metric(addr, r#"walcast_upgrades_refused_total{reason="address"}"#).await, 3.0);
+    t.server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_burst_of_upgrades_never_overshoots_the_connection_cap() {
+    const CAP: usize = 20;
+    const BURST: usize = 120;
+    let t = TestServer::with_limits(Limits { max_connections: CAP, ..Limits::default() }).await;
+    let addr = t.addr();
+    // All at once, each on its own connection and task.
+    let attempts: Vec<_> = (0..BURST)
+        .map(|i| {
+            let source = local(20 + (i % 50) as u8);
+            tokio::spawn(async move { Ws::upgrade_from(addr, source, &anon(), &[]).await })
+        })
+        .collect();
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for attempt in attempts {
+        match attempt.await.unwrap() {
+            Ok(ws) => open.push(ws),
+            Err((status, body)) => {
+                assert_eq!((status, body.as_str()), (429, r#"{"error":"Too many connected users"}"#));
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(open.len(), CAP, "exactly the cap admitted ({refused} refused)");
+    assert_eq!(refused, BURST - CAP);
+    all_answer(&mut open).await;
+    assert_eq!(metric(addr, "walcast_sockets_open").await, CAP as f64);
+    assert_eq!(metric(addr, r#"walcast_upgrades_refused_total{reason="connections"}"#).await, (BURST - CAP) as f64);
+    // Plain HTTP is not counted against the cap.
+    assert_eq!(http_get(addr, "/health", &[]).await.0, 200);
+    // A socket closes: its permit comes back.
+    open.pop().unwrap().ws.close(None).await.unwrap();
+    open.push(admitted_eventually(addr, None, &anon()).await);
+    let (status, _) = Ws::upgrade_from(addr, None, &anon(), &[]).await.err().expect("full again");
+    assert_eq!(status, 429);
     t.server.shutdown().await.unwrap();
 }

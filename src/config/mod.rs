@@ -123,6 +123,12 @@ pub struct FileConfig {
     pub heartbeat_interval_secs: Option<f64>,
     /// Seconds between polls of roles (and, without the event trigger, policies).
     pub policy_poll_interval_secs: Option<f64>,
+    /// Most open sockets per user (`sub` of the upgrade's token).
+    pub max_sockets_per_user: Option<usize>,
+    /// Most open sockets per client address.
+    pub max_sockets_per_address: Option<usize>,
+    /// Comma-separated CIDRs of reverse proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Option<String>,
 }
 
 impl std::fmt::Debug for FileConfig {
@@ -160,6 +166,9 @@ impl std::fmt::Debug for FileConfig {
             .field("replication_timeout_secs", &self.replication_timeout_secs)
             .field("heartbeat_interval_secs", &self.heartbeat_interval_secs)
             .field("policy_poll_interval_secs", &self.policy_poll_interval_secs)
+            .field("max_sockets_per_user", &self.max_sockets_per_user)
+            .field("max_sockets_per_address", &self.max_sockets_per_address)
+            .field("trusted_proxies", &self.trusted_proxies)
             .finish_non_exhaustive()
     }
 }
@@ -219,6 +228,9 @@ impl FileConfig {
             replication_timeout_secs: self.replication_timeout_secs.or(lower.replication_timeout_secs),
             heartbeat_interval_secs: self.heartbeat_interval_secs.or(lower.heartbeat_interval_secs),
             policy_poll_interval_secs: self.policy_poll_interval_secs.or(lower.policy_poll_interval_secs),
+            max_sockets_per_user: self.max_sockets_per_user.or(lower.max_sockets_per_user),
+            max_sockets_per_address: self.max_sockets_per_address.or(lower.max_sockets_per_address),
+            trusted_proxies: self.trusted_proxies.or(lower.trusted_proxies),
         }
     }
 }
@@ -279,6 +291,9 @@ pub enum ConfigError {
     /// An empty name.
     #[error("{0} must not be empty")]
     Empty(&'static str),
+    /// A trusted proxy that is not an address block.
+    #[error("TRUSTED_PROXIES (--trusted-proxies): {0}")]
+    TrustedProxies(#[source] crate::http::CidrError),
     /// `walcast serve` (or `check`) without a database.
     #[error(
         "no database configured: set DATABASE_URL (--database-url), or DB_HOST with DB_PORT, DB_USER, \
@@ -350,6 +365,12 @@ pub struct Settings {
     pub max_join_bytes: usize,
     /// Most bytes of join messages per socket.
     pub max_socket_join_bytes: usize,
+    /// Most sockets per user (`sub`).
+    pub max_sockets_per_user: usize,
+    /// Most sockets per client address.
+    pub max_sockets_per_address: usize,
+    /// Reverse proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<crate::http::Cidr>,
     /// WebSocket read buffer per socket (bytes).
     pub ws_read_buffer: usize,
     /// WebSocket write buffer per socket (bytes).
@@ -472,6 +493,22 @@ impl Settings {
             max_join_bytes,
             1 << 30,
         )?;
+        let max_sockets_per_user = range(
+            "MAX_SOCKETS_PER_USER (--max-sockets-per-user)",
+            merged.max_sockets_per_user.unwrap_or(limits.max_sockets_per_user),
+            1,
+            10_000_000,
+        )?;
+        let max_sockets_per_address = range(
+            "MAX_SOCKETS_PER_ADDRESS (--max-sockets-per-address)",
+            merged.max_sockets_per_address.unwrap_or(limits.max_sockets_per_address),
+            1,
+            10_000_000,
+        )?;
+        let trusted_proxies = match &merged.trusted_proxies {
+            Some(list) => crate::http::Cidr::parse_list(list).map_err(ConfigError::TrustedProxies)?,
+            None => limits.trusted_proxies.clone(),
+        };
         let ws_read_buffer = range(
             "WS_READ_BUFFER_BYTES (--ws-read-buffer)",
             merged.ws_read_buffer_bytes.unwrap_or(limits.ws_read_buffer),
@@ -581,6 +618,9 @@ impl Settings {
             max_unindexed_filters,
             max_join_bytes,
             max_socket_join_bytes,
+            max_sockets_per_user,
+            max_sockets_per_address,
+            trusted_proxies,
             ws_read_buffer,
             ws_write_buffer,
             data_dir: merged.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
@@ -682,6 +722,9 @@ impl Settings {
         config.limits.max_unindexed_filters = self.max_unindexed_filters;
         config.limits.max_join_bytes = self.max_join_bytes;
         config.limits.max_socket_join_bytes = self.max_socket_join_bytes;
+        config.limits.max_sockets_per_user = self.max_sockets_per_user;
+        config.limits.max_sockets_per_address = self.max_sockets_per_address;
+        config.limits.trusted_proxies = self.trusted_proxies.clone();
         config.limits.ws_read_buffer = self.ws_read_buffer;
         config.limits.ws_write_buffer = self.ws_write_buffer;
         config.monitoring = self.monitoring.clone();
@@ -803,6 +846,43 @@ mod tests {
         assert_eq!((serve.limits.max_unindexed_filters, serve.limits.max_join_bytes), (3, 8192));
         assert_eq!(settings.auth.jwt_secret.as_deref(), Some("f"));
         assert!(matches!(settings.database, Database::Url(_)));
+    }
+
+    #[test]
+    fn socket_budgets_and_trusted_proxies_from_flags_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("walcast.toml");
+        std::fs::write(
+            &path,
+            "database_url = \"postgres://u:p@h/db\"\njwt_secret = \"f\"\nmax_sockets_per_user = 7\n\
+             max_sockets_per_address = 70\ntrusted_proxies = \"10.0.0.0/8, 127.0.0.1\"\n",
+        )
+        .unwrap();
+        let settings = Settings::resolve(FileConfig::default(), Some(&path)).unwrap();
+        assert_eq!((settings.max_sockets_per_user, settings.max_sockets_per_address), (7, 70));
+        assert_eq!(settings.trusted_proxies.len(), 2);
+        let limits = settings.serve_config(settings.require_database().unwrap().clone()).limits;
+        assert_eq!((limits.max_sockets_per_user, limits.max_sockets_per_address), (7, 70));
+        assert!(limits.trusted_proxies[1].contains(IpAddr::from([127, 0, 0, 1])));
+        // Flags beat the file; defaults come from Limits.
+        let given = FileConfig { max_sockets_per_user: Some(3), trusted_proxies: Some(String::new()), ..given() };
+        let settings = Settings::resolve(given, Some(&path)).unwrap();
+        assert_eq!(settings.max_sockets_per_user, 3);
+        assert!(settings.trusted_proxies.is_empty());
+        let settings = Settings::resolve(given_url(), None).unwrap();
+        let defaults = crate::realtime::Limits::default();
+        assert_eq!(settings.max_sockets_per_user, defaults.max_sockets_per_user);
+        assert_eq!(settings.max_sockets_per_address, defaults.max_sockets_per_address);
+        // Refusals name the setting.
+        let bad = FileConfig { trusted_proxies: Some("10.0.0.0/8,nope".into()), ..given_url() };
+        let err = Settings::resolve(bad, None).unwrap_err().to_string();
+        assert!(err.starts_with("TRUSTED_PROXIES (--trusted-proxies): \"nope\""), "{err}");
+        let zero = FileConfig { max_sockets_per_address: Some(0), ..given_url() };
+        assert!(Settings::resolve(zero, None).unwrap_err().to_string().contains("MAX_SOCKETS_PER_ADDRESS"));
+    }
+
+    fn given_url() -> FileConfig {
+        FileConfig { database_url: Some("postgres://u:p@h/db".into()), ..given() }
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! The HTTP front: one listener for the WebSocket endpoints, the dashboard
-//! and the small JSON endpoints.
+//! and the small JSON endpoints, served by hyper (HTTP/1.1).
 //!
 //! ```text
-//!  TcpListener ──accept──▶ connection task: read one request head (≤ 16 KiB, 10 s)
-//!     ├─ GET /realtime/v1/websocket | /socket/websocket  → apikey check → 101 → realtime session
+//!  TcpListener ──accept──▶ connection task: hyper reads one request head (≤ 16 KiB, 10 s)
+//!     ├─ GET /realtime/v1/websocket | /socket/websocket  → apikey check → admission
+//!     │       (connection permit, per-address and per-user budgets) → 101 → realtime session
 //!     ├─ GET /            → dashboard (static page)
 //!     ├─ GET /demo.json   → demo users and tokens (demo mode only)
 //!     ├─ GET /demo/orders → the orders a bearer token's user may see, read through RLS (demo mode only)
@@ -13,18 +14,41 @@
 //!     └─ anything else    → 404
 //! ```
 //!
-//! Invariants: a refused upgrade is an HTTP response with a JSON body
-//! `{"error": …}` (Supabase's texts), never a dropped connection; plain HTTP
-//! responses are `Connection: close`; shutdown stops accepting first, then
-//! sessions close their sockets with 1001 and the accept loop waits for them
-//! (bounded by a deadline).
+//! Invariants:
+//! - A refused upgrade is an HTTP response with a JSON body `{"error": …}`
+//!   (Supabase's texts where it has them), never a dropped connection. A
+//!   request hyper cannot parse gets hyper's bare 400 (or 431 for a head over
+//!   16 KiB), a head not complete within 10 s a closed connection.
+//! - Plain HTTP responses are `Connection: close`: one request per connection.
+//! - Every socket holds an [`admission::Ticket`] (taken before the 101) for
+//!   its whole life, in the same task that runs its session: the connection
+//!   cap and the budgets cannot be overshot, and they come back when the
+//!   session ends however it ends.
+//! - After the upgrade, hyper's connection state and buffers are gone: the
+//!   session runs on the bare `TcpStream` (hyper's
+//!   [`hyper::upgrade::Upgraded`] is unwrapped, its unread bytes handed to
+//!   tungstenite), so a socket costs what it cost before hyper.
+//! - Shutdown stops accepting first; a connection still in its HTTP request
+//!   is finished gracefully, sessions close their sockets with 1001, and the
+//!   accept loop waits for them (bounded by a deadline).
+//!
+//! hyper without axum: a handful of fixed GET routes need no router, and
+//! the upgrade needs hyper's own `OnUpgrade`.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::upgrade::OnUpgrade;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -33,11 +57,15 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 use tracing::Instrument;
 
+pub mod admission;
 mod demo_orders;
 
+pub use admission::{Admission, Cidr, CidrError, Ticket};
 pub use demo_orders::{DemoEndpoints, Refusal};
 
+use crate::hub::Vsn;
 use crate::monitor::{text, Monitor};
+use crate::realtime::auth::Claims;
 use crate::realtime::protocol::parse_vsn;
 use crate::realtime::session::{self, now_unix, stopped};
 use crate::realtime::SessionContext;
@@ -61,10 +89,15 @@ pub struct HttpContext {
     pub demo: Option<DemoEndpoints>,
     /// `/metrics` and `/ready`.
     pub monitor: Arc<Monitor>,
+    /// The connection cap and the socket budgets.
+    pub admission: Admission,
 }
 
 /// Accepts connections until `shutdown`, then waits for them to close.
 pub async fn serve(listener: TcpListener, ctx: Arc<HttpContext>, mut shutdown: watch::Receiver<bool>) {
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(HEAD_TIMEOUT).max_header_size(MAX_HEAD).keep_alive(false);
+    let http = Arc::new(http);
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -78,7 +111,8 @@ pub async fn serve(listener: TcpListener, ctx: Arc<HttpContext>, mut shutdown: w
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     let span = tracing::debug_span!("session", peer = %peer);
-                    connections.spawn(connection(stream, peer, Arc::clone(&ctx), shutdown.clone()).instrument(span));
+                    let run = connection(stream, peer, Arc::clone(&http), Arc::clone(&ctx), shutdown.clone());
+                    connections.spawn(run.instrument(span));
                 }
                 Err(err) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -96,58 +130,211 @@ pub async fn serve(listener: TcpListener, ctx: Arc<HttpContext>, mut shutdown: w
     }
 }
 
-/// A parsed request head.
-struct Head {
-    method: String,
-    path: String,
-    query: Vec<(String, String)>,
-    headers: Vec<(String, String)>,
+/// An upgrade answered with 101: what its session needs once hyper hands
+/// the connection over.
+struct Accepted {
+    vsn: Vsn,
+    apikey: String,
+    claims: Claims,
+    /// Held for the session's life.
+    ticket: Ticket,
 }
 
-impl Head {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
-    }
+/// Where the request handler leaves an accepted upgrade for the connection
+/// task (one request per connection).
+type Handoff = Arc<Mutex<Option<(OnUpgrade, Accepted)>>>;
 
-    fn param(&self, name: &str) -> Option<&str> {
-        self.query.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+/// One connection: its HTTP request, then — if it was an accepted upgrade —
+/// its realtime session, in this task.
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    http: Arc<http1::Builder>,
+    ctx: Arc<HttpContext>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    // Boxed: hyper's state is freed once the request is answered, and does
+    // not add to the size of this future, which lives as long as the socket.
+    let exchange = Box::pin(exchange(stream, peer, http, Arc::clone(&ctx), &mut shutdown)).await;
+    let Some((Accepted { vsn, apikey, claims, ticket }, stream, read_buf)) = exchange else { return };
+    let sessions = Arc::clone(&ctx.sessions);
+    drop(ctx);
+    let config = Some(sessions.limits.websocket_config());
+    let ws = WebSocketStream::from_partially_read(stream, read_buf, Role::Server, config).await;
+    session::run(ws, sessions, vsn, apikey, claims, shutdown).await;
+    drop(ticket);
+}
+
+/// The HTTP part of a connection: serves its one request; for an accepted
+/// upgrade, returns the session's parameters and the bare socket with the
+/// bytes hyper read past the request.
+async fn exchange(
+    stream: TcpStream,
+    peer: SocketAddr,
+    http: Arc<http1::Builder>,
+    ctx: Arc<HttpContext>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<(Accepted, TcpStream, Vec<u8>)> {
+    let handoff: Handoff = Arc::new(Mutex::new(None));
+    let service = {
+        let handoff = Arc::clone(&handoff);
+        service_fn(move |request| {
+            let (ctx, handoff) = (Arc::clone(&ctx), Arc::clone(&handoff));
+            async move { Ok::<_, Infallible>(route(request, peer, &ctx, &handoff).await) }
+        })
+    };
+    let conn = http.serve_connection(TokioIo::new(stream), service).with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    let served = tokio::select! {
+        served = conn.as_mut() => served,
+        () = stopped(shutdown) => {
+            // A request in progress is answered; an idle connection closes.
+            conn.as_mut().graceful_shutdown();
+            conn.as_mut().await
+        }
+    };
+    if let Err(err) = served {
+        tracing::debug!(error = %err, "http connection ended");
+    }
+    let (on_upgrade, accepted) = handoff.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()?;
+    let upgraded = match on_upgrade.await {
+        Ok(upgraded) => upgraded,
+        Err(err) => {
+            tracing::debug!(error = %err, "upgrade failed");
+            return None;
+        }
+    };
+    // The bare socket: no hyper layer (or its buffers) under the session.
+    // The connection above serves a `TokioIo<TcpStream>`, so this cannot fail.
+    let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+        tracing::warn!("an upgraded connection is not the socket it was served on; dropping it");
+        return None;
+    };
+    Some((accepted, parts.io.into_inner(), parts.read_buf.to_vec()))
+}
+
+/// A request's query parameter.
+fn param<'a>(query: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    query.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+}
+
+/// A request header as text (the first of its name).
+fn header<'a>(request: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
+    request.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn route(
+    request: Request<Incoming>,
+    peer: SocketAddr,
+    ctx: &HttpContext,
+    handoff: &Handoff,
+) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET {
+        return respond_error(StatusCode::NOT_FOUND, "not found");
+    }
+    let path = request.uri().path().trim_end_matches('/');
+    match path {
+        "/realtime/v1/websocket" | "/socket/websocket" => upgrade(request, peer, ctx, handoff),
+        "" => respond(StatusCode::OK, "text/html; charset=utf-8", Bytes::from_static(DASHBOARD_HTML.as_bytes())),
+        "/demo.json" => match &ctx.demo {
+            Some(demo) => respond(StatusCode::OK, "application/json", demo.json.clone()),
+            None => respond_error(StatusCode::NOT_FOUND, "not in demo mode"),
+        },
+        "/demo/orders" => match &ctx.demo {
+            Some(demo) => match demo.orders(header(&request, "authorization"), &ctx.sessions.verifier).await {
+                Ok(body) => respond(StatusCode::OK, "application/json", Bytes::from(body)),
+                Err(refusal) => respond_error(
+                    StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                    &refusal.message,
+                ),
+            },
+            None => respond_error(StatusCode::NOT_FOUND, "not in demo mode"),
+        },
+        "/health" => respond(StatusCode::OK, "application/json", Bytes::from_static(br#"{"status":"ok"}"#)),
+        "/ready" => {
+            let readiness = ctx.monitor.readiness();
+            let status = if readiness.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            respond(status, "application/json", Bytes::from(readiness.to_json()))
+        }
+        "/metrics" => respond(StatusCode::OK, text::CONTENT_TYPE, Bytes::from(ctx.monitor.render())),
+        _ => respond_error(StatusCode::NOT_FOUND, "not found"),
     }
 }
 
-/// Reads the head; returns it and any bytes read past it.
-async fn read_head(stream: &mut TcpStream) -> Result<(Head, Vec<u8>), u16> {
-    let mut buf = Vec::with_capacity(1024);
-    loop {
-        let mut chunk = [0u8; 2048];
-        let n = stream.read(&mut chunk).await.map_err(|_| 0u16)?;
-        if n == 0 {
-            return Err(0);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        let mut headers = [httparse::EMPTY_HEADER; 48];
-        let mut request = httparse::Request::new(&mut headers);
-        match request.parse(&buf) {
-            Ok(httparse::Status::Complete(len)) => {
-                let target = request.path.unwrap_or("/");
-                let (path, query) = target.split_once('?').unwrap_or((target, ""));
-                let head = Head {
-                    method: request.method.unwrap_or("GET").to_owned(),
-                    path: path.to_owned(),
-                    query: parse_query(query),
-                    headers: request
-                        .headers
-                        .iter()
-                        .map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).into_owned()))
-                        .collect(),
-                };
-                return Ok((head, buf[len..].to_vec()));
-            }
-            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
-            Ok(httparse::Status::Partial) => return Err(431),
-            Err(httparse::Error::TooManyHeaders) => return Err(431),
-            Err(_) => return Err(400),
-        }
+fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+fn respond_error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(&serde_json::json!({ "error": message })).unwrap_or_default();
+    respond(status, "application/json", Bytes::from(body))
+}
+
+fn upgrade(
+    mut request: Request<Incoming>,
+    peer: SocketAddr,
+    ctx: &HttpContext,
+    handoff: &Handoff,
+) -> Response<Full<Bytes>> {
+    let is_upgrade = header(&request, "upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let key = header(&request, "sec-websocket-key").map(|key| derive_accept_key(key.as_bytes()));
+    let (true, Some(accept)) = (is_upgrade, key) else {
+        return respond_error(StatusCode::UPGRADE_REQUIRED, "expected a WebSocket upgrade");
+    };
+    if header(&request, "sec-websocket-version") != Some("13") {
+        return respond_error(StatusCode::UPGRADE_REQUIRED, "unsupported WebSocket version (13 required)");
     }
+    let query = parse_query(request.uri().query().unwrap_or(""));
+    let Some(vsn) = parse_vsn(param(&query, "vsn")) else {
+        return respond_error(StatusCode::BAD_REQUEST, "unsupported vsn: use 1.0.0 or 2.0.0");
+    };
+    let sessions = &ctx.sessions;
+    let apikey = header(&request, "x-api-key")
+        .or_else(|| header(&request, "apikey"))
+        .or_else(|| param(&query, "apikey"))
+        .filter(|k| !k.is_empty())
+        .map(str::to_owned);
+    let Some(apikey) = apikey else {
+        return respond_error(StatusCode::UNAUTHORIZED, "API key is missing");
+    };
+    let claims = match sessions.verifier.verify(&apikey, now_unix()) {
+        Ok(claims) => claims,
+        Err(err) => {
+            tracing::debug!(%peer, error = %err, "upgrade refused");
+            return respond_error(StatusCode::UNAUTHORIZED, &err.to_string());
+        }
+    };
+    let forwarded = request.headers().get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok());
+    let forwarded: Vec<&str> = forwarded.collect();
+    let client = ctx.admission.client_address(peer.ip(), forwarded.into_iter());
+    let ticket = match ctx.admission.admit(client, claims.sub.as_deref(), &sessions.stats) {
+        Ok(ticket) => ticket,
+        Err(refusal) => {
+            tracing::debug!(%peer, %client, reason = %refusal.message(), "upgrade refused");
+            return respond_error(StatusCode::TOO_MANY_REQUESTS, &refusal.message());
+        }
+    };
+    let Some(on_upgrade) = request.extensions_mut().remove::<OnUpgrade>() else {
+        // Not an HTTP/1.1 upgrade request as hyper sees it (no `upgrade` header would have failed above).
+        return respond_error(StatusCode::UPGRADE_REQUIRED, "expected a WebSocket upgrade");
+    };
+    *handoff.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+        Some((on_upgrade, Accepted { vsn, apikey, claims, ticket }));
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(accept) = HeaderValue::from_str(&accept) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    response
 }
 
 fn parse_query(query: &str) -> Vec<(String, String)> {
@@ -183,122 +370,6 @@ fn percent_decode(text: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-async fn respond(stream: &mut TcpStream, status: u16, content_type: &str, body: &[u8]) {
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        426 => "Upgrade Required",
-        429 => "Too Many Requests",
-        431 => "Request Header Fields Too Large",
-        503 => "Service Unavailable",
-        _ => "Error",
-    };
-    let head = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\ncache-control: no-store\r\nconnection: close\r\n\r\n",
-        body.len()
-    );
-    let write = async {
-        stream.write_all(head.as_bytes()).await?;
-        stream.write_all(body).await?;
-        stream.shutdown().await
-    };
-    let _ = tokio::time::timeout(HEAD_TIMEOUT, write).await;
-}
-
-async fn respond_error(stream: &mut TcpStream, status: u16, message: &str) {
-    let body = serde_json::to_vec(&serde_json::json!({ "error": message })).unwrap_or_default();
-    respond(stream, status, "application/json", &body).await;
-}
-
-async fn connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<HttpContext>, shutdown: watch::Receiver<bool>) {
-    let (head, leftover) = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await {
-        Ok(Ok(parsed)) => parsed,
-        Ok(Err(0)) | Err(_) => return,
-        Ok(Err(status)) => return respond_error(&mut stream, status, "malformed request").await,
-    };
-    let path = head.path.trim_end_matches('/');
-    match (head.method.as_str(), path) {
-        ("GET", "/realtime/v1/websocket" | "/socket/websocket") => {
-            upgrade(stream, peer, head, leftover, ctx, shutdown).await
-        }
-        ("GET", "") => respond(&mut stream, 200, "text/html; charset=utf-8", DASHBOARD_HTML.as_bytes()).await,
-        ("GET", "/demo.json") => match &ctx.demo {
-            Some(demo) => respond(&mut stream, 200, "application/json", &demo.json).await,
-            None => respond_error(&mut stream, 404, "not in demo mode").await,
-        },
-        ("GET", "/demo/orders") => match &ctx.demo {
-            Some(demo) => match demo.orders(head.header("authorization"), &ctx.sessions.verifier).await {
-                Ok(body) => respond(&mut stream, 200, "application/json", &body).await,
-                Err(refusal) => respond_error(&mut stream, refusal.status, &refusal.message).await,
-            },
-            None => respond_error(&mut stream, 404, "not in demo mode").await,
-        },
-        ("GET", "/health") => respond(&mut stream, 200, "application/json", br#"{"status":"ok"}"#).await,
-        ("GET", "/ready") => {
-            let readiness = ctx.monitor.readiness();
-            let status = if readiness.is_ready() { 200 } else { 503 };
-            respond(&mut stream, status, "application/json", &readiness.to_json()).await
-        }
-        ("GET", "/metrics") => respond(&mut stream, 200, text::CONTENT_TYPE, ctx.monitor.render().as_bytes()).await,
-        _ => respond_error(&mut stream, 404, "not found").await,
-    }
-}
-
-async fn upgrade(
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    head: Head,
-    leftover: Vec<u8>,
-    ctx: Arc<HttpContext>,
-    shutdown: watch::Receiver<bool>,
-) {
-    let is_upgrade = head.header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    let key = head.header("sec-websocket-key").map(str::to_owned);
-    let (true, Some(key)) = (is_upgrade, key) else {
-        return respond_error(&mut stream, 426, "expected a WebSocket upgrade").await;
-    };
-    if head.header("sec-websocket-version") != Some("13") {
-        return respond_error(&mut stream, 426, "unsupported WebSocket version (13 required)").await;
-    }
-    let Some(vsn) = parse_vsn(head.param("vsn")) else {
-        return respond_error(&mut stream, 400, "unsupported vsn: use 1.0.0 or 2.0.0").await;
-    };
-    let sessions = &ctx.sessions;
-    let apikey = head
-        .header("x-api-key")
-        .or_else(|| head.header("apikey"))
-        .or_else(|| head.param("apikey"))
-        .filter(|k| !k.is_empty())
-        .map(str::to_owned);
-    let Some(apikey) = apikey else {
-        return respond_error(&mut stream, 401, "API key is missing").await;
-    };
-    let claims = match sessions.verifier.verify(&apikey, now_unix()) {
-        Ok(claims) => claims,
-        Err(err) => {
-            tracing::debug!(%peer, error = %err, "upgrade refused");
-            return respond_error(&mut stream, 401, &err.to_string()).await;
-        }
-    };
-    if sessions.stats.sockets_open.load(Ordering::Relaxed) >= sessions.limits.max_connections as u64 {
-        return respond_error(&mut stream, 429, "Too many connected users").await;
-    }
-    let response = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {}\r\n\r\n",
-        derive_accept_key(key.as_bytes())
-    );
-    if stream.write_all(response.as_bytes()).await.is_err() {
-        return;
-    }
-    let config = sessions.limits.websocket_config();
-    let ws = WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(config)).await;
-    session::run(ws, Arc::clone(sessions), vsn, apikey, claims, shutdown).await;
 }
 
 #[cfg(test)]

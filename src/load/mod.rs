@@ -46,9 +46,14 @@
 //! File descriptors: the load process raises its soft `RLIMIT_NOFILE` to the
 //! hard limit at start and the child relay does the same before `exec`; each
 //! side needs one descriptor per connection (both sides in-process), so the
-//! hard limit (`ulimit -Hn`) bounds the connection count. Above 20,000
-//! clients the sockets are spread over source addresses 127.0.0.1–127.0.0.K
-//! so each source address has its own ephemeral port range.
+//! hard limit (`ulimit -Hn`) bounds the connection count. Towards a relay on
+//! 127.0.0.1 the clients' sockets are spread round-robin over source
+//! addresses 127.0.0.2–127.0.0.K (K ≤ 250), at most the relay's default
+//! per-address budget (`--max-sockets-per-address`, 1,000) on each, so a load
+//! test stays within it and each source address has its own ephemeral port
+//! range; beyond 249 × 1,000 clients the child relay is given a larger
+//! per-address budget. The clients' apikey has no `sub`, so the per-user
+//! budget does not apply to them.
 
 pub mod client;
 pub mod fanout;
@@ -79,13 +84,22 @@ use self::report::{Latencies, Quantiles, Report, Sample};
 use self::seed::{Database, World};
 use crate::hub::Vsn;
 
-/// Clients per source address before spreading over more (ephemeral ports
-/// per source address towards one relay port are ~28,000).
-const CLIENTS_PER_SOURCE: u32 = 20_000;
+/// Most source addresses the clients are spread over (127.0.0.2–127.0.0.250).
+const MAX_SOURCES: u32 = 249;
 /// How long the probe may take to see its marker.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Extra wait after every expected delivery arrived (late duplicates/leaks).
 const GRACE: Duration = Duration::from_millis(500);
+
+/// The source addresses the clients are spread over (`--source-addrs`, else
+/// enough for the relay's default per-address budget, at most
+/// [`MAX_SOURCES`]) and the most clients one of them carries.
+fn source_spread(args: &LoadArgs) -> (u32, usize) {
+    let budget = u32::try_from(crate::realtime::Limits::default().max_sockets_per_address).unwrap_or(u32::MAX).max(1);
+    let sources =
+        if args.source_addrs > 0 { args.source_addrs } else { args.clients.div_ceil(budget) }.clamp(1, MAX_SOURCES);
+    (sources, args.clients.div_ceil(sources) as usize)
+}
 
 /// Errors of a load run.
 #[derive(Debug, thiserror::Error)]
@@ -226,7 +240,8 @@ pub struct LoadArgs {
     /// share a serialized frame between clients (worst case).
     #[arg(long)]
     pub unique_topics: bool,
-    /// Source addresses 127.0.0.1..=127.0.0.K (0: one per 20,000 clients).
+    /// Source addresses 127.0.0.2..=127.0.0.(K+1), round robin (0: one per
+    /// 1,000 clients, the relay's default per-address budget; at most 249).
     #[arg(long, default_value_t = 0)]
     pub source_addrs: u32,
     /// The JSON report (default `target/load/<timestamp>.json`).
@@ -489,6 +504,14 @@ async fn run_held(
     // 3. Relay.
     progress_note("starting the relay");
     let relay_log = PathBuf::from("target").join("load").join(format!("relay-{}.log", ids.short()));
+    // More clients than the default budgets of 249 addresses take: the relay
+    // this run starts gets a per-address budget that fits them.
+    let (_, per_source) = source_spread(args);
+    let default_per_address = crate::realtime::Limits::default().max_sockets_per_address;
+    let mut relay_args = args.relay_args.clone();
+    if per_source > default_per_address {
+        relay_args.push(format!("--max-sockets-per-address={per_source}"));
+    }
     let relay = match mode {
         RelayMode::Process { exe } => {
             relay::spawn_child(&relay::ChildRelay {
@@ -498,7 +521,7 @@ async fn run_held(
                 slot: &held.slot,
                 max_connections: args.clients as usize + 64,
                 log: &relay_log,
-                extra_args: &args.relay_args,
+                extra_args: &relay_args,
             })
             .await?
         }
@@ -512,6 +535,7 @@ async fn run_held(
             let mut config = crate::server::ServeConfig::new(relay, auth);
             config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
             config.limits.max_connections = args.clients as usize + 64;
+            config.limits.max_sockets_per_address = per_source.max(default_per_address);
             let server = crate::server::Server::start(config).await.map_err(|e| LoadError::Relay(e.to_string()))?;
             RelayHandle::InProc(Box::new(server))
         }
@@ -594,8 +618,8 @@ async fn run_held(
     });
     let tokens: Vec<Arc<str>> =
         (0..args.users).map(|u| Arc::from(token("authenticated", Some(ids.uuid(Tag::User, u))).as_str())).collect();
-    let sources =
-        if args.source_addrs > 0 { args.source_addrs } else { args.clients.div_ceil(CLIENTS_PER_SOURCE) }.clamp(1, 250);
+    let (sources, _) = source_spread(args);
+    let spread = relay_addr.ip().is_loopback() && relay_addr.is_ipv4();
     let mut rng = Rng::new(args.seed ^ 0xf1_17e5);
     let specs: Vec<ClientSpec> = (0..args.clients)
         .map(|i| ClientSpec {
@@ -603,7 +627,7 @@ async fn run_held(
             user: i % args.users,
             filtered: rng.unit() < args.filtered,
             token: tokens[(i % args.users) as usize].to_string(),
-            source: (sources > 1).then(|| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i % sources) as u8))),
+            source: spread.then(|| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i % sources) as u8))),
         })
         .collect();
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -1160,5 +1184,26 @@ mod tests {
         let t = std::time::UNIX_EPOCH + Duration::from_secs(1_795_696_530);
         assert_eq!(utc_stamp(t), "20261126T123530Z");
         assert_eq!(utc_stamp(std::time::UNIX_EPOCH), "19700101T000000Z");
+    }
+
+    #[test]
+    fn clients_are_spread_within_the_default_per_address_budget() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: LoadArgs,
+        }
+        let spread = |flags: &[&str]| {
+            let cli = <Cli as clap::Parser>::parse_from(std::iter::once("load").chain(flags.iter().copied()));
+            source_spread(&cli.args)
+        };
+        let budget = crate::realtime::Limits::default().max_sockets_per_address;
+        assert_eq!(spread(&["--clients", "10"]), (1, 10));
+        assert_eq!(spread(&["--clients", "2000"]), (2, 1000));
+        assert_eq!(spread(&["--clients", "19700"]), (20, 985));
+        assert!(spread(&["--clients", "200000"]).1 <= budget);
+        // Past 249 addresses the relay needs a larger budget (the run gives it one).
+        assert_eq!(spread(&["--clients", "300000"]), (249, 1205));
+        assert_eq!(spread(&["--clients", "100", "--source-addrs", "7"]), (7, 15));
     }
 }

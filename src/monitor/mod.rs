@@ -227,6 +227,19 @@ impl Monitor {
             "Private-channel joins refused (Realtime Authorization on realtime.messages is not evaluated yet).",
             load(&r.private_refused),
         );
+        w.family(
+            "walcast_upgrades_refused_total",
+            Kind::Counter,
+            "WebSocket upgrades refused with HTTP 429, by budget: connections (--max-connections), user \
+             (--max-sockets-per-user), address (--max-sockets-per-address).",
+        );
+        for (reason, counter) in [
+            ("connections", &r.upgrades_refused_connections),
+            ("user", &r.upgrades_refused_user),
+            ("address", &r.upgrades_refused_address),
+        ] {
+            w.sample("walcast_upgrades_refused_total", &[("reason", reason)], load(counter));
+        }
         w.counter("walcast_bad_frames_total", "Client frames that could not be decoded.", load(&r.bad_frames));
         w.counter(
             "walcast_tokens_expired_total",

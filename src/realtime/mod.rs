@@ -61,6 +61,14 @@ pub struct Limits {
     pub ws_read_buffer: usize,
     /// Frames are buffered until this many bytes or the batch's flush.
     pub ws_write_buffer: usize,
+    /// Sockets open at once per user (`sub` of the upgrade's token; tokens
+    /// without `sub` are not counted); more get HTTP 429.
+    pub max_sockets_per_user: usize,
+    /// Sockets open at once per client address; more get HTTP 429.
+    pub max_sockets_per_address: usize,
+    /// Peers whose `X-Forwarded-For` names the client address (reverse
+    /// proxies); empty: the TCP peer is always the client.
+    pub trusted_proxies: Vec<crate::http::Cidr>,
 }
 
 impl Default for Limits {
@@ -79,6 +87,9 @@ impl Default for Limits {
             outbox: OutboxLimits::default(),
             ws_read_buffer: 8 << 10,
             ws_write_buffer: 32 << 10,
+            max_sockets_per_user: 100,
+            max_sockets_per_address: 1_000,
+            trusted_proxies: Vec::new(),
         }
     }
 }

@@ -99,6 +99,12 @@ pub struct RealtimeStats {
     /// Sockets closed because they sent requests without reading the
     /// replies (1013).
     pub reply_floods: AtomicU64,
+    /// Upgrades refused (HTTP 429): the server holds `max_connections` sockets.
+    pub upgrades_refused_connections: AtomicU64,
+    /// Upgrades refused (HTTP 429): the user holds `max_sockets_per_user` sockets.
+    pub upgrades_refused_user: AtomicU64,
+    /// Upgrades refused (HTTP 429): the address holds `max_sockets_per_address` sockets.
+    pub upgrades_refused_address: AtomicU64,
 }
 
 /// Seconds since the Unix epoch.

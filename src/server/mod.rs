@@ -148,6 +148,7 @@ impl Server {
             }
         };
         let addr = listener.local_addr().map_err(|source| RealtimeError::Bind { addr: config.listen, source })?;
+        let admission = http::Admission::new(&config.limits);
         let sessions = Arc::new(SessionContext::new(verifier, Arc::new(catalog), relay.hub.clone(), config.limits));
         let slot = config.relay.source.slot.slot.clone();
         let slot_watch = Arc::new(SlotWatch::default());
@@ -169,6 +170,7 @@ impl Server {
             sessions: Arc::clone(&sessions),
             demo: config.demo_json.map(|json| http::DemoEndpoints::new(json, config.relay.source.connection.clone())),
             monitor: Arc::clone(&monitor),
+            admission,
         });
         let http = tokio::spawn(http::serve(listener, ctx, shutdown_rx).instrument(tracing::info_span!("http", %addr)));
         tracing::info!(%addr, "serving realtime");

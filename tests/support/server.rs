@@ -1,15 +1,16 @@
 //! A walcast server on a scratch database, and a raw WebSocket client that
 //! speaks both Phoenix serializers, for protocol tests.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_postgres::Client;
+use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use uuid::Uuid;
@@ -176,6 +177,51 @@ impl Ws {
         let (ws, _) =
             tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await.expect("websocket connects");
         Ws { ws, vsn: Vsn::V2, next_ref: 0 }
+    }
+
+    /// Upgrades `/realtime/v1/websocket` (vsn 2.0.0) by hand over a socket
+    /// bound to `source` (any 127.0.0.x; `None`: the system's choice), with
+    /// `headers` added: the open socket, or the refusal's status and body.
+    pub async fn upgrade_from(
+        addr: SocketAddr,
+        source: Option<IpAddr>,
+        apikey: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Ws, (u16, String)> {
+        let socket = TcpSocket::new_v4().unwrap();
+        if let Some(source) = source {
+            socket.bind(SocketAddr::new(source, 0)).unwrap();
+        }
+        let mut stream = socket.connect(addr).await.expect("tcp connects");
+        let mut request = format!(
+            "GET /realtime/v1/websocket?apikey={apikey}&vsn=2.0.0 HTTP/1.1\r\nhost: {addr}\r\nupgrade: websocket\r\n\
+             connection: Upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n"
+        );
+        for (name, value) in headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        request.push_str("\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        // Byte by byte: nothing past the head may be taken from the socket.
+        let mut head = Vec::new();
+        let read_head = async {
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                stream.read_exact(&mut byte).await?;
+                head.push(byte[0]);
+            }
+            Ok::<_, std::io::Error>(())
+        };
+        tokio::time::timeout(WAIT, read_head).await.expect("a response head in time").expect("a response head");
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        if status == 101 {
+            let ws = WebSocketStream::from_raw_socket(MaybeTlsStream::Plain(stream), Role::Client, None).await;
+            return Ok(Ws { ws, vsn: Vsn::V2, next_ref: 0 });
+        }
+        let mut body = Vec::new();
+        tokio::time::timeout(WAIT, stream.read_to_end(&mut body)).await.expect("a body in time").unwrap();
+        Err((status, String::from_utf8_lossy(&body).into_owned()))
     }
 
     /// A fresh ref.
