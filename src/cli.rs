@@ -767,8 +767,8 @@ async fn serve_demo(mut settings: walcast::config::Settings, fetch: bool) -> any
             return Err(err.into());
         }
     };
-    let (stop_writer, writer_shutdown) = tokio::sync::watch::channel(false);
-    let writer = demo.spawn_writer(writer_shutdown);
+    let stop_writer = tokio_util::sync::CancellationToken::new();
+    let writer = demo.spawn_writer(stop_writer.clone());
     let addr = server.local_addr();
     let stop = shutdown_signal();
     println!("walcast serving on ws://{addr}/realtime/v1/websocket");
@@ -793,7 +793,7 @@ async fn serve_demo(mut settings: walcast::config::Settings, fetch: bool) -> any
         None => println!("no demo writer (--demo-writer-secs 0); Ctrl-C stops everything"),
     }
     let result = server.run_until(stop).await;
-    let _ = stop_writer.send(true);
+    stop_writer.cancel();
     if let Some(writer) = writer {
         let _ = writer.await;
     }

@@ -219,8 +219,8 @@ async fn dashboard_shows_the_truth_after_switching_users() {
     let demo_json = serde_json::to_vec(&info).unwrap();
     let mut server = TestServer::with_config(|config| config.demo_json = Some(demo_json.into())).await;
     demo::seed(&mut server.client).await.expect("demo data");
-    let (stop_writer, writer_shutdown) = tokio::sync::watch::channel(false);
-    let writer = tokio::spawn(demo::run_writer(server.db.url().to_owned(), WRITER_INTERVAL, writer_shutdown));
+    let stop_writer = tokio_util::sync::CancellationToken::new();
+    let writer = tokio::spawn(demo::run_writer(server.db.url().to_owned(), WRITER_INTERVAL, stop_writer.clone()));
 
     let opened = Instant::now();
     let mut page = Dashboard::open(&format!("http://{}/", server.addr()), "alice").await;
@@ -289,7 +289,7 @@ async fn dashboard_shows_the_truth_after_switching_users() {
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG: {}", path.display());
     assert!(png.len() > 10 * 1024, "{} is only {} bytes", path.display(), png.len());
 
-    let _ = stop_writer.send(true);
+    stop_writer.cancel();
     writer.await.unwrap();
     let console = page.close().await;
     let errors: Vec<&Value> = console.iter().filter(|e| e["level"] != "warning").collect();

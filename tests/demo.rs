@@ -224,8 +224,8 @@ async fn writer_keeps_orders_moving_within_bounds() {
 async fn run_writer_writes_until_shutdown() {
     let (db, mut client) = migrated_db().await;
     demo::seed(&mut client).await.unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(demo::run_writer(db.url().to_owned(), Duration::from_millis(20), stop_rx));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(demo::run_writer(db.url().to_owned(), Duration::from_millis(20), stop.clone()));
     let changed = "select count(*) from public.orders where updated_at > now() - interval '1 minute'";
     tokio::time::timeout(Duration::from_secs(20), async {
         while count(&client, changed).await < 3 {
@@ -234,7 +234,7 @@ async fn run_writer_writes_until_shutdown() {
     })
     .await
     .expect("the writer changes orders");
-    stop_tx.send(true).unwrap();
+    stop.cancel();
     tokio::time::timeout(Duration::from_secs(10), task).await.expect("the writer stops").unwrap();
 }
 

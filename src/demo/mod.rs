@@ -185,8 +185,8 @@ impl std::fmt::Debug for Demo {
 
 impl Demo {
     /// Spawns [`run_writer`] on the current runtime when a writer interval is
-    /// configured; it stops when `shutdown` turns `true` (or its sender drops).
-    pub fn spawn_writer(&self, shutdown: tokio::sync::watch::Receiver<bool>) -> Option<tokio::task::JoinHandle<()>> {
+    /// configured; it stops when `shutdown` is cancelled.
+    pub fn spawn_writer(&self, shutdown: tokio_util::sync::CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
         let interval = self.writer_interval?;
         Some(tokio::spawn(run_writer(self.database_url.clone(), interval, shutdown)))
     }

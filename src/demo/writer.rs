@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio_postgres::Client;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -281,11 +280,10 @@ impl Writer {
     }
 }
 
-/// Runs a [`Writer`] every `interval` until `shutdown` turns `true` (or its
-/// sender is dropped). Failed steps and lost connections are logged (kind and
+/// Runs a [`Writer`] every `interval` until `shutdown` is cancelled. Failed steps and lost connections are logged (kind and
 /// SQLSTATE, never row values) and retried on the next tick, reconnecting when
 /// needed.
-pub async fn run_writer(url: String, interval: Duration, mut shutdown: watch::Receiver<bool>) {
+pub async fn run_writer(url: String, interval: Duration, shutdown: tokio_util::sync::CancellationToken) {
     let span = tracing::info_span!("demo_writer", interval_ms = interval.as_millis() as u64);
     async move {
         let seed = std::time::SystemTime::now()
@@ -298,18 +296,10 @@ pub async fn run_writer(url: String, interval: Duration, mut shutdown: watch::Re
         let mut writer: Option<Writer> = None;
         tracing::info!("demo writer started");
         loop {
-            if *shutdown.borrow() {
-                break;
-            }
             tokio::select! {
                 biased;
-                // 1. Shutdown first: a stopped sender counts as shutdown too.
-                changed = shutdown.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    continue;
-                }
+                // 1. Shutdown first.
+                () = shutdown.cancelled() => break,
                 // 2. The next step.
                 _ = ticks.tick() => {}
             }

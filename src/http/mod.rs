@@ -50,11 +50,11 @@ use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
-use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub mod admission;
@@ -67,7 +67,7 @@ use crate::hub::Vsn;
 use crate::monitor::{text, Monitor};
 use crate::realtime::auth::Claims;
 use crate::realtime::protocol::parse_vsn;
-use crate::realtime::session::{self, now_unix, stopped};
+use crate::realtime::session::{self, now_unix};
 use crate::realtime::SessionContext;
 
 /// Largest request head.
@@ -93,26 +93,37 @@ pub struct HttpContext {
     pub admission: Admission,
 }
 
-/// Accepts connections until `shutdown`, then waits for them to close.
-pub async fn serve(listener: TcpListener, ctx: Arc<HttpContext>, mut shutdown: watch::Receiver<bool>) {
+/// Accepts connections until `shutdown`, then waits for them to close (each
+/// session sees the same token and closes its socket with 1001); those still
+/// open after [`DRAIN_TIMEOUT`] are dropped.
+pub async fn serve(listener: TcpListener, ctx: Arc<HttpContext>, shutdown: CancellationToken) {
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new()).header_read_timeout(HEAD_TIMEOUT).max_header_size(MAX_HEAD).keep_alive(false);
     let http = Arc::new(http);
-    let mut connections = JoinSet::new();
+    let connections = TaskTracker::new();
+    // Cancelled at the drain deadline: the connections still running end.
+    let dropped = CancellationToken::new();
     loop {
         tokio::select! {
             biased;
             // 1. Shutdown: stop accepting.
-            () = stopped(&mut shutdown) => break,
-            // 2. Reap finished connections.
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            // 3. Accept.
+            () = shutdown.cancelled() => break,
+            // 2. Accept.
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     let span = tracing::debug_span!("session", peer = %peer);
                     let run = connection(stream, peer, Arc::clone(&http), Arc::clone(&ctx), shutdown.clone());
-                    connections.spawn(run.instrument(span));
+                    let dropped = dropped.clone();
+                    connections.spawn(
+                        async move {
+                            tokio::select! {
+                                () = run => {}
+                                () = dropped.cancelled() => {}
+                            }
+                        }
+                        .instrument(span),
+                    );
                 }
                 Err(err) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -123,10 +134,11 @@ pub async fn serve(listener: TcpListener, ctx: Arc<HttpContext>, mut shutdown: w
         }
     }
     drop(listener);
-    let drain = async { while connections.join_next().await.is_some() {} };
-    if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
+    connections.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, connections.wait()).await.is_err() {
         tracing::warn!(left = connections.len(), "sockets still open after the shutdown deadline; dropping them");
-        connections.abort_all();
+        dropped.cancel();
+        connections.wait().await;
     }
 }
 
@@ -151,11 +163,11 @@ async fn connection(
     peer: SocketAddr,
     http: Arc<http1::Builder>,
     ctx: Arc<HttpContext>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) {
     // Boxed: hyper's state is freed once the request is answered, and does
     // not add to the size of this future, which lives as long as the socket.
-    let exchange = Box::pin(exchange(stream, peer, http, Arc::clone(&ctx), &mut shutdown)).await;
+    let exchange = Box::pin(exchange(stream, peer, http, Arc::clone(&ctx), &shutdown)).await;
     let Some((Accepted { vsn, apikey, claims, ticket }, stream, read_buf)) = exchange else { return };
     let sessions = Arc::clone(&ctx.sessions);
     drop(ctx);
@@ -173,7 +185,7 @@ async fn exchange(
     peer: SocketAddr,
     http: Arc<http1::Builder>,
     ctx: Arc<HttpContext>,
-    shutdown: &mut watch::Receiver<bool>,
+    shutdown: &CancellationToken,
 ) -> Option<(Accepted, TcpStream, Vec<u8>)> {
     let handoff: Handoff = Arc::new(Mutex::new(None));
     let service = {
@@ -187,7 +199,7 @@ async fn exchange(
     let mut conn = std::pin::pin!(conn);
     let served = tokio::select! {
         served = conn.as_mut() => served,
-        () = stopped(shutdown) => {
+        () = shutdown.cancelled() => {
             // A request in progress is answered; an idle connection closes.
             conn.as_mut().graceful_shutdown();
             conn.as_mut().await

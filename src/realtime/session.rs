@@ -31,12 +31,12 @@ use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
 
 use super::auth::{Claims, Verifier};
 use super::catalog::Catalog;
@@ -186,7 +186,7 @@ pub async fn run<S>(
     vsn: Vsn,
     apikey: String,
     apikey_claims: Claims,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -221,7 +221,7 @@ pub async fn run<S>(
         tokio::select! {
             biased;
             // 1. Server shutdown.
-            () = stopped(&mut shutdown) => break End::Close(CloseReason::shutdown()),
+            () = shutdown.cancelled() => break End::Close(CloseReason::shutdown()),
             // 2. The writer stopped (socket broken, or a close was sent).
             _ = &mut writer => {
                 writer_done = true;
@@ -723,12 +723,6 @@ async fn write_loop<S>(
             }
         }
     }
-}
-
-/// Resolves once `shutdown` says stop (or its sender is gone).
-pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    // The guard `wait_for` returns is not Send; drop it here.
-    let _ = shutdown.wait_for(|stop| *stop).await.map(|_| ());
 }
 
 /// Sent once to a channel that missed changes because the database could

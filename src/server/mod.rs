@@ -13,6 +13,11 @@
 //!                 a final standby status update → hub and stages joined
 //! ```
 //!
+//! One stop signal: the front and every session wait on one
+//! `CancellationToken`, the relay's stages on another (cancelled after the
+//! sockets closed); the front waits for its connections on a `TaskTracker`.
+//! Nothing polls.
+//!
 //! The listener binds only after the relay streams, so a client that can
 //! connect gets every change committed after its "Subscribed to PostgreSQL".
 //!
@@ -30,8 +35,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::http::{self, HttpContext};
@@ -105,7 +110,8 @@ pub const SLOT_DROP_WAIT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct Server {
     addr: SocketAddr,
-    shutdown: watch::Sender<bool>,
+    /// The one stop signal of the front and every session.
+    shutdown: CancellationToken,
     http: JoinHandle<()>,
     relay: Relay,
     sessions: Arc<SessionContext>,
@@ -165,7 +171,8 @@ impl Server {
             slot,
             slot_watch,
         ));
-        let (shutdown, shutdown_rx) = watch::channel(false);
+        let shutdown = CancellationToken::new();
+        let shutdown_rx = shutdown.clone();
         let ctx = Arc::new(HttpContext {
             sessions: Arc::clone(&sessions),
             demo: config.demo_json.map(|json| http::DemoEndpoints::new(json, config.relay.source.connection.clone())),
@@ -219,7 +226,7 @@ impl Server {
         if let Some(watchdog) = &self.watchdog {
             watchdog.abort();
         }
-        let _ = self.shutdown.send(true);
+        self.shutdown.cancel();
         let _ = self.http.await;
         self.relay.stop().await?;
         Ok(())
