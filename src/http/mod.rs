@@ -95,7 +95,7 @@ pub struct HttpContext {
 
 /// Accepts connections until `shutdown`, then waits for them to close (each
 /// session sees the same token and closes its socket with 1001); those still
-/// open after [`DRAIN_TIMEOUT`] are dropped.
+/// open after the drain deadline (5 s) are dropped.
 pub async fn serve(listener: TcpListener, ctx: Arc<HttpContext>, shutdown: CancellationToken) {
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new()).header_read_timeout(HEAD_TIMEOUT).max_header_size(MAX_HEAD).keep_alive(false);
