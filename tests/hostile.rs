@@ -631,3 +631,48 @@ async fn a_burst_of_upgrades_never_overshoots_the_connection_cap() {
     assert_eq!(status, 429);
     t.server.shutdown().await.unwrap();
 }
+
+/// The supabase-js way: every socket connects with the anon key and sends
+/// the user's token in its joins. The per-user budget counts those tokens
+/// too (once per socket), refusing the join past it with the reason, and a
+/// closed socket gives its count back.
+#[tokio::test]
+async fn users_joining_with_their_token_on_anon_sockets_are_counted() {
+    let t = TestServer::with_limits(Limits { max_sockets_per_user: 3, ..Limits::default() }).await;
+    let alice = create_user(&t.client, "alice@example.com").await;
+    let bob = create_user(&t.client, "bob@example.com").await;
+    let bindings = || json!([{"event": "*", "schema": "public", "table": "orders"}]);
+    let mut alices = Vec::new();
+    for i in 0..3 {
+        let mut ws = t.connect(&anon(), Vsn::V2).await;
+        ws.subscribe(&format!("realtime:a{i}"), bindings(), Some(&user(alice))).await;
+        // A second channel of the same socket and user costs nothing more.
+        ws.subscribe(&format!("realtime:b{i}"), bindings(), Some(&user(alice))).await;
+        alices.push(ws);
+    }
+    let mut fourth = t.connect(&anon(), Vsn::V2).await;
+    fourth.join("realtime:a3", bindings(), Some(&user(alice))).await;
+    let reply = fourth.expect("realtime:a3", "phx_reply").await;
+    assert_eq!(reply.payload["status"], "error");
+    assert_eq!(reply.payload["response"]["reason"], "too many sockets for this user (limit 3)");
+    // The socket itself serves: bob's join on it is accepted.
+    fourth.subscribe("realtime:bob", bindings(), Some(&user(bob))).await;
+    // An access_token switching a channel to alice's token closes it.
+    fourth.send(None, "realtime:bob", "access_token", json!({"access_token": user(alice)})).await;
+    let system = fourth.expect("realtime:bob", "system").await;
+    assert_eq!(system.payload["message"], "too many sockets for this user (limit 3)");
+    assert_eq!(metric(t.addr(), "walcast_joins_refused_user_total").await, 2.0);
+    // One of alice's sockets closes: its count comes back.
+    drop(alices.pop());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        fourth.join("realtime:a4", bindings(), Some(&user(alice))).await;
+        let reply = fourth.expect("realtime:a4", "phx_reply").await;
+        if reply.payload["status"] == "ok" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the closed socket's count comes back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    t.server.shutdown().await.unwrap();
+}

@@ -34,6 +34,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::realtime::users::{UserSlot, UserSockets};
 use crate::realtime::{Limits, RealtimeStats};
 
 /// An address block (`10.0.0.0/8`, `fd00::/8`, or one address).
@@ -199,7 +200,7 @@ impl<K: Hash + Eq> Drop for Slot<K> {
 pub struct Ticket {
     _connection: OwnedSemaphorePermit,
     _address: Slot<IpAddr>,
-    _user: Option<Slot<String>>,
+    _user: Option<UserSlot>,
 }
 
 /// The connection cap and the per-user and per-address budgets.
@@ -212,20 +213,21 @@ pub struct Admission {
     /// Sockets per client address.
     addresses: Counts<IpAddr>,
     /// Sockets per `sub`.
-    users: Counts<String>,
+    users: UserSockets,
     /// Peers whose `X-Forwarded-For` is believed.
     trusted_proxies: Vec<Cidr>,
 }
 
 impl Admission {
-    /// The budgets of `limits`.
-    pub fn new(limits: &Limits) -> Admission {
+    /// The budgets of `limits`; the per-user counts are `users`, which the
+    /// sessions share (they count the users of their joins' tokens too).
+    pub fn new(limits: &Limits, users: UserSockets) -> Admission {
         let max_connections = limits.max_connections.min(Semaphore::MAX_PERMITS);
         Admission {
             connections: Arc::new(Semaphore::new(max_connections)),
             max_connections,
             addresses: Counts::new(limits.max_sockets_per_address),
-            users: Counts::new(limits.max_sockets_per_user),
+            users,
             trusted_proxies: limits.trusted_proxies.clone(),
         }
     }
@@ -278,7 +280,7 @@ impl Admission {
         let connection = Arc::clone(&self.connections).try_acquire_owned().map_err(|_| Refusal::Connections)?;
         let address = self.addresses.take(address).ok_or(Refusal::Address { limit: self.addresses.limit })?;
         let user = match sub {
-            Some(sub) => Some(self.users.take(sub.to_owned()).ok_or(Refusal::User { limit: self.users.limit })?),
+            Some(sub) => Some(self.users.take(sub).ok_or(Refusal::User { limit: self.users.limit() })?),
             None => None,
         };
         Ok(Ticket { _connection: connection, _address: address, _user: user })
@@ -345,7 +347,7 @@ mod tests {
 
     #[test]
     fn forwarded_for_is_read_only_from_trusted_peers() {
-        let a = Admission::new(&limits(10, 10, 10, "10.0.0.0/8, 127.0.0.1"));
+        let a = Admission::new(&limits(10, 10, 10, "10.0.0.0/8, 127.0.0.1"), UserSockets::new(10));
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         // An untrusted peer: the header is ignored.
         assert_eq!(a.client_address(ip("203.0.113.5"), ["1.2.3.4"].into_iter()), ip("203.0.113.5"));
@@ -366,7 +368,7 @@ mod tests {
 
     #[test]
     fn budgets_are_taken_and_given_back() {
-        let a = Admission::new(&limits(2, 1, 3, ""));
+        let a = Admission::new(&limits(2, 1, 3, ""), UserSockets::new(1));
         let stats = RealtimeStats::default();
         let (x, y, z) = ("1.1.1.1".parse().unwrap(), "2.2.2.2".parse().unwrap(), "3.3.3.3".parse().unwrap());
         let first = a.admit(x, Some("alice"), &stats).unwrap();
@@ -384,7 +386,7 @@ mod tests {
         assert_eq!(a.address_sockets(x), 0);
         assert_eq!(a.sockets(), 0);
         assert!(a.addresses.map.lock().unwrap().is_empty(), "no entry outlives its sockets");
-        assert!(a.users.map.lock().unwrap().is_empty());
+        assert_eq!(a.users.count("alice"), 0);
         let again = a.admit(x, Some("alice"), &stats).unwrap();
         assert_eq!(Refusal::User { limit: 100 }.message(), "too many sockets for this user (limit 100)");
         drop(again);

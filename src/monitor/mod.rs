@@ -223,6 +223,12 @@ impl Monitor {
             load(&r.unindexed_refused),
         );
         w.counter(
+            "walcast_joins_refused_user_total",
+            "Joins refused (or channels closed on access_token) because the token's user holds \
+             --max-sockets-per-user sockets already.",
+            load(&r.user_refused),
+        );
+        w.counter(
             "walcast_joins_refused_private_total",
             "Private-channel joins refused (Realtime Authorization on realtime.messages is not evaluated yet).",
             load(&r.private_refused),

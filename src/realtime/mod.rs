@@ -13,12 +13,14 @@
 //! - [`join`]: join payloads → bindings with deterministic ids.
 //! - [`catalog`]: published tables and column types, for join validation.
 //! - [`session`]: the per-connection loop and writer.
+//! - [`users`]: sockets per user (`--max-sockets-per-user`).
 
 pub mod auth;
 pub mod catalog;
 pub mod join;
 pub mod protocol;
 pub mod session;
+pub mod users;
 
 use std::time::Duration;
 

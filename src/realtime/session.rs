@@ -58,13 +58,24 @@ pub struct SessionContext {
     pub limits: Limits,
     /// Counters.
     pub stats: RealtimeStats,
+    /// Sockets per user (the upgrade's and every join's token).
+    pub users: super::users::UserSockets,
     next_conn: AtomicU64,
 }
 
 impl SessionContext {
     /// A context around the shared parts.
     pub fn new(verifier: Verifier, catalog: Arc<Catalog>, hub: HubHandle, limits: Limits) -> SessionContext {
-        SessionContext { verifier, catalog, hub, limits, stats: RealtimeStats::default(), next_conn: AtomicU64::new(1) }
+        let users = super::users::UserSockets::new(limits.max_sockets_per_user);
+        SessionContext {
+            verifier,
+            catalog,
+            hub,
+            limits,
+            stats: RealtimeStats::default(),
+            users,
+            next_conn: AtomicU64::new(1),
+        }
     }
 }
 
@@ -83,6 +94,9 @@ pub struct RealtimeStats {
     pub joins_refused: AtomicU64,
     /// Of those, joins refused for the socket's unindexed-filter budget.
     pub unindexed_refused: AtomicU64,
+    /// Of those, joins whose token's user holds `max_sockets_per_user`
+    /// sockets already.
+    pub user_refused: AtomicU64,
     /// Of those, private-channel joins (Realtime Authorization is not
     /// evaluated by this server yet).
     pub private_refused: AtomicU64,
@@ -177,6 +191,10 @@ struct Session {
     joins: JoinBucket,
     /// Bytes of the text frame being handled (a join's size budget).
     frame_len: usize,
+    /// The users (other than the upgrade token's, counted with the socket's
+    /// admission) whose tokens this socket presented: it counts for each
+    /// against `--max-sockets-per-user` until it closes.
+    users: Vec<super::users::UserSlot>,
 }
 
 /// Runs a connection until it closes. `apikey` was verified at the upgrade.
@@ -206,6 +224,7 @@ pub async fn run<S>(
         outbox: Arc::clone(&outbox),
         channels: HashMap::new(),
         frame_len: 0,
+        users: Vec::new(),
     };
     tracing::debug!(conn, vsn = protocol::vsn_str(vsn), "socket open");
     let idle = session.ctx.limits.idle_timeout;
@@ -375,6 +394,29 @@ impl Session {
         None
     }
 
+    /// Counts this socket for `sub` (once per socket); `false` when the user
+    /// holds `--max-sockets-per-user` sockets already.
+    fn count_user(&mut self, sub: Option<&str>) -> bool {
+        let Some(sub) = sub else { return true };
+        if self.apikey_claims.sub.as_deref() == Some(sub) || self.users.iter().any(|slot| slot.sub() == sub) {
+            return true;
+        }
+        match self.ctx.users.take(sub) {
+            Some(slot) => {
+                self.users.push(slot);
+                true
+            }
+            None => {
+                self.ctx.stats.user_refused.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    fn user_budget_reason(&self) -> String {
+        format!("too many sockets for this user (limit {})", self.ctx.users.limit())
+    }
+
     fn refuse(&self, msg: &Message, reason: &str) {
         self.ctx.stats.joins_refused.fetch_add(1, Ordering::Relaxed);
         self.push(protocol::reply(self.vsn, msg, "error", json!({ "reason": reason })));
@@ -436,6 +478,13 @@ impl Session {
             },
             None => (self.apikey.clone(), self.apikey_claims.clone()),
         };
+        // supabase-js sends the user's token here, not at the upgrade: the
+        // per-user socket budget counts it now.
+        if !self.count_user(claims.sub.as_deref()) {
+            let reason = self.user_budget_reason();
+            self.refuse(&msg, &reason);
+            return None;
+        }
         let resolved =
             if bindings.is_empty() { Ok(Vec::new()) } else { join::resolve(&bindings, &self.ctx.catalog).await };
         // Filters no index can look up are evaluated for every change of
@@ -580,6 +629,11 @@ impl Session {
         }
         match self.ctx.verifier.verify(&token, now_unix()) {
             Ok(claims) => {
+                if !self.count_user(claims.sub.as_deref()) {
+                    let reason = self.user_budget_reason();
+                    self.close_channel(&msg.topic, &reason).await;
+                    return;
+                }
                 let viewer = claims.viewer();
                 let Some(channel) = self.channels.get_mut(&msg.topic) else { return };
                 channel.token = token;

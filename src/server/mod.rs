@@ -154,8 +154,8 @@ impl Server {
             }
         };
         let addr = listener.local_addr().map_err(|source| RealtimeError::Bind { addr: config.listen, source })?;
-        let admission = http::Admission::new(&config.limits);
         let sessions = Arc::new(SessionContext::new(verifier, Arc::new(catalog), relay.hub.clone(), config.limits));
+        let admission = http::Admission::new(&sessions.limits, sessions.users.clone());
         let slot = config.relay.source.slot.slot.clone();
         let slot_watch = Arc::new(SlotWatch::default());
         let watchdog = config.monitoring.watchdog().map(|settings| {
