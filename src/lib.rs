@@ -23,13 +23,18 @@
 //!                                    └─────────────────── hub: whole transaction held until
 //!                                                          Commit (memory ≤ 16 MiB, rest in
 //!                                                          spill/), memberships applied, then
-//!                                                          policy (membership cache, rules,
-//!                                                          filters) and serialize once ─▶
+//!                                                          policy (compiled RLS plans over
+//!                                                          membership caches; PostgreSQL for
+//!                                                          the rest) and the filter index,
+//!                                                          serialize once ─▶
 //!                                                          outboxes (one global byte budget;
 //!                                                          full ⇒ the fan-out pauses)
 //!                                                                     │ shared Bytes
 //!                                                                     ▼
 //!                                                    realtime (Phoenix vsn 1/2, JWT) ◀─▶ clients
+//!                                                       ▲ sockets admitted by http (hyper:
+//!                                                         connection permit, per-address
+//!                                                         and per-user budgets)
 //! ```
 //!
 //! Back-pressure runs the other way: a full outbox budget pauses the hub, the
@@ -45,8 +50,10 @@
 //! - [`capture`]: record/replay files of the raw replication stream.
 //! - [`pgoutput`]: the pure, sans-IO decoder of the pgoutput wire format.
 //! - [`change`]: typed changes; PostgreSQL text values to Supabase-style JSON.
-//! - [`policy`]: who may see a change — the WAL-ordered membership cache,
-//!   rules mirroring the SELECT policies, postgres_changes filters.
+//! - [`policy`]: who may see a change — the database's RLS policies and
+//!   privileges compiled to plans over WAL-ordered membership caches, the
+//!   database-evaluated fallback, postgres_changes filters (and their index
+//!   keys).
 //! - [`pgconn`]: connection strings with their TLS settings (`sslmode`,
 //!   `sslrootcert`), rustls for both kinds of connection, and the one SQL
 //!   connect everything uses.
@@ -61,7 +68,8 @@
 //! - [`relay`]: wires replication → change stage → hub with bounded channels.
 //! - [`realtime`]: Supabase Realtime's Phoenix protocol (vsn 1.0.0 and
 //!   2.0.0), JWT verification, per-socket sessions and their writers.
-//! - [`http`]: the listener: WebSocket upgrades, the dashboard, `/health`,
+//! - [`http`]: the listener (hyper): WebSocket upgrades admitted against the
+//!   connection, per-address and per-user budgets, the dashboard, `/health`,
 //!   `/ready`, `/metrics`.
 //! - [`monitor`]: Prometheus metrics, readiness, and the slot watchdog.
 //! - [`demo`]: the one-command demo: embedded PostgreSQL, demo data and tokens,
