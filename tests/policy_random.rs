@@ -1320,6 +1320,7 @@ alter publication supabase_realtime add table public.{LATE};\n"
         ..SeedReport::default()
     };
     let mut mismatches: Vec<String> = Vec::new();
+    let mut failed_rounds = BTreeSet::new();
     for r in 0..rounds {
         // Tables PostgreSQL evaluates read the membership tables as of the
         // evaluation, not the commit (docs/policies.md): each such table and
@@ -1548,6 +1549,7 @@ alter publication supabase_realtime add table public.{LATE};\n"
                     );
                 }
                 mismatches.push(format!("  round {r} in commit order:{shown}\n  claims {}", viewer.claims));
+                failed_rounds.insert(r);
             }
         }
         report.waiting += waited.elapsed();
@@ -1561,17 +1563,30 @@ alter publication supabase_realtime add table public.{LATE};\n"
             mismatches.push(format!("LEAK (late): {} got {g:?}", world.viewers[v].label));
         }
     }
+    let (end_plans, ..) = plans(&relay, &world);
+    let counters = format!(
+        "policy reloads {}, catch-up transactions {}, database evaluations {}, database-denied {}, caches {:?}",
+        stats.policy_reloads.load(Ordering::Relaxed),
+        stats.catch_up_transactions.load(Ordering::Relaxed),
+        stats.database.evaluated.load(Ordering::Relaxed),
+        stats.database_denied.load(Ordering::Relaxed),
+        stats.caches.lock().map(|c| c.clone()).unwrap_or_default()
+    );
     relay.stop().await.unwrap();
     client.execute("select pg_drop_replication_slot($1)", &[&order_slot]).await.unwrap();
     report.elapsed = started.elapsed();
     if report.leaks + report.misses > 0 {
         let shown: Vec<&str> = mismatches.iter().take(40).map(String::as_str).collect();
         report.failure = Some(format!(
-            "seed {seed} (concurrent; {} leaks, {} misses)\n--- schema\n{}\n--- at round {create_round}\n{create_sql}--- at round {policy_round}\n{policy_sql}--- plans at the start\n{}\n--- first mismatches\n{}",
+            "seed {seed} (concurrent; {} leaks, {} misses in rounds {:?})\n--- schema\n{}\n--- at round \
+             {create_round}\n{create_sql}--- at round {policy_round}\n{policy_sql}--- plans at the start\n{}\n--- \
+             plans at the end\n{}\n--- {counters}\n--- first mismatches\n{}",
             report.leaks,
             report.misses,
+            failed_rounds,
             world.sql,
             plan_lines.join("\n"),
+            end_plans.join("\n"),
             shown.join("\n")
         ));
     }
