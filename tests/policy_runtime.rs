@@ -483,3 +483,64 @@ async fn a_helper_function_redefined_at_run_time_applies_from_its_commit() {
     let _ = n2;
     s.relay.stop().await.unwrap();
 }
+
+/// The reload after a policy DDL reads the catalog *with* that DDL: the
+/// stream may deliver a transaction's commit a moment before PostgreSQL
+/// shows it to new snapshots (docs/policies.md, commit visibility), and a
+/// catalog read in that moment would install the policies as they were
+/// before the DDL — until the next change. Alternately create and drop a
+/// policy, writers loading the server beside, and after each a note that
+/// must reach its owner exactly while the policy exists. (Found by the
+/// concurrent random differential test, seed 2014, under load.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_reload_reads_the_catalog_with_its_ddl_in_it() {
+    let (db, mut client) = migrated_db().await;
+    schema::migrate(&mut client, &Migrations::walcast()).await.expect("walcast setup");
+    client.batch_execute(NOTES).await.unwrap();
+    client.batch_execute("create table public.load (n int); set synchronous_commit = on").await.unwrap();
+    let a = create_user(&client, "flip@example.com").await;
+    let mut s =
+        Setup::start(db.url(), &format!("{}_s", db.name()), Duration::from_secs(10), vec![Viewer::user(a)]).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    let writers: usize = std::env::var("WALCAST_FLIP_WRITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
+    for _ in 0..writers {
+        let writer = db.connect().await.unwrap();
+        let stop = Arc::clone(&stop);
+        load.push(tokio::spawn(async move {
+            writer.batch_execute("set synchronous_commit = on").await.unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                writer.batch_execute("insert into public.load values (1)").await.unwrap();
+            }
+        }));
+    }
+    let rounds: usize = std::env::var("WALCAST_FLIP_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(100);
+    let mut stale = Vec::new();
+    for i in 0..rounds {
+        let exists = i % 2 == 0;
+        client
+            .batch_execute(if exists {
+                "create policy flip on public.notes for select to authenticated using (owner = (select auth.uid()))"
+            } else {
+                "drop policy flip on public.notes"
+            })
+            .await
+            .unwrap();
+        let n = note(&client, a, None, false).await;
+        s.reached(n).await;
+        if s.got(0).contains(&n) != exists {
+            stale.push(i);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+    let reloads = s.relay.hub.stats.policy_reloads.load(Ordering::Relaxed);
+    s.relay.stop().await.unwrap();
+    assert!(
+        stale.is_empty(),
+        "policies installed without their DDL after {} of {rounds} changes: {stale:?} ({reloads} reloads)",
+        stale.len()
+    );
+}

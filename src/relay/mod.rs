@@ -510,6 +510,10 @@ async fn change_stage(
 /// plans in force would be stale: failing is safer than judging by them).
 const RELOAD_ATTEMPTS: u32 = 3;
 
+/// Reads again, 2 ms apart, while the catalog does not yet show the policy
+/// DDL whose commit the stream delivered (a few seconds at most).
+const RELOAD_BEHIND_WAITS: u32 = 100;
+
 /// The change stage's part in following policy changes (see
 /// [`crate::policy::watch`]): notices `walcast-policy` messages and poll
 /// differences, and reloads at transaction boundaries.
@@ -595,8 +599,48 @@ impl Follow {
     /// Reads the policies again (current state) and appends the update.
     async fn reload(&mut self, batch: &mut Vec<StageEvent>) -> Result<(), RelayError> {
         self.due = false;
-        let mut attempt = 0;
+        let mut waits = 0;
         let (loaded, epoch) = loop {
+            let (loaded, epoch) = self.read_policies().await?;
+            // Read behind: the stream may deliver a transaction's commit a
+            // moment before PostgreSQL shows it to new snapshots (the commit
+            // record is flushed, and sent, before the committing backend
+            // leaves the proc array). A catalog read then misses the DDL the
+            // stream just reported — and would stay in force until the next
+            // change. The DDL's own count, not yet in the catalog, tells.
+            let behind = matches!((self.seen_epoch, epoch), (Some(seen), Some(read)) if read < seen);
+            if behind && waits < RELOAD_BEHIND_WAITS {
+                waits += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                continue;
+            }
+            if behind {
+                // Not a visibility lag (the count was reset, e.g. the
+                // trigger's table made again): go on from the count read.
+                tracing::warn!(
+                    seen = ?self.seen_epoch,
+                    read = ?epoch,
+                    "the catalog does not show the policy changes the stream reported; using it as read"
+                );
+                self.seen_epoch = epoch;
+            }
+            break (loaded, epoch);
+        };
+        // Read ahead: the catalog includes DDL the stream has not reached
+        // (walcast is behind); judged as catch-up until a reload that is not.
+        let ahead = matches!((self.seen_epoch, epoch), (Some(seen), Some(read)) if read > seen);
+        log_plans(&loaded);
+        tracing::info!(rows = loaded.at.rows, lsn = %loaded.at.lsn, ahead, "policies changed; read again");
+        self.installed(&loaded);
+        batch.push(StageEvent::PolicyUpdate { loaded: Box::new(loaded), ahead });
+        Ok(())
+    }
+
+    /// The policies and caches read now, with the count of policy DDL in
+    /// the catalog read (transient errors retried).
+    async fn read_policies(&mut self) -> Result<(policy::plan::Loaded, Option<i64>), RelayError> {
+        let mut attempt = 0;
+        loop {
             attempt += 1;
             let publications = self.publications.clone();
             let known = self.known.clone();
@@ -608,7 +652,7 @@ impl Follow {
                 Err(err) => Err(err),
             };
             match result {
-                Ok(read) => break read,
+                Ok(read) => return Ok(read),
                 Err(err) if err.is_transient() && attempt < RELOAD_ATTEMPTS => {
                     tracing::warn!(error = %err, attempt, "reading the policies again failed; retrying");
                     self.client = None;
@@ -619,14 +663,6 @@ impl Follow {
                     return Err(err.into());
                 }
             }
-        };
-        // Read ahead: the catalog includes DDL the stream has not reached
-        // (walcast is behind); judged as catch-up until a reload that is not.
-        let ahead = matches!((self.seen_epoch, epoch), (Some(seen), Some(read)) if read > seen);
-        log_plans(&loaded);
-        tracing::info!(rows = loaded.at.rows, lsn = %loaded.at.lsn, ahead, "policies changed; read again");
-        self.installed(&loaded);
-        batch.push(StageEvent::PolicyUpdate { loaded: Box::new(loaded), ahead });
-        Ok(())
+        }
     }
 }
