@@ -103,6 +103,21 @@ pub enum RelayError {
     /// Memberships could not be loaded or applied.
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    /// A policy reload kept reading a catalog without the policy changes the
+    /// stream reported (definite: restart walcast; if `walcast.policy_epoch`
+    /// was recreated, that is expected once).
+    #[error(
+        "the catalog still does not show the policy changes the stream reported (policy count {read:?} < \
+         {seen}) after {waited:?}; stopping rather than judging by policies that may be stale: restart walcast"
+    )]
+    PolicyCatalogBehind {
+        /// The count the stream's message carried.
+        seen: i64,
+        /// The count the catalog read showed.
+        read: Option<i64>,
+        /// How long it waited.
+        waited: Duration,
+    },
     /// The hub stopped.
     #[error(transparent)]
     Hub(#[from] HubError),
@@ -510,9 +525,11 @@ async fn change_stage(
 /// plans in force would be stale: failing is safer than judging by them).
 const RELOAD_ATTEMPTS: u32 = 3;
 
-/// Reads again, 2 ms apart, while the catalog does not yet show the policy
-/// DDL whose commit the stream delivered (a few seconds at most).
-const RELOAD_BEHIND_WAITS: u32 = 100;
+/// How long a reload reads again (2 ms apart at first, then up to 100 ms)
+/// while the catalog does not yet show the policy DDL whose commit the
+/// stream delivered; past it the reload fails rather than install plans
+/// that may be stale (the relay stops, and a restart reads afresh).
+const RELOAD_BEHIND_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The change stage's part in following policy changes (see
 /// [`crate::policy::watch`]): notices `walcast-policy` messages and poll
@@ -599,7 +616,8 @@ impl Follow {
     /// Reads the policies again (current state) and appends the update.
     async fn reload(&mut self, batch: &mut Vec<StageEvent>) -> Result<(), RelayError> {
         self.due = false;
-        let mut waits = 0;
+        let started = tokio::time::Instant::now();
+        let mut pause = Duration::from_millis(2);
         let (loaded, epoch) = loop {
             let (loaded, epoch) = self.read_policies().await?;
             // Read behind: the stream may deliver a transaction's commit a
@@ -609,22 +627,20 @@ impl Follow {
             // stream just reported — and would stay in force until the next
             // change. The DDL's own count, not yet in the catalog, tells.
             let behind = matches!((self.seen_epoch, epoch), (Some(seen), Some(read)) if read < seen);
-            if behind && waits < RELOAD_BEHIND_WAITS {
-                waits += 1;
-                tokio::time::sleep(Duration::from_millis(2)).await;
-                continue;
+            if !behind {
+                break (loaded, epoch);
             }
-            if behind {
-                // Not a visibility lag (the count was reset, e.g. the
-                // trigger's table made again): go on from the count read.
-                tracing::warn!(
-                    seen = ?self.seen_epoch,
-                    read = ?epoch,
-                    "the catalog does not show the policy changes the stream reported; using it as read"
-                );
-                self.seen_epoch = epoch;
+            if started.elapsed() >= RELOAD_BEHIND_DEADLINE {
+                // Never install plans that may predate the DDL (a dropped
+                // permissive policy would stay in force): stop instead.
+                return Err(RelayError::PolicyCatalogBehind {
+                    seen: self.seen_epoch.unwrap_or_default(),
+                    read: epoch,
+                    waited: started.elapsed(),
+                });
             }
-            break (loaded, epoch);
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
         };
         // Read ahead: the catalog includes DDL the stream has not reached
         // (walcast is behind); judged as catch-up until a reload that is not.
