@@ -676,3 +676,40 @@ async fn users_joining_with_their_token_on_anon_sockets_are_counted() {
     }
     t.server.shutdown().await.unwrap();
 }
+
+/// The same budget as a supabase-js app meets it: `createClient(url,
+/// anonKey)` + `realtime.setAuth(userToken)` on each client. The user's
+/// third client, past a budget of 2, gets `CHANNEL_ERROR` with the reason;
+/// another user's client subscribes and receives.
+#[tokio::test]
+async fn a_supabase_js_user_past_the_socket_budget_gets_channel_error_with_the_reason() {
+    use crate::support::clients::{is_change, is_status, Driver, Kind};
+    let t = TestServer::with_limits(Limits { max_sockets_per_user: 2, ..Limits::default() }).await;
+    let owner = create_user(&t.client, "owner@example.com").await;
+    let alice = create_user(&t.client, "alice@example.com").await;
+    let bob = create_user(&t.client, "bob@example.com").await;
+    let north = create_dealership(&t.client, "NORTH").await;
+    add_member(&t.client, bob, north, "user").await;
+    let url = format!("http://{}", t.addr());
+    let bindings = json!([{"event": "*", "schema": "public", "table": "orders"}]);
+    let mut alices = Vec::new();
+    for i in 0..2 {
+        let mut js = Driver::start(&format!("alice{i}"), Kind::SupabaseJs("2.0.0"), &url, &anon()).await;
+        js.subscribe("orders", bindings.clone(), Some(&user(alice))).await;
+        alices.push(js);
+    }
+    let mut third = Driver::start("alice2", Kind::SupabaseJs("2.0.0"), &url, &anon()).await;
+    third.command(json!({"cmd": "subscribe", "channel": "orders", "bindings": bindings, "token": user(alice)})).await;
+    let status = third.expect("the refusal", |e| is_status(e, "orders", None)).await;
+    assert_eq!(status["status"], "CHANNEL_ERROR", "{status}");
+    assert!(
+        status["error"].as_str().is_some_and(|e| e.contains("too many sockets for this user (limit 2)")),
+        "{status}"
+    );
+    let mut bobs = Driver::start("bob", Kind::SupabaseJs("2.0.0"), &url, &anon()).await;
+    bobs.subscribe("orders", bindings.clone(), Some(&user(bob))).await;
+    let order = create_order(&t.client, north, owner, "sales", "pending").await;
+    let change = bobs.expect("bob's change", |e| is_change(e, "orders", None)).await;
+    assert_eq!(change["payload"]["new"]["id"], json!(order.to_string()));
+    t.server.shutdown().await.unwrap();
+}
