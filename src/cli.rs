@@ -268,6 +268,10 @@ struct ServeArgs {
     /// [default: 1048576].
     #[arg(long = "max-socket-join-bytes", env = "MAX_SOCKET_JOIN_BYTES")]
     max_socket_join_bytes: Option<usize>,
+    /// Largest broadcast payload, bytes (a larger one is not sent; `payload_size_exceeded` with `ack`)
+    /// [default: 262144; at most 983040].
+    #[arg(long = "max-broadcast-bytes", env = "MAX_BROADCAST_BYTES")]
+    max_broadcast_bytes: Option<usize>,
     /// Most open sockets per user (the `sub` of the upgrade's apikey; tokens without
     /// `sub` are not counted); more get HTTP 429 [default: 100].
     #[arg(long = "max-sockets-per-user", env = "MAX_SOCKETS_PER_USER")]
@@ -392,6 +396,7 @@ impl ServeArgs {
             max_unindexed_filters_per_client: self.max_unindexed_filters_per_client,
             max_join_bytes: self.max_join_bytes,
             max_socket_join_bytes: self.max_socket_join_bytes,
+            max_broadcast_bytes: self.max_broadcast_bytes,
             ws_read_buffer_bytes: self.ws_read_buffer_bytes,
             ws_write_buffer_bytes: self.ws_write_buffer_bytes,
             data_dir: self.data_dir,

@@ -5,6 +5,7 @@
 mod support;
 
 mod big_transactions;
+mod broadcast;
 mod changes;
 mod cli_migrate;
 mod client_compat;

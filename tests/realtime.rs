@@ -375,13 +375,15 @@ async fn binary_frames_limits_idle_and_shutdown() {
     let t = TestServer::with_limits(limits).await;
     let key = token("service_role", None, 3600);
 
-    // A 2.0.0 binary broadcast push gets an error reply; the socket stays.
+    // A 2.0.0 binary broadcast push on a channel not joined gets an error
+    // reply; the socket stays.
     let mut ws = t.connect(&key, Vsn::V2).await;
     let mut frame = vec![3, 1, 1, 13, 6, 0, 1];
     frame.extend_from_slice(b"15realtime:roomcursor{\"x\":1}");
     ws.send_raw(Message::Binary(frame.into())).await;
     let reply = ws.expect("realtime:room", "phx_reply").await;
     assert_eq!(reply.payload["status"], "error");
+    assert_eq!(reply.payload["response"]["reason"], "unmatched topic");
     assert_eq!((reply.join_ref.as_deref(), reply.msg_ref.as_deref()), (Some("1"), Some("5")));
     ws.send_raw(Message::Binary(vec![3, 200, 0].into())).await; // truncated: ignored
     ws.send(None, "phoenix", "heartbeat", json!({})).await;

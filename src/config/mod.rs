@@ -89,6 +89,8 @@ pub struct FileConfig {
     pub max_join_bytes: Option<usize>,
     /// Most bytes of join messages per socket.
     pub max_socket_join_bytes: Option<usize>,
+    /// Largest broadcast payload, bytes.
+    pub max_broadcast_bytes: Option<usize>,
     /// WebSocket read buffer per socket, bytes.
     pub ws_read_buffer_bytes: Option<usize>,
     /// WebSocket write buffer (flush threshold) per socket, bytes.
@@ -154,6 +156,7 @@ impl std::fmt::Debug for FileConfig {
             .field("max_unindexed_filters_per_client", &self.max_unindexed_filters_per_client)
             .field("max_join_bytes", &self.max_join_bytes)
             .field("max_socket_join_bytes", &self.max_socket_join_bytes)
+            .field("max_broadcast_bytes", &self.max_broadcast_bytes)
             .field("ws_read_buffer_bytes", &self.ws_read_buffer_bytes)
             .field("ws_write_buffer_bytes", &self.ws_write_buffer_bytes)
             .field("outbox_budget_bytes", &self.outbox_budget_bytes)
@@ -211,6 +214,7 @@ impl FileConfig {
                 .or(lower.max_unindexed_filters_per_client),
             max_join_bytes: self.max_join_bytes.or(lower.max_join_bytes),
             max_socket_join_bytes: self.max_socket_join_bytes.or(lower.max_socket_join_bytes),
+            max_broadcast_bytes: self.max_broadcast_bytes.or(lower.max_broadcast_bytes),
             ws_read_buffer_bytes: self.ws_read_buffer_bytes.or(lower.ws_read_buffer_bytes),
             ws_write_buffer_bytes: self.ws_write_buffer_bytes.or(lower.ws_write_buffer_bytes),
             data_dir: self.data_dir.or(lower.data_dir),
@@ -365,6 +369,8 @@ pub struct Settings {
     pub max_join_bytes: usize,
     /// Most bytes of join messages per socket.
     pub max_socket_join_bytes: usize,
+    /// Largest broadcast payload (bytes).
+    pub max_broadcast_bytes: usize,
     /// Most sockets per user (`sub`).
     pub max_sockets_per_user: usize,
     /// Most sockets per client address.
@@ -509,6 +515,14 @@ impl Settings {
             Some(list) => crate::http::Cidr::parse_list(list).map_err(ConfigError::TrustedProxies)?,
             None => limits.trusted_proxies.clone(),
         };
+        // A payload past the limit must reach the session (to be refused with
+        // `payload_size_exceeded`), not close the socket as too large.
+        let max_broadcast_bytes = range(
+            "MAX_BROADCAST_BYTES (--max-broadcast-bytes)",
+            merged.max_broadcast_bytes.unwrap_or(limits.max_broadcast_bytes),
+            1 << 10,
+            limits.max_message_bytes - (64 << 10),
+        )?;
         let ws_read_buffer = range(
             "WS_READ_BUFFER_BYTES (--ws-read-buffer)",
             merged.ws_read_buffer_bytes.unwrap_or(limits.ws_read_buffer),
@@ -618,6 +632,7 @@ impl Settings {
             max_unindexed_filters,
             max_join_bytes,
             max_socket_join_bytes,
+            max_broadcast_bytes,
             max_sockets_per_user,
             max_sockets_per_address,
             trusted_proxies,
@@ -722,6 +737,7 @@ impl Settings {
         config.limits.max_unindexed_filters = self.max_unindexed_filters;
         config.limits.max_join_bytes = self.max_join_bytes;
         config.limits.max_socket_join_bytes = self.max_socket_join_bytes;
+        config.limits.max_broadcast_bytes = self.max_broadcast_bytes;
         config.limits.max_sockets_per_user = self.max_sockets_per_user;
         config.limits.max_sockets_per_address = self.max_sockets_per_address;
         config.limits.trusted_proxies = self.trusted_proxies.clone();
@@ -842,6 +858,10 @@ mod tests {
         assert_eq!(settings.max_channels, 7);
         assert_eq!(settings.max_unindexed_filters, 3);
         assert_eq!(settings.max_join_bytes, 8192);
+        assert_eq!(settings.max_broadcast_bytes, crate::realtime::Limits::default().max_broadcast_bytes);
+        let over =
+            FileConfig { jwt_secret: Some("s".into()), max_broadcast_bytes: Some(1 << 20), ..FileConfig::default() };
+        assert!(Settings::resolve(over, None).is_err(), "the socket's message limit must hold the payload limit");
         let serve = settings.serve_config(PgConfig::from_str("postgres://u@h/db").unwrap());
         assert_eq!((serve.limits.max_unindexed_filters, serve.limits.max_join_bytes), (3, 8192));
         assert_eq!(settings.auth.jwt_secret.as_deref(), Some("f"));

@@ -228,6 +228,13 @@ impl Monitor {
              --max-sockets-per-user sockets already.",
             load(&r.user_refused),
         );
+        w.counter("walcast_broadcasts_total", "Broadcasts received from clients and sent on.", load(&r.broadcasts));
+        w.counter("walcast_broadcast_frames_total", "Broadcast frames queued to receivers.", load(&r.broadcast_frames));
+        w.counter(
+            "walcast_broadcasts_too_large_total",
+            "Broadcasts not sent: payload larger than the broadcast limit (256 KiB).",
+            load(&r.broadcasts_too_large),
+        );
         w.counter(
             "walcast_joins_refused_private_total",
             "Private-channel joins refused (Realtime Authorization on realtime.messages is not evaluated yet).",

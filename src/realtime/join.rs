@@ -35,6 +35,20 @@ pub struct JoinRequest {
     /// `config.private`: a channel under Realtime Authorization (policies
     /// on `realtime.messages`), which this server does not evaluate yet.
     pub private: bool,
+    /// `config.broadcast.self`: the channel receives its own broadcasts.
+    pub broadcast_self: bool,
+    /// `config.broadcast.ack`: each broadcast push is answered.
+    pub broadcast_ack: bool,
+}
+
+/// A join config flag: a bool, or the strings `"true"`/`"false"` (as
+/// Supabase accepts); anything else is `false`.
+fn flag(value: Option<&Value>) -> bool {
+    match value {
+        Some(Value::Bool(b)) => *b,
+        Some(Value::String(s)) => s == "true",
+        _ => false,
+    }
 }
 
 /// A join payload that cannot be used.
@@ -75,8 +89,12 @@ pub fn parse_join(payload: &Value) -> Result<JoinRequest, JoinError> {
         }
         Some(_) => return Err(JoinError::BindingsShape),
     };
-    let private = payload.get("config").and_then(|c| c.get("private")).and_then(Value::as_bool).unwrap_or(false);
-    Ok(JoinRequest { bindings, access_token, private })
+    let config = payload.get("config");
+    let private = flag(config.and_then(|c| c.get("private")));
+    let broadcast = config.and_then(|c| c.get("broadcast"));
+    let broadcast_self = flag(broadcast.and_then(|b| b.get("self")));
+    let broadcast_ack = flag(broadcast.and_then(|b| b.get("ack")));
+    Ok(JoinRequest { bindings, access_token, private, broadcast_self, broadcast_ack })
 }
 
 /// The binding's id: a hash of its parameters (keys sorted) in `[1, 2^27)`.
@@ -218,6 +236,9 @@ mod tests {
         assert!(!join.private);
         assert!(parse_join(&json!({"config": {"private": true}})).unwrap().private);
         assert!(!parse_join(&json!({"config": {"private": "yes"}})).unwrap().private);
+        let b = parse_join(&json!({"config": {"broadcast": {"self": true, "ack": "true"}}})).unwrap();
+        assert!(b.broadcast_self && b.broadcast_ack);
+        assert!(!join.broadcast_self && !join.broadcast_ack);
         assert_eq!(parse_join(&json!({"config": {"postgres_changes": {}}})), Err(JoinError::BindingsShape));
         assert_eq!(parse_join(&json!({"config": {"postgres_changes": [1]}})), Err(JoinError::BindingsShape));
         let many: Vec<Value> = (0..=MAX_BINDINGS).map(|_| json!({"schema": "public"})).collect();

@@ -10,12 +10,14 @@
 //!
 //! - [`protocol`]: sans-IO framing of both serializers.
 //! - [`auth`]: JWT verification (HS256 secret, JWKS).
+//! - [`broadcast`]: client-to-client broadcasts on public channels.
 //! - [`join`]: join payloads → bindings with deterministic ids.
 //! - [`catalog`]: published tables and column types, for join validation.
 //! - [`session`]: the per-connection loop and writer.
 //! - [`users`]: sockets per user (`--max-sockets-per-user`).
 
 pub mod auth;
+pub mod broadcast;
 pub mod catalog;
 pub mod join;
 pub mod protocol;
@@ -41,6 +43,10 @@ pub struct Limits {
     pub max_unindexed_filters: usize,
     /// Largest join message (bytes); a larger join is refused.
     pub max_join_bytes: usize,
+    /// Largest broadcast payload (bytes of its JSON, or of a binary
+    /// payload); a larger one is not sent (`payload_size_exceeded` with
+    /// `ack`). Below `max_message_bytes` by at least 64 KiB.
+    pub max_broadcast_bytes: usize,
     /// Most bytes of join messages a socket's channels hold together (what
     /// its subscriptions keep in memory follows them); a join past it is
     /// refused.
@@ -79,6 +85,7 @@ impl Default for Limits {
             max_channels: 100,
             max_unindexed_filters: 20,
             max_join_bytes: 64 << 10,
+            max_broadcast_bytes: 256 << 10,
             max_socket_join_bytes: 1 << 20,
             max_message_bytes: 1 << 20,
             joins_per_second: 20,

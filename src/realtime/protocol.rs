@@ -159,9 +159,13 @@ pub struct BinaryPush {
     pub topic: String,
     /// The user event name.
     pub event: String,
+    /// The payload's encoding: 1 JSON, 0 raw bytes.
+    pub encoding: u8,
+    /// The payload.
+    pub payload: Vec<u8>,
 }
 
-/// Reads a binary frame's header (kind 3 `user_broadcast_push`).
+/// Reads a binary frame (kind 3 `user_broadcast_push`).
 ///
 /// # Errors
 /// [`ProtocolError::Binary`] when the frame is not kind 3, is shorter than
@@ -195,9 +199,33 @@ pub fn decode_binary(frame: &[u8]) -> Result<BinaryPush, ProtocolError> {
     let topic = text(take(lens[2])?)?;
     let event = text(take(lens[3])?)?;
     take(lens[4])?; // meta
+    let encoding = rest[5];
+    if encoding > 1 {
+        return Err(ProtocolError::Binary("payload encoding is neither 0 (binary) nor 1 (JSON)"));
+    }
+    let payload = body.to_vec();
     let opt = |s: String| if s.is_empty() { None } else { Some(s) };
-    Ok(BinaryPush { join_ref: opt(join_ref), msg_ref: opt(msg_ref), topic, event })
+    Ok(BinaryPush { join_ref: opt(join_ref), msg_ref: opt(msg_ref), topic, event, encoding, payload })
 }
+
+/// A kind 4 `user_broadcast` frame (server → 2.0.0 client): `kind,
+/// topic_len, event_len, meta_len (0), encoding`, topic, event, payload.
+/// `None` when the topic or event is longer than 255 bytes (the frame's
+/// lengths are one byte).
+pub fn user_broadcast(topic: &str, event: &str, encoding: u8, payload: &[u8]) -> Option<Bytes> {
+    let topic_len = u8::try_from(topic.len()).ok()?;
+    let event_len = u8::try_from(event.len()).ok()?;
+    let mut out = Vec::with_capacity(5 + topic.len() + event.len() + payload.len());
+    out.extend_from_slice(&[USER_BROADCAST, topic_len, event_len, 0, encoding]);
+    out.extend_from_slice(topic.as_bytes());
+    out.extend_from_slice(event.as_bytes());
+    out.extend_from_slice(payload);
+    Some(Bytes::from(out))
+}
+
+/// The first byte of a kind 4 frame. Every text frame walcast sends starts
+/// with `[` or `{`, so the writer tells binary frames by this byte.
+pub const USER_BROADCAST: u8 = 4;
 
 /// Encodes a server frame. `join_ref` is dropped for vsn 1.0.0, as Supabase's
 /// V1 serializer does.
@@ -333,11 +361,26 @@ mod tests {
         assert_eq!(push.msg_ref.as_deref(), Some("5"));
         assert_eq!(push.topic, "realtime:room");
         assert_eq!(push.event, "cursor");
-        for bad in
-            [&[][..], &[4, 0, 0, 0, 0, 0, 0], &[3, 1, 1], &[3, 9, 0, 0, 0, 0, 0, b'1'], &[3, 1, 0, 0, 0, 0, 0, 0xff]]
-        {
+        assert_eq!((push.encoding, push.payload.as_slice()), (1, &b"{\"x\":1}"[..]));
+        for bad in [
+            &[][..],
+            &[4, 0, 0, 0, 0, 0, 0],
+            &[3, 1, 1],
+            &[3, 9, 0, 0, 0, 0, 0, b'1'],
+            &[3, 1, 0, 0, 0, 0, 0, 0xff],
+            &[3, 0, 0, 0, 0, 0, 2],
+        ] {
             assert!(decode_binary(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn binary_kind_4() {
+        let frame = user_broadcast("realtime:room", "cursor", 1, b"{\"x\":1}").unwrap();
+        let mut want = vec![4, 13, 6, 0, 1];
+        want.extend_from_slice(b"realtime:roomcursor{\"x\":1}");
+        assert_eq!(&frame[..], &want[..]);
+        assert!(user_broadcast(&"x".repeat(256), "e", 1, b"").is_none());
     }
 
     proptest::proptest! {

@@ -60,6 +60,8 @@ pub struct SessionContext {
     pub stats: RealtimeStats,
     /// Sockets per user (the upgrade's and every join's token).
     pub users: super::users::UserSockets,
+    /// Every channel that receives broadcasts, by topic.
+    pub broadcasts: super::broadcast::Broadcasts,
     next_conn: AtomicU64,
 }
 
@@ -74,6 +76,7 @@ impl SessionContext {
             limits,
             stats: RealtimeStats::default(),
             users,
+            broadcasts: super::broadcast::Broadcasts::default(),
             next_conn: AtomicU64::new(1),
         }
     }
@@ -100,6 +103,12 @@ pub struct RealtimeStats {
     /// Of those, private-channel joins (Realtime Authorization is not
     /// evaluated by this server yet).
     pub private_refused: AtomicU64,
+    /// Broadcasts received from clients and sent on.
+    pub broadcasts: AtomicU64,
+    /// Broadcast frames queued to receivers.
+    pub broadcast_frames: AtomicU64,
+    /// Broadcasts not sent: payload over `max_broadcast_bytes`.
+    pub broadcasts_too_large: AtomicU64,
     /// Frames that could not be decoded.
     pub bad_frames: AtomicU64,
     /// Channels closed because their token expired.
@@ -148,6 +157,8 @@ struct Channel {
     /// Bytes of its join message (charged to the socket's
     /// [`Limits::max_socket_join_bytes`]).
     join_bytes: usize,
+    /// `config.broadcast.ack`: broadcast pushes are answered.
+    broadcast_ack: bool,
 }
 
 /// A token bucket for joins.
@@ -343,13 +354,14 @@ impl Session {
             return;
         }
         match protocol::decode_binary(data) {
-            Ok(push) => self.push(protocol::error_reply(
-                self.vsn,
-                push.join_ref.as_deref(),
-                push.msg_ref.as_deref(),
-                &push.topic,
-                "broadcast is not supported by this server (postgres_changes only)",
-            )),
+            Ok(push) => {
+                let message = super::broadcast::Message::Binary {
+                    event: &push.event,
+                    encoding: push.encoding,
+                    payload: &push.payload,
+                };
+                self.broadcast(&push.topic, push.join_ref.as_deref(), push.msg_ref.as_deref(), &message);
+            }
             Err(err) => {
                 self.ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(conn = self.conn, error = %err, "ignoring a binary frame");
@@ -385,8 +397,12 @@ impl Session {
             _ if !self.channels.contains_key(&msg.topic) => {
                 self.push(protocol::reply(self.vsn, &msg, "error", json!({"reason": "unmatched topic"})));
             }
-            "broadcast" | "presence" => {
-                let reason = format!("{} is not supported by this server (postgres_changes only)", msg.event);
+            "broadcast" => {
+                let message = super::broadcast::Message::Text(&msg.payload);
+                self.broadcast(&msg.topic, msg.join_ref.as_deref(), msg.msg_ref.as_deref(), &message);
+            }
+            "presence" => {
+                let reason = "presence is not supported by this server yet (postgres_changes and broadcast only)";
                 self.push(protocol::reply(self.vsn, &msg, "error", json!({ "reason": reason })));
             }
             _ => self.push(protocol::reply(self.vsn, &msg, "error", json!({"reason": "unknown event"}))),
@@ -415,6 +431,51 @@ impl Session {
 
     fn user_budget_reason(&self) -> String {
         format!("too many sockets for this user (limit {})", self.ctx.users.limit())
+    }
+
+    /// A client's broadcast on `topic`: sent on to the channel's other
+    /// members (and itself with `self`), answered when the channel asked
+    /// for `ack` — after the frames are queued, or `payload_size_exceeded`.
+    fn broadcast(
+        &self,
+        topic: &str,
+        join_ref: Option<&str>,
+        msg_ref: Option<&str>,
+        message: &super::broadcast::Message<'_>,
+    ) {
+        let Some(channel) = self.channels.get(topic) else {
+            self.push(protocol::reply_to(
+                self.vsn,
+                join_ref,
+                msg_ref,
+                topic,
+                "error",
+                json!({"reason": "unmatched topic"}),
+            ));
+            return;
+        };
+        let ack = channel.broadcast_ack;
+        if message.size() > self.ctx.limits.max_broadcast_bytes {
+            self.ctx.stats.broadcasts_too_large.fetch_add(1, Ordering::Relaxed);
+            if ack {
+                // Supabase's reply: `response` is the bare string.
+                self.push(protocol::reply_to(
+                    self.vsn,
+                    join_ref,
+                    msg_ref,
+                    topic,
+                    "error",
+                    json!("payload_size_exceeded"),
+                ));
+            }
+            return;
+        }
+        let queued = self.ctx.broadcasts.send(topic, self.conn, message);
+        self.ctx.stats.broadcasts.fetch_add(1, Ordering::Relaxed);
+        self.ctx.stats.broadcast_frames.fetch_add(queued as u64, Ordering::Relaxed);
+        if ack {
+            self.push(protocol::reply_to(self.vsn, join_ref, msg_ref, topic, "ok", json!({})));
+        }
     }
 
     fn refuse(&self, msg: &Message, reason: &str) {
@@ -457,7 +518,7 @@ impl Session {
                 return None;
             }
         };
-        let JoinRequest { bindings, access_token, private } = request;
+        let JoinRequest { bindings, access_token, private, broadcast_self, broadcast_ack } = request;
         if private {
             // Realtime Authorization (policies on realtime.messages) is not
             // evaluated here yet: refused, as Supabase refuses a private
@@ -520,6 +581,7 @@ impl Session {
         // A second join on a topic replaces the first: close the old channel.
         if let Some(old) = self.channels.remove(&msg.topic) {
             self.ctx.stats.channels_open.fetch_sub(1, Ordering::Relaxed);
+            self.ctx.broadcasts.leave(&msg.topic, self.conn);
             self.push(protocol::phx_close(self.vsn, old.join_ref.as_deref(), &msg.topic));
             if old.subscribed {
                 self.control(Control::Leave { conn: self.conn, topic: msg.topic.clone() }).await;
@@ -529,7 +591,7 @@ impl Session {
         self.push(protocol::reply(self.vsn, &msg, "ok", response));
         let join_ref = msg.join_ref.clone().or_else(|| msg.msg_ref.clone());
         let join_bytes = self.frame_len;
-        let mut channel = Channel { join_ref, token, claims, subscribed: false, unindexed, join_bytes };
+        let mut channel = Channel { join_ref, token, claims, subscribed: false, unindexed, join_bytes, broadcast_ack };
         match resolved {
             Ok(hub_bindings) if !hub_bindings.is_empty() => {
                 // Say what will not arrive and why (never silence): an
@@ -575,6 +637,15 @@ impl Session {
                 &message,
             )),
         }
+        self.ctx.broadcasts.join(
+            &msg.topic,
+            super::broadcast::Member {
+                conn: self.conn,
+                vsn: self.vsn,
+                outbox: Arc::clone(&self.outbox),
+                echo: broadcast_self,
+            },
+        );
         self.channels.insert(msg.topic, channel);
         self.ctx.stats.channels_open.fetch_add(1, Ordering::Relaxed);
         None
@@ -597,6 +668,7 @@ impl Session {
         match self.channels.remove(&msg.topic) {
             Some(channel) => {
                 self.ctx.stats.channels_open.fetch_sub(1, Ordering::Relaxed);
+                self.ctx.broadcasts.leave(&msg.topic, self.conn);
                 self.push(protocol::phx_close(self.vsn, channel.join_ref.as_deref().or(join_ref), &msg.topic));
                 if channel.subscribed {
                     self.control(Control::Leave { conn: self.conn, topic: msg.topic.clone() }).await;
@@ -610,6 +682,7 @@ impl Session {
     async fn close_channel(&mut self, topic: &str, message: &str) {
         let Some(channel) = self.channels.remove(topic) else { return };
         self.ctx.stats.channels_open.fetch_sub(1, Ordering::Relaxed);
+        self.ctx.broadcasts.leave(topic, self.conn);
         if channel.subscribed {
             // Remove the subscription first: nothing may reach the channel after this.
             self.control(Control::Leave { conn: self.conn, topic: topic.to_owned() }).await;
@@ -675,6 +748,9 @@ impl Session {
     async fn finish(self, end: End, writer: Option<tokio::task::JoinHandle<()>>) {
         // Subscriptions go first, so the hub stops queueing for this socket.
         let _ = self.ctx.hub.send(Control::Disconnect { conn: self.conn }).await;
+        for topic in self.channels.keys() {
+            self.ctx.broadcasts.leave(topic, self.conn);
+        }
         self.ctx.stats.channels_open.fetch_sub(self.channels.len() as u64, Ordering::Relaxed);
         self.ctx.stats.sockets_open.fetch_sub(1, Ordering::Relaxed);
         let reason = match end {
@@ -718,9 +794,15 @@ async fn write_loop<S>(
             Ok(()) => {
                 let write = async {
                     for frame in batch.drain(..) {
-                        // Frames are JSON built by serde_json or the hub's writer: always UTF-8.
-                        let Ok(text) = Utf8Bytes::try_from(frame) else { return Some(false) };
-                        match tokio::time::timeout(write_timeout, sink.feed(WsMessage::Text(text))).await {
+                        // Text frames are JSON (always UTF-8, starting with `[` or
+                        // `{`); a kind 4 broadcast starts with its kind byte.
+                        let message = if frame.first() == Some(&protocol::USER_BROADCAST) {
+                            WsMessage::Binary(frame)
+                        } else {
+                            let Ok(text) = Utf8Bytes::try_from(frame) else { return Some(false) };
+                            WsMessage::Text(text)
+                        };
+                        match tokio::time::timeout(write_timeout, sink.feed(message)).await {
                             Ok(Ok(())) => {}
                             Ok(Err(_)) => return Some(false),
                             Err(_) => return None,

@@ -164,7 +164,7 @@ function createDriverClient(o) {
     return {
       version,
       realtime,
-      channel: (topic) => realtime.channel(topic),
+      channel: (topic, opts) => realtime.channel(topic, opts),
       setAuth: (token) => realtime.setAuth(token),
       removeAllChannels: () => realtime.removeAllChannels(),
       // 2.80's removeAllChannels() disconnects without waiting.
@@ -190,7 +190,7 @@ function createDriverClient(o) {
   return {
     version,
     realtime,
-    channel: (topic) => supabase.channel(topic),
+    channel: (topic, opts) => supabase.channel(topic, opts),
     setAuth: async (token) => {
       if (o.auth === 'callback') currentToken = token ?? null
       await realtime.setAuth(token ?? null)
@@ -234,6 +234,28 @@ async function subscribe(client, cmd) {
   chan.on('system', {}, (payload) => emit({ ev: 'system', channel: handle, payload }))
   channels.set(handle, chan)
   chan.subscribe((status, err) => statusEvent(handle, status, err))
+}
+
+// A broadcast channel: `config.broadcast` {self, ack} as given; every
+// broadcast received is emitted as {ev:'broadcast', channel, message}.
+async function broadcastSubscribe(client, cmd) {
+  const handle = cmd.channel
+  if (typeof handle !== 'string' || !handle) throw new Error('broadcast_subscribe needs "channel"')
+  if (channels.has(handle)) throw new Error(`channel ${handle} already exists`)
+  if (cmd.token !== undefined) await client.setAuth(cmd.token)
+  const chan = client.channel(cmd.topic ?? handle, { config: { broadcast: { self: !!cmd.self, ack: !!cmd.ack } } })
+  chan.on('broadcast', { event: '*' }, (message) => emit({ ev: 'broadcast', channel: handle, message: safeValue(message) }))
+  channels.set(handle, chan)
+  chan.subscribe((status, err) => statusEvent(handle, status, err))
+}
+
+// channel.send({type:'broadcast', event, payload}) as apps call it; emits
+// {ev:'sent', channel, result} with what the promise resolved to.
+async function broadcastSend(client, cmd) {
+  const chan = channels.get(cmd.channel)
+  if (!chan) throw new Error(`no channel ${cmd.channel}`)
+  const result = await chan.send({ type: 'broadcast', event: cmd.event, payload: cmd.payload })
+  emit({ ev: 'sent', channel: cmd.channel, result })
 }
 
 async function unsubscribe(client, cmd) {
@@ -282,6 +304,10 @@ async function run(client, cmd) {
       return subscribe(client, cmd)
     case 'unsubscribe':
       return unsubscribe(client, cmd)
+    case 'broadcast_subscribe':
+      return broadcastSubscribe(client, cmd)
+    case 'broadcast_send':
+      return broadcastSend(client, cmd)
     case 'setAuth':
       return client.setAuth(cmd.token ?? null)
     case 'connect':
