@@ -2,7 +2,8 @@
 //! kind 3 binary pushes and receives kind 4; 1.0.0 sends and receives text):
 //! every member of the topic receives, the sender only with `self`, `ack`
 //! resolves after the fan-out, an oversized payload resolves `error`, and a
-//! channel on another topic receives nothing.
+//! channel on another topic receives nothing; the Python client (1.0.0) and
+//! supabase-js broadcast to each other.
 
 use std::time::Duration;
 
@@ -81,5 +82,22 @@ async fn supabase_js_broadcasts_reach_every_member_in_both_protocol_versions() {
     assert_eq!(metric("walcast_broadcasts_total"), "3");
     assert_eq!(metric("walcast_broadcast_frames_total"), "7");
     assert_eq!(metric("walcast_broadcasts_too_large_total"), "1");
+    t.server.shutdown().await.unwrap();
+}
+
+/// The Python client (1.0.0) with a supabase-js 2.0.0 member: both ways.
+#[tokio::test]
+async fn python_and_supabase_js_broadcast_to_each_other() {
+    let t = TestServer::start().await;
+    let url = format!("http://{}", t.addr());
+    let room = "room-py";
+    let mut py = member("py", Kind::Python, &url, room, false, false).await;
+    let mut js = member("js", Kind::SupabaseJs("2.0.0"), &url, room, false, true).await;
+    assert_eq!(send(&mut js, room, "ping", json!({"n": 1})).await, "ok");
+    let got = received(&mut py, room).await;
+    assert_eq!((got["event"].clone(), got["payload"].clone()), (json!("ping"), json!({"n": 1})));
+    send(&mut py, room, "pong", json!({"n": 2})).await;
+    let got = received(&mut js, room).await;
+    assert_eq!(got, json!({"type": "broadcast", "event": "pong", "payload": {"n": 2}}));
     t.server.shutdown().await.unwrap();
 }

@@ -220,6 +220,34 @@ class Driver:
 
         task.add_done_callback(report)
 
+    async def broadcast_subscribe(self, cmd: dict[str, Any]) -> None:
+        """A channel with `config.broadcast` {self, ack}; each broadcast is emitted as `broadcast`."""
+        handle = cmd.get("channel")
+        if not isinstance(handle, str) or not handle:
+            raise ValueError('broadcast_subscribe needs "channel"')
+        if handle in self.channels:
+            raise ValueError(f"channel {handle} already exists")
+        params = {"config": {"broadcast": {"self": bool(cmd.get("self")), "ack": bool(cmd.get("ack"))}}}
+        chan = self.client.channel(cmd.get("topic") or handle, params)
+        chan.on_broadcast("*", lambda message: emit({"ev": "broadcast", "channel": handle, "message": message}))
+
+        def on_status(status: Any, err: Exception | None) -> None:
+            ev: dict[str, Any] = {"ev": "status", "channel": handle, "status": getattr(status, "value", str(status))}
+            if err is not None:
+                ev["error"] = str(err)
+            emit(ev)
+
+        self.channels[handle] = chan
+        await chan.subscribe(on_status)
+
+    async def broadcast_send(self, cmd: dict[str, Any]) -> None:
+        """`send_broadcast(event, payload)` as apps call it (the Python client awaits no reply)."""
+        chan = self.channels.get(cmd.get("channel"))
+        if chan is None:
+            raise ValueError(f"no channel {cmd.get('channel')}")
+        await chan.send_broadcast(cmd.get("event"), cmd.get("payload"))
+        emit({"ev": "sent", "channel": cmd.get("channel"), "result": "sent"})
+
     async def unsubscribe(self, cmd: dict[str, Any]) -> None:
         handle = cmd.get("channel")
         chan = self.channels.pop(handle, None)
@@ -274,6 +302,10 @@ class Driver:
             await self.subscribe(cmd)
         elif name == "unsubscribe":
             await self.unsubscribe(cmd)
+        elif name == "broadcast_subscribe":
+            await self.broadcast_subscribe(cmd)
+        elif name == "broadcast_send":
+            await self.broadcast_send(cmd)
         elif name == "setAuth":
             await self.client.set_auth(cmd.get("token"))
         elif name == "connect":
