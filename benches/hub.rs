@@ -276,17 +276,22 @@ impl World {
 
     /// Empties every outbox (what the writer tasks would do).
     fn drain(&mut self) {
-        for outbox in &self.outboxes {
-            if outbox.depth().0 > 0 {
-                let ready = outbox.next_batch(&mut self.drained).now_or_never();
-                assert!(matches!(ready, Some(Ok(()))), "outbox closed");
-                self.drained.clear();
-            }
-        }
+        drain_outboxes(&self.outboxes, &mut self.drained);
     }
 
     fn deliveries(&self) -> u64 {
         self.handle.stats.deliveries.load(Ordering::Relaxed)
+    }
+}
+
+/// Empties every outbox (what the writer tasks would do).
+fn drain_outboxes(outboxes: &[Arc<Outbox>], drained: &mut Vec<Bytes>) {
+    for outbox in outboxes {
+        if outbox.depth().0 > 0 {
+            let ready = outbox.next_batch(drained).now_or_never();
+            assert!(matches!(ready, Some(Ok(()))), "outbox closed");
+            drained.clear();
+        }
     }
 }
 
@@ -422,13 +427,7 @@ impl Filtered {
     }
 
     fn drain(&mut self) {
-        for outbox in &self.outboxes {
-            if outbox.depth().0 > 0 {
-                let ready = outbox.next_batch(&mut self.drained).now_or_never();
-                assert!(matches!(ready, Some(Ok(()))), "outbox closed");
-                self.drained.clear();
-            }
-        }
+        drain_outboxes(&self.outboxes, &mut self.drained);
     }
 }
 

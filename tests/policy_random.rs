@@ -1597,6 +1597,21 @@ fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
 }
 
+/// Prints the totals of `reports` under `label` and fails on any seed's
+/// failure (or a missing seed).
+fn check_reports(label: &str, reports: &[SeedReport], seeds: u64, started: Instant) {
+    let failures: Vec<&str> = reports.iter().filter_map(|r| r.failure.as_deref()).collect();
+    let pairs: usize = reports.iter().map(|r| r.pairs).sum();
+    let leaks: usize = reports.iter().map(|r| r.leaks).sum();
+    let misses: usize = reports.iter().map(|r| r.misses).sum();
+    println!(
+        "{label}: {pairs} (change, viewer) pairs, {leaks} leaks, {misses} misses, {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    assert_eq!(reports.len() as u64, seeds);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_schemas_deliver_exactly_what_postgres_rls_allows() {
     let seeds = env_number("WALCAST_RANDOM_SEEDS", 10);
@@ -1611,17 +1626,7 @@ async fn random_schemas_deliver_exactly_what_postgres_rls_allows() {
         .inspect(|r| println!("{}", r.summary()))
         .collect()
         .await;
-    let failures: Vec<&str> = reports.iter().filter_map(|r| r.failure.as_deref()).collect();
-    let pairs: usize = reports.iter().map(|r| r.pairs).sum();
-    let leaks: usize = reports.iter().map(|r| r.leaks).sum();
-    let misses: usize = reports.iter().map(|r| r.misses).sum();
-    println!(
-        "policy_random: {seeds} seeds × {transactions} transactions: {pairs} (change, viewer) pairs, {leaks} leaks, \
-         {misses} misses, {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
-    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
-    assert_eq!(reports.len() as u64, seeds);
+    check_reports(&format!("policy_random: {seeds} seeds × {transactions} transactions"), &reports, seeds, started);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1637,15 +1642,5 @@ async fn concurrent_writers_and_a_policy_created_mid_run_deliver_exactly_what_po
         .inspect(|r| println!("{}", r.summary()))
         .collect()
         .await;
-    let failures: Vec<&str> = reports.iter().filter_map(|r| r.failure.as_deref()).collect();
-    let pairs: usize = reports.iter().map(|r| r.pairs).sum();
-    let leaks: usize = reports.iter().map(|r| r.leaks).sum();
-    let misses: usize = reports.iter().map(|r| r.misses).sum();
-    println!(
-        "policy_random (concurrent): {seeds} seeds × {rounds} rounds: {pairs} (change, viewer) pairs, {leaks} leaks, \
-         {misses} misses, {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
-    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
-    assert_eq!(reports.len() as u64, seeds);
+    check_reports(&format!("policy_random (concurrent): {seeds} seeds × {rounds} rounds"), &reports, seeds, started);
 }

@@ -25,16 +25,14 @@
 //! - Tokens without a `sub` (the anon and service keys) are not counted per
 //!   user.
 
-use std::collections::HashMap;
-use std::hash::Hash;
 use std::net::IpAddr;
 use std::str::FromStr;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::realtime::users::{UserSlot, UserSockets};
+use crate::realtime::users::{CountSlot, KeyedCounts, UserSlot, UserSockets};
 use crate::realtime::{Limits, RealtimeStats};
 
 /// An address block (`10.0.0.0/8`, `fd00::/8`, or one address).
@@ -144,62 +142,12 @@ impl Refusal {
     }
 }
 
-/// Counts per key, each checked against a limit when taken.
-#[derive(Debug)]
-struct Counts<K> {
-    limit: usize,
-    map: Arc<Mutex<HashMap<K, usize>>>,
-}
-
-impl<K: Hash + Eq + Clone> Counts<K> {
-    fn new(limit: usize) -> Counts<K> {
-        Counts { limit, map: Arc::new(Mutex::new(HashMap::new())) }
-    }
-
-    /// Takes one for `key` unless it holds `limit` already.
-    fn take(&self, key: K) -> Option<Slot<K>> {
-        let mut map = self.map.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let count = map.entry(key.clone()).or_insert(0);
-        if *count >= self.limit {
-            if *count == 0 {
-                map.remove(&key);
-            }
-            return None;
-        }
-        *count += 1;
-        Some(Slot { key, map: Arc::clone(&self.map) })
-    }
-
-    fn get(&self, key: &K) -> usize {
-        self.map.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(key).copied().unwrap_or(0)
-    }
-}
-
-/// One counted socket of a key; gives it back when dropped.
-#[derive(Debug)]
-struct Slot<K: Hash + Eq> {
-    key: K,
-    map: Arc<Mutex<HashMap<K, usize>>>,
-}
-
-impl<K: Hash + Eq> Drop for Slot<K> {
-    fn drop(&mut self) {
-        let mut map = self.map.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(count) = map.get_mut(&self.key) {
-            *count -= 1;
-            if *count == 0 {
-                map.remove(&self.key);
-            }
-        }
-    }
-}
-
 /// What an admitted socket holds for its life: its connection permit and
 /// its user's and address's counts. Dropping it gives them back.
 #[derive(Debug)]
 pub struct Ticket {
     _connection: OwnedSemaphorePermit,
-    _address: Slot<IpAddr>,
+    _address: CountSlot<IpAddr>,
     _user: Option<UserSlot>,
 }
 
@@ -211,7 +159,7 @@ pub struct Admission {
     /// The semaphore's capacity.
     max_connections: usize,
     /// Sockets per client address.
-    addresses: Counts<IpAddr>,
+    addresses: KeyedCounts<IpAddr>,
     /// Sockets per `sub`.
     users: UserSockets,
     /// Peers whose `X-Forwarded-For` is believed.
@@ -226,7 +174,7 @@ impl Admission {
         Admission {
             connections: Arc::new(Semaphore::new(max_connections)),
             max_connections,
-            addresses: Counts::new(limits.max_sockets_per_address),
+            addresses: KeyedCounts::new(limits.max_sockets_per_address),
             users,
             trusted_proxies: limits.trusted_proxies.clone(),
         }
@@ -278,9 +226,9 @@ impl Admission {
 
     fn take(&self, address: IpAddr, sub: Option<&str>) -> Result<Ticket, Refusal> {
         let connection = Arc::clone(&self.connections).try_acquire_owned().map_err(|_| Refusal::Connections)?;
-        let address = self.addresses.take(address).ok_or(Refusal::Address { limit: self.addresses.limit })?;
+        let address = self.addresses.take(address).ok_or(Refusal::Address { limit: self.addresses.limit() })?;
         let user = match sub {
-            Some(sub) => Some(self.users.take(sub).ok_or(Refusal::User { limit: self.users.limit() })?),
+            Some(sub) => Some(self.users.take(sub.to_owned()).ok_or(Refusal::User { limit: self.users.limit() })?),
             None => None,
         };
         Ok(Ticket { _connection: connection, _address: address, _user: user })
@@ -293,7 +241,7 @@ impl Admission {
 
     /// Sockets counted for `address` now.
     pub fn address_sockets(&self, address: IpAddr) -> usize {
-        self.addresses.get(&address.to_canonical())
+        self.addresses.count(&address.to_canonical())
     }
 }
 
@@ -385,8 +333,8 @@ mod tests {
         drop((first, second, third));
         assert_eq!(a.address_sockets(x), 0);
         assert_eq!(a.sockets(), 0);
-        assert!(a.addresses.map.lock().unwrap().is_empty(), "no entry outlives its sockets");
-        assert_eq!(a.users.count("alice"), 0);
+        assert_eq!(a.addresses.count(&x), 0, "no count outlives its sockets");
+        assert_eq!(a.users.count(&"alice".to_owned()), 0);
         let again = a.admit(x, Some("alice"), &stats).unwrap();
         assert_eq!(Refusal::User { limit: 100 }.message(), "too many sockets for this user (limit 100)");
         drop(again);

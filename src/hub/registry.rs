@@ -327,11 +327,17 @@ impl Registry {
             }
         }
         if hits > 1 {
-            // The old and new rows, or two columns, may name one slot twice.
+            // The old and new rows, or two columns, may name one slot twice:
+            // deduplicate the looked-up part in place.
             out[start..].sort_unstable();
-            let mut tail = out.split_off(start);
-            tail.dedup();
-            out.extend_from_slice(&tail);
+            let mut kept = start;
+            for i in start..out.len() {
+                if kept == start || out[i] != out[kept - 1] {
+                    out[kept] = out[i];
+                    kept += 1;
+                }
+            }
+            out.truncate(kept);
         }
         lookups
     }

@@ -50,8 +50,8 @@ pub struct Member {
 /// What a client broadcast.
 #[derive(Debug)]
 pub enum Message<'a> {
-    /// A text push: the map, sent on verbatim.
-    Text(&'a Value),
+    /// A text push: the map, serialized once, sent on verbatim.
+    Text(&'a [u8]),
     /// A kind 3 push.
     Binary {
         /// The user event.
@@ -67,7 +67,7 @@ impl Message<'_> {
     /// Bytes of the payload, for the size limit.
     pub fn size(&self) -> usize {
         match self {
-            Message::Text(value) => value.to_string().len(),
+            Message::Text(json) => json.len(),
             Message::Binary { payload, .. } => payload.len(),
         }
     }
@@ -139,10 +139,34 @@ impl Broadcasts {
     }
 }
 
+/// A `broadcast` push around an already serialized payload (no second
+/// serialization per format).
+fn text_frame(vsn: Vsn, topic: &str, payload: &[u8]) -> Bytes {
+    let topic = serde_json::to_string(topic).unwrap_or_default();
+    let mut out = Vec::with_capacity(payload.len() + topic.len() + 64);
+    match vsn {
+        Vsn::V1 => {
+            out.extend_from_slice(b"{\"topic\":");
+            out.extend_from_slice(topic.as_bytes());
+            out.extend_from_slice(b",\"event\":\"broadcast\",\"payload\":");
+            out.extend_from_slice(payload);
+            out.extend_from_slice(b",\"ref\":null}");
+        }
+        Vsn::V2 => {
+            out.extend_from_slice(b"[null,null,");
+            out.extend_from_slice(topic.as_bytes());
+            out.extend_from_slice(b",\"broadcast\",");
+            out.extend_from_slice(payload);
+            out.push(b']');
+        }
+    }
+    Bytes::from(out)
+}
+
 /// The frame `message` takes to a `vsn` socket (`None`: not sent to it).
 fn frame(vsn: Vsn, topic: &str, message: &Message<'_>) -> Option<Bytes> {
     match (message, vsn) {
-        (Message::Text(value), _) => Some(protocol::encode(vsn, None, None, topic, "broadcast", value)),
+        (Message::Text(json), _) => Some(text_frame(vsn, topic, json)),
         (Message::Binary { event, encoding, payload }, Vsn::V2) => {
             protocol::user_broadcast(topic, event, *encoding, payload)
         }
@@ -182,7 +206,8 @@ mod tests {
         b.join("realtime:r", c);
         b.join("realtime:r", d);
         let p = json!({"type": "broadcast", "event": "e", "payload": {"x": 1}});
-        assert_eq!(b.send("realtime:r", 1, &Message::Text(&p)), 2, "not to the sender without self");
+        let json = serde_json::to_vec(&p).unwrap();
+        assert_eq!(b.send("realtime:r", 1, &Message::Text(&json)), 2, "not to the sender without self");
         assert!(drained(&a_box).is_empty());
         let v1: Value = serde_json::from_slice(&drained(&c_box)[0]).unwrap();
         assert_eq!(v1, json!({"topic": "realtime:r", "event": "broadcast", "payload": p, "ref": null}));

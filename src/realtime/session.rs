@@ -398,7 +398,10 @@ impl Session {
                 self.push(protocol::reply(self.vsn, &msg, "error", json!({"reason": "unmatched topic"})));
             }
             "broadcast" => {
-                let message = super::broadcast::Message::Text(&msg.payload);
+                // Serialized once: its size is the limit's measure, its bytes
+                // go into every receiver's frame.
+                let json = serde_json::to_vec(&msg.payload).unwrap_or_default();
+                let message = super::broadcast::Message::Text(&json);
                 self.broadcast(&msg.topic, msg.join_ref.as_deref(), msg.msg_ref.as_deref(), &message);
             }
             "presence" => {
@@ -414,10 +417,10 @@ impl Session {
     /// holds `--max-sockets-per-user` sockets already.
     fn count_user(&mut self, sub: Option<&str>) -> bool {
         let Some(sub) = sub else { return true };
-        if self.apikey_claims.sub.as_deref() == Some(sub) || self.users.iter().any(|slot| slot.sub() == sub) {
+        if self.apikey_claims.sub.as_deref() == Some(sub) || self.users.iter().any(|slot| slot.key() == sub) {
             return true;
         }
-        match self.ctx.users.take(sub) {
+        match self.ctx.users.take(sub.to_owned()) {
             Some(slot) => {
                 self.users.push(slot);
                 true
@@ -551,12 +554,14 @@ impl Session {
         // Filters no index can look up are evaluated for every change of
         // their table: the socket pays for them from its own budget.
         let unindexed = resolved.as_ref().map_or(0, |b| b.iter().filter(|b| b.filter.is_unindexed()).count());
-        let held: usize =
-            self.channels.iter().filter(|(topic, _)| **topic != msg.topic).map(|(_, c)| c.unindexed).sum();
-        // What a socket's subscriptions hold in memory follows the size of
-        // its joins (docs/operations.md): bounded per socket.
-        let held_bytes: usize =
-            self.channels.iter().filter(|(topic, _)| **topic != msg.topic).map(|(_, c)| c.join_bytes).sum();
+        // What the socket's other channels hold (a rejoin replaces its own):
+        // unindexed filters, and join bytes — a socket's subscriptions' memory
+        // follows the size of its joins (docs/operations.md).
+        let (held, held_bytes) = self
+            .channels
+            .iter()
+            .filter(|(topic, _)| **topic != msg.topic)
+            .fold((0, 0), |(n, bytes), (_, c)| (n + c.unindexed, bytes + c.join_bytes));
         if held_bytes + self.frame_len > self.ctx.limits.max_socket_join_bytes {
             let reason = format!(
                 "InvalidJoinPayload: this socket's channels would hold {} bytes of join messages; at most {} per \

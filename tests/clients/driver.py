@@ -145,6 +145,18 @@ def parse_options(argv: list[str]) -> dict[str, Any]:
 # ---------------------------------------------------------------- driver
 
 
+def status_callback(handle: str) -> Any:
+    """The subscribe callback: each status of channel `handle` as a `status` event."""
+
+    def on_status(status: Any, err: Exception | None) -> None:
+        ev: dict[str, Any] = {"ev": "status", "channel": handle, "status": getattr(status, "value", str(status))}
+        if err is not None:
+            ev["error"] = str(err)
+        emit(ev)
+
+    return on_status
+
+
 class Driver:
     def __init__(self, o: dict[str, Any]) -> None:
         from realtime import AsyncRealtimeClient
@@ -196,18 +208,12 @@ class Driver:
             )
         chan.on_system(lambda payload: emit({"ev": "system", "channel": handle, "payload": payload}))
 
-        def on_status(status: Any, err: Exception | None) -> None:
-            ev: dict[str, Any] = {"ev": "status", "channel": handle, "status": getattr(status, "value", str(status))}
-            if err is not None:
-                ev["error"] = str(err)
-            emit(ev)
-
         self.channels[handle] = chan
 
         # subscribe() connects (with retries), sends the join and then waits for its outcome.
         # Hand back control once the join has been sent, like the JS driver's subscribe; a
         # failure before that (no connection) fails the command.
-        task = asyncio.create_task(chan.subscribe(on_status))
+        task = asyncio.create_task(chan.subscribe(status_callback(handle)))
         while not task.done() and not chan.join_push.sent:
             await asyncio.sleep(0.005)
         if task.done() and task.exception() is not None:
@@ -231,14 +237,8 @@ class Driver:
         chan = self.client.channel(cmd.get("topic") or handle, params)
         chan.on_broadcast("*", lambda message: emit({"ev": "broadcast", "channel": handle, "message": message}))
 
-        def on_status(status: Any, err: Exception | None) -> None:
-            ev: dict[str, Any] = {"ev": "status", "channel": handle, "status": getattr(status, "value", str(status))}
-            if err is not None:
-                ev["error"] = str(err)
-            emit(ev)
-
         self.channels[handle] = chan
-        await chan.subscribe(on_status)
+        await chan.subscribe(status_callback(handle))
 
     async def broadcast_send(self, cmd: dict[str, Any]) -> None:
         """`send_broadcast(event, payload)` as apps call it (the Python client awaits no reply)."""
