@@ -148,6 +148,9 @@ struct Accepted {
     vsn: Vsn,
     apikey: String,
     claims: Claims,
+    /// The request's `x-*` headers (`request.headers` for private
+    /// channels' policies).
+    headers: Arc<serde_json::Value>,
     /// Held for the session's life.
     ticket: Ticket,
 }
@@ -168,12 +171,12 @@ async fn connection(
     // Boxed: hyper's state is freed once the request is answered, and does
     // not add to the size of this future, which lives as long as the socket.
     let exchange = Box::pin(exchange(stream, peer, http, Arc::clone(&ctx), &shutdown)).await;
-    let Some((Accepted { vsn, apikey, claims, ticket }, stream, read_buf)) = exchange else { return };
+    let Some((Accepted { vsn, apikey, claims, headers, ticket }, stream, read_buf)) = exchange else { return };
     let sessions = Arc::clone(&ctx.sessions);
     drop(ctx);
     let config = Some(sessions.limits.websocket_config());
     let ws = WebSocketStream::from_partially_read(stream, read_buf, Role::Server, config).await;
-    session::run(ws, sessions, vsn, apikey, claims, shutdown).await;
+    session::run(ws, sessions, vsn, apikey, claims, headers, shutdown).await;
     drop(ticket);
 }
 
@@ -336,8 +339,12 @@ fn upgrade(
         // Not an HTTP/1.1 upgrade request as hyper sees it (no `upgrade` header would have failed above).
         return respond_error(StatusCode::UPGRADE_REQUIRED, "expected a WebSocket upgrade");
     };
+    let headers = crate::realtime::authorize::x_headers(
+        request.headers().iter().map(|(name, value)| (name.as_str(), value.as_bytes())),
+    );
+    let headers = Arc::new(headers);
     *handoff.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-        Some((on_upgrade, Accepted { vsn, apikey, claims, ticket }));
+        Some((on_upgrade, Accepted { vsn, apikey, claims, headers, ticket }));
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();

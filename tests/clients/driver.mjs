@@ -243,8 +243,11 @@ async function broadcastSubscribe(client, cmd) {
   if (typeof handle !== 'string' || !handle) throw new Error('broadcast_subscribe needs "channel"')
   if (channels.has(handle)) throw new Error(`channel ${handle} already exists`)
   if (cmd.token !== undefined) await client.setAuth(cmd.token)
-  const chan = client.channel(cmd.topic ?? handle, { config: { broadcast: { self: !!cmd.self, ack: !!cmd.ack } } })
+  const config = { broadcast: { self: !!cmd.self, ack: !!cmd.ack } }
+  if (cmd.private) config.private = true
+  const chan = client.channel(cmd.topic ?? handle, { config })
   chan.on('broadcast', { event: '*' }, (message) => emit({ ev: 'broadcast', channel: handle, message: safeValue(message) }))
+  chan.on('system', {}, (payload) => emit({ ev: 'system', channel: handle, payload }))
   channels.set(handle, chan)
   chan.subscribe((status, err) => statusEvent(handle, status, err))
 }
@@ -270,6 +273,7 @@ async function presenceSubscribe(client, cmd) {
   if (cmd.token !== undefined) await client.setAuth(cmd.token)
   const config = {}
   if (cmd.key !== undefined) config.presence = { key: cmd.key }
+  if (cmd.private) config.private = true
   const chan = client.channel(cmd.topic ?? handle, { config })
   if (cmd.listen !== false) {
     const report = (kind, extra) =>

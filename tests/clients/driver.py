@@ -233,7 +233,11 @@ class Driver:
             raise ValueError('broadcast_subscribe needs "channel"')
         if handle in self.channels:
             raise ValueError(f"channel {handle} already exists")
-        params = {"config": {"broadcast": {"self": bool(cmd.get("self")), "ack": bool(cmd.get("ack"))}}}
+        params: dict[str, Any] = {
+            "config": {"broadcast": {"self": bool(cmd.get("self")), "ack": bool(cmd.get("ack"))}}
+        }
+        if cmd.get("private"):
+            params["config"]["private"] = True
         chan = self.client.channel(cmd.get("topic") or handle, params)
         chan.on_broadcast("*", lambda message: emit({"ev": "broadcast", "channel": handle, "message": message}))
 
@@ -259,6 +263,8 @@ class Driver:
         params: dict[str, Any] = {"config": {}}
         if "key" in cmd:
             params["config"]["presence"] = {"key": cmd["key"], "enabled": True}
+        if cmd.get("private"):
+            params["config"]["private"] = True
         chan = self.client.channel(cmd.get("topic") or handle, params)
 
         def report(kind: str, **extra: Any) -> None:
