@@ -248,6 +248,41 @@ class Driver:
         await chan.send_broadcast(cmd.get("event"), cmd.get("payload"))
         emit({"ev": "sent", "channel": cmd.get("channel"), "result": "sent"})
 
+    def channel_only(self, cmd: dict[str, Any]) -> None:
+        """A channel that is created and never joined (`config.private` as given)."""
+        handle = cmd.get("channel")
+        if not isinstance(handle, str) or not handle:
+            raise ValueError('channel needs "channel"')
+        if handle in self.channels:
+            raise ValueError(f"channel {handle} already exists")
+        params = {
+            "config": {
+                "broadcast": {"ack": False, "self": False},
+                "presence": {"key": "", "enabled": False},
+                "private": bool(cmd.get("private")),
+            }
+        }
+        self.channels[handle] = self.client.channel(cmd.get("topic") or handle, params)
+
+    async def http_send(self, cmd: dict[str, Any]) -> None:
+        """`http_send(event, payload)` (bytes of base64 `binary` if given); emits `http_sent`
+        with `result` "ok", or `error` and `status` when it raises."""
+        from realtime.exceptions import RealtimeHTTPError
+
+        chan = self.channels.get(cmd.get("channel"))
+        if chan is None:
+            raise ValueError(f"no channel {cmd.get('channel')}")
+        payload = cmd.get("payload")
+        if isinstance(cmd.get("binary"), str):
+            import base64
+
+            payload = base64.b64decode(cmd["binary"])
+        try:
+            await chan.http_send(cmd.get("event"), payload)
+            emit({"ev": "http_sent", "channel": cmd.get("channel"), "result": "ok"})
+        except RealtimeHTTPError as e:
+            emit({"ev": "http_sent", "channel": cmd.get("channel"), "error": str(e), "status": getattr(e, "status", None)})
+
     async def unsubscribe(self, cmd: dict[str, Any]) -> None:
         handle = cmd.get("channel")
         chan = self.channels.pop(handle, None)
@@ -306,6 +341,10 @@ class Driver:
             await self.broadcast_subscribe(cmd)
         elif name == "broadcast_send":
             await self.broadcast_send(cmd)
+        elif name == "channel":
+            self.channel_only(cmd)
+        elif name == "http_send":
+            await self.http_send(cmd)
         elif name == "setAuth":
             await self.client.set_auth(cmd.get("token"))
         elif name == "connect":
