@@ -251,6 +251,9 @@ pub(super) async fn serve(request: Request<Incoming>, target: Target, ctx: &Http
         }
         Err(refused) => {
             stats.http_broadcasts_refused[refused.index()].fetch_add(1, Ordering::Relaxed);
+            if matches!(refused, Refused::Forbidden) {
+                stats.http_broadcasts_private_denied.fetch_add(1, Ordering::Relaxed);
+            }
             tracing::debug!(reason = %refused, "http broadcast refused");
             let body = serde_json::to_vec(&refused.body(batch)).unwrap_or_default();
             respond(refused.status(), "application/json", Bytes::from(body))
@@ -534,10 +537,16 @@ async fn single(
     headers: &HeaderMap,
     ctx: &SessionContext,
 ) -> Result<Sent, Refused> {
-    if encoding == 1 {
+    let compacted;
+    let body = if encoding == 1 {
         serde_json::from_slice::<serde::de::IgnoredAny>(body)
             .map_err(|e| Refused::BadBody(format!("not JSON: {e}")))?;
-    }
+        // Receivers get compact JSON, as from Supabase (which re-encodes it).
+        compacted = compact_json(body);
+        &compacted[..]
+    } else {
+        body
+    };
     if body.len() > ctx.limits.max_broadcast_bytes {
         return Err(Refused::PayloadTooLarge);
     }
@@ -546,6 +555,30 @@ async fn single(
     }
     let frames = deliver(ctx, topic, private, &Message::Binary { event, encoding, payload: body });
     Ok(Sent { messages: 1, frames: frames as u64, denied: 0 })
+}
+
+/// Valid JSON without the whitespace between its tokens (key order and
+/// string contents untouched).
+fn compact_json(json: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(json.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in json {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            continue;
+        } else if b == b'"' {
+            in_string = true;
+        }
+        out.push(b);
+    }
+    out
 }
 
 /// Sends `message` from the server to every member of `realtime:<topic>`;
@@ -659,6 +692,13 @@ mod tests {
         for (i, refused) in all.iter().enumerate() {
             assert_eq!(refused.index(), i, "{refused:?} is {}", REASONS[i]);
         }
+    }
+
+    #[test]
+    fn json_is_compacted_outside_strings() {
+        let json = br#" { "a" : [1, 2],
+ "b": "x y \" z\\", "c" :{} } "#;
+        assert_eq!(String::from_utf8(compact_json(json)).unwrap(), r#"{"a":[1,2],"b":"x y \" z\\","c":{}}"#);
     }
 
     #[test]

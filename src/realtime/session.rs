@@ -132,7 +132,8 @@ pub struct RealtimeStats {
     pub http_broadcasts: AtomicU64,
     /// HTTP broadcast requests refused, by reason (as in [`crate::http::broadcast::REASONS`]).
     pub http_broadcasts_refused: [AtomicU64; crate::http::broadcast::REASONS.len()],
-    /// Private HTTP broadcast messages not sent: Realtime Authorization did not allow the write.
+    /// Private HTTP broadcast messages not sent (batch items skipped, single
+    /// messages refused with 403): Realtime Authorization did not allow the write.
     pub http_broadcasts_private_denied: AtomicU64,
 }
 
