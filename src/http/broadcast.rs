@@ -52,7 +52,7 @@ use tokio::sync::Semaphore;
 
 use super::{param, parse_query, percent_decode_bytes, respond, HttpContext};
 use crate::realtime::auth::Claims;
-use crate::realtime::broadcast::Message;
+use crate::realtime::rooms::{Message, RoomKey};
 use crate::realtime::session::now_unix;
 use crate::realtime::SessionContext;
 
@@ -581,14 +581,11 @@ fn compact_json(json: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Sends `message` from the server to every member of `realtime:<topic>`;
-/// returns the frames queued.
+/// Sends `message` from the server to every member of the room
+/// `realtime:<topic>` (public or private); returns the frames queued.
 fn deliver(ctx: &SessionContext, topic: &str, private: bool, message: &Message<'_>) -> usize {
-    // Private messages reach here only when allowed, and none is yet (see
-    // `may_send_private`); public and private rooms are kept apart by the rooms.
-    let _ = private;
-    // Connection 0 never exists: every member receives, whatever its `self`.
-    ctx.broadcasts.send(&format!("realtime:{topic}"), 0, message)
+    // `None`: from the server, so every member receives, whatever its `self`.
+    ctx.rooms.send(&RoomKey::new(format!("realtime:{topic}"), private), None, message)
 }
 
 /// 202 with an empty body: what both clients take as success.

@@ -10,17 +10,17 @@
 //!
 //! - [`protocol`]: sans-IO framing of both serializers.
 //! - [`auth`]: JWT verification (HS256 secret, JWKS).
-//! - [`broadcast`]: client-to-client broadcasts on public channels.
+//! - [`rooms`]: the channels of each topic: Broadcast and Presence.
 //! - [`join`]: join payloads → bindings with deterministic ids.
 //! - [`catalog`]: published tables and column types, for join validation.
 //! - [`session`]: the per-connection loop and writer.
 //! - [`users`]: sockets per user (`--max-sockets-per-user`).
 
 pub mod auth;
-pub mod broadcast;
 pub mod catalog;
 pub mod join;
 pub mod protocol;
+pub mod rooms;
 pub mod session;
 pub mod users;
 
