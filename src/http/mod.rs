@@ -11,6 +11,7 @@
 //!     ├─ GET /health      → {"status":"ok"} (alive: the process serves)
 //!     ├─ GET /ready       → 200 {"ready":true,…} | 503 {"ready":false,"reason":…} (see crate::monitor)
 //!     ├─ GET /metrics     → Prometheus text exposition
+//!     ├─ POST [/realtime/v1]/api/broadcast[/:topic/events/:event] → broadcast over HTTP (see [`broadcast`])
 //!     └─ anything else    → 404
 //! ```
 //!
@@ -58,6 +59,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub mod admission;
+pub mod broadcast;
 mod demo_orders;
 
 pub use admission::{Admission, Cidr, CidrError, Ticket};
@@ -91,6 +93,8 @@ pub struct HttpContext {
     pub monitor: Arc<Monitor>,
     /// The connection cap and the socket budgets.
     pub admission: Admission,
+    /// Broadcast over HTTP: its bound on bodies being read.
+    pub broadcast: broadcast::RestBroadcast,
 }
 
 /// Accepts connections until `shutdown`, then waits for them to close (each
@@ -244,6 +248,11 @@ async fn route(
     ctx: &HttpContext,
     handoff: &Handoff,
 ) -> Response<Full<Bytes>> {
+    if request.method() == Method::POST {
+        if let Some(target) = broadcast::Target::parse(request.uri().path()) {
+            return broadcast::serve(request, target, ctx).await;
+        }
+    }
     if request.method() != Method::GET {
         return respond_error(StatusCode::NOT_FOUND, "not found");
     }
@@ -367,7 +376,15 @@ fn parse_query(query: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Percent-decodes a query component (`+` is a space).
 fn percent_decode(text: &str) -> String {
+    String::from_utf8_lossy(&percent_decode_bytes(text, true)).into_owned()
+}
+
+/// The bytes `%XX` escapes stand for (a `%` without two hex digits is
+/// kept); `+` is a space only in query components (`plus_is_space`), itself
+/// in path segments.
+fn percent_decode_bytes(text: &str, plus_is_space: bool) -> Vec<u8> {
     let bytes = text.as_bytes();
     let hex = |b: Option<&u8>| b.and_then(|b| (*b as char).to_digit(16));
     let mut out = Vec::with_capacity(bytes.len());
@@ -383,12 +400,12 @@ fn percent_decode(text: &str) -> String {
                 }
                 _ => out.push(b'%'),
             },
-            b'+' => out.push(b' '),
+            b'+' if plus_is_space => out.push(b' '),
             b => out.push(b),
         }
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 #[cfg(test)]

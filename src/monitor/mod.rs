@@ -295,6 +295,24 @@ impl Monitor {
         ] {
             w.sample("walcast_upgrades_refused_total", &[("reason", reason)], load(counter));
         }
+        w.counter(
+            "walcast_http_broadcasts_total",
+            "Broadcasts accepted over HTTP and sent on (batch items and single messages).",
+            load(&r.http_broadcasts),
+        );
+        w.family(
+            "walcast_http_broadcasts_refused_total",
+            Kind::Counter,
+            "HTTP broadcast requests refused, by reason (see docs/operations.md, Broadcast over HTTP).",
+        );
+        for (reason, counter) in crate::http::broadcast::REASONS.iter().zip(&r.http_broadcasts_refused) {
+            w.sample("walcast_http_broadcasts_refused_total", &[("reason", reason)], load(counter));
+        }
+        w.counter(
+            "walcast_http_broadcasts_private_denied_total",
+            "Private HTTP broadcast messages not sent: Realtime Authorization did not allow the write.",
+            load(&r.http_broadcasts_private_denied),
+        );
         w.counter("walcast_bad_frames_total", "Client frames that could not be decoded.", load(&r.bad_frames));
         w.counter(
             "walcast_tokens_expired_total",

@@ -158,6 +158,13 @@ pub struct RealtimeStats {
     pub upgrades_refused_user: AtomicU64,
     /// Upgrades refused (HTTP 429): the address holds `max_sockets_per_address` sockets.
     pub upgrades_refused_address: AtomicU64,
+    /// Broadcasts sent on from the HTTP API (batch items and single messages).
+    pub http_broadcasts: AtomicU64,
+    /// HTTP broadcast requests refused, by reason (as in [`crate::http::broadcast::REASONS`]).
+    pub http_broadcasts_refused: [AtomicU64; crate::http::broadcast::REASONS.len()],
+    /// Private HTTP broadcast messages not sent (batch items skipped, single
+    /// messages refused with 403): Realtime Authorization did not allow the write.
+    pub http_broadcasts_private_denied: AtomicU64,
 }
 
 /// Seconds since the Unix epoch.

@@ -183,6 +183,7 @@ impl Server {
             demo: config.demo_json.map(|json| http::DemoEndpoints::new(json, config.relay.source.connection.clone())),
             monitor: Arc::clone(&monitor),
             admission,
+            broadcast: http::broadcast::RestBroadcast::default(),
         });
         let http = tokio::spawn(http::serve(listener, ctx, shutdown_rx).instrument(tracing::info_span!("http", %addr)));
         tracing::info!(%addr, "serving realtime");

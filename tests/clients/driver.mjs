@@ -261,6 +261,34 @@ async function broadcastSend(client, cmd) {
   emit({ ev: 'sent', channel: cmd.channel, result })
 }
 
+// A channel that is created and never joined (`config.private` as given):
+// its send() falls back to the REST batch, and httpSend() needs no join.
+async function channelOnly(client, cmd) {
+  const handle = cmd.channel
+  if (typeof handle !== 'string' || !handle) throw new Error('channel needs "channel"')
+  if (channels.has(handle)) throw new Error(`channel ${handle} already exists`)
+  channels.set(handle, client.channel(cmd.topic ?? handle, { config: { private: !!cmd.private } }))
+}
+
+// channel.httpSend(event, payload) (payload: cmd.payload, or the bytes of
+// base64 cmd.binary as an ArrayBuffer); emits {ev:'http_sent', channel,
+// result} when it resolves, {ev:'http_sent', channel, error} when it rejects.
+async function httpSend(client, cmd) {
+  const chan = channels.get(cmd.channel)
+  if (!chan) throw new Error(`no channel ${cmd.channel}`)
+  let payload = cmd.payload
+  if (typeof cmd.binary === 'string') {
+    const bytes = Buffer.from(cmd.binary, 'base64')
+    payload = bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength)
+  }
+  try {
+    const result = await chan.httpSend(cmd.event, payload)
+    emit({ ev: 'http_sent', channel: cmd.channel, result })
+  } catch (e) {
+    emit({ ev: 'http_sent', channel: cmd.channel, error: e?.message ?? String(e) })
+  }
+}
+
 // A presence channel: `config.presence.key` as given (absent: the server
 // picks one). With `listen` (default true) sync/join/leave listeners are
 // attached (realtime-js then enables presence); each event is emitted as
@@ -347,6 +375,10 @@ async function run(client, cmd) {
       return broadcastSubscribe(client, cmd)
     case 'broadcast_send':
       return broadcastSend(client, cmd)
+    case 'channel':
+      return channelOnly(client, cmd)
+    case 'http_send':
+      return httpSend(client, cmd)
     case 'presence_subscribe':
       return presenceSubscribe(client, cmd)
     case 'track':
