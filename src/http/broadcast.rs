@@ -32,7 +32,7 @@
 //!   request, nothing is sent); private items the caller may not write are
 //!   skipped silently, as Supabase does, and counted.
 //! - No private message is ever sent without [`may_send_private`] saying
-//!   yes (today it always says no: see there).
+//!   yes (the INSERT policies on `realtime.messages`, as the caller).
 //! - Every refusal is a JSON body with its reason and is counted by reason
 //!   in `walcast_http_broadcasts_refused_total`. A refusal that comes before
 //!   the body is read first discards the body (up to the limit, briefly),
@@ -52,6 +52,7 @@ use tokio::sync::Semaphore;
 
 use super::{param, parse_query, percent_decode_bytes, respond, HttpContext};
 use crate::realtime::auth::Claims;
+use crate::realtime::authorize::{Asker, Extension};
 use crate::realtime::rooms::{Message, RoomKey};
 use crate::realtime::session::now_unix;
 use crate::realtime::SessionContext;
@@ -226,15 +227,25 @@ impl Refused {
 /// with the request's `headers` for `request.headers`) send to the private
 /// channel `sub_topic` (no `realtime:`)? Supabase runs the INSERT probe on
 /// `realtime.messages` as the caller (broadcast-presence.md §4.3) once per
-/// topic and request.
-///
-/// **Always `false` until Realtime Authorization is wired in here**: this
-/// server never sends a private message it has not checked, so private
-/// batch items are skipped and private single messages refused with 403.
-#[allow(clippy::unused_async)] // async for the SQL check that will fill it in.
+/// topic and request; REST requests expose all their headers to the
+/// policies. A failed check (or a server without an authorizer) denies.
 pub async fn may_send_private(ctx: &SessionContext, claims: &Claims, headers: &HeaderMap, sub_topic: &str) -> bool {
-    let _ = (ctx, claims, headers, sub_topic);
-    false
+    let Some(authorizer) = &ctx.authorizer else { return false };
+    let mut exposed = Map::new();
+    for (name, value) in headers {
+        if let Ok(value) = value.to_str() {
+            exposed.insert(name.as_str().to_owned(), Value::String(value.to_owned()));
+        }
+    }
+    let exposed = Value::Object(exposed);
+    let asker = Asker { claims, headers: &exposed };
+    match authorizer.write(asker, sub_topic, Extension::Broadcast).await {
+        Ok(allowed) => allowed,
+        Err(err) => {
+            tracing::warn!(topic = sub_topic, error = %err, "write check of a REST broadcast failed; denied");
+            false
+        }
+    }
 }
 
 /// Serves one broadcast request for `target`.
