@@ -235,6 +235,12 @@ impl Monitor {
             "Broadcasts not sent: payload larger than the broadcast limit (256 KiB).",
             load(&r.broadcasts_too_large),
         );
+        w.counter(
+            "walcast_broadcasts_rate_limited_total",
+            "Broadcasts not sent: the channel or the socket sent more than --channel-broadcasts-per-second / \
+             --socket-broadcasts-per-second.",
+            load(&r.broadcasts_rate_limited),
+        );
         let rooms = self.sessions.rooms.totals();
         w.gauge("walcast_rooms", "Rooms (topics with a joined channel or a presence) now.", rooms.rooms as u64);
         w.gauge("walcast_presences", "Presence entries tracked now, over every room.", rooms.presences as u64);
