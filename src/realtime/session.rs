@@ -922,6 +922,7 @@ impl Session {
             echo: channel.echo,
             broadcasts: channel.read.broadcast,
             presence: channel.read.presence,
+            gate: None,
         }
     }
 
