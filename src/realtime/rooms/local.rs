@@ -144,7 +144,7 @@ impl Rooms for LocalRooms {
                 match gate.pass(message.id(), frame) {
                     Ok(true) => {}
                     Ok(false) => continue,
-                    Err(()) => {
+                    Err(super::GateFull) => {
                         member.outbox.close_now(CloseReason {
                             code: 1013,
                             reason: format!(

@@ -104,6 +104,10 @@ impl Default for GateState {
     }
 }
 
+/// A [`ReplayGate`] holds [`MAX_HELD`] frames already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GateFull;
+
 /// Most frames a gate holds; past it the member is closed as a slow
 /// consumer (the replay query is bounded by its own deadline).
 pub const MAX_HELD: usize = 10_000;
@@ -115,11 +119,14 @@ impl ReplayGate {
     }
 
     /// Whether `frame` (of database row `id`) goes to the outbox now; held
-    /// or skipped otherwise. `Err` when too many are held.
-    pub fn pass(&self, id: Option<&str>, frame: &bytes::Bytes) -> Result<bool, ()> {
+    /// or skipped otherwise.
+    ///
+    /// # Errors
+    /// [`GateFull`] when [`MAX_HELD`] frames are held already.
+    pub fn pass(&self, id: Option<&str>, frame: &bytes::Bytes) -> Result<bool, GateFull> {
         let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match &mut *state {
-            GateState::Holding(held) if held.len() >= MAX_HELD => Err(()),
+            GateState::Holding(held) if held.len() >= MAX_HELD => Err(GateFull),
             GateState::Holding(held) => {
                 held.push((id.map(str::to_owned), frame.clone()));
                 Ok(false)
