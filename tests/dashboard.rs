@@ -12,7 +12,8 @@
 //!   each lists both viewers (Presence on `realtime:dealership:<id>`); a ping from one shows on
 //!   the other and not on the sender's own list of received pings; a ping over HTTP broadcast
 //!   (a kind 4 frame to the page) shows too; a page moving to another dealership, or switching
-//!   user, or closing, updates the other page's list.
+//!   user, or closing, updates the other page's list. bob's page with alice's ping is kept in
+//!   `<target>/dashboard-presence.png`.
 //! - `demo_orders_reads_through_rls_and_is_demo_only`: `GET /demo/orders` answers what RLS lets
 //!   the token's user see, refuses missing, forged and non-API-role tokens, and is not served
 //!   outside demo mode.
@@ -340,6 +341,9 @@ async fn dashboard_shows_who_views_a_dealership_and_pings() {
     assert_eq!(alice.send(json!({"cmd": "ping"})).await["ev"], "pinged");
     let seen = bob.send(json!({"cmd": "expect_ping", "from": "alice"})).await;
     assert_eq!(seen["pings_received"], 1, "bob's own ping is not shown as received: {seen}");
+    let path = screenshot_path().with_file_name("dashboard-presence.png");
+    let shot = bob.send(json!({"cmd": "screenshot", "path": path})).await;
+    assert_eq!(shot["ev"], "screenshot", "{shot}");
 
     // A ping over HTTP broadcast reaches the page as a kind 4 frame.
     let north = dealership(&info, "NORTH");
