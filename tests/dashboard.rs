@@ -8,6 +8,12 @@
 //!   [`SYNC_WITHIN`] the board holds exactly the orders (ids, statuses, dealerships) a fresh read
 //!   through RLS as that user returns; the health strip shows numbers from `/metrics`; the
 //!   screenshot is kept in `<target>/dashboard.png`.
+//! - `dashboard_shows_who_views_a_dealership_and_pings`: two pages (alice, bob) view NORTH and
+//!   each lists both viewers (Presence on `realtime:dealership:<id>`); a ping from one shows on
+//!   the other and not on the sender's own list of received pings; a ping over HTTP broadcast
+//!   (a kind 4 frame to the page) shows too; a page moving to another dealership, or switching
+//!   user, or closing, updates the other page's list. bob's page with alice's ping is kept in
+//!   `<target>/dashboard-presence.png`.
 //! - `demo_orders_reads_through_rls_and_is_demo_only`: `GET /demo/orders` answers what RLS lets
 //!   the token's user see, refuses missing, forged and non-API-role tokens, and is not served
 //!   outside demo mode.
@@ -28,7 +34,7 @@ use tokio_postgres::Client;
 use uuid::Uuid;
 use walcast::demo::{self, DemoInfo};
 
-use crate::support::server::{http_get, now, token, TestServer, SECRET};
+use crate::support::server::{http_get, http_post, now, token, TestServer, SECRET};
 use crate::support::{query_as, Who};
 
 /// How long one driver event may take (the driver's own waits give up after 15 s).
@@ -295,6 +301,82 @@ async fn dashboard_shows_the_truth_after_switching_users() {
     let errors: Vec<&Value> = console.iter().filter(|e| e["level"] != "warning").collect();
     assert!(errors.is_empty(), "page console errors: {errors:?}");
     eprintln!("dashboard switching test: {:?}, screenshot {} ({} bytes)", started.elapsed(), path.display(), png.len());
+}
+
+/// The names a `viewers` event lists, sorted, and how many of them are the page itself.
+fn viewer_names(event: &Value) -> (Vec<String>, usize) {
+    let viewers = event["viewers"].as_array().unwrap_or_else(|| panic!("no viewers in {event}"));
+    let mut names: Vec<String> = viewers.iter().map(|v| v["user"].as_str().unwrap_or_default().to_owned()).collect();
+    names.sort();
+    (names, viewers.iter().filter(|v| v["me"] == true).count())
+}
+
+#[tokio::test]
+async fn dashboard_shows_who_views_a_dealership_and_pings() {
+    let started = Instant::now();
+    let info = demo::demo_info(SECRET.as_bytes(), now());
+    let demo_json = serde_json::to_vec(&info).unwrap();
+    let mut server = TestServer::with_config(|config| config.demo_json = Some(demo_json.into())).await;
+    demo::seed(&mut server.client).await.expect("demo data");
+    let url = format!("http://{}/", server.addr());
+    let (mut alice, mut bob) = tokio::join!(Dashboard::open(&url, "alice"), Dashboard::open(&url, "bob"));
+
+    // Both view NORTH: each lists both, itself once.
+    let a = alice.send(json!({"cmd": "view", "dealership": "NORTH"})).await;
+    let b = bob.send(json!({"cmd": "view", "dealership": "NORTH"})).await;
+    assert_eq!((a["ev"].as_str(), b["ev"].as_str()), (Some("viewing"), Some("viewing")), "{a} {b}");
+    assert_ne!(a["viewer"], b["viewer"], "one presence key per tab: {a} {b}");
+    for page in [&mut alice, &mut bob] {
+        let viewers = page.send(json!({"cmd": "viewers", "count": 2})).await;
+        assert_eq!(viewer_names(&viewers), (vec!["alice".to_owned(), "bob".to_owned()], 1), "{viewers}");
+    }
+
+    // A ping from bob shows on alice's page; alice's reaches bob, who did not get his own.
+    let pinged = bob.send(json!({"cmd": "ping"})).await;
+    assert_eq!(pinged["ev"], "pinged", "{pinged}");
+    assert!(pinged["text"].as_str().unwrap().contains("1 other viewer"), "{pinged}");
+    let seen = alice.send(json!({"cmd": "expect_ping", "from": "bob"})).await;
+    assert_eq!((&seen["ev"], &seen["pings_received"]), (&json!("ping_seen"), &json!(1)), "{seen}");
+    assert!(seen["text"].as_str().unwrap().contains("bob pinged the team"), "{seen}");
+    assert_eq!(alice.send(json!({"cmd": "ping"})).await["ev"], "pinged");
+    let seen = bob.send(json!({"cmd": "expect_ping", "from": "alice"})).await;
+    assert_eq!(seen["pings_received"], 1, "bob's own ping is not shown as received: {seen}");
+    let path = screenshot_path().with_file_name("dashboard-presence.png");
+    let shot = bob.send(json!({"cmd": "screenshot", "path": path})).await;
+    assert_eq!(shot["ev"], "screenshot", "{shot}");
+
+    // A ping over HTTP broadcast reaches the page as a kind 4 frame.
+    let north = dealership(&info, "NORTH");
+    let target = format!("/realtime/v1/api/broadcast/dealership%3A{north}/events/ping");
+    let headers = [("apikey", info.anon_key.as_str()), ("content-type", "application/json")];
+    let body = json!({"from": "ops", "at": "2026-01-02T03:04:05Z"}).to_string();
+    assert_eq!(http_post(server.addr(), &target, &headers, body.as_bytes()).await, (202, String::new()));
+    let seen = alice.send(json!({"cmd": "expect_ping", "from": "ops"})).await;
+    assert_eq!((&seen["at"], &seen["pings_received"]), (&json!("2026-01-02T03:04:05Z"), &json!(2)), "{seen}");
+
+    // bob moves to EAST and back, then switches to carol: alice's list follows.
+    assert_eq!(bob.send(json!({"cmd": "view", "dealership": "EAST"})).await["ev"], "viewing");
+    let viewers = alice.send(json!({"cmd": "viewers", "count": 1, "users": ["alice"]})).await;
+    assert_eq!(viewer_names(&viewers), (vec!["alice".to_owned()], 1), "{viewers}");
+    let viewers = bob.send(json!({"cmd": "viewers", "count": 1, "users": ["bob"]})).await;
+    assert_eq!(viewer_names(&viewers), (vec!["bob".to_owned()], 1), "{viewers}");
+    assert_eq!(bob.send(json!({"cmd": "view", "dealership": "NORTH"})).await["ev"], "viewing");
+    alice.send(json!({"cmd": "viewers", "count": 2, "users": ["alice", "bob"]})).await;
+    assert_eq!(bob.send(json!({"cmd": "switch", "user": "carol"})).await["ev"], "switched");
+    let viewers = alice.send(json!({"cmd": "viewers", "count": 2, "users": ["alice", "carol"]})).await;
+    assert_eq!(viewer_names(&viewers), (vec!["alice".to_owned(), "carol".to_owned()], 1), "{viewers}");
+
+    // bob's page closes: alice is alone.
+    let console = bob.close().await;
+    let errors: Vec<&Value> = console.iter().filter(|e| e["level"] != "warning").collect();
+    assert!(errors.is_empty(), "second page console errors: {errors:?}");
+    let viewers = alice.send(json!({"cmd": "viewers", "count": 1, "users": ["alice"]})).await;
+    assert_eq!(viewer_names(&viewers), (vec!["alice".to_owned()], 1), "{viewers}");
+
+    let console = alice.close().await;
+    let errors: Vec<&Value> = console.iter().filter(|e| e["level"] != "warning").collect();
+    assert!(errors.is_empty(), "page console errors: {errors:?}");
+    eprintln!("dashboard presence and ping test: {:?}", started.elapsed());
 }
 
 #[tokio::test]

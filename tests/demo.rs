@@ -282,8 +282,8 @@ async fn walcast_connect(url: &str) -> Client {
 fn dashboard_is_self_contained() {
     let html = include_str!("../src/http/dashboard.html");
     // Small enough to read in one sitting: the board, its merge of the read with live changes,
-    // the health strip and a Phoenix client.
-    assert!(html.lines().count() < 600);
+    // the health strip, the viewed dealership's Presence list and pings, and a Phoenix client.
+    assert!(html.lines().count() < 900);
     for external in ["http://", "https://", "//cdn", "src=\"", "@import", "url("] {
         assert!(!html.contains(external), "the dashboard must not load {external}");
     }
@@ -298,6 +298,11 @@ fn dashboard_is_self_contained() {
         "id=\"board\"",
         "id=\"log\"",
         "id=\"health\"",
+        "id=\"dealership\"",
+        "id=\"viewers\"",
+        "id=\"ping\"",
+        "dataset.viewerCount",
+        "dataset.pingsReceived",
     ] {
         assert!(html.contains(hook), "{hook}");
     }
@@ -310,6 +315,9 @@ fn dashboard_is_self_contained() {
         "'phx_join'",
         "'access_token'",
         "'heartbeat'",
+        "'presence_state'",
+        "'presence_diff'",
+        "'broadcast'",
     ] {
         assert!(html.contains(wire), "{wire}");
     }

@@ -38,6 +38,16 @@
 //       "health":{"connections","deliveries_per_second","lag_seconds","lag_bytes","text"}};
 //       `synced` is the user whose read is merged ("" while reading), health values are the
 //       strip's numbers as text (absent until /metrics has been read)
+//   {"cmd":"view","dealership":"NORTH"}  picks the dealership with that code in `#dealership` (as a
+//       person would) and waits for the presence state of its channel
+//       -> {"ev":"viewing","dealership","id","viewer"}; `viewer` is this tab's presence key
+//   {"cmd":"viewers","count":2,"users":["alice","bob"]}  waits until the presence list of the
+//       viewed dealership shows `count` viewers (and, with `users`, exactly those names in any
+//       order) -> {"ev":"viewers","count","viewers":[{"user","key","me"}]}
+//   {"cmd":"ping"}  clicks "Ping the team" and waits for the page's own "sent" notice
+//       -> {"ev":"pinged","text"}
+//   {"cmd":"expect_ping","from":"alice"}  waits for a received ping notice from `from`
+//       -> {"ev":"ping_seen","from","at","text","pings_received"}
 //   {"cmd":"screenshot","path":"/abs/file.png"}  full-page PNG, animations finished -> {"ev":"screenshot","path","bytes"}
 //   {"cmd":"close"}  closes the browser -> {"ev":"closed"}, exit 0 (EOF on stdin does the same)
 // Unprompted events: {"ev":"console","level":"error"|"warning"|"pageerror",…} for the page's
@@ -250,6 +260,54 @@ async function run(cmd) {
         }
       })
       emit({ ev: 'board', ...board })
+      break
+    }
+    case 'view': {
+      const option = await page.$(`#dealership option[data-code=${quoted(cmd.dealership)}]`)
+      if (!option) throw new Error(`no dealership ${quoted(cmd.dealership)} in #dealership`)
+      const id = await option.evaluate((o) => o.value)
+      await page.selectOption('#dealership', id)
+      await page.waitForSelector(`body[data-viewing=${quoted(id)}][data-presence="synced"]`, { state: 'attached' })
+      const viewer = await page.evaluate(() => document.querySelector('#viewers li.me')?.dataset.key ?? null)
+      emit({ ev: 'viewing', dealership: cmd.dealership, id, viewer })
+      break
+    }
+    case 'viewers': {
+      const want = { count: cmd.count, users: cmd.users ? [...cmd.users].map(String).sort() : null }
+      await page.waitForFunction(
+        ({ count, users }) => {
+          const body = document.body
+          if (body.dataset.presence !== 'synced' || body.dataset.viewerCount !== String(count)) return false
+          if (!users) return true
+          const shown = [...document.querySelectorAll('#viewers li')].map((li) => li.dataset.user).sort()
+          return JSON.stringify(shown) === JSON.stringify(users)
+        },
+        want,
+        { timeout: cmd.ms ?? opts.timeoutMs },
+      )
+      const viewers = await page.$$eval('#viewers li', (items) =>
+        items.map((li) => ({ user: li.dataset.user, key: li.dataset.key, me: li.classList.contains('me') })),
+      )
+      emit({ ev: 'viewers', count: viewers.length, viewers })
+      break
+    }
+    case 'ping': {
+      const before = await page.$$eval('#notices .notice.sent', (items) => items.length)
+      await page.click('#ping:not([disabled])')
+      await page.waitForFunction((n) => document.querySelectorAll('#notices .notice.sent').length > n, before)
+      const text = await page.$eval('#notices .notice.sent', (n) => n.textContent)
+      emit({ ev: 'pinged', text })
+      break
+    }
+    case 'expect_ping': {
+      const selector = `#notices .notice.received[data-from=${quoted(cmd.from)}]`
+      await page.waitForSelector(selector, { state: 'attached', timeout: cmd.ms ?? opts.timeoutMs })
+      const seen = await page.$eval(selector, (n) => ({
+        at: n.dataset.at,
+        text: n.textContent,
+        pings_received: Number(document.body.dataset.pingsReceived),
+      }))
+      emit({ ev: 'ping_seen', from: cmd.from, ...seen })
       break
     }
     case 'screenshot': {
