@@ -12,6 +12,8 @@
 //! - [`auth`]: JWT verification (HS256 secret, JWKS).
 //! - [`broadcast`]: client-to-client broadcasts on public channels.
 //! - [`join`]: join payloads → bindings with deterministic ids.
+//! - [`messages`]: Broadcast from Database — `realtime.messages` rows,
+//!   their partitions, replay.
 //! - [`catalog`]: published tables and column types, for join validation.
 //! - [`session`]: the per-connection loop and writer.
 //! - [`users`]: sockets per user (`--max-sockets-per-user`).
@@ -20,6 +22,7 @@ pub mod auth;
 pub mod broadcast;
 pub mod catalog;
 pub mod join;
+pub mod messages;
 pub mod protocol;
 pub mod session;
 pub mod users;
