@@ -344,7 +344,11 @@ pub async fn run_partitions(
             };
         }
         let Some(session) = client.as_ref() else { continue };
-        match maintain_partitions(session).await {
+        let outcome = tokio::select! {
+            () = shutdown.cancelled() => return,
+            outcome = maintain_partitions(session) => outcome,
+        };
+        match outcome {
             Ok(report) => {
                 stats.partitions_created.fetch_add(report.created.len() as u64, Ordering::Relaxed);
                 stats.partitions_dropped.fetch_add(report.dropped.len() as u64, Ordering::Relaxed);
