@@ -27,6 +27,7 @@ mod policy_clients;
 mod policy_differential;
 mod policy_random;
 mod policy_runtime;
+mod presence;
 mod readme;
 mod realtime;
 mod replay;

@@ -270,6 +270,25 @@ impl Monitor {
             "realtime.messages partition maintenance runs that failed (see the log).",
             load(&db.maintenance_failures),
         );
+        let rooms = self.sessions.rooms.totals();
+        w.gauge("walcast_rooms", "Rooms (topics with a joined channel or a presence) now.", rooms.rooms as u64);
+        w.gauge("walcast_presences", "Presence entries tracked now, over every room.", rooms.presences as u64);
+        w.counter(
+            "walcast_presence_tracks_total",
+            "Presence tracks that changed a room (joins and updates).",
+            load(&r.presence_tracks),
+        );
+        w.counter("walcast_presence_untracks_total", "Presence untracks.", load(&r.presence_untracks));
+        w.counter(
+            "walcast_presence_refused_total",
+            "Presence pushes answered with an error (payload not a map, unknown event).",
+            load(&r.presence_refused),
+        );
+        w.counter(
+            "walcast_presence_channels_closed_total",
+            "Channels closed for more than 5 presence calls in 30 s or a track payload over the broadcast limit.",
+            load(&r.presence_closed),
+        );
         w.counter(
             "walcast_joins_refused_private_total",
             "Private-channel joins refused (Realtime Authorization on realtime.messages is not evaluated yet).",

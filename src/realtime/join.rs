@@ -41,6 +41,11 @@ pub struct JoinRequest {
     pub broadcast_self: bool,
     /// `config.broadcast.ack`: each broadcast push is answered.
     pub broadcast_ack: bool,
+    /// `config.presence.key` (`None`: a fresh UUID for this join).
+    pub presence_key: Option<String>,
+    /// `config.presence.enabled`: the channel gets `presence_state` after
+    /// the join.
+    pub presence_enabled: bool,
 }
 
 /// A join config flag: a bool, or the strings `"true"`/`"false"` (as
@@ -96,7 +101,10 @@ pub fn parse_join(payload: &Value) -> Result<JoinRequest, JoinError> {
     let broadcast = config.and_then(|c| c.get("broadcast"));
     let broadcast_self = flag(broadcast.and_then(|b| b.get("self")));
     let broadcast_ack = flag(broadcast.and_then(|b| b.get("ack")));
-    Ok(JoinRequest { bindings, access_token, private, broadcast_self, broadcast_ack })
+    let presence = config.and_then(|c| c.get("presence"));
+    let presence_key = super::rooms::presence::key_from_config(presence.and_then(|p| p.get("key")));
+    let presence_enabled = flag(presence.and_then(|p| p.get("enabled")));
+    Ok(JoinRequest { bindings, access_token, private, broadcast_self, broadcast_ack, presence_key, presence_enabled })
 }
 
 /// The binding's id: a hash of its parameters (keys sorted) in `[1, 2^27)`.

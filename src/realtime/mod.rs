@@ -10,7 +10,7 @@
 //!
 //! - [`protocol`]: sans-IO framing of both serializers.
 //! - [`auth`]: JWT verification (HS256 secret, JWKS).
-//! - [`broadcast`]: client-to-client broadcasts on public channels.
+//! - [`rooms`]: the channels of each topic: Broadcast and Presence.
 //! - [`join`]: join payloads → bindings with deterministic ids.
 //! - [`messages`]: Broadcast from Database — `realtime.messages` rows,
 //!   their partitions, replay.
@@ -19,11 +19,11 @@
 //! - [`users`]: sockets per user (`--max-sockets-per-user`).
 
 pub mod auth;
-pub mod broadcast;
 pub mod catalog;
 pub mod join;
 pub mod messages;
 pub mod protocol;
+pub mod rooms;
 pub mod session;
 pub mod users;
 

@@ -209,16 +209,18 @@ pub fn decode_binary(frame: &[u8]) -> Result<BinaryPush, ProtocolError> {
 }
 
 /// A kind 4 `user_broadcast` frame (server → 2.0.0 client): `kind,
-/// topic_len, event_len, meta_len (0), encoding`, topic, event, payload.
-/// `None` when the topic or event is longer than 255 bytes (the frame's
-/// lengths are one byte).
-pub fn user_broadcast(topic: &str, event: &str, encoding: u8, payload: &[u8]) -> Option<Bytes> {
+/// topic_len, event_len, meta_len, encoding`, topic, event, meta (JSON, or
+/// empty), payload. `None` when the topic, event or meta is longer than 255
+/// bytes (the frame's lengths are one byte).
+pub fn user_broadcast(topic: &str, event: &str, meta: &[u8], encoding: u8, payload: &[u8]) -> Option<Bytes> {
     let topic_len = u8::try_from(topic.len()).ok()?;
     let event_len = u8::try_from(event.len()).ok()?;
-    let mut out = Vec::with_capacity(5 + topic.len() + event.len() + payload.len());
-    out.extend_from_slice(&[USER_BROADCAST, topic_len, event_len, 0, encoding]);
+    let meta_len = u8::try_from(meta.len()).ok()?;
+    let mut out = Vec::with_capacity(5 + topic.len() + event.len() + meta.len() + payload.len());
+    out.extend_from_slice(&[USER_BROADCAST, topic_len, event_len, meta_len, encoding]);
     out.extend_from_slice(topic.as_bytes());
     out.extend_from_slice(event.as_bytes());
+    out.extend_from_slice(meta);
     out.extend_from_slice(payload);
     Some(Bytes::from(out))
 }
@@ -376,11 +378,11 @@ mod tests {
 
     #[test]
     fn binary_kind_4() {
-        let frame = user_broadcast("realtime:room", "cursor", 1, b"{\"x\":1}").unwrap();
+        let frame = user_broadcast("realtime:room", "cursor", b"", 1, b"{\"x\":1}").unwrap();
         let mut want = vec![4, 13, 6, 0, 1];
         want.extend_from_slice(b"realtime:roomcursor{\"x\":1}");
         assert_eq!(&frame[..], &want[..]);
-        assert!(user_broadcast(&"x".repeat(256), "e", 1, b"").is_none());
+        assert!(user_broadcast(&"x".repeat(256), "e", b"", 1, b"").is_none());
     }
 
     proptest::proptest! {

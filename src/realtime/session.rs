@@ -42,6 +42,7 @@ use super::auth::{Claims, Verifier};
 use super::catalog::Catalog;
 use super::join::{self, JoinRequest};
 use super::protocol::{self, Message};
+use super::rooms::{self, LocalRooms, RoomKey, Rooms, Tracked};
 use super::Limits;
 use crate::hub::{CloseReason, ConnId, Control, HubHandle, Outbox, PushError, Subscription, Vsn};
 
@@ -60,8 +61,8 @@ pub struct SessionContext {
     pub stats: RealtimeStats,
     /// Sockets per user (the upgrade's and every join's token).
     pub users: super::users::UserSockets,
-    /// Every channel that receives broadcasts, by topic.
-    pub broadcasts: super::broadcast::Broadcasts,
+    /// The channels of every topic: Broadcast and Presence.
+    pub rooms: Arc<dyn Rooms>,
     next_conn: AtomicU64,
 }
 
@@ -76,7 +77,7 @@ impl SessionContext {
             limits,
             stats: RealtimeStats::default(),
             users,
-            broadcasts: super::broadcast::Broadcasts::default(),
+            rooms: Arc::new(LocalRooms::default()),
             next_conn: AtomicU64::new(1),
         }
     }
@@ -109,6 +110,15 @@ pub struct RealtimeStats {
     pub broadcast_frames: AtomicU64,
     /// Broadcasts not sent: payload over `max_broadcast_bytes`.
     pub broadcasts_too_large: AtomicU64,
+    /// Presence `track`s that changed a room's state (joins and updates).
+    pub presence_tracks: AtomicU64,
+    /// Presence `untrack`s.
+    pub presence_untracks: AtomicU64,
+    /// Presence pushes refused (not a map, unknown event).
+    pub presence_refused: AtomicU64,
+    /// Channels closed for too many presence calls, or a track payload
+    /// over the size limit.
+    pub presence_closed: AtomicU64,
     /// Frames that could not be decoded.
     pub bad_frames: AtomicU64,
     /// Channels closed because their token expired.
@@ -159,6 +169,13 @@ struct Channel {
     join_bytes: usize,
     /// `config.broadcast.ack`: broadcast pushes are answered.
     broadcast_ack: bool,
+    /// Its room (topic and privacy).
+    room: RoomKey,
+    /// Its presence key (`config.presence.key`, else a UUID of this join).
+    presence_key: String,
+    /// Presence calls in the current window (Supabase: 5 per 30 s per
+    /// channel; the 6th closes the channel).
+    presence_calls: (Instant, u32),
 }
 
 /// A token bucket for joins.
@@ -287,6 +304,13 @@ pub async fn run<S>(
     session.finish(end, (!writer_done).then_some(writer)).await;
 }
 
+/// Presence calls (`track`, `untrack`) a channel may make per
+/// [`PRESENCE_WINDOW`] (Supabase: 5 per 30 s; the 6th closes the channel).
+pub const PRESENCE_CALLS: u32 = 5;
+
+/// The window of [`PRESENCE_CALLS`], opened by the first call.
+pub const PRESENCE_WINDOW: Duration = Duration::from_secs(30);
+
 /// How often a session with backlogged replies looks whether the writer
 /// drained them.
 const REPLY_BACKLOG_RECHECK: std::time::Duration = std::time::Duration::from_millis(5);
@@ -355,11 +379,8 @@ impl Session {
         }
         match protocol::decode_binary(data) {
             Ok(push) => {
-                let message = super::broadcast::Message::Binary {
-                    event: &push.event,
-                    encoding: push.encoding,
-                    payload: &push.payload,
-                };
+                let message =
+                    rooms::Message::Binary { event: &push.event, encoding: push.encoding, payload: &push.payload };
                 self.broadcast(&push.topic, push.join_ref.as_deref(), push.msg_ref.as_deref(), &message);
             }
             Err(err) => {
@@ -401,13 +422,10 @@ impl Session {
                 // Serialized once: its size is the limit's measure, its bytes
                 // go into every receiver's frame.
                 let json = serde_json::to_vec(&msg.payload).unwrap_or_default();
-                let message = super::broadcast::Message::Text(&json);
+                let message = rooms::Message::Text(&json);
                 self.broadcast(&msg.topic, msg.join_ref.as_deref(), msg.msg_ref.as_deref(), &message);
             }
-            "presence" => {
-                let reason = "presence is not supported by this server yet (postgres_changes and broadcast only)";
-                self.push(protocol::reply(self.vsn, &msg, "error", json!({ "reason": reason })));
-            }
+            "presence" => return self.presence(&msg).await,
             _ => self.push(protocol::reply(self.vsn, &msg, "error", json!({"reason": "unknown event"}))),
         }
         None
@@ -439,13 +457,7 @@ impl Session {
     /// A client's broadcast on `topic`: sent on to the channel's other
     /// members (and itself with `self`), answered when the channel asked
     /// for `ack` — after the frames are queued, or `payload_size_exceeded`.
-    fn broadcast(
-        &self,
-        topic: &str,
-        join_ref: Option<&str>,
-        msg_ref: Option<&str>,
-        message: &super::broadcast::Message<'_>,
-    ) {
+    fn broadcast(&self, topic: &str, join_ref: Option<&str>, msg_ref: Option<&str>, message: &rooms::Message<'_>) {
         let Some(channel) = self.channels.get(topic) else {
             self.push(protocol::reply_to(
                 self.vsn,
@@ -473,12 +485,69 @@ impl Session {
             }
             return;
         }
-        let queued = self.ctx.broadcasts.send(topic, self.conn, message);
+        let queued = self.ctx.rooms.send(&channel.room, Some(self.conn), message);
         self.ctx.stats.broadcasts.fetch_add(1, Ordering::Relaxed);
         self.ctx.stats.broadcast_frames.fetch_add(queued as u64, Ordering::Relaxed);
         if ack {
             self.push(protocol::reply_to(self.vsn, join_ref, msg_ref, topic, "ok", json!({})));
         }
+    }
+
+    /// A `presence` push: `track` (a map payload; the same payload again
+    /// changes nothing) or `untrack`, answered `ok`; a push without `event`
+    /// is answered `ok` and does nothing (as Supabase). More than
+    /// [`PRESENCE_CALLS`] calls in [`PRESENCE_WINDOW`], or a payload over
+    /// the broadcast size limit, close the channel with Supabase's texts.
+    async fn presence(&mut self, msg: &Message) -> Option<End> {
+        let event = msg.payload.get("event").and_then(|e| e.as_str()).map(str::to_ascii_lowercase);
+        let channel = self.channels.get_mut(&msg.topic)?;
+        let now = Instant::now();
+        if now.duration_since(channel.presence_calls.0) >= PRESENCE_WINDOW {
+            channel.presence_calls = (now, 0);
+        }
+        channel.presence_calls.1 += 1;
+        if channel.presence_calls.1 > PRESENCE_CALLS {
+            self.ctx.stats.presence_closed.fetch_add(1, Ordering::Relaxed);
+            self.close_channel(&msg.topic, "Client presence rate limit exceeded").await;
+            return None;
+        }
+        let (room, key) = (channel.room.clone(), channel.presence_key.clone());
+        match event.as_deref() {
+            None => self.push(protocol::reply(self.vsn, msg, "ok", json!({}))),
+            Some("track") => {
+                let payload = match msg.payload.get("payload") {
+                    None | Some(serde_json::Value::Null) => serde_json::Map::new(),
+                    Some(serde_json::Value::Object(map)) => map.clone(),
+                    Some(_) => {
+                        self.ctx.stats.presence_refused.fetch_add(1, Ordering::Relaxed);
+                        let reason = "Presence track payload must be a map";
+                        self.push(protocol::reply(self.vsn, msg, "error", json!({ "reason": reason })));
+                        return None;
+                    }
+                };
+                let size = serde_json::to_vec(&payload).map_or(usize::MAX, |b| b.len());
+                if size > self.ctx.limits.max_broadcast_bytes {
+                    self.ctx.stats.presence_closed.fetch_add(1, Ordering::Relaxed);
+                    self.close_channel(&msg.topic, "Track message size exceeded").await;
+                    return None;
+                }
+                if let Some(Tracked::Joined | Tracked::Updated) = self.ctx.rooms.track(&room, self.conn, &key, payload)
+                {
+                    self.ctx.stats.presence_tracks.fetch_add(1, Ordering::Relaxed);
+                }
+                self.push(protocol::reply(self.vsn, msg, "ok", json!({})));
+            }
+            Some("untrack") => {
+                self.ctx.rooms.untrack(&room, self.conn);
+                self.ctx.stats.presence_untracks.fetch_add(1, Ordering::Relaxed);
+                self.push(protocol::reply(self.vsn, msg, "ok", json!({})));
+            }
+            Some(_) => {
+                self.ctx.stats.presence_refused.fetch_add(1, Ordering::Relaxed);
+                self.push(protocol::reply(self.vsn, msg, "error", json!({})));
+            }
+        }
+        None
     }
 
     fn refuse(&self, msg: &Message, reason: &str) {
@@ -521,7 +590,15 @@ impl Session {
                 return None;
             }
         };
-        let JoinRequest { bindings, access_token, private, broadcast_self, broadcast_ack } = request;
+        let JoinRequest {
+            bindings,
+            access_token,
+            private,
+            broadcast_self,
+            broadcast_ack,
+            presence_key,
+            presence_enabled,
+        } = request;
         if private {
             // Realtime Authorization (policies on realtime.messages) is not
             // evaluated here yet: refused, as Supabase refuses a private
@@ -586,7 +663,7 @@ impl Session {
         // A second join on a topic replaces the first: close the old channel.
         if let Some(old) = self.channels.remove(&msg.topic) {
             self.ctx.stats.channels_open.fetch_sub(1, Ordering::Relaxed);
-            self.ctx.broadcasts.leave(&msg.topic, self.conn);
+            self.ctx.rooms.leave(&old.room, self.conn);
             self.push(protocol::phx_close(self.vsn, old.join_ref.as_deref(), &msg.topic));
             if old.subscribed {
                 self.control(Control::Leave { conn: self.conn, topic: msg.topic.clone() }).await;
@@ -596,7 +673,18 @@ impl Session {
         self.push(protocol::reply(self.vsn, &msg, "ok", response));
         let join_ref = msg.join_ref.clone().or_else(|| msg.msg_ref.clone());
         let join_bytes = self.frame_len;
-        let mut channel = Channel { join_ref, token, claims, subscribed: false, unindexed, join_bytes, broadcast_ack };
+        let mut channel = Channel {
+            join_ref,
+            token,
+            claims,
+            subscribed: false,
+            unindexed,
+            join_bytes,
+            broadcast_ack,
+            room: RoomKey::new(msg.topic.clone(), private),
+            presence_key: presence_key.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            presence_calls: (Instant::now(), 0),
+        };
         match resolved {
             Ok(hub_bindings) if !hub_bindings.is_empty() => {
                 // Say what will not arrive and why (never silence): an
@@ -642,14 +730,20 @@ impl Session {
                 &message,
             )),
         }
-        self.ctx.broadcasts.join(
-            &msg.topic,
-            super::broadcast::Member {
+        // After the reply and "Subscribed to PostgreSQL" are queued: the
+        // room queues `presence_state` (when enabled) before any diff.
+        self.ctx.rooms.join(
+            &channel.room,
+            rooms::Member {
                 conn: self.conn,
                 vsn: self.vsn,
                 outbox: Arc::clone(&self.outbox),
+                join_ref: channel.join_ref.clone(),
                 echo: broadcast_self,
+                broadcasts: true,
+                presence: true,
             },
+            presence_enabled,
         );
         self.channels.insert(msg.topic, channel);
         self.ctx.stats.channels_open.fetch_add(1, Ordering::Relaxed);
@@ -673,7 +767,7 @@ impl Session {
         match self.channels.remove(&msg.topic) {
             Some(channel) => {
                 self.ctx.stats.channels_open.fetch_sub(1, Ordering::Relaxed);
-                self.ctx.broadcasts.leave(&msg.topic, self.conn);
+                self.ctx.rooms.leave(&channel.room, self.conn);
                 self.push(protocol::phx_close(self.vsn, channel.join_ref.as_deref().or(join_ref), &msg.topic));
                 if channel.subscribed {
                     self.control(Control::Leave { conn: self.conn, topic: msg.topic.clone() }).await;
@@ -687,7 +781,7 @@ impl Session {
     async fn close_channel(&mut self, topic: &str, message: &str) {
         let Some(channel) = self.channels.remove(topic) else { return };
         self.ctx.stats.channels_open.fetch_sub(1, Ordering::Relaxed);
-        self.ctx.broadcasts.leave(topic, self.conn);
+        self.ctx.rooms.leave(&channel.room, self.conn);
         if channel.subscribed {
             // Remove the subscription first: nothing may reach the channel after this.
             self.control(Control::Leave { conn: self.conn, topic: topic.to_owned() }).await;
@@ -753,8 +847,8 @@ impl Session {
     async fn finish(self, end: End, writer: Option<tokio::task::JoinHandle<()>>) {
         // Subscriptions go first, so the hub stops queueing for this socket.
         let _ = self.ctx.hub.send(Control::Disconnect { conn: self.conn }).await;
-        for topic in self.channels.keys() {
-            self.ctx.broadcasts.leave(topic, self.conn);
+        for channel in self.channels.values() {
+            self.ctx.rooms.leave(&channel.room, self.conn);
         }
         self.ctx.stats.channels_open.fetch_sub(self.channels.len() as u64, Ordering::Relaxed);
         self.ctx.stats.sockets_open.fetch_sub(1, Ordering::Relaxed);

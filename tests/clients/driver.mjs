@@ -258,6 +258,41 @@ async function broadcastSend(client, cmd) {
   emit({ ev: 'sent', channel: cmd.channel, result })
 }
 
+// A presence channel: `config.presence.key` as given (absent: the server
+// picks one). With `listen` (default true) sync/join/leave listeners are
+// attached (realtime-js then enables presence); each event is emitted as
+// {ev:'presence', channel, kind, key?, presences?, state} where state is
+// presenceState() after the event.
+async function presenceSubscribe(client, cmd) {
+  const handle = cmd.channel
+  if (typeof handle !== 'string' || !handle) throw new Error('presence_subscribe needs "channel"')
+  if (channels.has(handle)) throw new Error(`channel ${handle} already exists`)
+  if (cmd.token !== undefined) await client.setAuth(cmd.token)
+  const config = {}
+  if (cmd.key !== undefined) config.presence = { key: cmd.key }
+  const chan = client.channel(cmd.topic ?? handle, { config })
+  if (cmd.listen !== false) {
+    const report = (kind, extra) =>
+      emit({ ev: 'presence', channel: handle, kind, ...extra, state: safeValue(chan.presenceState()) })
+    chan.on('presence', { event: 'sync' }, () => report('sync', {}))
+    chan.on('presence', { event: 'join' }, ({ key, newPresences }) =>
+      report('join', { key, presences: safeValue(newPresences) }))
+    chan.on('presence', { event: 'leave' }, ({ key, leftPresences }) =>
+      report('leave', { key, presences: safeValue(leftPresences) }))
+  }
+  chan.on('system', {}, (payload) => emit({ ev: 'system', channel: handle, payload }))
+  channels.set(handle, chan)
+  chan.subscribe((status, err) => statusEvent(handle, status, err))
+}
+
+// track(payload) / untrack(); emits {ev:'tracked'|'untracked', channel, result}.
+async function presenceCall(client, cmd, what) {
+  const chan = channels.get(cmd.channel)
+  if (!chan) throw new Error(`no channel ${cmd.channel}`)
+  const result = what === 'track' ? await chan.track(cmd.payload) : await chan.untrack()
+  emit({ ev: `${what}ed`, channel: cmd.channel, result })
+}
+
 async function unsubscribe(client, cmd) {
   const chan = channels.get(cmd.channel)
   if (!chan) throw new Error(`no channel ${cmd.channel}`)
@@ -308,6 +343,14 @@ async function run(client, cmd) {
       return broadcastSubscribe(client, cmd)
     case 'broadcast_send':
       return broadcastSend(client, cmd)
+    case 'presence_subscribe':
+      return presenceSubscribe(client, cmd)
+    case 'track':
+      return presenceCall(client, cmd, 'track')
+    case 'untrack':
+      return presenceCall(client, cmd, 'untrack')
+    case 'presence_state':
+      return emit({ ev: 'presence_state', channel: cmd.channel, state: safeValue(channels.get(cmd.channel)?.presenceState()) })
     case 'setAuth':
       return client.setAuth(cmd.token ?? null)
     case 'connect':

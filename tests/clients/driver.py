@@ -248,6 +248,39 @@ class Driver:
         await chan.send_broadcast(cmd.get("event"), cmd.get("payload"))
         emit({"ev": "sent", "channel": cmd.get("channel"), "result": "sent"})
 
+    async def presence_subscribe(self, cmd: dict[str, Any]) -> None:
+        """A channel with `config.presence.key` (if given) and sync/join/leave callbacks;
+        each is emitted as `presence` with the channel's presence_state() after it."""
+        handle = cmd.get("channel")
+        if not isinstance(handle, str) or not handle:
+            raise ValueError('presence_subscribe needs "channel"')
+        if handle in self.channels:
+            raise ValueError(f"channel {handle} already exists")
+        params: dict[str, Any] = {"config": {}}
+        if "key" in cmd:
+            params["config"]["presence"] = {"key": cmd["key"], "enabled": True}
+        chan = self.client.channel(cmd.get("topic") or handle, params)
+
+        def report(kind: str, **extra: Any) -> None:
+            emit({"ev": "presence", "channel": handle, "kind": kind, **extra, "state": chan.presence_state()})
+
+        chan.on_presence_sync(lambda: report("sync"))
+        chan.on_presence_join(lambda key, current, new: report("join", key=key, presences=new))
+        chan.on_presence_leave(lambda key, current, left: report("leave", key=key, presences=left))
+        self.channels[handle] = chan
+        await chan.subscribe(status_callback(handle))
+
+    async def presence_call(self, cmd: dict[str, Any], what: str) -> None:
+        """`track(payload)` / `untrack()` (the Python client awaits no reply)."""
+        chan = self.channels.get(cmd.get("channel"))
+        if chan is None:
+            raise ValueError(f"no channel {cmd.get('channel')}")
+        if what == "track":
+            await chan.track(cmd.get("payload"))
+        else:
+            await chan.untrack()
+        emit({"ev": f"{what}ed", "channel": cmd.get("channel"), "result": "sent"})
+
     async def unsubscribe(self, cmd: dict[str, Any]) -> None:
         handle = cmd.get("channel")
         chan = self.channels.pop(handle, None)
@@ -306,6 +339,10 @@ class Driver:
             await self.broadcast_subscribe(cmd)
         elif name == "broadcast_send":
             await self.broadcast_send(cmd)
+        elif name == "presence_subscribe":
+            await self.presence_subscribe(cmd)
+        elif name in ("track", "untrack"):
+            await self.presence_call(cmd, name)
         elif name == "setAuth":
             await self.client.set_auth(cmd.get("token"))
         elif name == "connect":

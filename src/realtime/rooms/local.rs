@@ -1,0 +1,284 @@
+//! [`LocalRooms`]: the rooms of one node, in memory.
+//!
+//! Rooms are sharded by topic over a few mutexes. A broadcast takes its
+//! room's member list (a shared, copy-on-write `Arc`) under the lock and
+//! fans out after releasing it, so senders never serialize on receivers;
+//! presence changes fan out under the lock, so every member sees a room's
+//! diffs in the order its state changed, and a joining member's
+//! `presence_state` is queued before any diff that follows it.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use bytes::Bytes;
+use serde_json::{Map, Value};
+
+use super::broadcast::{Frames, Message};
+use super::presence::{Diff, NodeId, Presence, Refs, Tracked};
+use super::{Member, RoomKey, RoomTotals, Rooms, MAX_BACKLOG};
+use crate::hub::{CloseReason, ConnId, Outbox, Vsn};
+use crate::realtime::protocol;
+
+const SHARDS: usize = 16;
+
+#[derive(Debug, Default)]
+struct Room {
+    members: Arc<Vec<Member>>,
+    presence: Presence,
+}
+
+/// The rooms of this node.
+#[derive(Debug)]
+pub struct LocalRooms {
+    shards: Vec<Mutex<HashMap<RoomKey, Room>>>,
+    hasher: std::collections::hash_map::RandomState,
+    refs: Refs,
+}
+
+impl LocalRooms {
+    /// Rooms of node `node` (its id goes into every presence ref).
+    pub fn new(node: NodeId) -> LocalRooms {
+        LocalRooms {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: std::collections::hash_map::RandomState::new(),
+            refs: Refs::new(node),
+        }
+    }
+
+    fn shard(&self, room: &RoomKey) -> MutexGuard<'_, HashMap<RoomKey, Room>> {
+        let i = usize::try_from(self.hasher.hash_one(room) % SHARDS as u64).unwrap_or(0);
+        self.shards[i].lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Default for LocalRooms {
+    fn default() -> Self {
+        LocalRooms::new(rand_node())
+    }
+}
+
+/// A random node id (from the process's hasher seed and clock).
+fn rand_node() -> NodeId {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    std::time::SystemTime::now().hash(&mut h);
+    std::process::id().hash(&mut h);
+    (h.finish() & u64::from(u32::MAX)) as NodeId
+}
+
+/// Queues `frame` to `member`, or closes it when it is too far behind.
+fn deliver(outbox: &Outbox, frame: &Bytes) -> bool {
+    if outbox.depth().1 > MAX_BACKLOG {
+        // Never let one unread socket hold the memory every outbox shares
+        // (the hub would pause for everyone).
+        outbox.close_now(CloseReason {
+            code: 1013,
+            reason: format!("slow consumer: more than {MAX_BACKLOG} bytes unread"),
+        });
+        return false;
+    }
+    outbox.push(frame.clone()).is_ok()
+}
+
+/// Sends a presence diff to every member that receives presence (the
+/// tracker's own channel included), one frame per format.
+fn send_diff(topic: &str, members: &[Member], diff: &Diff) {
+    if diff.is_empty() {
+        return;
+    }
+    let payload = diff.payload();
+    let mut frames: [Option<Bytes>; 2] = [None, None];
+    for member in members.iter().filter(|m| m.presence) {
+        let slot = usize::from(member.vsn == Vsn::V2);
+        let frame = frames[slot]
+            .get_or_insert_with(|| protocol::encode(member.vsn, None, None, topic, "presence_diff", &payload));
+        deliver(&member.outbox, frame);
+    }
+}
+
+impl Rooms for LocalRooms {
+    fn join(&self, room: &RoomKey, member: Member, presence_state: bool) {
+        let mut shard = self.shard(room);
+        let entry = shard.entry(room.clone()).or_default();
+        if presence_state {
+            let state = entry.presence.state();
+            let frame =
+                protocol::encode(member.vsn, member.join_ref.as_deref(), None, &room.topic, "presence_state", &state);
+            deliver(&member.outbox, &frame);
+        }
+        let members = Arc::make_mut(&mut entry.members);
+        members.retain(|m| m.conn != member.conn);
+        members.push(member);
+    }
+
+    fn leave(&self, room: &RoomKey, conn: ConnId) {
+        let mut shard = self.shard(room);
+        let Some(entry) = shard.get_mut(room) else { return };
+        if entry.members.iter().any(|m| m.conn == conn) {
+            Arc::make_mut(&mut entry.members).retain(|m| m.conn != conn);
+        }
+        let diff = entry.presence.untrack(conn);
+        send_diff(&room.topic, &entry.members, &diff);
+        if entry.members.is_empty() && entry.presence.is_empty() {
+            shard.remove(room);
+        }
+    }
+
+    fn send(&self, room: &RoomKey, from: Option<ConnId>, message: &Message<'_>) -> usize {
+        let members = match self.shard(room).get(room) {
+            Some(entry) => Arc::clone(&entry.members),
+            None => return 0,
+        };
+        let mut frames = Frames::new(&room.topic, message);
+        let mut queued = 0;
+        for member in members.iter() {
+            if !member.broadcasts || (Some(member.conn) == from && !member.echo) {
+                continue;
+            }
+            let Some(frame) = frames.get(member.vsn) else { continue };
+            if deliver(&member.outbox, frame) {
+                queued += 1;
+            }
+        }
+        queued
+    }
+
+    fn track(&self, room: &RoomKey, conn: ConnId, key: &str, payload: Map<String, Value>) -> Option<Tracked> {
+        let mut shard = self.shard(room);
+        let entry = shard.get_mut(room)?;
+        if !entry.members.iter().any(|m| m.conn == conn) {
+            return None;
+        }
+        let (tracked, diff) = entry.presence.track(conn, key, payload, &self.refs);
+        send_diff(&room.topic, &entry.members, &diff);
+        Some(tracked)
+    }
+
+    fn untrack(&self, room: &RoomKey, conn: ConnId) {
+        let mut shard = self.shard(room);
+        let Some(entry) = shard.get_mut(room) else { return };
+        let diff = entry.presence.untrack(conn);
+        send_diff(&room.topic, &entry.members, &diff);
+    }
+
+    fn members(&self, room: &RoomKey) -> usize {
+        self.shard(room).get(room).map_or(0, |r| r.members.len())
+    }
+
+    fn totals(&self) -> RoomTotals {
+        let mut totals = RoomTotals::default();
+        for shard in &self.shards {
+            let shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            totals.rooms += shard.len();
+            for room in shard.values() {
+                totals.members += room.members.len();
+                totals.presences += room.presence.len();
+            }
+        }
+        totals
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::OutboxLimits;
+    use serde_json::json;
+
+    fn member(conn: ConnId, vsn: Vsn, echo: bool) -> (Member, Arc<Outbox>) {
+        let outbox = Arc::new(Outbox::new(OutboxLimits::default()));
+        let m = Member {
+            conn,
+            vsn,
+            outbox: Arc::clone(&outbox),
+            join_ref: Some(conn.to_string()),
+            echo,
+            broadcasts: true,
+            presence: true,
+        };
+        (m, outbox)
+    }
+
+    fn drained(outbox: &Outbox) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        outbox.try_drain(&mut out);
+        out
+    }
+
+    fn json_frames(outbox: &Outbox) -> Vec<Value> {
+        drained(outbox).iter().map(|f| serde_json::from_slice(f).unwrap()).collect()
+    }
+
+    #[test]
+    fn broadcast_self_and_rooms_apart() {
+        let rooms = LocalRooms::new(1);
+        let public = RoomKey::new("realtime:r", false);
+        let private = RoomKey::new("realtime:r", true);
+        let (a, a_box) = member(1, Vsn::V2, false);
+        let (b, b_box) = member(2, Vsn::V1, false);
+        let (c, c_box) = member(3, Vsn::V2, true);
+        let (p, p_box) = member(4, Vsn::V2, false);
+        rooms.join(&public, a, false);
+        rooms.join(&public, b, false);
+        rooms.join(&public, c, false);
+        rooms.join(&private, p, false);
+        let json = br#"{"type":"broadcast","event":"e","payload":{}}"#;
+        assert_eq!(rooms.send(&public, Some(1), &Message::Text(json)), 2, "not to the sender without self");
+        assert!(drained(&a_box).is_empty());
+        assert_eq!(drained(&b_box).len(), 1);
+        assert_eq!(drained(&c_box).len(), 1);
+        assert!(drained(&p_box).is_empty(), "a private room never gets a public room's messages");
+        assert_eq!(rooms.send(&public, Some(3), &Message::Text(json)), 3, "self: the sender too");
+        assert_eq!(rooms.send(&private, None, &Message::Text(json)), 1);
+        for conn in 1..=3 {
+            rooms.leave(&public, conn);
+        }
+        rooms.leave(&private, 4);
+        assert_eq!(rooms.totals(), RoomTotals::default(), "empty rooms are dropped");
+    }
+
+    #[test]
+    fn members_without_read_get_nothing() {
+        let rooms = LocalRooms::new(1);
+        let room = RoomKey::new("realtime:r", true);
+        let (mut a, a_box) = member(1, Vsn::V2, false);
+        a.broadcasts = false;
+        a.presence = false;
+        let (b, _b_box) = member(2, Vsn::V2, false);
+        rooms.join(&room, a, false);
+        rooms.join(&room, b, false);
+        assert_eq!(rooms.send(&room, None, &Message::Text(b"{}")), 1);
+        rooms.track(&room, 2, "k", Map::new());
+        assert!(drained(&a_box).is_empty());
+    }
+
+    #[test]
+    fn presence_state_then_diffs_in_order() {
+        let rooms = LocalRooms::new(1);
+        let room = RoomKey::new("realtime:r", false);
+        let (a, a_box) = member(1, Vsn::V2, false);
+        rooms.join(&room, a, true);
+        let frames = json_frames(&a_box);
+        assert_eq!(frames, vec![json!(["1", null, "realtime:r", "presence_state", {}])]);
+        assert_eq!(
+            rooms.track(&room, 1, "u1", json!({"user": "u1"}).as_object().unwrap().clone()),
+            Some(Tracked::Joined)
+        );
+        let (b, b_box) = member(2, Vsn::V1, false);
+        rooms.join(&room, b, true);
+        let a_frames = json_frames(&a_box);
+        assert_eq!(a_frames[0][3], "presence_diff");
+        assert_eq!(a_frames[0][4]["joins"]["u1"]["metas"][0]["user"], "u1");
+        let b_frames = json_frames(&b_box);
+        assert_eq!(b_frames[0]["event"], "presence_state");
+        assert_eq!(b_frames[0]["ref"], Value::Null);
+        assert_eq!(b_frames[0]["payload"]["u1"]["metas"][0]["user"], "u1");
+        // The tracker leaves: a leave diff to the rest.
+        rooms.leave(&room, 1);
+        let b_frames = json_frames(&b_box);
+        assert_eq!(b_frames[0]["event"], "presence_diff");
+        assert_eq!(b_frames[0]["payload"]["leaves"]["u1"]["metas"][0]["user"], "u1");
+        assert_eq!(rooms.totals().presences, 0);
+        assert_eq!(rooms.track(&room, 1, "u1", Map::new()), None, "not a member any more");
+    }
+}
