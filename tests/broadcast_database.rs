@@ -9,12 +9,16 @@
 //! Changes on the `realtime` schema are refused with the reason.
 
 use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio_postgres::Client;
 use walcast::config::check::{self, Finding, Status};
 use walcast::config::{FileConfig, Settings};
+use walcast::hub::{Outbox, OutboxLimits, Vsn};
 use walcast::realtime::messages::{self, maintain_partitions, replay};
+use walcast::realtime::rooms::{Member, RoomKey};
 use walcast::schema::{self, Migrations};
 
 use crate::support::clients::{is_status, Driver, Kind};
@@ -22,8 +26,7 @@ use crate::support::server::{anon, TestServer};
 use crate::support::{empty_db, migrated_db};
 
 /// A table whose trigger calls `realtime.broadcast_changes` (private, as
-/// Supabase's docs write it) and a public twin calling it through a
-/// wrapper that sends on a public topic, so public channels can hear it.
+/// Supabase's docs write it).
 const GAME_SCHEMA: &str = "
 create table public.moves (id int primary key, game_id int not null, note text);
 create function public.moves_broadcast() returns trigger language plpgsql as $$
@@ -99,43 +102,58 @@ async fn database_messages_reach_public_channels_of_every_client_in_commit_order
     second.batch_execute("begin; select realtime.send('{\"n\":2}', 'b1', 'room-1', false); commit;").await.unwrap();
     t.client.batch_execute("select realtime.send('{\"n\":3}', 'a2', 'room-1', false); commit;").await.unwrap();
     for driver in [&mut v2, &mut v1, &mut py] {
-        let events: Vec<Value> = [
-            received(driver, room).await,
-            received(driver, room).await,
-            received(driver, room).await,
-        ]
-        .iter()
-        .map(|m| m["event"].clone())
-        .collect();
+        let events: Vec<Value> =
+            [received(driver, room).await, received(driver, room).await, received(driver, room).await]
+                .iter()
+                .map(|m| m["event"].clone())
+                .collect();
         assert_eq!(events, ["b1", "a1", "a2"], "{}", driver.report());
     }
 
     // broadcast_changes from a row trigger: the payloads of §5.2, on the
-    // (private) topic `game:42` — not heard by public channels; read back
-    // from the table they were delivered from.
+    // private topic `game:42`. Private joins are not served yet, so a
+    // member joins that private room directly (what a private channel's
+    // join will do) and reads its frames; public channels hear nothing.
+    let outbox = Arc::new(Outbox::new(OutboxLimits::default()));
+    let game = RoomKey::new("realtime:game:42", true);
+    let listener = Member {
+        conn: u64::MAX,
+        vsn: Vsn::V1,
+        outbox: Arc::clone(&outbox),
+        join_ref: None,
+        echo: false,
+        broadcasts: true,
+        presence: false,
+    };
+    t.server.sessions().rooms.join(&game, listener, false);
     t.client.batch_execute("insert into public.moves values (1, 42, 'e4')").await.unwrap();
     t.client.batch_execute("update public.moves set note = 'e5' where id = 1").await.unwrap();
     t.client.batch_execute("delete from public.moves where id = 1").await.unwrap();
-    let rows = t
-        .client
-        .query(
-            "select event, private, payload from realtime.messages where topic = 'game:42' order by inserted_at",
-            &[],
-        )
-        .await
-        .unwrap();
-    let payloads: Vec<(String, bool, Value)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    let mut frames = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while frames.len() < 3 && tokio::time::Instant::now() < deadline {
+        outbox.try_drain(&mut frames);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let new = json!({"id": 1, "game_id": 42, "note": "e4"});
     let updated = json!({"id": 1, "game_id": 42, "note": "e5"});
-    let expected = [("INSERT", json!(null), new.clone()), ("UPDATE", new, updated.clone()), ("DELETE", updated, json!(null))];
-    assert_eq!(payloads.len(), 3);
-    for ((event, private, payload), (op, old, record)) in payloads.iter().zip(expected) {
-        assert_eq!((event.as_str(), *private), (op, true));
-        assert_eq!(payload["operation"], op);
-        assert_eq!((payload["table"].clone(), payload["schema"].clone()), (json!("moves"), json!("public")));
-        assert_eq!((payload["old_record"].clone(), payload["record"].clone()), (old, record), "{op}");
-        assert!(payload["id"].as_str().is_some_and(|id| id.len() == 36), "{payload}");
+    let expected =
+        [("INSERT", json!(null), new.clone()), ("UPDATE", new, updated.clone()), ("DELETE", updated, json!(null))];
+    assert_eq!(frames.len(), 3, "three frames for the three row changes");
+    for (frame, (op, old, record)) in frames.iter().zip(expected) {
+        let frame: Value = serde_json::from_slice(frame).unwrap();
+        assert_eq!((frame["topic"].clone(), frame["event"].clone()), (json!("realtime:game:42"), json!("broadcast")));
+        let message = &frame["payload"];
+        assert_eq!((message["type"].clone(), message["event"].clone()), (json!("broadcast"), json!(op)));
+        let payload = &message["payload"];
+        assert_eq!(payload["id"], message["meta"]["id"], "{frame}");
+        assert_eq!(
+            payload,
+            &json!({"id": payload["id"], "operation": op, "table": "moves", "schema": "public",
+                    "record": record, "old_record": old}),
+        );
     }
+    t.server.sessions().rooms.leave(&game, u64::MAX);
 
     // Nothing of it reached a public channel, nor another topic.
     t.client.execute("select realtime.send('{}', 'marker', 'room-1', false)", &[]).await.unwrap();
@@ -234,7 +252,9 @@ async fn setup_is_idempotent_and_partitions_are_kept_in_utc() {
         .collect();
     assert!(!user_pub.iter().any(|t| t.starts_with("messages")), "{user_pub:?}");
     let ok = findings(db.url()).await;
-    for line in ["broadcast from database", "realtime.send", "publication walcast_messages", "realtime.messages partition"] {
+    for line in
+        ["broadcast from database", "realtime.send", "publication walcast_messages", "realtime.messages partition"]
+    {
         assert_eq!(find(&ok, line).status, Status::Ok, "{line}: {ok:#?}");
     }
 

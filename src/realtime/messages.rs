@@ -72,8 +72,7 @@ pub fn is_messages(relation: &RelationInfo) -> bool {
 fn is_partition_name(name: &str) -> bool {
     let Some(date) = name.strip_prefix("messages_") else { return false };
     let b = date.as_bytes();
-    b.len() == 10
-        && b.iter().enumerate().all(|(i, c)| if i == 4 || i == 7 { *c == b'_' } else { c.is_ascii_digit() })
+    b.len() == 10 && b.iter().enumerate().all(|(i, c)| if i == 4 || i == 7 { *c == b'_' } else { c.is_ascii_digit() })
 }
 
 /// One row of `realtime.messages`, ready to broadcast.
@@ -300,10 +299,8 @@ pub async fn maintain_partitions(client: &Client) -> Result<PartitionReport, Mes
         client.batch_execute(&sql).await.map_err(db("creating a realtime.messages partition"))?;
         report.created.push(name);
     }
-    let expired = client
-        .query(EXPIRED_SQL, &[&(RETENTION.as_secs() as f64)])
-        .await
-        .map_err(db("listing expired partitions"))?;
+    let expired =
+        client.query(EXPIRED_SQL, &[&(RETENTION.as_secs() as f64)]).await.map_err(db("listing expired partitions"))?;
     for row in expired {
         let name: String = row.get(0);
         let sql = format!("drop table if exists realtime.{}", crate::replication::slot::quote_ident(&name));
@@ -386,7 +383,12 @@ pub struct Replayed {
 ///
 /// # Errors
 /// The query failed.
-pub async fn replay(client: &Client, sub_topic: &str, since_ms: i64, limit: i64) -> Result<Vec<Replayed>, MessagesError> {
+pub async fn replay(
+    client: &Client,
+    sub_topic: &str,
+    since_ms: i64,
+    limit: i64,
+) -> Result<Vec<Replayed>, MessagesError> {
     let limit = limit.clamp(1, MAX_REPLAY);
     let rows = client
         .query(

@@ -52,10 +52,10 @@ use crate::change::{Assembler, ChangeError, TxEvent};
 use crate::hub::{self, HubConfig, HubError, HubHandle, HubStats, StageEvent};
 use crate::pgconn::PgConfig;
 use crate::policy::{self, PolicyError};
+use crate::realtime::messages::{DbBroadcastStats, DbMessage};
 use crate::replication::{
     run_source, AckHandle, ReplicationError, ReplicationStatus, SourceConfig, SourceEvent, WalEvent,
 };
-use crate::realtime::messages::{DbBroadcastStats, DbMessage};
 use crate::spill::{Spill, SpillConfig, SpillError, SpillStats};
 
 pub mod messages;

@@ -101,7 +101,9 @@ impl TestServer {
     async fn start_on(setup: bool, sql: &str, configure: impl FnOnce(&mut ServeConfig)) -> TestServer {
         let (db, mut client) = migrated_db().await;
         if setup {
-            walcast::schema::migrate(&mut client, &walcast::schema::Migrations::walcast()).await.expect("walcast setup");
+            walcast::schema::migrate(&mut client, &walcast::schema::Migrations::walcast())
+                .await
+                .expect("walcast setup");
         }
         if !sql.is_empty() {
             client.batch_execute(sql).await.unwrap_or_else(|e| panic!("the test's schema: {e:?}"));
