@@ -429,7 +429,7 @@ async fn a_slot_older_than_the_publication_streams_without_it_until_restart() {
     crate::support::add_member(&client, user, other, "admin").await;
     let lsn: String = client.query_one("select pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
     let lsn: walcast::lsn::Lsn = lsn.parse().unwrap();
-    let stats = server.relay().hub.stats.clone();
+    let stats = Arc::clone(&server.relay().hub.stats);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while stats.handled_lsn.load(std::sync::atomic::Ordering::Relaxed) < lsn.0 {
         assert!(server.relay().is_running(), "the relay stopped");
