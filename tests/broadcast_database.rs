@@ -3,7 +3,8 @@
 //! `walcast_messages` publication; `walcast serve` streams it on its slot
 //! and delivers every committed `realtime.messages` INSERT, in commit
 //! order, to the channels of its topic (supabase-js 2.0.0 as kind 4 with
-//! `meta.id`, 1.0.0 and the Python client as text); private rows never reach
+//! `meta.id`, 1.0.0 and the Python client as text; raw bytes to 2.0.0 only);
+//! private rows never reach
 //! public channels; non-object payloads and rolled-back sends send nothing;
 //! partitions are kept; replay reads the newest private rows; Postgres
 //! Changes on the `realtime` schema are refused with the reason.
@@ -155,6 +156,12 @@ async fn database_messages_reach_public_channels_of_every_client_in_commit_order
     }
     t.server.sessions().rooms.leave(&game, u64::MAX);
 
+    // Raw bytes: to supabase-js 2.0.0 only (kind 4, encoding 0).
+    t.client.execute("select realtime.send_binary('\\x0102ff', 'bin', 'room-1', false)", &[]).await.unwrap();
+    let id = newest_id(&t.client, room).await;
+    let raw = received(&mut v2, room).await;
+    assert_eq!(raw, json!({"type": "broadcast", "event": "bin", "meta": {"id": id}, "payload": {"binary": "AQL/"}}));
+
     // Nothing of it reached a public channel, nor another topic.
     t.client.execute("select realtime.send('{}', 'marker', 'room-1', false)", &[]).await.unwrap();
     for driver in [&mut v2, &mut v1, &mut py] {
@@ -174,10 +181,10 @@ async fn database_messages_reach_public_channels_of_every_client_in_commit_order
 
     // Counters: every row handed to its room — room-1's first, the private
     // one (to the private room-1), the three ordered ones, the three game
-    // rows (private game:42), the marker; none dropped by walcast (the
+    // rows (private game:42), the binary one, the marker; none dropped by walcast (the
     // non-object and rolled-back sends never became rows).
     let (_, body) = crate::support::server::http_get(t.addr(), "/metrics", &[]).await;
-    assert_eq!(metric(&body, "walcast_db_broadcasts_total"), "9", "{body}");
+    assert_eq!(metric(&body, "walcast_db_broadcasts_total"), "10", "{body}");
     assert_eq!(metric(&body, "walcast_db_broadcasts_dropped_total{reason=\"missing_column\"}"), "0");
     t.server.shutdown().await.unwrap();
 }
