@@ -258,6 +258,18 @@ async fn setup_is_idempotent_and_partitions_are_kept_in_utc() {
         .map(|r| r.get(0))
         .collect();
     assert!(!user_pub.iter().any(|t| t.starts_with("messages")), "{user_pub:?}");
+    // Even published in the user's publication (which walcast never does),
+    // realtime.messages is no Postgres Changes table: not in the join
+    // catalog, no policy plan.
+    client.batch_execute("alter publication supabase_realtime add table realtime.messages").await.unwrap();
+    let publications = ["supabase_realtime".to_owned()];
+    let config = walcast::pgconn::PgConfig::from(tokio_postgres::Config::from_str(db.url()).unwrap());
+    let catalog = walcast::realtime::catalog::Catalog::load(config, &publications).await.unwrap();
+    assert!(catalog.tables().iter().all(|t| t.schema != "realtime"));
+    let loaded = walcast::policy::plan::load(&mut client, &publications, None).await.unwrap();
+    let plans = loaded.policies.describe(&loaded.caches);
+    assert!(!plans.is_empty() && plans.iter().all(|line| !line.contains("realtime.")), "{plans:?}");
+    client.batch_execute("alter publication supabase_realtime drop table realtime.messages").await.unwrap();
     let ok = findings(db.url()).await;
     for line in
         ["broadcast from database", "realtime.send", "publication walcast_messages", "realtime.messages partition"]
