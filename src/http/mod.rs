@@ -11,6 +11,7 @@
 //!     ├─ GET /health      → {"status":"ok"} (alive: the process serves)
 //!     ├─ GET /ready       → 200 {"ready":true,…} | 503 {"ready":false,"reason":…} (see crate::monitor)
 //!     ├─ GET /metrics     → Prometheus text exposition
+//!     ├─ POST [/realtime/v1]/api/broadcast[/:topic/events/:event] → broadcast over HTTP (see [`broadcast`])
 //!     └─ anything else    → 404
 //! ```
 //!
@@ -58,6 +59,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub mod admission;
+pub mod broadcast;
 mod demo_orders;
 
 pub use admission::{Admission, Cidr, CidrError, Ticket};
@@ -91,6 +93,8 @@ pub struct HttpContext {
     pub monitor: Arc<Monitor>,
     /// The connection cap and the socket budgets.
     pub admission: Admission,
+    /// Broadcast over HTTP: its bound on bodies being read.
+    pub broadcast: broadcast::RestBroadcast,
 }
 
 /// Accepts connections until `shutdown`, then waits for them to close (each
@@ -148,6 +152,9 @@ struct Accepted {
     vsn: Vsn,
     apikey: String,
     claims: Claims,
+    /// The request's `x-*` headers (`request.headers` for private
+    /// channels' policies).
+    headers: Arc<serde_json::Value>,
     /// Held for the session's life.
     ticket: Ticket,
 }
@@ -168,12 +175,12 @@ async fn connection(
     // Boxed: hyper's state is freed once the request is answered, and does
     // not add to the size of this future, which lives as long as the socket.
     let exchange = Box::pin(exchange(stream, peer, http, Arc::clone(&ctx), &shutdown)).await;
-    let Some((Accepted { vsn, apikey, claims, ticket }, stream, read_buf)) = exchange else { return };
+    let Some((Accepted { vsn, apikey, claims, headers, ticket }, stream, read_buf)) = exchange else { return };
     let sessions = Arc::clone(&ctx.sessions);
     drop(ctx);
     let config = Some(sessions.limits.websocket_config());
     let ws = WebSocketStream::from_partially_read(stream, read_buf, Role::Server, config).await;
-    session::run(ws, sessions, vsn, apikey, claims, shutdown).await;
+    session::run(ws, sessions, vsn, apikey, claims, headers, shutdown).await;
     drop(ticket);
 }
 
@@ -241,6 +248,11 @@ async fn route(
     ctx: &HttpContext,
     handoff: &Handoff,
 ) -> Response<Full<Bytes>> {
+    if request.method() == Method::POST {
+        if let Some(target) = broadcast::Target::parse(request.uri().path()) {
+            return broadcast::serve(request, target, ctx).await;
+        }
+    }
     if request.method() != Method::GET {
         return respond_error(StatusCode::NOT_FOUND, "not found");
     }
@@ -336,8 +348,12 @@ fn upgrade(
         // Not an HTTP/1.1 upgrade request as hyper sees it (no `upgrade` header would have failed above).
         return respond_error(StatusCode::UPGRADE_REQUIRED, "expected a WebSocket upgrade");
     };
+    let headers = crate::realtime::authorize::x_headers(
+        request.headers().iter().map(|(name, value)| (name.as_str(), value.as_bytes())),
+    );
+    let headers = Arc::new(headers);
     *handoff.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-        Some((on_upgrade, Accepted { vsn, apikey, claims, ticket }));
+        Some((on_upgrade, Accepted { vsn, apikey, claims, headers, ticket }));
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
@@ -360,7 +376,15 @@ fn parse_query(query: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Percent-decodes a query component (`+` is a space).
 fn percent_decode(text: &str) -> String {
+    String::from_utf8_lossy(&percent_decode_bytes(text, true)).into_owned()
+}
+
+/// The bytes `%XX` escapes stand for (a `%` without two hex digits is
+/// kept); `+` is a space only in query components (`plus_is_space`), itself
+/// in path segments.
+fn percent_decode_bytes(text: &str, plus_is_space: bool) -> Vec<u8> {
     let bytes = text.as_bytes();
     let hex = |b: Option<&u8>| b.and_then(|b| (*b as char).to_digit(16));
     let mut out = Vec::with_capacity(bytes.len());
@@ -376,12 +400,12 @@ fn percent_decode(text: &str) -> String {
                 }
                 _ => out.push(b'%'),
             },
-            b'+' => out.push(b' '),
+            b'+' if plus_is_space => out.push(b' '),
             b => out.push(b),
         }
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 #[cfg(test)]

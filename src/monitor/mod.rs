@@ -291,9 +291,32 @@ impl Monitor {
         );
         w.counter(
             "walcast_joins_refused_private_total",
-            "Private-channel joins refused (Realtime Authorization on realtime.messages is not evaluated yet).",
+            "Private-channel joins refused: no SELECT policy on realtime.messages lets the token read the topic, \
+             or the check failed.",
             load(&r.private_refused),
         );
+        w.counter(
+            "walcast_private_channels_revoked_total",
+            "Private channels closed because a new token lost a read right (or its check failed).",
+            load(&r.private_revoked),
+        );
+        w.counter(
+            "walcast_private_writes_denied_total",
+            "Broadcasts (dropped without a reply, as Supabase) and tracks (answered error) on private channels \
+             that no INSERT policy on realtime.messages allows.",
+            load(&r.private_writes_denied),
+        );
+        if let Some(authorizer) = &self.sessions.authorizer {
+            w.family(
+                "walcast_authorization_checks_total",
+                Kind::Counter,
+                "Realtime Authorization checks (private channels) by result; an error denies.",
+            );
+            let a = &authorizer.stats;
+            for (result, counter) in [("granted", &a.granted), ("denied", &a.denied), ("error", &a.errors)] {
+                w.sample("walcast_authorization_checks_total", &[("result", result)], load(counter));
+            }
+        }
         w.family(
             "walcast_upgrades_refused_total",
             Kind::Counter,
@@ -307,6 +330,24 @@ impl Monitor {
         ] {
             w.sample("walcast_upgrades_refused_total", &[("reason", reason)], load(counter));
         }
+        w.counter(
+            "walcast_http_broadcasts_total",
+            "Broadcasts accepted over HTTP and sent on (batch items and single messages).",
+            load(&r.http_broadcasts),
+        );
+        w.family(
+            "walcast_http_broadcasts_refused_total",
+            Kind::Counter,
+            "HTTP broadcast requests refused, by reason (see docs/operations.md, Broadcast over HTTP).",
+        );
+        for (reason, counter) in crate::http::broadcast::REASONS.iter().zip(&r.http_broadcasts_refused) {
+            w.sample("walcast_http_broadcasts_refused_total", &[("reason", reason)], load(counter));
+        }
+        w.counter(
+            "walcast_http_broadcasts_private_denied_total",
+            "Private HTTP broadcast messages not sent: Realtime Authorization did not allow the write.",
+            load(&r.http_broadcasts_private_denied),
+        );
         w.counter("walcast_bad_frames_total", "Client frames that could not be decoded.", load(&r.bad_frames));
         w.counter(
             "walcast_tokens_expired_total",

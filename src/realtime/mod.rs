@@ -10,6 +10,7 @@
 //!
 //! - [`protocol`]: sans-IO framing of both serializers.
 //! - [`auth`]: JWT verification (HS256 secret, JWKS).
+//! - [`authorize`]: private channels judged by the policies on `realtime.messages`.
 //! - [`rooms`]: the channels of each topic: Broadcast and Presence.
 //! - [`join`]: join payloads → bindings with deterministic ids.
 //! - [`messages`]: Broadcast from Database — `realtime.messages` rows,
@@ -19,6 +20,7 @@
 //! - [`users`]: sockets per user (`--max-sockets-per-user`).
 
 pub mod auth;
+pub mod authorize;
 pub mod catalog;
 pub mod join;
 pub mod messages;

@@ -39,6 +39,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::{Claims, Verifier};
+use super::authorize::{Asker, Authorizer, Extension, ReadGrant};
 use super::catalog::Catalog;
 use super::join::{self, JoinRequest};
 use super::protocol::{self, Message};
@@ -63,6 +64,9 @@ pub struct SessionContext {
     pub users: super::users::UserSockets,
     /// The channels of every topic: Broadcast and Presence.
     pub rooms: Arc<dyn Rooms>,
+    /// Realtime Authorization of private channels (`None`: private joins
+    /// are refused).
+    pub authorizer: Option<Arc<Authorizer>>,
     next_conn: AtomicU64,
 }
 
@@ -78,8 +82,18 @@ impl SessionContext {
             stats: RealtimeStats::default(),
             users,
             rooms: Arc::new(LocalRooms::default()),
+            authorizer: None,
             next_conn: AtomicU64::new(1),
         }
+    }
+}
+
+impl SessionContext {
+    /// Private channels judged by `authorizer`.
+    #[must_use]
+    pub fn with_authorizer(mut self, authorizer: Arc<Authorizer>) -> SessionContext {
+        self.authorizer = Some(authorizer);
+        self
     }
 }
 
@@ -101,9 +115,15 @@ pub struct RealtimeStats {
     /// Of those, joins whose token's user holds `max_sockets_per_user`
     /// sockets already.
     pub user_refused: AtomicU64,
-    /// Of those, private-channel joins (Realtime Authorization is not
-    /// evaluated by this server yet).
+    /// Of those, private-channel joins the read policies (or a failed
+    /// check) refused.
     pub private_refused: AtomicU64,
+    /// Private channels closed because a new token lost a read right.
+    pub private_revoked: AtomicU64,
+    /// Broadcasts and tracks on private channels the write policies (or a
+    /// failed check) refused; broadcasts are dropped without a reply, as
+    /// Supabase does.
+    pub private_writes_denied: AtomicU64,
     /// Broadcasts received from clients and sent on.
     pub broadcasts: AtomicU64,
     /// Broadcast frames queued to receivers.
@@ -138,6 +158,13 @@ pub struct RealtimeStats {
     pub upgrades_refused_user: AtomicU64,
     /// Upgrades refused (HTTP 429): the address holds `max_sockets_per_address` sockets.
     pub upgrades_refused_address: AtomicU64,
+    /// Broadcasts sent on from the HTTP API (batch items and single messages).
+    pub http_broadcasts: AtomicU64,
+    /// HTTP broadcast requests refused, by reason (as in [`crate::http::broadcast::REASONS`]).
+    pub http_broadcasts_refused: [AtomicU64; crate::http::broadcast::REASONS.len()],
+    /// Private HTTP broadcast messages not sent (batch items skipped, single
+    /// messages refused with 403): Realtime Authorization did not allow the write.
+    pub http_broadcasts_private_denied: AtomicU64,
 }
 
 /// Seconds since the Unix epoch.
@@ -176,6 +203,14 @@ struct Channel {
     /// Presence calls in the current window (Supabase: 5 per 30 s per
     /// channel; the 6th closes the channel).
     presence_calls: (Instant, u32),
+    /// `config.presence.enabled`.
+    presence_enabled: bool,
+    /// `config.broadcast.self`.
+    echo: bool,
+    /// What it may receive (public channels: everything).
+    read: ReadGrant,
+    /// Write checks of a private channel, once made: `[broadcast, presence]`.
+    writes: [Option<bool>; 2],
 }
 
 /// A token bucket for joins.
@@ -214,6 +249,8 @@ struct Session {
     vsn: Vsn,
     apikey: String,
     apikey_claims: Claims,
+    /// The upgrade's `x-*` headers (`request.headers` for the policies).
+    headers: Arc<serde_json::Value>,
     outbox: Arc<Outbox>,
     channels: HashMap<String, Channel>,
     joins: JoinBucket,
@@ -232,6 +269,7 @@ pub async fn run<S>(
     vsn: Vsn,
     apikey: String,
     apikey_claims: Claims,
+    headers: Arc<serde_json::Value>,
     shutdown: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -249,6 +287,7 @@ pub async fn run<S>(
         vsn,
         apikey,
         apikey_claims,
+        headers,
         outbox: Arc::clone(&outbox),
         channels: HashMap::new(),
         frame_len: 0,
@@ -363,7 +402,7 @@ impl Session {
                 }
             },
             WsMessage::Binary(data) => {
-                self.binary(&data);
+                self.binary(&data).await;
                 None
             }
             WsMessage::Close(_) => Some(End::Peer),
@@ -371,7 +410,7 @@ impl Session {
         }
     }
 
-    fn binary(&self, data: &[u8]) {
+    async fn binary(&mut self, data: &[u8]) {
         if self.vsn == Vsn::V1 {
             self.ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(conn = self.conn, "ignoring a binary frame on a 1.0.0 socket");
@@ -381,7 +420,7 @@ impl Session {
             Ok(push) => {
                 let message =
                     rooms::Message::Binary { event: &push.event, encoding: push.encoding, payload: &push.payload };
-                self.broadcast(&push.topic, push.join_ref.as_deref(), push.msg_ref.as_deref(), &message);
+                self.broadcast(&push.topic, push.join_ref.as_deref(), push.msg_ref.as_deref(), &message).await;
             }
             Err(err) => {
                 self.ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
@@ -423,7 +462,7 @@ impl Session {
                 // go into every receiver's frame.
                 let json = serde_json::to_vec(&msg.payload).unwrap_or_default();
                 let message = rooms::Message::Text(&json);
-                self.broadcast(&msg.topic, msg.join_ref.as_deref(), msg.msg_ref.as_deref(), &message);
+                self.broadcast(&msg.topic, msg.join_ref.as_deref(), msg.msg_ref.as_deref(), &message).await;
             }
             "presence" => return self.presence(&msg).await,
             _ => self.push(protocol::reply(self.vsn, &msg, "error", json!({"reason": "unknown event"}))),
@@ -457,7 +496,13 @@ impl Session {
     /// A client's broadcast on `topic`: sent on to the channel's other
     /// members (and itself with `self`), answered when the channel asked
     /// for `ack` — after the frames are queued, or `payload_size_exceeded`.
-    fn broadcast(&self, topic: &str, join_ref: Option<&str>, msg_ref: Option<&str>, message: &rooms::Message<'_>) {
+    async fn broadcast(
+        &mut self,
+        topic: &str,
+        join_ref: Option<&str>,
+        msg_ref: Option<&str>,
+        message: &rooms::Message<'_>,
+    ) {
         let Some(channel) = self.channels.get(topic) else {
             self.push(protocol::reply_to(
                 self.vsn,
@@ -469,7 +514,12 @@ impl Session {
             ));
             return;
         };
-        let ack = channel.broadcast_ack;
+        let (ack, room) = (channel.broadcast_ack, channel.room.clone());
+        if room.private && !self.may_write(topic, Extension::Broadcast).await {
+            // As Supabase: dropped without a reply, even with `ack` (the
+            // client's push times out); counted and logged.
+            return;
+        }
         if message.size() > self.ctx.limits.max_broadcast_bytes {
             self.ctx.stats.broadcasts_too_large.fetch_add(1, Ordering::Relaxed);
             if ack {
@@ -485,7 +535,7 @@ impl Session {
             }
             return;
         }
-        let queued = self.ctx.rooms.send(&channel.room, Some(self.conn), message);
+        let queued = self.ctx.rooms.send(&room, Some(self.conn), message);
         self.ctx.stats.broadcasts.fetch_add(1, Ordering::Relaxed);
         self.ctx.stats.broadcast_frames.fetch_add(queued as u64, Ordering::Relaxed);
         if ack {
@@ -531,6 +581,10 @@ impl Session {
                     self.close_channel(&msg.topic, "Track message size exceeded").await;
                     return None;
                 }
+                if room.private && !self.may_write(&msg.topic, Extension::Presence).await {
+                    self.push(protocol::reply(self.vsn, msg, "error", json!({})));
+                    return None;
+                }
                 if let Some(Tracked::Joined | Tracked::Updated) = self.ctx.rooms.track(&room, self.conn, &key, payload)
                 {
                     self.ctx.stats.presence_tracks.fetch_add(1, Ordering::Relaxed);
@@ -548,6 +602,56 @@ impl Session {
             }
         }
         None
+    }
+
+    /// The write check of a private channel, made once per extension (and
+    /// again after a token change); a failed check denies.
+    async fn may_write(&mut self, topic: &str, extension: Extension) -> bool {
+        let slot = usize::from(extension == Extension::Presence);
+        let Some(channel) = self.channels.get(topic) else { return false };
+        if let Some(known) = channel.writes[slot] {
+            if !known {
+                self.ctx.stats.private_writes_denied.fetch_add(1, Ordering::Relaxed);
+            }
+            return known;
+        }
+        let sub_topic = topic.strip_prefix("realtime:").unwrap_or(topic);
+        let allowed = match &self.ctx.authorizer {
+            None => false,
+            Some(authorizer) => {
+                let asker = Asker { claims: &channel.claims, headers: &self.headers };
+                match authorizer.write(asker, sub_topic, extension).await {
+                    Ok(allowed) => allowed,
+                    Err(err) => {
+                        tracing::warn!(conn = self.conn, topic = sub_topic, error = %err, "write check failed; denied");
+                        false
+                    }
+                }
+            }
+        };
+        if !allowed {
+            self.ctx.stats.private_writes_denied.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(conn = self.conn, topic = sub_topic, ?extension, "private write denied");
+        }
+        if let Some(channel) = self.channels.get_mut(topic) {
+            channel.writes[slot] = Some(allowed);
+        }
+        allowed
+    }
+
+    /// The read check of a private channel: `Err` carries the refusal.
+    async fn read_check(&self, claims: &Claims, sub_topic: &str, presence: bool) -> Result<ReadGrant, String> {
+        let denied =
+            || format!("Unauthorized: You do not have permissions to read from this Channel topic: {sub_topic}");
+        let Some(authorizer) = &self.ctx.authorizer else { return Err(denied()) };
+        match authorizer.read(Asker { claims, headers: &self.headers }, sub_topic, presence).await {
+            Ok(grant) if grant.any() => Ok(grant),
+            Ok(_) => Err(denied()),
+            Err(err) => {
+                tracing::warn!(conn = self.conn, topic = sub_topic, error = %err, "read check failed; denied");
+                Err(denied())
+            }
+        }
     }
 
     fn refuse(&self, msg: &Message, reason: &str) {
@@ -599,16 +703,6 @@ impl Session {
             presence_key,
             presence_enabled,
         } = request;
-        if private {
-            // Realtime Authorization (policies on realtime.messages) is not
-            // evaluated here yet: refused, as Supabase refuses a private
-            // join no policy lets read, never accepted unchecked.
-            self.ctx.stats.private_refused.fetch_add(1, Ordering::Relaxed);
-            let reason =
-                format!("Unauthorized: You do not have permissions to read from this Channel topic: {sub_topic}");
-            self.refuse(&msg, &reason);
-            return None;
-        }
         let (token, claims) = match access_token {
             Some(token) => match self.ctx.verifier.verify(&token, now_unix()) {
                 Ok(claims) => (token, claims),
@@ -626,6 +720,18 @@ impl Session {
             self.refuse(&msg, &reason);
             return None;
         }
+        let read = if private {
+            match self.read_check(&claims, sub_topic, presence_enabled).await {
+                Ok(grant) => grant,
+                Err(reason) => {
+                    self.ctx.stats.private_refused.fetch_add(1, Ordering::Relaxed);
+                    self.refuse(&msg, &reason);
+                    return None;
+                }
+            }
+        } else {
+            ReadGrant { broadcast: true, presence: true }
+        };
         let resolved =
             if bindings.is_empty() { Ok(Vec::new()) } else { join::resolve(&bindings, &self.ctx.catalog).await };
         // Filters no index can look up are evaluated for every change of
@@ -669,8 +775,6 @@ impl Session {
                 self.control(Control::Leave { conn: self.conn, topic: msg.topic.clone() }).await;
             }
         }
-        let response = json!({ "postgres_changes": join::reply_bindings(&bindings) });
-        self.push(protocol::reply(self.vsn, &msg, "ok", response));
         let join_ref = msg.join_ref.clone().or_else(|| msg.msg_ref.clone());
         let join_bytes = self.frame_len;
         let mut channel = Channel {
@@ -684,7 +788,17 @@ impl Session {
             room: RoomKey::new(msg.topic.clone(), private),
             presence_key: presence_key.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
             presence_calls: (Instant::now(), 0),
+            presence_enabled,
+            echo: broadcast_self,
+            read,
+            writes: [None, None],
         };
+        // In the room before the reply (as Supabase subscribes before it
+        // replies): whatever is sent once the client holds the reply
+        // reaches it.
+        self.ctx.rooms.join(&channel.room, self.member(&channel));
+        let response = json!({ "postgres_changes": join::reply_bindings(&bindings) });
+        self.push(protocol::reply(self.vsn, &msg, "ok", response));
         match resolved {
             Ok(hub_bindings) if !hub_bindings.is_empty() => {
                 // Say what will not arrive and why (never silence): an
@@ -730,24 +844,25 @@ impl Session {
                 &message,
             )),
         }
-        // After the reply and "Subscribed to PostgreSQL" are queued: the
-        // room queues `presence_state` (when enabled) before any diff.
-        self.ctx.rooms.join(
-            &channel.room,
-            rooms::Member {
-                conn: self.conn,
-                vsn: self.vsn,
-                outbox: Arc::clone(&self.outbox),
-                join_ref: channel.join_ref.clone(),
-                echo: broadcast_self,
-                broadcasts: true,
-                presence: true,
-            },
-            presence_enabled,
-        );
+        if presence_enabled && read.presence {
+            self.ctx.rooms.presence_state(&channel.room, self.conn);
+        }
         self.channels.insert(msg.topic, channel);
         self.ctx.stats.channels_open.fetch_add(1, Ordering::Relaxed);
         None
+    }
+
+    /// `channel` as a member of its room.
+    fn member(&self, channel: &Channel) -> rooms::Member {
+        rooms::Member {
+            conn: self.conn,
+            vsn: self.vsn,
+            outbox: Arc::clone(&self.outbox),
+            join_ref: channel.join_ref.clone(),
+            echo: channel.echo,
+            broadcasts: channel.read.broadcast,
+            presence: channel.read.presence,
+        }
     }
 
     fn subscribed_frame(&self, topic: &str, join_ref: Option<&str>) -> Bytes {
@@ -799,6 +914,7 @@ impl Session {
         if token == channel.token {
             return;
         }
+        let (private, presence, old_read) = (channel.room.private, channel.presence_enabled, channel.read);
         match self.ctx.verifier.verify(&token, now_unix()) {
             Ok(claims) => {
                 if !self.count_user(claims.sub.as_deref()) {
@@ -807,6 +923,37 @@ impl Session {
                     return;
                 }
                 let viewer = claims.viewer();
+                let sub_topic = msg.topic.strip_prefix("realtime:").unwrap_or(&msg.topic).to_owned();
+                let read = if private {
+                    // Re-run the read check as the new token; losing a right closes the channel.
+                    match self.read_check(&claims, &sub_topic, presence).await {
+                        Ok(grant) if grant.broadcast >= old_read.broadcast && grant.presence >= old_read.presence => {
+                            grant
+                        }
+                        Ok(_) => {
+                            self.ctx.stats.private_revoked.fetch_add(1, Ordering::Relaxed);
+                            let reason =
+                                format!("You no longer have permission to read from this Channel topic: {sub_topic}");
+                            self.close_channel(&msg.topic, &reason).await;
+                            return;
+                        }
+                        Err(reason) => {
+                            self.ctx.stats.private_revoked.fetch_add(1, Ordering::Relaxed);
+                            self.close_channel(&msg.topic, &reason).await;
+                            return;
+                        }
+                    }
+                } else {
+                    old_read
+                };
+                let Some(channel) = self.channels.get_mut(&msg.topic) else { return };
+                channel.read = read;
+                channel.writes = [None, None];
+                if read != old_read {
+                    let member = self.member(&self.channels[&msg.topic]);
+                    let room = self.channels[&msg.topic].room.clone();
+                    self.ctx.rooms.join(&room, member);
+                }
                 let Some(channel) = self.channels.get_mut(&msg.topic) else { return };
                 channel.token = token;
                 channel.claims = claims;

@@ -46,6 +46,7 @@ use crate::monitor::watchdog::{self, SlotWatch};
 use crate::monitor::{Monitor, MonitorConfig};
 use crate::pgconn::{ConnectError, PgConfig};
 use crate::realtime::auth::{AuthConfig, Verifier};
+use crate::realtime::authorize::Authorizer;
 use crate::realtime::catalog::Catalog;
 use crate::realtime::messages;
 use crate::realtime::{Limits, RealtimeError, SessionContext};
@@ -172,7 +173,11 @@ impl Server {
             }
         };
         let addr = listener.local_addr().map_err(|source| RealtimeError::Bind { addr: config.listen, source })?;
-        let sessions = Arc::new(SessionContext::new(verifier, Arc::new(catalog), relay.hub.clone(), config.limits));
+        let authorizer = Arc::new(Authorizer::new(&config.relay.source.connection));
+        let sessions = Arc::new(
+            SessionContext::new(verifier, Arc::new(catalog), relay.hub.clone(), config.limits)
+                .with_authorizer(authorizer),
+        );
         let admission = http::Admission::new(&sessions.limits, sessions.users.clone());
         let slot = config.relay.source.slot.slot.clone();
         let slot_watch = Arc::new(SlotWatch::default());
@@ -212,6 +217,7 @@ impl Server {
             demo: config.demo_json.map(|json| http::DemoEndpoints::new(json, config.relay.source.connection.clone())),
             monitor: Arc::clone(&monitor),
             admission,
+            broadcast: http::broadcast::RestBroadcast::default(),
         });
         let http = tokio::spawn(http::serve(listener, ctx, shutdown_rx).instrument(tracing::info_span!("http", %addr)));
         tracing::info!(%addr, "serving realtime");

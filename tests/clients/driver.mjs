@@ -243,8 +243,11 @@ async function broadcastSubscribe(client, cmd) {
   if (typeof handle !== 'string' || !handle) throw new Error('broadcast_subscribe needs "channel"')
   if (channels.has(handle)) throw new Error(`channel ${handle} already exists`)
   if (cmd.token !== undefined) await client.setAuth(cmd.token)
-  const chan = client.channel(cmd.topic ?? handle, { config: { broadcast: { self: !!cmd.self, ack: !!cmd.ack } } })
+  const config = { broadcast: { self: !!cmd.self, ack: !!cmd.ack } }
+  if (cmd.private) config.private = true
+  const chan = client.channel(cmd.topic ?? handle, { config })
   chan.on('broadcast', { event: '*' }, (message) => emit({ ev: 'broadcast', channel: handle, message: safeValue(message) }))
+  chan.on('system', {}, (payload) => emit({ ev: 'system', channel: handle, payload }))
   channels.set(handle, chan)
   chan.subscribe((status, err) => statusEvent(handle, status, err))
 }
@@ -256,6 +259,34 @@ async function broadcastSend(client, cmd) {
   if (!chan) throw new Error(`no channel ${cmd.channel}`)
   const result = await chan.send({ type: 'broadcast', event: cmd.event, payload: cmd.payload })
   emit({ ev: 'sent', channel: cmd.channel, result })
+}
+
+// A channel that is created and never joined (`config.private` as given):
+// its send() falls back to the REST batch, and httpSend() needs no join.
+async function channelOnly(client, cmd) {
+  const handle = cmd.channel
+  if (typeof handle !== 'string' || !handle) throw new Error('channel needs "channel"')
+  if (channels.has(handle)) throw new Error(`channel ${handle} already exists`)
+  channels.set(handle, client.channel(cmd.topic ?? handle, { config: { private: !!cmd.private } }))
+}
+
+// channel.httpSend(event, payload) (payload: cmd.payload, or the bytes of
+// base64 cmd.binary as an ArrayBuffer); emits {ev:'http_sent', channel,
+// result} when it resolves, {ev:'http_sent', channel, error} when it rejects.
+async function httpSend(client, cmd) {
+  const chan = channels.get(cmd.channel)
+  if (!chan) throw new Error(`no channel ${cmd.channel}`)
+  let payload = cmd.payload
+  if (typeof cmd.binary === 'string') {
+    const bytes = Buffer.from(cmd.binary, 'base64')
+    payload = bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength)
+  }
+  try {
+    const result = await chan.httpSend(cmd.event, payload)
+    emit({ ev: 'http_sent', channel: cmd.channel, result })
+  } catch (e) {
+    emit({ ev: 'http_sent', channel: cmd.channel, error: e?.message ?? String(e) })
+  }
 }
 
 // A presence channel: `config.presence.key` as given (absent: the server
@@ -270,6 +301,7 @@ async function presenceSubscribe(client, cmd) {
   if (cmd.token !== undefined) await client.setAuth(cmd.token)
   const config = {}
   if (cmd.key !== undefined) config.presence = { key: cmd.key }
+  if (cmd.private) config.private = true
   const chan = client.channel(cmd.topic ?? handle, { config })
   if (cmd.listen !== false) {
     const report = (kind, extra) =>
@@ -343,6 +375,10 @@ async function run(client, cmd) {
       return broadcastSubscribe(client, cmd)
     case 'broadcast_send':
       return broadcastSend(client, cmd)
+    case 'channel':
+      return channelOnly(client, cmd)
+    case 'http_send':
+      return httpSend(client, cmd)
     case 'presence_subscribe':
       return presenceSubscribe(client, cmd)
     case 'track':

@@ -233,7 +233,11 @@ class Driver:
             raise ValueError('broadcast_subscribe needs "channel"')
         if handle in self.channels:
             raise ValueError(f"channel {handle} already exists")
-        params = {"config": {"broadcast": {"self": bool(cmd.get("self")), "ack": bool(cmd.get("ack"))}}}
+        params: dict[str, Any] = {
+            "config": {"broadcast": {"self": bool(cmd.get("self")), "ack": bool(cmd.get("ack"))}}
+        }
+        if cmd.get("private"):
+            params["config"]["private"] = True
         chan = self.client.channel(cmd.get("topic") or handle, params)
         chan.on_broadcast("*", lambda message: emit({"ev": "broadcast", "channel": handle, "message": message}))
 
@@ -248,6 +252,41 @@ class Driver:
         await chan.send_broadcast(cmd.get("event"), cmd.get("payload"))
         emit({"ev": "sent", "channel": cmd.get("channel"), "result": "sent"})
 
+    def channel_only(self, cmd: dict[str, Any]) -> None:
+        """A channel that is created and never joined (`config.private` as given)."""
+        handle = cmd.get("channel")
+        if not isinstance(handle, str) or not handle:
+            raise ValueError('channel needs "channel"')
+        if handle in self.channels:
+            raise ValueError(f"channel {handle} already exists")
+        params = {
+            "config": {
+                "broadcast": {"ack": False, "self": False},
+                "presence": {"key": "", "enabled": False},
+                "private": bool(cmd.get("private")),
+            }
+        }
+        self.channels[handle] = self.client.channel(cmd.get("topic") or handle, params)
+
+    async def http_send(self, cmd: dict[str, Any]) -> None:
+        """`http_send(event, payload)` (bytes of base64 `binary` if given); emits `http_sent`
+        with `result` "ok", or `error` and `status` when it raises."""
+        from realtime.exceptions import RealtimeHTTPError
+
+        chan = self.channels.get(cmd.get("channel"))
+        if chan is None:
+            raise ValueError(f"no channel {cmd.get('channel')}")
+        payload = cmd.get("payload")
+        if isinstance(cmd.get("binary"), str):
+            import base64
+
+            payload = base64.b64decode(cmd["binary"])
+        try:
+            await chan.http_send(cmd.get("event"), payload)
+            emit({"ev": "http_sent", "channel": cmd.get("channel"), "result": "ok"})
+        except RealtimeHTTPError as e:
+            emit({"ev": "http_sent", "channel": cmd.get("channel"), "error": str(e), "status": getattr(e, "status", None)})
+
     async def presence_subscribe(self, cmd: dict[str, Any]) -> None:
         """A channel with `config.presence.key` (if given) and sync/join/leave callbacks;
         each is emitted as `presence` with the channel's presence_state() after it."""
@@ -259,6 +298,8 @@ class Driver:
         params: dict[str, Any] = {"config": {}}
         if "key" in cmd:
             params["config"]["presence"] = {"key": cmd["key"], "enabled": True}
+        if cmd.get("private"):
+            params["config"]["private"] = True
         chan = self.client.channel(cmd.get("topic") or handle, params)
 
         def report(kind: str, **extra: Any) -> None:
@@ -339,6 +380,10 @@ class Driver:
             await self.broadcast_subscribe(cmd)
         elif name == "broadcast_send":
             await self.broadcast_send(cmd)
+        elif name == "channel":
+            self.channel_only(cmd)
+        elif name == "http_send":
+            await self.http_send(cmd)
         elif name == "presence_subscribe":
             await self.presence_subscribe(cmd)
         elif name in ("track", "untrack"):

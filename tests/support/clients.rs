@@ -106,6 +106,11 @@ impl Driver {
     /// Starts a driver for `kind` against the server at `base_url`
     /// (`http://127.0.0.1:PORT`) with apikey `key`; waits for `ready`.
     pub async fn start(name: &str, kind: Kind, base_url: &str, key: &str) -> Driver {
+        Driver::start_with(name, kind, base_url, key, &[]).await
+    }
+
+    /// [`Driver::start`] with more driver options (e.g. `--timeout-ms`).
+    pub async fn start_with(name: &str, kind: Kind, base_url: &str, key: &str, options: &[&str]) -> Driver {
         require_deps(kind);
         let dir = clients_dir();
         let mut command = match kind {
@@ -127,6 +132,7 @@ impl Driver {
         };
         command
             .args(["--url", base_url, "--key", key])
+            .args(options)
             .current_dir(&dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

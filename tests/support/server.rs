@@ -295,6 +295,19 @@ impl Ws {
         }
     }
 
+    /// The next text or binary message as received (pings and pongs
+    /// skipped), or `None` when the socket closed.
+    pub async fn next_message(&mut self) -> Option<Message> {
+        loop {
+            let message = tokio::time::timeout(WAIT, self.ws.next()).await.expect("a message within the wait")?;
+            match message.ok()? {
+                Message::Close(_) => return None,
+                message @ (Message::Text(_) | Message::Binary(_)) => return Some(message),
+                _ => {}
+            }
+        }
+    }
+
     /// The next frame, waiting at most `wait`; `None` on silence or close.
     pub async fn next_within(&mut self, wait: Duration) -> Option<Frame> {
         tokio::time::timeout(wait, self.next()).await.ok().flatten()
@@ -379,6 +392,40 @@ pub async fn http_get(addr: SocketAddr, target: &str, headers: &[(&str, &str)]) 
     let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     (status, body)
+}
+
+/// A raw HTTP request with `body` (a `content-length` is added unless
+/// `headers` has one); returns (status, body).
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut request = format!("{method} {target} HTTP/1.1\r\nhost: {addr}\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("content-length")) {
+        request.push_str(&format!("content-length: {}\r\n", body.len()));
+    }
+    request.push_str("\r\n");
+    let mut bytes = request.into_bytes();
+    bytes.extend_from_slice(body);
+    stream.write_all(&bytes).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut response)).await.expect("response in time").unwrap();
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// [`http_request`] with `POST`.
+pub async fn http_post(addr: SocketAddr, target: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
+    http_request(addr, "POST", target, headers, body).await
 }
 
 /// A WebSocket upgrade request by hand: (status, body).

@@ -86,7 +86,7 @@ mod tests {
             broadcasts: true,
             presence: true,
         };
-        rooms.join(room, member, false);
+        rooms.join(room, member);
         outbox
     }
 

@@ -3,9 +3,9 @@
 //! Rooms are sharded by topic over a few mutexes. A broadcast takes its
 //! room's member list (a shared, copy-on-write `Arc`) under the lock and
 //! fans out after releasing it, so senders never serialize on receivers;
-//! presence changes fan out under the lock, so every member sees a room's
-//! diffs in the order its state changed, and a joining member's
-//! `presence_state` is queued before any diff that follows it.
+//! presence changes (and a member's `presence_state`) are queued under the
+//! lock, so every member sees a room's diffs in the order its state
+//! changed, and a `presence_state` holds every diff queued before it.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
@@ -97,18 +97,22 @@ fn send_diff(topic: &str, members: &[Member], diff: &Diff) {
 }
 
 impl Rooms for LocalRooms {
-    fn join(&self, room: &RoomKey, member: Member, presence_state: bool) {
+    fn join(&self, room: &RoomKey, member: Member) {
         let mut shard = self.shard(room);
         let entry = shard.entry(room.clone()).or_default();
-        if presence_state {
-            let state = entry.presence.state();
-            let frame =
-                protocol::encode(member.vsn, member.join_ref.as_deref(), None, &room.topic, "presence_state", &state);
-            deliver(&member.outbox, &frame);
-        }
         let members = Arc::make_mut(&mut entry.members);
         members.retain(|m| m.conn != member.conn);
         members.push(member);
+    }
+
+    fn presence_state(&self, room: &RoomKey, conn: ConnId) {
+        let shard = self.shard(room);
+        let Some(entry) = shard.get(room) else { return };
+        let Some(member) = entry.members.iter().find(|m| m.conn == conn) else { return };
+        let state = entry.presence.state();
+        let frame =
+            protocol::encode(member.vsn, member.join_ref.as_deref(), None, &room.topic, "presence_state", &state);
+        deliver(&member.outbox, &frame);
     }
 
     fn leave(&self, room: &RoomKey, conn: ConnId) {
@@ -218,10 +222,10 @@ mod tests {
         let (b, b_box) = member(2, Vsn::V1, false);
         let (c, c_box) = member(3, Vsn::V2, true);
         let (p, p_box) = member(4, Vsn::V2, false);
-        rooms.join(&public, a, false);
-        rooms.join(&public, b, false);
-        rooms.join(&public, c, false);
-        rooms.join(&private, p, false);
+        rooms.join(&public, a);
+        rooms.join(&public, b);
+        rooms.join(&public, c);
+        rooms.join(&private, p);
         let json = br#"{"type":"broadcast","event":"e","payload":{}}"#;
         assert_eq!(rooms.send(&public, Some(1), &Message::Text(json)), 2, "not to the sender without self");
         assert!(drained(&a_box).is_empty());
@@ -245,8 +249,8 @@ mod tests {
         a.broadcasts = false;
         a.presence = false;
         let (b, _b_box) = member(2, Vsn::V2, false);
-        rooms.join(&room, a, false);
-        rooms.join(&room, b, false);
+        rooms.join(&room, a);
+        rooms.join(&room, b);
         assert_eq!(rooms.send(&room, None, &Message::Text(b"{}")), 1);
         rooms.track(&room, 2, "k", Map::new());
         assert!(drained(&a_box).is_empty());
@@ -257,7 +261,8 @@ mod tests {
         let rooms = LocalRooms::new(1);
         let room = RoomKey::new("realtime:r", false);
         let (a, a_box) = member(1, Vsn::V2, false);
-        rooms.join(&room, a, true);
+        rooms.join(&room, a);
+        rooms.presence_state(&room, 1);
         let frames = json_frames(&a_box);
         assert_eq!(frames, vec![json!(["1", null, "realtime:r", "presence_state", {}])]);
         assert_eq!(
@@ -265,7 +270,8 @@ mod tests {
             Some(Tracked::Joined)
         );
         let (b, b_box) = member(2, Vsn::V1, false);
-        rooms.join(&room, b, true);
+        rooms.join(&room, b);
+        rooms.presence_state(&room, 2);
         let a_frames = json_frames(&a_box);
         assert_eq!(a_frames[0][3], "presence_diff");
         assert_eq!(a_frames[0][4]["joins"]["u1"]["metas"][0]["user"], "u1");

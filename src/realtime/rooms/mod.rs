@@ -19,8 +19,9 @@
 //! and its presence leaves with it; nothing here waits on a receiver
 //! (outbox pushes only; a receiver too far behind is closed as a slow
 //! consumer); a room's presence frames reach each member in the order the
-//! room's state changed, and a joining member's `presence_state` precedes
-//! every diff it gets.
+//! room's state changed, and a member's `presence_state` is built and
+//! queued under the same lock as the diffs, so it reflects every diff
+//! queued before it.
 
 pub mod broadcast;
 pub mod database;
@@ -82,9 +83,14 @@ pub struct Member {
 /// Membership, fan-out and presence of every room.
 pub trait Rooms: Send + Sync + std::fmt::Debug {
     /// Adds `member` to `room` (replacing its connection's earlier one).
-    /// With `presence_state`, the member gets the room's `presence_state`
-    /// before any later diff.
-    fn join(&self, room: &RoomKey, member: Member, presence_state: bool);
+    /// Called before the join is answered, as Supabase subscribes before it
+    /// replies: a message sent once the client holds the reply reaches it.
+    fn join(&self, room: &RoomKey, member: Member);
+
+    /// Queues the room's `presence_state` to `conn`'s channel (after its
+    /// join reply). Diffs queued between the join and this are already in
+    /// the state too; clients apply them idempotently (by `phx_ref`).
+    fn presence_state(&self, room: &RoomKey, conn: ConnId);
 
     /// Removes `conn`'s channel from `room`; its presence leaves (a diff to
     /// the rest).

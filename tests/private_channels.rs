@@ -1,0 +1,128 @@
+//! Private channels (Realtime Authorization, broadcast-presence.md §4,
+//! checklist 15–17) with the real supabase-js: the RLS policies on
+//! `realtime.messages` decide who joins (SELECT), who sends and tracks
+//! (INSERT), per topic through `realtime.topic()` and `auth.uid()`; a
+//! public and a private channel of one name never hear each other; a token
+//! change re-runs the read check and a lost right closes the channel.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::support::clients::{is_status, Driver, Kind};
+use crate::support::server::{anon, user, TestServer};
+
+/// Members may read their rooms; writers may also send; policies read the
+/// topic and the user as Supabase's docs show.
+const SCHEMA: &str = "
+create table public.room_members (
+  user_id uuid not null,
+  room text not null,
+  can_write boolean not null default false,
+  primary key (user_id, room)
+);
+grant select on public.room_members to authenticated;
+create policy members_read on realtime.messages for select to authenticated
+  using (exists (select 1 from public.room_members m
+                 where m.user_id = (select auth.uid()) and m.room = (select realtime.topic())));
+create policy writers_send on realtime.messages for insert to authenticated
+  with check (exists (select 1 from public.room_members m
+                      where m.user_id = (select auth.uid()) and m.room = (select realtime.topic())
+                        and m.can_write));
+";
+
+async fn driver(name: &str, url: &str, vsn: &'static str) -> Driver {
+    // A short push timeout: a denied private broadcast is never answered.
+    Driver::start_with(name, Kind::SupabaseJs(vsn), url, &anon(), &["--timeout-ms", "1500"]).await
+}
+
+async fn join(js: &mut Driver, room: &str, token: &str, private: bool, ack: bool) -> Value {
+    js.command(json!({"cmd": "broadcast_subscribe", "channel": room, "token": token, "private": private, "ack": ack}))
+        .await;
+    js.expect("a join outcome", |e| {
+        is_status(e, room, None) && (e["status"] == "SUBSCRIBED" || e["status"] == "CHANNEL_ERROR")
+    })
+    .await
+}
+
+async fn send(js: &mut Driver, room: &str, event: &str) -> Value {
+    js.command(json!({"cmd": "broadcast_send", "channel": room, "event": event, "payload": {"from": js.name}})).await;
+    js.expect("the send's result", |e| e["ev"] == "sent" && e["channel"] == room).await["result"].clone()
+}
+
+async fn received(js: &mut Driver, room: &str, event: &str) -> Value {
+    js.expect(event, |e| e["ev"] == "broadcast" && e["channel"] == room && e["message"]["event"] == event).await
+}
+
+#[tokio::test]
+async fn policies_on_realtime_messages_decide_who_joins_sends_and_keeps_reading() {
+    let t = TestServer::with_setup(SCHEMA).await;
+    let url = format!("http://{}", t.addr());
+    let (writer, reader, stranger) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let db = &t.client;
+    db.execute(
+        "insert into public.room_members (user_id, room, can_write) values ($1, 'room-1', true), ($2, 'room-1', false)",
+        &[&writer, &reader],
+    )
+    .await
+    .unwrap();
+
+    // Read policy: members join; a stranger and anon are refused with Supabase's text.
+    let mut w = driver("writer", &url, "2.0.0").await;
+    assert_eq!(join(&mut w, "room-1", &user(writer), true, true).await["status"], "SUBSCRIBED");
+    let mut r = driver("reader", &url, "1.0.0").await;
+    assert_eq!(join(&mut r, "room-1", &user(reader), true, true).await["status"], "SUBSCRIBED");
+    let mut s = driver("stranger", &url, "2.0.0").await;
+    let refused = join(&mut s, "room-1", &user(stranger), true, false).await;
+    assert_eq!(refused["status"], "CHANNEL_ERROR");
+    assert!(
+        refused.to_string().contains("Unauthorized: You do not have permissions to read from this Channel topic: room-1"),
+        "{refused}"
+    );
+    let mut a = driver("anon", &url, "2.0.0").await;
+    assert_eq!(join(&mut a, "room-1", &anon(), true, false).await["status"], "CHANNEL_ERROR");
+
+    // A public channel of the same name, joined by the stranger.
+    let mut p = driver("public", &url, "2.0.0").await;
+    assert_eq!(join(&mut p, "room-1", &user(stranger), false, true).await["status"], "SUBSCRIBED");
+
+    // Write policy: the writer's broadcast reaches the private reader only.
+    assert_eq!(send(&mut w, "room-1", "hello").await, "ok");
+    let got = received(&mut r, "room-1", "hello").await;
+    assert_eq!(got["message"]["payload"], json!({"from": "writer"}));
+    // The reader may not send: dropped without a reply (ack times out), as Supabase.
+    assert_eq!(send(&mut r, "room-1", "nope").await, "timed out");
+    // The public channel's broadcast stays public, and vice versa.
+    assert_eq!(send(&mut p, "room-1", "public-hello").await, "ok");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for js in [&mut w, &mut r] {
+        let mark = 0;
+        js.assert_none_since(mark, "a public or a refused broadcast", |e| {
+            e["ev"] == "broadcast" && (e["message"]["event"] == "public-hello" || e["message"]["event"] == "nope")
+        });
+    }
+    p.assert_none_since(0, "a private broadcast", |e| e["ev"] == "broadcast" && e["message"]["event"] == "hello");
+
+    // The reader loses membership; a new token re-runs the check and closes the channel.
+    db.execute("delete from public.room_members where user_id = $1", &[&reader]).await.unwrap();
+    let fresh = crate::support::server::token("authenticated", Some(reader), 7200);
+    r.set_auth(&fresh).await;
+    let system = r.expect("the system message", |e| e["ev"] == "system" && e["channel"] == "room-1").await;
+    assert_eq!(
+        system["payload"]["message"],
+        "You do not have permissions to read from this Channel topic: room-1",
+        "{system}"
+    );
+
+    let (_, body) = crate::support::server::http_get(t.addr(), "/metrics", &[]).await;
+    for needle in [
+        "walcast_joins_refused_private_total 2",
+        "walcast_private_writes_denied_total 1",
+        "walcast_private_channels_revoked_total 1",
+    ] {
+        assert!(body.contains(needle), "{needle}\n{body}");
+    }
+    assert!(body.contains("walcast_authorization_checks_total{result=\"granted\"}"), "{body}");
+    t.server.shutdown().await.unwrap();
+}
