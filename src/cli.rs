@@ -272,6 +272,13 @@ struct ServeArgs {
     /// [default: 262144; at most 983040].
     #[arg(long = "max-broadcast-bytes", env = "MAX_BROADCAST_BYTES")]
     max_broadcast_bytes: Option<usize>,
+    /// Broadcasts per second one channel may send (a token bucket holding one second's worth);
+    /// more are not sent: `ack` gets an error, the channel a `system` message [default: 100].
+    #[arg(long = "channel-broadcasts-per-second", env = "CHANNEL_BROADCASTS_PER_SECOND")]
+    channel_broadcasts_per_second: Option<u32>,
+    /// Broadcasts per second one socket may send over all its channels [default: 500].
+    #[arg(long = "socket-broadcasts-per-second", env = "SOCKET_BROADCASTS_PER_SECOND")]
+    socket_broadcasts_per_second: Option<u32>,
     /// Most open sockets per user (the `sub` of the upgrade's apikey; tokens without
     /// `sub` are not counted); more get HTTP 429 [default: 100].
     #[arg(long = "max-sockets-per-user", env = "MAX_SOCKETS_PER_USER")]
@@ -397,6 +404,8 @@ impl ServeArgs {
             max_join_bytes: self.max_join_bytes,
             max_socket_join_bytes: self.max_socket_join_bytes,
             max_broadcast_bytes: self.max_broadcast_bytes,
+            channel_broadcasts_per_second: self.channel_broadcasts_per_second,
+            socket_broadcasts_per_second: self.socket_broadcasts_per_second,
             ws_read_buffer_bytes: self.ws_read_buffer_bytes,
             ws_write_buffer_bytes: self.ws_write_buffer_bytes,
             data_dir: self.data_dir,

@@ -713,3 +713,129 @@ async fn a_supabase_js_user_past_the_socket_budget_gets_channel_error_with_the_r
     assert_eq!(change["payload"]["new"]["id"], json!(order.to_string()));
     t.server.shutdown().await.unwrap();
 }
+
+/// A kind 3 frame as realtime-js builds it.
+fn kind3(join_ref: &str, msg_ref: &str, topic: &str, event: &str, meta: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut f =
+        vec![3, join_ref.len() as u8, msg_ref.len() as u8, topic.len() as u8, event.len() as u8, meta.len() as u8, 1];
+    for part in [join_ref.as_bytes(), msg_ref.as_bytes(), topic.as_bytes(), event.as_bytes(), meta, payload] {
+        f.extend_from_slice(part);
+    }
+    f
+}
+
+/// Hostile Broadcast and Presence traffic (issue 15 §7): malformed and
+/// foreign binary frames are ignored and counted, an oversized payload is
+/// refused with `payload_size_exceeded`, a sender past its rate gets one
+/// `system` notice per second and `ack` errors while the channel stays
+/// joined, a presence flood closes only the flooding channel — and a
+/// witness in the same room receives exactly the messages that were sent
+/// on, throughout.
+#[tokio::test]
+async fn broadcast_and_presence_abuse_hits_only_the_abuser() {
+    let limits = Limits { channel_broadcasts_per_second: 20, socket_broadcasts_per_second: 1_000, ..Limits::default() };
+    let t = TestServer::with_limits(limits).await;
+    let topic = "realtime:abuse";
+    let join =
+        json!({"config": {"broadcast": {"self": false, "ack": true}, "presence": {"key": ""}, "private": false}});
+    let mut witness = t.connect(&anon(), Vsn::V1).await;
+    witness.send(Some("1"), topic, "phx_join", join.clone()).await;
+    assert_eq!(witness.expect(topic, "phx_reply").await.payload["status"], "ok");
+    let mut abuser = t.connect(&anon(), Vsn::V2).await;
+    abuser.send(Some("1"), topic, "phx_join", join).await;
+    assert_eq!(abuser.expect(topic, "phx_reply").await.payload["status"], "ok");
+
+    // Malformed binary frames: ignored, counted, the socket still serves.
+    let bad: Vec<Vec<u8>> = vec![
+        vec![],
+        vec![3],
+        vec![4, 1, 1, 0, 1, b'x', b'y'],
+        vec![3, 200, 0, 0, 0, 0, 1, b'1'],
+        {
+            let mut f = kind3("1", "2", topic, "e", b"", b"{}");
+            f[6] = 7; // an encoding that is neither JSON nor binary
+            f
+        },
+        vec![0xff; 64],
+    ];
+    let before = counter(&t, "walcast_bad_frames_total").await;
+    for frame in &bad {
+        abuser.send_raw(Message::Binary(frame.clone().into())).await;
+    }
+    // A kind 3 push to a topic the socket never joined is answered, not sent.
+    abuser.send_raw(Message::Binary(kind3("1", "3", "realtime:other", "e", b"", b"{}").into())).await;
+    assert_eq!(abuser.expect("realtime:other", "phx_reply").await.payload["status"], "error");
+    // Kind 3 with meta and 255-byte event: sent on (meta ignored).
+    let long_event = "e".repeat(255);
+    abuser
+        .send_raw(Message::Binary(kind3("1", "4", topic, &long_event, b"{\"persist\":true}", b"{\"n\":1}").into()))
+        .await;
+    assert_eq!(abuser.expect(topic, "phx_reply").await.payload["status"], "ok");
+    let got = witness.expect(topic, "broadcast").await;
+    assert_eq!(got.payload["event"], long_event.as_str());
+    assert_eq!(got.payload["payload"], json!({"n": 1}));
+    assert_eq!(counter(&t, "walcast_bad_frames_total").await, before + bad.len() as u64);
+
+    // Oversized (over 256 KiB, under the 1 MiB message cap): refused with the reason.
+    let big = json!({"type": "broadcast", "event": "big", "payload": {"pad": "x".repeat(300 << 10)}});
+    abuser.send(Some("1"), topic, "broadcast", big).await;
+    let reply = abuser.expect(topic, "phx_reply").await;
+    assert_eq!(reply.payload, json!({"status": "error", "response": "payload_size_exceeded"}));
+
+    // A flood past 20 per second: at most 20 (+ refill) go out, the rest get
+    // `rate_limit_exceeded` and one system notice; the channel stays joined.
+    let mut sent = 0;
+    let mut refused = 0;
+    for n in 0..60 {
+        abuser
+            .send(Some("1"), topic, "broadcast", json!({"type": "broadcast", "event": "flood", "payload": {"n": n}}))
+            .await;
+    }
+    let mut notices = 0;
+    while sent + refused < 60 {
+        let frame = abuser.next().await.expect("the socket stays open");
+        match frame.event.as_str() {
+            "phx_reply" if frame.payload["status"] == "ok" => sent += 1,
+            "phx_reply" => {
+                assert_eq!(frame.payload["response"], "rate_limit_exceeded");
+                refused += 1;
+            }
+            "system" => {
+                assert_eq!(frame.payload["message"], "Too many messages per second");
+                notices += 1;
+            }
+            _ => {}
+        }
+    }
+    // The bucket holds 20 (one went to the 255-byte event above), refilling at 20/s.
+    assert!((15..=40).contains(&sent), "sent {sent} of 60 at 20/s");
+    assert!(notices >= 1, "the sender was told");
+    assert_eq!(counter(&t, "walcast_broadcasts_rate_limited_total").await, refused);
+    // The witness got exactly the ones sent on.
+    for _ in 0..sent {
+        assert_eq!(witness.expect(topic, "broadcast").await.payload["event"], "flood");
+    }
+
+    // A presence flood: the 6th call closes the abuser's channel only.
+    for n in 0..6 {
+        abuser.send(Some("1"), topic, "presence", json!({"event": "track", "payload": {"n": n}})).await;
+    }
+    let system = abuser.expect(topic, "system").await;
+    assert_eq!(system.payload["message"], "Client presence rate limit exceeded");
+    abuser.expect(topic, "phx_close").await;
+    // The witness saw the abuser's presence come and go, and still serves.
+    let mut left = false;
+    while let Some(frame) = witness.next_within(Duration::from_secs(2)).await {
+        assert_ne!(frame.event, "broadcast", "more broadcasts than were sent on: {:?}", frame.raw);
+        if frame.event == "presence_diff" && frame.payload["leaves"].as_object().is_some_and(|l| !l.is_empty()) {
+            left = true;
+            break;
+        }
+    }
+    assert!(left, "the closed channel's presence left the room");
+    witness.send(None, "phoenix", "heartbeat", json!({})).await;
+    assert_eq!(witness.expect("phoenix", "phx_reply").await.payload["status"], "ok");
+    abuser.send(None, "phoenix", "heartbeat", json!({})).await;
+    assert_eq!(abuser.expect("phoenix", "phx_reply").await.payload["status"], "ok");
+    t.server.shutdown().await.unwrap();
+}

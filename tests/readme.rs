@@ -34,7 +34,7 @@ const SNIPPET_URL: &str = "http://127.0.0.1:4000";
 const NODE20_ONLY: &str = "Node 20 only";
 
 /// The fenced block after `<!-- readme-test: NAME` in README.md.
-fn readme_block(name: &str) -> String {
+pub fn readme_block(name: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
     let readme = std::fs::read_to_string(&path).expect("README.md");
     let marker = format!("<!-- readme-test: {name}");
@@ -122,6 +122,11 @@ impl Snippet {
             serde_json::to_string(&world.anon).unwrap(),
             serde_json::to_string(token).unwrap()
         );
+        Snippet::run(name, node, &(prelude + &code))
+    }
+
+    /// Runs `code` (a module) with `node`, the clients' `node_modules` at hand.
+    fn run(name: &'static str, node: &Path, code: &str) -> Snippet {
         let dir = tempfile::tempdir().unwrap();
         let modules = clients_dir().join("node_modules");
         assert!(
@@ -130,7 +135,7 @@ impl Snippet {
         );
         std::os::unix::fs::symlink(&modules, dir.path().join("node_modules")).unwrap();
         let file = dir.path().join("snippet.mjs");
-        std::fs::write(&file, prelude + &code).unwrap();
+        std::fs::write(&file, code).unwrap();
         let mut child = Command::new(node)
             .arg(&file)
             .current_dir(dir.path())
@@ -246,4 +251,40 @@ async fn readme_snippet_node_with_ws() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readme_snippet_node22_native_websocket() {
     alice_receives_dave_does_not(&node22(), false).await;
+}
+
+/// The README's Broadcast and Presence block, run as written under Node 22
+/// by alice and then bob (the harness defines `ANON_KEY`, `USER_TOKEN`,
+/// `NAME` and swaps in the server's URL): both end up seeing both online,
+/// alice (already there) gets bob's wave, and nobody gets their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_broadcast_presence_snippet_for_two_people() {
+    let t = TestServer::start().await;
+    let url = format!("http://{}", t.addr());
+    let block = readme_block("broadcast-presence");
+    assert_eq!(block.matches(SNIPPET_URL).count(), 1, "the snippet names {SNIPPET_URL} once");
+    let anon = crate::support::server::anon();
+    let start = |name: &'static str| {
+        let token = crate::support::server::user(Uuid::new_v4());
+        let prelude = format!(
+            "const ANON_KEY = {};\nconst USER_TOKEN = {};\nconst NAME = {};\n",
+            serde_json::to_string(&anon).unwrap(),
+            serde_json::to_string(&token).unwrap(),
+            serde_json::to_string(name).unwrap()
+        );
+        Snippet::run(name, &node22(), &(prelude + &block.replace(SNIPPET_URL, &url)))
+    };
+    let mut alice = start("alice");
+    alice.wait_for("alice online", |out| out.lines().any(|l| l == "online: alice")).await;
+    let mut bob = start("bob");
+    for snippet in [&mut alice, &mut bob] {
+        snippet.wait_for("both online", |out| out.lines().any(|l| l == "online: alice,bob")).await;
+    }
+    alice.wait_for("bob's wave", |out| out.lines().any(|l| l == "wave from bob")).await;
+    tokio::time::sleep(QUIET).await;
+    for (name, snippet) in [("alice", &alice), ("bob", &bob)] {
+        let out = snippet.output();
+        assert!(!out.lines().any(|l| l == format!("wave from {name}")), "{name} got its own wave:\n{out}");
+    }
+    t.server.shutdown().await.unwrap();
 }

@@ -91,6 +91,10 @@ pub struct FileConfig {
     pub max_socket_join_bytes: Option<usize>,
     /// Largest broadcast payload, bytes.
     pub max_broadcast_bytes: Option<usize>,
+    /// Broadcasts per second one channel may send.
+    pub channel_broadcasts_per_second: Option<u32>,
+    /// Broadcasts per second one socket may send over all its channels.
+    pub socket_broadcasts_per_second: Option<u32>,
     /// WebSocket read buffer per socket, bytes.
     pub ws_read_buffer_bytes: Option<usize>,
     /// WebSocket write buffer (flush threshold) per socket, bytes.
@@ -157,6 +161,8 @@ impl std::fmt::Debug for FileConfig {
             .field("max_join_bytes", &self.max_join_bytes)
             .field("max_socket_join_bytes", &self.max_socket_join_bytes)
             .field("max_broadcast_bytes", &self.max_broadcast_bytes)
+            .field("channel_broadcasts_per_second", &self.channel_broadcasts_per_second)
+            .field("socket_broadcasts_per_second", &self.socket_broadcasts_per_second)
             .field("ws_read_buffer_bytes", &self.ws_read_buffer_bytes)
             .field("ws_write_buffer_bytes", &self.ws_write_buffer_bytes)
             .field("outbox_budget_bytes", &self.outbox_budget_bytes)
@@ -215,6 +221,8 @@ impl FileConfig {
             max_join_bytes: self.max_join_bytes.or(lower.max_join_bytes),
             max_socket_join_bytes: self.max_socket_join_bytes.or(lower.max_socket_join_bytes),
             max_broadcast_bytes: self.max_broadcast_bytes.or(lower.max_broadcast_bytes),
+            channel_broadcasts_per_second: self.channel_broadcasts_per_second.or(lower.channel_broadcasts_per_second),
+            socket_broadcasts_per_second: self.socket_broadcasts_per_second.or(lower.socket_broadcasts_per_second),
             ws_read_buffer_bytes: self.ws_read_buffer_bytes.or(lower.ws_read_buffer_bytes),
             ws_write_buffer_bytes: self.ws_write_buffer_bytes.or(lower.ws_write_buffer_bytes),
             data_dir: self.data_dir.or(lower.data_dir),
@@ -371,6 +379,10 @@ pub struct Settings {
     pub max_socket_join_bytes: usize,
     /// Largest broadcast payload (bytes).
     pub max_broadcast_bytes: usize,
+    /// Broadcasts per second per channel.
+    pub channel_broadcasts_per_second: u32,
+    /// Broadcasts per second per socket.
+    pub socket_broadcasts_per_second: u32,
     /// Most sockets per user (`sub`).
     pub max_sockets_per_user: usize,
     /// Most sockets per client address.
@@ -523,6 +535,18 @@ impl Settings {
             1 << 10,
             limits.max_message_bytes - (64 << 10),
         )?;
+        let channel_broadcasts_per_second = range(
+            "CHANNEL_BROADCASTS_PER_SECOND (--channel-broadcasts-per-second)",
+            merged.channel_broadcasts_per_second.unwrap_or(limits.channel_broadcasts_per_second) as usize,
+            1,
+            1_000_000,
+        )? as u32;
+        let socket_broadcasts_per_second = range(
+            "SOCKET_BROADCASTS_PER_SECOND (--socket-broadcasts-per-second)",
+            merged.socket_broadcasts_per_second.unwrap_or(limits.socket_broadcasts_per_second) as usize,
+            1,
+            1_000_000,
+        )? as u32;
         let ws_read_buffer = range(
             "WS_READ_BUFFER_BYTES (--ws-read-buffer)",
             merged.ws_read_buffer_bytes.unwrap_or(limits.ws_read_buffer),
@@ -633,6 +657,8 @@ impl Settings {
             max_join_bytes,
             max_socket_join_bytes,
             max_broadcast_bytes,
+            channel_broadcasts_per_second,
+            socket_broadcasts_per_second,
             max_sockets_per_user,
             max_sockets_per_address,
             trusted_proxies,
@@ -738,6 +764,8 @@ impl Settings {
         config.limits.max_join_bytes = self.max_join_bytes;
         config.limits.max_socket_join_bytes = self.max_socket_join_bytes;
         config.limits.max_broadcast_bytes = self.max_broadcast_bytes;
+        config.limits.channel_broadcasts_per_second = self.channel_broadcasts_per_second;
+        config.limits.socket_broadcasts_per_second = self.socket_broadcasts_per_second;
         config.limits.max_sockets_per_user = self.max_sockets_per_user;
         config.limits.max_sockets_per_address = self.max_sockets_per_address;
         config.limits.trusted_proxies = self.trusted_proxies.clone();

@@ -270,6 +270,12 @@ impl Monitor {
             "realtime.messages partition maintenance runs that failed (see the log).",
             load(&db.maintenance_failures),
         );
+        w.counter(
+            "walcast_broadcasts_rate_limited_total",
+            "Broadcasts not sent: the channel or the socket sent more than --channel-broadcasts-per-second / \
+             --socket-broadcasts-per-second.",
+            load(&r.broadcasts_rate_limited),
+        );
         let rooms = self.sessions.rooms.totals();
         w.gauge("walcast_rooms", "Rooms (topics with a joined channel or a presence) now.", rooms.rooms as u64);
         w.gauge("walcast_presences", "Presence entries tracked now, over every room.", rooms.presences as u64);

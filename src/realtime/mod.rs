@@ -52,6 +52,11 @@ pub struct Limits {
     /// payload); a larger one is not sent (`payload_size_exceeded` with
     /// `ack`). Below `max_message_bytes` by at least 64 KiB.
     pub max_broadcast_bytes: usize,
+    /// Broadcasts per second one channel may send (a bucket of one
+    /// second's worth); more are refused at the sender.
+    pub channel_broadcasts_per_second: u32,
+    /// Broadcasts per second one socket may send over all its channels.
+    pub socket_broadcasts_per_second: u32,
     /// Most bytes of join messages a socket's channels hold together (what
     /// its subscriptions keep in memory follows them); a join past it is
     /// refused.
@@ -91,6 +96,8 @@ impl Default for Limits {
             max_unindexed_filters: 20,
             max_join_bytes: 64 << 10,
             max_broadcast_bytes: 256 << 10,
+            channel_broadcasts_per_second: 100,
+            socket_broadcasts_per_second: 500,
             max_socket_join_bytes: 1 << 20,
             max_message_bytes: 1 << 20,
             joins_per_second: 20,

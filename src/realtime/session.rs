@@ -130,6 +130,9 @@ pub struct RealtimeStats {
     pub broadcast_frames: AtomicU64,
     /// Broadcasts not sent: payload over `max_broadcast_bytes`.
     pub broadcasts_too_large: AtomicU64,
+    /// Broadcasts not sent: the channel or the socket sent more than its
+    /// rate.
+    pub broadcasts_rate_limited: AtomicU64,
     /// Presence `track`s that changed a room's state (joins and updates).
     pub presence_tracks: AtomicU64,
     /// Presence `untrack`s.
@@ -211,20 +214,30 @@ struct Channel {
     read: ReadGrant,
     /// Write checks of a private channel, once made: `[broadcast, presence]`.
     writes: [Option<bool>; 2],
+    /// Broadcasts it may still send.
+    sends: Bucket,
+    /// When it was last told it sends too fast (one notice per second).
+    rate_notice: Option<Instant>,
 }
 
-/// A token bucket for joins.
+/// A token bucket (joins, broadcasts).
 #[derive(Debug)]
-struct JoinBucket {
+struct Bucket {
     tokens: f64,
     last: Instant,
 }
 
-impl JoinBucket {
-    fn take(&mut self, limits: &Limits) -> bool {
+impl Bucket {
+    /// A full bucket of `burst` tokens.
+    fn full(burst: u32) -> Bucket {
+        Bucket { tokens: f64::from(burst), last: Instant::now() }
+    }
+
+    /// Takes a token, refilled at `rate` per second up to `burst`.
+    fn take(&mut self, rate: u32, burst: u32) -> bool {
         let now = Instant::now();
-        let refill = now.duration_since(self.last).as_secs_f64() * f64::from(limits.joins_per_second);
-        self.tokens = (self.tokens + refill).min(f64::from(limits.join_burst));
+        let refill = now.duration_since(self.last).as_secs_f64() * f64::from(rate);
+        self.tokens = (self.tokens + refill).min(f64::from(burst));
         self.last = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -253,7 +266,9 @@ struct Session {
     headers: Arc<serde_json::Value>,
     outbox: Arc<Outbox>,
     channels: HashMap<String, Channel>,
-    joins: JoinBucket,
+    joins: Bucket,
+    /// Broadcasts this socket may still send (over all its channels).
+    sends: Bucket,
     /// Bytes of the text frame being handled (a join's size budget).
     frame_len: usize,
     /// The users (other than the upgrade token's, counted with the socket's
@@ -281,7 +296,8 @@ pub async fn run<S>(
     let (sink, mut stream) = ws.split();
     let mut writer = tokio::spawn(write_loop(sink, Arc::clone(&outbox), Arc::clone(&ctx)));
     let mut session = Session {
-        joins: JoinBucket { tokens: f64::from(ctx.limits.join_burst), last: Instant::now() },
+        joins: Bucket::full(ctx.limits.join_burst),
+        sends: Bucket::full(ctx.limits.socket_broadcasts_per_second),
         ctx,
         conn,
         vsn,
@@ -520,6 +536,20 @@ impl Session {
             // client's push times out); counted and logged.
             return;
         }
+        if !self.take_send(topic) {
+            self.ctx.stats.broadcasts_rate_limited.fetch_add(1, Ordering::Relaxed);
+            if ack {
+                self.push(protocol::reply_to(
+                    self.vsn,
+                    join_ref,
+                    msg_ref,
+                    topic,
+                    "error",
+                    json!("rate_limit_exceeded"),
+                ));
+            }
+            return;
+        }
         if message.size() > self.ctx.limits.max_broadcast_bytes {
             self.ctx.stats.broadcasts_too_large.fetch_add(1, Ordering::Relaxed);
             if ack {
@@ -604,6 +634,34 @@ impl Session {
         None
     }
 
+    /// Takes a send from the channel's and the socket's buckets; when
+    /// either is empty the channel gets (at most once a second) a `system`
+    /// error "Too many messages per second" — refused at the sender, the
+    /// channel stays joined.
+    fn take_send(&mut self, topic: &str) -> bool {
+        let limits = &self.ctx.limits;
+        let Some(channel) = self.channels.get_mut(topic) else { return false };
+        let (channel_rate, socket_rate) = (limits.channel_broadcasts_per_second, limits.socket_broadcasts_per_second);
+        // The channel's bucket first: a refused send takes nothing from the socket's.
+        if channel.sends.take(channel_rate, channel_rate) && self.sends.take(socket_rate, socket_rate) {
+            return true;
+        }
+        let now = Instant::now();
+        if channel.rate_notice.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1)) {
+            channel.rate_notice = Some(now);
+            let join_ref = channel.join_ref.clone();
+            self.push(protocol::system(
+                self.vsn,
+                join_ref.as_deref(),
+                topic,
+                "system",
+                "error",
+                "Too many messages per second",
+            ));
+        }
+        false
+    }
+
     /// The write check of a private channel, made once per extension (and
     /// again after a token change); a failed check denies.
     async fn may_write(&mut self, topic: &str, extension: Extension) -> bool {
@@ -661,7 +719,7 @@ impl Session {
 
     async fn join(&mut self, msg: Message) -> Option<End> {
         self.ctx.stats.joins.fetch_add(1, Ordering::Relaxed);
-        if !self.joins.take(&self.ctx.limits) {
+        if !self.joins.take(self.ctx.limits.joins_per_second, self.ctx.limits.join_burst) {
             // As Supabase: this join is refused; the socket and its other
             // channels carry on.
             self.refuse(&msg, "ClientJoinRateLimitReached: Too many joins per second");
@@ -792,6 +850,8 @@ impl Session {
             echo: broadcast_self,
             read,
             writes: [None, None],
+            sends: Bucket::full(self.ctx.limits.channel_broadcasts_per_second),
+            rate_notice: None,
         };
         // In the room before the reply (as Supabase subscribes before it
         // replies): whatever is sent once the client holds the reply
@@ -862,6 +922,7 @@ impl Session {
             echo: channel.echo,
             broadcasts: channel.read.broadcast,
             presence: channel.read.presence,
+            gate: None,
         }
     }
 

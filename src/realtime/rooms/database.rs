@@ -85,6 +85,7 @@ mod tests {
             echo: false,
             broadcasts: true,
             presence: true,
+            gate: None,
         };
         rooms.join(room, member);
         outbox

@@ -140,6 +140,22 @@ impl Rooms for LocalRooms {
                 continue;
             }
             let Some(frame) = frames.get(member.vsn) else { continue };
+            if let Some(gate) = &member.gate {
+                match gate.pass(message.id(), frame) {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(()) => {
+                        member.outbox.close_now(CloseReason {
+                            code: 1013,
+                            reason: format!(
+                                "slow consumer: more than {} messages held during a replay",
+                                super::MAX_HELD
+                            ),
+                        });
+                        continue;
+                    }
+                }
+            }
             if deliver(&member.outbox, frame) {
                 queued += 1;
             }
@@ -199,6 +215,7 @@ mod tests {
             echo,
             broadcasts: true,
             presence: true,
+            gate: None,
         };
         (m, outbox)
     }
@@ -254,6 +271,29 @@ mod tests {
         assert_eq!(rooms.send(&room, None, &Message::Text(b"{}")), 1);
         rooms.track(&room, 2, "k", Map::new());
         assert!(drained(&a_box).is_empty());
+    }
+
+    #[test]
+    fn a_replay_gate_holds_live_traffic_and_skips_replayed_ids() {
+        let rooms = LocalRooms::new(1);
+        let room = RoomKey::new("realtime:r", true);
+        let (mut a, a_box) = member(1, Vsn::V2, false);
+        let gate = super::super::ReplayGate::new();
+        a.gate = Some(Arc::clone(&gate));
+        rooms.join(&room, a);
+        let db = |id| Message::Database { event: "e", id, encoding: 1, payload: b"{}" };
+        rooms.send(&room, None, &db("replayed"));
+        rooms.send(&room, None, &Message::Text(b"{\"live\":1}"));
+        assert!(drained(&a_box).is_empty(), "held while replaying");
+        a_box.push(Bytes::from_static(b"[replayed frame]")).unwrap();
+        gate.open(["replayed".to_owned()].into_iter().collect(), &a_box);
+        let frames = drained(&a_box);
+        assert_eq!(frames.len(), 2, "the replayed frame, then the held live one (its replayed copy skipped)");
+        assert_eq!(&frames[0][..], b"[replayed frame]");
+        assert!(frames[1].ends_with(b"{\"live\":1}]"));
+        rooms.send(&room, None, &db("replayed"));
+        rooms.send(&room, None, &db("new"));
+        assert_eq!(drained(&a_box).len(), 1, "a later live copy of a replayed row is skipped too");
     }
 
     #[test]

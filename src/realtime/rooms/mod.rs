@@ -78,6 +78,71 @@ pub struct Member {
     /// Receives presence diffs (a private channel: the read policy allows
     /// `presence`; public channels always do).
     pub presence: bool,
+    /// While its join replays stored messages: broadcasts are held here,
+    /// then sent after the replayed ones, without the replayed ids.
+    pub gate: Option<Arc<ReplayGate>>,
+}
+
+/// Holds a member's broadcasts while its join replays stored messages
+/// (broadcast-presence.md §5.3): live traffic follows the replayed
+/// messages, and a live copy of a replayed message is skipped.
+#[derive(Debug, Default)]
+pub struct ReplayGate {
+    state: std::sync::Mutex<GateState>,
+}
+
+#[derive(Debug)]
+enum GateState {
+    /// Replaying: frames held (with the database row id, if any).
+    Holding(Vec<(Option<String>, bytes::Bytes)>),
+    /// Replayed: live frames pass, except database rows with these ids.
+    Open(std::collections::HashSet<String>),
+}
+
+impl Default for GateState {
+    fn default() -> Self {
+        GateState::Holding(Vec::new())
+    }
+}
+
+/// Most frames a gate holds; past it the member is closed as a slow
+/// consumer (the replay query is bounded by its own deadline).
+pub const MAX_HELD: usize = 10_000;
+
+impl ReplayGate {
+    /// A closed gate.
+    pub fn new() -> Arc<ReplayGate> {
+        Arc::new(ReplayGate::default())
+    }
+
+    /// Whether `frame` (of database row `id`) goes to the outbox now; held
+    /// or skipped otherwise. `Err` when too many are held.
+    pub fn pass(&self, id: Option<&str>, frame: &bytes::Bytes) -> Result<bool, ()> {
+        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &mut *state {
+            GateState::Holding(held) if held.len() >= MAX_HELD => Err(()),
+            GateState::Holding(held) => {
+                held.push((id.map(str::to_owned), frame.clone()));
+                Ok(false)
+            }
+            GateState::Open(replayed) => Ok(id.is_none_or(|id| !replayed.contains(id))),
+        }
+    }
+
+    /// Opens the gate once the `replayed` frames are queued to `outbox`:
+    /// queues the held frames (without replayed ids) and lets live ones
+    /// pass from now on.
+    pub fn open(&self, replayed: std::collections::HashSet<String>, outbox: &Outbox) {
+        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let GateState::Holding(held) = std::mem::take(&mut *state) {
+            for (id, frame) in held {
+                if id.as_ref().is_none_or(|id| !replayed.contains(id)) {
+                    let _ = outbox.push(frame);
+                }
+            }
+        }
+        *state = GateState::Open(replayed);
+    }
 }
 
 /// Membership, fan-out and presence of every room.
