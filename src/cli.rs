@@ -884,7 +884,7 @@ fn print_setup(report: &schema::MigrationReport) {
         println!("applied   {name}");
     }
     println!(
-        "walcast objects up to date (policy-change event trigger): {} applied now, {} already applied",
+        "walcast objects up to date (policy-change event trigger, Broadcast from Database): {} applied now, {} already applied",
         report.applied.len(),
         report.unchanged.len()
     );

@@ -18,8 +18,12 @@
 //!      │ standby status (flush = acked      │                            ▼
 //!      │ Commit.end_lsn / idle keepalive)   │                 change (relation cache,
 //!      └────────────────────────────────────┘                  txn assembly, value→JSON)
+//!                                                                    │ realtime.messages INSERTs
+//!                                                                    ├──────(Broadcast from Database,
+//!                                                                    │       walcast_messages publication)
+//!                                                                    │      ──▶ delivery stage ──▶ rooms
 //!                                    ▲                               │ committed txns, in order
-//!                                    │ ack end_lsn                   ▼
+//!                                    │ ack end_lsn                   ▼ (handed on before their Commit)
 //!                                    └─────────────────── hub: whole transaction held until
 //!                                                          Commit (memory ≤ 16 MiB, rest in
 //!                                                          spill/), memberships applied, then

@@ -33,7 +33,7 @@ async fn migrate_applies_then_reports_up_to_date() {
     assert!(ok, "{out}");
     assert!(out.contains("0 applied now, 7 already applied"), "{out}");
     let n: i64 = client.query_one("select count(*) from walcast.schema_migrations", &[]).await.unwrap().get(0);
-    assert_eq!(n, 8, "the demo schema and walcast's own trigger");
+    assert_eq!(n, 9, "the demo schema and walcast's own objects (trigger, Broadcast from Database)");
 }
 
 #[tokio::test]

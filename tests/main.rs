@@ -6,6 +6,7 @@ mod support;
 
 mod big_transactions;
 mod broadcast;
+mod broadcast_database;
 mod broadcast_http;
 mod changes;
 mod cli_migrate;

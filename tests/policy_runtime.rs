@@ -170,7 +170,10 @@ async fn change_mode(url: &str) -> check::Finding {
 async fn policies_changed_at_run_time_apply_from_their_commit_in_wal_order() {
     let (db, mut client) = migrated_db().await;
     let report = schema::migrate(&mut client, &Migrations::walcast()).await.expect("walcast setup");
-    assert_eq!(report.applied, vec!["walcast/0001_policy_changes.sql".to_owned()]);
+    assert_eq!(
+        report.applied,
+        vec!["walcast/0001_policy_changes.sql".to_owned(), "walcast/0002_realtime_messages.sql".to_owned()]
+    );
     let again = schema::migrate(&mut client, &Migrations::walcast()).await.unwrap();
     assert!(again.applied.is_empty(), "setup twice changes nothing");
     let mode = change_mode(db.url()).await;
@@ -381,9 +384,9 @@ async fn walcast_setup_installs_the_trigger_once() {
     };
     let (ok, out) = run(db.url().to_owned()).await.unwrap();
     assert!(ok, "{out}");
-    assert!(out.contains("applied   walcast/0001_policy_changes.sql") && out.contains("1 applied now"), "{out}");
+    assert!(out.contains("applied   walcast/0001_policy_changes.sql") && out.contains("2 applied now"), "{out}");
     let (ok, out) = run(db.url().to_owned()).await.unwrap();
-    assert!(ok && out.contains("0 applied now, 1 already applied"), "{out}");
+    assert!(ok && out.contains("0 applied now, 2 already applied"), "{out}");
     let n: i64 = client
         .query_one("select count(*) from pg_event_trigger where evtname like 'walcast_policy_%'", &[])
         .await

@@ -240,6 +240,83 @@ async fn database_checks(
     publication_checks(client, settings, report).await?;
     policy_checks(client, settings, report).await?;
     policy_change_check(client, settings, report).await?;
+    broadcast_checks(client, report).await?;
+    Ok(())
+}
+
+/// Broadcast from Database (`sql/walcast/0002_realtime_messages.sql`):
+/// `realtime.messages`, `realtime.send`, walcast's `walcast_messages`
+/// publication, and today's partition. All optional for Postgres Changes,
+/// so warnings at worst.
+async fn broadcast_checks(client: &Client, report: &mut Report) -> Result<(), tokio_postgres::Error> {
+    use crate::realtime::messages::PUBLICATION;
+    let setup = "run `walcast setup` (as a superuser): it creates what is missing and never replaces what exists";
+    let row = client
+        .query_one(
+            "select (select c.relkind::text from pg_catalog.pg_class c where c.oid = to_regclass('realtime.messages')),
+                    to_regprocedure('realtime.send(jsonb, text, text, boolean)') is not null,
+                    exists (select 1 from pg_catalog.pg_publication where pubname = $1),
+                    exists (select 1 from pg_catalog.pg_publication p
+                              join pg_catalog.pg_publication_rel r on r.prpubid = p.oid
+                             where p.pubname = $1 and p.pubviaroot and p.pubinsert
+                               and r.prrelid = to_regclass('realtime.messages')),
+                    'messages_' || to_char((now() at time zone 'utc')::date, 'YYYY_MM_DD'),
+                    to_regclass('realtime.' || quote_ident('messages_' ||
+                        to_char((now() at time zone 'utc')::date, 'YYYY_MM_DD'))) is not null",
+            &[&PUBLICATION],
+        )
+        .await?;
+    let kind: Option<String> = row.get(0);
+    let (send, publication, publishes, today, has_today): (bool, bool, bool, String, bool) =
+        (row.get(1), row.get(2), row.get(3), row.get(4), row.get(5));
+    let check = "broadcast from database";
+    match kind.as_deref() {
+        None => {
+            report.warn(check, "realtime.messages does not exist: Broadcast from Database is off", setup);
+            return Ok(());
+        }
+        Some("p") => report.ok(check, "realtime.messages exists, partitioned by day"),
+        Some(_) => report.warn(
+            check,
+            "realtime.messages exists but is not partitioned: walcast keeps no partitions for it",
+            "Supabase's and walcast's realtime.messages are partitioned by range on inserted_at",
+        ),
+    }
+    if send {
+        report.ok("realtime.send", "exists");
+    } else {
+        report.warn("realtime.send", "realtime.send(jsonb, text, text, boolean) does not exist", setup);
+    }
+    match (publication, publishes) {
+        (true, true) => report.ok(
+            format!("publication {PUBLICATION}"),
+            "publishes realtime.messages inserts via the partition root; walcast streams it on its slot",
+        ),
+        (true, false) => report.warn(
+            format!("publication {PUBLICATION}"),
+            "exists but does not publish realtime.messages inserts via the partition root",
+            format!(
+                "drop publication {PUBLICATION}; then create publication {PUBLICATION} for table realtime.messages \
+                 with (publish = 'insert', publish_via_partition_root = true);"
+            ),
+        ),
+        (false, _) => report.warn(
+            format!("publication {PUBLICATION}"),
+            "does not exist: realtime.messages rows are not broadcast",
+            setup,
+        ),
+    }
+    if kind.as_deref() == Some("p") {
+        if has_today {
+            report.ok("realtime.messages partition", format!("realtime.{today} (today, UTC) exists"));
+        } else {
+            report.warn(
+                "realtime.messages partition",
+                format!("realtime.{today} (today, UTC) is missing: realtime.send only warns and nothing is sent"),
+                "start `walcast serve`: it creates the partitions yesterday … today+3 (UTC) at start and every hour",
+            );
+        }
+    }
     Ok(())
 }
 

@@ -235,6 +235,41 @@ impl Monitor {
             "Broadcasts not sent: payload larger than the broadcast limit (256 KiB).",
             load(&r.broadcasts_too_large),
         );
+        let db = self.queues.db_broadcast();
+        w.counter(
+            "walcast_db_broadcasts_total",
+            "realtime.messages rows (Broadcast from Database) handed to the rooms.",
+            load(&db.delivered),
+        );
+        w.counter(
+            "walcast_db_broadcast_frames_total",
+            "Frames queued to receivers for realtime.messages rows.",
+            load(&db.frames),
+        );
+        w.family(
+            "walcast_db_broadcasts_dropped_total",
+            Kind::Counter,
+            "realtime.messages rows not broadcast, by reason: missing_column (id, topic, event, private, or a \
+             payload), bad_binary (binary_payload not hex bytea text), too_large (over the broadcast limit).",
+        );
+        for (reason, count) in db.dropped_by_reason() {
+            w.sample("walcast_db_broadcasts_dropped_total", &[("reason", reason)], count);
+        }
+        w.counter(
+            "walcast_realtime_partitions_created_total",
+            "Daily realtime.messages partitions walcast created.",
+            load(&db.partitions_created),
+        );
+        w.counter(
+            "walcast_realtime_partitions_dropped_total",
+            "Daily realtime.messages partitions walcast dropped (range ended more than 72 h ago).",
+            load(&db.partitions_dropped),
+        );
+        w.counter(
+            "walcast_realtime_partition_failures_total",
+            "realtime.messages partition maintenance runs that failed (see the log).",
+            load(&db.maintenance_failures),
+        );
         w.counter(
             "walcast_broadcasts_rate_limited_total",
             "Broadcasts not sent: the channel or the socket sent more than --channel-broadcasts-per-second / \
@@ -633,6 +668,12 @@ impl Monitor {
             "walcast_stage_queue_batches",
             "Batches (up to 256 events) queued between the change stage and the hub.",
             self.queues.stage(),
+        );
+        queue(
+            &mut w,
+            "walcast_db_broadcast_queue_messages",
+            "realtime.messages rows queued between the change stage and their delivery to the rooms.",
+            self.queues.messages(),
         );
         queue(
             &mut w,

@@ -163,12 +163,15 @@ impl Catalog {
     }
 }
 
+/// Tables of the `realtime` schema are never published for Postgres
+/// Changes, whatever the publication holds: `realtime.messages` carries
+/// Broadcast from Database (see [`crate::realtime::messages`]).
 const TABLES_SQL: &str = "
 SELECT c.oid, n.nspname::text, c.relname::text, c.relrowsecurity, c.relforcerowsecurity, c.relreplident::text,
-       EXISTS (SELECT 1 FROM pg_catalog.pg_publication_tables pt
+       n.nspname <> 'realtime' AND EXISTS (SELECT 1 FROM pg_catalog.pg_publication_tables pt
                WHERE pt.pubname = ANY ($2) AND pt.schemaname = n.nspname AND pt.tablename = c.relname)
 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind IN ('r', 'p') AND (c.oid = ANY ($1) OR EXISTS (
+WHERE c.relkind IN ('r', 'p') AND (c.oid = ANY ($1) OR n.nspname <> 'realtime' AND EXISTS (
     SELECT 1 FROM pg_catalog.pg_publication_tables pt
     WHERE pt.pubname = ANY ($2) AND pt.schemaname = n.nspname AND pt.tablename = c.relname))";
 

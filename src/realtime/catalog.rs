@@ -54,7 +54,7 @@ join pg_catalog.pg_namespace n on n.nspname = pt.schemaname
 join pg_catalog.pg_class c on c.relnamespace = n.oid and c.relname = pt.tablename
 join pg_catalog.pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
 join pg_catalog.pg_type t on t.oid = a.atttypid
-where pt.pubname = any($1)
+where pt.pubname = any($1) and pt.schemaname <> 'realtime' -- Broadcast from Database's, never Postgres Changes
 order by 1, 2, 3";
 
 /// Longest a catalog read may take (connect and query).

@@ -12,7 +12,9 @@
 //! is a wildcard, a filter needs a concrete schema and table, the table must
 //! be published, and one bad binding fails the channel's whole
 //! postgres_changes subscription (reported as a `system` error; the channel
-//! stays joined).
+//! stays joined). A binding on the `realtime` schema is refused with its
+//! reason: `realtime.messages` carries Broadcast from Database, never
+//! Postgres Changes.
 
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -145,6 +147,18 @@ fn unable(params: &Map<String, Value>) -> String {
     )
 }
 
+/// Why a binding on the `realtime` schema is refused: its tables carry
+/// Broadcast from Database and Realtime Authorization, never Postgres
+/// Changes.
+fn realtime_schema(params: &Map<String, Value>) -> String {
+    format!(
+        "Unable to subscribe to changes with given parameters: Postgres Changes on the realtime schema are not \
+         supported (table: {}); realtime.messages carries Broadcast from Database: listen with \
+         .on('broadcast', …) on the message's topic instead",
+        text(params, "table").unwrap_or("*"),
+    )
+}
+
 /// Resolves every binding; the first failure is the `system` error message.
 ///
 /// # Errors
@@ -170,6 +184,9 @@ async fn resolve_one(params: &Map<String, Value>, catalog: &Catalog) -> Result<B
         (None, table) => (Some("public".to_owned()), wildcard(table)),
         (schema, table) => (wildcard(schema), wildcard(table)),
     };
+    if schema.as_deref() == Some(super::messages::SCHEMA) {
+        return Err(realtime_schema(params));
+    }
     let spec = text(params, "filter").map(str::trim).filter(|s| !s.is_empty());
     // `select`: the columns wanted (`[]` or absent: all).
     let select: Option<Vec<String>> = match params.get("select") {

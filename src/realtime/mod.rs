@@ -13,6 +13,8 @@
 //! - [`authorize`]: private channels judged by the policies on `realtime.messages`.
 //! - [`rooms`]: the channels of each topic: Broadcast and Presence.
 //! - [`join`]: join payloads → bindings with deterministic ids.
+//! - [`messages`]: Broadcast from Database — `realtime.messages` rows,
+//!   their partitions, replay.
 //! - [`catalog`]: published tables and column types, for join validation.
 //! - [`session`]: the per-connection loop and writer.
 //! - [`users`]: sockets per user (`--max-sockets-per-user`).
@@ -21,6 +23,7 @@ pub mod auth;
 pub mod authorize;
 pub mod catalog;
 pub mod join;
+pub mod messages;
 pub mod protocol;
 pub mod rooms;
 pub mod session;

@@ -9,7 +9,13 @@
 //!      │                              │ walcast-policy message / poll saw a change: read the
 //!      │                              │           policies again at the next commit → PolicyUpdate
 //!      └──────── AckHandle ◀──────────┴───────────────────────────── hub acks end_lsn
+//!                                     │ realtime.messages INSERTs (Broadcast from Database)
+//!                                     └──DbMessage (1024)──▶ delivery stage (rooms)
 //! ```
+//!
+//! Changes of `realtime` relations never reach the hub: [`messages`] hands
+//! the `realtime.messages` rows to the delivery stage before the hub can
+//! acknowledge their transaction (see its acknowledgement invariant).
 //!
 //! Policy changes at run time (see [`crate::policy::watch`]): a
 //! `walcast-policy` message inside a transaction makes the stage re-read the
@@ -46,10 +52,13 @@ use crate::change::{Assembler, ChangeError, TxEvent};
 use crate::hub::{self, HubConfig, HubError, HubHandle, HubStats, StageEvent};
 use crate::pgconn::PgConfig;
 use crate::policy::{self, PolicyError};
+use crate::realtime::messages::{DbBroadcastStats, DbMessage};
 use crate::replication::{
     run_source, AckHandle, ReplicationError, ReplicationStatus, SourceConfig, SourceEvent, WalEvent,
 };
 use crate::spill::{Spill, SpillConfig, SpillError, SpillStats};
+
+pub mod messages;
 
 /// Most events per batch sent to the hub.
 const BATCH: usize = 256;
@@ -74,6 +83,10 @@ pub struct RelayConfig {
     /// Time between two polls of roles and memberships (and, without the
     /// event trigger, of policies, privileges and functions).
     pub policy_poll: Duration,
+    /// Where `realtime.messages` rows go (Broadcast from Database; bounded,
+    /// see [`messages::QUEUE`]); `None`: they are only kept out of Postgres
+    /// Changes.
+    pub messages: Option<mpsc::Sender<DbMessage>>,
 }
 
 impl RelayConfig {
@@ -87,6 +100,7 @@ impl RelayConfig {
             start_timeout: Duration::from_secs(60),
             spill: SpillConfig { dir: crate::spill::temporary_dir(), disk_budget: crate::spill::DEFAULT_DISK_BUDGET },
             policy_poll: crate::policy::watch::DEFAULT_POLL_INTERVAL,
+            messages: None,
         }
     }
 }
@@ -139,6 +153,8 @@ pub struct RelayQueues {
     source: mpsc::WeakSender<SourceEvent>,
     stage: mpsc::WeakSender<Vec<StageEvent>>,
     stage_spill: Arc<SpillStats>,
+    messages: Option<mpsc::WeakSender<DbMessage>>,
+    db_broadcast: Arc<DbBroadcastStats>,
 }
 
 impl RelayQueues {
@@ -152,6 +168,18 @@ impl RelayQueues {
     /// are in [`HubHandle::spill`]).
     pub fn stage_spill(&self) -> &SpillStats {
         &self.stage_spill
+    }
+
+    /// `(queued, capacity)` of the change stage → Broadcast from Database
+    /// delivery channel (messages); `None` without one, or once it closed.
+    pub fn messages(&self) -> Option<(usize, usize)> {
+        self.messages.as_ref()?.upgrade().map(|tx| (tx.max_capacity() - tx.capacity(), tx.max_capacity()))
+    }
+
+    /// Counters of Broadcast from Database (shared with the delivery stage
+    /// and the partition keeper).
+    pub fn db_broadcast(&self) -> &Arc<DbBroadcastStats> {
+        &self.db_broadcast
     }
 
     /// `(queued, capacity)` of the change stage → hub channel (batches of up
@@ -216,7 +244,10 @@ impl Relay {
             source: source_tx.downgrade(),
             stage: stage_tx.downgrade(),
             stage_spill: Arc::clone(stage_spill.stats()),
+            messages: config.messages.as_ref().map(mpsc::Sender::downgrade),
+            db_broadcast: Arc::default(),
         };
+        let router = messages::Router::new(config.messages.take(), Arc::clone(&queues.db_broadcast));
         let (ready_tx, ready_rx) = oneshot::channel();
         let ended = CancellationToken::new();
         let source = spawn_stage(
@@ -235,6 +266,7 @@ impl Relay {
                     config.policy_poll,
                     config.policy_cache_budget,
                     Arc::clone(&handle.stats),
+                    router,
                     stage_spill,
                     source_rx,
                     stage_tx,
@@ -385,6 +417,7 @@ async fn change_stage(
     policy_poll: Duration,
     cache_budget: usize,
     stats: Arc<HubStats>,
+    router: messages::Router,
     spill: Spill,
     mut input: mpsc::Receiver<SourceEvent>,
     output: mpsc::Sender<Vec<StageEvent>>,
@@ -397,7 +430,7 @@ async fn change_stage(
     let mut events = Vec::new();
     let mut last_disk_warning: Option<tokio::time::Instant> = None;
     let mut batch: Vec<StageEvent> = Vec::with_capacity(BATCH);
-    let mut follow = Follow::new(connection.clone(), publications.clone(), cache_budget);
+    let mut follow = Follow::new(connection.clone(), publications.clone(), cache_budget, router);
     // The poller: its own task and session; ends when `notices` drops.
     let (notice_tx, mut notices) = mpsc::channel(1);
     tokio::spawn(policy::watch::poll(connection.clone(), policy_poll, notice_tx).in_current_span());
@@ -457,6 +490,7 @@ async fn change_stage(
                 started = true;
                 assembler.reset();
                 follow.in_tx = false;
+                follow.router.reset();
                 batch.push(StageEvent::Reset);
                 if !loaded {
                     let mut client = connect_sql(&connection).await?;
@@ -552,10 +586,12 @@ struct Follow {
     seen_epoch: Option<i64>,
     /// Between a forwarded Begin and its Commit.
     in_tx: bool,
+    /// Takes `realtime` changes out before anything is forwarded.
+    router: messages::Router,
 }
 
 impl Follow {
-    fn new(connection: PgConfig, publications: Vec<String>, budget: usize) -> Follow {
+    fn new(connection: PgConfig, publications: Vec<String>, budget: usize, router: messages::Router) -> Follow {
         Follow {
             connection,
             publications,
@@ -565,6 +601,7 @@ impl Follow {
             due: false,
             seen_epoch: None,
             in_tx: false,
+            router,
         }
     }
 
@@ -586,6 +623,8 @@ impl Follow {
     /// carried a `walcast-policy` message (or with a poll's reload due),
     /// reads the policies again and appends the update.
     async fn forward(&mut self, events: &mut Vec<TxEvent>, batch: &mut Vec<StageEvent>) -> Result<(), RelayError> {
+        // First: a message is handed on before its Commit can reach the hub.
+        self.router.route(events).await;
         for event in events.drain(..) {
             let commit = match &event {
                 TxEvent::Begin(_) => {

@@ -41,6 +41,11 @@ pub struct SlotOptions {
     pub slot: String,
     /// Publication names.
     pub publications: Vec<String>,
+    /// Publications streamed as well when they exist at the stream's start
+    /// (checked before each `START_REPLICATION`: pgoutput fails on a
+    /// missing one), e.g. walcast's own `walcast_messages`. Policies and the
+    /// join catalog read [`SlotOptions::publications`] only.
+    pub optional_publications: Vec<String>,
     /// pgoutput protocol version: 1 (default) or 2 with streaming of large
     /// in-progress transactions.
     pub proto_version: u8,
@@ -59,6 +64,7 @@ impl SlotOptions {
         SlotOptions {
             slot: slot.into(),
             publications: vec![publication.into()],
+            optional_publications: Vec::new(),
             proto_version: 1,
             streaming: false,
             failover: false,
@@ -156,6 +162,30 @@ impl WalConnection {
     /// Server error (e.g. `42704` when missing) or I/O.
     pub async fn drop_slot(&mut self, slot: &str) -> Result<(), ReplicationError> {
         self.simple_query(&format!("DROP_REPLICATION_SLOT {} WAIT", quote_ident(slot))).await.map(|_| ())
+    }
+
+    /// The publications to stream: [`SlotOptions::publications`] plus those
+    /// of [`SlotOptions::optional_publications`] that exist now.
+    ///
+    /// # Errors
+    /// Server error or I/O.
+    pub async fn publication_names(&mut self, options: &SlotOptions) -> Result<Vec<String>, ReplicationError> {
+        let mut names = options.publications.clone();
+        for optional in &options.optional_publications {
+            if names.contains(optional) {
+                continue;
+            }
+            let sql = format!(
+                "SELECT count(*) AS n FROM pg_catalog.pg_publication WHERE pubname = {}",
+                quote_literal(optional)
+            );
+            if self.simple_query(&sql).await?.first("n") == Some("1") {
+                names.push(optional.clone());
+            } else {
+                tracing::info!(publication = %optional, "publication missing; not streamed");
+            }
+        }
+        Ok(names)
     }
 
     /// `START_REPLICATION SLOT … LOGICAL start (…)`: the server starts at the

@@ -177,16 +177,31 @@ async fn supervise(
 ) -> Result<(), ReplicationError> {
     let mut backoff = BACKOFF_START;
     let mut streamed_before = false;
+    let mut config = std::borrow::Cow::Borrowed(config);
     loop {
         if shutdown.is_cancelled() {
             ack.status().set_stopped();
             return Ok(());
         }
-        let result = stream_once(config, &out, ack, &shutdown, &mut backoff, &mut streamed_before).await;
+        let result = stream_once(&config, &out, ack, &shutdown, &mut backoff, &mut streamed_before).await;
         match result {
             Err(ReplicationError::Shutdown) | Ok(()) => {
                 ack.status().set_stopped();
                 return Ok(());
+            }
+            Err(err) if missing_optional(&err, &config.slot).is_some() => {
+                // pgoutput (before PostgreSQL 18) reads the publications as
+                // of each change it decodes: an optional publication created
+                // after the slot's position fails every change before it.
+                // Stream without it rather than fail the whole relay; the
+                // next start of walcast (past that point by then) has it.
+                let name = missing_optional(&err, &config.slot).unwrap_or_default().to_owned();
+                tracing::warn!(
+                    publication = %name,
+                    error = %err,
+                    "the slot's position predates this publication; streaming without it until walcast restarts"
+                );
+                config.to_mut().slot.optional_publications.retain(|p| *p != name);
             }
             Err(err) if err.is_transient() => {
                 ack.status().set_disconnected(&err);
@@ -248,7 +263,10 @@ async fn stream_once(
     let start = async {
         let confirmed = confirmed_flush(&mut conn, &config.slot.slot).await?;
         *streamed_before = true;
-        conn.start_replication(&config.slot, Lsn::ZERO).await?;
+        let mut slot = config.slot.clone();
+        slot.publications = conn.publication_names(&config.slot).await?;
+        slot.optional_publications.clear();
+        conn.start_replication(&slot, Lsn::ZERO).await?;
         Ok::<_, ReplicationError>(confirmed)
     };
     let confirmed = match tokio::time::timeout(config.connect_timeout, start).await {
@@ -295,6 +313,16 @@ async fn stream_once(
         }
         other => other,
     }
+}
+
+/// The optional publication a server error says is missing (`42704`
+/// naming it), if any.
+fn missing_optional<'a>(err: &ReplicationError, slot: &'a SlotOptions) -> Option<&'a str> {
+    let ReplicationError::Server { err } = err else { return None };
+    if err.code != "42704" || !err.message.contains("publication") {
+        return None;
+    }
+    slot.optional_publications.iter().map(String::as_str).find(|name| err.message.contains(&format!("\"{name}\"")))
 }
 
 /// Creates the slot when it is missing; returns it when it did. With

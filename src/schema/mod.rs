@@ -8,7 +8,9 @@
 //! Two sets share the runner and `walcast.schema_migrations`: the demo
 //! schema (`sql/`, names `NNNN_name.sql`) and walcast's own objects
 //! (`sql/walcast/`, [`Migrations::walcast`], recorded as
-//! `walcast/NNNN_name.sql`): the event trigger that reports policy changes.
+//! `walcast/NNNN_name.sql`): the event trigger that reports policy changes,
+//! and the `realtime` objects of Broadcast from Database (created only where
+//! absent) with walcast's own `walcast_messages` publication.
 //! `walcast setup` applies the second to any database; `walcast migrate`
 //! applies both. Each run checks only the rows of its own set.
 //!
@@ -73,10 +75,16 @@ const EMBEDDED: &[(&str, &str)] = embedded![
 
 /// walcast's own migrations (`sql/walcast/`), in order; recorded under
 /// [`WALCAST_PREFIX`].
-const WALCAST: &[(&str, &str)] = &[(
-    "0001_policy_changes.sql",
-    include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/sql/walcast/0001_policy_changes.sql")),
-)];
+const WALCAST: &[(&str, &str)] = &[
+    (
+        "0001_policy_changes.sql",
+        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/sql/walcast/0001_policy_changes.sql")),
+    ),
+    (
+        "0002_realtime_messages.sql",
+        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/sql/walcast/0002_realtime_messages.sql")),
+    ),
+];
 
 /// The name prefix of walcast's own migrations in `walcast.schema_migrations`.
 pub const WALCAST_PREFIX: &str = "walcast/";
@@ -102,7 +110,8 @@ impl Migrations {
     }
 
     /// walcast's own objects (`sql/walcast/`): the event trigger reporting
-    /// policy changes. Needs a superuser; applies to any database.
+    /// policy changes, and the `realtime` schema of Broadcast from Database
+    /// where absent. Needs a superuser; applies to any database.
     pub fn walcast() -> Self {
         Migrations {
             items: WALCAST

@@ -6,7 +6,8 @@
 //!                 membership table readable, does the slot exist?) → catalog
 //!                 (SQL) → Relay::start (slot created if missing, memberships
 //!                 loaded, streaming) → bind → slot watchdog, monitor → accept
-//!                 loop; a failure after the preflight drops the slot if this
+//!                 loop, Broadcast from Database's delivery stage and partition
+//!                 keeper; a failure after the preflight drops the slot if this
 //!                 start created it
 //!  Server::shutdown: watchdog aborted → stop accepting → sockets closed with
 //!                 1001 (queues drained, deadline) → replication stopped with
@@ -35,6 +36,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -46,6 +48,7 @@ use crate::pgconn::{ConnectError, PgConfig};
 use crate::realtime::auth::{AuthConfig, Verifier};
 use crate::realtime::authorize::Authorizer;
 use crate::realtime::catalog::Catalog;
+use crate::realtime::messages;
 use crate::realtime::{Limits, RealtimeError, SessionContext};
 use crate::relay::{Relay, RelayConfig, RelayError};
 
@@ -119,10 +122,18 @@ pub struct Server {
     monitor: Arc<Monitor>,
     /// The slot watchdog (best effort: aborted at shutdown).
     watchdog: Option<JoinHandle<()>>,
+    /// Broadcast from Database's delivery stage (ends when the relay's
+    /// change stage does).
+    db_broadcast: JoinHandle<()>,
+    /// The `realtime.messages` partition keeper (ends at shutdown).
+    partitions: JoinHandle<()>,
 }
 
 impl Server {
-    /// Starts everything; returns once clients can connect.
+    /// Starts everything; returns once clients can connect. Broadcast from
+    /// Database is always on: the `walcast_messages` publication is streamed
+    /// when it exists (see [`crate::realtime::messages`]), its rows go to
+    /// the rooms, and the `realtime.messages` partitions are kept.
     ///
     /// # Errors
     /// Bad auth configuration, PostgreSQL unreachable, replication errors,
@@ -146,7 +157,14 @@ impl Server {
     async fn start_checked(config: ServeConfig, verifier: Verifier) -> Result<Server, ServeError> {
         let catalog =
             Catalog::load(config.relay.source.connection.clone(), &config.relay.source.slot.publications).await?;
-        let relay = Relay::start(config.relay.clone()).await?;
+        let mut relay_config = config.relay.clone();
+        let optional = &mut relay_config.source.slot.optional_publications;
+        if !optional.iter().any(|p| p == messages::PUBLICATION) {
+            optional.push(messages::PUBLICATION.to_owned());
+        }
+        let (messages_tx, messages_rx) = mpsc::channel(crate::relay::messages::QUEUE);
+        relay_config.messages = Some(messages_tx);
+        let relay = Relay::start(relay_config).await?;
         let listener = match TcpListener::bind(config.listen).await {
             Ok(listener) => listener,
             Err(source) => {
@@ -177,6 +195,22 @@ impl Server {
             slot_watch,
         ));
         let shutdown = CancellationToken::new();
+        let db_stats = Arc::clone(relay.queues().db_broadcast());
+        let db_broadcast = tokio::spawn(crate::realtime::rooms::database::run(
+            messages_rx,
+            Arc::clone(&sessions.rooms),
+            Arc::clone(&db_stats),
+            sessions.limits.max_broadcast_bytes,
+        ));
+        let partitions = tokio::spawn(
+            messages::run_partitions(
+                config.relay.source.connection.clone(),
+                messages::MAINTENANCE_INTERVAL,
+                db_stats,
+                shutdown.clone(),
+            )
+            .instrument(tracing::info_span!("realtime_partitions")),
+        );
         let shutdown_rx = shutdown.clone();
         let ctx = Arc::new(HttpContext {
             sessions: Arc::clone(&sessions),
@@ -187,7 +221,7 @@ impl Server {
         });
         let http = tokio::spawn(http::serve(listener, ctx, shutdown_rx).instrument(tracing::info_span!("http", %addr)));
         tracing::info!(%addr, "serving realtime");
-        Ok(Server { addr, shutdown, http, relay, sessions, monitor, watchdog })
+        Ok(Server { addr, shutdown, http, relay, sessions, monitor, watchdog, db_broadcast, partitions })
     }
 
     /// The bound address.
@@ -234,7 +268,12 @@ impl Server {
         }
         self.shutdown.cancel();
         let _ = self.http.await;
-        self.relay.stop().await?;
+        let _ = self.partitions.await;
+        let stopped = self.relay.stop().await;
+        // The change stage ended, so the delivery stage's queue is closed:
+        // it delivers what is queued and ends.
+        let _ = self.db_broadcast.await;
+        stopped?;
         Ok(())
     }
 }

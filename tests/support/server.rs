@@ -86,9 +86,25 @@ impl TestServer {
         TestServer::with_schema_and_config(sql, |_| {}).await
     }
 
+    /// [`TestServer::with_schema`] after `walcast setup` (walcast's own
+    /// migrations: the policy-change trigger, the `realtime` schema of
+    /// Broadcast from Database and the `walcast_messages` publication).
+    pub async fn with_setup(sql: &str) -> TestServer {
+        TestServer::start_on(true, sql, |_| {}).await
+    }
+
     /// [`TestServer::with_schema`] and [`TestServer::with_config`] together.
     pub async fn with_schema_and_config(sql: &str, configure: impl FnOnce(&mut ServeConfig)) -> TestServer {
-        let (db, client) = migrated_db().await;
+        TestServer::start_on(false, sql, configure).await
+    }
+
+    async fn start_on(setup: bool, sql: &str, configure: impl FnOnce(&mut ServeConfig)) -> TestServer {
+        let (db, mut client) = migrated_db().await;
+        if setup {
+            walcast::schema::migrate(&mut client, &walcast::schema::Migrations::walcast())
+                .await
+                .expect("walcast setup");
+        }
         if !sql.is_empty() {
             client.batch_execute(sql).await.unwrap_or_else(|e| panic!("the test's schema: {e:?}"));
         }

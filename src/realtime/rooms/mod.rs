@@ -24,6 +24,7 @@
 //! queued before it.
 
 pub mod broadcast;
+pub mod database;
 mod local;
 pub mod presence;
 
