@@ -29,6 +29,7 @@ mod policy_differential;
 mod policy_random;
 mod policy_runtime;
 mod presence;
+mod private_channels;
 mod readme;
 mod realtime;
 mod replay;

@@ -13,24 +13,11 @@ use uuid::Uuid;
 use crate::support::clients::{is_status, Driver, Kind};
 use crate::support::server::{anon, user, TestServer};
 
-/// Members may read their rooms; writers may also send; policies read the
-/// topic and the user as Supabase's docs show.
-const SCHEMA: &str = "
-create table public.room_members (
-  user_id uuid not null,
-  room text not null,
-  can_write boolean not null default false,
-  primary key (user_id, room)
-);
-grant select on public.room_members to authenticated;
-create policy members_read on realtime.messages for select to authenticated
-  using (exists (select 1 from public.room_members m
-                 where m.user_id = (select auth.uid()) and m.room = (select realtime.topic())));
-create policy writers_send on realtime.messages for insert to authenticated
-  with check (exists (select 1 from public.room_members m
-                      where m.user_id = (select auth.uid()) and m.room = (select realtime.topic())
-                        and m.can_write));
-";
+/// The README's private-channel block (a membership table and the two
+/// policies), run as written.
+fn schema() -> String {
+    crate::readme::readme_block("private-channels")
+}
 
 async fn driver(name: &str, url: &str, vsn: &'static str) -> Driver {
     // A short push timeout: a denied private broadcast is never answered.
@@ -47,7 +34,7 @@ async fn join(js: &mut Driver, room: &str, token: &str, private: bool, ack: bool
 }
 
 async fn send(js: &mut Driver, room: &str, event: &str) -> Value {
-    js.command(json!({"cmd": "broadcast_send", "channel": room, "event": event, "payload": {"from": js.name}})).await;
+    js.command(json!({"cmd": "broadcast_send", "channel": room, "event": event, "payload": {"event": event}})).await;
     js.expect("the send's result", |e| e["ev"] == "sent" && e["channel"] == room).await["result"].clone()
 }
 
@@ -57,7 +44,7 @@ async fn received(js: &mut Driver, room: &str, event: &str) -> Value {
 
 #[tokio::test]
 async fn policies_on_realtime_messages_decide_who_joins_sends_and_keeps_reading() {
-    let t = TestServer::with_setup(SCHEMA).await;
+    let t = TestServer::with_setup(&schema()).await;
     let url = format!("http://{}", t.addr());
     let (writer, reader, stranger) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
     let db = &t.client;
@@ -77,7 +64,9 @@ async fn policies_on_realtime_messages_decide_who_joins_sends_and_keeps_reading(
     let refused = join(&mut s, "room-1", &user(stranger), true, false).await;
     assert_eq!(refused["status"], "CHANNEL_ERROR");
     assert!(
-        refused.to_string().contains("Unauthorized: You do not have permissions to read from this Channel topic: room-1"),
+        refused
+            .to_string()
+            .contains("Unauthorized: You do not have permissions to read from this Channel topic: room-1"),
         "{refused}"
     );
     let mut a = driver("anon", &url, "2.0.0").await;
@@ -90,7 +79,7 @@ async fn policies_on_realtime_messages_decide_who_joins_sends_and_keeps_reading(
     // Write policy: the writer's broadcast reaches the private reader only.
     assert_eq!(send(&mut w, "room-1", "hello").await, "ok");
     let got = received(&mut r, "room-1", "hello").await;
-    assert_eq!(got["message"]["payload"], json!({"from": "writer"}));
+    assert_eq!(got["message"]["payload"], json!({"event": "hello"}));
     // The reader may not send: dropped without a reply (ack times out), as Supabase.
     assert_eq!(send(&mut r, "room-1", "nope").await, "timed out");
     // The public channel's broadcast stays public, and vice versa.
@@ -110,19 +99,22 @@ async fn policies_on_realtime_messages_decide_who_joins_sends_and_keeps_reading(
     r.set_auth(&fresh).await;
     let system = r.expect("the system message", |e| e["ev"] == "system" && e["channel"] == "room-1").await;
     assert_eq!(
-        system["payload"]["message"],
-        "You do not have permissions to read from this Channel topic: room-1",
+        system["payload"]["message"], "You do not have permissions to read from this Channel topic: room-1",
         "{system}"
     );
 
     let (_, body) = crate::support::server::http_get(t.addr(), "/metrics", &[]).await;
-    for needle in [
-        "walcast_joins_refused_private_total 2",
-        "walcast_private_writes_denied_total 1",
-        "walcast_private_channels_revoked_total 1",
-    ] {
-        assert!(body.contains(needle), "{needle}\n{body}");
-    }
-    assert!(body.contains("walcast_authorization_checks_total{result=\"granted\"}"), "{body}");
+    let metric = |name: &str| -> u64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{body}"))
+    };
+    // supabase-js retries a refused join on its rejoin schedule: at least the two first joins.
+    assert!(metric("walcast_joins_refused_private_total") >= 2);
+    assert_eq!(metric("walcast_private_writes_denied_total"), 1);
+    assert_eq!(metric("walcast_private_channels_revoked_total"), 1);
+    assert_eq!(metric("walcast_authorization_checks_total{result=\"granted\"}"), 3, "2 joins + 1 write");
+    assert_eq!(metric("walcast_authorization_checks_total{result=\"error\"}"), 0);
     t.server.shutdown().await.unwrap();
 }

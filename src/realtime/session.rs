@@ -999,8 +999,10 @@ impl Session {
                             return;
                         }
                         Err(reason) => {
+                            // Supabase's text here has no `Unauthorized: ` prefix.
                             self.ctx.stats.private_revoked.fetch_add(1, Ordering::Relaxed);
-                            self.close_channel(&msg.topic, &reason).await;
+                            let reason = reason.trim_start_matches("Unauthorized: ");
+                            self.close_channel(&msg.topic, reason).await;
                             return;
                         }
                     }
