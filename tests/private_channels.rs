@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use crate::support::clients::{is_status, Driver, Kind};
 use crate::support::server::{anon, user, TestServer};
+use walcast::hub::Vsn;
 
 /// The README's private-channel block (a membership table and the two
 /// policies), run as written.
@@ -116,5 +117,105 @@ async fn policies_on_realtime_messages_decide_who_joins_sends_and_keeps_reading(
     assert_eq!(metric("walcast_private_channels_revoked_total"), 1);
     assert_eq!(metric("walcast_authorization_checks_total{result=\"granted\"}"), 3, "2 joins + 1 write");
     assert_eq!(metric("walcast_authorization_checks_total{result=\"error\"}"), 0);
+    t.server.shutdown().await.unwrap();
+}
+
+/// Replay (broadcast-presence.md §5.3, checklist 19): a private join with
+/// `broadcast.replay` gets the newest stored messages of its topic, oldest
+/// first, marked `replayed`, before live traffic and without duplicates; a
+/// public join, bad parameters or no read right are refused with
+/// Supabase's texts.
+#[tokio::test]
+async fn private_joins_replay_the_newest_stored_messages_first() {
+    let t = TestServer::with_setup(&schema()).await;
+    let member = Uuid::new_v4();
+    t.client
+        .execute("insert into public.room_members (user_id, room) values ($1, 'room-1')", &[&member])
+        .await
+        .unwrap();
+    let topic = "realtime:room-1";
+    // A witness in the room: once it has the third message live, the stream
+    // is past them, so a later join gets them only by replay.
+    let mut witness = t.connect(&anon(), Vsn::V1).await;
+    let config = json!({"config": {"private": true}, "access_token": user(member)});
+    witness.send(Some("1"), topic, "phx_join", config).await;
+    assert_eq!(witness.expect(topic, "phx_reply").await.payload["status"], "ok");
+    for n in 1..=3 {
+        t.client
+            .execute("select realtime.send(jsonb_build_object('n', $1::int), 'ev', 'room-1', true)", &[&n])
+            .await
+            .unwrap();
+    }
+    for n in 1..=3 {
+        assert_eq!(witness.expect(topic, "broadcast").await.payload["payload"]["n"], n);
+    }
+    // Another topic's and a public message are never replayed here.
+    t.client.execute("select realtime.send('{\"n\":0}', 'ev', 'room-2', true)", &[]).await.unwrap();
+    t.client.execute("select realtime.send('{\"n\":0}', 'ev', 'room-1', false)", &[]).await.unwrap();
+    let since = walcast::realtime::session::now_unix() * 1000 - 3_600_000;
+    let join = |private: bool, replay: Value| {
+        json!({"config": {"broadcast": {"replay": replay}, "presence": {"key": ""}, "private": private},
+               "access_token": user(member)})
+    };
+
+    let mut ws = t.connect(&anon(), Vsn::V1).await;
+    ws.send(Some("1"), topic, "phx_join", join(true, json!({"since": since, "limit": 2}))).await;
+    let reply = ws.expect(topic, "phx_reply").await;
+    assert_eq!(reply.payload["status"], "ok", "{:?}", reply.raw);
+    let mut replayed = Vec::new();
+    for _ in 0..2 {
+        let frame = ws.next().await.expect("a replayed message");
+        assert_eq!(frame.event, "broadcast", "{:?}", frame.raw);
+        assert_eq!(frame.payload["meta"]["replayed"], true);
+        replayed.push(frame.payload["payload"]["n"].as_i64().unwrap());
+    }
+    assert_eq!(replayed, vec![2, 3], "the newest two, oldest first");
+    // Live traffic follows, once.
+    t.client.execute("select realtime.send('{\"n\":4}', 'ev', 'room-1', true)", &[]).await.unwrap();
+    let live = ws.expect(topic, "broadcast").await;
+    assert_eq!(live.payload["payload"]["n"], 4);
+    assert!(live.payload["meta"].get("replayed").is_none(), "{:?}", live.raw);
+    assert!(ws.next_within(Duration::from_millis(500)).await.is_none_or(|f| f.event != "broadcast"));
+
+    // Refusals, each with Supabase's text.
+    for (private, replay, token, want) in [
+        (
+            false,
+            json!({"since": since}),
+            user(member),
+            "UnableToReplayMessages: Replay is not allowed for public channels",
+        ),
+        (true, json!({"limit": 2}), user(member), "UnableToReplayMessages: Replay params are not valid"),
+        (true, json!({"since": "yesterday"}), user(member), "UnableToReplayMessages: Replay params are not valid"),
+        (
+            true,
+            json!({"since": since}),
+            user(Uuid::new_v4()),
+            "Unauthorized: You do not have permissions to read from this Channel topic: room-3",
+        ),
+    ] {
+        let topic = "realtime:room-3";
+        let mut payload = join(private, replay);
+        payload["access_token"] = json!(token);
+        let mut ws = t.connect(&anon(), Vsn::V2).await;
+        ws.send(Some("1"), topic, "phx_join", payload).await;
+        let reply = ws.expect(topic, "phx_reply").await;
+        assert_eq!(reply.payload["response"]["reason"], want, "{:?}", reply.raw);
+    }
+
+    // supabase-js 2.0.0 with the same config: the replayed messages reach the listener.
+    let url = format!("http://{}", t.addr());
+    let mut js = driver("js", &url, "2.0.0").await;
+    js.command(json!({"cmd": "broadcast_subscribe", "channel": "room-1", "token": user(member), "private": true,
+                      "replay": {"since": since, "limit": 3}}))
+        .await;
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let e = js
+            .expect("a replayed broadcast", |e| e["ev"] == "broadcast" && e["message"]["meta"]["replayed"] == true)
+            .await;
+        got.push(e["message"]["payload"]["n"].as_i64().unwrap());
+    }
+    assert_eq!(got, vec![2, 3, 4]);
     t.server.shutdown().await.unwrap();
 }

@@ -182,6 +182,30 @@ impl Authorizer {
         result
     }
 
+    /// The newest stored private broadcasts of `topic` for a join's replay
+    /// (read as walcast, on the checks' connections).
+    ///
+    /// # Errors
+    /// The query failed or took too long.
+    pub async fn replay(
+        &self,
+        topic: &str,
+        since_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<crate::realtime::messages::Replayed>, AuthorizeError> {
+        let query = async {
+            let (_permit, client) = self.checkout().await?;
+            match crate::realtime::messages::replay(&client, topic, since_ms, limit).await {
+                Ok(rows) => {
+                    self.checkin(client, true);
+                    Ok(rows)
+                }
+                Err(err) => Err(AuthorizeError::Query { code: "replay".into(), message: err.to_string() }),
+            }
+        };
+        tokio::time::timeout(CHECK_TIMEOUT * 2, query).await.unwrap_or(Err(AuthorizeError::Timeout(CHECK_TIMEOUT)))
+    }
+
     fn count(&self, result: Result<bool, &AuthorizeError>) {
         let counter = match result {
             Ok(true) => &self.stats.granted,

@@ -46,6 +46,33 @@ pub struct JoinRequest {
     /// `config.presence.enabled`: the channel gets `presence_state` after
     /// the join.
     pub presence_enabled: bool,
+    /// `config.broadcast.replay`: `None` when absent, `Some(Err(()))`
+    /// when its `since` is not an integer or its `limit` is present and not
+    /// an integer, else `(since ms, limit)` (default and clamp 1…25).
+    pub replay: Option<Result<(i64, i64), InvalidReplay>>,
+}
+
+/// `config.broadcast.replay` that is not `{since: integer, limit?: integer}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvalidReplay;
+
+/// Reads `config.broadcast.replay` (Supabase: `since` required, `limit`
+/// 25 by default, clamped to 1…25).
+fn parse_replay(value: Option<&Value>) -> Option<Result<(i64, i64), InvalidReplay>> {
+    let replay = match value {
+        None | Some(Value::Null) => return None,
+        Some(Value::Object(map)) => map,
+        Some(_) => return Some(Err(InvalidReplay)),
+    };
+    let Some(since) = replay.get("since").and_then(Value::as_i64) else { return Some(Err(InvalidReplay)) };
+    let limit = match replay.get("limit") {
+        None | Some(Value::Null) => crate::realtime::messages::MAX_REPLAY,
+        Some(limit) => match limit.as_i64() {
+            Some(limit) => limit.clamp(1, crate::realtime::messages::MAX_REPLAY),
+            None => return Some(Err(InvalidReplay)),
+        },
+    };
+    Some(Ok((since, limit)))
 }
 
 /// A join config flag: a bool, or the strings `"true"`/`"false"` (as
@@ -104,7 +131,17 @@ pub fn parse_join(payload: &Value) -> Result<JoinRequest, JoinError> {
     let presence = config.and_then(|c| c.get("presence"));
     let presence_key = super::rooms::presence::key_from_config(presence.and_then(|p| p.get("key")));
     let presence_enabled = flag(presence.and_then(|p| p.get("enabled")));
-    Ok(JoinRequest { bindings, access_token, private, broadcast_self, broadcast_ack, presence_key, presence_enabled })
+    let replay = parse_replay(broadcast.and_then(|b| b.get("replay")));
+    Ok(JoinRequest {
+        bindings,
+        access_token,
+        private,
+        broadcast_self,
+        broadcast_ack,
+        presence_key,
+        presence_enabled,
+        replay,
+    })
 }
 
 /// The binding's id: a hash of its parameters (keys sorted) in `[1, 2^27)`.

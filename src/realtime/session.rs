@@ -42,6 +42,7 @@ use super::auth::{Claims, Verifier};
 use super::authorize::{Asker, Authorizer, Extension, ReadGrant};
 use super::catalog::Catalog;
 use super::join::{self, JoinRequest};
+use super::messages;
 use super::protocol::{self, Message};
 use super::rooms::{self, LocalRooms, RoomKey, Rooms, Tracked};
 use super::Limits;
@@ -218,6 +219,9 @@ struct Channel {
     sends: Bucket,
     /// When it was last told it sends too fast (one notice per second).
     rate_notice: Option<Instant>,
+    /// A replaying join's gate (kept open afterwards: it skips late live
+    /// copies of the replayed messages).
+    gate: Option<Arc<rooms::ReplayGate>>,
 }
 
 /// A token bucket (joins, broadcasts).
@@ -357,6 +361,20 @@ pub async fn run<S>(
         }
     };
     session.finish(end, (!writer_done).then_some(writer)).await;
+}
+
+/// A replayed message as Supabase sends it: a channel push (`join_ref` set)
+/// of `{"type","event","payload","meta":{"replayed":true,"id"}}`, or for raw
+/// bytes a kind 4 frame with that meta (2.0.0 only).
+fn replayed_frame(vsn: Vsn, join_ref: Option<&str>, topic: &str, row: &messages::Replayed) -> Option<Bytes> {
+    let meta = json!({"replayed": true, "id": row.id});
+    if row.encoding == 0 {
+        let meta = serde_json::to_vec(&meta).ok()?;
+        return (vsn == Vsn::V2).then(|| protocol::user_broadcast(topic, &row.event, &meta, 0, &row.payload)).flatten();
+    }
+    let payload: serde_json::Value = serde_json::from_slice(&row.payload).ok()?;
+    let body = json!({"type": "broadcast", "event": row.event, "payload": payload, "meta": meta});
+    Some(protocol::encode(vsn, join_ref, None, topic, "broadcast", &body))
 }
 
 /// Presence calls (`track`, `untrack`) a channel may make per
@@ -697,6 +715,14 @@ impl Session {
         allowed
     }
 
+    /// The stored messages a private join replays; `Err` after logging.
+    async fn replay(&self, sub_topic: &str, since: i64, limit: i64) -> Result<Vec<messages::Replayed>, ()> {
+        let Some(authorizer) = &self.ctx.authorizer else { return Err(()) };
+        authorizer.replay(sub_topic, since, limit).await.map_err(|err| {
+            tracing::warn!(conn = self.conn, topic = sub_topic, error = %err, "replay failed; join refused");
+        })
+    }
+
     /// The read check of a private channel: `Err` carries the refusal.
     async fn read_check(&self, claims: &Claims, sub_topic: &str, presence: bool) -> Result<ReadGrant, String> {
         let denied =
@@ -760,7 +786,19 @@ impl Session {
             broadcast_ack,
             presence_key,
             presence_enabled,
+            replay,
         } = request;
+        match replay {
+            Some(_) if !private => {
+                self.refuse(&msg, "UnableToReplayMessages: Replay is not allowed for public channels");
+                return None;
+            }
+            Some(Err(_)) => {
+                self.refuse(&msg, "UnableToReplayMessages: Replay params are not valid");
+                return None;
+            }
+            _ => {}
+        }
         let (token, claims) = match access_token {
             Some(token) => match self.ctx.verifier.verify(&token, now_unix()) {
                 Ok(claims) => (token, claims),
@@ -790,6 +828,13 @@ impl Session {
         } else {
             ReadGrant { broadcast: true, presence: true }
         };
+        if replay.is_some() && !read.broadcast {
+            self.ctx.stats.private_refused.fetch_add(1, Ordering::Relaxed);
+            let reason =
+                format!("Unauthorized: You do not have permissions to read from this Channel topic: {sub_topic}");
+            self.refuse(&msg, &reason);
+            return None;
+        }
         let resolved =
             if bindings.is_empty() { Ok(Vec::new()) } else { join::resolve(&bindings, &self.ctx.catalog).await };
         // Filters no index can look up are evaluated for every change of
@@ -852,13 +897,36 @@ impl Session {
             writes: [None, None],
             sends: Bucket::full(self.ctx.limits.channel_broadcasts_per_second),
             rate_notice: None,
+            gate: replay.map(|_| rooms::ReplayGate::new()),
         };
         // In the room before the reply (as Supabase subscribes before it
         // replies): whatever is sent once the client holds the reply
-        // reaches it.
+        // reaches it. A replaying join holds live traffic until the stored
+        // messages are queued.
         self.ctx.rooms.join(&channel.room, self.member(&channel));
+        let replayed = match replay {
+            Some(Ok((since, limit))) => match self.replay(sub_topic, since, limit).await {
+                Ok(rows) => rows,
+                Err(()) => {
+                    self.ctx.rooms.leave(&channel.room, self.conn);
+                    self.refuse(&msg, "UnableToReplayMessages: Realtime was unable to replay messages");
+                    return None;
+                }
+            },
+            _ => Vec::new(),
+        };
         let response = json!({ "postgres_changes": join::reply_bindings(&bindings) });
         self.push(protocol::reply(self.vsn, &msg, "ok", response));
+        if let Some(gate) = &channel.gate {
+            let mut ids = std::collections::HashSet::new();
+            for row in replayed {
+                if let Some(frame) = replayed_frame(self.vsn, channel.join_ref.as_deref(), &msg.topic, &row) {
+                    let _ = self.outbox.push(frame);
+                }
+                ids.insert(row.id);
+            }
+            gate.open(ids, &self.outbox);
+        }
         match resolved {
             Ok(hub_bindings) if !hub_bindings.is_empty() => {
                 // Say what will not arrive and why (never silence): an
@@ -922,7 +990,7 @@ impl Session {
             echo: channel.echo,
             broadcasts: channel.read.broadcast,
             presence: channel.read.presence,
-            gate: None,
+            gate: channel.gate.clone(),
         }
     }
 

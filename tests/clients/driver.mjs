@@ -245,6 +245,7 @@ async function broadcastSubscribe(client, cmd) {
   if (cmd.token !== undefined) await client.setAuth(cmd.token)
   const config = { broadcast: { self: !!cmd.self, ack: !!cmd.ack } }
   if (cmd.private) config.private = true
+  if (cmd.replay) config.broadcast.replay = cmd.replay
   const chan = client.channel(cmd.topic ?? handle, { config })
   chan.on('broadcast', { event: '*' }, (message) => emit({ ev: 'broadcast', channel: handle, message: safeValue(message) }))
   chan.on('system', {}, (payload) => emit({ ev: 'system', channel: handle, payload }))
