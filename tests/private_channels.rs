@@ -219,3 +219,68 @@ async fn private_joins_replay_the_newest_stored_messages_first() {
     assert_eq!(got, vec![2, 3, 4]);
     t.server.shutdown().await.unwrap();
 }
+
+/// Presence and HTTP on private channels: a member's track is judged by the
+/// INSERT policy (a reader's is answered `error`, a writer's reaches the
+/// room), presence never crosses to the public room of the same name, and a
+/// REST broadcast to a private topic is sent only for a caller the INSERT
+/// policy allows (403 otherwise), reaching private members only.
+#[tokio::test]
+async fn private_presence_and_http_follow_the_policies() {
+    let t = TestServer::with_setup(&schema()).await;
+    let (writer, reader) = (Uuid::new_v4(), Uuid::new_v4());
+    t.client
+        .execute(
+            "insert into public.room_members (user_id, room, can_write) values ($1, 'room-1', true), ($2, 'room-1', false)",
+            &[&writer, &reader],
+        )
+        .await
+        .unwrap();
+    let topic = "realtime:room-1";
+    let join = |private: bool, token: String| json!({"config": {"presence": {"key": "", "enabled": true}, "private": private}, "access_token": token});
+    let mut w = t.connect(&anon(), Vsn::V2).await;
+    w.send(Some("1"), topic, "phx_join", join(true, user(writer))).await;
+    assert_eq!(w.expect(topic, "phx_reply").await.payload["status"], "ok");
+    assert_eq!(w.expect(topic, "presence_state").await.payload, json!({}));
+    let mut r = t.connect(&anon(), Vsn::V1).await;
+    r.send(Some("1"), topic, "phx_join", join(true, user(reader))).await;
+    assert_eq!(r.expect(topic, "phx_reply").await.payload["status"], "ok");
+    r.expect(topic, "presence_state").await;
+    let mut public = t.connect(&anon(), Vsn::V2).await;
+    public.send(Some("1"), topic, "phx_join", join(false, user(reader))).await;
+    assert_eq!(public.expect(topic, "phx_reply").await.payload["status"], "ok");
+    public.expect(topic, "presence_state").await;
+
+    // The reader may not track; the writer may.
+    r.send(Some("1"), topic, "presence", json!({"event": "track", "payload": {"who": "reader"}})).await;
+    assert_eq!(r.expect(topic, "phx_reply").await.payload, json!({"status": "error", "response": {}}));
+    w.send(Some("1"), topic, "presence", json!({"event": "track", "payload": {"who": "writer"}})).await;
+    let diff = r.expect(topic, "presence_diff").await;
+    let joins = diff.payload["joins"].as_object().unwrap();
+    assert_eq!(joins.len(), 1);
+    assert_eq!(joins.values().next().unwrap()["metas"][0]["who"], "writer");
+
+    // REST: the reader's private message is refused, the writer's delivered to private members only.
+    let url_path = "/realtime/v1/api/broadcast/room-1/events/note?private=true";
+    let post = |token: String| {
+        let addr = t.addr();
+        async move {
+            let bearer = format!("Bearer {token}");
+            let anon = anon();
+            let headers =
+                [("apikey", anon.as_str()), ("authorization", bearer.as_str()), ("content-type", "application/json")];
+            crate::support::server::http_post(addr, url_path, &headers, br#"{"n":1}"#).await
+        }
+    };
+    let (status, body) = post(user(reader)).await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = post(user(writer)).await;
+    assert_eq!(status, 202, "{body}");
+    let got = r.expect(topic, "broadcast").await;
+    assert_eq!((got.payload["event"].clone(), got.payload["payload"].clone()), (json!("note"), json!({"n": 1})));
+    // The public channel saw neither the private presence nor the message.
+    while let Some(frame) = public.next_within(Duration::from_millis(500)).await {
+        assert!(frame.event != "presence_diff" && frame.event != "broadcast", "{:?}", frame.raw);
+    }
+    t.server.shutdown().await.unwrap();
+}
