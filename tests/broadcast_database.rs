@@ -260,9 +260,13 @@ async fn setup_is_idempotent_and_partitions_are_kept_in_utc() {
     assert!(!plans.is_empty() && plans.iter().all(|line| !line.contains("realtime.")), "{plans:?}");
     client.batch_execute("alter publication supabase_realtime drop table realtime.messages").await.unwrap();
     let ok = findings(db.url()).await;
-    for line in
-        ["broadcast from database", "realtime.send", "publication walcast_messages", "realtime.messages partition"]
-    {
+    for line in [
+        "broadcast from database",
+        "realtime.send",
+        "publication walcast_messages",
+        "private channels",
+        "realtime.messages partition",
+    ] {
         assert_eq!(find(&ok, line).status, Status::Ok, "{line}: {ok:#?}");
     }
 

@@ -306,6 +306,33 @@ async fn broadcast_checks(client: &Client, report: &mut Report) -> Result<(), to
             setup,
         ),
     }
+    // Private channels: the probes insert as walcast (bypassing RLS) and
+    // read back as the user.
+    let row = client
+        .query_one(
+            "select has_table_privilege('realtime.messages', 'insert'),
+                    has_table_privilege('realtime.messages', 'select'),
+                    (select rolsuper or rolbypassrls from pg_catalog.pg_roles where rolname = current_user)
+                    or (select c.relowner = (select oid from pg_catalog.pg_roles where rolname = current_user)
+                          from pg_catalog.pg_class c where c.oid = to_regclass('realtime.messages')),
+                    current_user",
+            &[],
+        )
+        .await?;
+    let (insert, select, bypass, me): (bool, bool, bool, String) = (row.get(0), row.get(1), row.get(2), row.get(3));
+    match (insert && select, bypass) {
+        (true, true) => report.ok("private channels", "walcast may probe realtime.messages as the policies' judge"),
+        (false, _) => report.warn(
+            "private channels",
+            "walcast may not insert into or read realtime.messages: every private join is refused",
+            format!("grant select, insert on realtime.messages to {};", quote_ident(&me)),
+        ),
+        (true, false) => report.warn(
+            "private channels",
+            "walcast's role is subject to RLS on realtime.messages: its probes fail and every private join is refused",
+            format!("alter role {} bypassrls;", quote_ident(&me)),
+        ),
+    }
     if kind.as_deref() == Some("p") {
         if has_today {
             report.ok("realtime.messages partition", format!("realtime.{today} (today, UTC) exists"));
