@@ -39,6 +39,11 @@
 //!                                                       ▲ sockets admitted by http (hyper:
 //!                                                         connection permit, per-address
 //!                                                         and per-user budgets)
+//!
+//!  clients' broadcasts and presence ──▶ session ──▶ rooms (topic + privacy; one frame per format,
+//!  REST broadcasts (http) ────────────────────────▶   shared; presence state and diffs) ──▶ outboxes
+//!  private channels: session/http ──▶ authorize (RLS on realtime.messages, as the user,
+//!                                                rolled back) ──▶ PostgreSQL
 //! ```
 //!
 //! Back-pressure runs the other way: a full outbox budget pauses the hub, the
@@ -71,10 +76,12 @@
 //!   once; per-connection outboxes under one global budget.
 //! - [`relay`]: wires replication → change stage → hub with bounded channels.
 //! - [`realtime`]: Supabase Realtime's Phoenix protocol (vsn 1.0.0 and
-//!   2.0.0), JWT verification, per-socket sessions and their writers.
+//!   2.0.0), JWT verification, per-socket sessions and their writers; rooms
+//!   (Broadcast, Presence), private channels' authorization, Broadcast from
+//!   Database.
 //! - [`http`]: the listener (hyper): WebSocket upgrades admitted against the
-//!   connection, per-address and per-user budgets, the dashboard, `/health`,
-//!   `/ready`, `/metrics`.
+//!   connection, per-address and per-user budgets, REST broadcasts, the
+//!   dashboard, `/health`, `/ready`, `/metrics`.
 //! - [`monitor`]: Prometheus metrics, readiness, and the slot watchdog.
 //! - [`demo`]: the one-command demo: embedded PostgreSQL, demo data and tokens,
 //!   a demo writer.
