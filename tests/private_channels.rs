@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::support::clients::{is_status, Driver, Kind};
-use crate::support::server::{anon, user, TestServer};
+use crate::support::server::{anon, user, TestServer, Ws};
 use walcast::hub::Vsn;
 
 /// The README's private-channel block (a membership table and the two
@@ -278,6 +278,22 @@ async fn private_presence_and_http_follow_the_policies() {
     assert_eq!(status, 202, "{body}");
     let got = r.expect(topic, "broadcast").await;
     assert_eq!((got.payload["event"].clone(), got.payload["payload"].clone()), (json!("note"), json!({"n": 1})));
+    // Policies see the upgrade's x-* headers as request.headers (and nothing else of it).
+    t.client
+        .batch_execute(
+            "create policy by_header on realtime.messages for select to anon
+               using ((select realtime.topic()) = 'lobby'
+                      and current_setting('request.headers', true)::json ->> 'x-room-key' = 'open-sesame'
+                      and current_setting('request.headers', true)::json ->> 'host' is null)",
+        )
+        .await
+        .unwrap();
+    let lobby = "realtime:lobby";
+    for (key, want) in [("open-sesame", "ok"), ("wrong", "error")] {
+        let mut ws = Ws::upgrade_from(t.addr(), None, &anon(), &[("x-room-key", key)]).await.expect("upgraded");
+        ws.send(Some("1"), lobby, "phx_join", json!({"config": {"private": true}})).await;
+        assert_eq!(ws.expect(lobby, "phx_reply").await.payload["status"], want, "x-room-key {key}");
+    }
     // The public channel saw neither the private presence nor the message.
     while let Some(frame) = public.next_within(Duration::from_millis(500)).await {
         assert!(frame.event != "presence_diff" && frame.event != "broadcast", "{:?}", frame.raw);
