@@ -23,7 +23,7 @@
 //!   subscription outlives its socket.
 //!
 //! Broadcast, presence and the private channels' checks are in
-//! [`channels`].
+//! `session/channels.rs`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
