@@ -74,6 +74,7 @@ impl Session {
         }
         if !self.take_send(topic) {
             self.ctx.stats.broadcasts_rate_limited.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(conn = self.conn, topic, "broadcast over the send rate; not sent");
             if ack {
                 self.push(protocol::reply_to(
                     self.vsn,
@@ -88,6 +89,7 @@ impl Session {
         }
         if message.size() > self.ctx.limits.max_broadcast_bytes {
             self.ctx.stats.broadcasts_too_large.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(conn = self.conn, topic, bytes = message.size(), "broadcast over the size limit; not sent");
             if ack {
                 // Supabase's reply: `response` is the bare string.
                 self.push(protocol::reply_to(
