@@ -291,6 +291,10 @@ struct ServeArgs {
     /// [default: none; X-Forwarded-For is ignored].
     #[arg(long = "trusted-proxies", env = "TRUSTED_PROXIES")]
     trusted_proxies: Option<String>,
+    /// Cluster mode: the NATS server (nats://host:4222) several walcast nodes share, so Broadcast
+    /// and Presence reach the room's members on every node [default: off, one node].
+    #[arg(long = "nats-url", env = "WALCAST_NATS_URL")]
+    nats_url: Option<String>,
     /// WebSocket read buffer per socket, bytes (tokio-tungstenite's default: 131072) [default: 8192].
     #[arg(long = "ws-read-buffer", env = "WS_READ_BUFFER_BYTES")]
     ws_read_buffer_bytes: Option<usize>,
@@ -426,6 +430,7 @@ impl ServeArgs {
             max_sockets_per_user: self.max_sockets_per_user,
             max_sockets_per_address: self.max_sockets_per_address,
             trusted_proxies: self.trusted_proxies,
+            nats_url: self.nats_url,
         };
         Ok(walcast::config::Settings::resolve(given, file.as_deref())?)
     }

@@ -44,6 +44,8 @@
 //!  REST broadcasts (http) ────────────────────────▶   shared; presence state and diffs) ──▶ outboxes
 //!  private channels: session/http ──▶ authorize (RLS on realtime.messages, as the user,
 //!                                                rolled back) ──▶ PostgreSQL
+//!  cluster mode: rooms ◀──▶ scaleout (NATS `walcast.rooms`: broadcasts, presence, heartbeats)
+//!                           ◀──▶ the other nodes' rooms
 //! ```
 //!
 //! Back-pressure runs the other way: a full outbox budget pauses the hub, the
@@ -82,6 +84,8 @@
 //! - [`http`]: the listener (hyper): WebSocket upgrades admitted against the
 //!   connection, per-address and per-user budgets, REST broadcasts, the
 //!   dashboard, `/health`, `/ready`, `/metrics`.
+//! - [`scaleout`]: cluster mode over NATS — Broadcast and Presence shared
+//!   between nodes.
 //! - [`monitor`]: Prometheus metrics, readiness, and the slot watchdog.
 //! - [`demo`]: the one-command demo: embedded PostgreSQL, demo data and tokens,
 //!   a demo writer.
@@ -107,6 +111,7 @@ pub mod policy;
 pub mod realtime;
 pub mod relay;
 pub mod replication;
+pub mod scaleout;
 pub mod schema;
 pub mod server;
 pub mod spill;

@@ -34,6 +34,7 @@ mod readme;
 mod realtime;
 mod replay;
 mod replication;
+mod scaleout;
 mod schema_migrations;
 mod schema_orders;
 mod schema_realtime;

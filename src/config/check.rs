@@ -91,6 +91,9 @@ pub async fn run(settings: &Settings, connection: impl Into<crate::pgconn::PgCon
         Ok(_) => report.ok("JWT keys", "configured and valid"),
         Err(err) => report.fail("JWT keys", err.to_string(), "pass --jwt-secret or --jwks"),
     }
+    if let Some(url) = &settings.nats_url {
+        nats_check(&url.0, &mut report).await;
+    }
     let connection: crate::pgconn::PgConfig = connection.into();
     let mut client = match crate::pgconn::connect(&connection.with_statement_timeout(CHECK_STATEMENT_TIMEOUT)).await {
         Ok(client) => client,
@@ -111,6 +114,35 @@ pub async fn run(settings: &Settings, connection: impl Into<crate::pgconn::PgCon
         );
     }
     report.0
+}
+
+/// Cluster mode: the NATS server answers, and which it is.
+async fn nats_check(url: &str, report: &mut Report) {
+    let shown = crate::scaleout::redact(url);
+    let connect = async_nats::ConnectOptions::new().connection_timeout(std::time::Duration::from_secs(5)).connect(url);
+    match tokio::time::timeout(std::time::Duration::from_secs(10), connect).await {
+        Ok(Ok(client)) => {
+            let info = client.server_info();
+            report.ok(
+                "nats",
+                format!(
+                    "{shown}: nats-server {} (JetStream {}); Broadcast and Presence are shared with the other nodes",
+                    info.version,
+                    if info.jetstream { "on" } else { "off" }
+                ),
+            );
+        }
+        Ok(Err(err)) => report.fail(
+            "nats",
+            format!("cannot connect to {shown}: {err}"),
+            "check --nats-url (WALCAST_NATS_URL) and that nats-server runs and accepts this host",
+        ),
+        Err(_) => report.fail(
+            "nats",
+            format!("{shown} did not answer within 10 s"),
+            "check --nats-url (WALCAST_NATS_URL) and the network path to nats-server",
+        ),
+    }
 }
 
 async fn database_checks(

@@ -135,6 +135,8 @@ pub struct FileConfig {
     pub max_sockets_per_address: Option<usize>,
     /// Comma-separated CIDRs of reverse proxies whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Option<String>,
+    /// NATS server of a cluster (`nats://host:4222`): cluster mode.
+    pub nats_url: Option<String>,
 }
 
 impl std::fmt::Debug for FileConfig {
@@ -178,6 +180,7 @@ impl std::fmt::Debug for FileConfig {
             .field("max_sockets_per_user", &self.max_sockets_per_user)
             .field("max_sockets_per_address", &self.max_sockets_per_address)
             .field("trusted_proxies", &self.trusted_proxies)
+            .field("nats_url", &self.nats_url.as_deref().map(crate::scaleout::redact))
             .finish_non_exhaustive()
     }
 }
@@ -243,6 +246,7 @@ impl FileConfig {
             max_sockets_per_user: self.max_sockets_per_user.or(lower.max_sockets_per_user),
             max_sockets_per_address: self.max_sockets_per_address.or(lower.max_sockets_per_address),
             trusted_proxies: self.trusted_proxies.or(lower.trusted_proxies),
+            nats_url: self.nats_url.or(lower.nats_url),
         }
     }
 }
@@ -389,6 +393,8 @@ pub struct Settings {
     pub max_sockets_per_address: usize,
     /// Reverse proxies whose `X-Forwarded-For` names the client.
     pub trusted_proxies: Vec<crate::http::Cidr>,
+    /// Cluster mode: the NATS server the nodes share.
+    pub nats_url: Option<crate::scaleout::NatsUrl>,
     /// WebSocket read buffer per socket (bytes).
     pub ws_read_buffer: usize,
     /// WebSocket write buffer per socket (bytes).
@@ -662,6 +668,7 @@ impl Settings {
             max_sockets_per_user,
             max_sockets_per_address,
             trusted_proxies,
+            nats_url: merged.nats_url.clone().filter(|url| !url.trim().is_empty()).map(crate::scaleout::NatsUrl),
             ws_read_buffer,
             ws_write_buffer,
             data_dir: merged.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
@@ -769,6 +776,7 @@ impl Settings {
         config.limits.max_sockets_per_user = self.max_sockets_per_user;
         config.limits.max_sockets_per_address = self.max_sockets_per_address;
         config.limits.trusted_proxies = self.trusted_proxies.clone();
+        config.cluster = self.nats_url.as_ref().map(|url| crate::scaleout::ClusterSettings::new(url.0.clone()));
         config.limits.ws_read_buffer = self.ws_read_buffer;
         config.limits.ws_write_buffer = self.ws_write_buffer;
         config.monitoring = self.monitoring.clone();

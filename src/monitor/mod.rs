@@ -166,6 +166,7 @@ pub struct Monitor {
     slot: String,
     slot_watch: Arc<SlotWatch>,
     start_micros: i64,
+    cluster: Option<Arc<crate::scaleout::rooms::ClusterStats>>,
 }
 
 impl Monitor {
@@ -178,7 +179,14 @@ impl Monitor {
         slot: String,
         slot_watch: Arc<SlotWatch>,
     ) -> Monitor {
-        Monitor { config, sessions, ack, queues, slot, slot_watch, start_micros: unix_micros_now() }
+        Monitor { config, sessions, ack, queues, slot, slot_watch, start_micros: unix_micros_now(), cluster: None }
+    }
+
+    /// Also reports the cluster link's counters.
+    #[must_use]
+    pub fn with_cluster(mut self, cluster: Option<Arc<crate::scaleout::rooms::ClusterStats>>) -> Monitor {
+        self.cluster = cluster;
+        self
     }
 
     /// The slot watchdog's findings.
@@ -276,6 +284,30 @@ impl Monitor {
              --socket-broadcasts-per-second.",
             load(&r.broadcasts_rate_limited),
         );
+        if let Some(c) = &self.cluster {
+            w.gauge("walcast_cluster_nodes", "Other nodes heard from within the node timeout.", load(&c.nodes));
+            w.counter("walcast_cluster_events_published_total", "Room events published to NATS.", load(&c.published));
+            w.counter(
+                "walcast_cluster_events_received_total",
+                "Room events received from other nodes and applied.",
+                load(&c.received),
+            );
+            w.counter(
+                "walcast_cluster_events_dropped_total",
+                "Room events not published: the queue to NATS was full, or the publish failed.",
+                load(&c.dropped),
+            );
+            w.counter(
+                "walcast_cluster_events_malformed_total",
+                "Room events from other nodes that could not be read.",
+                load(&c.malformed),
+            );
+            w.counter(
+                "walcast_cluster_nodes_gone_total",
+                "Nodes declared gone (silent past the node timeout, or said bye); their presences left.",
+                load(&c.nodes_gone),
+            );
+        }
         let rooms = self.sessions.rooms.totals();
         w.gauge("walcast_rooms", "Rooms (topics with a joined channel or a presence) now.", rooms.rooms as u64);
         w.gauge("walcast_presences", "Presence entries tracked now, over every room.", rooms.presences as u64);

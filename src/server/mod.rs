@@ -49,8 +49,10 @@ use crate::realtime::auth::{AuthConfig, Verifier};
 use crate::realtime::authorize::Authorizer;
 use crate::realtime::catalog::Catalog;
 use crate::realtime::messages;
+use crate::realtime::rooms::LocalRooms;
 use crate::realtime::{Limits, RealtimeError, SessionContext};
 use crate::relay::{Relay, RelayConfig, RelayError};
+use crate::scaleout::rooms::ClusterRooms;
 
 /// Everything `walcast serve` needs.
 #[derive(Debug, Clone)]
@@ -68,6 +70,9 @@ pub struct ServeConfig {
     pub demo_json: Option<Bytes>,
     /// `/ready` thresholds and the slot watchdog.
     pub monitoring: MonitorConfig,
+    /// Cluster mode (`--nats-url`): Broadcast and Presence shared with the
+    /// other nodes over NATS; `None`: this node alone.
+    pub cluster: Option<crate::scaleout::ClusterSettings>,
 }
 
 impl ServeConfig {
@@ -80,6 +85,7 @@ impl ServeConfig {
             limits: Limits::default(),
             demo_json: None,
             monitoring: MonitorConfig::default(),
+            cluster: None,
         }
     }
 }
@@ -96,6 +102,9 @@ pub enum ServeError {
     /// The first connection failed (names the server, the user and why).
     #[error(transparent)]
     Connect(#[from] ConnectError),
+    /// Cluster mode could not start.
+    #[error(transparent)]
+    Scaleout(#[from] crate::scaleout::ScaleoutError),
     /// A start-up query failed.
     #[error("{what} failed: {}", crate::pgconn::cause(.error))]
     Database {
@@ -173,11 +182,24 @@ impl Server {
             }
         };
         let addr = listener.local_addr().map_err(|source| RealtimeError::Bind { addr: config.listen, source })?;
+        let shutdown = CancellationToken::new();
         let authorizer = Arc::new(Authorizer::new(&config.relay.source.connection));
-        let sessions = Arc::new(
-            SessionContext::new(verifier, Arc::new(catalog), relay.hub.clone(), config.limits)
-                .with_authorizer(authorizer),
-        );
+        let mut sessions = SessionContext::new(verifier, Arc::new(catalog), relay.hub.clone(), config.limits)
+            .with_authorizer(authorizer);
+        let mut cluster = None;
+        if let Some(settings) = &config.cluster {
+            // Boxed: connecting to NATS is a large future, and it runs once.
+            let rooms = match Box::pin(ClusterRooms::start(LocalRooms::default(), settings, shutdown.clone())).await {
+                Ok(rooms) => rooms,
+                Err(err) => {
+                    let _ = relay.stop().await;
+                    return Err(err.into());
+                }
+            };
+            cluster = Some(Arc::clone(&rooms.stats));
+            sessions = sessions.with_rooms(rooms);
+        }
+        let sessions = Arc::new(sessions);
         let admission = http::Admission::new(&sessions.limits, sessions.users.clone());
         let slot = config.relay.source.slot.slot.clone();
         let slot_watch = Arc::new(SlotWatch::default());
@@ -186,15 +208,17 @@ impl Server {
                 watchdog::run(config.relay.source.connection.clone(), slot.clone(), settings, Arc::clone(&slot_watch));
             tokio::spawn(run.instrument(tracing::info_span!("slot_watchdog", slot = %slot)))
         });
-        let monitor = Arc::new(Monitor::new(
-            config.monitoring.clone(),
-            Arc::clone(&sessions),
-            relay.ack().clone(),
-            relay.queues(),
-            slot,
-            slot_watch,
-        ));
-        let shutdown = CancellationToken::new();
+        let monitor = Arc::new(
+            Monitor::new(
+                config.monitoring.clone(),
+                Arc::clone(&sessions),
+                relay.ack().clone(),
+                relay.queues(),
+                slot,
+                slot_watch,
+            )
+            .with_cluster(cluster),
+        );
         let db_stats = Arc::clone(relay.queues().db_broadcast());
         let db_broadcast = tokio::spawn(crate::realtime::rooms::database::run(
             messages_rx,

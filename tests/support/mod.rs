@@ -5,6 +5,7 @@
 
 pub mod clients;
 pub mod load;
+pub mod nats;
 pub mod pipeline;
 pub mod proxy;
 pub mod relay;

@@ -123,6 +123,23 @@ impl TestServer {
         TestServer { server, db, client }
     }
 
+    /// Another walcast node on the same database (its own slot and port),
+    /// configured by `configure`: a cluster peer.
+    pub async fn peer(&self, configure: impl FnOnce(&mut ServeConfig)) -> Server {
+        let slot = format!("ws_{}", Uuid::new_v4().simple());
+        let source = SourceConfig::new(
+            tokio_postgres::Config::from_str(self.db.url()).unwrap(),
+            SlotOptions::new(slot, "supabase_realtime"),
+        );
+        let mut config = ServeConfig::new(
+            RelayConfig::new(source),
+            AuthConfig { jwt_secret: Some(SECRET.into()), jwks: None, audience: None },
+        );
+        config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        configure(&mut config);
+        Server::start(config).await.expect("the peer starts")
+    }
+
     /// `127.0.0.1:port`.
     pub fn addr(&self) -> SocketAddr {
         self.server.local_addr()

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use serde_json::{Map, Value};
 
 use super::broadcast::{Frames, Message};
-use super::presence::{Diff, NodeId, Presence, Refs, Tracked};
+use super::presence::{Diff, Entry, Holder, NodeId, Presence, Refs, Tracked};
 use super::{Member, RoomKey, RoomTotals, Rooms, MAX_BACKLOG};
 use crate::hub::{CloseReason, ConnId, Outbox, Vsn};
 use crate::realtime::protocol;
@@ -44,6 +44,86 @@ impl LocalRooms {
             hasher: std::collections::hash_map::RandomState::new(),
             refs: Refs::new(node),
         }
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> NodeId {
+        self.refs.node()
+    }
+
+    fn holder(&self, conn: ConnId) -> Holder {
+        Holder { node: self.refs.node(), conn }
+    }
+
+    /// Removes `conn`'s channel from `room`; whether it was tracking (its
+    /// presence left).
+    pub fn leave_tracked(&self, room: &RoomKey, conn: ConnId) -> bool {
+        let mut shard = self.shard(room);
+        let Some(entry) = shard.get_mut(room) else { return false };
+        if entry.members.iter().any(|m| m.conn == conn) {
+            Arc::make_mut(&mut entry.members).retain(|m| m.conn != conn);
+        }
+        let diff = entry.presence.untrack(self.holder(conn));
+        let tracked = !diff.is_empty();
+        send_diff(&room.topic, &entry.members, &diff);
+        if entry.members.is_empty() && entry.presence.is_empty() {
+            shard.remove(room);
+        }
+        tracked
+    }
+
+    /// A presence entry held elsewhere (another node) joins or changes:
+    /// the diff goes to this node's members.
+    pub fn track_held(&self, room: &RoomKey, holder: Holder, key: &str, payload: Map<String, Value>, phx_ref: String) {
+        let mut shard = self.shard(room);
+        let entry = shard.entry(room.clone()).or_default();
+        let (_, diff) = entry.presence.track(holder, key, payload, phx_ref);
+        send_diff(&room.topic, &entry.members, &diff);
+    }
+
+    /// A presence entry held elsewhere leaves.
+    pub fn untrack_held(&self, room: &RoomKey, holder: Holder) {
+        let mut shard = self.shard(room);
+        let Some(entry) = shard.get_mut(room) else { return };
+        let diff = entry.presence.untrack(holder);
+        send_diff(&room.topic, &entry.members, &diff);
+        if entry.members.is_empty() && entry.presence.is_empty() {
+            shard.remove(room);
+        }
+    }
+
+    /// Every entry `node` holds leaves, in every room (a node gone).
+    pub fn drop_node(&self, node: NodeId) -> usize {
+        let mut dropped = 0;
+        for shard in &self.shards {
+            let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            shard.retain(|room, entry| {
+                let diff = entry.presence.drop_node(node);
+                if !diff.is_empty() {
+                    dropped += 1;
+                    send_diff(&room.topic, &entry.members, &diff);
+                }
+                !(entry.members.is_empty() && entry.presence.is_empty())
+            });
+        }
+        dropped
+    }
+
+    /// The entries `node` holds, per room (what a cluster peer is told).
+    pub fn held_by(&self, node: NodeId) -> Vec<(RoomKey, Holder, Entry)> {
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            let shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            for (room, entry) in shard.iter() {
+                out.extend(entry.presence.held_by(node).map(|(h, e)| (room.clone(), *h, e.clone())));
+            }
+        }
+        out
+    }
+
+    /// This node's entry of `conn` in `room`.
+    pub fn entry(&self, room: &RoomKey, conn: ConnId) -> Option<Entry> {
+        self.shard(room).get(room).and_then(|r| r.presence.get(self.holder(conn)).cloned())
     }
 
     fn shard(&self, room: &RoomKey) -> MutexGuard<'_, HashMap<RoomKey, Room>> {
@@ -116,16 +196,7 @@ impl Rooms for LocalRooms {
     }
 
     fn leave(&self, room: &RoomKey, conn: ConnId) {
-        let mut shard = self.shard(room);
-        let Some(entry) = shard.get_mut(room) else { return };
-        if entry.members.iter().any(|m| m.conn == conn) {
-            Arc::make_mut(&mut entry.members).retain(|m| m.conn != conn);
-        }
-        let diff = entry.presence.untrack(conn);
-        send_diff(&room.topic, &entry.members, &diff);
-        if entry.members.is_empty() && entry.presence.is_empty() {
-            shard.remove(room);
-        }
+        self.leave_tracked(room, conn);
     }
 
     fn send(&self, room: &RoomKey, from: Option<ConnId>, message: &Message<'_>) -> usize {
@@ -169,7 +240,7 @@ impl Rooms for LocalRooms {
         if !entry.members.iter().any(|m| m.conn == conn) {
             return None;
         }
-        let (tracked, diff) = entry.presence.track(conn, key, payload, &self.refs);
+        let (tracked, diff) = entry.presence.track(self.holder(conn), key, payload, self.refs.mint());
         send_diff(&room.topic, &entry.members, &diff);
         Some(tracked)
     }
@@ -177,7 +248,7 @@ impl Rooms for LocalRooms {
     fn untrack(&self, room: &RoomKey, conn: ConnId) {
         let mut shard = self.shard(room);
         let Some(entry) = shard.get_mut(room) else { return };
-        let diff = entry.presence.untrack(conn);
+        let diff = entry.presence.untrack(self.holder(conn));
         send_diff(&room.topic, &entry.members, &diff);
     }
 

@@ -38,6 +38,11 @@ impl Refs {
         Refs { node, next: AtomicU64::new(1) }
     }
 
+    /// The node whose refs these are.
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
     /// A fresh ref.
     pub fn mint(&self) -> String {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
@@ -106,10 +111,19 @@ pub enum Tracked {
     Unchanged,
 }
 
+/// Who holds an entry: a channel (by its socket) on a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Holder {
+    /// The node serving the socket.
+    pub node: NodeId,
+    /// The socket on that node.
+    pub conn: ConnId,
+}
+
 /// The presence of one room.
 #[derive(Debug, Default)]
 pub struct Presence {
-    entries: HashMap<ConnId, Entry>,
+    entries: HashMap<Holder, Entry>,
 }
 
 impl Presence {
@@ -123,33 +137,64 @@ impl Presence {
         self.entries.is_empty()
     }
 
-    /// `conn`'s channel tracks `payload` under `key`; the diff to send.
-    pub fn track(&mut self, conn: ConnId, key: &str, payload: Map<String, Value>, refs: &Refs) -> (Tracked, Diff) {
+    /// `holder`'s channel tracks `payload` under `key` with a fresh
+    /// `phx_ref`; the diff to send.
+    pub fn track(
+        &mut self,
+        holder: Holder,
+        key: &str,
+        payload: Map<String, Value>,
+        phx_ref: String,
+    ) -> (Tracked, Diff) {
         let mut diff = Diff::default();
-        let fresh = Entry { key: key.to_owned(), phx_ref: refs.mint(), payload, node: refs.node };
-        match self.entries.get(&conn) {
+        let fresh = Entry { key: key.to_owned(), phx_ref, payload, node: holder.node };
+        match self.entries.get(&holder) {
             Some(old) if old.payload == fresh.payload && old.key == fresh.key => (Tracked::Unchanged, diff),
             Some(old) => {
                 diff.leaves.entry(old.key.clone()).or_default().push(old.meta(None));
                 diff.joins.entry(fresh.key.clone()).or_default().push(fresh.meta(Some(&old.phx_ref)));
-                self.entries.insert(conn, fresh);
+                self.entries.insert(holder, fresh);
                 (Tracked::Updated, diff)
             }
             None => {
                 diff.joins.entry(fresh.key.clone()).or_default().push(fresh.meta(None));
-                self.entries.insert(conn, fresh);
+                self.entries.insert(holder, fresh);
                 (Tracked::Joined, diff)
             }
         }
     }
 
-    /// `conn`'s channel stops tracking; the diff (empty if it tracked nothing).
-    pub fn untrack(&mut self, conn: ConnId) -> Diff {
+    /// `holder`'s channel stops tracking; the diff (empty if it tracked nothing).
+    pub fn untrack(&mut self, holder: Holder) -> Diff {
         let mut diff = Diff::default();
-        if let Some(old) = self.entries.remove(&conn) {
+        if let Some(old) = self.entries.remove(&holder) {
             diff.leaves.entry(old.key.clone()).or_default().push(old.meta(None));
         }
         diff
+    }
+
+    /// Every entry of `node` leaves (a node gone); the diff.
+    pub fn drop_node(&mut self, node: NodeId) -> Diff {
+        let mut diff = Diff::default();
+        self.entries.retain(|holder, entry| {
+            if holder.node == node {
+                diff.leaves.entry(entry.key.clone()).or_default().push(entry.meta(None));
+                false
+            } else {
+                true
+            }
+        });
+        diff
+    }
+
+    /// The entries `node` holds.
+    pub fn held_by(&self, node: NodeId) -> impl Iterator<Item = (&Holder, &Entry)> {
+        self.entries.iter().filter(move |(holder, _)| holder.node == node)
+    }
+
+    /// `holder`'s entry.
+    pub fn get(&self, holder: Holder) -> Option<&Entry> {
+        self.entries.get(&holder)
     }
 
     /// The `presence_state` payload: `{key: {"metas": […]}}`.
@@ -188,6 +233,10 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn h(conn: ConnId) -> Holder {
+        Holder { node: 7, conn }
+    }
+
     fn map(v: Value) -> Map<String, Value> {
         v.as_object().unwrap().clone()
     }
@@ -196,25 +245,25 @@ mod tests {
     fn track_update_untrack() {
         let refs = Refs::new(7);
         let mut p = Presence::default();
-        let (t, d) = p.track(1, "u1", map(json!({"user": "u1"})), &refs);
+        let (t, d) = p.track(h(1), "u1", map(json!({"user": "u1"})), refs.mint());
         assert_eq!(t, Tracked::Joined);
         let joined = d.payload();
         let r1 = joined["joins"]["u1"]["metas"][0]["phx_ref"].as_str().unwrap().to_owned();
         assert_eq!(joined["leaves"], json!({}));
         assert_eq!(joined["joins"]["u1"]["metas"][0]["user"], "u1");
-        assert_eq!(p.track(1, "u1", map(json!({"user": "u1"})), &refs).0, Tracked::Unchanged);
+        assert_eq!(p.track(h(1), "u1", map(json!({"user": "u1"})), refs.mint()).0, Tracked::Unchanged);
         // A second channel with the same key: two metas under one key.
-        p.track(2, "u1", map(json!({"user": "u1", "tab": 2})), &refs);
+        p.track(h(2), "u1", map(json!({"user": "u1", "tab": 2})), refs.mint());
         assert_eq!(p.state()["u1"]["metas"].as_array().unwrap().len(), 2);
-        let (t, d) = p.track(1, "u1", map(json!({"user": "u1", "status": "away"})), &refs);
+        let (t, d) = p.track(h(1), "u1", map(json!({"user": "u1", "status": "away"})), refs.mint());
         assert_eq!(t, Tracked::Updated);
         let d = d.payload();
         assert_eq!(d["joins"]["u1"]["metas"][0]["phx_ref_prev"], r1.as_str());
         assert_eq!(d["leaves"]["u1"]["metas"][0]["phx_ref"], r1.as_str());
         assert_ne!(d["joins"]["u1"]["metas"][0]["phx_ref"], r1.as_str());
-        let d = p.untrack(2).payload();
+        let d = p.untrack(h(2)).payload();
         assert_eq!(d["leaves"]["u1"]["metas"][0]["tab"], 2);
-        assert!(p.untrack(2).is_empty(), "untracked twice: no diff");
+        assert!(p.untrack(h(2)).is_empty(), "untracked twice: no diff");
         assert_eq!(p.len(), 1);
         let state = p.state();
         assert_eq!(state["u1"]["metas"][0]["status"], "away");

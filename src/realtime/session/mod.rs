@@ -96,6 +96,13 @@ impl SessionContext {
 }
 
 impl SessionContext {
+    /// Rooms other than this node's alone (a cluster's).
+    #[must_use]
+    pub fn with_rooms(mut self, rooms: Arc<dyn Rooms>) -> SessionContext {
+        self.rooms = rooms;
+        self
+    }
+
     /// Private channels judged by `authorizer`.
     #[must_use]
     pub fn with_authorizer(mut self, authorizer: Arc<Authorizer>) -> SessionContext {
