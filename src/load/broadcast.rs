@@ -677,8 +677,7 @@ pub(super) async fn run(
         target.url,
         target.slot,
         Arc::clone(&shared),
-        Arc::clone(&subscribed),
-        Arc::clone(&failed),
+        [Arc::clone(&subscribed), Arc::clone(&failed)],
         args.clients,
         "sends",
     )

@@ -738,8 +738,7 @@ async fn run_held(
         &url,
         &held.slot,
         Arc::clone(&shared),
-        Arc::clone(&subscribed),
-        Arc::clone(&failed),
+        [Arc::clone(&subscribed), Arc::clone(&failed)],
         args.clients,
         "writes",
     )
@@ -1112,16 +1111,18 @@ struct Monitor {
 }
 
 impl Monitor {
+    /// Starts sampling; `joined` counts the clients subscribed and failed,
+    /// `sends_label` names what [`Monitor::writes`] counts on the progress line.
     async fn start(
         pid: Option<u32>,
         url: &str,
         slot: &str,
         shared: Arc<Shared>,
-        subscribed: Arc<AtomicU64>,
-        failed: Arc<AtomicU64>,
+        joined: [Arc<AtomicU64>; 2],
         clients: u32,
         sends_label: &'static str,
     ) -> Monitor {
+        let [subscribed, failed] = joined;
         let writes = Arc::new(AtomicU64::new(0));
         let (phase, mut phase_rx) = watch::channel("connecting");
         let db = seed::connect(url).await.ok();
