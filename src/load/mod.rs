@@ -18,6 +18,10 @@
 //!  report:  table on stdout, JSON (--json-out), SVG of latency per second (--svg-out)
 //! ```
 //!
+//! `--broadcast` keeps prepare, relay and probe, and replaces clients,
+//! writes, drain and check with client→client Broadcast in rooms
+//! ([`broadcast`]): every message counted at every receiver.
+//!
 //! Where it sits: outside the pipeline, like any application and its users.
 //! It talks to the relay only over the public WebSocket protocol, and to
 //! PostgreSQL only with ordinary SQL.
