@@ -120,3 +120,52 @@ fn idle_mode_reports_memory_per_connection() {
     assert_eq!(report["results"]["clients_subscribed"], 30);
     assert!(report["results"]["relay_rss_per_connection_bytes"].is_number(), "{report:#}");
 }
+
+#[test]
+fn broadcast_mode_delivers_every_message_once_to_every_other_member_of_its_room() {
+    // 40 clients in 4 rooms of 10 (half 1.0.0, half 2.0.0), 200 messages:
+    // each reaches the 9 other members of its sender's room, nobody else.
+    let server = scratch_server().expect("scratch server");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let json_out = dir.path().join("broadcast.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_walcast"))
+        .current_dir(dir.path())
+        .args(["load", "--broadcast", "--database-url", &server.url("postgres")])
+        .args(["--clients", "40", "--rooms", "4", "--rate", "100", "--duration", "2", "--drain-timeout", "20"])
+        .args(["--users", "10", "--dealerships", "2", "--live-orders", "10"])
+        .arg("--json-out")
+        .arg(&json_out)
+        .output()
+        .expect("walcast load runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "walcast load --broadcast failed ({}):\n{stdout}\n{stderr}", output.status);
+    assert!(stdout.contains("result: PASS"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json_out).expect("the JSON report")).expect("JSON");
+    assert_eq!(report["passed"], true, "{report:#}");
+    assert_eq!(report["config"]["mode"], "broadcast");
+    let results = &report["results"];
+    for check in ["missing", "duplicates", "misrouted", "forged", "unsent", "protocol_errors", "subscribe_failures"] {
+        assert_eq!(results["checks"][check], 0, "{check}: {:#}", results["checks"]);
+    }
+    assert_eq!(results["clients_subscribed"], 40);
+    assert_eq!(results["sends"]["sent"], 200, "{:#}", results["sends"]);
+    let deliveries = &results["deliveries"];
+    assert_eq!(deliveries["expected"], 200 * 9, "{deliveries}");
+    assert_eq!(deliveries["received"], 200 * 9, "{deliveries}");
+    assert_eq!(deliveries["correct"], 200 * 9, "{deliveries}");
+    assert_eq!(results["send_to_receive"]["count"], 200 * 9);
+    assert!(results["relay_cpu"]["cpu_secs_per_million_deliveries"].is_number(), "{results:#}");
+    assert!(results["relay_rss_kb"]["peak"].as_u64().unwrap() > 0, "relay RSS measured");
+
+    // A mode the broadcast run cannot combine with is refused with a reason.
+    let output = Command::new(env!("CARGO_BIN_EXE_walcast"))
+        .current_dir(dir.path())
+        .args(["load", "--broadcast", "--idle", "--clients", "3", "--rooms", "2"])
+        .output()
+        .expect("walcast load runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("2 clients per room") || stderr.contains("--idle"), "{stderr}");
+}

@@ -18,6 +18,10 @@
 //!  report:  table on stdout, JSON (--json-out), SVG of latency per second (--svg-out)
 //! ```
 //!
+//! `--broadcast` keeps prepare, relay and probe, and replaces clients,
+//! writes, drain and check with client→client Broadcast in rooms
+//! ([`broadcast`]): every message counted at every receiver.
+//!
 //! Where it sits: outside the pipeline, like any application and its users.
 //! It talks to the relay only over the public WebSocket protocol, and to
 //! PostgreSQL only with ordinary SQL.
@@ -55,6 +59,7 @@
 //! per-address budget. The clients' apikey has no `sub`, so the per-user
 //! budget does not apply to them.
 
+pub mod broadcast;
 pub mod client;
 pub mod fanout;
 pub mod ids;
@@ -256,6 +261,19 @@ pub struct LoadArgs {
     /// shares the machine with the run.
     #[arg(long)]
     pub record_out: Option<PathBuf>,
+    /// Load-test client→client Broadcast instead of postgres_changes:
+    /// --clients in --rooms public rooms (`self: false`, half 1.0.0 text,
+    /// half 2.0.0 binary), sending --rate messages/s in all for --duration;
+    /// every message must reach every other member of its room exactly
+    /// once and nobody else.
+    #[arg(long)]
+    pub broadcast: bool,
+    /// Rooms of --broadcast (clients are spread round robin).
+    #[arg(long, default_value_t = 100)]
+    pub rooms: u32,
+    /// Bytes of each --broadcast message's JSON payload.
+    #[arg(long, default_value_t = 100)]
+    pub payload_bytes: usize,
 }
 
 impl LoadArgs {
@@ -318,10 +336,17 @@ pub async fn main(args: LoadArgs) -> Result<(), LoadError> {
         .unwrap_or_else(|| PathBuf::from("target").join("load").join(format!("{}.json", utc_stamp(started))));
     let svg_out = args.svg_out.clone().unwrap_or_else(|| json_out.with_extension("svg"));
     report.write_json(&json_out).map_err(|e| LoadError::Io(format!("writing {}: {e}", json_out.display())))?;
-    let title = format!(
-        "walcast load: {} clients, {} changes/s, {} dealerships — latency per second",
-        args.clients, args.rate, args.dealerships
-    );
+    let title = if args.broadcast {
+        format!(
+            "walcast load --broadcast: {} clients in {} rooms, {} messages/s — send→receive latency by send second",
+            args.clients, args.rooms, args.rate
+        )
+    } else {
+        format!(
+            "walcast load: {} clients, {} changes/s, {} dealerships — latency per second",
+            args.clients, args.rate, args.dealerships
+        )
+    };
     if !args.idle {
         report.write_svg(&svg_out, &title).map_err(|e| LoadError::Io(format!("writing {}: {e}", svg_out.display())))?;
         println!("  json: {}  svg: {}", json_out.display(), svg_out.display());
@@ -470,6 +495,7 @@ async fn run_held(
 ) -> Result<(Report, Option<String>), LoadError> {
     let mut report = Report::default();
     let mut notes = Vec::new();
+    let schedule = if args.broadcast { Some(broadcast::check_args(args)?) } else { None };
     // 1. File descriptors: one per client here (and one per connection in
     // the relay, which is this process too when in-process).
     let per_side = u64::from(args.clients) + 256;
@@ -616,6 +642,42 @@ async fn run_held(
         received: AtomicU64::new(0),
         writes_start_us: AtomicU64::new(u64::MAX),
     });
+    if let Some(schedule) = schedule {
+        // 5–8 of the broadcast mode: its own clients, sends and checks.
+        let anon = token("anon", None);
+        let target = broadcast::Target {
+            addr: relay_addr,
+            path: &relay_path,
+            apikey: &anon,
+            relay_pid,
+            url: &url,
+            slot: &held.slot,
+        };
+        let failure = broadcast::run(args, schedule, &target, shared, &mut report, &mut notes).await?;
+        if let Some(f) = &failure {
+            notes.push(format!("FAILED: {f}"));
+        }
+        report.passed = failure.is_none();
+        report.notes = notes;
+        report.config.extend([
+            ("mode".to_owned(), json!("broadcast")),
+            ("clients".to_owned(), json!(args.clients)),
+            ("rooms".to_owned(), json!(args.rooms)),
+            ("members_per_room".to_owned(), json!(f64::from(args.clients) / f64::from(args.rooms))),
+            ("vsn".to_owned(), json!("half 1.0.0 (text pushes), half 2.0.0 (kind 3 binary pushes)")),
+            ("broadcast_config".to_owned(), json!({"self": false, "ack": false, "private": false})),
+            ("rate".to_owned(), json!(args.rate)),
+            ("duration_secs".to_owned(), json!(args.duration)),
+            ("messages".to_owned(), json!(schedule.messages)),
+            ("payload_bytes".to_owned(), json!(args.payload_bytes)),
+            ("source_addrs".to_owned(), json!(source_spread(args).0)),
+            ("relay_args".to_owned(), json!(args.relay_args.join(" "))),
+            ("nofile_limit".to_owned(), json!(soft)),
+            ("cpus".to_owned(), json!(std::thread::available_parallelism().map_or(0, |n| n.get()))),
+            ("walcast_version".to_owned(), json!(env!("CARGO_PKG_VERSION"))),
+        ]);
+        return Ok((report, failure));
+    }
     let tokens: Vec<Arc<str>> =
         (0..args.users).map(|u| Arc::from(token("authenticated", Some(ids.uuid(Tag::User, u))).as_str())).collect();
     let (sources, _) = source_spread(args);
@@ -680,9 +742,9 @@ async fn run_held(
         &url,
         &held.slot,
         Arc::clone(&shared),
-        Arc::clone(&subscribed),
-        Arc::clone(&failed),
+        [Arc::clone(&subscribed), Arc::clone(&failed)],
         args.clients,
+        "writes",
     )
     .await;
     loop {
@@ -1053,15 +1115,18 @@ struct Monitor {
 }
 
 impl Monitor {
+    /// Starts sampling; `joined` counts the clients subscribed and failed,
+    /// `sends_label` names what [`Monitor::writes`] counts on the progress line.
     async fn start(
         pid: Option<u32>,
         url: &str,
         slot: &str,
         shared: Arc<Shared>,
-        subscribed: Arc<AtomicU64>,
-        failed: Arc<AtomicU64>,
+        joined: [Arc<AtomicU64>; 2],
         clients: u32,
+        sends_label: &'static str,
     ) -> Monitor {
+        let [subscribed, failed] = joined;
         let writes = Arc::new(AtomicU64::new(0));
         let (phase, mut phase_rx) = watch::channel("connecting");
         let db = seed::connect(url).await.ok();
@@ -1129,7 +1194,7 @@ impl Monitor {
                 let secs = wall.as_secs_f64().max(1e-3);
                 let phase_name = *phase_rx.borrow();
                 let line = format!(
-                    "[{phase_name} {t_s:.0}s] subscribed {}/{clients}{}  writes {writes} ({:.0}/s)  deliveries {deliveries} ({:.0}/s){}{}{}",
+                    "[{phase_name} {t_s:.0}s] subscribed {}/{clients}{}  {sends_label} {writes} ({:.0}/s)  deliveries {deliveries} ({:.0}/s){}{}{}",
                     subscribed.load(Ordering::Relaxed),
                     match failed.load(Ordering::Relaxed) { 0 => String::new(), f => format!(" ({f} failed)") },
                     (writes - last.2) as f64 / secs,
