@@ -291,7 +291,7 @@ struct ServeArgs {
     /// [default: none; X-Forwarded-For is ignored].
     #[arg(long = "trusted-proxies", env = "TRUSTED_PROXIES")]
     trusted_proxies: Option<String>,
-    /// WebSocket read buffer per socket, bytes (tokio-tungstenite's default: 131072) [default: 8192].
+    /// WebSocket read buffer per socket, bytes (tokio-tungstenite's default: 131072) [default: 2048].
     #[arg(long = "ws-read-buffer", env = "WS_READ_BUFFER_BYTES")]
     ws_read_buffer_bytes: Option<usize>,
     /// WebSocket write buffer per socket: frames are written once this many bytes
