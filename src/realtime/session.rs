@@ -269,7 +269,10 @@ struct Session {
     /// The upgrade's `x-*` headers (`request.headers` for the policies).
     headers: Arc<serde_json::Value>,
     outbox: Arc<Outbox>,
-    channels: HashMap<String, Channel>,
+    /// Boxed: a map's buckets hold 4 entries or more, so unboxed a
+    /// socket with one channel would carry room for three more Channels
+    /// (~800 bytes; docs/benchmarks.md, E3).
+    channels: HashMap<String, Box<Channel>>,
     joins: Bucket,
     /// Broadcasts this socket may still send (over all its channels).
     sends: Bucket,
@@ -993,7 +996,7 @@ impl Session {
         if presence_enabled && read.presence {
             self.ctx.rooms.presence_state(&channel.room, self.conn);
         }
-        self.channels.insert(msg.topic, channel);
+        self.channels.insert(msg.topic, Box::new(channel));
         self.ctx.stats.channels_open.fetch_add(1, Ordering::Relaxed);
         None
     }
