@@ -1211,6 +1211,34 @@ MC4CAQAwBQYDK2VwBCIEIAldnfMyJGFgqrsaqKk06xjuJFhPSsDFHD8qeRwxResd\n\
         assert!(!format!("{cloned:?}").contains(SECRET));
     }
 
+    /// Sockets presenting the same token share one copy of its claims;
+    /// other tokens get their own, and a token seen again after every copy
+    /// was dropped decodes afresh. Pruning keeps the map near the live count.
+    #[test]
+    fn the_same_token_shares_its_claims() {
+        let verifier = secret_only();
+        let token = sign(Algorithm::HS256, None, &json!({"role": "authenticated", "sub": USER, "exp": NOW + 90}));
+        let other = sign(Algorithm::HS256, None, &json!({"role": "authenticated", "sub": "other", "exp": NOW + 90}));
+        let a = verifier.verify(&token, NOW).expect("valid");
+        let b = verifier.clone().verify(&token, NOW).expect("valid");
+        assert!(Arc::ptr_eq(&a.all, &b.all), "the same token's claims are shared");
+        let c = verifier.verify(&other, NOW).expect("valid");
+        assert!(!Arc::ptr_eq(&a.all, &c.all));
+        assert_eq!(c.all["sub"], json!("other"));
+        // A refused token shares nothing: the checks come first.
+        assert_eq!(verifier.verify(&token, NOW + 90), Err(TokenError::Expired { seconds_ago: 0 }));
+        drop((a, b));
+        let again = verifier.verify(&token, NOW).expect("valid");
+        assert_eq!(again.all["sub"], json!(USER));
+        for i in 0..3000 {
+            let t = sign(Algorithm::HS256, None, &json!({"role": "anon", "n": i, "exp": NOW + 90}));
+            drop(verifier.verify(&t, NOW).expect("valid"));
+        }
+        let entries = verifier.keys.shared.lock().unwrap().by_payload.len();
+        assert!(entries <= 1024, "dead entries are pruned ({entries} kept)");
+        assert!(Arc::ptr_eq(&again.all, &verifier.verify(&token, NOW).expect("valid").all), "a live entry survives");
+    }
+
     #[test]
     fn sign_hs256_round_trips() {
         let token = sign_hs256(SECRET.as_bytes(), &anon());
