@@ -295,7 +295,7 @@ struct ServeArgs {
     /// and Presence reach the room's members on every node [default: off, one node].
     #[arg(long = "nats-url", env = "WALCAST_NATS_URL")]
     nats_url: Option<String>,
-    /// WebSocket read buffer per socket, bytes (tokio-tungstenite's default: 131072) [default: 8192].
+    /// WebSocket read buffer per socket, bytes (tokio-tungstenite's default: 131072) [default: 2048].
     #[arg(long = "ws-read-buffer", env = "WS_READ_BUFFER_BYTES")]
     ws_read_buffer_bytes: Option<usize>,
     /// WebSocket write buffer per socket: frames are written once this many bytes

@@ -1024,7 +1024,7 @@ mod tests {
     #[test]
     fn websocket_buffers_come_from_the_settings() {
         let settings = Settings::resolve(given(), None).unwrap();
-        assert_eq!((settings.ws_read_buffer, settings.ws_write_buffer), (8 << 10, 32 << 10));
+        assert_eq!((settings.ws_read_buffer, settings.ws_write_buffer), (2 << 10, 32 << 10));
         let sized = FileConfig { ws_read_buffer_bytes: Some(4096), ws_write_buffer_bytes: Some(0), ..given() };
         let settings = Settings::resolve(sized, None).unwrap();
         let limits = settings.serve_config(PgConfig::from_str("postgres://u@h/db").unwrap()).limits;

@@ -412,6 +412,24 @@ fn percent_decode_bytes(text: &str, plus_is_space: bool) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    /// The size of the future an async fn of five arguments returns,
+    /// without calling it.
+    fn future_size5<A, B, C, D, E, F>(_: &impl FnOnce(A, B, C, D, E) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// The connection task's future lives as long as its socket: hyper's
+    /// exchange is boxed (freed after the upgrade) and the session's large
+    /// awaits are boxed, so an idle socket holds little more than its
+    /// session (docs/benchmarks.md, E3). Unoptimized: 1,536 bytes; the
+    /// bound adds ~20 %.
+    #[test]
+    fn connection_future_stays_small() {
+        let size = future_size5(&connection);
+        eprintln!("connection: {size} B");
+        assert!(size <= 1850, "the connection future is {size} bytes (bound 1,850)");
+    }
+
     #[test]
     fn query_parameters_are_decoded() {
         let q = parse_query("apikey=a.b-c_d&vsn=2.0.0&x=%2F%zz&empty=&flag");

@@ -281,6 +281,47 @@ struct Keys {
     jwks: Vec<JwksKey>,
     /// Required `aud`, if configured.
     audience: Option<String>,
+    /// Claims of verified tokens, shared by the sockets and channels that
+    /// present the same token.
+    shared: std::sync::Mutex<SharedClaims>,
+}
+
+/// The decoded claims of verified tokens still in use, by a keyed hash of
+/// the token's payload part: every socket of a project presents the same
+/// `apikey`, and a user's sockets the same token, and each would otherwise
+/// keep its own copy of the same JSON (~0.7–1 KiB each; docs/benchmarks.md,
+/// E3). Verification is unchanged — only the result's `all` is shared, and
+/// only when equal to what this token decoded to. An entry costs ~24 bytes
+/// while it lives; entries whose claims were dropped are pruned once they
+/// outnumber the live ones.
+#[derive(Default)]
+struct SharedClaims {
+    hasher: std::hash::RandomState,
+    by_payload: std::collections::HashMap<u64, std::sync::Weak<Value>>,
+    /// Prune when the map reaches this many entries.
+    prune_at: usize,
+}
+
+impl SharedClaims {
+    /// `claims` as an `Arc`, the one already in use for `payload` if equal.
+    fn share(&mut self, payload: &str, claims: Map<String, Value>) -> Arc<Value> {
+        use std::hash::BuildHasher as _;
+        let key = self.hasher.hash_one(payload);
+        let claims = Value::Object(claims);
+        if let Some(known) = self.by_payload.get(&key).and_then(std::sync::Weak::upgrade) {
+            if *known == claims {
+                return known;
+            }
+        }
+        let claims = Arc::new(claims);
+        self.by_payload.insert(key, Arc::downgrade(&claims));
+        if self.by_payload.len() >= self.prune_at {
+            self.by_payload.retain(|_, weak| weak.strong_count() > 0);
+            self.by_payload.shrink_to(self.by_payload.len() * 2);
+            self.prune_at = (self.by_payload.len() * 2).max(1024);
+        }
+        claims
+    }
 }
 
 /// One usable JWKS key.
@@ -373,7 +414,8 @@ impl Verifier {
             return Err(AuthConfigError::NoKeys);
         }
         let audience = config.audience.clone().filter(|a| !a.is_empty());
-        Ok(Verifier { keys: Arc::new(Keys { secret, jwks, audience }) })
+        let shared = std::sync::Mutex::new(SharedClaims::default());
+        Ok(Verifier { keys: Arc::new(Keys { secret, jwks, audience, shared }) })
     }
 
     /// Verifies `token` at time `now_unix` (Unix seconds): size, shape,
@@ -449,7 +491,8 @@ impl Verifier {
             Some(Value::String(sub)) => Some(sub.clone()),
             _ => None,
         };
-        Ok(Claims { role, sub, exp, all: Arc::new(Value::Object(claims)) })
+        let all = self.keys.shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner).share(payload_b64, claims);
+        Ok(Claims { role, sub, exp, all })
     }
 
     /// The one key that may verify a token with `alg` and `kid`.
@@ -1166,6 +1209,34 @@ MC4CAQAwBQYDK2VwBCIEIAldnfMyJGFgqrsaqKk06xjuJFhPSsDFHD8qeRwxResd\n\
         let config = AuthConfig { jwt_secret: Some(SECRET.to_owned()), jwks: None, audience: None };
         let cloned = Verifier::new(&config).expect("secret").clone();
         assert!(!format!("{cloned:?}").contains(SECRET));
+    }
+
+    /// Sockets presenting the same token share one copy of its claims;
+    /// other tokens get their own, and a token seen again after every copy
+    /// was dropped decodes afresh. Pruning keeps the map near the live count.
+    #[test]
+    fn the_same_token_shares_its_claims() {
+        let verifier = secret_only();
+        let token = sign(Algorithm::HS256, None, &json!({"role": "authenticated", "sub": USER, "exp": NOW + 90}));
+        let other = sign(Algorithm::HS256, None, &json!({"role": "authenticated", "sub": "other", "exp": NOW + 90}));
+        let a = verifier.verify(&token, NOW).expect("valid");
+        let b = verifier.clone().verify(&token, NOW).expect("valid");
+        assert!(Arc::ptr_eq(&a.all, &b.all), "the same token's claims are shared");
+        let c = verifier.verify(&other, NOW).expect("valid");
+        assert!(!Arc::ptr_eq(&a.all, &c.all));
+        assert_eq!(c.all["sub"], json!("other"));
+        // A refused token shares nothing: the checks come first.
+        assert_eq!(verifier.verify(&token, NOW + 90), Err(TokenError::Expired { seconds_ago: 0 }));
+        drop((a, b));
+        let again = verifier.verify(&token, NOW).expect("valid");
+        assert_eq!(again.all["sub"], json!(USER));
+        for i in 0..3000 {
+            let t = sign(Algorithm::HS256, None, &json!({"role": "anon", "n": i, "exp": NOW + 90}));
+            drop(verifier.verify(&t, NOW).expect("valid"));
+        }
+        let entries = verifier.keys.shared.lock().unwrap().by_payload.len();
+        assert!(entries <= 1024, "dead entries are pruned ({entries} kept)");
+        assert!(Arc::ptr_eq(&again.all, &verifier.verify(&token, NOW).expect("valid").all), "a live entry survives");
     }
 
     #[test]

@@ -75,7 +75,10 @@ pub struct Limits {
     pub max_connections: usize,
     /// The outbox of each socket.
     pub outbox: OutboxLimits,
-    /// tokio-tungstenite's read buffer per socket (allocated at the upgrade).
+    /// tokio-tungstenite's read buffer per socket (allocated at the upgrade,
+    /// kept for the socket's life) and the most bytes one `read` takes. A
+    /// larger frame still fits: the buffer grows to the frame's length and
+    /// is filled this many bytes per read.
     pub ws_read_buffer: usize,
     /// Frames are buffered until this many bytes or the batch's flush.
     pub ws_write_buffer: usize,
@@ -106,7 +109,10 @@ impl Default for Limits {
             write_timeout: Duration::from_secs(10),
             max_connections: 10_000,
             outbox: OutboxLimits::default(),
-            ws_read_buffer: 8 << 10,
+            // Client frames are small (heartbeats, joins, tokens): 2 KiB
+            // holds them in one read; 8 KiB cost 6 KiB more per idle
+            // socket (docs/benchmarks.md, E3), 1 KiB no less than 2 KiB.
+            ws_read_buffer: 2 << 10,
             ws_write_buffer: 32 << 10,
             max_sockets_per_user: 100,
             max_sockets_per_address: 1_000,

@@ -67,7 +67,8 @@ impl Session {
             return;
         };
         let (ack, room) = (channel.broadcast_ack, channel.room.clone());
-        if room.private && !self.may_write(topic, Extension::Broadcast).await {
+        // Boxed: the write check's query is rare (once per channel) and large.
+        if room.private && !Box::pin(self.may_write(topic, Extension::Broadcast)).await {
             // As Supabase: dropped without a reply, even with `ack` (the
             // client's push times out); counted and logged.
             return;

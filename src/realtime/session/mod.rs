@@ -282,7 +282,10 @@ struct Session {
     /// The upgrade's `x-*` headers (`request.headers` for the policies).
     headers: Arc<serde_json::Value>,
     outbox: Arc<Outbox>,
-    channels: HashMap<String, Channel>,
+    /// Boxed: a map's buckets hold 4 entries or more, so unboxed a
+    /// socket with one channel would carry room for three more Channels
+    /// (~800 bytes; docs/benchmarks.md, E3).
+    channels: HashMap<String, Box<Channel>>,
     joins: Bucket,
     /// Broadcasts this socket may still send (over all its channels).
     sends: Bucket,
@@ -337,6 +340,12 @@ pub async fn run<S>(
         // answers (TCP then slows the sender): never closed for its own
         // replies as long as it reads.
         let backlogged = session.outbox.replies_backlogged();
+        // One timer for the three deadlines (a token's expiry, the idle
+        // timeout, the backlog recheck): each `Sleep` is ~100 bytes of the
+        // connection's future. The branch below tells them apart, in the
+        // order separate branches would have had.
+        let recheck = backlogged.then(|| Instant::now() + REPLY_BACKLOG_RECHECK);
+        let wake = [expiry, recheck].into_iter().flatten().fold(idle_deadline, Instant::min);
         tokio::select! {
             biased;
             // 1. Server shutdown.
@@ -346,17 +355,19 @@ pub async fn run<S>(
                 writer_done = true;
                 break End::Peer;
             }
-            // 3. A channel's token expired.
-            () = tokio::time::sleep_until(expiry.unwrap_or(idle_deadline)), if expiry.is_some() => {
-                session.expire_channels().await;
-            }
-            // 4. Silence for the idle timeout.
-            () = tokio::time::sleep_until(idle_deadline) => {
-                break End::Close(CloseReason { code: 1000, reason: format!("no message for {}s (heartbeat timeout)", idle.as_secs()) });
-            }
-            // 5. Replies backlogged: look again shortly (the writer drains).
-            () = tokio::time::sleep(REPLY_BACKLOG_RECHECK), if backlogged => {
-                idle_deadline = Instant::now() + idle;
+            // 3–5. A deadline.
+            () = tokio::time::sleep_until(wake) => {
+                let now = Instant::now();
+                if expiry.is_some_and(|at| at <= now) {
+                    // 3. A channel's token expired.
+                    Box::pin(session.expire_channels()).await;
+                } else if idle_deadline <= now {
+                    // 4. Silence for the idle timeout.
+                    break End::Close(CloseReason { code: 1000, reason: format!("no message for {}s (heartbeat timeout)", idle.as_secs()) });
+                } else if backlogged {
+                    // 5. Replies backlogged: look again shortly (the writer drains).
+                    idle_deadline = now + idle;
+                }
             }
             // 6. A frame from the client.
             frame = stream.next(), if !backlogged => {
@@ -364,7 +375,12 @@ pub async fn run<S>(
                 match frame {
                     None => break End::Peer,
                     Some(Ok(frame)) => {
-                        if let Some(end) = session.frame(frame).await {
+                        // Boxed: handling a frame takes a few hundred bytes
+                        // of await state for a moment; inline, every idle
+                        // socket would hold them for its whole life. One
+                        // allocation per client message, next to the
+                        // message's own decoding.
+                        if let Some(end) = Box::pin(session.frame(frame)).await {
                             break end;
                         }
                     }
@@ -373,7 +389,7 @@ pub async fn run<S>(
             }
         }
     };
-    session.finish(end, (!writer_done).then_some(writer)).await;
+    Box::pin(session.finish(end, (!writer_done).then_some(writer))).await;
 }
 
 /// How often a session with backlogged replies looks whether the writer
@@ -476,10 +492,14 @@ impl Session {
             self.push(reply);
             return None;
         }
+        // The join, leave, access_token and presence paths are boxed: their
+        // awaits (authorization and replay queries, the hub's queue) are
+        // large and rare, and inline they would size every connection's
+        // future, which lives as long as the socket (docs/benchmarks.md, E3).
         match msg.event.as_str() {
-            "phx_join" => return self.join(msg).await,
-            "phx_leave" => self.leave(&msg).await,
-            "access_token" => self.access_token(&msg).await,
+            "phx_join" => return Box::pin(self.join(msg)).await,
+            "phx_leave" => Box::pin(self.leave(&msg)).await,
+            "access_token" => Box::pin(self.access_token(&msg)).await,
             _ if !self.channels.contains_key(&msg.topic) => {
                 self.push(protocol::reply(self.vsn, &msg, "error", json!({"reason": "unmatched topic"})));
             }
@@ -490,7 +510,7 @@ impl Session {
                 let message = rooms::Message::Text(&json);
                 self.broadcast(&msg.topic, msg.join_ref.as_deref(), msg.msg_ref.as_deref(), &message).await;
             }
-            "presence" => return self.presence(&msg).await,
+            "presence" => return Box::pin(self.presence(&msg)).await,
             _ => self.push(protocol::reply(self.vsn, &msg, "error", json!({"reason": "unknown event"}))),
         }
         None
@@ -756,7 +776,7 @@ impl Session {
         if presence_enabled && read.presence {
             self.ctx.rooms.presence_state(&channel.room, self.conn);
         }
-        self.channels.insert(msg.topic, channel);
+        self.channels.insert(msg.topic, Box::new(channel));
         self.ctx.stats.channels_open.fetch_add(1, Ordering::Relaxed);
         None
     }
@@ -990,11 +1010,12 @@ async fn write_loop<S>(
                 // Both steps, whatever the first gives: after the peer's own
                 // close, `send` fails but `close` still flushes tungstenite's
                 // automatic close reply.
-                let sent = tokio::time::timeout(write_timeout, async {
+                // Boxed: once per socket, and not part of the idle writer's size.
+                let sent = Box::pin(tokio::time::timeout(write_timeout, async {
                     let sent = sink.send(WsMessage::Close(Some(frame))).await;
                     let closed = sink.close().await;
                     sent.and(closed)
-                })
+                }))
                 .await;
                 if !matches!(sent, Ok(Ok(()))) && reason.code == 1013 {
                     ctx.stats.close_frames_dropped.fetch_add(1, Ordering::Relaxed);
@@ -1039,4 +1060,40 @@ fn plan_notices(policies: &crate::policy::PolicySet, role: &str, bindings: &[cra
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future an async fn of seven arguments returns,
+    /// without calling it.
+    fn future_size7<A, B, C, D, E, G, H, F>(_: &impl FnOnce(A, B, C, D, E, G, H) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// The same for three arguments.
+    fn future_size3<A, B, C, F>(_: &impl FnOnce(A, B, C) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every open socket holds a `run` future and a `write_loop` future for
+    /// its whole life, sized for their largest await state: a large await
+    /// added inline (a query, the hub's queue, a timer) must be boxed, or
+    /// every idle socket pays for it (docs/benchmarks.md, E3: `run` was
+    /// 5,592 bytes before the join, token and frame paths were boxed). The
+    /// bounds are the unoptimized build's sizes plus ~20 %.
+    #[test]
+    fn connection_futures_stay_small() {
+        type S = tokio::net::TcpStream;
+        let (run, write) = (future_size7(&run::<S>), future_size3(&write_loop::<S>));
+        eprintln!("run: {run} B, write_loop: {write} B");
+        assert!(run <= RUN_FUTURE_MAX, "session::run's future is {run} bytes (bound {RUN_FUTURE_MAX})");
+        assert!(write <= WRITE_FUTURE_MAX, "write_loop's future is {write} bytes (bound {WRITE_FUTURE_MAX})");
+    }
+
+    /// Bound of [`run`]'s future (unoptimized: 1,072 bytes).
+    const RUN_FUTURE_MAX: usize = 1280;
+    /// Bound of [`write_loop`]'s future (unoptimized: 664 bytes).
+    const WRITE_FUTURE_MAX: usize = 800;
 }
