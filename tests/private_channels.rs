@@ -300,3 +300,35 @@ async fn private_presence_and_http_follow_the_policies() {
     }
     t.server.shutdown().await.unwrap();
 }
+
+/// The Python client (1.0.0) on a private channel: a member joins and
+/// receives a writer's broadcast; a stranger's join is refused with
+/// Supabase's text.
+#[tokio::test]
+async fn python_private_channels() {
+    let t = TestServer::with_setup(&schema()).await;
+    let url = format!("http://{}", t.addr());
+    let (writer, member, stranger) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    t.client
+        .execute(
+            "insert into public.room_members (user_id, room, can_write) values ($1, 'room-1', true), ($2, 'room-1', false)",
+            &[&writer, &member],
+        )
+        .await
+        .unwrap();
+    let mut py = Driver::start("py", Kind::Python, &url, &anon()).await;
+    assert_eq!(join(&mut py, "room-1", &user(member), true, false).await["status"], "SUBSCRIBED");
+    let mut w = driver("writer", &url, "2.0.0").await;
+    assert_eq!(join(&mut w, "room-1", &user(writer), true, true).await["status"], "SUBSCRIBED");
+    assert_eq!(send(&mut w, "room-1", "hello").await, "ok");
+    let got = received(&mut py, "room-1", "hello").await;
+    assert_eq!(got["message"]["payload"], json!({"event": "hello"}));
+    let mut out = Driver::start("py-stranger", Kind::Python, &url, &anon()).await;
+    let refused = join(&mut out, "room-1", &user(stranger), true, false).await;
+    assert_eq!(refused["status"], "CHANNEL_ERROR", "{refused}");
+    assert!(
+        refused.to_string().contains("You do not have permissions to read from this Channel topic: room-1"),
+        "{refused}"
+    );
+    t.server.shutdown().await.unwrap();
+}

@@ -233,6 +233,8 @@ class Driver:
             raise ValueError('broadcast_subscribe needs "channel"')
         if handle in self.channels:
             raise ValueError(f"channel {handle} already exists")
+        if "token" in cmd:
+            await self.client.set_auth(cmd["token"])
         params: dict[str, Any] = {
             "config": {"broadcast": {"self": bool(cmd.get("self")), "ack": bool(cmd.get("ack"))}}
         }
