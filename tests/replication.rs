@@ -164,10 +164,9 @@ async fn an_idle_publication_does_not_hold_wal_back() {
     });
     let drain = tokio::spawn(async move {
         let mut data = 0;
-        while let Some(event) = rx.recv().await {
-            if matches!(event, WalEvent::XLogData { .. }) {
-                data += 1;
-            }
+        while let Some(batch) = rx.recv().await {
+            let batch: Vec<WalEvent> = batch;
+            data += batch.iter().filter(|event| matches!(event, WalEvent::XLogData { .. })).count();
         }
         data
     });
@@ -370,19 +369,23 @@ fn collect_source(url: &str, slot: &str) -> Collector {
                     starts2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     pending.clear();
                 }
-                SourceEvent::Wal(WalEvent::XLogData { data, .. }) => match decode(&data).unwrap() {
-                    Message::Insert(insert) => {
-                        if let Some(TupleValue::Text(id)) = insert.new.columns.first() {
-                            pending.push(String::from_utf8(id.to_vec()).unwrap());
+                SourceEvent::Wal(batch) => {
+                    for event in batch {
+                        let WalEvent::XLogData { data, .. } = event else { continue };
+                        match decode(&data).unwrap() {
+                            Message::Insert(insert) => {
+                                if let Some(TupleValue::Text(id)) = insert.new.columns.first() {
+                                    pending.push(String::from_utf8(id.to_vec()).unwrap());
+                                }
+                            }
+                            Message::Commit(commit) => {
+                                ids2.lock().unwrap().extend(pending.drain(..));
+                                ack.ack(commit.end_lsn);
+                            }
+                            _ => {}
                         }
                     }
-                    Message::Commit(commit) => {
-                        ids2.lock().unwrap().extend(pending.drain(..));
-                        ack.ack(commit.end_lsn);
-                    }
-                    _ => {}
-                },
-                SourceEvent::Wal(WalEvent::Keepalive { .. }) => {}
+                }
             }
         }
     });
