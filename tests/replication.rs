@@ -164,10 +164,9 @@ async fn an_idle_publication_does_not_hold_wal_back() {
     });
     let drain = tokio::spawn(async move {
         let mut data = 0;
-        while let Some(event) = rx.recv().await {
-            if matches!(event, WalEvent::XLogData { .. }) {
-                data += 1;
-            }
+        while let Some(batch) = rx.recv().await {
+            let batch: Vec<WalEvent> = batch;
+            data += batch.iter().filter(|event| matches!(event, WalEvent::XLogData { .. })).count();
         }
         data
     });
@@ -370,19 +369,23 @@ fn collect_source(url: &str, slot: &str) -> Collector {
                     starts2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     pending.clear();
                 }
-                SourceEvent::Wal(WalEvent::XLogData { data, .. }) => match decode(&data).unwrap() {
-                    Message::Insert(insert) => {
-                        if let Some(TupleValue::Text(id)) = insert.new.columns.first() {
-                            pending.push(String::from_utf8(id.to_vec()).unwrap());
+                SourceEvent::Wal(batch) => {
+                    for event in batch {
+                        let WalEvent::XLogData { data, .. } = event else { continue };
+                        match decode(&data).unwrap() {
+                            Message::Insert(insert) => {
+                                if let Some(TupleValue::Text(id)) = insert.new.columns.first() {
+                                    pending.push(String::from_utf8(id.to_vec()).unwrap());
+                                }
+                            }
+                            Message::Commit(commit) => {
+                                ids2.lock().unwrap().extend(pending.drain(..));
+                                ack.ack(commit.end_lsn);
+                            }
+                            _ => {}
                         }
                     }
-                    Message::Commit(commit) => {
-                        ids2.lock().unwrap().extend(pending.drain(..));
-                        ack.ack(commit.end_lsn);
-                    }
-                    _ => {}
-                },
-                SourceEvent::Wal(WalEvent::Keepalive { .. }) => {}
+                }
             }
         }
     });
@@ -489,4 +492,84 @@ async fn a_restarted_consumer_resumes_after_its_last_ack() {
     assert!(seen.is_disjoint(&batch1), "a transaction acknowledged before the stop was sent again");
     second.stop.cancel();
     second.task.await.unwrap().unwrap();
+}
+
+/// A backlog is handed on in batches (many messages per hand-off), in order,
+/// and batching does not change the acknowledgement rule: the slot moves to
+/// the acknowledged Commit and no further, though later transactions of the
+/// same batches were received.
+#[tokio::test]
+async fn a_backlog_arrives_in_ordered_batches_and_the_slot_moves_only_to_the_acknowledged_commit() {
+    let (db, client) = migrated_db().await;
+    let d = create_dealership(&client, "BATCH").await;
+    let u = create_user(&client, "b@example.com").await;
+    let slot = format!("{}_s", db.name());
+    let mut conn = wal_connect(db.url()).await;
+    let created = conn.create_slot(&slot, false).await.unwrap();
+    for _ in 0..3 {
+        client
+            .execute(
+                "insert into public.orders (dealership_id, type, customer_info, created_by)
+                 select $1, 'sales', jsonb_build_object('n', g), $2 from generate_series(1, 1000) g",
+                &[&d, &u],
+            )
+            .await
+            .unwrap();
+    }
+    conn.start_replication(&SlotOptions::new(&slot, "supabase_realtime"), Lsn::ZERO).await.unwrap();
+    let ack = AckHandle::new(created.consistent_point);
+    let config = StreamConfig { status_interval: Duration::from_millis(100), ..StreamConfig::default() };
+    let mut stream = ReplicationStream::new(conn, ack.clone(), config, created.consistent_point);
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let stop2 = stop.clone();
+    let pump = tokio::spawn(async move { stream.pump(&tx, &stop2).await });
+
+    let (mut tags, mut ends, mut largest) = (Vec::new(), Vec::new(), 0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while ends.len() < 3 {
+        let batch: Vec<WalEvent> =
+            tokio::time::timeout_at(deadline, rx.recv()).await.expect("three commits in time").expect("pump open");
+        assert!(!batch.is_empty(), "a batch is never empty");
+        largest = largest.max(batch.len());
+        for event in &batch {
+            let WalEvent::XLogData { data, .. } = event else { continue };
+            tags.push(data[0]);
+            if data[0] == b'C' {
+                ends.push(walcast::replication::progress::commit_end(data).unwrap());
+            }
+        }
+    }
+    assert!(largest > 1, "a backlog of 3,000 rows came one message per hand-off");
+    // Order: each transaction is Begin, its (at least) 1,000 Inserts, Commit
+    // (Relation and Type messages, and changes other tables' triggers make,
+    // left aside).
+    let text: String = tags.iter().filter(|t| matches!(t, b'B' | b'I' | b'C')).map(|&t| t as char).collect();
+    let transactions: Vec<&str> = text.split_terminator('C').collect();
+    assert_eq!(transactions.len(), 3, "{} messages", text.len());
+    for t in transactions {
+        assert!(t.starts_with('B') && t[1..].chars().all(|c| c == 'I') && t.len() > 1000, "{} messages", t.len());
+    }
+    assert!(ends[0] < ends[1] && ends[1] < ends[2]);
+
+    // Only the first transaction acknowledged: the slot reaches it, not more.
+    ack.ack(ends[0]);
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while confirmed_flush(&client, &slot).await < ends[0] {
+        assert!(tokio::time::Instant::now() < until, "slot never reached the acknowledged commit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Several status intervals later it still has not passed it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let at = confirmed_flush(&client, &slot).await;
+    assert!(at >= ends[0] && at < ends[1], "slot at {at}, acknowledged {}, next commit {}", ends[0], ends[1]);
+
+    ack.ack(ends[2]);
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while confirmed_flush(&client, &slot).await < ends[2] {
+        assert!(tokio::time::Instant::now() < until, "slot never reached the last acknowledged commit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    let _ = pump.await;
 }

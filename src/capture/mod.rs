@@ -414,7 +414,7 @@ pub async fn record<W: Write + Send>(
     let mut writer = Some(writer);
     let mut report = RecordReport::default();
     let deadline = limits.duration.map(|d| tokio::time::Instant::now() + d);
-    let result = loop {
+    let result = 'record: loop {
         let event = tokio::select! {
             biased;
             () = shutdown.cancelled() => break Ok(()),
@@ -442,27 +442,29 @@ pub async fn record<W: Write + Send>(
                     }
                 }
             }
-            SourceEvent::Wal(event) => {
+            SourceEvent::Wal(batch) => {
                 let Some(w) = capture.as_mut() else { continue };
-                if let Err(err) = w.write(&event) {
-                    break Err(RecordError::Capture(err));
-                }
-                report.records += 1;
-                if let WalEvent::XLogData { data, .. } = &event {
-                    report.bytes += data.len() as u64;
-                    // Only a Commit needs decoding here (its end_lsn is acknowledged).
-                    let commit = match data.first() {
-                        Some(b'C') => crate::pgoutput::decode(data).ok(),
-                        _ => None,
-                    };
-                    if let Some(crate::pgoutput::Message::Commit(commit)) = commit {
-                        if let Err(err) = w.out.flush() {
-                            break Err(RecordError::Capture(err.into()));
-                        }
-                        ack.ack(commit.end_lsn);
-                        report.transactions += 1;
-                        if limits.max_transactions.is_some_and(|max| report.transactions >= max) {
-                            break Ok(());
+                for event in batch {
+                    if let Err(err) = w.write(&event) {
+                        break 'record Err(RecordError::Capture(err));
+                    }
+                    report.records += 1;
+                    if let WalEvent::XLogData { data, .. } = &event {
+                        report.bytes += data.len() as u64;
+                        // Only a Commit needs decoding here (its end_lsn is acknowledged).
+                        let commit = match data.first() {
+                            Some(b'C') => crate::pgoutput::decode(data).ok(),
+                            _ => None,
+                        };
+                        if let Some(crate::pgoutput::Message::Commit(commit)) = commit {
+                            if let Err(err) = w.out.flush() {
+                                break 'record Err(RecordError::Capture(err.into()));
+                            }
+                            ack.ack(commit.end_lsn);
+                            report.transactions += 1;
+                            if limits.max_transactions.is_some_and(|max| report.transactions >= max) {
+                                break 'record Ok(());
+                            }
                         }
                     }
                 }

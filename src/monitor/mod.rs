@@ -692,7 +692,7 @@ impl Monitor {
         queue(
             &mut w,
             "walcast_source_queue_events",
-            "Events queued between replication and the change stage.",
+            "Events (batches of WAL messages) queued between replication and the change stage.",
             self.queues.source(),
         );
         queue(

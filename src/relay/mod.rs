@@ -2,7 +2,7 @@
 //! channels, plus the one-time membership load.
 //!
 //! ```text
-//!  run_source ──SourceEvent (256)──▶ change stage ──Vec<StageEvent> (64)──▶ Hub ──▶ outboxes
+//!  run_source ──SourceEvent (16)───▶ change stage ──Vec<StageEvent> (64)──▶ Hub ──▶ outboxes
 //!      ▲                              │ Snapshot: load memberships in the slot's snapshot
 //!      │                              │ Started:  reset assembler; first start on an existing
 //!      │                              │           slot: load memberships now (catch-up window)
@@ -55,6 +55,7 @@ use crate::policy::{self, PolicyError};
 use crate::realtime::messages::{DbBroadcastStats, DbMessage};
 use crate::replication::{
     run_source, AckHandle, ReplicationError, ReplicationStatus, SourceConfig, SourceEvent, WalEvent,
+    SOURCE_QUEUE_BATCHES,
 };
 use crate::spill::{Spill, SpillConfig, SpillError, SpillStats};
 
@@ -159,7 +160,7 @@ pub struct RelayQueues {
 
 impl RelayQueues {
     /// `(queued, capacity)` of the replication → change stage channel
-    /// (events); `None` once it closed.
+    /// (events, each a batch of WAL messages); `None` once it closed.
     pub fn source(&self) -> Option<(usize, usize)> {
         self.source.upgrade().map(|tx| (tx.max_capacity() - tx.capacity(), tx.max_capacity()))
     }
@@ -238,7 +239,7 @@ impl Relay {
             verdicts_tx,
         );
         hub.attach_fallback(fallback, verdicts_rx);
-        let (source_tx, source_rx) = mpsc::channel(256);
+        let (source_tx, source_rx) = mpsc::channel(SOURCE_QUEUE_BATCHES);
         let (stage_tx, stage_rx) = mpsc::channel(64);
         let queues = RelayQueues {
             source: source_tx.downgrade(),
@@ -505,41 +506,49 @@ async fn change_stage(
                     batch.push(StageEvent::Policies(Box::new(loaded_now)));
                 }
             }
-            SourceEvent::Wal(WalEvent::XLogData { data, .. }) => {
-                let mut result = assembler.push(&data, &mut events);
-                let mut wait = DISK_WAIT_START;
-                while let Err(err) = result {
-                    if !err.is_disk_budget() {
-                        tracing::error!(error = %err, "change stage stopped");
-                        return Err(err.into());
+            SourceEvent::Wal(wal_batch) => {
+                for wal in wal_batch {
+                    let WalEvent::XLogData { data, .. } = wal else { continue };
+                    let mut result = assembler.push(&data, &mut events);
+                    let mut wait = DISK_WAIT_START;
+                    while let Err(err) = result {
+                        if !err.is_disk_budget() {
+                            tracing::error!(error = %err, "change stage stopped");
+                            return Err(err.into());
+                        }
+                        if last_disk_warning.is_none_or(|at| at.elapsed() >= DISK_WARN_INTERVAL) {
+                            tracing::warn!(error = %err, "spill disk budget reached; pausing replication until it frees");
+                            last_disk_warning = Some(tokio::time::Instant::now());
+                        }
+                        // Hand on what is done, then pause. Shutdown stops the hub
+                        // (closing `output`), and the source's end closes `input`.
+                        follow.forward(&mut events, &mut batch).await?;
+                        if !send_batch(&output, &mut batch).await || output.is_closed() || input.is_closed() {
+                            return Ok(());
+                        }
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(DISK_WAIT_MAX);
+                        result = assembler.resume();
                     }
-                    if last_disk_warning.is_none_or(|at| at.elapsed() >= DISK_WARN_INTERVAL) {
-                        tracing::warn!(error = %err, "spill disk budget reached; pausing replication until it frees");
-                        last_disk_warning = Some(tokio::time::Instant::now());
-                    }
-                    // Hand on what is done, then pause. Shutdown stops the hub
-                    // (closing `output`), and the source's end closes `input`.
                     follow.forward(&mut events, &mut batch).await?;
-                    if !send_batch(&output, &mut batch).await || output.is_closed() || input.is_closed() {
-                        return Ok(());
+                    while assembler.has_pending() {
+                        if batch.len() >= BATCH && !send_batch(&output, &mut batch).await {
+                            return Ok(());
+                        }
+                        if let Err(err) = assembler.drain_pending(&mut events, BATCH.saturating_sub(batch.len()).max(1))
+                        {
+                            tracing::error!(error = %err, "change stage stopped");
+                            return Err(err.into());
+                        }
+                        follow.forward(&mut events, &mut batch).await?;
                     }
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(DISK_WAIT_MAX);
-                    result = assembler.resume();
-                }
-                follow.forward(&mut events, &mut batch).await?;
-                while assembler.has_pending() {
+                    // A source batch may hold many transactions: the hub's
+                    // batches stay at most about BATCH events all the same.
                     if batch.len() >= BATCH && !send_batch(&output, &mut batch).await {
                         return Ok(());
                     }
-                    if let Err(err) = assembler.drain_pending(&mut events, BATCH.saturating_sub(batch.len()).max(1)) {
-                        tracing::error!(error = %err, "change stage stopped");
-                        return Err(err.into());
-                    }
-                    follow.forward(&mut events, &mut batch).await?;
                 }
             }
-            SourceEvent::Wal(WalEvent::Keepalive { .. }) => {}
         }
         if !batch.is_empty() && (batch.len() >= BATCH || input.is_empty()) {
             if !send_batch(&output, &mut batch).await {

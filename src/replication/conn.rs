@@ -488,6 +488,28 @@ impl WalConnection {
         }
     }
 
+    /// The next message if it can be had without waiting: a complete frame
+    /// already buffered, or one that a single read the socket answers at
+    /// once completes. `None` when the socket has nothing ready (the bytes a
+    /// read did bring stay buffered for the next call).
+    ///
+    /// # Errors
+    /// I/O, EOF, or a malformed frame.
+    pub(crate) fn read_ready(&mut self) -> Result<Option<Backend>, ReplicationError> {
+        if let Some(msg) = self.try_parse()? {
+            return Ok(Some(msg));
+        }
+        self.read_buf.reserve(64 * 1024);
+        // `read_buf` is cancel-safe: polled once and dropped when pending, it
+        // has read nothing.
+        match futures::FutureExt::now_or_never(self.socket.read_buf(&mut self.read_buf)) {
+            None => Ok(None),
+            Some(Ok(0)) => Err(ReplicationError::Eof),
+            Some(Ok(_)) => self.try_parse(),
+            Some(Err(err)) => Err(err.into()),
+        }
+    }
+
     /// Parses one complete frame from the read buffer, if there is one.
     fn try_parse(&mut self) -> Result<Option<Backend>, ReplicationError> {
         if self.read_buf.len() < 5 {

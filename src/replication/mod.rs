@@ -65,6 +65,7 @@
 
 pub mod conn;
 pub mod heartbeat;
+pub mod progress;
 pub mod slot;
 pub mod source;
 pub mod status;
@@ -72,7 +73,7 @@ pub mod stream;
 
 pub use conn::{QueryResult, WalConnection};
 pub use slot::{CreatedSlot, SlotOptions, SystemIdentity};
-pub use source::{run_source, SnapshotLease, SourceConfig, SourceEvent};
+pub use source::{run_source, SnapshotLease, SourceConfig, SourceEvent, SOURCE_QUEUE_BATCHES};
 pub use status::{Lag, ReplicationStatus, SourceState};
 pub use stream::{AckHandle, ReplicationStream, StreamConfig, WalEvent};
 

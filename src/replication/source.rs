@@ -42,6 +42,12 @@ const BACKOFF_START: Duration = Duration::from_millis(100);
 /// Longest retry delay.
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
+/// The capacity (in [`SourceEvent`]s, each up to a batch of
+/// [`BATCH_MESSAGES`](super::stream::BATCH_MESSAGES) messages or
+/// [`BATCH_BYTES`](super::stream::BATCH_BYTES)) the relay gives the channel
+/// into which [`run_source`] sends: about 4 MiB of pgoutput in flight.
+pub const SOURCE_QUEUE_BATCHES: usize = 16;
+
 /// What the source task is told to do.
 #[derive(Debug, Clone)]
 pub struct SourceConfig {
@@ -137,8 +143,9 @@ pub enum SourceEvent {
         /// The walsender's process id.
         pid: i32,
     },
-    /// A message from the walsender.
-    Wal(WalEvent),
+    /// Messages from the walsender, in the order received: what had arrived
+    /// together (see [`ReplicationStream::next_batch`]), never empty.
+    Wal(Vec<WalEvent>),
 }
 
 /// Runs until shutdown or a definite error. Acknowledgements from downstream
@@ -287,22 +294,9 @@ async fn stream_once(
     // Streaming works again: the next interruption starts from a short delay.
     *backoff = BACKOFF_START;
     let mut stream = ReplicationStream::new(conn, ack.clone(), config.stream.clone(), confirmed);
-    let (tx, mut rx) = mpsc::channel::<WalEvent>(1);
-    // Forward through a one-slot channel so the stream keeps answering its
-    // status timer while `out` is full.
-    let pump = async {
-        let result = stream.pump(&tx, shutdown).await;
-        drop(tx);
-        result
-    };
-    let forward = async {
-        while let Some(event) = rx.recv().await {
-            if out.send(SourceEvent::Wal(event)).await.is_err() {
-                return;
-            }
-        }
-    };
-    let (result, ()) = tokio::join!(pump, forward);
+    // Straight into `out`, a batch per hand-off: the stream keeps answering
+    // its status timer while `out` is full (see `ReplicationStream::pump`).
+    let result = stream.pump_into(out, SourceEvent::Wal, shutdown).await;
     match result {
         Err(ReplicationError::Shutdown) => {
             // Best effort: tell the server where we are and close cleanly.

@@ -193,11 +193,13 @@ impl ReplicationStatus {
 
     /// What the slot may be told is flushed now (the stream's rule).
     pub fn processed(&self) -> Lsn {
-        let acked = self.acked.load(Ordering::Acquire);
-        let idle =
-            !self.in_transaction.load(Ordering::Relaxed) && acked >= self.last_commit_end.load(Ordering::Relaxed);
-        let processed = if idle { acked.max(self.keepalive_end.load(Ordering::Relaxed)) } else { acked };
-        Lsn(processed.max(self.reported_flush.load(Ordering::Relaxed)))
+        super::progress::flush_position(
+            Lsn(self.acked.load(Ordering::Acquire)),
+            self.in_transaction.load(Ordering::Relaxed),
+            Lsn(self.last_commit_end.load(Ordering::Relaxed)),
+            Lsn(self.keepalive_end.load(Ordering::Relaxed)),
+            Lsn(self.reported_flush.load(Ordering::Relaxed)),
+        )
     }
 
     fn is_behind(&self) -> bool {

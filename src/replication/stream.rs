@@ -11,7 +11,11 @@
 //!   when a keepalive asks for a reply, and at once when the stream starts
 //!   with an acknowledgement the slot has not been told yet (after a
 //!   reconnect);
-//! - messages are passed on in the order received; nothing is dropped;
+//! - messages are passed on in the order received, in batches of what had
+//!   already arrived ([`ReplicationStream::next_batch`]: one hand-off and
+//!   one wake-up downstream per batch); a batch waits for more only deep
+//!   inside a large transaction, at most one [`COALESCE_WAIT`] tick, never
+//!   once its transaction's Commit is in it; nothing is dropped;
 //! - a [`ReplicationStream::next`] call that receives nothing at all for
 //!   [`StreamConfig::silence_timeout`] fails with
 //!   [`ReplicationError::Silent`] (a status write stuck on a dead path
@@ -35,9 +39,35 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::conn::Backend;
+use super::progress::Progress;
 use super::status::ReplicationStatus;
 use super::{ReplicationError, WalConnection};
 use crate::lsn::Lsn;
+
+/// Most messages [`ReplicationStream::next_batch`] puts in one batch.
+pub const BATCH_MESSAGES: usize = 512;
+/// Payload bytes after which [`ReplicationStream::next_batch`] ends a batch:
+/// with the source's queue of [`SOURCE_QUEUE_BATCHES`](super::SOURCE_QUEUE_BATCHES)
+/// batches, what waits between the source and the change stage stays near
+/// a few MiB (plus one message of any size per batch).
+pub const BATCH_BYTES: usize = 256 * 1024;
+
+/// How long [`ReplicationStream::next_batch`] waits, once per batch, for
+/// more of a large transaction when what had arrived makes a small batch
+/// (tokio's timer rounds it up to its 1 ms tick).
+pub const COALESCE_WAIT: Duration = Duration::from_micros(500);
+/// Messages of one transaction (or stream block) after which batches of it
+/// may wait [`COALESCE_WAIT`]: transactions smaller than this are handed on
+/// as they arrive.
+pub const COALESCE_AFTER: u64 = 256;
+
+/// A message's payload size, for [`BATCH_BYTES`].
+fn event_bytes(event: &WalEvent) -> usize {
+    match event {
+        WalEvent::XLogData { data, .. } => data.len(),
+        WalEvent::Keepalive { .. } => 0,
+    }
+}
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01 UTC).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
@@ -130,14 +160,11 @@ pub struct ReplicationStream {
     received: Lsn,
     /// Last `flush` reported; never reported lower again.
     reported_flush: Lsn,
-    /// Last keepalive `wal_end`.
-    keepalive_end: Lsn,
-    /// Between a Begin and its Commit.
-    in_transaction: bool,
-    /// Between a Stream Start and its Stream Stop (protocol 2).
-    in_stream_block: bool,
-    /// `end_lsn` of the last Commit (or Stream Commit) received.
-    last_commit_end: Lsn,
+    /// Transaction boundaries and keepalives seen: the acknowledgement rule.
+    progress: Progress,
+    /// XLogData messages since the last Begin or Stream Start (see
+    /// [`COALESCE_AFTER`]).
+    tx_messages: u64,
     next_status: Instant,
 }
 
@@ -160,10 +187,8 @@ impl ReplicationStream {
             config,
             received: confirmed,
             reported_flush: confirmed,
-            keepalive_end: Lsn::ZERO,
-            in_transaction: false,
-            in_stream_block: false,
-            last_commit_end: confirmed,
+            progress: Progress::new(confirmed),
+            tx_messages: 0,
         }
     }
 
@@ -229,18 +254,21 @@ impl ReplicationStream {
                 }
                 Ok(msg) => msg?,
             };
-            match msg {
-                Backend::CopyData(payload) => {
-                    if let Some(event) = self.on_copy_data(payload).await? {
-                        return Ok(event);
-                    }
-                }
-                Backend::CopyDone => return Err(ReplicationError::Eof),
-                Backend::Other(postgres_protocol::message::backend::Message::ErrorResponse(body)) => {
-                    return Err(super::PgError::from_body(&body)?.into())
-                }
-                Backend::Other(_) | Backend::CopyBoth => {}
+            if let Some(event) = self.on_backend(msg).await? {
+                return Ok(event);
             }
+        }
+    }
+
+    /// One backend message: the event it carries, if any.
+    async fn on_backend(&mut self, msg: Backend) -> Result<Option<WalEvent>, ReplicationError> {
+        match msg {
+            Backend::CopyData(payload) => self.on_copy_data(payload).await,
+            Backend::CopyDone => Err(ReplicationError::Eof),
+            Backend::Other(postgres_protocol::message::backend::Message::ErrorResponse(body)) => {
+                Err(super::PgError::from_body(&body)?.into())
+            }
+            Backend::Other(_) | Backend::CopyBoth => Ok(None),
         }
     }
 
@@ -269,7 +297,7 @@ impl ReplicationStream {
                 let wal_end = Lsn(read_u64(&payload[1..9]));
                 let send_time = read_u64(&payload[9..17]) as i64;
                 let reply = payload[17] != 0;
-                self.keepalive_end = self.keepalive_end.max(wal_end);
+                self.progress.on_keepalive(wal_end);
                 self.received = self.received.max(wal_end);
                 self.ack.status().on_keepalive(wal_end, self.received);
                 if reply {
@@ -291,7 +319,7 @@ impl ReplicationStream {
     /// old.
     fn on_logical_message(&mut self, data: &Bytes, position: Lsn) {
         // Position 0 marks a message that is not the last of its change: no progress to take.
-        if data.first() != Some(&b'M') || self.in_transaction || self.in_stream_block || position == Lsn::ZERO {
+        if data.first() != Some(&b'M') || !self.progress.outside_transactions() || position == Lsn::ZERO {
             return;
         }
         let Ok(crate::pgoutput::Message::LogicalMessage(message)) = crate::pgoutput::decode(data) else { return };
@@ -301,43 +329,25 @@ impl ReplicationStream {
         if message.prefix == super::heartbeat::HEARTBEAT_PREFIX {
             self.ack.status().count_heartbeat_received();
         }
-        self.keepalive_end = self.keepalive_end.max(position);
+        self.progress.on_keepalive(position);
         self.ack.status().on_keepalive(position, self.received);
     }
 
-    /// Follows transaction boundaries from the pgoutput tag (by position:
-    /// these are top-level message types).
+    /// Follows transaction boundaries (see [`Progress::on_pgoutput`]) and
+    /// publishes them to the status snapshot.
     fn track_transaction(&mut self, data: &[u8]) {
-        match data.first() {
-            Some(b'S') => {
-                self.in_stream_block = true;
-                return;
-            }
-            Some(b'E') => {
-                self.in_stream_block = false;
-                return;
-            }
-            Some(b'B') => self.in_transaction = true,
-            // Commit: flags(1) commit_lsn(8) end_lsn(8)
-            Some(b'C') if data.len() >= 18 => {
-                self.in_transaction = false;
-                self.last_commit_end = self.last_commit_end.max(Lsn(read_u64(&data[10..18])));
-            }
-            // Stream Commit: xid(4) flags(1) commit_lsn(8) end_lsn(8)
-            Some(b'c') if data.len() >= 22 => {
-                self.last_commit_end = self.last_commit_end.max(Lsn(read_u64(&data[14..22])));
-            }
-            _ => return,
+        self.tx_messages = match data.first() {
+            Some(b'B' | b'S') => 0,
+            _ => self.tx_messages.saturating_add(1),
+        };
+        if self.progress.on_pgoutput(data) {
+            self.ack.status().on_transaction(self.progress.in_transaction, self.progress.last_commit_end);
         }
-        self.ack.status().on_transaction(self.in_transaction, self.last_commit_end);
     }
 
-    /// The `flush` position to report now.
+    /// The `flush` position to report now (the rule: [`Progress::flush`]).
     fn flush_position(&self) -> Lsn {
-        let acked = self.ack.acked();
-        let idle = !self.in_transaction && acked >= self.last_commit_end;
-        let flush = if idle { acked.max(self.keepalive_end) } else { acked };
-        flush.max(self.reported_flush)
+        self.progress.flush(self.ack.acked(), self.reported_flush)
     }
 
     /// Sends a standby status update now.
@@ -368,16 +378,89 @@ impl ReplicationStream {
         self.reported_flush
     }
 
-    /// Moves messages into `out` until shutdown or an error, answering the
-    /// status timer also while `out` is full, so backpressure never starves the
-    /// server of feedback.
+    /// The next batch of messages, appended to `batch`: waits for the first
+    /// as [`ReplicationStream::next`] does (status timer, silence deadline),
+    /// then takes every further message already received — buffered, or
+    /// readable from the socket without waiting — up to
+    /// [`BATCH_MESSAGES`] messages or [`BATCH_BYTES`] of payload (a single
+    /// larger message is a batch of its own). One wake-up downstream per
+    /// batch instead of one per message is what keeps a backlog's drain
+    /// cheap. Only inside a transaction that has already sent
+    /// [`COALESCE_AFTER`] messages does a batch wait, once, one
+    /// [`COALESCE_WAIT`] tick for more (before or after reading); a batch
+    /// holding its transaction's Commit is handed on without waiting, so a
+    /// Commit arrives at most one tick later than it would have.
+    ///
+    /// # Errors
+    /// As [`ReplicationStream::next`]; messages appended before the error
+    /// stay in `batch`.
+    pub async fn next_batch(&mut self, batch: &mut Vec<WalEvent>) -> Result<(), ReplicationError> {
+        let mut bytes = 0;
+        // Mid-way through a large transaction, more is certainly coming:
+        // waiting a tick before reading (rather than waking at its first
+        // byte) lets a whole batch gather for one wake-up.
+        let mut coalesced = self.coalescing();
+        if coalesced {
+            tokio::time::sleep(COALESCE_WAIT).await;
+        }
+        let first = self.next().await?;
+        bytes += event_bytes(&first);
+        batch.push(first);
+        loop {
+            while batch.len() < BATCH_MESSAGES && bytes < BATCH_BYTES {
+                let Some(msg) = self.conn.read_ready()? else { break };
+                if let Some(event) = self.on_backend(msg).await? {
+                    bytes += event_bytes(&event);
+                    batch.push(event);
+                }
+            }
+            let full = batch.len() >= BATCH_MESSAGES || bytes >= BATCH_BYTES;
+            if full || coalesced || !self.coalescing() {
+                return Ok(());
+            }
+            // Deep inside a large transaction the walsender is replaying
+            // committed WAL message by message: waiting a tick lets a batch
+            // gather instead of waking both stages per message, and delays
+            // nothing a client could see sooner (the transaction's Commit is
+            // still to come; it arrives at most one tick later).
+            coalesced = true;
+            tokio::time::sleep(COALESCE_WAIT).await;
+        }
+    }
+
+    /// Whether [`ReplicationStream::next_batch`] may wait for more: inside a
+    /// transaction (or stream block) that has already sent
+    /// [`COALESCE_AFTER`] messages, so small transactions never wait.
+    fn coalescing(&self) -> bool {
+        !self.progress.outside_transactions() && self.tx_messages >= COALESCE_AFTER
+    }
+
+    /// Moves batches of messages ([`ReplicationStream::next_batch`]) into
+    /// `out` until shutdown or an error, answering the status timer also
+    /// while `out` is full, so backpressure never starves the server of
+    /// feedback.
     ///
     /// # Errors
     /// [`ReplicationError::Shutdown`] when `shutdown` fires (after a final
     /// status update), or the stream's error.
     pub async fn pump(
         &mut self,
-        out: &mpsc::Sender<WalEvent>,
+        out: &mpsc::Sender<Vec<WalEvent>>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ReplicationError> {
+        self.pump_into(out, |batch| batch, shutdown).await
+    }
+
+    /// As [`ReplicationStream::pump`], each batch wrapped by `wrap` (the
+    /// source sends them as [`super::SourceEvent::Wal`], without a hop
+    /// through another task).
+    ///
+    /// # Errors
+    /// As [`ReplicationStream::pump`].
+    pub async fn pump_into<T>(
+        &mut self,
+        out: &mpsc::Sender<T>,
+        wrap: impl Fn(Vec<WalEvent>) -> T,
         shutdown: &CancellationToken,
     ) -> Result<(), ReplicationError> {
         loop {
@@ -397,15 +480,22 @@ impl ReplicationStream {
                     Err(_) => return Err(ReplicationError::Shutdown),
                 },
             };
-            let event = tokio::select! {
+            let mut batch = Vec::with_capacity(64);
+            let result = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => {
                     self.send_status(false).await?;
                     return Err(ReplicationError::Shutdown);
                 }
-                event = self.next() => event?,
+                result = self.next_batch(&mut batch) => result,
             };
-            permit.send(event);
+            // What arrived before an error is passed on: it was received in
+            // order and downstream may still use it (a reconnect replays
+            // whatever is not acknowledged).
+            if !batch.is_empty() {
+                permit.send(wrap(batch));
+            }
+            result?;
         }
     }
 

@@ -80,27 +80,29 @@ impl Pipeline {
                             let _ = r.send(());
                         }
                     }
-                    SourceEvent::Wal(event) => {
-                        if let Some(w) = writer.as_mut() {
-                            w.write(&event).expect("capture write");
-                        }
-                        let WalEvent::XLogData { data, .. } = event else { continue };
-                        assembler.push(&data, &mut events).expect("assemble");
-                        peak.store(assembler.peak_buffered_bytes(), Ordering::Relaxed);
-                        loop {
-                            for e in events.drain(..) {
-                                let end = if let TxEvent::Commit(info) = &e { Some(info.end_lsn) } else { None };
-                                if out_tx.send(e).await.is_err() {
-                                    return writer;
-                                }
-                                if let Some(end) = end {
-                                    ack.ack(end);
-                                }
+                    SourceEvent::Wal(batch) => {
+                        for event in batch {
+                            if let Some(w) = writer.as_mut() {
+                                w.write(&event).expect("capture write");
                             }
-                            if !assembler.has_pending() {
-                                break;
+                            let WalEvent::XLogData { data, .. } = event else { continue };
+                            assembler.push(&data, &mut events).expect("assemble");
+                            peak.store(assembler.peak_buffered_bytes(), Ordering::Relaxed);
+                            loop {
+                                for e in events.drain(..) {
+                                    let end = if let TxEvent::Commit(info) = &e { Some(info.end_lsn) } else { None };
+                                    if out_tx.send(e).await.is_err() {
+                                        return writer;
+                                    }
+                                    if let Some(end) = end {
+                                        ack.ack(end);
+                                    }
+                                }
+                                if !assembler.has_pending() {
+                                    break;
+                                }
+                                assembler.drain_pending(&mut events, 256).expect("drain");
                             }
-                            assembler.drain_pending(&mut events, 256).expect("drain");
                         }
                     }
                 }
