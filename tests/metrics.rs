@@ -180,7 +180,9 @@ async fn metrics_parse_and_counters_move_with_a_join_and_an_insert() {
     assert_eq!(before.value("walcast_slot_wal_warning", &[]), 0.0, "1 GiB default limit");
     assert_eq!(before.value("walcast_slot_wal_status", &[("status", "reserved")]), 1.0);
     assert!(before.value("walcast_slot_retained_wal_bytes", &[]) >= 0.0);
-    assert_eq!(before.value("walcast_source_queue_events_capacity", &[]), 256.0);
+    // Batches of WAL messages (replication::SOURCE_QUEUE_BATCHES).
+    let capacity = walcast::replication::SOURCE_QUEUE_BATCHES as f64;
+    assert_eq!(before.value("walcast_source_queue_events_capacity", &[]), capacity);
     assert!(before.get("walcast_stage_queue_batches", &[]).is_some());
     assert!(before.get("walcast_hub_control_queue_requests", &[]).is_some());
     assert!(before.get("walcast_build_info", &[("version", env!("CARGO_PKG_VERSION"))]).is_some());
