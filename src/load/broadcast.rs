@@ -43,7 +43,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use super::client::{self, Endpoint, Shared, Socket};
 use super::relay::{self, ProcSample};
 use super::report::{Latencies, Quantiles, Report};
-use super::{LoadArgs, LoadError, Monitor, GRACE};
+use super::{await_joins, Joined, Joining, LoadArgs, LoadError, Monitor, GRACE};
 use crate::hub::Vsn;
 
 /// How often a client sends a Phoenix heartbeat.
@@ -682,32 +682,19 @@ pub(super) async fn run(
         "sends",
     )
     .await;
-    loop {
-        let done = subscribed.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed);
-        if done >= u64::from(args.clients) || tokio::time::Instant::now() >= subscribe_deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let subscribe_secs = connect_start.elapsed().as_secs_f64();
-    let n_subscribed = subscribed.load(Ordering::Relaxed);
-    let n_failed = u64::from(args.clients) - n_subscribed;
-    report.result(
-        "clients_subscribed",
-        json!(n_subscribed),
-        format!(
-            "clients joined\u{0}{n_subscribed} of {} in {subscribe_secs:.1} s ({:.0}/s){}",
-            args.clients,
-            n_subscribed as f64 / subscribe_secs.max(1e-3),
-            if n_failed > 0 { format!("; {n_failed} failed") } else { String::new() }
-        ),
-    );
-    report.result("subscribe_secs", json!(subscribe_secs), format!("join time\u{0}{subscribe_secs:.2} s"));
-    let mut failure = None;
-    if n_failed > 0 {
-        let first = first_failure.lock().ok().and_then(|f| f.clone()).unwrap_or_else(|| "timed out".into());
-        failure = Some(format!("{n_failed} of {} clients did not join; first: {first}", args.clients));
-    }
+    let Joined { n_failed, mut failure, .. } = await_joins(
+        report,
+        Joining {
+            clients: args.clients,
+            subscribed: &subscribed,
+            failed: &failed,
+            first_failure: &first_failure,
+            deadline: subscribe_deadline,
+            started: connect_start,
+        },
+        ["joined", "join"],
+    )
+    .await;
 
     // Sends. Without every member a room's expectations are void: the run
     // has failed already, so nothing is sent.

@@ -747,32 +747,19 @@ async fn run_held(
         "writes",
     )
     .await;
-    loop {
-        let done = subscribed.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed);
-        if done >= u64::from(args.clients) || tokio::time::Instant::now() >= subscribe_deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let subscribe_secs = connect_start.elapsed().as_secs_f64();
-    let n_subscribed = subscribed.load(Ordering::Relaxed);
-    let n_failed = u64::from(args.clients) - n_subscribed;
-    report.result(
-        "clients_subscribed",
-        json!(n_subscribed),
-        format!(
-            "clients subscribed\u{0}{n_subscribed} of {} in {subscribe_secs:.1} s ({:.0}/s){}",
-            args.clients,
-            n_subscribed as f64 / subscribe_secs.max(1e-3),
-            if n_failed > 0 { format!("; {n_failed} failed") } else { String::new() }
-        ),
-    );
-    report.result("subscribe_secs", json!(subscribe_secs), format!("subscribe time\u{0}{subscribe_secs:.2} s"));
-    let mut failure: Option<String> = None;
-    if n_failed > 0 {
-        let first = first_failure.lock().ok().and_then(|f| f.clone()).unwrap_or_else(|| "timed out".into());
-        failure = Some(format!("{n_failed} of {} clients did not subscribe; first: {first}", args.clients));
-    }
+    let Joined { n_subscribed, n_failed, mut failure } = await_joins(
+        &mut report,
+        Joining {
+            clients: args.clients,
+            subscribed: &subscribed,
+            failed: &failed,
+            first_failure: &first_failure,
+            deadline: subscribe_deadline,
+            started: connect_start,
+        },
+        ["subscribed", "subscribe"],
+    )
+    .await;
 
     // 6a. Idle: RSS per connection.
     let mut ledger_outcome = None;
@@ -1238,6 +1225,57 @@ impl Monitor {
         let _ = self.phase.send("stop");
         self.task.await.unwrap_or_default()
     }
+}
+
+/// The clients' joins under way: what [`await_joins`] watches.
+pub(crate) struct Joining<'a> {
+    clients: u32,
+    subscribed: &'a AtomicU64,
+    failed: &'a AtomicU64,
+    first_failure: &'a Mutex<Option<String>>,
+    deadline: tokio::time::Instant,
+    started: Instant,
+}
+
+/// How the joins ended.
+pub(crate) struct Joined {
+    n_subscribed: u64,
+    n_failed: u64,
+    /// Why the run fails (some clients did not join), if it does.
+    failure: Option<String>,
+}
+
+/// Waits until every client joined or failed (or the deadline), then
+/// reports the count and the time; `words` are the participle and the
+/// verb of the report (`["subscribed", "subscribe"]`, `["joined", "join"]`).
+pub(crate) async fn await_joins(report: &mut Report, j: Joining<'_>, words: [&str; 2]) -> Joined {
+    let [done_word, verb] = words;
+    loop {
+        let done = j.subscribed.load(Ordering::Relaxed) + j.failed.load(Ordering::Relaxed);
+        if done >= u64::from(j.clients) || tokio::time::Instant::now() >= j.deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let secs = j.started.elapsed().as_secs_f64();
+    let n_subscribed = j.subscribed.load(Ordering::Relaxed);
+    let n_failed = u64::from(j.clients) - n_subscribed;
+    report.result(
+        "clients_subscribed",
+        json!(n_subscribed),
+        format!(
+            "clients {done_word}\u{0}{n_subscribed} of {} in {secs:.1} s ({:.0}/s){}",
+            j.clients,
+            n_subscribed as f64 / secs.max(1e-3),
+            if n_failed > 0 { format!("; {n_failed} failed") } else { String::new() }
+        ),
+    );
+    report.result("subscribe_secs", json!(secs), format!("{verb} time\u{0}{secs:.2} s"));
+    let failure = (n_failed > 0).then(|| {
+        let first = j.first_failure.lock().ok().and_then(|f| f.clone()).unwrap_or_else(|| "timed out".into());
+        format!("{n_failed} of {} clients did not {verb}; first: {first}", j.clients)
+    });
+    Joined { n_subscribed, n_failed, failure }
 }
 
 #[cfg(test)]
