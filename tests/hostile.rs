@@ -839,3 +839,34 @@ async fn broadcast_and_presence_abuse_hits_only_the_abuser() {
     assert_eq!(abuser.expect("phoenix", "phx_reply").await.payload["status"], "ok");
     t.server.shutdown().await.unwrap();
 }
+
+/// The per-socket send rate counts every channel of the socket: with 5 per
+/// second per socket (and plenty per channel), six quick sends over two
+/// channels get five `ok` and one `rate_limit_exceeded`.
+#[tokio::test]
+async fn the_socket_send_rate_spans_its_channels() {
+    let limits = Limits { channel_broadcasts_per_second: 1_000, socket_broadcasts_per_second: 5, ..Limits::default() };
+    let t = TestServer::with_limits(limits).await;
+    let mut ws = t.connect(&anon(), Vsn::V2).await;
+    let join = json!({"config": {"broadcast": {"self": false, "ack": true}}});
+    for topic in ["realtime:a", "realtime:b"] {
+        ws.send(Some(topic), topic, "phx_join", join.clone()).await;
+        assert_eq!(ws.expect(topic, "phx_reply").await.payload["status"], "ok");
+    }
+    for n in 0..6 {
+        let topic = if n % 2 == 0 { "realtime:a" } else { "realtime:b" };
+        ws.send(Some(topic), topic, "broadcast", json!({"type": "broadcast", "event": "e", "payload": {}})).await;
+    }
+    let (mut ok, mut limited) = (0, 0);
+    while ok + limited < 6 {
+        let frame = ws.next().await.expect("the socket stays open");
+        if frame.event == "phx_reply" {
+            match frame.payload["response"].as_str() {
+                Some("rate_limit_exceeded") => limited += 1,
+                _ => ok += 1,
+            }
+        }
+    }
+    assert_eq!((ok, limited), (5, 1));
+    t.server.shutdown().await.unwrap();
+}

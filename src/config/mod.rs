@@ -937,6 +937,34 @@ mod tests {
         assert!(Settings::resolve(zero, None).unwrap_err().to_string().contains("MAX_SOCKETS_PER_ADDRESS"));
     }
 
+    #[test]
+    fn broadcast_rates_and_the_nats_url_from_the_file_and_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("walcast.toml");
+        std::fs::write(
+            &path,
+            "database_url = \"postgres://u:p@h/db\"\njwt_secret = \"f\"\nchannel_broadcasts_per_second = 7\n\
+             socket_broadcasts_per_second = 70\nnats_url = \"nats://user:hunter2@n1:4222\"\n",
+        )
+        .unwrap();
+        let settings = Settings::resolve(FileConfig::default(), Some(&path)).unwrap();
+        let config = settings.serve_config(settings.require_database().unwrap().clone());
+        assert_eq!((config.limits.channel_broadcasts_per_second, config.limits.socket_broadcasts_per_second), (7, 70));
+        let cluster = config.cluster.expect("cluster mode");
+        assert_eq!(cluster.nats_url.0, "nats://user:hunter2@n1:4222");
+        assert!(!format!("{settings:?} {cluster:?}").contains("hunter2"), "the NATS password is never shown");
+        // Flags beat the file; defaults come from Limits; no URL, one node.
+        let given = FileConfig { channel_broadcasts_per_second: Some(3), ..given() };
+        assert_eq!(Settings::resolve(given, Some(&path)).unwrap().channel_broadcasts_per_second, 3);
+        let settings = Settings::resolve(given_url(), None).unwrap();
+        let defaults = crate::realtime::Limits::default();
+        assert_eq!(settings.channel_broadcasts_per_second, defaults.channel_broadcasts_per_second);
+        assert_eq!(settings.socket_broadcasts_per_second, defaults.socket_broadcasts_per_second);
+        assert!(settings.serve_config(settings.require_database().unwrap().clone()).cluster.is_none());
+        let zero = FileConfig { socket_broadcasts_per_second: Some(0), ..given_url() };
+        assert!(Settings::resolve(zero, None).unwrap_err().to_string().contains("SOCKET_BROADCASTS_PER_SECOND"));
+    }
+
     fn given_url() -> FileConfig {
         FileConfig { database_url: Some("postgres://u:p@h/db".into()), ..given() }
     }
