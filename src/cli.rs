@@ -295,6 +295,30 @@ struct ServeArgs {
     /// and Presence reach the room's members on every node [default: off, one node].
     #[arg(long = "nats-url", env = "WALCAST_NATS_URL")]
     nats_url: Option<String>,
+    /// Cluster mode: what this node does — `source` (holds the slot while it holds the lease,
+    /// publishes to JetStream, serves no WebSockets), `edge` (serves WebSockets from the stream)
+    /// or `all` [default: all].
+    #[arg(long = "node-role", env = "WALCAST_NODE_ROLE", value_enum)]
+    node_role: Option<walcast::scaleout::NodeRole>,
+    /// Cluster mode: seconds an edge keeps serving without the stream before it goes not ready
+    /// and closes its sockets [default: 10].
+    #[arg(long = "edge-max-stale-secs", env = "WALCAST_EDGE_MAX_STALE_SECS")]
+    edge_max_stale_secs: Option<f64>,
+    /// Cluster mode: replicas of the JetStream stream (1, or 3/5 on a NATS cluster) [default: 1].
+    #[arg(long = "stream-replicas", env = "WALCAST_STREAM_REPLICAS")]
+    stream_replicas: Option<usize>,
+    /// Cluster mode: most bytes the stream keeps, oldest dropped first; must hold the largest
+    /// transaction plus a snapshot interval of changes [default: 1073741824].
+    #[arg(long = "stream-max-bytes", env = "WALCAST_STREAM_MAX_BYTES")]
+    stream_max_bytes: Option<i64>,
+    /// Cluster mode: the source lease's time to live, seconds; a standby takes over within it
+    /// after the leader dies [default: 10].
+    #[arg(long = "lease-ttl-secs", env = "WALCAST_LEASE_TTL_SECS")]
+    lease_ttl_secs: Option<f64>,
+    /// Cluster mode: least seconds between two snapshots of the policy state, which edges
+    /// start from [default: 30].
+    #[arg(long = "snapshot-interval-secs", env = "WALCAST_SNAPSHOT_INTERVAL_SECS")]
+    snapshot_interval_secs: Option<f64>,
     /// WebSocket read buffer per socket, bytes (tokio-tungstenite's default: 131072) [default: 2048].
     #[arg(long = "ws-read-buffer", env = "WS_READ_BUFFER_BYTES")]
     ws_read_buffer_bytes: Option<usize>,
@@ -431,6 +455,12 @@ impl ServeArgs {
             max_sockets_per_address: self.max_sockets_per_address,
             trusted_proxies: self.trusted_proxies,
             nats_url: self.nats_url,
+            node_role: self.node_role,
+            edge_max_stale_secs: self.edge_max_stale_secs,
+            stream_replicas: self.stream_replicas,
+            stream_max_bytes: self.stream_max_bytes,
+            lease_ttl_secs: self.lease_ttl_secs,
+            snapshot_interval_secs: self.snapshot_interval_secs,
         };
         Ok(walcast::config::Settings::resolve(given, file.as_deref())?)
     }

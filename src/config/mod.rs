@@ -137,6 +137,18 @@ pub struct FileConfig {
     pub trusted_proxies: Option<String>,
     /// NATS server of a cluster (`nats://host:4222`): cluster mode.
     pub nats_url: Option<String>,
+    /// Cluster mode: `source`, `edge` or `all`.
+    pub node_role: Option<crate::scaleout::NodeRole>,
+    /// Cluster mode: seconds an edge serves without its stream.
+    pub edge_max_stale_secs: Option<f64>,
+    /// Cluster mode: replicas of the change stream.
+    pub stream_replicas: Option<usize>,
+    /// Cluster mode: most bytes the change stream keeps.
+    pub stream_max_bytes: Option<i64>,
+    /// Cluster mode: the source lease's time to live, seconds.
+    pub lease_ttl_secs: Option<f64>,
+    /// Cluster mode: least seconds between two policy snapshots.
+    pub snapshot_interval_secs: Option<f64>,
 }
 
 impl std::fmt::Debug for FileConfig {
@@ -247,6 +259,12 @@ impl FileConfig {
             max_sockets_per_address: self.max_sockets_per_address.or(lower.max_sockets_per_address),
             trusted_proxies: self.trusted_proxies.or(lower.trusted_proxies),
             nats_url: self.nats_url.or(lower.nats_url),
+            node_role: self.node_role.or(lower.node_role),
+            edge_max_stale_secs: self.edge_max_stale_secs.or(lower.edge_max_stale_secs),
+            stream_replicas: self.stream_replicas.or(lower.stream_replicas),
+            stream_max_bytes: self.stream_max_bytes.or(lower.stream_max_bytes),
+            lease_ttl_secs: self.lease_ttl_secs.or(lower.lease_ttl_secs),
+            snapshot_interval_secs: self.snapshot_interval_secs.or(lower.snapshot_interval_secs),
         }
     }
 }
@@ -395,6 +413,9 @@ pub struct Settings {
     pub trusted_proxies: Vec<crate::http::Cidr>,
     /// Cluster mode: the NATS server the nodes share.
     pub nats_url: Option<crate::scaleout::NatsUrl>,
+    /// Cluster mode: the node's settings (role, stream, lease, staleness)
+    /// around `nats_url`.
+    pub cluster: Option<crate::scaleout::ClusterSettings>,
     /// WebSocket read buffer per socket (bytes).
     pub ws_read_buffer: usize,
     /// WebSocket write buffer per socket (bytes).
@@ -460,6 +481,14 @@ impl Settings {
             None => given,
         };
         let database = Settings::database(&merged)?;
+        let cluster_given = ClusterGiven {
+            node_role: merged.node_role,
+            edge_max_stale_secs: merged.edge_max_stale_secs,
+            stream_replicas: merged.stream_replicas,
+            stream_max_bytes: merged.stream_max_bytes,
+            lease_ttl_secs: merged.lease_ttl_secs,
+            snapshot_interval_secs: merged.snapshot_interval_secs,
+        };
         let slot = merged.slot_name.unwrap_or_else(|| DEFAULT_SLOT.to_owned());
         let spill_default = PathBuf::from(DEFAULT_SPILL_DIR).join(&slot);
         let publication = merged.publication.unwrap_or_else(|| DEFAULT_PUBLICATION.to_owned());
@@ -634,6 +663,11 @@ impl Settings {
                 max: heartbeat_max as u64,
             });
         }
+        let nats_url = merged.nats_url.clone().filter(|url| !url.trim().is_empty()).map(crate::scaleout::NatsUrl);
+        let cluster = match &nats_url {
+            None => None,
+            Some(url) => Some(cluster_settings(url, &cluster_given)?),
+        };
         let poll_secs =
             merged.policy_poll_interval_secs.unwrap_or(crate::policy::watch::DEFAULT_POLL_INTERVAL.as_secs_f64());
         if !(0.1..=10.0).contains(&poll_secs) {
@@ -668,7 +702,8 @@ impl Settings {
             max_sockets_per_user,
             max_sockets_per_address,
             trusted_proxies,
-            nats_url: merged.nats_url.clone().filter(|url| !url.trim().is_empty()).map(crate::scaleout::NatsUrl),
+            nats_url: nats_url.clone(),
+            cluster,
             ws_read_buffer,
             ws_write_buffer,
             data_dir: merged.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
@@ -776,12 +811,73 @@ impl Settings {
         config.limits.max_sockets_per_user = self.max_sockets_per_user;
         config.limits.max_sockets_per_address = self.max_sockets_per_address;
         config.limits.trusted_proxies = self.trusted_proxies.clone();
-        config.cluster = self.nats_url.as_ref().map(|url| crate::scaleout::ClusterSettings::new(url.0.clone()));
+        config.cluster = self.cluster.clone();
         config.limits.ws_read_buffer = self.ws_read_buffer;
         config.limits.ws_write_buffer = self.ws_write_buffer;
         config.monitoring = self.monitoring.clone();
         config
     }
+}
+
+/// The cluster settings as given (flags > environment > file).
+struct ClusterGiven {
+    node_role: Option<crate::scaleout::NodeRole>,
+    edge_max_stale_secs: Option<f64>,
+    stream_replicas: Option<usize>,
+    stream_max_bytes: Option<i64>,
+    lease_ttl_secs: Option<f64>,
+    snapshot_interval_secs: Option<f64>,
+}
+
+/// The cluster settings around `url` (`--nats-url`), checked.
+fn cluster_settings(
+    url: &crate::scaleout::NatsUrl,
+    merged: &ClusterGiven,
+) -> Result<crate::scaleout::ClusterSettings, ConfigError> {
+    let mut cluster = crate::scaleout::ClusterSettings::new(url.0.clone());
+    cluster.role = merged.node_role.unwrap_or_default();
+    let stale = merged.edge_max_stale_secs.unwrap_or(cluster.edge_max_stale.as_secs_f64());
+    if !(1.0..=3600.0).contains(&stale) {
+        return Err(ConfigError::OutOfRange {
+            name: "WALCAST_EDGE_MAX_STALE_SECS (--edge-max-stale-secs)",
+            min: 1,
+            max: 3600,
+        });
+    }
+    cluster.edge_max_stale = Duration::from_secs_f64(stale);
+    let replicas = merged.stream_replicas.unwrap_or(cluster.stream.replicas);
+    if !matches!(replicas, 1 | 3 | 5) {
+        return Err(ConfigError::OutOfRange {
+            name: "WALCAST_STREAM_REPLICAS (--stream-replicas: 1, 3 or 5)",
+            min: 1,
+            max: 5,
+        });
+    }
+    cluster.stream.replicas = replicas;
+    let max_bytes = merged.stream_max_bytes.unwrap_or(cluster.stream.max_bytes);
+    if max_bytes < 1 << 20 {
+        return Err(ConfigError::OutOfRange {
+            name: "WALCAST_STREAM_MAX_BYTES (--stream-max-bytes: at least 1 MiB)",
+            min: 1 << 20,
+            max: i64::MAX as u64,
+        });
+    }
+    cluster.stream.max_bytes = max_bytes;
+    let ttl = merged.lease_ttl_secs.unwrap_or(cluster.lease_ttl.as_secs_f64());
+    if !(1.0..=300.0).contains(&ttl) {
+        return Err(ConfigError::OutOfRange { name: "WALCAST_LEASE_TTL_SECS (--lease-ttl-secs)", min: 1, max: 300 });
+    }
+    cluster.lease_ttl = Duration::from_secs_f64(ttl);
+    let interval = merged.snapshot_interval_secs.unwrap_or(cluster.snapshot_interval.as_secs_f64());
+    if !(0.1..=3600.0).contains(&interval) {
+        return Err(ConfigError::OutOfRange {
+            name: "WALCAST_SNAPSHOT_INTERVAL_SECS (--snapshot-interval-secs)",
+            min: 0,
+            max: 3600,
+        });
+    }
+    cluster.snapshot_interval = Duration::from_secs_f64(interval);
+    Ok(cluster)
 }
 
 #[cfg(test)]

@@ -95,6 +95,9 @@ pub struct HttpContext {
     pub admission: Admission,
     /// Broadcast over HTTP: its bound on bodies being read.
     pub broadcast: broadcast::RestBroadcast,
+    /// `Some(why)`: this node serves no WebSockets (a cluster's source-only
+    /// node); upgrades get 503 with the reason.
+    pub no_sockets: Option<&'static str>,
 }
 
 /// Accepts connections until `shutdown`, then waits for them to close (each
@@ -258,7 +261,10 @@ async fn route(
     }
     let path = request.uri().path().trim_end_matches('/');
     match path {
-        "/realtime/v1/websocket" | "/socket/websocket" => upgrade(request, peer, ctx, handoff),
+        "/realtime/v1/websocket" | "/socket/websocket" => match ctx.no_sockets {
+            Some(why) => respond_error(StatusCode::SERVICE_UNAVAILABLE, why),
+            None => upgrade(request, peer, ctx, handoff),
+        },
         "" => respond(StatusCode::OK, "text/html; charset=utf-8", Bytes::from_static(DASHBOARD_HTML.as_bytes())),
         "/demo.json" => match &ctx.demo {
             Some(demo) => respond(StatusCode::OK, "application/json", demo.json.clone()),

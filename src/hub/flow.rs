@@ -92,6 +92,13 @@ impl Core {
                 self.update(*loaded, ahead);
                 Ok(())
             }
+            StageEvent::Restore { loaded, ahead, handled } => {
+                debug_assert!(self.open.is_none(), "restore inside a transaction");
+                self.install(*loaded);
+                self.policies_ahead = ahead;
+                self.handled = self.handled.max(handled);
+                Ok(())
+            }
             StageEvent::Reset => {
                 self.open = None;
                 self.skipping = false;

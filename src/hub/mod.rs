@@ -128,6 +128,18 @@ pub enum StageEvent {
         /// until an update that is not ahead.
         ahead: bool,
     },
+    /// A cluster edge starts from a source's snapshot: the policy state as
+    /// the source's hub would hold it after the transaction ending at
+    /// `handled` (see [`crate::scaleout`]).
+    Restore {
+        /// The policies and caches.
+        loaded: Box<Loaded>,
+        /// As [`StageEvent::PolicyUpdate`]'s.
+        ahead: bool,
+        /// End LSN of the last transaction the caches include: earlier
+        /// transactions read again from the stream are skipped.
+        handled: Lsn,
+    },
     /// The replication connection restarted: forget any partial transaction.
     Reset,
     /// A transaction boundary or change.
@@ -229,6 +241,10 @@ pub enum Control {
         /// The connection.
         conn: ConnId,
     },
+    /// Close every subscribed connection with `reason` (a cluster edge
+    /// that lost its stream stops serving data it can no longer keep
+    /// current).
+    CloseAll(CloseReason),
 }
 
 /// Hub settings.
@@ -360,6 +376,11 @@ impl HubHandle {
     /// When the hub has stopped.
     pub async fn send(&self, control: Control) -> Result<(), Control> {
         self.control.send(control).await.map_err(|e| e.0)
+    }
+
+    /// Whether the hub has stopped.
+    pub fn is_closed(&self) -> bool {
+        self.control.is_closed()
     }
 
     /// Control requests queued now (cheap: the channel's used capacity).
@@ -708,6 +729,7 @@ impl Core {
                 }
             }
             Control::Disconnect { conn } => self.remove_conn(conn),
+            Control::CloseAll(reason) => self.close_all(reason),
         }
         self.stats.subscriptions.store(self.registry.len() as u64, Ordering::Relaxed);
     }

@@ -190,6 +190,15 @@ impl CloseReason {
         CloseReason { code: 1013, reason: format!("slow consumer: the socket took no data for {}s", timeout.as_secs()) }
     }
 
+    /// 1013: a cluster edge lost its change stream for longer than it may
+    /// serve stale data.
+    pub fn stream_lost(stale: Duration) -> CloseReason {
+        CloseReason {
+            code: 1013,
+            reason: format!("this node lost the change stream for over {} s; reconnect", stale.as_secs()),
+        }
+    }
+
     /// 1001 "going away": the server is shutting down.
     pub fn shutdown() -> CloseReason {
         CloseReason { code: 1001, reason: "server shutting down".into() }

@@ -167,6 +167,19 @@ pub struct Monitor {
     slot_watch: Arc<SlotWatch>,
     start_micros: i64,
     cluster: Option<Arc<crate::scaleout::rooms::ClusterStats>>,
+    node: Option<NodeStats>,
+}
+
+/// A cluster node's counters: its role and, per role, the source's and
+/// the edge's.
+#[derive(Debug, Clone)]
+pub struct NodeStats {
+    /// The role.
+    pub role: crate::scaleout::NodeRole,
+    /// The source role's counters.
+    pub source: Option<Arc<crate::scaleout::source::SourceStats>>,
+    /// The edge role's counters.
+    pub edge: Option<Arc<crate::scaleout::edge::EdgeStats>>,
 }
 
 impl Monitor {
@@ -179,13 +192,30 @@ impl Monitor {
         slot: String,
         slot_watch: Arc<SlotWatch>,
     ) -> Monitor {
-        Monitor { config, sessions, ack, queues, slot, slot_watch, start_micros: unix_micros_now(), cluster: None }
+        Monitor {
+            config,
+            sessions,
+            ack,
+            queues,
+            slot,
+            slot_watch,
+            start_micros: unix_micros_now(),
+            cluster: None,
+            node: None,
+        }
     }
 
     /// Also reports the cluster link's counters.
     #[must_use]
     pub fn with_cluster(mut self, cluster: Option<Arc<crate::scaleout::rooms::ClusterStats>>) -> Monitor {
         self.cluster = cluster;
+        self
+    }
+
+    /// Also reports the cluster node's roles.
+    #[must_use]
+    pub fn with_node(mut self, node: Option<NodeStats>) -> Monitor {
+        self.node = node;
         self
     }
 
@@ -284,6 +314,82 @@ impl Monitor {
              --socket-broadcasts-per-second.",
             load(&r.broadcasts_rate_limited),
         );
+        if let Some(node) = &self.node {
+            w.family("walcast_node_role", Kind::Gauge, "Always 1; the cluster role as a label.");
+            w.sample("walcast_node_role", &[("role", node.role.as_str())], 1u64);
+            if let Some(s) = &node.source {
+                w.gauge(
+                    "walcast_source_leader",
+                    "1 while this node holds the source lease and streams.",
+                    s.leader.load(Ordering::Relaxed),
+                );
+                w.gauge(
+                    "walcast_source_term",
+                    "The current or last leader term (the lease's revision).",
+                    load(&s.term),
+                );
+                w.counter("walcast_source_terms_total", "Terms this node led.", load(&s.terms));
+                w.counter(
+                    "walcast_source_transactions_total",
+                    "Transactions published, every chunk acknowledged by JetStream.",
+                    load(&s.transactions),
+                );
+                w.counter(
+                    "walcast_source_messages_total",
+                    "Stream messages published (chunks and policy state).",
+                    load(&s.messages),
+                );
+                w.counter("walcast_source_bytes_total", "Payload bytes published.", load(&s.bytes));
+                w.counter("walcast_source_snapshots_total", "Policy snapshots stored.", load(&s.snapshots));
+                w.gauge(
+                    "walcast_source_stream_sequence",
+                    "Stream sequence of the last acknowledged publish.",
+                    load(&s.last_sequence),
+                );
+                w.counter(
+                    "walcast_source_leadership_lost_total",
+                    "Terms that ended other than by shutdown (lease lost, fenced, replication failed).",
+                    load(&s.lost),
+                );
+            }
+            if let Some(e) = &node.edge {
+                w.gauge(
+                    "walcast_edge_stream_sequence",
+                    "Stream sequence of the last message applied.",
+                    load(&e.sequence),
+                );
+                w.gauge(
+                    "walcast_edge_stream_pending",
+                    "Messages the stream holds that this edge has not read.",
+                    load(&e.pending),
+                );
+                w.counter(
+                    "walcast_edge_transactions_total",
+                    "Transactions read from the stream.",
+                    load(&e.transactions),
+                );
+                w.counter(
+                    "walcast_edge_discarded_total",
+                    "Partial transactions discarded (a leader restarted or was replaced).",
+                    load(&e.discarded),
+                );
+                w.counter(
+                    "walcast_edge_policy_states_total",
+                    "Policy states read from the stream.",
+                    load(&e.policy_states),
+                );
+                w.counter(
+                    "walcast_edge_consumers_total",
+                    "Stream consumers made (the first, then one per reconnect).",
+                    load(&e.consumers),
+                );
+                w.counter(
+                    "walcast_edge_stale_total",
+                    "Times the edge lost the stream past --edge-max-stale-secs and closed its sockets.",
+                    load(&e.stale),
+                );
+            }
+        }
         if let Some(c) = &self.cluster {
             w.gauge("walcast_cluster_nodes", "Other nodes heard from within the node timeout.", load(&c.nodes));
             w.counter("walcast_cluster_events_published_total", "Room events published to NATS.", load(&c.published));

@@ -44,10 +44,13 @@ pub const QUEUE: usize = 1024;
 
 /// See the module documentation.
 #[derive(Debug)]
-pub(super) struct Router {
+pub(crate) struct Router {
     /// The delivery stage (`None`: nobody delivers; rows are only kept out
     /// of Postgres Changes).
     out: Option<mpsc::Sender<DbMessage>>,
+    /// Leave `realtime` changes in the batches (a cluster's source node:
+    /// they travel in the stream, and each edge routes them).
+    passthrough: bool,
     stats: Arc<DbBroadcastStats>,
     /// End LSN of the last transaction whose messages were all handed on.
     handled: Lsn,
@@ -67,12 +70,33 @@ pub(super) struct Router {
 
 impl Router {
     pub(super) fn new(out: Option<mpsc::Sender<DbMessage>>, stats: Arc<DbBroadcastStats>) -> Router {
-        Router { out, stats, handled: Lsn::ZERO, open: None, skipping: false, seen: 0, skip: 0, partial: None }
+        Router {
+            out,
+            passthrough: false,
+            stats,
+            handled: Lsn::ZERO,
+            open: None,
+            skipping: false,
+            seen: 0,
+            skip: 0,
+            partial: None,
+        }
+    }
+
+    /// A router that takes nothing out (see `passthrough`).
+    pub(super) fn passthrough(stats: Arc<DbBroadcastStats>) -> Router {
+        Router { passthrough: true, ..Router::new(None, stats) }
+    }
+
+    /// A router for events read from a cluster's stream (an edge node):
+    /// as [`Router::new`], public to the crate.
+    pub(crate) fn for_stream(out: Option<mpsc::Sender<DbMessage>>, stats: Arc<DbBroadcastStats>) -> Router {
+        Router::new(out, stats)
     }
 
     /// The replication connection restarted: a transaction left open will
     /// be resent from its Begin.
-    pub(super) fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         if let Some(lsn) = self.open.take() {
             if !self.skipping && self.seen.max(self.skip) > 0 {
                 self.partial = Some((lsn, self.seen.max(self.skip)));
@@ -83,9 +107,9 @@ impl Router {
 
     /// Takes the `realtime` changes out of `events` (in place, order kept),
     /// handing the messages on; returns once each is queued.
-    pub(super) async fn route(&mut self, events: &mut Vec<TxEvent>) {
+    pub(crate) async fn route(&mut self, events: &mut Vec<TxEvent>) {
         let realtime = |e: &TxEvent| matches!(e, TxEvent::Change(c) if messages::is_realtime(&c.relation));
-        if !events.iter().any(realtime) {
+        if self.passthrough || !events.iter().any(realtime) {
             for event in events.iter() {
                 self.track(event);
             }

@@ -139,6 +139,10 @@ pub enum RelayError {
     /// The spill directory failed.
     #[error(transparent)]
     Spill(#[from] SpillError),
+    /// The sink or feed of a cluster node failed (its message says how
+    /// and what to do).
+    #[error("{0}")]
+    Cluster(Box<dyn std::error::Error + Send + Sync>),
     /// The relay did not start in time.
     #[error("the relay did not start streaming within {0:?}; check the database URL and that PostgreSQL is up")]
     StartTimeout(Duration),
@@ -203,9 +207,50 @@ pub struct Relay {
     shutdown: CancellationToken,
     /// Cancelled when the first stage task ends (each holds a drop guard).
     ended: CancellationToken,
-    source: JoinHandle<Result<(), ReplicationError>>,
-    stage: JoinHandle<Result<(), RelayError>>,
-    hub_task: JoinHandle<Result<(), HubError>>,
+    /// The stages, in stop order (the source first).
+    tasks: Vec<(&'static str, JoinHandle<Result<(), RelayError>>)>,
+}
+
+/// What consumes the change stage's batches instead of the hub (a source
+/// node of a cluster publishes them): called once with the batches, the
+/// acknowledgement handle (acknowledge a transaction's `end_lsn` only once
+/// it is durably handed on) and the stop signal.
+pub type Sink = Box<
+    dyn FnOnce(
+            mpsc::Receiver<Vec<StageEvent>>,
+            AckHandle,
+            CancellationToken,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), RelayError>> + Send>>
+        + Send,
+>;
+
+/// What feeds a hub without a replication source (an edge node of a
+/// cluster reads the batches from the stream): called once with the hub's
+/// input, the acknowledgement handle (its status is the feed's: streaming,
+/// disconnected, failed) and the stop signal.
+pub type Feed = Box<
+    dyn FnOnce(
+            mpsc::Sender<Vec<StageEvent>>,
+            AckHandle,
+            CancellationToken,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), RelayError>> + Send>>
+        + Send,
+>;
+
+/// The parts of [`RelayConfig`] a hub fed from elsewhere needs.
+#[derive(Debug, Clone)]
+pub struct FedConfig {
+    /// Hub settings.
+    pub hub: HubConfig,
+    /// Database evaluation (its own connections, to `connection`).
+    pub database_eval: policy::fallback::FallbackConfig,
+    /// Where database evaluation connects.
+    pub connection: PgConfig,
+    /// The hub's spill.
+    pub spill: SpillConfig,
+    /// Broadcast from Database's counters (shared with the delivery stage
+    /// and the partition keeper).
+    pub db_broadcast: Arc<DbBroadcastStats>,
 }
 
 impl Relay {
@@ -214,7 +259,71 @@ impl Relay {
     ///
     /// # Errors
     /// A definite error before streaming started, or the start timeout.
-    pub async fn start(mut config: RelayConfig) -> Result<Relay, RelayError> {
+    pub async fn start(config: RelayConfig) -> Result<Relay, RelayError> {
+        Relay::start_inner(config, None).await
+    }
+
+    /// As [`Relay::start`], the change stage's batches going to `sink`
+    /// instead of a hub (which is made but never runs: its handle serves
+    /// nobody). `realtime` changes stay in the batches (the sink carries
+    /// them on; Broadcast from Database is delivered where they arrive).
+    ///
+    /// # Errors
+    /// As [`Relay::start`].
+    pub async fn start_with_sink(config: RelayConfig, sink: Sink) -> Result<Relay, RelayError> {
+        Relay::start_inner(config, Some(sink)).await
+    }
+
+    /// A hub fed by `feed` (no replication source, no change stage);
+    /// returns at once — readiness is the feed's to tell.
+    ///
+    /// # Errors
+    /// The spill directory.
+    pub fn start_fed(config: FedConfig, feed: Feed) -> Result<Relay, RelayError> {
+        let spill =
+            Spill::new(SpillConfig { dir: config.spill.dir.join("hub"), disk_budget: config.spill.disk_budget })?;
+        let shutdown = CancellationToken::new();
+        let ack = AckHandle::default();
+        let (mut hub, handle) = hub::hub(config.hub.clone(), ack.clone(), spill);
+        let (verdicts_tx, verdicts_rx) = mpsc::channel(256);
+        let fallback = policy::fallback::spawn(
+            config.connection.clone(),
+            config.database_eval.clone(),
+            Arc::clone(&handle.stats.database),
+            verdicts_tx,
+        );
+        hub.attach_fallback(fallback, verdicts_rx);
+        let (stage_tx, stage_rx) = mpsc::channel(64);
+        let (closed_source, _) = mpsc::channel(1);
+        let queues = RelayQueues {
+            source: closed_source.downgrade(),
+            stage: stage_tx.downgrade(),
+            stage_spill: Arc::default(),
+            messages: None,
+            db_broadcast: Arc::clone(&config.db_broadcast),
+        };
+        let ended = CancellationToken::new();
+        let feed_task =
+            spawn_stage(&ended, record_end(ack.clone(), "stream feed", feed(stage_tx, ack.clone(), shutdown.clone())));
+        let hub_task = spawn_stage(
+            &ended,
+            record_end(ack.clone(), "hub", {
+                let stop = shutdown.clone();
+                async move { hub.run(stage_rx, stop).await.map_err(RelayError::from) }
+            })
+            .instrument(tracing::info_span!("hub")),
+        );
+        Ok(Relay {
+            hub: handle,
+            ack,
+            queues,
+            shutdown,
+            ended,
+            tasks: vec![("stream feed", feed_task), ("hub", hub_task)],
+        })
+    }
+
+    async fn start_inner(mut config: RelayConfig, sink: Option<Sink>) -> Result<Relay, RelayError> {
         config.source.export_snapshot = true;
         config.source.apply_tcp_liveness();
         // The hub and (with streaming) the change stage spill into
@@ -248,12 +357,18 @@ impl Relay {
             messages: config.messages.as_ref().map(mpsc::Sender::downgrade),
             db_broadcast: Arc::default(),
         };
-        let router = messages::Router::new(config.messages.take(), Arc::clone(&queues.db_broadcast));
+        let router = if sink.is_some() {
+            messages::Router::passthrough(Arc::clone(&queues.db_broadcast))
+        } else {
+            messages::Router::new(config.messages.take(), Arc::clone(&queues.db_broadcast))
+        };
         let (ready_tx, ready_rx) = oneshot::channel();
         let ended = CancellationToken::new();
+        let source_config = config.source.clone();
+        let (source_ack, source_stop) = (ack.clone(), shutdown.clone());
         let source = spawn_stage(
             &ended,
-            run_source(config.source.clone(), source_tx, ack.clone(), shutdown.clone())
+            async move { run_source(source_config, source_tx, source_ack, source_stop).await.map_err(RelayError::from) }
                 .instrument(tracing::info_span!("replication", slot = %config.source.slot.slot)),
         );
         let stage = spawn_stage(
@@ -276,11 +391,21 @@ impl Relay {
             )
             .instrument(tracing::info_span!("change_stage")),
         );
-        let hub_task = spawn_stage(
-            &ended,
-            record_end(ack.clone(), "hub", hub.run(stage_rx, shutdown.clone())).instrument(tracing::info_span!("hub")),
-        );
-        let relay = Relay { hub: handle, ack, queues, shutdown, ended, source, stage, hub_task };
+        let last = match sink {
+            None => {
+                let stop = shutdown.clone();
+                let run = async move { hub.run(stage_rx, stop).await.map_err(RelayError::from) };
+                ("hub", spawn_stage(&ended, record_end(ack.clone(), "hub", run).instrument(tracing::info_span!("hub"))))
+            }
+            Some(sink) => {
+                // The hub is not run: a source node judges nothing.
+                drop(hub);
+                let run = sink(stage_rx, ack.clone(), shutdown.clone());
+                ("publisher", spawn_stage(&ended, record_end(ack.clone(), "publisher", run)))
+            }
+        };
+        let tasks = vec![("replication source", source), ("change stage", stage), last];
+        let relay = Relay { hub: handle, ack, queues, shutdown, ended, tasks };
         match tokio::time::timeout(config.start_timeout, ready_rx).await {
             Ok(Ok(())) => Ok(relay),
             Ok(Err(_)) => Err(relay.stop().await.err().unwrap_or(RelayError::Stopped("change stage"))),
@@ -298,18 +423,19 @@ impl Relay {
     /// That error.
     pub async fn stop(self) -> Result<(), RelayError> {
         self.shutdown.cancel();
-        let source = self.source.await.map_err(|_| RelayError::Stopped("replication source"))?;
-        let stage = self.stage.await.map_err(|_| RelayError::Stopped("change stage"))?;
-        let hub = self.hub_task.await.map_err(|_| RelayError::Stopped("hub"))?;
-        source?;
-        stage?;
-        hub?;
-        Ok(())
+        let mut first = Ok(());
+        for (name, task) in self.tasks {
+            let result = task.await.map_err(|_| RelayError::Stopped(name)).and_then(|r| r);
+            if first.is_ok() {
+                first = result;
+            }
+        }
+        first
     }
 
     /// Whether every stage is still running.
     pub fn is_running(&self) -> bool {
-        !self.source.is_finished() && !self.stage.is_finished() && !self.hub_task.is_finished()
+        self.tasks.iter().all(|(_, task)| !task.is_finished())
     }
 
     /// Resolves once any stage has ended (for whatever reason, a panic

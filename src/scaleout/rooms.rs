@@ -10,7 +10,7 @@
 //! ```
 //!
 //! What crosses: client and REST broadcasts (Broadcast from Database does
-//! not: every node streams those rows from its own slot), presence tracks
+//! not: every edge reads those rows from the change stream itself), presence tracks
 //! and untracks (with the origin's `phx_ref`, so every node shows the same
 //! meta), and per node a heartbeat. A starting node asks for everyone's
 //! presence (`hello`; each answers with its entries on the asker's sync
@@ -177,6 +177,13 @@ impl ClusterRooms {
     /// This node's id.
     pub fn node(&self) -> NodeId {
         self.node
+    }
+
+    /// This node's rooms alone (what reaches them is not sent on to the
+    /// other nodes: Broadcast from Database, which every edge reads from
+    /// the stream itself).
+    pub fn local(&self) -> Arc<LocalRooms> {
+        Arc::clone(&self.local)
     }
 
     fn publish(&self, subject: String, event: Event) {

@@ -127,6 +127,8 @@ pub struct Server {
     shutdown: CancellationToken,
     http: JoinHandle<()>,
     relay: Relay,
+    /// Cluster mode: this node's roles.
+    node: Option<ClusterNode>,
     sessions: Arc<SessionContext>,
     monitor: Arc<Monitor>,
     /// The slot watchdog (best effort: aborted at shutdown).
@@ -155,8 +157,11 @@ impl Server {
         let connection = config.relay.source.connection.clone();
         let slot = config.relay.source.slot.slot.clone();
         let slot_existed = preflight(&config).await?;
+        let cluster = config.cluster.is_some();
         let result = Server::start_checked(config, verifier).await;
-        if result.is_err() && !slot_existed {
+        // A cluster's slot belongs to whichever source leads: never dropped
+        // by a node's failed start.
+        if result.is_err() && !slot_existed && !cluster {
             drop_created_slot(&connection, &slot).await;
         }
         result
@@ -172,8 +177,13 @@ impl Server {
             optional.push(messages::PUBLICATION.to_owned());
         }
         let (messages_tx, messages_rx) = mpsc::channel(crate::relay::messages::QUEUE);
-        relay_config.messages = Some(messages_tx);
-        let relay = Relay::start(relay_config).await?;
+        let (relay, node) = match &config.cluster {
+            None => {
+                relay_config.messages = Some(messages_tx);
+                (Relay::start(relay_config).await?, None)
+            }
+            Some(settings) => Box::pin(start_cluster_node(settings, relay_config, messages_tx)).await?,
+        };
         let listener = match TcpListener::bind(config.listen).await {
             Ok(listener) => listener,
             Err(source) => {
@@ -187,16 +197,24 @@ impl Server {
         let mut sessions = SessionContext::new(verifier, Arc::new(catalog), relay.hub.clone(), config.limits)
             .with_authorizer(authorizer);
         let mut cluster = None;
+        // Broadcast from Database: on one node, through the rooms; in a
+        // cluster every edge reads the rows from the stream, so only to its
+        // own members.
+        let mut db_rooms: Option<Arc<dyn crate::realtime::rooms::Rooms>> = None;
         if let Some(settings) = &config.cluster {
             // Boxed: connecting to NATS is a large future, and it runs once.
             let rooms = match Box::pin(ClusterRooms::start(LocalRooms::default(), settings, shutdown.clone())).await {
                 Ok(rooms) => rooms,
                 Err(err) => {
                     let _ = relay.stop().await;
+                    if let Some(node) = node {
+                        node.stop().await;
+                    }
                     return Err(err.into());
                 }
             };
             cluster = Some(Arc::clone(&rooms.stats));
+            db_rooms = Some(rooms.local());
             sessions = sessions.with_rooms(rooms);
         }
         let sessions = Arc::new(sessions);
@@ -217,12 +235,13 @@ impl Server {
                 slot,
                 slot_watch,
             )
-            .with_cluster(cluster),
+            .with_cluster(cluster)
+            .with_node(node.as_ref().map(ClusterNode::stats)),
         );
         let db_stats = Arc::clone(relay.queues().db_broadcast());
         let db_broadcast = tokio::spawn(crate::realtime::rooms::database::run(
             messages_rx,
-            Arc::clone(&sessions.rooms),
+            db_rooms.unwrap_or_else(|| Arc::clone(&sessions.rooms)),
             Arc::clone(&db_stats),
             sessions.limits.max_broadcast_bytes,
         ));
@@ -242,10 +261,13 @@ impl Server {
             monitor: Arc::clone(&monitor),
             admission,
             broadcast: http::broadcast::RestBroadcast::default(),
+            no_sockets: node.as_ref().filter(|n| !n.role.is_edge()).map(|_| {
+                "this node is a cluster source (--node-role source) and serves no WebSockets: connect to an edge"
+            }),
         });
         let http = tokio::spawn(http::serve(listener, ctx, shutdown_rx).instrument(tracing::info_span!("http", %addr)));
         tracing::info!(%addr, "serving realtime");
-        Ok(Server { addr, shutdown, http, relay, sessions, monitor, watchdog, db_broadcast, partitions })
+        Ok(Server { addr, shutdown, http, relay, node, sessions, monitor, watchdog, db_broadcast, partitions })
     }
 
     /// The bound address.
@@ -294,11 +316,98 @@ impl Server {
         let _ = self.http.await;
         let _ = self.partitions.await;
         let stopped = self.relay.stop().await;
+        if let Some(node) = self.node {
+            node.stop().await;
+        }
         // The change stage ended, so the delivery stage's queue is closed:
         // it delivers what is queued and ends.
         let _ = self.db_broadcast.await;
         stopped?;
         Ok(())
+    }
+}
+
+/// A cluster node's roles (see [`crate::scaleout`]).
+#[derive(Debug)]
+struct ClusterNode {
+    role: crate::scaleout::NodeRole,
+    source: Option<crate::scaleout::source::SourceNode>,
+    edge: Option<Arc<crate::scaleout::edge::EdgeStats>>,
+}
+
+impl ClusterNode {
+    fn stats(&self) -> crate::monitor::NodeStats {
+        crate::monitor::NodeStats {
+            role: self.role,
+            source: self.source.as_ref().map(|s| Arc::clone(&s.stats)),
+            edge: self.edge.clone(),
+        }
+    }
+
+    async fn stop(self) {
+        if let Some(source) = self.source {
+            source.stop().await;
+        }
+    }
+}
+
+/// Cluster mode: opens the change log, starts the source role (it leads
+/// when it holds the lease) and the serving side — an edge fed from the
+/// stream, or, on a source-only node, a hub nobody feeds.
+async fn start_cluster_node(
+    settings: &crate::scaleout::ClusterSettings,
+    relay_config: crate::relay::RelayConfig,
+    messages: mpsc::Sender<crate::realtime::messages::DbMessage>,
+) -> Result<(Relay, Option<ClusterNode>), ServeError> {
+    use crate::scaleout::{edge, log::Log, source::SourceNode};
+    let node_name = format!("walcast-{}", uuid::Uuid::new_v4().simple());
+    let slot = relay_config.source.slot.slot.clone();
+    let log = Log::open(settings, &slot, &node_name).await?;
+    tracing::info!(role = settings.role.as_str(), node = %node_name, stream = %log.names.stream, "cluster mode");
+    let source = settings
+        .role
+        .is_source()
+        .then(|| SourceNode::start(log.clone(), settings.clone(), relay_config.clone(), node_name.clone()));
+    let fed = crate::relay::FedConfig {
+        hub: relay_config.hub.clone(),
+        database_eval: relay_config.database_eval.clone(),
+        connection: relay_config.source.connection.clone(),
+        spill: relay_config.spill.clone(),
+        db_broadcast: Arc::default(),
+    };
+    let mut node = ClusterNode { role: settings.role, source, edge: None };
+    if settings.role.is_edge() {
+        let db_stats = Arc::clone(&fed.db_broadcast);
+        match edge::start(log, settings, fed, Some(messages), db_stats, relay_config.start_timeout).await {
+            Ok((relay, stats)) => {
+                node.edge = Some(stats);
+                Ok((relay, Some(node)))
+            }
+            Err(err) => {
+                node.stop().await;
+                Err(err.into())
+            }
+        }
+    } else {
+        drop(messages);
+        let idle: crate::relay::Feed = Box::new(|_output, ack, stop| {
+            Box::pin(async move {
+                ack.status().set_streaming();
+                stop.cancelled().await;
+                Ok(())
+            })
+        });
+        let relay = match Relay::start_fed(fed, idle) {
+            Ok(relay) => relay,
+            Err(err) => {
+                node.stop().await;
+                return Err(err.into());
+            }
+        };
+        // Nothing to load: the node judges nothing (its readiness is the
+        // process's; whether it leads is in /metrics).
+        relay.hub.stats.memberships_loaded.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok((relay, Some(node)))
     }
 }
 

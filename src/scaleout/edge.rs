@@ -1,0 +1,339 @@
+//! The edge role: a hub fed from the stream instead of a slot.
+//!
+//! ```text
+//!  object store "latest" ──(sequence S, policy state)──▶ StageEvent::Restore ─┐
+//!  stream, ordered consumer from S+1 ─▶ tx chunks ─▶ TxReader ─▶ Router ─────┼─▶ hub ─▶ sockets
+//!                                   │                   └─ realtime.messages ─┼─▶ delivery stage (local rooms)
+//!                                   └▶ policy chunks ─▶ Policies / PolicyUpdate┘
+//!  connection watch: no NATS for --edge-max-stale-secs ─▶ not ready, sockets closed (1013)
+//! ```
+//!
+//! Invariants: events reach the hub in stream order, whole transactions
+//! only — a partial transaction is discarded ([`StageEvent::Reset`]) when its
+//! chunk 0 comes again (its leader's walsender restarted) or a newer term's
+//! message arrives; a transaction already handled (commit LSN below the
+//! last handled end LSN: republished by a new leader) is skipped by the hub;
+//! a gap in the stream's sequences (retention removed messages the edge had
+//! not read) fails the feed rather than serve from caches that missed
+//! changes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+use futures::StreamExt;
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::log::{self, Log};
+use super::snapshot;
+use super::wire::TxReader;
+use super::{ClusterSettings, ScaleoutError};
+use crate::hub::{CloseReason, Control, HubHandle, StageEvent};
+use crate::realtime::messages::{DbBroadcastStats, DbMessage};
+use crate::relay::messages::Router;
+use crate::relay::{FedConfig, Relay, RelayError};
+use crate::replication::AckHandle;
+
+/// Most events per batch handed to the hub.
+const BATCH: usize = 256;
+
+/// Counters of the edge role (`/metrics`).
+#[derive(Debug, Default)]
+pub struct EdgeStats {
+    /// Stream sequence of the last message applied.
+    pub sequence: AtomicU64,
+    /// Messages the stream still holds for this edge (as of the last one).
+    pub pending: AtomicU64,
+    /// Transactions applied.
+    pub transactions: AtomicU64,
+    /// Partial transactions discarded (a leader's restart or a new term).
+    pub discarded: AtomicU64,
+    /// Policy states applied from the stream.
+    pub policy_states: AtomicU64,
+    /// Times the consumer was made again (reconnects).
+    pub consumers: AtomicU64,
+    /// Times the edge went stale and closed its sockets.
+    pub stale: AtomicU64,
+}
+
+/// Loads the newest snapshot and starts a hub fed from the stream after
+/// it. `messages` receives Broadcast from Database rows.
+///
+/// # Errors
+/// No snapshot within `wait`, or one that does not decode.
+pub async fn start(
+    log: Log,
+    settings: &ClusterSettings,
+    fed: FedConfig,
+    messages: Option<mpsc::Sender<DbMessage>>,
+    db_stats: Arc<DbBroadcastStats>,
+    wait: Duration,
+) -> Result<(Relay, Arc<EdgeStats>), ScaleoutError> {
+    let (sequence, state) = load_snapshot(&log, wait).await?;
+    tracing::info!(sequence, handled = %state.handled, "edge starts from the snapshot");
+    let stats = Arc::new(EdgeStats::default());
+    stats.sequence.store(sequence, Ordering::Relaxed);
+    let feed_stats = Arc::clone(&stats);
+    let feed_log = log.clone();
+    let feed: crate::relay::Feed = Box::new(move |output, ack, stop| {
+        Box::pin(
+            async move {
+                feed(feed_log, state, sequence, output, ack, stop, messages, db_stats, feed_stats)
+                    .await
+                    .map_err(|e| RelayError::Cluster(Box::new(e)))
+            }
+            .instrument(tracing::info_span!("edge_feed")),
+        )
+    });
+    let relay = Relay::start_fed(fed, feed).map_err(|e| ScaleoutError::js("starting the hub", e))?;
+    tokio::spawn(
+        watch_connection(
+            log.client.clone(),
+            settings.edge_max_stale,
+            relay.hub.clone(),
+            relay.ack().clone(),
+            Arc::clone(&stats),
+        )
+        .instrument(tracing::info_span!("edge_watch")),
+    );
+    Ok((relay, stats))
+}
+
+/// The newest snapshot: its sequence and state (waits up to `wait` for
+/// one to exist).
+async fn load_snapshot(log: &Log, wait: Duration) -> Result<(u64, snapshot::PolicyState), ScaleoutError> {
+    let started = tokio::time::Instant::now();
+    let store = loop {
+        match log.snapshots().await {
+            Ok(store) => break store,
+            Err(err) if started.elapsed() < wait => {
+                tracing::debug!(error = %err, "snapshot store not there yet");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(err) => return Err(err),
+        }
+    };
+    loop {
+        match store.get(log::SNAPSHOT_OBJECT).await {
+            Ok(mut object) => {
+                let mut blob = Vec::new();
+                object.read_to_end(&mut blob).await.map_err(|e| ScaleoutError::js("reading the snapshot", e))?;
+                let (sequence, encoded) = log::split_snapshot(&blob)
+                    .ok_or_else(|| ScaleoutError::js("reading the snapshot", "shorter than its header"))?;
+                let state = snapshot::decode(encoded)?;
+                return Ok((sequence, state));
+            }
+            Err(_) if started.elapsed() < wait => tokio::time::sleep(Duration::from_millis(250)).await,
+            Err(_) => {
+                return Err(ScaleoutError::NoSnapshot {
+                    bucket: log.names.snapshot_bucket.clone(),
+                    waited: started.elapsed(),
+                })
+            }
+        }
+    }
+}
+
+fn header<'a>(message: &'a async_nats::Message, name: &str) -> Option<&'a str> {
+    message.headers.as_ref()?.get(name).map(|v| v.as_str())
+}
+
+#[allow(clippy::too_many_arguments)] // the feed's context, passed once
+async fn feed(
+    log: Log,
+    state: snapshot::PolicyState,
+    sequence: u64,
+    output: mpsc::Sender<Vec<StageEvent>>,
+    ack: AckHandle,
+    stop: CancellationToken,
+    messages: Option<mpsc::Sender<DbMessage>>,
+    db_stats: Arc<DbBroadcastStats>,
+    stats: Arc<EdgeStats>,
+) -> Result<(), ScaleoutError> {
+    let restore = StageEvent::Restore { loaded: Box::new(state.loaded), ahead: state.ahead, handled: state.handled };
+    if output.send(vec![restore]).await.is_err() {
+        return Ok(());
+    }
+    ack.status().set_streaming();
+    let mut next = sequence + 1;
+    let mut reader = TxReader::new();
+    let mut router = Router::for_stream(messages, db_stats);
+    let mut term: u64 = 0;
+    let mut policy: Vec<u8> = Vec::new();
+    let mut events = Vec::new();
+    let mut batch: Vec<StageEvent> = Vec::with_capacity(BATCH);
+    let mut backoff = Duration::from_millis(100);
+    'consumer: while !stop.is_cancelled() {
+        let stream = match log.stream().await {
+            Ok(stream) => stream,
+            Err(err) => {
+                tracing::warn!(error = %err, "opening the stream failed; retrying");
+                pause(&stop, &mut backoff).await;
+                continue;
+            }
+        };
+        let config = pull::OrderedConfig {
+            filter_subject: log.names.all_subjects.clone(),
+            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: next },
+            ..Default::default()
+        };
+        let consumer = match stream.create_consumer(config).await {
+            Ok(consumer) => consumer,
+            Err(err) => {
+                tracing::warn!(error = %err, "making the stream consumer failed; retrying");
+                pause(&stop, &mut backoff).await;
+                continue;
+            }
+        };
+        let mut incoming = match consumer.messages().await {
+            Ok(incoming) => incoming,
+            Err(err) => {
+                tracing::warn!(error = %err, "reading the stream failed; retrying");
+                pause(&stop, &mut backoff).await;
+                continue;
+            }
+        };
+        stats.consumers.fetch_add(1, Ordering::Relaxed);
+        backoff = Duration::from_millis(100);
+        loop {
+            let message = tokio::select! {
+                () = stop.cancelled() => break 'consumer,
+                message = incoming.next() => message,
+            };
+            let message = match message {
+                Some(Ok(message)) => message,
+                Some(Err(err)) => {
+                    tracing::warn!(error = %err, "the stream consumer failed; making it again");
+                    continue 'consumer;
+                }
+                None => continue 'consumer,
+            };
+            let (seq, pending) = match message.info() {
+                Ok(info) => (info.stream_sequence, info.pending),
+                Err(err) => {
+                    tracing::warn!(error = %err, "a stream message without metadata; making the consumer again");
+                    continue 'consumer;
+                }
+            };
+            if seq < next {
+                continue;
+            }
+            if seq > next {
+                return Err(ScaleoutError::Evicted { wanted: next, first: seq });
+            }
+            next = seq + 1;
+            let index: u32 = header(&message, log::CHUNK).and_then(|v| v.parse().ok()).unwrap_or(0);
+            let message_term: u64 = header(&message, log::TERM).and_then(|v| v.parse().ok()).unwrap_or(0);
+            if message_term > term {
+                // A new leader: whatever the old one left open never commits.
+                if reader.in_transaction() {
+                    discard(&mut reader, &mut router, &mut batch, &stats);
+                }
+                term = message_term;
+            }
+            if message.subject.as_str() == log.names.tx_subject {
+                if index == 0 && reader.in_transaction() {
+                    // Its leader's walsender restarted: the transaction
+                    // comes again from its Begin.
+                    discard(&mut reader, &mut router, &mut batch, &stats);
+                }
+                reader.read(index, &message.payload, &mut events)?;
+                router.route(&mut events).await;
+                for event in events.drain(..) {
+                    if matches!(event, crate::change::TxEvent::Commit(_)) {
+                        stats.transactions.fetch_add(1, Ordering::Relaxed);
+                    }
+                    batch.push(StageEvent::Tx(event));
+                }
+            } else if message.subject.as_str() == log.names.policy_subject {
+                if index == 0 {
+                    policy.clear();
+                }
+                policy.extend_from_slice(&message.payload);
+                if header(&message, log::LAST).is_some() {
+                    let state = snapshot::decode(&policy)?;
+                    policy.clear();
+                    stats.policy_states.fetch_add(1, Ordering::Relaxed);
+                    let event = match header(&message, log::KIND) {
+                        Some("update") => StageEvent::PolicyUpdate { loaded: Box::new(state.loaded), ahead: false },
+                        Some("update-ahead") => {
+                            StageEvent::PolicyUpdate { loaded: Box::new(state.loaded), ahead: true }
+                        }
+                        _ => StageEvent::Policies(Box::new(state.loaded)),
+                    };
+                    batch.push(event);
+                }
+            }
+            stats.sequence.store(seq, Ordering::Relaxed);
+            stats.pending.store(pending, Ordering::Relaxed);
+            if (batch.len() >= BATCH || pending == 0) && !batch.is_empty() {
+                let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+                if output.send(full).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn discard(reader: &mut TxReader, router: &mut Router, batch: &mut Vec<StageEvent>, stats: &EdgeStats) {
+    reader.reset();
+    router.reset();
+    batch.push(StageEvent::Reset);
+    stats.discarded.fetch_add(1, Ordering::Relaxed);
+}
+
+async fn pause(stop: &CancellationToken, backoff: &mut Duration) {
+    tokio::select! {
+        () = stop.cancelled() => {}
+        () = tokio::time::sleep(*backoff) => {}
+    }
+    *backoff = (*backoff * 2).min(Duration::from_secs(2));
+}
+
+/// Watches the NATS connection: disconnected for longer than `max_stale`,
+/// the edge reports not ready and closes its subscribed sockets (once per
+/// outage); connected again, it is ready again.
+async fn watch_connection(
+    client: async_nats::Client,
+    max_stale: Duration,
+    hub: HubHandle,
+    ack: AckHandle,
+    stats: Arc<EdgeStats>,
+) {
+    let mut down_since: Option<tokio::time::Instant> = None;
+    let mut stale = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        if hub.is_closed() {
+            return;
+        }
+        let connected = client.connection_state() == async_nats::connection::State::Connected;
+        if connected {
+            down_since = None;
+            if stale {
+                stale = false;
+                tracing::info!("the change stream is back");
+                ack.status().set_streaming();
+            }
+            continue;
+        }
+        let since = *down_since.get_or_insert_with(tokio::time::Instant::now);
+        if !stale && since.elapsed() >= max_stale {
+            stale = true;
+            stats.stale.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                stale_secs = max_stale.as_secs(),
+                "lost the change stream (NATS) for longer than --edge-max-stale-secs; not ready, closing sockets"
+            );
+            ack.status().set_disconnected(&format!("no change stream (NATS) for over {} s", max_stale.as_secs()));
+            let _ = hub.send(Control::CloseAll(CloseReason::stream_lost(max_stale))).await;
+        }
+    }
+}
