@@ -11,6 +11,7 @@ mod broadcast_http;
 mod changes;
 mod cli_migrate;
 mod client_compat;
+mod cluster;
 mod config_check;
 mod dashboard;
 mod demo;

@@ -172,7 +172,15 @@ async fn check_reports_the_nats_server() {
         let line = findings.iter().find(|f| f.check == "nats").expect("a nats line");
         assert_eq!(line.status, want, "{line}");
         if want == Status::Ok {
-            assert!(line.detail.contains("nats-server 2.15.1") && line.detail.contains("JetStream on"), "{line}");
+            assert!(line.detail.contains("nats-server 2.15.1 with JetStream"), "{line}");
+            assert!(line.detail.contains("role: all"), "{line}");
+            let find =
+                |name: &str| findings.iter().find(|f| f.check == name).unwrap_or_else(|| panic!("a {name} line"));
+            let stream = find("change stream");
+            assert!(stream.status == Status::Ok && stream.detail.contains("does not exist yet"), "{stream}");
+            assert!(find("source lease").detail.contains("free"), "{}", find("source lease"));
+            // The test's role is a superuser: it may end a stale walsender.
+            assert_eq!(find("end stale walsender").status, Status::Ok);
         }
     }
 }

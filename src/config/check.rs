@@ -91,8 +91,8 @@ pub async fn run(settings: &Settings, connection: impl Into<crate::pgconn::PgCon
         Ok(_) => report.ok("JWT keys", "configured and valid"),
         Err(err) => report.fail("JWT keys", err.to_string(), "pass --jwt-secret or --jwks"),
     }
-    if let Some(url) = &settings.nats_url {
-        nats_check(&url.0, &mut report).await;
+    if let Some(cluster) = &settings.cluster {
+        nats_check(cluster, &settings.slot, &mut report).await;
     }
     let connection: crate::pgconn::PgConfig = connection.into();
     let mut client = match crate::pgconn::connect(&connection.with_statement_timeout(CHECK_STATEMENT_TIMEOUT)).await {
@@ -106,6 +106,11 @@ pub async fn run(settings: &Settings, connection: impl Into<crate::pgconn::PgCon
             return report.0;
         }
     };
+    if settings.cluster.as_ref().is_some_and(|c| c.role.is_source()) {
+        if let Err(err) = signal_check(&client, &mut report).await {
+            report.fail("end stale walsender", crate::pgconn::cause(&err).to_string(), "run check as walcast's role");
+        }
+    }
     if let Err(err) = database_checks(&mut client, settings, &mut report).await {
         report.fail(
             "queries",
@@ -116,33 +121,127 @@ pub async fn run(settings: &Settings, connection: impl Into<crate::pgconn::PgCon
     report.0
 }
 
-/// Cluster mode: the NATS server answers, and which it is.
-async fn nats_check(url: &str, report: &mut Report) {
-    let shown = crate::scaleout::redact(url);
-    let connect = async_nats::ConnectOptions::new().connection_timeout(std::time::Duration::from_secs(5)).connect(url);
-    match tokio::time::timeout(std::time::Duration::from_secs(10), connect).await {
-        Ok(Ok(client)) => {
-            let info = client.server_info();
-            report.ok(
+/// Cluster mode: the NATS server answers, is new enough, has JetStream,
+/// and what the deployment's stream and lease hold.
+async fn nats_check(cluster: &crate::scaleout::ClusterSettings, slot: &str, report: &mut Report) {
+    use crate::scaleout::log;
+    let shown = crate::scaleout::redact(&cluster.nats_url.0);
+    let connect = log::connect(cluster, "walcast-check");
+    let client = match tokio::time::timeout(std::time::Duration::from_secs(10), connect).await {
+        Ok(Ok(client)) => client,
+        Ok(Err(err)) => {
+            return report.fail(
                 "nats",
-                format!(
-                    "{shown}: nats-server {} (JetStream {}); Broadcast and Presence are shared with the other nodes",
-                    info.version,
-                    if info.jetstream { "on" } else { "off" }
-                ),
-            );
+                format!("cannot connect to {shown}: {err}"),
+                "check --nats-url (WALCAST_NATS_URL) and that nats-server runs and accepts this host",
+            )
         }
-        Ok(Err(err)) => report.fail(
+        Err(_) => {
+            return report.fail(
+                "nats",
+                format!("{shown} did not answer within 10 s"),
+                "check --nats-url (WALCAST_NATS_URL) and the network path to nats-server",
+            )
+        }
+    };
+    let info = client.server_info();
+    if !log::version_supported(&info.version) {
+        return report.fail(
             "nats",
-            format!("cannot connect to {shown}: {err}"),
-            "check --nats-url (WALCAST_NATS_URL) and that nats-server runs and accepts this host",
+            format!("{shown}: nats-server {} is too old", info.version),
+            format!("run nats-server {} or newer", crate::scaleout::MIN_SERVER_VERSION),
+        );
+    }
+    if !info.jetstream {
+        return report.fail(
+            "nats",
+            format!("{shown}: nats-server {} without JetStream", info.version),
+            "start nats-server with -js (or `jetstream {}` in its config)",
+        );
+    }
+    report.ok(
+        "nats",
+        format!(
+            "{shown}: nats-server {} with JetStream (max payload {} bytes); this node's role: {}",
+            info.version,
+            info.max_payload,
+            cluster.role.as_str()
         ),
-        Err(_) => report.fail(
-            "nats",
-            format!("{shown} did not answer within 10 s"),
-            "check --nats-url (WALCAST_NATS_URL) and the network path to nats-server",
+    );
+    let names = log::Names::for_slot(slot);
+    let js = async_nats::jetstream::new(client);
+    match js.get_stream(&names.stream).await {
+        Ok(mut stream) => match stream.info().await {
+            Ok(info) => {
+                let config = &info.config;
+                let detail = format!(
+                    "{}: {} messages, {} bytes (max {}), {} replica(s), {:?} storage",
+                    names.stream,
+                    info.state.messages,
+                    info.state.bytes,
+                    config.max_bytes,
+                    config.num_replicas,
+                    config.storage
+                );
+                if config.storage == async_nats::jetstream::stream::StorageType::File {
+                    report.ok("change stream", detail);
+                } else {
+                    report.fail(
+                        "change stream",
+                        detail,
+                        format!(
+                            "delete the stream (nats stream rm {}): walcast makes it with file storage",
+                            names.stream
+                        ),
+                    );
+                }
+            }
+            Err(err) => report.warn(
+                "change stream",
+                format!("{}: {err}", names.stream),
+                "check the JetStream account's permissions",
+            ),
+        },
+        Err(_) => report.ok(
+            "change stream",
+            format!(
+                "{} does not exist yet; the first node makes it ({} replica(s), max {} bytes)",
+                names.stream, cluster.stream.replicas, cluster.stream.max_bytes
+            ),
         ),
     }
+    let leader = match js.get_key_value(&names.lease_bucket).await {
+        Ok(store) => store.get("leader").await.ok().flatten(),
+        Err(_) => None,
+    };
+    match leader {
+        Some(node) => report.ok("source lease", format!("held by {}", String::from_utf8_lossy(&node))),
+        None => report.ok("source lease", "free: the next source node to start leads"),
+    }
+}
+
+/// Cluster source roles: walcast may end a stale walsender on the slot (a
+/// leader cut off rather than dead), so a new leader need not wait for
+/// `wal_sender_timeout`.
+async fn signal_check(client: &Client, report: &mut Report) -> Result<(), tokio_postgres::Error> {
+    let may: bool = client
+        .query_one(
+            "SELECT rolsuper OR pg_catalog.pg_has_role(current_user, 'pg_signal_backend', 'MEMBER') \
+             FROM pg_catalog.pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await?
+        .get(0);
+    if may {
+        report.ok("end stale walsender", "may end a cut-off leader's walsender (pg_signal_backend)");
+    } else {
+        report.warn(
+            "end stale walsender",
+            "no pg_signal_backend: a new leader waits for the old walsender's wal_sender_timeout",
+            "GRANT pg_signal_backend TO <walcast role>",
+        );
+    }
+    Ok(())
 }
 
 async fn database_checks(

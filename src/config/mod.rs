@@ -1034,6 +1034,51 @@ mod tests {
     }
 
     #[test]
+    fn cluster_roles_stream_lease_and_staleness_from_the_file_flags_and_defaults() {
+        use crate::scaleout::NodeRole;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("walcast.toml");
+        std::fs::write(
+            &path,
+            "database_url = \"postgres://u:p@h/db\"\njwt_secret = \"f\"\nnats_url = \"nats://a:4222,nats://b:4222\"\n\
+             node_role = \"edge\"\nedge_max_stale_secs = 4\nstream_replicas = 3\nstream_max_bytes = 2097152\n\
+             lease_ttl_secs = 6\nsnapshot_interval_secs = 2.5\n",
+        )
+        .unwrap();
+        let settings = Settings::resolve(FileConfig::default(), Some(&path)).unwrap();
+        let cluster = settings.serve_config(settings.require_database().unwrap().clone()).cluster.expect("cluster");
+        assert_eq!(cluster.role, NodeRole::Edge);
+        assert_eq!(cluster.edge_max_stale, Duration::from_secs(4));
+        assert_eq!((cluster.stream.replicas, cluster.stream.max_bytes), (3, 2 << 20));
+        assert_eq!(cluster.lease_ttl, Duration::from_secs(6));
+        assert_eq!(cluster.snapshot_interval, Duration::from_millis(2500));
+        assert_eq!(crate::scaleout::log::server_addrs(&cluster.nats_url.0).unwrap().len(), 2);
+        // Flags beat the file.
+        let given = FileConfig { node_role: Some(NodeRole::Source), ..given() };
+        let settings = Settings::resolve(given, Some(&path)).unwrap();
+        assert_eq!(settings.cluster.unwrap().role, NodeRole::Source);
+        // Defaults.
+        let settings =
+            Settings::resolve(FileConfig { nats_url: Some("nats://n:4222".into()), ..given_url() }, None).unwrap();
+        let cluster = settings.cluster.unwrap();
+        assert_eq!(cluster.role, NodeRole::All);
+        assert_eq!(cluster.edge_max_stale, Duration::from_secs(10));
+        assert_eq!((cluster.stream.replicas, cluster.stream.max_bytes), (1, 1 << 30));
+        assert_eq!(cluster.lease_ttl, Duration::from_secs(10));
+        // Out of range: each refused with the setting's name.
+        for (bad, name) in [
+            (FileConfig { stream_replicas: Some(2), ..given_url() }, "STREAM_REPLICAS"),
+            (FileConfig { edge_max_stale_secs: Some(0.0), ..given_url() }, "EDGE_MAX_STALE_SECS"),
+            (FileConfig { stream_max_bytes: Some(1000), ..given_url() }, "STREAM_MAX_BYTES"),
+            (FileConfig { lease_ttl_secs: Some(0.1), ..given_url() }, "LEASE_TTL_SECS"),
+            (FileConfig { snapshot_interval_secs: Some(0.0), ..given_url() }, "SNAPSHOT_INTERVAL_SECS"),
+        ] {
+            let bad = FileConfig { nats_url: Some("nats://n:4222".into()), ..bad };
+            assert!(Settings::resolve(bad, None).unwrap_err().to_string().contains(name), "{name}");
+        }
+    }
+
+    #[test]
     fn broadcast_rates_and_the_nats_url_from_the_file_and_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("walcast.toml");

@@ -91,14 +91,26 @@ impl std::fmt::Debug for Log {
 /// # Errors
 /// [`ScaleoutError::Connect`].
 pub async fn connect(settings: &ClusterSettings, name: &str) -> Result<async_nats::Client, ScaleoutError> {
+    let url = &settings.nats_url.0;
+    let addrs = server_addrs(url).map_err(|e| ScaleoutError::BadUrl { url: redact(url), why: e.to_string() })?;
     async_nats::ConnectOptions::new()
         .name(name)
         // Reconnect forever: a restarting nats-server must not stop the node.
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5))
-        .connect(settings.nats_url.0.as_str())
+        .connect(addrs.as_slice())
         .await
-        .map_err(|source| ScaleoutError::Connect { url: redact(&settings.nats_url.0), source })
+        .map_err(|source| ScaleoutError::Connect { url: redact(url), source })
+}
+
+/// The servers of `--nats-url`: one URL, or several separated by commas
+/// (the members of a NATS cluster; the client also learns the others from
+/// the server it reaches).
+///
+/// # Errors
+/// A URL that does not parse.
+pub fn server_addrs(url: &str) -> Result<Vec<async_nats::ServerAddr>, std::io::Error> {
+    url.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::parse).collect()
 }
 
 /// Whether `version` (`2.10.4`, `2.15.1-beta`) is at least

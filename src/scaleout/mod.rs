@@ -152,6 +152,14 @@ pub enum ScaleoutError {
         #[source]
         source: async_nats::ConnectError,
     },
+    /// `--nats-url` does not parse (definite).
+    #[error("--nats-url {url} is not a NATS URL ({why}): give nats://host:port, or several separated by commas")]
+    BadUrl {
+        /// The URL, without credentials.
+        url: String,
+        /// Why.
+        why: String,
+    },
     /// Subscribing failed (transient).
     #[error("subscribing to the cluster's subjects failed: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),

@@ -148,9 +148,7 @@ impl ClusterRooms {
         settings: &ClusterSettings,
         shutdown: CancellationToken,
     ) -> Result<Arc<ClusterRooms>, ScaleoutError> {
-        let url = &settings.nats_url.0;
-        let client =
-            async_nats::connect(url).await.map_err(|source| ScaleoutError::Connect { url: redact(url), source })?;
+        let client = super::log::connect(settings, "walcast-rooms").await?;
         let local = Arc::new(local);
         let node = local.node();
         let events = client.subscribe(SUBJECT).await?;
@@ -170,7 +168,7 @@ impl ClusterRooms {
         };
         tokio::spawn(receiver.run(events, sync, settings.heartbeat, shutdown).instrument(span));
         rooms.publish(SUBJECT.to_owned(), Event::Hello);
-        tracing::info!(node, nats = %redact(url), "joined the cluster");
+        tracing::info!(node, nats = %redact(&settings.nats_url.0), "joined the cluster");
         Ok(rooms)
     }
 

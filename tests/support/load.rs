@@ -175,8 +175,13 @@ pub struct ChangeWitness {
 impl ChangeWitness {
     /// Connects to `addr` and subscribes; returns once subscribed.
     pub async fn subscribe(addr: SocketAddr) -> ChangeWitness {
-        let service = token("service_role", None, 3600);
-        let mut ws = Ws::connect(addr, "/realtime/v1/websocket", &service, Some(Vsn::V2)).await;
+        ChangeWitness::subscribe_as(addr, &token("service_role", None, 3600)).await
+    }
+
+    /// As [`ChangeWitness::subscribe`], as the holder of `jwt` (row level
+    /// security decides what it receives).
+    pub async fn subscribe_as(addr: SocketAddr, jwt: &str) -> ChangeWitness {
+        let mut ws = Ws::connect(addr, "/realtime/v1/websocket", jwt, Some(Vsn::V2)).await;
         let topic = "realtime:faults-witness";
         ws.subscribe(topic, json!([{"event": "INSERT", "schema": "public", "table": "orders"}]), None).await;
         let ids = Arc::new(Mutex::new(Vec::new()));

@@ -1,0 +1,290 @@
+//! Scale-out on NATS JetStream with real processes (`walcast serve` as
+//! children), a real nats-server (single node, and a 3-node cluster with
+//! replicas 3) and a real PostgreSQL: one source holds the slot and
+//! publishes, edges serve sockets from the stream, a standby takes over.
+//!
+//! In each test: every user receives exactly the orders row level security
+//! lets them see (0 leaks), each once (0 duplicates), in commit order, and
+//! every order committed after the user's join reply arrives — across a
+//! `kill -9` of the leader, a transaction larger than the server's
+//! `max_payload` (chunked) cut by that kill, a nats-server restart, and an
+//! edge cut from NATS past its grace period (not ready, sockets closed with
+//! 1013). Deadlines are generous ceilings ([`WAIT`]); takeover times are
+//! printed (`--nocapture`), and benchmarked in docs/benchmarks.md.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+use crate::faults::fixture;
+use crate::support::load::{poll, ChangeWitness, OrderWriter, Write};
+use crate::support::migrated_db;
+use crate::support::nats::{NatsCluster, NatsServer};
+use crate::support::relay::{try_get, RelayProcess};
+use crate::support::server::user;
+
+/// The longest any one wait may take.
+const WAIT: Duration = Duration::from_secs(40);
+
+/// A node of `role` on `slot` (lease 2 s, a snapshot at most every 0.5 s).
+fn node(db_url: &str, slot: &str, nats: &str, role: &str, extra: &[&str]) -> RelayProcess {
+    let mut flags = vec!["--nats-url", nats, "--node-role", role, "--lease-ttl-secs", "2"];
+    flags.extend_from_slice(&["--snapshot-interval-secs", "0.5"]);
+    flags.extend_from_slice(extra);
+    RelayProcess::spawn(db_url, slot, &flags)
+}
+
+async fn started(mut relay: RelayProcess) -> RelayProcess {
+    relay.wait_serving().await;
+    relay
+}
+
+/// A metric's value (the first sample of `name`), if served.
+async fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
+    let (_, body) = try_get(addr, "/metrics").await?;
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next().and_then(|v| v.parse().ok()))
+}
+
+async fn wait_metric(relay: &RelayProcess, name: &str, at_least: f64) -> Duration {
+    let started = Instant::now();
+    poll(&format!("{name} ≥ {at_least}"), WAIT, || async {
+        metric(relay.addr, name).await.filter(|v| *v >= at_least).map(|_| ())
+    })
+    .await;
+    started.elapsed()
+}
+
+/// Every id of `expected` arrived at `witness`, none twice, nothing else,
+/// in `expected`'s order.
+async fn assert_exactly(witness: &ChangeWitness, expected: &[Uuid], who: &str, nodes: &[&RelayProcess]) {
+    let missing = witness.wait_for(expected, WAIT).await;
+    let logs = || nodes.iter().map(|n| n.output()).collect::<Vec<_>>().join("\n---\n");
+    assert!(missing.is_empty(), "{who}: {} of {} orders never arrived\n{}", missing.len(), expected.len(), logs());
+    // Anything more (a leak, a duplicate) would arrive right behind.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = witness.ids();
+    let unique: HashSet<&Uuid> = got.iter().collect();
+    assert_eq!(unique.len(), got.len(), "{who}: {} duplicate deliveries", got.len() - unique.len());
+    let allowed: HashSet<&Uuid> = expected.iter().collect();
+    let leaks: Vec<&Uuid> = got.iter().filter(|id| !allowed.contains(id)).collect();
+    assert!(leaks.is_empty(), "{who}: {} orders it may not see: {leaks:?}", leaks.len());
+    assert_eq!(got, expected, "{who}: commit order");
+}
+
+fn ids(writes: &[Write]) -> Vec<Uuid> {
+    writes.iter().map(|w| w.id).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edges_deliver_exactly_what_rls_allows_and_a_standby_takes_over_after_kill_9() {
+    let nats = NatsServer::start().await;
+    let (db, client) = migrated_db().await;
+    let a = fixture(&client, "CLA").await;
+    let b = fixture(&client, "CLB").await;
+    let slot = format!("{}_c", db.name());
+    let mut leader = started(node(db.url(), &slot, &nats.url, "source", &[])).await;
+    wait_metric(&leader, "walcast_source_leader", 1.0).await;
+    let edge1 = started(node(db.url(), &slot, &nats.url, "edge", &[])).await;
+    let edge2 = started(node(db.url(), &slot, &nats.url, "edge", &[])).await;
+    let standby = started(node(db.url(), &slot, &nats.url, "source", &[])).await;
+    assert_eq!(metric(standby.addr, "walcast_source_leader").await, Some(0.0), "one leader at a time");
+    // A source serves no sockets.
+    let (status, body) = crate::support::server::upgrade(leader.addr, "/realtime/v1/websocket?vsn=1.0.0", &[]).await;
+    assert_eq!(status, 503, "{body}");
+
+    let user_a = ChangeWitness::subscribe_as(edge1.addr, &user(a.1)).await;
+    let user_b = ChangeWitness::subscribe_as(edge2.addr, &user(b.1)).await;
+    let all1 = ChangeWitness::subscribe(edge1.addr).await;
+    let all2 = ChangeWitness::subscribe(edge2.addr).await;
+    let writer_a = OrderWriter::spawn(db.url(), a.0, a.1, Duration::from_millis(10), None);
+    let writer_b = OrderWriter::spawn(db.url(), b.0, b.1, Duration::from_millis(10), None);
+    writer_a.wait_count(50, WAIT).await;
+    leader.kill9();
+    let killed = Instant::now();
+    let takeover = wait_metric(&standby, "walcast_source_leader", 1.0).await;
+    let count = writer_a.count();
+    writer_a.wait_count(count + 50, WAIT).await;
+    let (writes_a, writes_b) = (writer_a.finish().await, writer_b.finish().await);
+    let mut all: Vec<&Write> = writes_a.iter().chain(&writes_b).collect();
+    all.sort_by_key(|w| w.lsn);
+    let all: Vec<Uuid> = all.iter().map(|w| w.id).collect();
+    let nodes = [&leader, &edge1, &edge2, &standby];
+    assert_exactly(&user_a, &ids(&writes_a), "user A on edge 1", &nodes).await;
+    assert_exactly(&user_b, &ids(&writes_b), "user B on edge 2", &nodes).await;
+    assert_exactly(&all1, &all, "service_role on edge 1", &nodes).await;
+    assert_exactly(&all2, &all, "service_role on edge 2", &nodes).await;
+    assert!(!all1.closed() && !user_b.closed(), "clients stayed connected through the takeover");
+    let delivered_by_new = metric(edge1.addr, "walcast_edge_transactions_total").await.unwrap_or(0.0);
+    println!(
+        "kill -9 of the leader: standby leads {:.2} s after the kill ({:.2} s to see it); {} + {} orders, \
+         each delivered once to each entitled client on two edges; edge 1 read {delivered_by_new} transactions",
+        killed.elapsed().min(takeover).as_secs_f64(),
+        takeover.as_secs_f64(),
+        writes_a.len(),
+        writes_b.len(),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_edge_starts_from_the_snapshot_and_memberships_reach_every_edge() {
+    let nats = NatsServer::start().await;
+    let (db, client) = migrated_db().await;
+    let a = fixture(&client, "LTA").await;
+    let b = fixture(&client, "LTB").await;
+    let slot = format!("{}_l", db.name());
+    let source = started(node(db.url(), &slot, &nats.url, "all", &[])).await;
+    let early = started(node(db.url(), &slot, &nats.url, "edge", &[])).await;
+    let early_a = ChangeWitness::subscribe_as(early.addr, &user(a.1)).await;
+    let first = write(&client, a, 3).await;
+    // A joins dealership B while the early edge runs (the change travels
+    // in the stream), then a late edge starts (from a snapshot that holds
+    // it).
+    crate::support::add_member(&client, a.1, b.0, "viewer").await;
+    let b_before_late = write(&client, b, 2).await;
+    wait_metric(&source, "walcast_source_snapshots_total", 2.0).await;
+    let late = started(node(db.url(), &slot, &nats.url, "edge", &[])).await;
+    let late_a = ChangeWitness::subscribe_as(late.addr, &user(a.1)).await;
+    let on_all = ChangeWitness::subscribe_as(source.addr, &user(a.1)).await;
+    let b_after = write(&client, b, 3).await;
+    // A leaves B: later B orders reach nobody of A's, A's own still do.
+    client
+        .execute("delete from public.dealer_memberships where user_id = $1 and dealership_id = $2", &[&a.1, &b.0])
+        .await
+        .unwrap();
+    let _b_hidden = write(&client, b, 3).await;
+    let a_last = write(&client, a, 2).await;
+    let nodes = [&source, &early, &late];
+    let early_expected: Vec<Uuid> = [first.clone(), b_before_late, b_after.clone(), a_last.clone()].concat();
+    assert_exactly(&early_a, &early_expected, "user A on the early edge", &nodes).await;
+    let late_expected: Vec<Uuid> = [b_after.clone(), a_last.clone()].concat();
+    assert_exactly(&late_a, &late_expected, "user A on the late edge", &nodes).await;
+    assert_exactly(&on_all, &late_expected, "user A on the `all` node", &nodes).await;
+}
+
+/// Writes `n` orders for `(dealership, user)` now, one transaction each.
+async fn write(client: &Client, fixture: (Uuid, Uuid), n: usize) -> Vec<Uuid> {
+    crate::faults::write_now(client, fixture, n).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_transaction_cut_by_kill_9_arrives_whole_once_in_order() {
+    // 64 KiB messages: a 6,000-row transaction travels in many chunks.
+    let nats = NatsServer::start_with("max_payload: 65536\n").await;
+    let (db, client) = migrated_db().await;
+    let a = fixture(&client, "BIG").await;
+    let slot = format!("{}_b", db.name());
+    let mut leader = started(node(db.url(), &slot, &nats.url, "source", &[])).await;
+    wait_metric(&leader, "walcast_source_leader", 1.0).await;
+    let edge = started(node(db.url(), &slot, &nats.url, "edge", &[])).await;
+    let standby = started(node(db.url(), &slot, &nats.url, "source", &[])).await;
+    let witness = ChangeWitness::subscribe(edge.addr).await;
+    let before = metric(leader.addr, "walcast_source_messages_total").await.unwrap_or(0.0);
+    const ROWS: i32 = 6000;
+    client
+        .execute(
+            "insert into public.orders (dealership_id, order_number, type, customer_info, metadata, created_by) \
+             select $1, 'BIG-' || lpad(n::text, 6, '0'), 'sales', \
+                    jsonb_build_object('name', 'Ada Lovelace', 'note', repeat('x', 200)), jsonb_build_object('n', n), $2 \
+             from generate_series(1, $3) n",
+            &[&a.0, &a.1, &ROWS],
+        )
+        .await
+        .unwrap();
+    // Cut the leader once it has published part of the transaction.
+    let cut_after = poll("the leader publishing the big transaction", WAIT, || async {
+        metric(leader.addr, "walcast_source_messages_total").await.filter(|v| *v >= before + 3.0)
+    })
+    .await;
+    leader.kill9();
+    wait_metric(&standby, "walcast_source_leader", 1.0).await;
+    let rows = client
+        .query("select id from public.orders where order_number like 'BIG-%' order by order_number", &[])
+        .await
+        .unwrap();
+    let expected: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(expected.len(), ROWS as usize);
+    assert_exactly(&witness, &expected, "service_role on the edge", &[&leader, &edge, &standby]).await;
+    let discarded = metric(edge.addr, "walcast_edge_discarded_total").await.unwrap_or(0.0);
+    println!(
+        "a {ROWS}-row transaction in 64 KiB chunks, leader killed after {} messages of it: delivered whole, \
+         once, in order; the edge discarded {discarded} partial transaction(s)",
+        cut_after - before
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restarts_and_an_edge_past_its_grace_period_closes_sockets_then_recovers() {
+    let mut nats = NatsServer::start().await;
+    let (db, client) = migrated_db().await;
+    let a = fixture(&client, "NRS").await;
+    let slot = format!("{}_n", db.name());
+    let source = started(node(db.url(), &slot, &nats.url, "source", &[])).await;
+    wait_metric(&source, "walcast_source_leader", 1.0).await;
+    let edge = started(node(db.url(), &slot, &nats.url, "edge", &["--edge-max-stale-secs", "1"])).await;
+    let witness = ChangeWitness::subscribe(edge.addr).await;
+    let before = write(&client, a, 3).await;
+    assert_exactly(&witness, &before, "before the restart", &[&source, &edge]).await;
+
+    // NATS goes away: past 1 s the edge is not ready and closes its sockets.
+    nats.kill().await;
+    let code = witness.wait_closed(WAIT).await;
+    assert_eq!(code, Some(1013), "closed with 1013 (try again later)");
+    let (status, body) = try_get(edge.addr, "/ready").await.expect("/ready answers");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("change stream"), "{body}");
+    // Changes committed meanwhile wait in the slot.
+    let during = write(&client, a, 3).await;
+    nats.restart().await;
+    poll("the edge ready again", WAIT, || async {
+        try_get(edge.addr, "/ready").await.filter(|(s, _)| *s == 200).map(|_| ())
+    })
+    .await;
+    let again = ChangeWitness::subscribe(edge.addr).await;
+    let after = write(&client, a, 3).await;
+    // The new client is owed what commits after its join; what committed
+    // while NATS was down still reaches the stream (the slot kept it).
+    assert_exactly_at_least(&again, &after, &[&source, &edge]).await;
+    let published = metric(source.addr, "walcast_source_transactions_total").await.unwrap_or(0.0);
+    assert!(published >= (before.len() + during.len() + after.len()) as f64, "{published} published");
+}
+
+/// Every id of `owed` arrived, once each, in order; ids committed before
+/// the client joined may arrive before them.
+async fn assert_exactly_at_least(witness: &ChangeWitness, owed: &[Uuid], nodes: &[&RelayProcess]) {
+    let missing = witness.wait_for(owed, WAIT).await;
+    let logs = || nodes.iter().map(|n| n.output()).collect::<Vec<_>>().join("\n---\n");
+    assert!(missing.is_empty(), "{} of {} orders never arrived\n{}", missing.len(), owed.len(), logs());
+    let got = witness.ids();
+    let unique: HashSet<&Uuid> = got.iter().collect();
+    assert_eq!(unique.len(), got.len(), "duplicate deliveries");
+    let tail: Vec<Uuid> = got.iter().filter(|id| owed.contains(id)).copied().collect();
+    assert_eq!(tail, owed, "commit order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_nats_cluster_with_replicas_3_carries_the_stream() {
+    let nats = NatsCluster::start().await;
+    let (db, client) = migrated_db().await;
+    let a = fixture(&client, "R3C").await;
+    let slot = format!("{}_r", db.name());
+    let replicas = ["--stream-replicas", "3"];
+    let source = started(node(db.url(), &slot, &nats.url, "source", &replicas)).await;
+    wait_metric(&source, "walcast_source_leader", 1.0).await;
+    let edge = started(node(db.url(), &slot, &nats.url, "edge", &replicas)).await;
+    let witness = ChangeWitness::subscribe_as(edge.addr, &user(a.1)).await;
+    let orders = write(&client, a, 5).await;
+    assert_exactly(&witness, &orders, "user A on the edge", &[&source, &edge]).await;
+    // The stream really has three replicas.
+    let client = async_nats::connect(nats.url.split(',').next().unwrap()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream(format!("WALCAST_{slot}")).await.unwrap();
+    let info = stream.info().await.unwrap();
+    assert_eq!(info.config.num_replicas, 3);
+    let cluster = info.cluster.clone().expect("clustered");
+    assert_eq!(cluster.replicas.len(), 2, "a leader and two replicas: {cluster:?}");
+}
