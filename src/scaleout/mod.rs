@@ -11,6 +11,8 @@
 //! Budgets and rate limits stay per node.
 
 pub mod rooms;
+pub mod snapshot;
+pub mod wire;
 
 use std::time::Duration;
 
