@@ -57,6 +57,9 @@ pub enum SnapshotError {
     /// The bytes are not a policy snapshot.
     #[error("the policy snapshot does not decode: {0}")]
     Decode(#[source] postcard::Error),
+    /// Bytes follow the snapshot.
+    #[error("{0} bytes after the policy snapshot")]
+    TrailingBytes(usize),
     /// Written by another version of walcast.
     #[error("policy snapshot format {found}, this walcast reads format {FORMAT}: run the same version on every node")]
     Format {
@@ -190,7 +193,10 @@ fn encode_parts(loaded: &Loaded, ahead: bool, handled: Lsn) -> Result<Vec<u8>, S
 /// Bytes that are not a snapshot of this format, caches that do not match
 /// what the catalog compiles to, rows whose values do not fit their cache.
 pub fn decode(bytes: &[u8]) -> Result<PolicyState, SnapshotError> {
-    let snapshot: SnapshotIn = postcard::from_bytes(bytes).map_err(SnapshotError::Decode)?;
+    let snapshot: SnapshotIn = match postcard::take_from_bytes(bytes).map_err(SnapshotError::Decode)? {
+        (snapshot, []) => snapshot,
+        (_, rest) => return Err(SnapshotError::TrailingBytes(rest.len())),
+    };
     if snapshot.format != FORMAT {
         return Err(SnapshotError::Format { found: snapshot.format });
     }
@@ -586,6 +592,9 @@ mod tests {
             let junk: Vec<u8> = (0..round).map(|i| ((i as u64).wrapping_mul(state) >> 7) as u8).collect();
             let _ = decode(&junk);
         }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(matches!(decode(&longer), Err(SnapshotError::TrailingBytes(1))));
         let mut other = bytes.clone();
         other[0] = 9;
         assert!(matches!(decode(&other), Err(SnapshotError::Format { found: 9 })));

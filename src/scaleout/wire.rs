@@ -89,6 +89,14 @@ pub enum WireError {
     /// A replica identity byte is not one of `d`, `n`, `f`, `i`.
     #[error("unknown replica identity byte {0:#04x}")]
     ReplicaIdentity(u8),
+    /// A frame is longer than the event it holds.
+    #[error("a frame of {len} bytes leaves {unread} bytes after its event")]
+    FrameLength {
+        /// The frame's length.
+        len: usize,
+        /// Bytes left after the event.
+        unread: usize,
+    },
     /// Bytes follow the Commit frame in its chunk.
     #[error("{0} bytes after the transaction's Commit")]
     TrailingBytes(usize),
@@ -433,7 +441,8 @@ impl TxReader {
     /// # Errors
     /// A chunk out of order, a frame that does not decode or is too long,
     /// events out of order; then [`TxReader::reset`], and drop what was
-    /// appended of the transaction.
+    /// appended of the transaction. A chunk 0 refused because a transaction
+    /// was open (the source restarted it) can be read again after the reset.
     pub fn read(&mut self, index: u32, payload: &[u8], out: &mut Vec<TxEvent>) -> Result<(), WireError> {
         match self.next {
             None if index > 0 => return Ok(()),
@@ -462,8 +471,9 @@ impl TxReader {
             }
             let Some(body) = rest.get(HEADER..HEADER + len) else { break Ok(()) };
             pos += HEADER + len;
-            let event = match postcard::from_bytes::<WireEvent<'_>>(body) {
-                Ok(event) => event,
+            let event = match postcard::take_from_bytes::<WireEvent<'_>>(body) {
+                Ok((event, [])) => event,
+                Ok((_, unread)) => break Err(WireError::FrameLength { len, unread: unread.len() }),
                 Err(err) => break Err(WireError::Decode(err)),
             };
             committed = matches!(event, WireEvent::Commit { .. });
@@ -768,6 +778,33 @@ mod tests {
     }
 
     #[test]
+    fn relations_travel_once_per_transaction_and_again_when_changed() {
+        let txs = transactions();
+        let mut chunker = TxChunker::new(100);
+        let mut relations = Vec::new();
+        for tx in &txs {
+            let mut chunks = Vec::new();
+            for e in tx {
+                chunker.push(e, &mut chunks).unwrap();
+            }
+            let stream: Vec<u8> = chunks.iter().flat_map(|c| c.payload.iter().copied()).collect();
+            let mut rest = &stream[..];
+            let mut oids = Vec::new();
+            while !rest.is_empty() {
+                let len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
+                if let WireEvent::Relation { oid, .. } = postcard::from_bytes(&rest[4..4 + len]).unwrap() {
+                    oids.push(oid);
+                }
+                rest = &rest[4 + len..];
+            }
+            relations.push(oids);
+        }
+        // todos, members, todos again after its ALTER; none in an empty
+        // transaction; todos once for two inserts.
+        assert_eq!(relations, vec![vec![16_384, 16_400, 16_384], vec![], vec![16_384]]);
+    }
+
+    #[test]
     fn kinds_are_derived_as_the_assembler_does() {
         let txs = transactions();
         let mut chunker = TxChunker::new(4096);
@@ -899,8 +936,13 @@ mod tests {
         let orphan = [begin_frame.clone(), change].concat();
         assert!(matches!(reader.read(0, &orphan, &mut Vec::new()), Err(WireError::UnknownRelation(5))));
         reader.reset();
-        let trailing = [begin_frame, commit_frame, vec![1, 2]].concat();
+        let trailing = [begin_frame.clone(), commit_frame, vec![1, 2]].concat();
         assert!(matches!(reader.read(0, &trailing, &mut Vec::new()), Err(WireError::TrailingBytes(2))));
+        reader.reset();
+        let mut long = begin_frame;
+        long[0] += 1;
+        long.push(0);
+        assert!(matches!(reader.read(0, &long, &mut Vec::new()), Err(WireError::FrameLength { unread: 1, .. })));
     }
 
     #[test]
