@@ -186,7 +186,12 @@ fn owner_hub_time_per_change(subscribers: usize, transactions: usize) -> Duratio
         }));
         outboxes.push(outbox);
     }
-    let loaded = Loaded { policies: Arc::new(set), caches, at: LoadedAt { lsn: Lsn::ZERO, exact: true, rows: 0 } };
+    let loaded = Loaded {
+        policies: Arc::new(set),
+        caches,
+        at: LoadedAt { lsn: Lsn::ZERO, exact: true, rows: 0 },
+        catalog: None,
+    };
     core.stage(StageEvent::Policies(Box::new(loaded))).expect("install");
     let rel = relation(TODOS, "todos", &["id", "user_id"]);
     let mut rng = 0x5eed_u64;

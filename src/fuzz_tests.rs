@@ -107,6 +107,32 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(config(10_000))]
+
+    /// The scale-out stream's transaction reader over random chunks: errors, never panics, and a reader that
+    /// refused a chunk reads on after a reset.
+    #[test]
+    fn scaleout_wire_chunks(bytes in seeded_bytes(1024), cuts in vec(0usize..1024, 0..4)) {
+        let mut reader = walcast::scaleout::wire::TxReader::new();
+        let mut events = Vec::new();
+        let mut rest = &bytes[..];
+        for (index, cut) in cuts.iter().chain([&usize::MAX]).enumerate() {
+            let (chunk, tail) = rest.split_at((*cut).min(rest.len()));
+            rest = tail;
+            if reader.read(index as u32, chunk, &mut events).is_err() {
+                reader.reset();
+            }
+        }
+    }
+
+    /// Policy snapshots from random bytes: errors, never panics.
+    #[test]
+    fn scaleout_policy_snapshots(bytes in seeded_bytes(512)) {
+        let _ = walcast::scaleout::snapshot::decode(&bytes);
+    }
+}
+
 #[test]
 fn json_checker_agrees_with_the_grammar() {
     for good in ["0", "-0.5e+3", "\"a\\u00e9\"", "[]", "{}", " [1, {\"a\": [null, true, false]}] ", "[[[[1]]]]"] {

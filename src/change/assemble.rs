@@ -641,7 +641,7 @@ impl Assembler {
 /// How a column's values become JSON: built-in types by OID; user-defined
 /// types (enums, domains, composites) as text, arrays of them (named `_…`) as
 /// arrays of text.
-fn kind_for(oid: u32, type_name: &str) -> ValueKind {
+pub(crate) fn kind_for(oid: u32, type_name: &str) -> ValueKind {
     if value::builtin_type_name(oid).is_some() {
         value::kind_of(oid)
     } else if type_name.starts_with('_') {

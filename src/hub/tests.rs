@@ -38,7 +38,7 @@ fn relation(oid: u32, table: &str, columns: &[&str]) -> Arc<RelationInfo> {
 /// empty caches, loaded `at`.
 fn install(hub: &mut Hub, at: LoadedAt) {
     let (policies, specs, _) = PolicySet::compile(&crate::load::schema::dealership_catalog(1, 2));
-    let loaded = Loaded { policies: Arc::new(policies), caches: Caches::new(specs), at };
+    let loaded = Loaded { policies: Arc::new(policies), caches: Caches::new(specs), at, catalog: None };
     hub.core_mut().stage(StageEvent::Policies(Box::new(loaded))).unwrap();
 }
 
@@ -472,7 +472,7 @@ fn a_policy_update_keeps_unchanged_caches_and_an_ahead_one_is_catch_up() {
     let update = |f: &mut Fixture, ahead: bool| {
         let (policies, specs, _) = PolicySet::compile(&crate::load::schema::dealership_catalog(1, 2));
         let at = LoadedAt { lsn: Lsn(f.lsn + 1), exact: false, rows: 0 };
-        let loaded = Loaded { policies: Arc::new(policies), caches: Caches::new(specs), at };
+        let loaded = Loaded { policies: Arc::new(policies), caches: Caches::new(specs), at, catalog: None };
         f.hub.core_mut().stage(StageEvent::PolicyUpdate { loaded: Box::new(loaded), ahead }).unwrap();
     };
     update(&mut f, false);

@@ -247,6 +247,7 @@ pub fn replay_fanout(path: &Path, pace: Pace, config: &FanoutConfig) -> Result<F
         policies: Arc::new(policies),
         caches,
         at: LoadedAt { lsn: Lsn::ZERO, exact: true, rows },
+        catalog: None,
     })))?;
 
     let started = Instant::now();

@@ -167,13 +167,19 @@ pub fn membership_insert(oid: u32, key: u32, user: Uuid, dealership: Uuid) -> Ch
 /// loaded exactly at LSN 0: what the hub gets from a live load, for tools
 /// and benchmarks without PostgreSQL.
 pub fn dealership_loaded(orders_oid: u32, memberships_oid: u32, memberships: &[(Uuid, Uuid)]) -> Loaded {
-    let (policies, specs, _) = PolicySet::compile(&dealership_catalog(orders_oid, memberships_oid));
+    let catalog = dealership_catalog(orders_oid, memberships_oid);
+    let (policies, specs, _) = PolicySet::compile(&catalog);
     let mut caches = Caches::new(specs);
     for (i, (user, dealership)) in memberships.iter().enumerate() {
         caches.apply(&membership_insert(memberships_oid, i as u32, *user, *dealership));
     }
     let rows = caches.rows();
-    Loaded { policies: Arc::new(policies), caches, at: LoadedAt { lsn: Lsn::ZERO, exact: true, rows } }
+    Loaded {
+        policies: Arc::new(policies),
+        caches,
+        at: LoadedAt { lsn: Lsn::ZERO, exact: true, rows },
+        catalog: Some(Arc::new(catalog)),
+    }
 }
 
 #[cfg(test)]

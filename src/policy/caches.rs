@@ -176,6 +176,12 @@ impl GroupCache {
     fn clear(&mut self) {
         *self = GroupCache::default();
     }
+
+    /// Every row as `(key, group, user)`, in no particular order (for
+    /// [`crate::scaleout::snapshot`]).
+    pub(crate) fn entries(&self) -> impl Iterator<Item = (&str, Option<&Scalar>, &Scalar)> + '_ {
+        self.rows.iter().map(|(key, (group, user))| (&**key, group.as_ref(), user))
+    }
 }
 
 fn entry_bytes(key: &str, group: Option<&Scalar>, user: &Scalar) -> usize {
@@ -306,6 +312,42 @@ impl Caches {
             .zip(&self.over)
             .map(|((s, d), o)| (s.describe(), d.len(), d.bytes(), *o))
             .collect()
+    }
+
+    /// The byte budget.
+    pub(crate) fn budget(&self) -> usize {
+        self.budget
+    }
+
+    /// Cache `id`'s `(exact_from, loaded, over)` flags (for
+    /// [`crate::scaleout::snapshot`]).
+    pub(crate) fn flags(&self, id: CacheId) -> Option<(Lsn, bool, bool)> {
+        Some((*self.exact_from.get(id)?, *self.loaded.get(id)?, *self.over.get(id)?))
+    }
+
+    /// Puts back cache `id` exactly as a snapshot of it holds it: its flags
+    /// and its rows (no budget check: the snapshot was within it, or the
+    /// cache is marked over). Returns false for an unknown `id`.
+    pub(crate) fn restore(
+        &mut self,
+        id: CacheId,
+        (exact_from, loaded, over): (Lsn, bool, bool),
+        rows: impl IntoIterator<Item = (Box<str>, Option<Scalar>, Scalar)>,
+    ) -> bool {
+        let Some(data) = self.data.get_mut(id) else { return false };
+        data.clear();
+        for (key, group, user) in rows {
+            data.insert(key, group, user);
+        }
+        self.exact_from[id] = exact_from;
+        self.loaded[id] = loaded;
+        self.over[id] = over;
+        true
+    }
+
+    /// Sets the byte budget without enforcing it (a restored snapshot).
+    pub(crate) fn set_budget(&mut self, budget: usize) {
+        self.budget = budget;
     }
 
     /// Drops the largest caches until all fit the budget.

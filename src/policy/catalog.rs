@@ -17,7 +17,7 @@ use std::collections::{BTreeSet, HashMap};
 use tokio_postgres::GenericClient;
 
 /// One column.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ColumnCat {
     /// Name.
     pub name: String,
@@ -30,7 +30,7 @@ pub struct ColumnCat {
 }
 
 /// One SELECT (or ALL) policy.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PolicyCat {
     /// `polname`.
     pub name: String,
@@ -45,7 +45,7 @@ pub struct PolicyCat {
 }
 
 /// One table.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TableCat {
     /// `pg_class.oid`.
     pub oid: u32,
@@ -80,7 +80,7 @@ impl TableCat {
 }
 
 /// One role.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RoleCat {
     /// Name.
     pub name: String,
@@ -95,7 +95,7 @@ pub struct RoleCat {
 }
 
 /// One role's rights on one table.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Privileges {
     /// SELECT on the table (all columns).
     pub table: bool,
@@ -106,7 +106,7 @@ pub struct Privileges {
 }
 
 /// One SQL or PL/pgSQL function a policy may call.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FunctionCat {
     /// Schema.
     pub schema: String,
@@ -135,7 +135,7 @@ pub struct FunctionCat {
 }
 
 /// Everything [`super::compile`] needs.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Catalog {
     /// Published tables and the tables their policies read, by oid.
     pub tables: HashMap<u32, TableCat>,

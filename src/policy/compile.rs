@@ -45,7 +45,7 @@ use super::predicate::{CacheId, ClaimPath, CmpOp, ColType, Expr, Operand, Scalar
 
 /// A membership cache the compiled predicates read: the pairs
 /// `(group, user)` of table `T`'s rows that pass `filter`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct CacheSpec {
     /// `T`'s oid.
     pub table: u32,

@@ -447,6 +447,10 @@ pub struct Loaded {
     pub caches: Caches,
     /// When.
     pub at: LoadedAt,
+    /// The catalog the plans were compiled from (what a snapshot carries to
+    /// compile the same plans elsewhere, see [`crate::scaleout::snapshot`]);
+    /// `None` for plans built by hand (tests, benchmarks).
+    pub catalog: Option<Arc<Catalog>>,
 }
 
 /// Reads the catalog, compiles and loads the caches in one transaction
@@ -535,14 +539,14 @@ async fn load_except(
     let mut tables: Vec<String> = Vec::new();
     let mut functions: Vec<String> = Vec::new();
     let mut round = 0;
-    let (set, specs) = loop {
+    let (set, specs, cat) = loop {
         let cat = catalog::load(&tx, publications, &tables, &functions).await?;
         let (set, specs, wanted) = PolicySet::compile(&cat);
         let new_tables: Vec<String> = wanted.tables.into_iter().filter(|t| !tables.contains(t)).collect();
         let new_functions: Vec<String> = wanted.functions.into_iter().filter(|f| !functions.contains(f)).collect();
         round += 1;
         if (new_tables.is_empty() && new_functions.is_empty()) || round >= 6 {
-            break (set, specs);
+            break (set, specs, cat);
         }
         tables.extend(new_tables);
         functions.extend(new_functions);
@@ -558,5 +562,5 @@ async fn load_except(
         }
     })?;
     tx.commit().await?;
-    Ok((Loaded { policies: Arc::new(set), caches, at }, epoch))
+    Ok((Loaded { policies: Arc::new(set), caches, at, catalog: Some(Arc::new(cat)) }, epoch))
 }

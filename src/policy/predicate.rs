@@ -32,7 +32,7 @@ use uuid::Uuid;
 use crate::change::Datum;
 
 /// Column and value types compiled in memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub enum ColType {
     /// `bool`.
     Bool,
@@ -69,7 +69,7 @@ impl ColType {
 }
 
 /// A non-NULL typed value.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Scalar {
     /// A boolean.
     Bool(bool),
@@ -191,7 +191,7 @@ fn parse_bool(text: &str) -> Option<bool> {
 /// A path into the JWT claims: `auth.uid()` is `sub`, `auth.role()` is
 /// `role`, `auth.jwt() -> 'app_metadata' ->> 'org_id'` is
 /// `app_metadata.org_id`. The value is taken as text (`->>`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct ClaimPath(pub Vec<Arc<str>>);
 
 impl ClaimPath {
@@ -255,7 +255,7 @@ impl fmt::Display for ClaimPath {
 }
 
 /// One side of a comparison.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Operand {
     /// A column of the judged row: its index among the plan's columns, its
     /// type, and a cast applied to it.
@@ -291,7 +291,7 @@ impl Operand {
 }
 
 /// A comparison operator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum CmpOp {
     /// `=`.
     Eq,
@@ -346,7 +346,7 @@ impl CmpOp {
 pub type CacheId = usize;
 
 /// A compiled predicate.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Expr {
     /// `true`, `false` or NULL.
     Const(Option<bool>),

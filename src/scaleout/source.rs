@@ -382,12 +382,20 @@ impl Publisher {
             // since the last one (at most one being stored).
             let due = tokio::time::Instant::now() >= next_snapshot && snapshot_at != Some(last);
             if due && !in_tx && snapshot_task.as_ref().is_none_or(JoinHandle::is_finished) {
-                if let Some(state) = mirror.state() {
-                    snapshot_at = Some(last);
-                    next_snapshot = tokio::time::Instant::now() + self.snapshot_interval;
-                    let stats = Arc::clone(&self.stats);
-                    snapshot_task =
-                        Some(tokio::spawn(store_snapshot(snapshots.clone(), state, last, stats).in_current_span()));
+                // Encoded here (between batches: the stream waits for it, no
+                // copy of the caches is made); stored in a task of its own.
+                match mirror.encode() {
+                    Some(Ok(encoded)) => {
+                        snapshot_at = Some(last);
+                        next_snapshot = tokio::time::Instant::now() + self.snapshot_interval;
+                        let stats = Arc::clone(&self.stats);
+                        let put = store_snapshot(snapshots.clone(), encoded, last, stats).in_current_span();
+                        snapshot_task = Some(tokio::spawn(put));
+                    }
+                    // Definite (plans without their catalog): edges could
+                    // never start from it; stop rather than go on without.
+                    Some(Err(err)) => return Err(cluster(err.into())),
+                    None => {}
                 }
             }
         }
@@ -465,18 +473,9 @@ fn publish_error(err: async_nats::jetstream::context::PublishError, expected: u6
     }
 }
 
-/// Encodes and stores one snapshot (errors are logged: the next one is
-/// taken at the next interval).
-async fn store_snapshot(store: object_store::ObjectStore, state: PolicyState, sequence: u64, stats: Arc<SourceStats>) {
-    let encoded = tokio::task::spawn_blocking(move || snapshot::encode(&state)).await;
-    let encoded = match encoded {
-        Ok(Ok(bytes)) => bytes,
-        Ok(Err(err)) => {
-            tracing::error!(error = %err, "encoding a snapshot failed");
-            return;
-        }
-        Err(_) => return,
-    };
+/// Stores one encoded snapshot (errors are logged: the next one is taken
+/// at the next interval).
+async fn store_snapshot(store: object_store::ObjectStore, encoded: Vec<u8>, sequence: u64, stats: Arc<SourceStats>) {
     let blob = log::snapshot_blob(sequence, &encoded);
     let mut reader = std::io::Cursor::new(blob);
     match store.put(log::SNAPSHOT_OBJECT, &mut reader).await {
