@@ -281,7 +281,9 @@ impl Relay {
     /// The spill directory.
     pub fn start_fed(config: FedConfig, feed: Feed) -> Result<Relay, RelayError> {
         let spill =
-            Spill::new(SpillConfig { dir: config.spill.dir.join("hub"), disk_budget: config.spill.disk_budget })?;
+            // `edge/`: on a node that is also a source, `hub/` and `stream/`
+            // are its relay's.
+            Spill::new(SpillConfig { dir: config.spill.dir.join("edge"), disk_budget: config.spill.disk_budget })?;
         let shutdown = CancellationToken::new();
         let ack = AckHandle::default();
         let (mut hub, handle) = hub::hub(config.hub.clone(), ack.clone(), spill);

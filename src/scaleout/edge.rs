@@ -89,7 +89,34 @@ pub async fn start(
             .instrument(tracing::info_span!("edge_feed")),
         )
     });
-    let relay = Relay::start_fed(fed, feed).map_err(|e| ScaleoutError::js("starting the hub", e))?;
+    // Where the stream ends now: the edge serves once it has read that far
+    // (a client joining then is not sent changes committed long before).
+    let target =
+        log.stream().await?.info().await.map_err(|e| ScaleoutError::js("reading the stream", e))?.state.last_sequence;
+    let relay = Relay::start_fed(fed, feed).map_err(|e| ScaleoutError::Hub(e.to_string()))?;
+    let started = tokio::time::Instant::now();
+    loop {
+        let read = stats.sequence.load(Ordering::Relaxed) >= target;
+        // …and the hub took every batch (it handles a batch whole before
+        // it looks at joins again).
+        if read && relay.queues().stage().is_none_or(|(queued, _)| queued == 0) {
+            break;
+        }
+        if !relay.is_running() {
+            let _ = relay.stop().await;
+            return Err(ScaleoutError::Hub("the stream feed stopped while catching up".into()));
+        }
+        if started.elapsed() >= wait {
+            tracing::warn!(
+                read = stats.sequence.load(Ordering::Relaxed),
+                target,
+                "still catching up with the stream; serving anyway"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tracing::info!(sequence = stats.sequence.load(Ordering::Relaxed), "edge caught up with the stream");
     tokio::spawn(
         watch_connection(
             log.client.clone(),
@@ -105,7 +132,7 @@ pub async fn start(
 
 /// The newest snapshot: its sequence and state (waits up to `wait` for
 /// one to exist).
-async fn load_snapshot(log: &Log, wait: Duration) -> Result<(u64, snapshot::PolicyState), ScaleoutError> {
+pub(crate) async fn load_snapshot(log: &Log, wait: Duration) -> Result<(u64, snapshot::PolicyState), ScaleoutError> {
     let started = tokio::time::Instant::now();
     let store = loop {
         match log.snapshots().await {
@@ -160,36 +187,13 @@ async fn feed(
     }
     ack.status().set_streaming();
     let mut next = sequence + 1;
-    let mut reader = TxReader::new();
+    let mut decoder = Decoder::default();
     let mut router = Router::for_stream(messages, db_stats);
-    let mut term: u64 = 0;
-    let mut policy: Vec<u8> = Vec::new();
     let mut events = Vec::new();
     let mut batch: Vec<StageEvent> = Vec::with_capacity(BATCH);
     let mut backoff = Duration::from_millis(100);
     'consumer: while !stop.is_cancelled() {
-        let stream = match log.stream().await {
-            Ok(stream) => stream,
-            Err(err) => {
-                tracing::warn!(error = %err, "opening the stream failed; retrying");
-                pause(&stop, &mut backoff).await;
-                continue;
-            }
-        };
-        let config = pull::OrderedConfig {
-            filter_subject: log.names.all_subjects.clone(),
-            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: next },
-            ..Default::default()
-        };
-        let consumer = match stream.create_consumer(config).await {
-            Ok(consumer) => consumer,
-            Err(err) => {
-                tracing::warn!(error = %err, "making the stream consumer failed; retrying");
-                pause(&stop, &mut backoff).await;
-                continue;
-            }
-        };
-        let mut incoming = match consumer.messages().await {
+        let mut incoming = match consume_from(&log, next).await {
             Ok(incoming) => incoming,
             Err(err) => {
                 tracing::warn!(error = %err, "reading the stream failed; retrying");
@@ -226,49 +230,33 @@ async fn feed(
                 return Err(ScaleoutError::Evicted { wanted: next, first: seq });
             }
             next = seq + 1;
-            let index: u32 = header(&message, log::CHUNK).and_then(|v| v.parse().ok()).unwrap_or(0);
-            let message_term: u64 = header(&message, log::TERM).and_then(|v| v.parse().ok()).unwrap_or(0);
-            if message_term > term {
-                // A new leader: whatever the old one left open never commits.
-                if reader.in_transaction() {
-                    discard(&mut reader, &mut router, &mut batch, &stats);
-                }
-                term = message_term;
-            }
-            if message.subject.as_str() == log.names.tx_subject {
-                if index == 0 && reader.in_transaction() {
-                    // Its leader's walsender restarted: the transaction
-                    // comes again from its Begin.
-                    discard(&mut reader, &mut router, &mut batch, &stats);
-                }
-                reader.read(index, &message.payload, &mut events)?;
-                router.route(&mut events).await;
-                for event in events.drain(..) {
-                    if matches!(event, crate::change::TxEvent::Commit(_)) {
-                        stats.transactions.fetch_add(1, Ordering::Relaxed);
-                    }
-                    batch.push(StageEvent::Tx(event));
-                }
-            } else if message.subject.as_str() == log.names.policy_subject {
-                if index == 0 {
-                    policy.clear();
-                }
-                policy.extend_from_slice(&message.payload);
-                if header(&message, log::LAST).is_some() {
-                    let state = snapshot::decode(&policy)?;
-                    policy.clear();
-                    stats.policy_states.fetch_add(1, Ordering::Relaxed);
-                    let event = match header(&message, log::KIND) {
-                        Some("update") => StageEvent::PolicyUpdate { loaded: Box::new(state.loaded), ahead: false },
-                        Some("update-ahead") => {
-                            StageEvent::PolicyUpdate { loaded: Box::new(state.loaded), ahead: true }
+            let start = batch.len();
+            decoder.decode(&log.names, &message, &mut batch)?;
+            // Broadcast from Database rows go to the delivery stage before
+            // their Commit reaches the hub.
+            for event in batch.drain(start..).collect::<Vec<_>>() {
+                match event {
+                    StageEvent::Tx(tx) => {
+                        if matches!(tx, crate::change::TxEvent::Commit(_)) {
+                            stats.transactions.fetch_add(1, Ordering::Relaxed);
                         }
-                        _ => StageEvent::Policies(Box::new(state.loaded)),
-                    };
-                    batch.push(event);
+                        events.push(tx);
+                        router.route(&mut events).await;
+                        batch.extend(events.drain(..).map(StageEvent::Tx));
+                    }
+                    StageEvent::Reset => {
+                        router.reset();
+                        stats.discarded.fetch_add(1, Ordering::Relaxed);
+                        batch.push(StageEvent::Reset);
+                    }
+                    other => {
+                        if matches!(other, StageEvent::Policies(_) | StageEvent::PolicyUpdate { .. }) {
+                            stats.policy_states.fetch_add(1, Ordering::Relaxed);
+                        }
+                        batch.push(other);
+                    }
                 }
             }
-            stats.sequence.store(seq, Ordering::Relaxed);
             stats.pending.store(pending, Ordering::Relaxed);
             if (batch.len() >= BATCH || pending == 0) && !batch.is_empty() {
                 let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
@@ -276,16 +264,93 @@ async fn feed(
                     return Ok(());
                 }
             }
+            // Read means handed to the hub (what `start` waits for).
+            if batch.is_empty() {
+                stats.sequence.store(seq, Ordering::Relaxed);
+            }
         }
     }
     Ok(())
 }
 
-fn discard(reader: &mut TxReader, router: &mut Router, batch: &mut Vec<StageEvent>, stats: &EdgeStats) {
-    reader.reset();
-    router.reset();
-    batch.push(StageEvent::Reset);
-    stats.discarded.fetch_add(1, Ordering::Relaxed);
+/// An ordered consumer of the whole stream from sequence `next`.
+pub(crate) async fn consume_from(
+    log: &Log,
+    next: u64,
+) -> Result<async_nats::jetstream::consumer::pull::Ordered, ScaleoutError> {
+    let stream = log.stream().await?;
+    let config = pull::OrderedConfig {
+        filter_subject: log.names.all_subjects.clone(),
+        deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: next },
+        ..Default::default()
+    };
+    let consumer =
+        stream.create_consumer(config).await.map_err(|e| ScaleoutError::js("making a stream consumer", e))?;
+    consumer.messages().await.map_err(|e| ScaleoutError::js("reading the stream", e))
+}
+
+/// Stream messages → the hub's events, in order: whole transactions, the
+/// policy states, and a [`StageEvent::Reset`] where a partial transaction
+/// is discarded (its chunk 0 again, or a newer leader term).
+#[derive(Default)]
+pub(crate) struct Decoder {
+    reader: TxReader,
+    term: u64,
+    policy: Vec<u8>,
+    events: Vec<crate::change::TxEvent>,
+}
+
+impl Decoder {
+    /// Decodes one message, appending its events to `out`.
+    ///
+    /// # Errors
+    /// A payload that does not decode (the stream was written by another
+    /// version, or by something else): definite.
+    pub(crate) fn decode(
+        &mut self,
+        names: &log::Names,
+        message: &async_nats::Message,
+        out: &mut Vec<StageEvent>,
+    ) -> Result<(), ScaleoutError> {
+        let index: u32 = header(message, log::CHUNK).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let term: u64 = header(message, log::TERM).and_then(|v| v.parse().ok()).unwrap_or(0);
+        if term > self.term {
+            // A new leader: whatever the old one left open never commits.
+            if self.reader.in_transaction() {
+                self.discard(out);
+            }
+            self.term = term;
+        }
+        if message.subject.as_str() == names.tx_subject {
+            if index == 0 && self.reader.in_transaction() {
+                // Its leader's walsender restarted: the transaction comes
+                // again from its Begin.
+                self.discard(out);
+            }
+            self.reader.read(index, &message.payload, &mut self.events)?;
+            out.extend(self.events.drain(..).map(StageEvent::Tx));
+        } else if message.subject.as_str() == names.policy_subject {
+            if index == 0 {
+                self.policy.clear();
+            }
+            self.policy.extend_from_slice(&message.payload);
+            if header(message, log::LAST).is_some() {
+                let state = snapshot::decode(&self.policy)?;
+                self.policy.clear();
+                out.push(match header(message, log::KIND) {
+                    Some("update") => StageEvent::PolicyUpdate { loaded: Box::new(state.loaded), ahead: false },
+                    Some("update-ahead") => StageEvent::PolicyUpdate { loaded: Box::new(state.loaded), ahead: true },
+                    _ => StageEvent::Policies(Box::new(state.loaded)),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn discard(&mut self, out: &mut Vec<StageEvent>) {
+        self.reader.reset();
+        out.push(StageEvent::Reset);
+    }
 }
 
 async fn pause(stop: &CancellationToken, backoff: &mut Duration) {

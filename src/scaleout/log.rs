@@ -113,6 +113,9 @@ pub fn server_addrs(url: &str) -> Result<Vec<async_nats::ServerAddr>, std::io::E
     url.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::parse).collect()
 }
 
+/// How long [`Log::open`] retries a JetStream that does not answer yet.
+pub const OPEN_RETRY: Duration = Duration::from_secs(30);
+
 /// Whether `version` (`2.10.4`, `2.15.1-beta`) is at least
 /// [`MIN_SERVER_VERSION`].
 pub fn version_supported(version: &str) -> bool {
@@ -138,8 +141,19 @@ impl Log {
         let js = jetstream::new(client.clone());
         let names = Names::for_slot(slot);
         let log = Log { client, js, names, settings: settings.stream.clone() };
-        log.ensure_stream().await?;
-        Ok(log)
+        // A NATS cluster that is starting has no JetStream leader for a few
+        // seconds: its requests time out. Retry those, within a bound.
+        let started = tokio::time::Instant::now();
+        loop {
+            match log.ensure_stream().await {
+                Ok(()) => return Ok(log),
+                Err(err) if err.is_transient() && started.elapsed() < OPEN_RETRY => {
+                    tracing::warn!(error = %err, "JetStream not ready; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(err) => return Err(err),
+            }
+        }
     }
 
     fn stream_config(&self) -> stream::Config {

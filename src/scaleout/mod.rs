@@ -201,6 +201,9 @@ pub enum ScaleoutError {
     /// The lease was lost (not renewed in time).
     #[error("the source lease was lost: {0}")]
     LeaseLost(String),
+    /// The edge's hub could not start (its message names the fix).
+    #[error("starting the edge's hub: {0}")]
+    Hub(String),
     /// A transaction or snapshot could not be encoded or decoded.
     #[error("stream payload: {0}")]
     Wire(#[from] wire::WireError),

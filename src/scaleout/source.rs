@@ -303,7 +303,21 @@ impl Publisher {
         let snapshots = self.log.snapshots().await.map_err(cluster)?;
         let max_payload = self.log.client.server_info().max_payload.max(4096);
         let mut chunker = TxChunker::new(max_payload - HEADER_ROOM);
-        let mut mirror = Mirror::new();
+        // A stream that holds a policy state already (an earlier leader's):
+        // continue it — edges keep judging exactly with what they hold —
+        // rather than publish this term's load, which was read ahead of
+        // the slot and would put every edge in a catch-up window.
+        let (mut mirror, mut skip_load) = match seed(&self.log, last).await {
+            Ok(Some(mirror)) => {
+                tracing::info!(last_sequence = last, "continuing the stream's policy state");
+                (mirror, true)
+            }
+            Ok(None) => (Mirror::new(), false),
+            Err(err) => {
+                tracing::warn!(error = %err, "could not read the stream's policy state; publishing a fresh load (edges judge the replayed transactions as catch-up)");
+                (Mirror::new(), false)
+            }
+        };
         let mut chunks: Vec<Chunk> = Vec::new();
         let mut in_tx = false;
         let mut policy_states: u64 = 0;
@@ -325,6 +339,15 @@ impl Publisher {
             if let Some(batch) = batch {
                 let mut flight: Vec<InFlight> = Vec::new();
                 for event in batch {
+                    if let (true, StageEvent::Policies(loaded)) = (skip_load, &event) {
+                        skip_load = false;
+                        // An exact load (the slot was made by this start, in
+                        // its exported snapshot) starts a new history: send it.
+                        if !loaded.at.exact {
+                            continue;
+                        }
+                        mirror = Mirror::new();
+                    }
                     mirror.apply(&event);
                     match event {
                         StageEvent::Tx(tx) => {
@@ -463,6 +486,46 @@ impl Publisher {
         }
         Ok(())
     }
+}
+
+/// The policy state at the stream's last sequence `last`: the newest
+/// snapshot, then every message after it (`None`: the stream holds none).
+async fn seed(log: &Log, last: u64) -> Result<Option<Mirror>, ScaleoutError> {
+    use futures::StreamExt;
+    if last == 0 {
+        return Ok(None);
+    }
+    let (sequence, state) = match super::edge::load_snapshot(log, Duration::ZERO).await {
+        Ok(found) => found,
+        Err(ScaleoutError::NoSnapshot { .. }) => return Ok(None),
+        Err(err) => return Err(err),
+    };
+    let mut mirror = Mirror::new();
+    mirror.apply(&StageEvent::Restore { loaded: Box::new(state.loaded), ahead: state.ahead, handled: state.handled });
+    if sequence >= last {
+        return Ok(Some(mirror));
+    }
+    let mut incoming = super::edge::consume_from(log, sequence + 1).await?;
+    let mut decoder = super::edge::Decoder::default();
+    let mut events = Vec::new();
+    let mut next = sequence + 1;
+    while next <= last {
+        let message = tokio::time::timeout(Duration::from_secs(10), incoming.next())
+            .await
+            .map_err(|_| ScaleoutError::js("reading the stream's tail", "no message within 10 s"))?
+            .ok_or_else(|| ScaleoutError::js("reading the stream's tail", "the consumer ended"))?
+            .map_err(|e| ScaleoutError::js("reading the stream's tail", e))?;
+        let seq = message.info().map_err(|e| ScaleoutError::js("reading the stream's tail", e))?.stream_sequence;
+        if seq != next {
+            return Err(ScaleoutError::Evicted { wanted: next, first: seq });
+        }
+        decoder.decode(&log.names, &message, &mut events)?;
+        for event in events.drain(..) {
+            mirror.apply(&event);
+        }
+        next += 1;
+    }
+    Ok(Some(mirror))
 }
 
 fn publish_error(err: async_nats::jetstream::context::PublishError, expected: u64) -> ScaleoutError {

@@ -390,8 +390,10 @@ async fn start_cluster_node(
         }
     } else {
         drop(messages);
-        let idle: crate::relay::Feed = Box::new(|_output, ack, stop| {
+        let idle: crate::relay::Feed = Box::new(|output, ack, stop| {
             Box::pin(async move {
+                // Held open: a closed input would end the hub.
+                let _output = output;
                 ack.status().set_streaming();
                 stop.cancelled().await;
                 Ok(())
