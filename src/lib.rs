@@ -44,8 +44,11 @@
 //!  REST broadcasts (http) ────────────────────────▶   shared; presence state and diffs) ──▶ outboxes
 //!  private channels: session/http ──▶ authorize (RLS on realtime.messages, as the user,
 //!                                                rolled back) ──▶ PostgreSQL
-//!  cluster mode: rooms ◀──▶ scaleout (NATS `walcast.rooms`: broadcasts, presence, heartbeats)
-//!                           ◀──▶ the other nodes' rooms
+//!  cluster mode (scaleout, NATS JetStream):
+//!   source (lease holder): replication → change stage ──▶ publisher ──chunks, PubAck──▶ stream
+//!                          (ack end_lsn only after PubAck)   └─ policy snapshots ──▶ object store
+//!   edge: snapshot + stream (ordered consumer) ──▶ hub (as above) ──▶ realtime ◀─▶ clients
+//!   rooms ◀──▶ NATS `walcast.rooms` (broadcasts, presence, heartbeats) ◀──▶ the other nodes' rooms
 //! ```
 //!
 //! Back-pressure runs the other way: a full outbox budget pauses the hub, the
@@ -84,7 +87,9 @@
 //! - [`http`]: the listener (hyper): WebSocket upgrades admitted against the
 //!   connection, per-address and per-user budgets, REST broadcasts, the
 //!   dashboard, `/health`, `/ready`, `/metrics`.
-//! - [`scaleout`]: cluster mode over NATS — Broadcast and Presence shared
+//! - [`scaleout`]: cluster mode over NATS JetStream — a source node holds
+//!   the slot and publishes committed transactions; edge nodes serve sockets
+//!   from the stream; standbys take over; Broadcast and Presence shared
 //!   between nodes.
 //! - [`monitor`]: Prometheus metrics, readiness, and the slot watchdog.
 //! - [`demo`]: the one-command demo: embedded PostgreSQL, demo data and tokens,

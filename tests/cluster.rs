@@ -137,6 +137,17 @@ async fn edges_deliver_exactly_what_rls_allows_and_a_standby_takes_over_after_ki
     assert_exactly_of(&all2, &all, "service_role on edge 2", &nodes).await;
     assert!(!all1.closed() && !user_b.closed(), "clients stayed connected through the takeover");
     let delivered_by_new = metric(edge1.addr, "walcast_edge_transactions_total").await.unwrap_or(0.0);
+    // An edge dies: its client reconnects to the other edge and gets what
+    // commits after its new join.
+    let mut edge1 = edge1;
+    edge1.kill9();
+    user_a.wait_closed(WAIT).await;
+    let user_a_again = ChangeWitness::subscribe_as(edge2.addr, &user(a.1)).await;
+    let after_a = write(&client, a, 3).await;
+    let after_b = write(&client, b, 3).await;
+    assert_exactly(&user_a_again, &after_a, "user A reconnected to edge 2", &[&standby, &edge2]).await;
+    let b_all: Vec<Uuid> = [ids_b.clone(), after_b].concat();
+    assert_exactly(&user_b, &b_all, "user B on edge 2", &[&standby, &edge2]).await;
     println!(
         "kill -9 of the leader: standby leads {:.2} s after the kill ({:.2} s to see it); {} + {} orders, \
          each delivered once to each entitled client on two edges; edge 1 read {delivered_by_new} transactions",
@@ -308,4 +319,66 @@ async fn a_three_node_nats_cluster_with_replicas_3_carries_the_stream() {
     assert_eq!(info.config.num_replicas, 3);
     let cluster = info.cluster.clone().expect("clustered");
     assert_eq!(cluster.replicas.len(), 2, "a leader and two replicas: {cluster:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_silently_is_replaced_and_cannot_write_when_it_returns() {
+    use crate::support::proxy::{upstream_of, Proxy};
+    let nats = NatsServer::start().await;
+    let (db, client) = migrated_db().await;
+    let a = fixture(&client, "CUT").await;
+    let slot = format!("{}_s", db.name());
+    // The leader reaches NATS and PostgreSQL through proxies that can go
+    // silent (no FIN, no RST); everyone else directly.
+    let nats_proxy = Proxy::start(upstream_of(&nats.url.replace("nats://", "nats://x@"))).await;
+    let pg_proxy = Proxy::start(upstream_of(db.url())).await;
+    let leader_nats = format!("nats://{}", nats_proxy.addr);
+    let mut leader = RelayProcess::spawn(
+        &pg_proxy.url_via(db.url()),
+        &slot,
+        &[
+            "--nats-url",
+            &leader_nats,
+            "--node-role",
+            "source",
+            "--lease-ttl-secs",
+            "2",
+            "--snapshot-interval-secs",
+            "0.5",
+        ],
+    );
+    leader.wait_serving().await;
+    wait_metric(&leader, "walcast_source_leader", 1.0).await;
+    let edge = started(node(db.url(), &slot, &nats.url, "edge", &[])).await;
+    let standby = started(node(db.url(), &slot, &nats.url, "source", &[])).await;
+    let witness = ChangeWitness::subscribe(edge.addr).await;
+    let writer = OrderWriter::spawn(db.url(), a.0, a.1, Duration::from_millis(10), None);
+    writer.wait_count(30, WAIT).await;
+
+    nats_proxy.pause();
+    pg_proxy.pause();
+    let cut = Instant::now();
+    // The standby takes the lease once it expires, ends the silent
+    // walsender that still holds the slot, and streams.
+    let takeover = wait_metric(&standby, "walcast_source_leader", 1.0).await;
+    let count = writer.count();
+    writer.wait_count(count + 30, WAIT).await;
+    // The old leader comes back: it lost the lease and must not publish.
+    nats_proxy.resume();
+    pg_proxy.resume();
+    poll("the old leader standing down", WAIT, || async {
+        metric(leader.addr, "walcast_source_leader").await.filter(|v| *v == 0.0)
+    })
+    .await;
+    let count = writer.count();
+    writer.wait_count(count + 20, WAIT).await;
+    let writes = writer.finish().await;
+    assert_exactly(&witness, &ids(&writes), "service_role on the edge", &[&leader, &edge, &standby]).await;
+    assert!(metric(leader.addr, "walcast_source_leadership_lost_total").await.unwrap_or(0.0) >= 1.0);
+    assert_eq!(metric(standby.addr, "walcast_source_leader").await, Some(1.0), "one leader");
+    println!(
+        "leader cut off silently: the standby led {:.2} s after the cut; {} orders, each delivered once in order",
+        cut.elapsed().min(takeover).as_secs_f64(),
+        writes.len()
+    );
 }

@@ -92,7 +92,8 @@ pub async fn run(settings: &Settings, connection: impl Into<crate::pgconn::PgCon
         Err(err) => report.fail("JWT keys", err.to_string(), "pass --jwt-secret or --jwks"),
     }
     if let Some(cluster) = &settings.cluster {
-        nats_check(cluster, &settings.slot, &mut report).await;
+        // Boxed: connecting to NATS is a large future, and it runs once.
+        Box::pin(nats_check(cluster, &settings.slot, &mut report)).await;
     }
     let connection: crate::pgconn::PgConfig = connection.into();
     let mut client = match crate::pgconn::connect(&connection.with_statement_timeout(CHECK_STATEMENT_TIMEOUT)).await {

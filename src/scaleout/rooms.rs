@@ -103,7 +103,7 @@ impl WireMessage {
                 encoding,
                 payload: base64::engine::general_purpose::STANDARD.encode(payload),
             }),
-            // Every node streams realtime.messages from its own slot.
+            // Every edge reads realtime.messages rows from the change stream.
             Message::Database { .. } => None,
         }
     }

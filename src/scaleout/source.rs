@@ -222,30 +222,33 @@ async fn lead(
     }
 }
 
-/// Renews the lease every third of its TTL; cancels `lost` when a renewal
-/// fails (another node took it) or none succeeded for two thirds of the TTL.
+/// Renews the lease every third of its TTL, each attempt bounded by a
+/// third of it; cancels `lost` when a renewal is refused (another node took
+/// the lease) or none succeeded for two thirds of the TTL — so a leader cut
+/// off from NATS stops before its lease can expire and a standby take it.
 async fn renew(store: kv::Store, node: String, mut revision: u64, ttl: Duration, lost: CancellationToken) {
     let every = ttl / 3;
     let mut last_ok = tokio::time::Instant::now();
     loop {
-        tokio::time::sleep(every).await;
-        match store.update(LEADER_KEY, Bytes::from(node.clone()), revision).await {
-            Ok(next) => {
+        tokio::time::sleep(every.saturating_sub(last_ok.elapsed().min(every))).await;
+        let attempt = tokio::time::timeout(every, store.update(LEADER_KEY, Bytes::from(node.clone()), revision)).await;
+        match attempt {
+            Ok(Ok(next)) => {
                 revision = next;
                 last_ok = tokio::time::Instant::now();
+                continue;
             }
-            Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+            Ok(Err(err)) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                 tracing::error!("the source lease was taken by another node");
                 lost.cancel();
                 return;
             }
-            Err(err) => {
-                tracing::warn!(error = %err, "renewing the source lease failed");
-                if last_ok.elapsed() >= ttl * 2 / 3 {
-                    lost.cancel();
-                    return;
-                }
-            }
+            Ok(Err(err)) => tracing::warn!(error = %err, "renewing the source lease failed"),
+            Err(_) => tracing::warn!("renewing the source lease timed out"),
+        }
+        if last_ok.elapsed() >= ttl * 2 / 3 {
+            lost.cancel();
+            return;
         }
     }
 }

@@ -158,7 +158,8 @@ impl Server {
         let slot = config.relay.source.slot.slot.clone();
         let slot_existed = preflight(&config).await?;
         let cluster = config.cluster.is_some();
-        let result = Server::start_checked(config, verifier).await;
+        // Boxed: the start is a large future, and it runs once.
+        let result = Box::pin(Server::start_checked(config, verifier)).await;
         // A cluster's slot belongs to whichever source leads: never dropped
         // by a node's failed start.
         if result.is_err() && !slot_existed && !cluster {
