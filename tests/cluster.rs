@@ -137,6 +137,15 @@ async fn edges_deliver_exactly_what_rls_allows_and_a_standby_takes_over_after_ki
     assert_exactly_of(&all2, &all, "service_role on edge 2", &nodes).await;
     assert!(!all1.closed() && !user_b.closed(), "clients stayed connected through the takeover");
     let delivered_by_new = metric(edge1.addr, "walcast_edge_transactions_total").await.unwrap_or(0.0);
+    // The failover gap: from the kill to the first order committed after
+    // it reaching a client.
+    let gap = writes_a
+        .iter()
+        .chain(&writes_b)
+        .filter(|w| w.at > killed)
+        .filter_map(|w| all1.arrival(&w.id))
+        .min()
+        .map(|first| first.duration_since(killed));
     // An edge dies: its client reconnects to the other edge and gets what
     // commits after its new join.
     let mut edge1 = edge1;
@@ -149,10 +158,11 @@ async fn edges_deliver_exactly_what_rls_allows_and_a_standby_takes_over_after_ki
     let b_all: Vec<Uuid> = [ids_b.clone(), after_b].concat();
     assert_exactly(&user_b, &b_all, "user B on edge 2", &[&standby, &edge2]).await;
     println!(
-        "kill -9 of the leader: standby leads {:.2} s after the kill ({:.2} s to see it); {} + {} orders, \
-         each delivered once to each entitled client on two edges; edge 1 read {delivered_by_new} transactions",
-        killed.elapsed().min(takeover).as_secs_f64(),
+        "kill -9 of the leader (lease TTL 2 s): the standby's metric showed it leading {:.2} s after the kill, the \
+         first order committed after the kill reached a client {:.2} s after it; {} + {} orders, each delivered \
+         once to each entitled client on two edges; edge 1 read {delivered_by_new} transactions",
         takeover.as_secs_f64(),
+        gap.map_or(f64::NAN, |g| g.as_secs_f64()),
         writes_a.len(),
         writes_b.len(),
     );
@@ -381,4 +391,33 @@ async fn a_leader_cut_off_silently_is_replaced_and_cannot_write_when_it_returns(
         cut.elapsed().min(takeover).as_secs_f64(),
         writes.len()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_larger_than_the_stream_stops_the_source_and_is_never_skipped() {
+    let nats = NatsServer::start().await;
+    let (db, client) = migrated_db().await;
+    let a = fixture(&client, "TOO").await;
+    let slot = format!("{}_t", db.name());
+    let mut source = started(node(db.url(), &slot, &nats.url, "source", &["--stream-max-bytes", "1048576"])).await;
+    wait_metric(&source, "walcast_source_leader", 1.0).await;
+    let before = crate::support::load::slot_state(&client, &slot).await.and_then(|s| s.confirmed).expect("the slot");
+    // About 2 MB in one transaction: more than the stream may hold.
+    client
+        .execute(
+            "insert into public.orders (dealership_id, type, customer_info, created_by) \
+             select $1, 'sales', jsonb_build_object('name', 'Ada Lovelace', 'note', repeat('x', 300)), $2 \
+             from generate_series(1, 6000)",
+            &[&a.0, &a.1],
+        )
+        .await
+        .unwrap();
+    let status =
+        source.wait_exit(WAIT).await.unwrap_or_else(|| panic!("the source kept running:\n{}", source.output()));
+    assert_eq!(status.code(), Some(1), "{}", source.output());
+    let last = source.stderr_lines().last().cloned().unwrap_or_default();
+    assert!(last.contains("does not fit the stream") && last.contains("raise --stream-max-bytes"), "{last}");
+    // The slot kept it: a source with a larger stream delivers it whole.
+    let after = crate::support::load::slot_state(&client, &slot).await.and_then(|s| s.confirmed).expect("the slot");
+    assert!(after.0 <= before.0 + 4096, "the slot did not move past the transaction ({before} → {after})");
 }

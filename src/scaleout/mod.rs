@@ -201,6 +201,19 @@ pub enum ScaleoutError {
     /// The lease was lost (not renewed in time).
     #[error("the source lease was lost: {0}")]
     LeaseLost(String),
+    /// A transaction is larger than the stream may hold (definite: the
+    /// source stops rather than skip it or evict its own beginning).
+    #[error(
+        "a transaction of over {bytes} bytes does not fit the stream (--stream-max-bytes {max}); raise \
+         --stream-max-bytes (and the JetStream account's storage) above the largest transaction plus a snapshot \
+         interval of changes, then restart the source"
+    )]
+    TransactionTooLarge {
+        /// Bytes published of it when it was refused.
+        bytes: u64,
+        /// The stream's limit.
+        max: u64,
+    },
     /// The edge's hub could not start (its message names the fix).
     #[error("starting the edge's hub: {0}")]
     Hub(String),

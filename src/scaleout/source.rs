@@ -79,6 +79,10 @@ pub struct SourceNode {
     pub stats: Arc<SourceStats>,
     task: JoinHandle<()>,
     stop: CancellationToken,
+    /// Cancelled when the role stopped on a definite error (`error` says
+    /// which).
+    failed: CancellationToken,
+    error: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl SourceNode {
@@ -86,11 +90,35 @@ impl SourceNode {
     pub fn start(log: Log, settings: ClusterSettings, relay: RelayConfig, node: String) -> SourceNode {
         let stats = Arc::new(SourceStats::default());
         let stop = CancellationToken::new();
+        let failed = CancellationToken::new();
+        let error: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+        let run = lead_when_leased(log, settings, relay, node.clone(), Arc::clone(&stats), stop.clone());
+        let (failed_in, error_in) = (failed.clone(), Arc::clone(&error));
         let task = tokio::spawn(
-            lead_when_leased(log, settings, relay, node.clone(), Arc::clone(&stats), stop.clone())
-                .instrument(tracing::info_span!("source", node = %node)),
+            async move {
+                if let Err(err) = run.await {
+                    tracing::error!(error = %err, "the source role stopped");
+                    if let Ok(mut slot) = error_in.lock() {
+                        *slot = Some(err.to_string());
+                    }
+                    failed_in.cancel();
+                }
+            }
+            .instrument(tracing::info_span!("source", node = %node)),
         );
-        SourceNode { stats, task, stop }
+        SourceNode { stats, task, stop, failed, error }
+    }
+
+    /// Resolves when the role stopped on a definite error (a transaction
+    /// the stream cannot hold, a snapshot that cannot be encoded): the
+    /// operator must act; [`SourceNode::error`] says how.
+    pub fn failed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.failed.cancelled()
+    }
+
+    /// The definite error the role stopped with, if any.
+    pub fn error(&self) -> Option<String> {
+        self.error.lock().ok().and_then(|e| e.clone())
     }
 
     /// Stops leading (final standby status, lease released) and waits.
@@ -112,7 +140,7 @@ async fn lead_when_leased(
     node: String,
     stats: Arc<SourceStats>,
     stop: CancellationToken,
-) {
+) -> Result<(), ScaleoutError> {
     let mut standby_logged = false;
     while !stop.is_cancelled() {
         let term = match acquire(&log, &settings, &node).await {
@@ -144,7 +172,14 @@ async fn lead_when_leased(
                 // Shutdown: let a standby take over at once.
                 let _ = store.delete(LEADER_KEY).await;
                 tracing::info!(term = revision, "released the source lease");
-                return;
+                return Ok(());
+            }
+            Err(err) if !err.is_transient() => {
+                // The next term would fail the same way: stop, and let a
+                // standby try (it will fail too until the operator acts).
+                stats.lost.fetch_add(1, Ordering::Relaxed);
+                let _ = store.delete(LEADER_KEY).await;
+                return Err(err);
             }
             Err(err) => {
                 stats.lost.fetch_add(1, Ordering::Relaxed);
@@ -153,6 +188,7 @@ async fn lead_when_leased(
             }
         }
     }
+    Ok(())
 }
 
 async fn pause(stop: &CancellationToken, time: Duration) {
@@ -217,6 +253,12 @@ async fn lead(
     let stopped = relay.stop().await;
     match (outcome, stopped) {
         (Ok(()), _) => Ok(()),
+        (Err(ScaleoutError::JetStream { .. }), Err(RelayError::Cluster(inner))) => {
+            match inner.downcast::<ScaleoutError>() {
+                Ok(scaleout) => Err(*scaleout),
+                Err(other) => Err(ScaleoutError::js("streaming", other)),
+            }
+        }
         (Err(ScaleoutError::JetStream { .. }), Err(err)) => Err(ScaleoutError::js("streaming", err)),
         (Err(err), _) => Err(err),
     }
@@ -323,6 +365,10 @@ impl Publisher {
         };
         let mut chunks: Vec<Chunk> = Vec::new();
         let mut in_tx = false;
+        // Payload bytes of the open transaction: one the stream cannot hold
+        // whole would evict its own beginning.
+        let mut tx_bytes: u64 = 0;
+        let max_bytes = u64::try_from(self.log.settings.max_bytes).unwrap_or(u64::MAX);
         let mut policy_states: u64 = 0;
         let mut snapshot_task: Option<JoinHandle<()>> = None;
         let mut snapshot_at: Option<u64> = None;
@@ -355,7 +401,17 @@ impl Publisher {
                     match event {
                         StageEvent::Tx(tx) => {
                             in_tx = !matches!(tx, TxEvent::Commit(_));
+                            if matches!(tx, TxEvent::Begin(_)) {
+                                tx_bytes = 0;
+                            }
                             chunker.push(&tx, &mut chunks).map_err(|e| cluster(e.into()))?;
+                            tx_bytes += chunks.iter().map(|c| c.payload.len() as u64).sum::<u64>();
+                            if tx_bytes > max_bytes {
+                                return Err(cluster(ScaleoutError::TransactionTooLarge {
+                                    bytes: tx_bytes,
+                                    max: max_bytes,
+                                }));
+                            }
                             for chunk in chunks.drain(..) {
                                 let expected = last + flight.len() as u64;
                                 flight.push(self.send_chunk(chunk, expected).await.map_err(cluster)?);

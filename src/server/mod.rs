@@ -105,6 +105,10 @@ pub enum ServeError {
     /// Cluster mode could not start.
     #[error(transparent)]
     Scaleout(#[from] crate::scaleout::ScaleoutError),
+    /// The source role stopped on a definite error (the message names the
+    /// fix).
+    #[error("{0}")]
+    Source(String),
     /// A start-up query failed.
     #[error("{what} failed: {}", crate::pgconn::cause(.error))]
     Database {
@@ -297,11 +301,29 @@ impl Server {
     /// # Errors
     /// The error the relay stopped with.
     pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) -> Result<(), ServeError> {
-        tokio::select! {
-            () = signal => tracing::info!("shutting down"),
-            () = self.relay.stage_ended() => tracing::error!("the relay stopped; shutting down"),
+        let source = self.node.as_ref().and_then(|n| n.source.as_ref());
+        let source_failed = async {
+            match source {
+                Some(source) => source.failed().await,
+                None => std::future::pending().await,
+            }
+        };
+        let failed = tokio::select! {
+            () = signal => {
+                tracing::info!("shutting down");
+                None
+            }
+            () = self.relay.stage_ended() => {
+                tracing::error!("the relay stopped; shutting down");
+                None
+            }
+            () = source_failed => source.and_then(|s| s.error()),
+        };
+        let stopped = self.shutdown().await;
+        match failed {
+            Some(error) => Err(ServeError::Source(error)),
+            None => stopped,
         }
-        self.shutdown().await
     }
 
     /// Stops accepting, closes every socket (1001), then stops replication

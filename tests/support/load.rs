@@ -167,6 +167,8 @@ impl OrderWriter {
 /// `public.orders`, recording the ids it receives (heartbeats every 5 s).
 pub struct ChangeWitness {
     ids: Arc<Mutex<Vec<Uuid>>>,
+    /// When each of `ids` arrived (same order).
+    times: Arc<Mutex<Vec<Instant>>>,
     closed: Arc<AtomicBool>,
     close_code: Arc<Mutex<Option<u16>>>,
     task: JoinHandle<()>,
@@ -185,10 +187,12 @@ impl ChangeWitness {
         let topic = "realtime:faults-witness";
         ws.subscribe(topic, json!([{"event": "INSERT", "schema": "public", "table": "orders"}]), None).await;
         let ids = Arc::new(Mutex::new(Vec::new()));
+        let times = Arc::new(Mutex::new(Vec::new()));
         let closed = Arc::new(AtomicBool::new(false));
         let close_code = Arc::new(Mutex::new(None));
         let task = {
             let ids = Arc::clone(&ids);
+            let times = Arc::clone(&times);
             let closed = Arc::clone(&closed);
             let close_code = Arc::clone(&close_code);
             tokio::spawn(async move {
@@ -202,6 +206,7 @@ impl ChangeWitness {
                                 if frame.topic == topic && frame.event == "postgres_changes" {
                                     let id = frame.payload["data"]["record"]["id"].as_str().expect("record.id");
                                     ids.lock().unwrap().push(id.parse().expect("a uuid"));
+                                    times.lock().unwrap().push(Instant::now());
                                 }
                             }
                             Some(Ok(Message::Close(frame))) => {
@@ -219,12 +224,18 @@ impl ChangeWitness {
                 }
             })
         };
-        ChangeWitness { ids, closed, close_code, task }
+        ChangeWitness { ids, times, closed, close_code, task }
     }
 
     /// The ids received so far, in arrival order.
     pub fn ids(&self) -> Vec<Uuid> {
         self.ids.lock().unwrap().clone()
+    }
+
+    /// When `id` arrived, if it did.
+    pub fn arrival(&self, id: &Uuid) -> Option<Instant> {
+        let at = self.ids.lock().unwrap().iter().position(|i| i == id)?;
+        self.times.lock().unwrap().get(at).copied()
     }
 
     /// Whether the socket closed.
