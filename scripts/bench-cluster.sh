@@ -22,6 +22,7 @@ SECRET=bench-secret-bench-secret-bench-secret
 PIDS=()
 cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    pkill -f -- "--spill-dir $WORK/" 2>/dev/null || true
     "$PG_BINDIR/pg_ctl" -D "$WORK/pg" -m immediate stop >/dev/null 2>&1 || true
     rm -rf "$WORK"
 }
@@ -49,7 +50,6 @@ serve() { # port slot extra...
     shift 2
     $BIN serve --database-url "$DB" --jwt-secret "$SECRET" --host 127.0.0.1 --port "$port" --slot "$slot" \
         --spill-dir "$WORK/spill-$slot-$port" "$@" >"$WORK/serve-$slot-$port.log" 2>&1 &
-    PIDS+=($!)
     echo $!
 }
 wait_ready() {
@@ -60,28 +60,93 @@ wait_ready() {
     echo "port $1 not ready" >&2
     return 1
 }
-load() { # port label
-    echo "== $2 (round $round)"
-    $BIN load --relay-url "ws://127.0.0.1:$1/realtime/v1/websocket" --database-url "$DB" --jwt-secret "$SECRET" \
+ticks() { # pids… → their CPU clock ticks (user + system)
+    local sum=0
+    for pid in "$@"; do sum=$((sum + $(awk '{print $14 + $15}' "/proc/$pid/stat"))); done
+    echo "$sum"
+}
+load() { # port label pids…
+    local port=$1 label=$2
+    shift 2
+    echo "== $label (round $round)"
+    local before
+    before=$(ticks "$@")
+    $BIN load --relay-url "ws://127.0.0.1:$port/realtime/v1/websocket" --database-url "$DB" --jwt-secret "$SECRET" \
         --clients "$CLIENTS" --rate "$RATE" --duration "$DURATION" --seed "$round" 2>&1 | grep -v '^{' || true
+    echo "  relay processes' CPU during the run: $(( ($(ticks "$@") - before) * 1000 / $(getconf CLK_TCK) )) ms"
+}
+stop() { # pids…
+    kill "$@" 2>/dev/null || true
+    for pid in "$@"; do
+        while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+    done
 }
 drop_slot() {
     psql -h 127.0.0.1 -p "$PGPORT" -U postgres -qAt -c \
         "select pg_drop_replication_slot('$1') from pg_replication_slots where slot_name = '$1'" >/dev/null 2>&1 || true
 }
 
+metric() { # port name → value (0 when absent)
+    curl -fs "http://127.0.0.1:$1/metrics" 2>/dev/null | awk -v n="$2" '$1 == n {print $2; found=1} END {if (!found) print 0}'
+}
+now_ms() { date +%s%3N; }
+psql_() { psql -h 127.0.0.1 -p "$PGPORT" -U postgres -qAt -c "$1"; }
+# A backlog of $TXS transactions of $ROWS_PER_TX orders, written while the
+# relay is stopped.
+TXS=${TXS:-100}
+ROWS_PER_TX=${ROWS_PER_TX:-2000}
+backlog() {
+    local d u
+    d=$(psql_ "select id from public.dealerships order by id limit 1")
+    u=$(psql_ "select id from public.profiles order by id limit 1")
+    for _ in $(seq 1 "$TXS"); do
+        echo "insert into public.orders (dealership_id, type, customer_info, vehicle_info, created_by)
+              select '$d', 'sales', jsonb_build_object('name', 'Ada Lovelace', 'email', 'ada@example.com',
+                     'phone', '+1 555 0100', 'address', jsonb_build_object('street', '1 Main St', 'city', 'Springfield')),
+                     jsonb_build_object('vin', md5(n::text), 'make', 'Volvo', 'model', 'XC40', 'year', 2024), '$u'
+              from generate_series(1, $ROWS_PER_TX) n;"
+    done | psql -h 127.0.0.1 -p "$PGPORT" -U postgres -q >/dev/null
+}
+drain() { # port metric label pids-to-stop-after…
+    local port=$1 name=$2 label=$3 started took
+    shift 3
+    wait_ready "$port"
+    started=$(now_ms)
+    until [ "$(metric "$port" "$name" | cut -d. -f1)" -ge "$TXS" ]; do sleep 0.05; done
+    took=$(($(now_ms) - started))
+    echo "== drain $label (round $round): $((TXS * ROWS_PER_TX)) rows in ${took} ms = $((TXS * ROWS_PER_TX * 1000 / took)) rows/s"
+}
+
 for round in $(seq 1 "$ROUNDS"); do
     one=$(serve 4100 "one_$round")
     wait_ready 4100
-    load 4100 "one node"
-    kill "$one"; wait "$one" 2>/dev/null || true
+    load 4100 "one node" "$one"
+    stop "$one"
     drop_slot "one_$round"
 
     src=$(serve 4101 "clu_$round" --nats-url "nats://127.0.0.1:$NATSPORT" --node-role source)
     wait_ready 4101
     edge=$(serve 4102 "clu_$round" --nats-url "nats://127.0.0.1:$NATSPORT" --node-role edge)
     wait_ready 4102
-    load 4102 "JetStream: source + edge"
-    kill "$edge" "$src"; wait "$edge" "$src" 2>/dev/null || true
+    load 4102 "JetStream: source + edge" "$src" "$edge"
+    stop "$edge" "$src"
     drop_slot "clu_$round"
+done
+
+# Drain rates: a backlog streamed by one node (hub handled) vs a source into
+# JetStream (every chunk acknowledged) and on through an edge.
+for round in $(seq 1 "$ROUNDS"); do
+    one=$(serve 4100 "d_one_$round"); wait_ready 4100; stop "$one"
+    src=$(serve 4101 "d_clu_$round" --nats-url "nats://127.0.0.1:$NATSPORT" --node-role source); wait_ready 4101
+    edge=$(serve 4102 "d_clu_$round" --nats-url "nats://127.0.0.1:$NATSPORT" --node-role edge); wait_ready 4102
+    stop "$src"
+    backlog
+    one=$(serve 4100 "d_one_$round")
+    drain 4100 walcast_transactions_total "one node"
+    stop "$one"; drop_slot "d_one_$round"
+    src=$(serve 4101 "d_clu_$round" --nats-url "nats://127.0.0.1:$NATSPORT" --node-role source)
+    until [ "$(metric 4101 walcast_source_leader)" = 1 ]; do sleep 0.05; done
+    drain 4102 walcast_edge_transactions_total "JetStream source → edge"
+    echo "   source published $(metric 4101 walcast_source_bytes_total) payload bytes in $(metric 4101 walcast_source_messages_total) messages"
+    stop "$edge" "$src"; drop_slot "d_clu_$round"
 done

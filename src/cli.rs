@@ -311,6 +311,10 @@ struct ServeArgs {
     /// transaction plus a snapshot interval of changes [default: 1073741824].
     #[arg(long = "stream-max-bytes", env = "WALCAST_STREAM_MAX_BYTES")]
     stream_max_bytes: Option<i64>,
+    /// Cluster mode: seconds the stream keeps a message; an edge starting from a snapshot
+    /// needs every message after it [default: 86400].
+    #[arg(long = "stream-max-age-secs", env = "WALCAST_STREAM_MAX_AGE_SECS")]
+    stream_max_age_secs: Option<f64>,
     /// Cluster mode: the source lease's time to live, seconds; a standby takes over within it
     /// after the leader dies [default: 10].
     #[arg(long = "lease-ttl-secs", env = "WALCAST_LEASE_TTL_SECS")]
@@ -459,6 +463,7 @@ impl ServeArgs {
             edge_max_stale_secs: self.edge_max_stale_secs,
             stream_replicas: self.stream_replicas,
             stream_max_bytes: self.stream_max_bytes,
+            stream_max_age_secs: self.stream_max_age_secs,
             lease_ttl_secs: self.lease_ttl_secs,
             snapshot_interval_secs: self.snapshot_interval_secs,
         };

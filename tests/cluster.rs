@@ -421,3 +421,61 @@ async fn a_transaction_larger_than_the_stream_stops_the_source_and_is_never_skip
     let after = crate::support::load::slot_state(&client, &slot).await.and_then(|s| s.confirmed).expect("the slot");
     assert!(after.0 <= before.0 + 4096, "the slot did not move past the transaction ({before} → {after})");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_oracle_over_two_edges_through_a_leader_kill_finds_every_delivery_exact() {
+    let nats = NatsServer::start().await;
+    let (db, _client) = migrated_db().await;
+    let slot = format!("{}_o", db.name());
+    let mut leader = started(node(db.url(), &slot, &nats.url, "source", &[])).await;
+    wait_metric(&leader, "walcast_source_leader", 1.0).await;
+    let edge1 = started(node(db.url(), &slot, &nats.url, "edge", &[])).await;
+    let edge2 = started(node(db.url(), &slot, &nats.url, "edge", &[])).await;
+    let standby = started(node(db.url(), &slot, &nats.url, "source", &[])).await;
+    let urls = format!("ws://{}/realtime/v1/websocket,ws://{}/realtime/v1/websocket", edge1.addr, edge2.addr);
+    let dir = tempfile::tempdir().unwrap();
+    let json_out = dir.path().join("load.json");
+    // 40 clients spread over the two edges, orders and membership churn
+    // for 6 s; the leader is killed in the middle.
+    let load = tokio::process::Command::new(env!("CARGO_BIN_EXE_walcast"))
+        .current_dir(dir.path())
+        .args([
+            "load",
+            "--relay-url",
+            &urls,
+            "--database-url",
+            db.url(),
+            "--jwt-secret",
+            crate::support::server::SECRET,
+        ])
+        .args(["--clients", "40", "--users", "20", "--dealerships", "5", "--live-orders", "50"])
+        .args(["--rate", "100", "--duration", "6", "--churn", "3", "--drain-timeout", "30"])
+        .arg("--json-out")
+        .arg(&json_out)
+        .output();
+    let kill = async {
+        // Once the clients are subscribed and the writes run.
+        poll("the load writing", WAIT, || async {
+            metric(leader.addr, "walcast_source_transactions_total").await.filter(|v| *v >= 100.0)
+        })
+        .await;
+        leader.kill9();
+    };
+    let (output, ()) = tokio::join!(load, kill);
+    let output = output.expect("walcast load runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let logs = [&edge1, &edge2, &standby].iter().map(|n| n.output()).collect::<Vec<_>>().join("\n---\n");
+    assert!(output.status.success() && stdout.contains("result: PASS"), "{stdout}\n{stderr}\n{logs}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json_out).unwrap()).unwrap();
+    let results = &report["results"];
+    for check in ["leaks", "duplicates", "missing", "out_of_order", "protocol_errors", "subscribe_failures"] {
+        assert_eq!(results["checks"][check], 0, "{check}: {:#}", results["checks"]);
+    }
+    assert_eq!(results["clients_subscribed"], 40);
+    assert_eq!(metric(standby.addr, "walcast_source_leader").await, Some(1.0), "the standby took over");
+    println!(
+        "walcast load over two edges through a leader kill: {} deliveries expected, {} received, all correct",
+        results["deliveries"]["expected"], results["deliveries"]["received"]
+    );
+}

@@ -145,6 +145,8 @@ pub struct FileConfig {
     pub stream_replicas: Option<usize>,
     /// Cluster mode: most bytes the change stream keeps.
     pub stream_max_bytes: Option<i64>,
+    /// Cluster mode: seconds the change stream keeps a message.
+    pub stream_max_age_secs: Option<f64>,
     /// Cluster mode: the source lease's time to live, seconds.
     pub lease_ttl_secs: Option<f64>,
     /// Cluster mode: least seconds between two policy snapshots.
@@ -263,6 +265,7 @@ impl FileConfig {
             edge_max_stale_secs: self.edge_max_stale_secs.or(lower.edge_max_stale_secs),
             stream_replicas: self.stream_replicas.or(lower.stream_replicas),
             stream_max_bytes: self.stream_max_bytes.or(lower.stream_max_bytes),
+            stream_max_age_secs: self.stream_max_age_secs.or(lower.stream_max_age_secs),
             lease_ttl_secs: self.lease_ttl_secs.or(lower.lease_ttl_secs),
             snapshot_interval_secs: self.snapshot_interval_secs.or(lower.snapshot_interval_secs),
         }
@@ -486,6 +489,7 @@ impl Settings {
             edge_max_stale_secs: merged.edge_max_stale_secs,
             stream_replicas: merged.stream_replicas,
             stream_max_bytes: merged.stream_max_bytes,
+            stream_max_age_secs: merged.stream_max_age_secs,
             lease_ttl_secs: merged.lease_ttl_secs,
             snapshot_interval_secs: merged.snapshot_interval_secs,
         };
@@ -825,6 +829,7 @@ struct ClusterGiven {
     edge_max_stale_secs: Option<f64>,
     stream_replicas: Option<usize>,
     stream_max_bytes: Option<i64>,
+    stream_max_age_secs: Option<f64>,
     lease_ttl_secs: Option<f64>,
     snapshot_interval_secs: Option<f64>,
 }
@@ -863,6 +868,15 @@ fn cluster_settings(
         });
     }
     cluster.stream.max_bytes = max_bytes;
+    let max_age = merged.stream_max_age_secs.unwrap_or(cluster.stream.max_age.as_secs_f64());
+    if !(60.0..=365.0 * 86400.0).contains(&max_age) {
+        return Err(ConfigError::OutOfRange {
+            name: "WALCAST_STREAM_MAX_AGE_SECS (--stream-max-age-secs)",
+            min: 60,
+            max: 365 * 86400,
+        });
+    }
+    cluster.stream.max_age = Duration::from_secs_f64(max_age);
     let ttl = merged.lease_ttl_secs.unwrap_or(cluster.lease_ttl.as_secs_f64());
     if !(1.0..=300.0).contains(&ttl) {
         return Err(ConfigError::OutOfRange { name: "WALCAST_LEASE_TTL_SECS (--lease-ttl-secs)", min: 1, max: 300 });
@@ -1042,6 +1056,7 @@ mod tests {
             &path,
             "database_url = \"postgres://u:p@h/db\"\njwt_secret = \"f\"\nnats_url = \"nats://a:4222,nats://b:4222\"\n\
              node_role = \"edge\"\nedge_max_stale_secs = 4\nstream_replicas = 3\nstream_max_bytes = 2097152\n\
+             stream_max_age_secs = 7200\n\
              lease_ttl_secs = 6\nsnapshot_interval_secs = 2.5\n",
         )
         .unwrap();
@@ -1050,6 +1065,7 @@ mod tests {
         assert_eq!(cluster.role, NodeRole::Edge);
         assert_eq!(cluster.edge_max_stale, Duration::from_secs(4));
         assert_eq!((cluster.stream.replicas, cluster.stream.max_bytes), (3, 2 << 20));
+        assert_eq!(cluster.stream.max_age, Duration::from_secs(7200));
         assert_eq!(cluster.lease_ttl, Duration::from_secs(6));
         assert_eq!(cluster.snapshot_interval, Duration::from_millis(2500));
         assert_eq!(crate::scaleout::log::server_addrs(&cluster.nats_url.0).unwrap().len(), 2);
@@ -1064,12 +1080,14 @@ mod tests {
         assert_eq!(cluster.role, NodeRole::All);
         assert_eq!(cluster.edge_max_stale, Duration::from_secs(10));
         assert_eq!((cluster.stream.replicas, cluster.stream.max_bytes), (1, 1 << 30));
+        assert_eq!(cluster.stream.max_age, Duration::from_secs(24 * 3600));
         assert_eq!(cluster.lease_ttl, Duration::from_secs(10));
         // Out of range: each refused with the setting's name.
         for (bad, name) in [
             (FileConfig { stream_replicas: Some(2), ..given_url() }, "STREAM_REPLICAS"),
             (FileConfig { edge_max_stale_secs: Some(0.0), ..given_url() }, "EDGE_MAX_STALE_SECS"),
             (FileConfig { stream_max_bytes: Some(1000), ..given_url() }, "STREAM_MAX_BYTES"),
+            (FileConfig { stream_max_age_secs: Some(1.0), ..given_url() }, "STREAM_MAX_AGE_SECS"),
             (FileConfig { lease_ttl_secs: Some(0.1), ..given_url() }, "LEASE_TTL_SECS"),
             (FileConfig { snapshot_interval_secs: Some(0.0), ..given_url() }, "SNAPSHOT_INTERVAL_SECS"),
         ] {

@@ -174,7 +174,9 @@ pub struct LoadArgs {
     #[arg(long, value_enum, default_value = "process")]
     pub relay: RelayArg,
     /// Drive a running relay at this ws:// URL (loopback only; needs
-    /// --jwt-secret and --database-url).
+    /// --jwt-secret and --database-url). Several URLs separated by commas
+    /// (the edges of a cluster): client i connects to URL i mod n, and each
+    /// is probed before the run.
     #[arg(long)]
     pub relay_url: Option<String>,
     /// The external relay's HS256 secret (generated for a relay this run starts).
@@ -566,7 +568,7 @@ async fn run_held(
             RelayHandle::InProc(Box::new(server))
         }
         RelayMode::External { url } => {
-            let (addr, path) = relay::parse_relay_url(url)?;
+            let (addr, path) = relay::parse_relay_url(url.split(',').next().unwrap_or(url).trim())?;
             RelayHandle::External { addr, path }
         }
     };
@@ -599,36 +601,46 @@ async fn run_held(
         crate::realtime::auth::sign_hs256(secret.as_bytes(), &claims)
     };
     let endpoint = Endpoint::new(relay_addr, &relay_path, &token("anon", None), vsn);
+    // Every relay the clients are spread over (one unless --relay-url
+    // lists several).
+    let endpoints: Vec<Endpoint> = match &mode {
+        RelayMode::External { url } if url.contains(',') => url
+            .split(',')
+            .map(|u| relay::parse_relay_url(u.trim()).map(|(a, p)| Endpoint::new(a, &p, &token("anon", None), vsn)))
+            .collect::<Result<_, _>>()?,
+        _ => vec![endpoint.clone()],
+    };
 
-    // 4. Probe: the relay is streaming and has handled everything before.
+    // 4. Probe: each relay is streaming and has handled everything before.
     progress_note("probing the relay");
-    let marker = u32::MAX - 1;
-    let mut probe = Subscribed::connect(
-        &endpoint,
-        None,
-        "realtime:load-probe".into(),
-        json!([{"event": "INSERT", "schema": "public", "table": "orders"}]),
-        &token("service_role", None),
-        PROBE_TIMEOUT,
-    )
-    .await
-    .map_err(|e| LoadError::Relay(format!("probe subscription: {e}")))?;
-    db.execute(
-        "insert into public.orders (id, dealership_id, type, status, customer_info, created_by, metadata) \
-         values ($1, $2, 'sales', 'draft', '{\"name\": \"probe\"}', $3, '{}')",
-        &[
-            &ids.uuid(Tag::Order, marker),
-            &ids.uuid(Tag::Dealership, world.probe_dealership()),
-            &ids.uuid(Tag::User, world.writer_user()),
-        ],
-    )
-    .await
-    .map_err(LoadError::db("insert the probe's marker order"))?;
-    probe
-        .wait_for_order(&ids, marker, PROBE_TIMEOUT)
+    for (k, endpoint) in endpoints.iter().enumerate() {
+        let marker = u32::MAX - 1 - k as u32;
+        let mut probe = Subscribed::connect(
+            endpoint,
+            None,
+            "realtime:load-probe".into(),
+            json!([{"event": "INSERT", "schema": "public", "table": "orders"}]),
+            &token("service_role", None),
+            PROBE_TIMEOUT,
+        )
         .await
-        .map_err(|e| LoadError::Relay(format!("probe: the marker insert was not delivered: {e}")))?;
-    drop(probe);
+        .map_err(|e| LoadError::Relay(format!("probe subscription: {e}")))?;
+        db.execute(
+            "insert into public.orders (id, dealership_id, type, status, customer_info, created_by, metadata) \
+             values ($1, $2, 'sales', 'draft', '{\"name\": \"probe\"}', $3, '{}')",
+            &[
+                &ids.uuid(Tag::Order, marker),
+                &ids.uuid(Tag::Dealership, world.probe_dealership()),
+                &ids.uuid(Tag::User, world.writer_user()),
+            ],
+        )
+        .await
+        .map_err(LoadError::db("insert the probe's marker order"))?;
+        probe
+            .wait_for_order(&ids, marker, PROBE_TIMEOUT)
+            .await
+            .map_err(|e| LoadError::Relay(format!("probe: the marker insert was not delivered: {e}")))?;
+    }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_before = relay_pid.and_then(relay::proc_sample);
     let slab_before = relay::kernel_slab_kb();
@@ -702,7 +714,8 @@ async fn run_held(
     let mut tasks = Vec::with_capacity(specs.len());
     let unique_topics = args.unique_topics;
     for spec in specs.iter().cloned() {
-        let (endpoint, shared, stop_rx) = (endpoint.clone(), Arc::clone(&shared), stop_rx.clone());
+        let endpoint = endpoints[spec.index as usize % endpoints.len()].clone();
+        let (shared, stop_rx) = (Arc::clone(&shared), stop_rx.clone());
         let (semaphore, subscribed, failed, first_failure) =
             (Arc::clone(&semaphore), Arc::clone(&subscribed), Arc::clone(&failed), Arc::clone(&first_failure));
         tasks.push(tokio::spawn(async move {
