@@ -23,13 +23,20 @@ PIDS=()
 cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     pkill -f -- "--spill-dir $WORK/" 2>/dev/null || true
-    "$PG_BINDIR/pg_ctl" -D "$WORK/pg" -m immediate stop >/dev/null 2>&1 || true
+    "${AS[@]}" "$PG_BINDIR/pg_ctl" -D "$WORK/pg" -m immediate stop >/dev/null 2>&1 || true
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 
-"$PG_BINDIR/initdb" -D "$WORK/pg" -U postgres --auth=trust >/dev/null
-cat >>"$WORK/pg/postgresql.conf" <<EOF
+# PostgreSQL refuses to run as root: then it runs as the `postgres` user.
+AS=()
+if [ "$(id -u)" = 0 ]; then
+    AS=(runuser -u postgres --)
+    mkdir -p "$WORK/pg"
+    chown postgres "$WORK" "$WORK/pg"
+fi
+"${AS[@]}" "$PG_BINDIR/initdb" -D "$WORK/pg" -U postgres --auth=trust >/dev/null
+"${AS[@]}" tee -a "$WORK/pg/postgresql.conf" >/dev/null <<EOF
 port = $PGPORT
 listen_addresses = '127.0.0.1'
 unix_socket_directories = '$WORK'
@@ -38,11 +45,12 @@ max_replication_slots = 20
 max_wal_senders = 20
 fsync = off
 EOF
-"$PG_BINDIR/pg_ctl" -D "$WORK/pg" -l "$WORK/pg.log" start >/dev/null
+"${AS[@]}" "$PG_BINDIR/pg_ctl" -D "$WORK/pg" -l "$WORK/pg/server.log" start >/dev/null
 DB="postgres://postgres@127.0.0.1:$PGPORT/postgres"
 $BIN migrate --database-url "$DB" >/dev/null
 "$NATS" -a 127.0.0.1 -p "$NATSPORT" -js -sd "$WORK/nats" >/dev/null 2>&1 &
-PIDS+=($!)
+NATS_PID=$!
+PIDS+=("$NATS_PID")
 sleep 1
 
 serve() { # port slot extra...
@@ -97,15 +105,16 @@ TXS=${TXS:-100}
 ROWS_PER_TX=${ROWS_PER_TX:-2000}
 backlog() {
     local d u
-    d=$(psql_ "select id from public.dealerships order by id limit 1")
-    u=$(psql_ "select id from public.profiles order by id limit 1")
+    d=$(psql_ "insert into public.dealerships (name, code) values ('bench $round', 'BENCH$round') returning id")
+    u=$(psql_ "insert into auth.users (id, email) values (gen_random_uuid(), 'bench$round@example.com') returning id")
+    psql_ "insert into public.profiles (id, email, full_name) values ('$u', 'bench$round@example.com', 'Bench')" >/dev/null
     for _ in $(seq 1 "$TXS"); do
         echo "insert into public.orders (dealership_id, type, customer_info, vehicle_info, created_by)
               select '$d', 'sales', jsonb_build_object('name', 'Ada Lovelace', 'email', 'ada@example.com',
                      'phone', '+1 555 0100', 'address', jsonb_build_object('street', '1 Main St', 'city', 'Springfield')),
                      jsonb_build_object('vin', md5(n::text), 'make', 'Volvo', 'model', 'XC40', 'year', 2024), '$u'
               from generate_series(1, $ROWS_PER_TX) n;"
-    done | psql -h 127.0.0.1 -p "$PGPORT" -U postgres -q >/dev/null
+    done | psql -h 127.0.0.1 -p "$PGPORT" -U postgres -q -v ON_ERROR_STOP=1 >/dev/null
 }
 drain() { # port metric label pids-to-stop-after…
     local port=$1 name=$2 label=$3 started took
@@ -118,6 +127,7 @@ drain() { # port metric label pids-to-stop-after…
 }
 
 for round in $(seq 1 "$ROUNDS"); do
+    [ -n "${SKIP_LATENCY:-}" ] && break
     one=$(serve 4100 "one_$round")
     wait_ready 4100
     load 4100 "one node" "$one"
@@ -128,7 +138,7 @@ for round in $(seq 1 "$ROUNDS"); do
     wait_ready 4101
     edge=$(serve 4102 "clu_$round" --nats-url "nats://127.0.0.1:$NATSPORT" --node-role edge)
     wait_ready 4102
-    load 4102 "JetStream: source + edge" "$src" "$edge"
+    load 4102 "JetStream: source + edge (+ nats-server)" "$src" "$edge" "$NATS_PID"
     stop "$edge" "$src"
     drop_slot "clu_$round"
 done
