@@ -143,6 +143,42 @@ for round in $(seq 1 "$ROUNDS"); do
     drop_slot "clu_$round"
 done
 
+# Connections across edges (P6 across edges): EDGES edges, one idle
+# `walcast load` per edge with CONNECTIONS_PER_EDGE subscribed clients, held
+# together; each edge's peak RSS.
+if [ -n "${CONNECTIONS_PER_EDGE:-}" ]; then
+    round=c
+    src=$(serve 4101 conn --nats-url "nats://127.0.0.1:$NATSPORT" --node-role source)
+    wait_ready 4101
+    edges=()
+    for e in $(seq 1 "${EDGES:-2}"); do
+        edges+=("$(serve $((4200 + e)) conn --nats-url "nats://127.0.0.1:$NATSPORT" --node-role edge \
+            --max-connections $((CONNECTIONS_PER_EDGE + 100)))")
+        wait_ready $((4200 + e))
+    done
+    loads=()
+    for e in $(seq 1 "${EDGES:-2}"); do
+        $BIN load --relay-url "ws://127.0.0.1:$((4200 + e))/realtime/v1/websocket" --database-url "$DB" \
+            --jwt-secret "$SECRET" --idle --idle-secs "${IDLE_SECS:-30}" --clients "$CONNECTIONS_PER_EDGE" \
+            --users 2000 --dealerships 1000 --seed "$e" >"$WORK/load-$e.log" 2>&1 &
+        loads+=($!)
+    done
+    peak=()
+    while kill -0 "${loads[@]}" 2>/dev/null; do
+        for i in "${!edges[@]}"; do
+            rss=$(awk '/VmRSS/ {print $2}' "/proc/${edges[$i]}/status")
+            [ "$rss" -gt "${peak[$i]:-0}" ] && peak[$i]=$rss
+        done
+        sleep 1
+    done
+    for e in $(seq 1 "${EDGES:-2}"); do
+        echo "== edge $e: $(grep -E 'clients subscribed' "$WORK/load-$e.log" | sed 's/^ *//'); peak RSS $((${peak[$((e - 1))]} / 1024)) MiB"
+        grep -E "result:" "$WORK/load-$e.log"
+    done
+    stop "${edges[@]}" "$src"
+    exit 0
+fi
+
 # Drain rates: a backlog streamed by one node (hub handled) vs a source into
 # JetStream (every chunk acknowledged) and on through an edge.
 for round in $(seq 1 "$ROUNDS"); do
