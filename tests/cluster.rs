@@ -479,3 +479,20 @@ async fn the_load_oracle_over_two_edges_through_a_leader_kill_finds_every_delive
         results["deliveries"]["expected"], results["deliveries"]["received"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_definite_replication_error_stops_the_source_naming_the_fix() {
+    let nats = NatsServer::start().await;
+    let (db, client) = migrated_db().await;
+    let a = fixture(&client, "DEF").await;
+    let slot = format!("{}_d", db.name());
+    let mut source = started(node(db.url(), &slot, &nats.url, "source", &[])).await;
+    wait_metric(&source, "walcast_source_leader", 1.0).await;
+    client.batch_execute("drop publication supabase_realtime").await.unwrap();
+    // pgoutput notices when it decodes the next published change: the source
+    // exits (status 1) with the error and its fix, rather than retry forever.
+    write(&client, a, 1).await;
+    let line =
+        crate::faults::expect_definite_exit(&mut source, &["publication \"supabase_realtime\" does not exist"]).await;
+    println!("a cluster source on a dropped publication: {line}");
+}

@@ -151,6 +151,21 @@ pub enum RelayError {
     Stopped(&'static str),
 }
 
+impl RelayError {
+    /// Whether starting again may help (a cluster's source retries those;
+    /// the others need the operator).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RelayError::Replication(err) => err.is_transient(),
+            RelayError::Change(err) => err.is_transient(),
+            RelayError::Policy(err) => err.is_transient(),
+            RelayError::Spill(err) => err.is_transient(),
+            RelayError::PolicyCatalogBehind { .. } | RelayError::Hub(_) => false,
+            RelayError::Cluster(_) | RelayError::StartTimeout(_) | RelayError::Stopped(_) => true,
+        }
+    }
+}
+
 /// The relay's channels, for queue-depth gauges. Holds weak senders only, so
 /// it never keeps a channel open.
 #[derive(Debug, Clone)]

@@ -214,6 +214,10 @@ pub enum ScaleoutError {
         /// The stream's limit.
         max: u64,
     },
+    /// The source's replication could not start, definitely (the message
+    /// names the fix: a missing publication, a revoked privilege, …).
+    #[error("{0}")]
+    Replication(String),
     /// The edge's hub could not start (its message names the fix).
     #[error("starting the edge's hub: {0}")]
     Hub(String),

@@ -241,6 +241,9 @@ async fn lead(
         Err(err) => {
             renewer.abort();
             let _ = store.delete(LEADER_KEY).await;
+            if !err.is_transient() {
+                return Err(ScaleoutError::Replication(err.to_string()));
+            }
             return Err(ScaleoutError::js("starting replication", err));
         }
     };
@@ -258,6 +261,9 @@ async fn lead(
                 Ok(scaleout) => Err(*scaleout),
                 Err(other) => Err(ScaleoutError::js("streaming", other)),
             }
+        }
+        (Err(ScaleoutError::JetStream { .. }), Err(err)) if !err.is_transient() => {
+            Err(ScaleoutError::Replication(err.to_string()))
         }
         (Err(ScaleoutError::JetStream { .. }), Err(err)) => Err(ScaleoutError::js("streaming", err)),
         (Err(err), _) => Err(err),
