@@ -208,6 +208,22 @@ async fn a_late_edge_starts_from_the_snapshot_and_memberships_reach_every_edge()
     assert_exactly(&on_all, &late_expected, "user A on the `all` node", &nodes).await;
 }
 
+/// Waits for `relay` to exit with status 1 and an error line (`walcast: …`)
+/// holding every one of `needles`; returns that line.
+async fn definite_exit(relay: &mut RelayProcess, needles: &[&str]) -> String {
+    let status = relay.wait_exit(WAIT).await.unwrap_or_else(|| panic!("it kept running:\n{}", relay.output()));
+    assert_eq!(status.code(), Some(1), "{}", relay.output());
+    let line = relay
+        .plain_stderr()
+        .into_iter()
+        .rfind(|l| l.starts_with("walcast: "))
+        .unwrap_or_else(|| panic!("no error line:\n{}", relay.output()));
+    for needle in needles {
+        assert!(line.contains(needle), "{needle:?} is not in the error line: {line}");
+    }
+    line
+}
+
 /// Writes `n` orders for `(dealership, user)` now, one transaction each.
 async fn write(client: &Client, fixture: (Uuid, Uuid), n: usize) -> Vec<Uuid> {
     crate::faults::write_now(client, fixture, n).await
@@ -400,7 +416,8 @@ async fn a_transaction_larger_than_the_stream_stops_the_source_and_is_never_skip
     let a = fixture(&client, "TOO").await;
     let slot = format!("{}_t", db.name());
     let mut source = started(node(db.url(), &slot, &nats.url, "source", &["--stream-max-bytes", "1048576"])).await;
-    wait_metric(&source, "walcast_source_leader", 1.0).await;
+    // Streaming (the first snapshot is stored once the relay streams).
+    wait_metric(&source, "walcast_source_snapshots_total", 1.0).await;
     let before = crate::support::load::slot_state(&client, &slot).await.and_then(|s| s.confirmed).expect("the slot");
     // About 2 MB in one transaction: more than the stream may hold.
     client
@@ -487,12 +504,11 @@ async fn a_definite_replication_error_stops_the_source_naming_the_fix() {
     let a = fixture(&client, "DEF").await;
     let slot = format!("{}_d", db.name());
     let mut source = started(node(db.url(), &slot, &nats.url, "source", &[])).await;
-    wait_metric(&source, "walcast_source_leader", 1.0).await;
+    wait_metric(&source, "walcast_source_snapshots_total", 1.0).await;
     client.batch_execute("drop publication supabase_realtime").await.unwrap();
     // pgoutput notices when it decodes the next published change: the source
     // exits (status 1) with the error and its fix, rather than retry forever.
     write(&client, a, 1).await;
-    let line =
-        crate::faults::expect_definite_exit(&mut source, &["publication \"supabase_realtime\" does not exist"]).await;
+    let line = definite_exit(&mut source, &["publication \"supabase_realtime\" does not exist"]).await;
     println!("a cluster source on a dropped publication: {line}");
 }

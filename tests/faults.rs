@@ -101,7 +101,7 @@ fn assert_no_values(relay: &RelayProcess) {
 
 /// [`expect_exit`] for a definite replication error: it is also logged, once,
 /// as the `replication stopped` error event with the same needles.
-pub(crate) async fn expect_definite_exit(relay: &mut RelayProcess, needles: &[&str]) -> String {
+async fn expect_definite_exit(relay: &mut RelayProcess, needles: &[&str]) -> String {
     let last = expect_exit(relay, needles).await;
     let logged: Vec<String> = relay
         .events_named("replication stopped")

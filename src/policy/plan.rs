@@ -426,7 +426,7 @@ fn database_check(catalog: &Catalog, table: &TableCat, role: &RoleCat) -> Result
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// A database error (transient unless it names a missing object).
-    #[error("reading policies: {0}")]
+    #[error("reading policies: {}", crate::pgconn::cause(.0))]
     Database(#[from] tokio_postgres::Error),
     /// Row level security (or a missing privilege) hides membership rows
     /// from walcast's role (definite).
