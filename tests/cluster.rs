@@ -512,3 +512,52 @@ async fn a_definite_replication_error_stops_the_source_naming_the_fix() {
     let line = definite_exit(&mut source, &["publication \"supabase_realtime\" does not exist"]).await;
     println!("a cluster source on a dropped publication: {line}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_that_misses_what_retention_removed_closes_its_sockets_and_restarts_from_a_snapshot() {
+    use crate::support::proxy::{upstream_of, Proxy};
+    let nats = NatsServer::start().await;
+    let (db, client) = migrated_db().await;
+    let a = fixture(&client, "GAP").await;
+    let slot = format!("{}_g", db.name());
+    let small = ["--stream-max-bytes", "1048576"];
+    let source = started(node(db.url(), &slot, &nats.url, "source", &small)).await;
+    wait_metric(&source, "walcast_source_snapshots_total", 1.0).await;
+    // The edge reaches NATS through a proxy that can go silent.
+    let proxy = Proxy::start(upstream_of(&nats.url.replace("nats://", "nats://x@"))).await;
+    let via = format!("nats://{}", proxy.addr);
+    let edge = started(node(db.url(), &slot, &via, "edge", &["--edge-max-stale-secs", "120"])).await;
+    let witness = ChangeWitness::subscribe(edge.addr).await;
+    let first = write(&client, a, 3).await;
+    assert_exactly(&witness, &first, "before the gap", &[&source, &edge]).await;
+
+    // While the edge hears nothing, the source publishes more than its
+    // consumer asked for (an ordered consumer pulls 500 messages ahead)
+    // and then more than the stream keeps (1 MiB): what the edge had not
+    // read is removed.
+    proxy.pause();
+    let published = metric(source.addr, "walcast_source_transactions_total").await.unwrap_or(0.0);
+    let snapshots = metric(source.addr, "walcast_source_snapshots_total").await.unwrap_or(0.0);
+    write(&client, a, 600).await;
+    for _ in 0..10 {
+        client
+            .execute(
+                "insert into public.orders (dealership_id, type, customer_info, created_by) \
+                 select $1, 'sales', jsonb_build_object('name', 'Ada Lovelace', 'note', repeat('x', 400)), $2 \
+                 from generate_series(1, 300)",
+                &[&a.0, &a.1],
+            )
+            .await
+            .unwrap();
+    }
+    wait_metric(&source, "walcast_source_transactions_total", published + 610.0).await;
+    wait_metric(&source, "walcast_source_snapshots_total", snapshots + 1.0).await;
+    proxy.resume();
+    // Its subscribed client is told (1013) rather than served from caches
+    // that missed changes; the edge starts again from the snapshot.
+    assert_eq!(witness.wait_closed(WAIT).await, Some(1013), "{}", edge.output());
+    wait_metric(&edge, "walcast_edge_resyncs_total", 1.0).await;
+    let again = ChangeWitness::subscribe(edge.addr).await;
+    let after = write(&client, a, 3).await;
+    assert_exactly_at_least(&again, &after, &[&source, &edge]).await;
+}

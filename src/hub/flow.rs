@@ -99,6 +99,10 @@ impl Core {
                 self.handled = self.handled.max(handled);
                 Ok(())
             }
+            StageEvent::CloseAll(reason) => {
+                self.close_all(reason);
+                Ok(())
+            }
             StageEvent::Reset => {
                 self.open = None;
                 self.skipping = false;

@@ -140,6 +140,10 @@ pub enum StageEvent {
         /// transactions read again from the stream are skipped.
         handled: Lsn,
     },
+    /// Close every subscribed connection with the reason (a cluster edge
+    /// that missed changes the stream no longer holds: its clients reload
+    /// and join again).
+    CloseAll(CloseReason),
     /// The replication connection restarted: forget any partial transaction.
     Reset,
     /// A transaction boundary or change.

@@ -199,6 +199,11 @@ impl CloseReason {
         }
     }
 
+    /// 1013: a cluster edge missed changes its stream no longer holds.
+    pub fn stream_gap() -> CloseReason {
+        CloseReason { code: 1013, reason: "this node missed changes the stream no longer holds; reconnect".into() }
+    }
+
     /// 1001 "going away": the server is shutting down.
     pub fn shutdown() -> CloseReason {
         CloseReason { code: 1001, reason: "server shutting down".into() }

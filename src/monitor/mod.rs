@@ -384,6 +384,12 @@ impl Monitor {
                     load(&e.consumers),
                 );
                 w.counter(
+                    "walcast_edge_resyncs_total",
+                    "Times the edge found messages it had not read removed by the stream's retention, closed its \
+                     subscribed sockets and started again from a snapshot.",
+                    load(&e.resyncs),
+                );
+                w.counter(
                     "walcast_edge_stale_total",
                     "Times the edge lost the stream past --edge-max-stale-secs and closed its sockets.",
                     load(&e.stale),

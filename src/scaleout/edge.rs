@@ -14,7 +14,8 @@
 //! message arrives; a transaction already handled (commit LSN below the
 //! last handled end LSN: republished by a new leader) is skipped by the hub;
 //! a gap in the stream's sequences (retention removed messages the edge had
-//! not read) fails the feed rather than serve from caches that missed
+//! not read) closes the subscribed sockets (1013) and restarts the edge
+//! from a snapshot past the gap, never serving from caches that missed
 //! changes.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,6 +59,9 @@ pub struct EdgeStats {
     pub consumers: AtomicU64,
     /// Times the edge went stale and closed its sockets.
     pub stale: AtomicU64,
+    /// Times the edge found a gap (retention removed what it had not read),
+    /// closed its subscribed sockets and started again from a snapshot.
+    pub resyncs: AtomicU64,
 }
 
 /// Loads the newest snapshot and starts a hub fed from the stream after
@@ -227,7 +231,35 @@ async fn feed(
                 continue;
             }
             if seq > next {
-                return Err(ScaleoutError::Evicted { wanted: next, first: seq });
+                // Retention removed messages this edge had not read: what it
+                // holds misses changes. Its subscribed clients are told (they
+                // reload and join again, owed what commits after), and it
+                // starts again from a snapshot at or past the gap.
+                tracing::error!(
+                    wanted = next,
+                    first = seq,
+                    "the stream no longer holds messages this edge had not read; closing subscribed sockets and \
+                     starting again from the newest snapshot (raise --stream-max-bytes or --stream-max-age-secs)"
+                );
+                stats.resyncs.fetch_add(1, Ordering::Relaxed);
+                let (sequence, state) =
+                    newer_snapshot(&log, seq - 1).await.ok_or(ScaleoutError::Evicted { wanted: next, first: seq })?;
+                decoder = Decoder::default();
+                router.reset();
+                batch.push(StageEvent::Reset);
+                batch.push(StageEvent::CloseAll(CloseReason::stream_gap()));
+                batch.push(StageEvent::Restore {
+                    loaded: Box::new(state.loaded),
+                    ahead: state.ahead,
+                    handled: state.handled,
+                });
+                let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+                if output.send(full).await.is_err() {
+                    return Ok(());
+                }
+                next = sequence + 1;
+                stats.sequence.store(sequence, Ordering::Relaxed);
+                continue 'consumer;
             }
             next = seq + 1;
             let start = batch.len();
@@ -271,6 +303,23 @@ async fn feed(
         }
     }
     Ok(())
+}
+
+/// How long an edge that found a gap waits for a snapshot past it.
+const RESYNC_WAIT: Duration = Duration::from_secs(60);
+
+/// The newest snapshot once it includes sequence `at_least` (a source
+/// stores one every `--snapshot-interval-secs` while the stream moves);
+/// `None` if none does within [`RESYNC_WAIT`].
+async fn newer_snapshot(log: &Log, at_least: u64) -> Option<(u64, snapshot::PolicyState)> {
+    let started = tokio::time::Instant::now();
+    loop {
+        match load_snapshot(log, Duration::ZERO).await {
+            Ok((sequence, state)) if sequence >= at_least => return Some((sequence, state)),
+            Ok(_) | Err(_) if started.elapsed() < RESYNC_WAIT => tokio::time::sleep(Duration::from_millis(250)).await,
+            Ok(_) | Err(_) => return None,
+        }
+    }
 }
 
 /// An ordered consumer of the whole stream from sequence `next`.

@@ -126,9 +126,9 @@ pub fn version_supported(version: &str) -> bool {
 }
 
 impl Log {
-    /// Opens the deployment's stream and buckets, creating what is missing
-    /// (a stream that exists keeps its settings; replicas and limits are
-    /// updated to the configured ones).
+    /// Opens the deployment's stream, creating it if missing; a source
+    /// role updates an existing stream's replicas and limits to its
+    /// settings, an edge leaves them.
     ///
     /// # Errors
     /// Connection, version, JetStream off, or settings it cannot use.
@@ -145,7 +145,7 @@ impl Log {
         // seconds: its requests time out. Retry those, within a bound.
         let started = tokio::time::Instant::now();
         loop {
-            match log.ensure_stream().await {
+            match log.ensure_stream(settings.role.is_source()).await {
                 Ok(()) => return Ok(log),
                 Err(err) if err.is_transient() && started.elapsed() < OPEN_RETRY => {
                     tracing::warn!(error = %err, "JetStream not ready; retrying");
@@ -172,7 +172,10 @@ impl Log {
         }
     }
 
-    async fn ensure_stream(&self) -> Result<(), ScaleoutError> {
+    /// Creates the stream if missing; with `manage` (a source role) also
+    /// brings its limits to this node's settings — an edge never changes
+    /// them, so nodes configured apart do not undo each other's limits.
+    async fn ensure_stream(&self, manage: bool) -> Result<(), ScaleoutError> {
         let wanted = self.stream_config();
         match self.js.get_stream(&self.names.stream).await {
             Ok(mut stream) => {
@@ -187,9 +190,10 @@ impl Log {
                         ),
                     });
                 }
-                if config.max_bytes != wanted.max_bytes
-                    || config.num_replicas != wanted.num_replicas
-                    || config.max_age != wanted.max_age
+                if manage
+                    && (config.max_bytes != wanted.max_bytes
+                        || config.num_replicas != wanted.num_replicas
+                        || config.max_age != wanted.max_age)
                 {
                     self.js.update_stream(&wanted).await.map_err(|e| ScaleoutError::js("updating the stream", e))?;
                 }

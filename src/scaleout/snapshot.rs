@@ -304,6 +304,7 @@ impl Mirror {
                 self.open = None;
                 self.skipping = false;
             }
+            StageEvent::CloseAll(_) => {}
             StageEvent::Tx(TxEvent::Begin(begin)) => {
                 self.skipping = begin.commit_lsn < self.handled;
                 self.open = if self.skipping { None } else { Some(Vec::new()) };

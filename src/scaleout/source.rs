@@ -445,7 +445,7 @@ impl Publisher {
                             chunker.reset();
                             in_tx = false;
                         }
-                        StageEvent::Restore { .. } => {}
+                        StageEvent::Restore { .. } | StageEvent::CloseAll(_) => {}
                     }
                 }
                 for sent in flight {
