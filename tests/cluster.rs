@@ -418,8 +418,7 @@ async fn a_transaction_larger_than_the_stream_stops_the_source_and_is_never_skip
     let mut source = started(node(db.url(), &slot, &nats.url, "source", &["--stream-max-bytes", "1048576"])).await;
     // Streaming (the first snapshot is stored once the relay streams).
     wait_metric(&source, "walcast_source_snapshots_total", 1.0).await;
-    let before = crate::support::load::slot_state(&client, &slot).await.and_then(|s| s.confirmed).expect("the slot");
-    // About 2 MB in one transaction: more than the stream may hold.
+    // About 2.5 MB in one transaction: more than the stream may hold.
     client
         .execute(
             "insert into public.orders (dealership_id, type, customer_info, created_by) \
@@ -429,14 +428,17 @@ async fn a_transaction_larger_than_the_stream_stops_the_source_and_is_never_skip
         )
         .await
         .unwrap();
-    let status =
-        source.wait_exit(WAIT).await.unwrap_or_else(|| panic!("the source kept running:\n{}", source.output()));
-    assert_eq!(status.code(), Some(1), "{}", source.output());
-    let last = source.stderr_lines().last().cloned().unwrap_or_default();
-    assert!(last.contains("does not fit the stream") && last.contains("raise --stream-max-bytes"), "{last}");
-    // The slot kept it: a source with a larger stream delivers it whole.
+    let committed: String = client.query_one("select pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+    let committed: walcast::lsn::Lsn = committed.parse().unwrap();
+    definite_exit(&mut source, &["does not fit the stream", "raise --stream-max-bytes"]).await;
+    // Never skipped: the slot stays before the transaction's commit…
     let after = crate::support::load::slot_state(&client, &slot).await.and_then(|s| s.confirmed).expect("the slot");
-    assert!(after.0 <= before.0 + 4096, "the slot did not move past the transaction ({before} → {after})");
+    assert!(after < committed, "the slot moved past the transaction (confirmed {after}, commit before {committed})");
+    // …and a source with a stream that holds it publishes it whole.
+    let bigger = started(node(db.url(), &slot, &nats.url, "source", &["--stream-max-bytes", "67108864"])).await;
+    wait_metric(&bigger, "walcast_source_transactions_total", 1.0).await;
+    let bytes = metric(bigger.addr, "walcast_source_bytes_total").await.unwrap_or(0.0);
+    assert!(bytes > 2_000_000.0, "the whole transaction was published ({bytes} bytes)");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
