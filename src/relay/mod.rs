@@ -418,7 +418,13 @@ impl Relay {
                 // The hub is not run: a source node judges nothing.
                 drop(hub);
                 let run = sink(stage_rx, ack.clone(), shutdown.clone());
-                ("publisher", spawn_stage(&ended, record_end(ack.clone(), "publisher", run)))
+                (
+                    "publisher",
+                    spawn_stage(
+                        &ended,
+                        record_end(ack.clone(), "publisher", run).instrument(tracing::info_span!("publisher")),
+                    ),
+                )
             }
         };
         let tasks = vec![("replication source", source), ("change stage", stage), last];
