@@ -563,3 +563,42 @@ async fn an_edge_that_misses_what_retention_removed_closes_its_sockets_and_resta
     let after = write(&client, a, 3).await;
     assert_exactly_at_least(&again, &after, &[&source, &edge]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_from_database_reaches_the_clients_of_every_edge_once_in_commit_order() {
+    use crate::support::server::{anon, Ws};
+    use serde_json::json;
+    use walcast::hub::Vsn;
+    let nats = NatsServer::start().await;
+    let (db, mut client) = migrated_db().await;
+    // `walcast setup`: the realtime schema and the walcast_messages publication.
+    walcast::schema::migrate(&mut client, &walcast::schema::Migrations::walcast()).await.expect("walcast setup");
+    let slot = format!("{}_m", db.name());
+    let source = started(node(db.url(), &slot, &nats.url, "source", &[])).await;
+    wait_metric(&source, "walcast_source_snapshots_total", 1.0).await;
+    let edge1 = started(node(db.url(), &slot, &nats.url, "edge", &[])).await;
+    let edge2 = started(node(db.url(), &slot, &nats.url, "edge", &[])).await;
+    let topic = "realtime:room-1";
+    let mut clients = Vec::new();
+    for edge in [&edge1, &edge2] {
+        let mut ws = Ws::connect(edge.addr, "/realtime/v1/websocket", &anon(), Some(Vsn::V1)).await;
+        ws.send(Some("1"), topic, "phx_join", json!({"config": {"broadcast": {"self": false}}})).await;
+        assert_eq!(ws.expect(topic, "phx_reply").await.payload["status"], "ok");
+        clients.push(ws);
+    }
+    for n in 1..=3 {
+        client.execute(&format!("select realtime.send('{{\"n\": {n}}}', 'ev', 'room-1', false)"), &[]).await.unwrap();
+    }
+    // A private message and another room's reach neither.
+    client.execute("select realtime.send('{\"n\": 9}', 'ev', 'room-1', true)", &[]).await.unwrap();
+    client.execute("select realtime.send('{\"n\": 8}', 'ev', 'room-2', false)", &[]).await.unwrap();
+    for (i, ws) in clients.iter_mut().enumerate() {
+        for n in 1..=3 {
+            let frame = ws.expect(topic, "broadcast").await;
+            assert_eq!(frame.payload["payload"]["n"], n, "edge {}: {}", i + 1, frame.raw);
+        }
+        // Nothing more: no copy through the other edge, no private row.
+        let extra = ws.next_within(Duration::from_millis(500)).await;
+        assert!(extra.is_none(), "edge {}: {:?}", i + 1, extra.map(|f| f.raw));
+    }
+}
