@@ -40,9 +40,19 @@ fn node(db_url: &str, slot: &str, nats: &str, role: &str, extra: &[&str]) -> Rel
     RelayProcess::spawn(db_url, slot, &flags)
 }
 
+/// How long a cluster node may take to serve, or a source to stream: the
+/// slot's creation waits for transactions in progress on the (shared, busy)
+/// test server, and an edge waits for the first snapshot.
+const START: Duration = Duration::from_secs(90);
+
 async fn started(mut relay: RelayProcess) -> RelayProcess {
-    relay.wait_serving().await;
+    relay.wait_serving_within(START).await;
     relay
+}
+
+/// Waits until `source` leads and streams (its first snapshot is stored).
+async fn streaming(source: &RelayProcess) {
+    wait_metric_within(source, "walcast_source_snapshots_total", 1.0, START).await;
 }
 
 /// A metric's value (the first sample of `name`), if served.
@@ -54,12 +64,16 @@ async fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
 }
 
 async fn wait_metric(relay: &RelayProcess, name: &str, at_least: f64) -> Duration {
+    wait_metric_within(relay, name, at_least, WAIT).await
+}
+
+async fn wait_metric_within(relay: &RelayProcess, name: &str, at_least: f64, wait: Duration) -> Duration {
     let started = Instant::now();
     loop {
         if metric(relay.addr, name).await.is_some_and(|v| v >= at_least) {
             return started.elapsed();
         }
-        assert!(started.elapsed() < WAIT, "{name} < {at_least} after {WAIT:?}:\n{}", relay.output());
+        assert!(started.elapsed() < wait, "{name} < {at_least} after {wait:?}:\n{}", relay.output());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -105,8 +119,7 @@ async fn edges_deliver_exactly_what_rls_allows_and_a_standby_takes_over_after_ki
     let b = fixture(&client, "CLB").await;
     let slot = format!("{}_c", db.name());
     let mut leader = started(node(db.url(), &slot, &nats.url, "source", &[])).await;
-    wait_metric(&leader, "walcast_source_leader", 1.0).await;
-    wait_metric(&leader, "walcast_source_snapshots_total", 1.0).await;
+    streaming(&leader).await;
     let edge1 = started(node(db.url(), &slot, &nats.url, "edge", &[])).await;
     let edge2 = started(node(db.url(), &slot, &nats.url, "edge", &[])).await;
     let standby = started(node(db.url(), &slot, &nats.url, "source", &[])).await;
@@ -237,7 +250,7 @@ async fn a_chunked_transaction_cut_by_kill_9_arrives_whole_once_in_order() {
     let a = fixture(&client, "BIG").await;
     let slot = format!("{}_b", db.name());
     let mut leader = started(node(db.url(), &slot, &nats.url, "source", &[])).await;
-    wait_metric(&leader, "walcast_source_leader", 1.0).await;
+    streaming(&leader).await;
     let edge = started(node(db.url(), &slot, &nats.url, "edge", &[])).await;
     let standby = started(node(db.url(), &slot, &nats.url, "source", &[])).await;
     let witness = ChangeWitness::subscribe(edge.addr).await;
@@ -282,7 +295,7 @@ async fn nats_restarts_and_an_edge_past_its_grace_period_closes_sockets_then_rec
     let a = fixture(&client, "NRS").await;
     let slot = format!("{}_n", db.name());
     let source = started(node(db.url(), &slot, &nats.url, "source", &[])).await;
-    wait_metric(&source, "walcast_source_leader", 1.0).await;
+    streaming(&source).await;
     let edge = started(node(db.url(), &slot, &nats.url, "edge", &["--edge-max-stale-secs", "1"])).await;
     let witness = ChangeWitness::subscribe(edge.addr).await;
     let before = write(&client, a, 3).await;
@@ -332,7 +345,7 @@ async fn a_three_node_nats_cluster_with_replicas_3_carries_the_stream() {
     let slot = format!("{}_r", db.name());
     let replicas = ["--stream-replicas", "3"];
     let source = started(node(db.url(), &slot, &nats.url, "source", &replicas)).await;
-    wait_metric(&source, "walcast_source_leader", 1.0).await;
+    streaming(&source).await;
     let edge = started(node(db.url(), &slot, &nats.url, "edge", &replicas)).await;
     let witness = ChangeWitness::subscribe_as(edge.addr, &user(a.1)).await;
     let orders = write(&client, a, 5).await;
@@ -373,8 +386,8 @@ async fn a_leader_cut_off_silently_is_replaced_and_cannot_write_when_it_returns(
             "0.5",
         ],
     );
-    leader.wait_serving().await;
-    wait_metric(&leader, "walcast_source_leader", 1.0).await;
+    leader.wait_serving_within(START).await;
+    streaming(&leader).await;
     let edge = started(node(db.url(), &slot, &nats.url, "edge", &[])).await;
     let standby = started(node(db.url(), &slot, &nats.url, "source", &[])).await;
     let witness = ChangeWitness::subscribe(edge.addr).await;
@@ -417,7 +430,7 @@ async fn a_transaction_larger_than_the_stream_stops_the_source_and_is_never_skip
     let slot = format!("{}_t", db.name());
     let mut source = started(node(db.url(), &slot, &nats.url, "source", &["--stream-max-bytes", "1048576"])).await;
     // Streaming (the first snapshot is stored once the relay streams).
-    wait_metric(&source, "walcast_source_snapshots_total", 1.0).await;
+    streaming(&source).await;
     // About 2.5 MB in one transaction: more than the stream may hold.
     client
         .execute(
@@ -447,7 +460,7 @@ async fn the_load_oracle_over_two_edges_through_a_leader_kill_finds_every_delive
     let (db, _client) = migrated_db().await;
     let slot = format!("{}_o", db.name());
     let mut leader = started(node(db.url(), &slot, &nats.url, "source", &[])).await;
-    wait_metric(&leader, "walcast_source_leader", 1.0).await;
+    streaming(&leader).await;
     let edge1 = started(node(db.url(), &slot, &nats.url, "edge", &[])).await;
     let edge2 = started(node(db.url(), &slot, &nats.url, "edge", &[])).await;
     let standby = started(node(db.url(), &slot, &nats.url, "source", &[])).await;
@@ -506,7 +519,7 @@ async fn a_definite_replication_error_stops_the_source_naming_the_fix() {
     let a = fixture(&client, "DEF").await;
     let slot = format!("{}_d", db.name());
     let mut source = started(node(db.url(), &slot, &nats.url, "source", &[])).await;
-    wait_metric(&source, "walcast_source_snapshots_total", 1.0).await;
+    streaming(&source).await;
     client.batch_execute("drop publication supabase_realtime").await.unwrap();
     // pgoutput notices when it decodes the next published change: the source
     // exits (status 1) with the error and its fix, rather than retry forever.
@@ -524,7 +537,7 @@ async fn an_edge_that_misses_what_retention_removed_closes_its_sockets_and_resta
     let slot = format!("{}_g", db.name());
     let small = ["--stream-max-bytes", "1048576"];
     let source = started(node(db.url(), &slot, &nats.url, "source", &small)).await;
-    wait_metric(&source, "walcast_source_snapshots_total", 1.0).await;
+    streaming(&source).await;
     // The edge reaches NATS through a proxy that can go silent.
     let proxy = Proxy::start(upstream_of(&nats.url.replace("nats://", "nats://x@"))).await;
     let via = format!("nats://{}", proxy.addr);
@@ -575,7 +588,7 @@ async fn broadcast_from_database_reaches_the_clients_of_every_edge_once_in_commi
     walcast::schema::migrate(&mut client, &walcast::schema::Migrations::walcast()).await.expect("walcast setup");
     let slot = format!("{}_m", db.name());
     let source = started(node(db.url(), &slot, &nats.url, "source", &[])).await;
-    wait_metric(&source, "walcast_source_snapshots_total", 1.0).await;
+    streaming(&source).await;
     let edge1 = started(node(db.url(), &slot, &nats.url, "edge", &[])).await;
     let edge2 = started(node(db.url(), &slot, &nats.url, "edge", &[])).await;
     let topic = "realtime:room-1";

@@ -98,7 +98,12 @@ impl RelayProcess {
     /// Waits for the "walcast serving on ws://ADDR/…" line; panics with the
     /// child's output if it exits first or takes longer than [`START_WAIT`].
     pub async fn wait_serving(&mut self) {
-        let deadline = Instant::now() + START_WAIT;
+        self.wait_serving_within(START_WAIT).await;
+    }
+
+    /// As [`RelayProcess::wait_serving`], within `wait`.
+    pub async fn wait_serving_within(&mut self, wait: Duration) {
+        let deadline = Instant::now() + wait;
         loop {
             let line = self.stdout.lock().unwrap().iter().find(|l| l.starts_with("walcast serving on ws://")).cloned();
             if let Some(line) = line {
@@ -110,7 +115,7 @@ impl RelayProcess {
             if let Some(status) = self.try_status() {
                 panic!("walcast exited ({status}) before serving:\n{}", self.output());
             }
-            assert!(Instant::now() < deadline, "walcast did not serve within {START_WAIT:?}:\n{}", self.output());
+            assert!(Instant::now() < deadline, "walcast did not serve within {wait:?}:\n{}", self.output());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
