@@ -343,21 +343,31 @@ async fn a_three_node_nats_cluster_with_replicas_3_carries_the_stream() {
     let (db, client) = migrated_db().await;
     let a = fixture(&client, "R3C").await;
     let slot = format!("{}_r", db.name());
-    let replicas = ["--stream-replicas", "3"];
-    let source = started(node(db.url(), &slot, &nats.url, "source", &replicas)).await;
+    let replicas = ["--stream-replicas", "3", "--stream-max-bytes", "67108864", "--stream-max-age-secs", "7200"];
+    let mut source = started(node(db.url(), &slot, &nats.url, "source", &replicas)).await;
     streaming(&source).await;
     let edge = started(node(db.url(), &slot, &nats.url, "edge", &replicas)).await;
     let witness = ChangeWitness::subscribe_as(edge.addr, &user(a.1)).await;
     let orders = write(&client, a, 5).await;
     assert_exactly(&witness, &orders, "user A on the edge", &[&source, &edge]).await;
     // The stream really has three replicas.
-    let client = async_nats::connect(nats.url.split(',').next().unwrap()).await.unwrap();
-    let js = async_nats::jetstream::new(client);
+    let nats_client = async_nats::connect(nats.url.split(',').next().unwrap()).await.unwrap();
+    let js = async_nats::jetstream::new(nats_client);
     let mut stream = js.get_stream(format!("WALCAST_{slot}")).await.unwrap();
     let info = stream.info().await.unwrap();
     assert_eq!(info.config.num_replicas, 3);
+    assert_eq!(info.config.max_bytes, 64 << 20, "--stream-max-bytes");
+    assert_eq!(info.config.max_age, Duration::from_secs(7200), "--stream-max-age-secs");
     let cluster = info.cluster.clone().expect("clustered");
     assert_eq!(cluster.replicas.len(), 2, "a leader and two replicas: {cluster:?}");
+    // A leader stopped cleanly (SIGTERM) hands over: a standby leads and
+    // the stream goes on.
+    let standby = started(node(db.url(), &slot, &nats.url, "source", &replicas)).await;
+    source.stop();
+    wait_metric(&standby, "walcast_source_leader", 1.0).await;
+    let more = write(&client, a, 3).await;
+    let all: Vec<Uuid> = [orders, more].concat();
+    assert_exactly(&witness, &all, "user A on the edge, after the handover", &[&standby, &edge]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

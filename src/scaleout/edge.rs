@@ -39,6 +39,10 @@ use crate::relay::messages::Router;
 use crate::relay::{FedConfig, Relay, RelayError};
 use crate::replication::AckHandle;
 
+/// Most bytes of one policy state an edge gathers from its chunks (the
+/// membership caches' own budget is 1 GiB by default).
+pub const MAX_POLICY_STATE: usize = 4 << 30;
+
 /// Most events per batch handed to the hub.
 const BATCH: usize = 256;
 
@@ -194,6 +198,7 @@ async fn feed(
     let mut decoder = Decoder::default();
     let mut router = Router::for_stream(messages, db_stats);
     let mut events = Vec::new();
+    let mut decoded: Vec<StageEvent> = Vec::new();
     let mut batch: Vec<StageEvent> = Vec::with_capacity(BATCH);
     let mut backoff = Duration::from_millis(100);
     'consumer: while !stop.is_cancelled() {
@@ -262,33 +267,35 @@ async fn feed(
                 continue 'consumer;
             }
             next = seq + 1;
-            let start = batch.len();
-            decoder.decode(&log.names, &message, &mut batch)?;
+            decoder.decode(&log.names, &message, &mut decoded)?;
             // Broadcast from Database rows go to the delivery stage before
-            // their Commit reaches the hub.
-            for event in batch.drain(start..).collect::<Vec<_>>() {
+            // their Commit reaches the hub: each run of transaction events
+            // passes the router once.
+            for event in decoded.drain(..) {
                 match event {
                     StageEvent::Tx(tx) => {
                         if matches!(tx, crate::change::TxEvent::Commit(_)) {
                             stats.transactions.fetch_add(1, Ordering::Relaxed);
                         }
                         events.push(tx);
-                        router.route(&mut events).await;
-                        batch.extend(events.drain(..).map(StageEvent::Tx));
-                    }
-                    StageEvent::Reset => {
-                        router.reset();
-                        stats.discarded.fetch_add(1, Ordering::Relaxed);
-                        batch.push(StageEvent::Reset);
                     }
                     other => {
-                        if matches!(other, StageEvent::Policies(_) | StageEvent::PolicyUpdate { .. }) {
-                            stats.policy_states.fetch_add(1, Ordering::Relaxed);
+                        route_into(&mut router, &mut events, &mut batch).await;
+                        match &other {
+                            StageEvent::Reset => {
+                                router.reset();
+                                stats.discarded.fetch_add(1, Ordering::Relaxed);
+                            }
+                            StageEvent::Policies(_) | StageEvent::PolicyUpdate { .. } => {
+                                stats.policy_states.fetch_add(1, Ordering::Relaxed);
+                            }
+                            _ => {}
                         }
                         batch.push(other);
                     }
                 }
             }
+            route_into(&mut router, &mut events, &mut batch).await;
             stats.pending.store(pending, Ordering::Relaxed);
             if (batch.len() >= BATCH || pending == 0) && !batch.is_empty() {
                 let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
@@ -303,6 +310,16 @@ async fn feed(
         }
     }
     Ok(())
+}
+
+/// Passes `events` (transaction events in stream order) through the router
+/// and appends what is left to `batch`.
+async fn route_into(router: &mut Router, events: &mut Vec<crate::change::TxEvent>, batch: &mut Vec<StageEvent>) {
+    if events.is_empty() {
+        return;
+    }
+    router.route(events).await;
+    batch.extend(events.drain(..).map(StageEvent::Tx));
 }
 
 /// How long an edge that found a gap waits for a snapshot past it.
@@ -381,6 +398,9 @@ impl Decoder {
         } else if message.subject.as_str() == names.policy_subject {
             if index == 0 {
                 self.policy.clear();
+            }
+            if self.policy.len() + message.payload.len() > MAX_POLICY_STATE {
+                return Err(ScaleoutError::PolicyStateTooLarge { max: MAX_POLICY_STATE });
             }
             self.policy.extend_from_slice(&message.payload);
             if header(message, log::LAST).is_some() {

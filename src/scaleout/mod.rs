@@ -218,6 +218,14 @@ pub enum ScaleoutError {
     /// names the fix: a missing publication, a revoked privilege, …).
     #[error("{0}")]
     Replication(String),
+    /// A policy state in the stream grew past what an edge gathers without
+    /// its last chunk (definite: the stream was written by something else,
+    /// or the caches outgrew the limit).
+    #[error("a policy state in the stream is over {max} bytes; refusing it")]
+    PolicyStateTooLarge {
+        /// The limit.
+        max: usize,
+    },
     /// The edge's hub could not start (its message names the fix).
     #[error("starting the edge's hub: {0}")]
     Hub(String),

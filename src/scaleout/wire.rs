@@ -502,9 +502,10 @@ impl TxReader {
         self.relations.clear();
     }
 
-    /// Whether a transaction is open (Begin read, Commit not yet).
+    /// Whether a transaction is open: its chunk 0 was read, its Commit not
+    /// yet (its Begin may still be split across chunks).
     pub fn in_transaction(&self) -> bool {
-        self.began
+        self.next.is_some()
     }
 }
 

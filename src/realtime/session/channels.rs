@@ -44,6 +44,12 @@ pub const PRESENCE_CALLS: u32 = 5;
 /// The window of [`PRESENCE_CALLS`], opened by the first call.
 pub const PRESENCE_WINDOW: Duration = Duration::from_secs(30);
 
+/// The `ack` reply's `response` (a bare string, as Supabase's) for a
+/// broadcast over the send rate.
+const RATE_LIMITED: &str = "rate_limit_exceeded";
+/// …and for one over the payload limit.
+const TOO_LARGE: &str = "payload_size_exceeded";
+
 impl Session {
     /// A client's broadcast on `topic`: sent on to the channel's other
     /// members (and itself with `self`), answered when the channel asked
@@ -77,14 +83,7 @@ impl Session {
             self.ctx.stats.broadcasts_rate_limited.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(conn = self.conn, topic, "broadcast over the send rate; not sent");
             if ack {
-                self.push(protocol::reply_to(
-                    self.vsn,
-                    join_ref,
-                    msg_ref,
-                    topic,
-                    "error",
-                    json!("rate_limit_exceeded"),
-                ));
+                self.push(protocol::reply_to(self.vsn, join_ref, msg_ref, topic, "error", json!(RATE_LIMITED)));
             }
             return;
         }
@@ -92,15 +91,7 @@ impl Session {
             self.ctx.stats.broadcasts_too_large.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(conn = self.conn, topic, bytes = message.size(), "broadcast over the size limit; not sent");
             if ack {
-                // Supabase's reply: `response` is the bare string.
-                self.push(protocol::reply_to(
-                    self.vsn,
-                    join_ref,
-                    msg_ref,
-                    topic,
-                    "error",
-                    json!("payload_size_exceeded"),
-                ));
+                self.push(protocol::reply_to(self.vsn, join_ref, msg_ref, topic, "error", json!(TOO_LARGE)));
             }
             return;
         }
