@@ -110,6 +110,7 @@ pub mod hub;
 pub mod load;
 pub mod lsn;
 pub mod monitor;
+pub mod outbox;
 pub mod pgconn;
 pub mod pgoutput;
 pub mod policy;

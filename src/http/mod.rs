@@ -52,8 +52,6 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -181,9 +179,7 @@ async fn connection(
     let Some((Accepted { vsn, apikey, claims, headers, ticket }, stream, read_buf)) = exchange else { return };
     let sessions = Arc::clone(&ctx.sessions);
     drop(ctx);
-    let config = Some(sessions.limits.websocket_config());
-    let ws = WebSocketStream::from_partially_read(stream, read_buf, Role::Server, config).await;
-    session::run(ws, sessions, vsn, apikey, claims, headers, shutdown).await;
+    session::run((stream, read_buf), sessions, vsn, apikey, claims, headers, shutdown).await;
     drop(ticket);
 }
 

@@ -12,9 +12,9 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::outbox::{self, CloseReason};
 use super::{frame, ConnId, Core, HubError, StageEvent};
 use crate::change::{Change, TxEvent, TxInfo};
+use crate::outbox::{self, CloseReason};
 use crate::replication::status::unix_micros_now;
 use crate::spill::{ChangeLog, Cursor};
 
@@ -250,6 +250,8 @@ impl Core {
             if since_clock == CLOCK_EVERY {
                 since_clock = 0;
                 now = outbox::now_ms();
+                // A large transaction's frames go out as it is fanned out.
+                self.flush();
             }
             self.fan_out(&d.tx, &change, now);
             self.reap();

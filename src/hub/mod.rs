@@ -77,7 +77,6 @@ mod database;
 mod flow;
 pub mod frame;
 pub mod latency;
-pub mod outbox;
 pub mod registry;
 
 use std::collections::HashMap;
@@ -88,8 +87,8 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::outbox::{self, CloseReason, Outbox, OutboxBudget, OutboxLimits, PushError, DEFAULT_OUTBOX_BUDGET};
 pub use frame::Vsn;
-pub use outbox::{CloseReason, Outbox, OutboxBudget, OutboxLimits, PushError, DEFAULT_OUTBOX_BUDGET};
 
 use std::time::{Duration, Instant};
 
@@ -465,6 +464,7 @@ impl Hub {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let result = loop {
             if self.core.busy() {
+                self.core.flush();
                 // Paused: on the outbox budget (until readers release memory)
                 // or on the spill disk budget (retried every second).
                 let wait = if self.core.spill_blocked.is_some() { SPILL_RETRY } else { PAUSE_RECHECK };
@@ -488,6 +488,8 @@ impl Hub {
                 }
                 continue;
             }
+            // The batch is handled: its frames go out, one write per socket.
+            self.core.flush();
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break Ok(()),
@@ -502,6 +504,7 @@ impl Hub {
                 }
             }
         };
+        self.core.flush();
         self.core.close_all(CloseReason::shutdown());
         result
     }
@@ -626,6 +629,9 @@ pub struct Core {
     /// Acknowledgements waiting for checks.
     held: database::HeldAcks,
     doomed: Vec<ConnId>,
+    /// Outboxes with frames queued since the last [`Core::flush`]: written
+    /// once per batch, one `writev` per socket, from this task.
+    to_flush: Vec<Arc<Outbox>>,
 }
 
 impl Core {
@@ -670,6 +676,7 @@ impl Core {
             tx_checks: 0,
             held: database::HeldAcks::default(),
             doomed: Vec::new(),
+            to_flush: Vec::new(),
         }
     }
 
@@ -709,6 +716,17 @@ impl Core {
         self.stats.cache_bytes.store(self.caches.bytes() as u64, Ordering::Relaxed);
         if let Ok(mut summary) = self.stats.caches.lock() {
             *summary = self.caches.summary();
+        }
+    }
+
+    /// Writes the frames queued since the last flush: each outbox once, as
+    /// much as its socket takes without waiting (the rest goes to that
+    /// socket's writer task). Called once a batch of events is handled,
+    /// before the hub waits, and every few hundred changes of a large
+    /// transaction.
+    pub fn flush(&mut self) {
+        for outbox in self.to_flush.drain(..) {
+            outbox.flush();
         }
     }
 
@@ -1025,8 +1043,11 @@ impl Core {
                 frame
             }
         };
-        match sub.outbox.push_at(frame, now) {
-            Ok(()) => {
+        match sub.outbox.push_deferred(frame, now) {
+            Ok(list) => {
+                if list {
+                    self.to_flush.push(Arc::clone(&sub.outbox));
+                }
                 self.stats.deliveries.fetch_add(1, Ordering::Relaxed);
             }
             Err(PushError::Full) | Err(PushError::Closed) => self.doomed.push(sub.conn),

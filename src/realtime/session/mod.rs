@@ -31,13 +31,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use serde_json::json;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{self, Message as WsMessage, Utf8Bytes};
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
@@ -50,8 +49,10 @@ use crate::realtime::rooms::{self, LocalRooms, RoomKey, Rooms};
 use crate::realtime::Limits;
 
 mod channels;
+mod io;
 
 use crate::hub::{CloseReason, ConnId, Control, HubHandle, Outbox, PushError, Subscription, Vsn};
+use crate::outbox::Written;
 pub use channels::{PRESENCE_CALLS, PRESENCE_WINDOW};
 
 /// What every session shares.
@@ -297,24 +298,35 @@ struct Session {
     users: Vec<super::users::UserSlot>,
 }
 
-/// Runs a connection until it closes. `apikey` was verified at the upgrade.
-pub async fn run<S>(
-    ws: WebSocketStream<S>,
+/// Runs a connection until it closes. `socket` is the upgraded connection
+/// and the bytes read past its request; `apikey` was verified at the
+/// upgrade.
+pub async fn run(
+    socket: (TcpStream, Vec<u8>),
     ctx: Arc<SessionContext>,
     vsn: Vsn,
     apikey: String,
     apikey_claims: Claims,
     headers: Arc<serde_json::Value>,
     shutdown: CancellationToken,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+) {
     let conn = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
     ctx.stats.sockets_open.fetch_add(1, Ordering::Relaxed);
     ctx.stats.sockets_total.fetch_add(1, Ordering::Relaxed);
-    let outbox = Arc::new(Outbox::with_budget(ctx.limits.outbox, Arc::clone(&ctx.hub.budget)));
-    let (sink, mut stream) = ws.split();
-    let mut writer = tokio::spawn(write_loop(sink, Arc::clone(&outbox), Arc::clone(&ctx)));
+    // The outbox owns the write half: the hub writes frames straight to
+    // the socket, the writer task only when the socket is full; the
+    // WebSocket library reads, and its control replies (pong, close) go
+    // through the outbox in order with everything else.
+    let (stream, read_buf) = socket;
+    let (read, write) = stream.into_split();
+    let outbox = Arc::new(Outbox::with_socket(ctx.limits.outbox, Arc::clone(&ctx.hub.budget), write));
+    let io = io::ControlIo::new(read, Arc::clone(&outbox));
+    // Boxed: the library's state is as big as it was inside the split
+    // halves' shared allocation, but stays out of this long-lived future.
+    let mut stream = Box::new(
+        WebSocketStream::from_partially_read(io, read_buf, Role::Server, Some(ctx.limits.websocket_config())).await,
+    );
+    let mut writer = tokio::spawn(write_loop(Arc::clone(&outbox), Arc::clone(&ctx)));
     let mut session = Session {
         joins: Bucket::full(ctx.limits.join_burst),
         sends: Bucket::full(ctx.limits.socket_broadcasts_per_second),
@@ -936,93 +948,51 @@ impl Session {
     }
 }
 
-/// Drains the outbox to the socket: every queued frame, then one flush,
-/// then the outbox is told they were written (their budget is released); on
-/// close, a close frame with the outbox's reason. Each frame and each flush
-/// must make progress within the write timeout: a stalled write closes the
-/// outbox as a slow consumer (1013, counted in `write_stalls`) and the
-/// writer goes on to the close frame (a large batch on a slow link is fine
-/// while it moves). A close frame the socket cannot take within the write
-/// timeout is dropped with the socket and counted in `close_frames_dropped`.
-async fn write_loop<S>(
-    mut sink: futures::stream::SplitSink<WebSocketStream<S>, WsMessage>,
-    outbox: Arc<Outbox>,
-    ctx: Arc<SessionContext>,
-) where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+/// Writes the outbox to the socket when the hub's own writes could not
+/// (the connection's replies, a full socket), then the close frame. Waiting
+/// for a full socket is bounded by the write timeout: no progress within it
+/// closes the outbox as a slow consumer (1013, counted in `write_stalls`)
+/// and the writer goes on to the close frame (a large backlog on a slow
+/// link is fine while it moves). A close frame the socket cannot take
+/// within the write timeout is dropped with the socket and counted in
+/// `close_frames_dropped`.
+async fn write_loop(outbox: Arc<Outbox>, ctx: Arc<SessionContext>) {
     let write_timeout = ctx.limits.write_timeout;
-    let mut batch = Vec::new();
-    loop {
-        match outbox.next_batch(&mut batch).await {
-            Ok(()) => {
-                let write = async {
-                    for frame in batch.drain(..) {
-                        // Text frames are JSON (always UTF-8, starting with `[` or
-                        // `{`); a kind 4 broadcast starts with its kind byte.
-                        let message = if frame.first() == Some(&protocol::USER_BROADCAST) {
-                            WsMessage::Binary(frame)
-                        } else {
-                            let Ok(text) = Utf8Bytes::try_from(frame) else { return Some(false) };
-                            WsMessage::Text(text)
-                        };
-                        match tokio::time::timeout(write_timeout, sink.feed(message)).await {
-                            Ok(Ok(())) => {}
-                            Ok(Err(_)) => return Some(false),
-                            Err(_) => return None,
-                        }
-                    }
-                    match tokio::time::timeout(write_timeout, sink.flush()).await {
-                        Ok(Ok(())) => Some(true),
-                        Ok(Err(_)) => Some(false),
-                        Err(_) => None,
-                    }
-                };
-                tokio::select! {
-                    biased;
-                    // Closed as a slow consumer while the socket is full: drop
-                    // the rest of the batch and go to the close frame.
-                    () = outbox.discarded() => {}
-                    written = write => match written {
-                        Some(true) => {}
-                        // The socket failed: nothing more can be sent.
-                        Some(false) => return,
-                        // No progress within the write timeout.
-                        None => {
-                            if outbox.close_now(CloseReason::write_stalled(write_timeout)) {
-                                ctx.stats.write_stalls.fetch_add(1, Ordering::Relaxed);
+    let Some(socket) = outbox.socket() else { return };
+    let reason = loop {
+        match outbox.wait_work().await {
+            Err(reason) => break reason,
+            Ok(()) => match outbox.write_now() {
+                Written::All => {}
+                Written::Failed => return,
+                Written::Blocked => {
+                    tokio::select! {
+                        biased;
+                        // Closed as a slow consumer while the socket is full:
+                        // the rest was dropped; on to the close frame.
+                        () = outbox.discarded() => {
+                            if let Some(reason) = outbox.close_reason() {
+                                break reason;
                             }
                         }
-                    },
+                        ready = tokio::time::timeout(write_timeout, socket.writable()) => match ready {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => return,
+                            Err(_) => {
+                                if outbox.close_now(CloseReason::write_stalled(write_timeout)) {
+                                    ctx.stats.write_stalls.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        },
+                    }
                 }
-                batch.clear();
-                outbox.written();
-            }
-            Err(reason) => {
-                // A close frame's reason holds at most 123 bytes.
-                let mut text = reason.reason;
-                let mut cut = text.len().min(123);
-                while !text.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                text.truncate(cut);
-                let frame = CloseFrame { code: CloseCode::from(reason.code), reason: text.into() };
-                // Both steps, whatever the first gives: after the peer's own
-                // close, `send` fails but `close` still flushes tungstenite's
-                // automatic close reply.
-                // Boxed: once per socket, and not part of the idle writer's size.
-                let sent = Box::pin(tokio::time::timeout(write_timeout, async {
-                    let sent = sink.send(WsMessage::Close(Some(frame))).await;
-                    let closed = sink.close().await;
-                    sent.and(closed)
-                }))
-                .await;
-                if !matches!(sent, Ok(Ok(()))) && reason.code == 1013 {
-                    ctx.stats.close_frames_dropped.fetch_add(1, Ordering::Relaxed);
-                }
-                return;
-            }
+            },
         }
+    };
+    // Boxed: once per socket, and not part of the idle writer's size.
+    let sent = Box::pin(tokio::time::timeout(write_timeout, io::close(&outbox, reason.code, &reason.reason))).await;
+    if !matches!(sent, Ok(Ok(()))) && reason.code == 1013 {
+        ctx.stats.close_frames_dropped.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -1072,8 +1042,8 @@ mod tests {
         std::mem::size_of::<F>()
     }
 
-    /// The same for three arguments.
-    fn future_size3<A, B, C, F>(_: &impl FnOnce(A, B, C) -> F) -> usize {
+    /// The same for two arguments.
+    fn future_size2<A, B, F>(_: &impl FnOnce(A, B) -> F) -> usize {
         std::mem::size_of::<F>()
     }
 
@@ -1085,8 +1055,7 @@ mod tests {
     /// bounds are the unoptimized build's sizes plus ~20 %.
     #[test]
     fn connection_futures_stay_small() {
-        type S = tokio::net::TcpStream;
-        let (run, write) = (future_size7(&run::<S>), future_size3(&write_loop::<S>));
+        let (run, write) = (future_size7(&run), future_size2(&write_loop));
         eprintln!("run: {run} B, write_loop: {write} B");
         assert!(run <= RUN_FUTURE_MAX, "session::run's future is {run} bytes (bound {RUN_FUTURE_MAX})");
         assert!(write <= WRITE_FUTURE_MAX, "write_loop's future is {write} bytes (bound {WRITE_FUTURE_MAX})");

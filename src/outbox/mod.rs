@@ -1,11 +1,18 @@
 //! The per-connection outbox: the queue of serialized frames between the
-//! hub (and the connection's own replies) and the WebSocket writer, and the
-//! global [`OutboxBudget`] every outbox charges.
+//! hub (and the connection's own replies) and the WebSocket, the writes to
+//! the socket, and the global [`OutboxBudget`] every outbox charges.
 //!
 //! ```text
-//!  hub ──push(frame, at)──▶ Outbox ──next_batch──▶ writer ──written()──▶ budget released
-//!  session ──push_reply──▶   │ queued + in-flight bytes charged to the OutboxBudget
+//!  hub ──push_deferred(frame, at)…──▶ Outbox ──flush() (the hub, once per batch: one
+//!                                      │        non-blocking writev per socket)──▶ socket
+//!  session ──push_reply──▶             │ ──notify──▶ writer task: write_now(), and on a full
+//!  tungstenite (pong, close) ──push_raw─┘               socket waits until it is writable
 //! ```
+//!
+//! It sits below the hub and the realtime sessions (both use it) and knows
+//! only WebSocket framing ([`socket`]): a frame is queued as its payload and
+//! its header is made when it is written, so one payload is shared by every
+//! receiver and never copied per receiver.
 //!
 //! Invariants:
 //! - pushing never waits. Hub frames are always taken: the hub itself keeps
@@ -13,24 +20,33 @@
 //!   [`crate::hub`]); a connection's own replies are capped per socket
 //!   ([`OutboxLimits::max_reply_bytes`]) so a client that sends requests
 //!   without reading is closed, not the server;
-//! - bytes stay charged until the writer has handed them to the socket
-//!   ([`Outbox::written`]), so frames in the writer's hands count too; a
-//!   dropped or [`close_now`](Outbox::close_now)d outbox releases all;
+//! - with a socket, every write is a non-blocking `writev` made under the
+//!   outbox's lock from the front of the queue, whoever makes it (the hub's
+//!   flush or the writer task): frames go out whole and in queue order, and
+//!   nobody ever waits on a client while holding the lock;
+//! - bytes stay charged until they are on the socket (without a socket:
+//!   until the writer reports [`Outbox::written`]); a dropped or
+//!   [`close_now`](Outbox::close_now)d outbox releases all (but a frame
+//!   already partly on the socket is finished before the close frame);
 //! - [`Outbox::lag`] is the age of the oldest frame not yet written: the
 //!   hub closes a reader whose lag passes its limit;
 //! - an empty outbox holds no heap memory (an idle connection costs only
 //!   the struct).
 
 use std::collections::VecDeque;
+use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
+pub mod socket;
+
 /// Bytes charged per queued frame on top of its length (the queue entry).
-const ENTRY_OVERHEAD: usize = std::mem::size_of::<(u64, Bytes)>();
+const ENTRY_OVERHEAD: usize = std::mem::size_of::<Entry>();
 
 /// Milliseconds since the first call in this process: the outboxes' clock.
 pub fn now_ms() -> u64 {
@@ -221,21 +237,49 @@ pub enum PushError {
     Closed,
 }
 
+/// One queued frame.
+#[derive(Debug)]
+struct Entry {
+    /// When it was queued ([`now_ms`]).
+    at: u64,
+    frame: Bytes,
+    /// Bytes already framed (tungstenite's control replies): written as
+    /// they are, no header added.
+    raw: bool,
+}
+
 #[derive(Debug, Default)]
 struct State {
-    /// Frames with the time ([`now_ms`]) they were queued.
-    queue: VecDeque<(u64, Bytes)>,
+    queue: VecDeque<Entry>,
     /// Charged bytes queued.
     queued: usize,
     /// Reply bytes queued since the writer last drained.
     replies: usize,
-    /// Charged bytes handed to the writer and not yet written.
+    /// Charged bytes handed to the writer and not yet written (no socket).
     in_flight: usize,
-    /// When the oldest frame in the writer's hands was queued.
+    /// When the oldest frame in the writer's hands was queued (no socket).
     in_flight_since: Option<u64>,
+    /// Bytes of the front frame (header included) already on the socket.
+    front_sent: usize,
+    /// A close frame went out with a raw entry (tungstenite's answer to the
+    /// peer's close): no other may follow.
+    close_queued: bool,
+    /// On the hub's list of outboxes to flush.
+    listed: bool,
     closed: Option<CloseReason>,
     /// Closed with [`Outbox::close_now`]: the writer abandons its batch.
     discarded: bool,
+}
+
+/// What a [`Outbox::write_now`] left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// Everything queued is on the socket.
+    All,
+    /// The socket's send buffer is full: wait until it is writable.
+    Blocked,
+    /// The socket failed (reset, broken pipe): nothing more can be sent.
+    Failed,
 }
 
 /// The queue. Share it behind an `Arc`.
@@ -246,6 +290,10 @@ pub struct Outbox {
     discard: Notify,
     limits: OutboxLimits,
     budget: Arc<OutboxBudget>,
+    /// The socket's write half: frames are written by [`Outbox::write_now`]
+    /// and [`Outbox::flush`]. Without it (tools, tests), a writer takes
+    /// them with [`Outbox::next_batch`].
+    socket: Option<OwnedWriteHalf>,
 }
 
 impl Outbox {
@@ -254,9 +302,32 @@ impl Outbox {
         Outbox::with_budget(limits, OutboxBudget::unlimited())
     }
 
-    /// An empty outbox charging `budget`.
+    /// An empty outbox charging `budget`, whose frames a writer takes with
+    /// [`Outbox::next_batch`].
     pub fn with_budget(limits: OutboxLimits, budget: Arc<OutboxBudget>) -> Outbox {
-        Outbox { state: Mutex::new(State::default()), notify: Notify::new(), discard: Notify::new(), limits, budget }
+        Outbox::build(limits, budget, None)
+    }
+
+    fn build(limits: OutboxLimits, budget: Arc<OutboxBudget>, socket: Option<OwnedWriteHalf>) -> Outbox {
+        Outbox {
+            state: Mutex::new(State::default()),
+            notify: Notify::new(),
+            discard: Notify::new(),
+            limits,
+            budget,
+            socket,
+        }
+    }
+
+    /// An empty outbox charging `budget` that writes WebSocket frames to
+    /// `socket` itself ([`Outbox::write_now`], [`Outbox::flush`]).
+    pub fn with_socket(limits: OutboxLimits, budget: Arc<OutboxBudget>, socket: OwnedWriteHalf) -> Outbox {
+        Outbox::build(limits, budget, Some(socket))
+    }
+
+    /// The socket's write half, when the outbox writes itself.
+    pub fn socket(&self) -> Option<&OwnedWriteHalf> {
+        self.socket.as_ref()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -269,7 +340,7 @@ impl Outbox {
     /// # Errors
     /// [`PushError::Closed`].
     pub fn push_at(&self, frame: Bytes, at: u64) -> Result<(), PushError> {
-        self.enqueue(frame, at, false)
+        self.enqueue(frame, at, Push::Hub).map(|_| ())
     }
 
     /// Queues a hub frame now.
@@ -277,7 +348,18 @@ impl Outbox {
     /// # Errors
     /// [`PushError::Closed`].
     pub fn push(&self, frame: Bytes) -> Result<(), PushError> {
-        self.enqueue(frame, now_ms(), false)
+        self.enqueue(frame, now_ms(), Push::Hub).map(|_| ())
+    }
+
+    /// Queues a hub frame without waking the writer: the caller
+    /// [`flush`](Outbox::flush)es the outbox once its batch is queued (one
+    /// write per socket per batch). Returns whether the caller must list
+    /// the outbox for that flush (it was not listed yet).
+    ///
+    /// # Errors
+    /// [`PushError::Closed`].
+    pub fn push_deferred(&self, frame: Bytes, at: u64) -> Result<bool, PushError> {
+        self.enqueue(frame, at, Push::Deferred)
     }
 
     /// Queues one of the connection's own replies.
@@ -286,10 +368,30 @@ impl Outbox {
     /// [`PushError::Full`] (and the outbox closes as a slow consumer) when
     /// the reply cap is reached, or [`PushError::Closed`].
     pub fn push_reply(&self, frame: Bytes) -> Result<(), PushError> {
-        self.enqueue(frame, now_ms(), true)
+        self.enqueue(frame, now_ms(), Push::Reply).map(|_| ())
     }
 
-    fn enqueue(&self, frame: Bytes, at: u64, reply: bool) -> Result<(), PushError> {
+    /// Queues bytes already framed by the WebSocket library (its pong and
+    /// close replies), counted as replies. After a close frame nothing else
+    /// is queued: the outbox closes with `1000`.
+    ///
+    /// # Errors
+    /// As [`Outbox::push_reply`].
+    pub fn push_raw(&self, frames: Bytes) -> Result<(), PushError> {
+        let close = socket::holds_close(&frames);
+        self.enqueue(frames, now_ms(), Push::Raw)?;
+        if close {
+            let mut state = self.lock();
+            state.close_queued = true;
+            if state.closed.is_none() {
+                state.closed = Some(CloseReason { code: 1000, reason: String::new() });
+            }
+        }
+        Ok(())
+    }
+
+    fn enqueue(&self, frame: Bytes, at: u64, push: Push) -> Result<bool, PushError> {
+        let reply = matches!(push, Push::Reply | Push::Raw);
         let mut state = self.lock();
         if state.closed.is_some() {
             return Err(PushError::Closed);
@@ -304,14 +406,81 @@ impl Outbox {
             state.replies += frame.len();
         }
         state.queued += charge;
-        state.queue.push_back((at, frame));
+        state.queue.push_back(Entry { at, frame, raw: matches!(push, Push::Raw) });
         self.budget.charge(charge);
+        if matches!(push, Push::Deferred) {
+            let list = !state.listed;
+            state.listed = true;
+            return Ok(list);
+        }
         let first = state.queue.len() == 1;
         drop(state);
         if first {
             self.notify.notify_one();
         }
-        Ok(())
+        Ok(false)
+    }
+
+    /// Writes what [`push_deferred`](Outbox::push_deferred) queued: on an
+    /// outbox with a socket, at once and without waiting (the rest, if the
+    /// socket is full, is left to the writer task, which is woken); without
+    /// one, the writer is woken.
+    pub fn flush(&self) {
+        self.lock().listed = false;
+        if self.socket.is_none() {
+            self.notify.notify_one();
+            return;
+        }
+        if self.write_now() != Written::All {
+            // The writer waits for the socket (or sees it failed).
+            self.notify.notify_one();
+        }
+    }
+
+    /// Writes the queue's frames to the socket, from the front, without
+    /// waiting: as much as the socket takes. Frames fully written release
+    /// their bytes. Without a socket: [`Written::All`].
+    pub fn write_now(&self) -> Written {
+        let Some(socket) = &self.socket else { return Written::All };
+        let mut state = self.lock();
+        let mut released = 0;
+        let result = loop {
+            if state.queue.is_empty() {
+                state.replies = 0;
+                break Written::All;
+            }
+            let sent = match socket::write_some(socket, state.queue.iter().map(|e| (&e.frame, e.raw)), state.front_sent)
+            {
+                Ok(0) => break Written::Failed,
+                Ok(n) => n,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => break Written::Blocked,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break Written::Failed,
+            };
+            let (done, front_sent) =
+                socket::advance(state.queue.iter().map(|e| socket::wire_len(&e.frame, e.raw)), state.front_sent, sent);
+            for entry in state.queue.drain(..done) {
+                released += entry.frame.len() + ENTRY_OVERHEAD;
+            }
+            state.front_sent = front_sent;
+            if front_sent > 0 {
+                // The socket took part of a frame: its buffer is full.
+                break Written::Blocked;
+            }
+        };
+        state.queued -= released;
+        if state.queue.capacity() > 64 && state.queue.len() < 16 {
+            state.queue.shrink_to_fit();
+        }
+        drop(state);
+        self.budget.release(released);
+        result
+    }
+
+    /// Whether a close frame was already queued (the WebSocket library's
+    /// answer to the peer's close).
+    pub fn close_queued(&self) -> bool {
+        self.lock().close_queued
     }
 
     /// Closes the outbox: queued frames are still handed out, then `reason`.
@@ -326,15 +495,23 @@ impl Outbox {
     }
 
     /// Closes the outbox and discards what is queued (a slow consumer): the
-    /// writer sends `reason` next. Returns whether this call closed it.
+    /// writer sends `reason` next. A frame already partly on the socket
+    /// stays, to be finished first. Returns whether this call closed it.
     pub fn close_now(&self, reason: CloseReason) -> bool {
         let mut state = self.lock();
         let first = state.closed.is_none();
         if first {
             state.closed = Some(reason);
         }
-        let released = std::mem::take(&mut state.queued);
-        state.queue = VecDeque::new();
+        let keep = usize::from(state.front_sent > 0).min(state.queue.len());
+        let mut released = 0;
+        for entry in state.queue.drain(keep..) {
+            released += entry.frame.len() + ENTRY_OVERHEAD;
+        }
+        state.queued -= released;
+        if state.queue.is_empty() {
+            state.queue = VecDeque::new();
+        }
         state.replies = 0;
         state.discarded = true;
         drop(state);
@@ -354,6 +531,11 @@ impl Outbox {
             }
             self.discard.notified().await;
         }
+    }
+
+    /// Why the outbox was closed, once it is.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.lock().closed.clone()
     }
 
     /// Whether the outbox is closed.
@@ -384,19 +566,19 @@ impl Outbox {
     pub fn lag(&self, now: u64) -> Duration {
         let state = self.lock();
         let oldest = match (state.in_flight_since, state.queue.front()) {
-            (Some(a), Some(&(b, _))) => a.min(b),
+            (Some(a), Some(b)) => a.min(b.at),
             (Some(a), None) => a,
-            (None, Some(&(b, _))) => b,
+            (None, Some(b)) => b.at,
             (None, None) => return Duration::ZERO,
         };
         Duration::from_millis(now.saturating_sub(oldest))
     }
 
     fn take_all(state: &mut State, out: &mut Vec<Bytes>) {
-        if let Some(&(at, _)) = state.queue.front() {
-            state.in_flight_since = Some(state.in_flight_since.map_or(at, |s| s.min(at)));
+        if let Some(front) = state.queue.front() {
+            state.in_flight_since = Some(state.in_flight_since.map_or(front.at, |s| s.min(front.at)));
         }
-        out.extend(state.queue.drain(..).map(|(_, frame)| frame));
+        out.extend(state.queue.drain(..).map(|e| e.frame));
         state.in_flight += std::mem::take(&mut state.queued);
         state.replies = 0;
         if state.queue.capacity() > 64 {
@@ -405,9 +587,11 @@ impl Outbox {
     }
 
     /// Moves every queued frame into `out` without waiting (they count as
-    /// in flight until [`Outbox::written`]); returns how many.
+    /// in flight until [`Outbox::written`]); returns how many. For outboxes
+    /// without a socket.
     pub fn try_drain(&self, out: &mut Vec<Bytes>) -> usize {
         let mut state = self.lock();
+        state.listed = false;
         let n = state.queue.len();
         Outbox::take_all(&mut state, out);
         drop(state);
@@ -416,7 +600,8 @@ impl Outbox {
     }
 
     /// Moves every queued frame into `out`, waiting for at least one; call
-    /// [`Outbox::written`] once they are on the socket.
+    /// [`Outbox::written`] once they are on the socket. For outboxes without
+    /// a socket.
     ///
     /// # Errors
     /// The close reason once the outbox is closed and drained (a
@@ -437,6 +622,25 @@ impl Outbox {
         }
     }
 
+    /// Waits until there is something to write (`Ok`), or the outbox is
+    /// closed and everything queued was written (`Err` with the reason).
+    /// For outboxes with a socket: the caller then calls
+    /// [`Outbox::write_now`].
+    pub async fn wait_work(&self) -> Result<(), CloseReason> {
+        loop {
+            {
+                let state = self.lock();
+                if !state.queue.is_empty() {
+                    return Ok(());
+                }
+                if let Some(reason) = &state.closed {
+                    return Err(reason.clone());
+                }
+            }
+            self.notify.notified().await;
+        }
+    }
+
     /// The frames last taken by [`Outbox::next_batch`] were written:
     /// releases their bytes.
     pub fn written(&self) {
@@ -446,6 +650,19 @@ impl Outbox {
         drop(state);
         self.budget.release(released);
     }
+}
+
+/// How a frame is queued.
+#[derive(Debug, Clone, Copy)]
+enum Push {
+    /// A hub frame; the writer is woken.
+    Hub,
+    /// A hub frame; the caller flushes.
+    Deferred,
+    /// A connection's own reply.
+    Reply,
+    /// An already framed reply of the WebSocket library.
+    Raw,
 }
 
 impl Drop for Outbox {
