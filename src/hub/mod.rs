@@ -458,6 +458,10 @@ impl Hub {
         shutdown: CancellationToken,
     ) -> Result<(), HubError> {
         let budget = Arc::clone(&self.core.budget);
+        // One flusher per worker thread: a large batch's writes run on all
+        // of them while the hub goes on.
+        let workers = tokio::runtime::Handle::current().metrics().num_workers();
+        self.core.flushers = crate::outbox::flusher::Flushers::start(if workers > 1 { workers } else { 0 });
         let mut pending = Vec::new().into_iter();
         let mut verdicts = self.verdicts.take();
         let mut tick = tokio::time::interval(READER_CHECK);
@@ -632,6 +636,8 @@ pub struct Core {
     /// Outboxes with frames queued since the last [`Core::flush`]: written
     /// once per batch, one `writev` per socket, from this task.
     to_flush: Vec<Arc<Outbox>>,
+    /// Who writes them: the hub alone, or flusher tasks too (in [`Hub::run`]).
+    flushers: crate::outbox::flusher::Flushers,
 }
 
 impl Core {
@@ -677,6 +683,7 @@ impl Core {
             held: database::HeldAcks::default(),
             doomed: Vec::new(),
             to_flush: Vec::new(),
+            flushers: crate::outbox::flusher::Flushers::inline(),
         }
     }
 
@@ -725,9 +732,7 @@ impl Core {
     /// before the hub waits, and every few hundred changes of a large
     /// transaction.
     pub fn flush(&mut self) {
-        for outbox in self.to_flush.drain(..) {
-            outbox.flush();
-        }
+        self.flushers.flush(&mut self.to_flush);
     }
 
     /// Handles one control request.

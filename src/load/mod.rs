@@ -974,11 +974,13 @@ async fn run_held(
             let wall = t1 - t0;
             let pct = relay::cpu_pct(c0, c1, wall);
             let cpu_secs = (c1.ticks - c0.ticks) as f64 / relay::ticks_per_second();
-            let per_million = cpu_secs / (verdict.received.max(1) as f64 / 1e6);
+            let millions = verdict.received.max(1) as f64 / 1e6;
+            let per_million = cpu_secs / millions;
+            let switches = c1.voluntary_switches.saturating_sub(c0.voluntary_switches) as f64 / millions;
             report.result(
                 "relay_cpu",
-                json!({"pct_of_one_core": pct, "cpu_secs": cpu_secs, "cpu_secs_per_million_deliveries": per_million, "wall_secs": wall.as_secs_f64()}),
-                format!("relay CPU\u{0}{pct:.0}% of one core over {:.1} s ({cpu_secs:.2} CPU-s; {per_million:.1} CPU-s per 1M deliveries)", wall.as_secs_f64()),
+                json!({"pct_of_one_core": pct, "cpu_secs": cpu_secs, "cpu_secs_per_million_deliveries": per_million, "voluntary_switches_per_million_deliveries": switches, "wall_secs": wall.as_secs_f64()}),
+                format!("relay CPU\u{0}{pct:.0}% of one core over {:.1} s ({cpu_secs:.2} CPU-s; {per_million:.1} CPU-s and {switches:.0} voluntary context switches per 1M deliveries)", wall.as_secs_f64()),
             );
             report.result(
                 "relay_rss_kb",
@@ -1000,11 +1002,13 @@ async fn run_held(
             let total = s1.1.saturating_sub(s0.1).max(1) as f64;
             let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
             let machine = 100.0 * busy / total * cpus;
+            let millions = verdict.received.max(1) as f64 / 1e6;
+            let own_per_million = b.ticks.saturating_sub(a.ticks) as f64 / relay::ticks_per_second() / millions;
             report.result(
                 "cpu_breakdown",
-                json!({"load_generator_pct": pct, "machine_busy_pct": machine, "cpus": cpus}),
+                json!({"load_generator_pct": pct, "load_generator_cpu_secs_per_million_deliveries": own_per_million, "machine_busy_pct": machine, "cpus": cpus}),
                 format!(
-                    "load generator CPU\u{0}{pct:.0}% of one core (machine busy {machine:.0}% of {cpus:.0} cores = {:.0}% of capacity)",
+                    "load generator CPU\u{0}{pct:.0}% of one core, {own_per_million:.1} CPU-s per 1M deliveries (machine busy {machine:.0}% of {cpus:.0} cores = {:.0}% of capacity)",
                     machine / cpus
                 ),
             );

@@ -293,6 +293,9 @@ pub struct ProcSample {
     pub rss_kb: u64,
     /// VmHWM, peak RSS (KiB).
     pub hwm_kb: u64,
+    /// Voluntary context switches of the threads alive now (summed over
+    /// `/proc/<pid>/task/*/status`).
+    pub voluntary_switches: u64,
 }
 
 /// Reads `/proc/<pid>/stat` and `/proc/<pid>/status`.
@@ -312,7 +315,22 @@ pub fn proc_sample(pid: u32) -> Option<ProcSample> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
-    Some(ProcSample { ticks, rss_kb: kb("VmRSS:"), hwm_kb: kb("VmHWM:") })
+    Some(ProcSample { ticks, rss_kb: kb("VmRSS:"), hwm_kb: kb("VmHWM:"), voluntary_switches: voluntary_switches(pid) })
+}
+
+/// Voluntary context switches of every thread of `pid` alive now.
+fn voluntary_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .filter_map(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum()
 }
 
 /// Clock ticks per second.

@@ -43,6 +43,7 @@ use bytes::Bytes;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
+pub mod flusher;
 pub mod socket;
 
 /// Bytes charged per queued frame on top of its length (the queue entry).
