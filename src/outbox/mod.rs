@@ -432,7 +432,7 @@ impl Outbox {
             self.notify.notify_one();
             return;
         }
-        if self.write_now() != Written::All {
+        if self.write(socket::Via::Direct) != Written::All {
             // The writer waits for the socket (or sees it failed).
             self.notify.notify_one();
         }
@@ -440,8 +440,13 @@ impl Outbox {
 
     /// Writes the queue's frames to the socket, from the front, without
     /// waiting: as much as the socket takes. Frames fully written release
-    /// their bytes. Without a socket: [`Written::All`].
+    /// their bytes. Without a socket: [`Written::All`]. For the task that
+    /// awaits the socket's `writable()` after [`Written::Blocked`].
     pub fn write_now(&self) -> Written {
+        self.write(socket::Via::Tokio)
+    }
+
+    fn write(&self, via: socket::Via) -> Written {
         let Some(socket) = &self.socket else { return Written::All };
         let mut state = self.lock();
         let mut released = 0;
@@ -450,8 +455,8 @@ impl Outbox {
                 state.replies = 0;
                 break Written::All;
             }
-            let sent = match socket::write_some(socket, state.queue.iter().map(|e| (&e.frame, e.raw)), state.front_sent)
-            {
+            let frames = state.queue.iter().map(|e| (&e.frame, e.raw));
+            let sent = match socket::write_some(socket, via, frames, state.front_sent) {
                 Ok(0) => break Written::Failed,
                 Ok(n) => n,
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => break Written::Blocked,

@@ -120,7 +120,21 @@ pub fn holds_close(frames: &[u8]) -> bool {
     false
 }
 
-/// One non-blocking `writev` of the frames from the front of the queue (up
+/// How a write reaches the socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// `sendmsg` on the descriptor, past tokio's readiness bookkeeping: the
+    /// hub's and flushers' writes, which never wait for readiness (a full
+    /// socket is handed to the writer task). Saves touching the socket's
+    /// readiness state — a cache miss per delivery on 10,000 sockets.
+    Direct,
+    /// Through tokio (`try_io`), which clears the socket's readiness on
+    /// `WouldBlock`: the writer task's writes, after which it awaits
+    /// `writable()`.
+    Tokio,
+}
+
+/// One non-blocking `sendmsg` of the frames from the front of the queue (up
 /// to [`BATCH`]), skipping the first `front_sent` bytes already on the
 /// socket. Returns the bytes written (`WouldBlock` when the socket is full).
 ///
@@ -128,6 +142,7 @@ pub fn holds_close(frames: &[u8]) -> bool {
 /// The socket's error.
 pub fn write_some<'a>(
     socket: &OwnedWriteHalf,
+    via: Via,
     frames: impl Iterator<Item = (&'a Bytes, bool)>,
     front_sent: usize,
 ) -> io::Result<usize> {
@@ -160,7 +175,12 @@ pub fn write_some<'a>(
             }
         }
     }
-    socket.try_write_vectored(&slices[..used])
+    let stream: &tokio::net::TcpStream = socket.as_ref();
+    let send = || socket2::SockRef::from(stream).send_vectored_with_flags(&slices[..used], libc::MSG_NOSIGNAL);
+    match via {
+        Via::Direct => send(),
+        Via::Tokio => stream.try_io(tokio::io::Interest::WRITABLE, send),
+    }
 }
 
 /// Accounts `sent` bytes against frames of the given wire lengths, the
@@ -256,13 +276,25 @@ mod tests {
         });
         let (mut done, mut front) = (0, 0);
         while done < frames.len() {
-            match write_some(&write, frames[done..].iter().map(|f| (f, false)), front) {
+            let via = if done % 2 == 0 { Via::Direct } else { Via::Tokio };
+            match write_some(&write, via, frames[done..].iter().map(|f| (f, false)), front) {
                 Ok(n) => {
                     let (d, f) = advance(frames[done..].iter().map(|f| wire_len(f, false)), front, n);
                     done += d;
                     front = f;
                 }
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => write.writable().await.unwrap(),
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                    // Readiness is tokio's only after a write through it.
+                    match write_some(&write, Via::Tokio, frames[done..].iter().map(|f| (f, false)), front) {
+                        Ok(n) => {
+                            let (d, f) = advance(frames[done..].iter().map(|f| wire_len(f, false)), front, n);
+                            done += d;
+                            front = f;
+                        }
+                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => write.writable().await.unwrap(),
+                        Err(err) => panic!("{err}"),
+                    }
+                }
                 Err(err) => panic!("{err}"),
             }
         }
