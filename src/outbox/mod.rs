@@ -768,4 +768,116 @@ mod tests {
         assert_eq!(got.iter().map(|b| b[0]).collect::<Vec<_>>(), (0..100).collect::<Vec<_>>());
         assert_eq!(reason.code, 1001);
     }
+
+    /// A socket pair: the outbox writes to `server`'s write half; the test
+    /// reads what the client got.
+    async fn socket_outbox(
+        budget: Arc<OutboxBudget>,
+    ) -> (Outbox, tokio::net::TcpStream, tokio::net::tcp::OwnedReadHalf) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let (read, write) = server.into_split();
+        (Outbox::with_socket(OutboxLimits::default(), budget, write), client, read)
+    }
+
+    /// Reads frames (unmasked, as a server sends them) until the close
+    /// frame: (opcode, payload) each.
+    async fn read_frames(client: &mut tokio::net::TcpStream) -> Vec<(u8, Vec<u8>)> {
+        use tokio::io::AsyncReadExt;
+        let mut frames = Vec::new();
+        loop {
+            let mut head = [0u8; 2];
+            client.read_exact(&mut head).await.unwrap();
+            let len = match head[1] & 0x7f {
+                126 => usize::from(client.read_u16().await.unwrap()),
+                127 => client.read_u64().await.unwrap() as usize,
+                n => usize::from(n),
+            };
+            let mut payload = vec![0u8; len];
+            client.read_exact(&mut payload).await.unwrap();
+            let op = head[0] & 0x0f;
+            frames.push((op, payload));
+            if op == 8 {
+                return frames;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn deferred_frames_go_out_whole_and_in_order_through_a_full_socket() {
+        let budget = OutboxBudget::new(1 << 30);
+        let (outbox, mut client, _read) = socket_outbox(Arc::clone(&budget)).await;
+        let outbox = Arc::new(outbox);
+        // Far more than the socket buffers take: the hub's flush writes
+        // what fits and leaves the rest to the writer.
+        let frames: Vec<Bytes> =
+            (0..2_000u32).map(|i| Bytes::from(format!("[{i},\"{}\"]", "x".repeat(9_000)))).collect();
+        let mut listed = 0;
+        for frame in &frames {
+            listed += usize::from(outbox.push_deferred(frame.clone(), now_ms()).unwrap());
+        }
+        assert_eq!(listed, 1, "listed for the flush once");
+        outbox.push_reply(Bytes::from_static(&[4, 0, 0, 0, 0])).unwrap();
+        outbox.flush();
+        assert!(outbox.depth().0 > 0, "the socket was full before everything was written");
+        let writer = {
+            let outbox = Arc::clone(&outbox);
+            tokio::spawn(async move {
+                let socket = outbox.socket().unwrap();
+                loop {
+                    match outbox.wait_work().await {
+                        Err(_) => break,
+                        Ok(()) => match outbox.write_now() {
+                            Written::All => {}
+                            Written::Blocked => socket.writable().await.unwrap(),
+                            Written::Failed => panic!("socket failed"),
+                        },
+                    }
+                }
+                assert_eq!(outbox.write_now(), Written::All);
+                let close = socket::close_frame(1000, "done");
+                assert_eq!(socket.try_write(&close).unwrap(), close.len());
+            })
+        };
+        outbox.close(CloseReason { code: 1000, reason: "done".into() });
+        let got = read_frames(&mut client).await;
+        writer.await.unwrap();
+        assert_eq!(got.len(), frames.len() + 2);
+        for (i, frame) in frames.iter().enumerate() {
+            assert_eq!(got[i], (1, frame.to_vec()), "frame {i}: a text frame, whole, in order");
+        }
+        assert_eq!(got[frames.len()], (2, vec![4, 0, 0, 0, 0]), "a non-JSON frame is binary");
+        assert_eq!(got[frames.len() + 1].0, 8);
+        assert_eq!(budget.used(), 0, "everything written was released");
+    }
+
+    #[tokio::test]
+    async fn close_now_keeps_a_frame_partly_on_the_socket_and_raw_close_frames_close() {
+        let (outbox, _client, _read) = socket_outbox(OutboxBudget::unlimited()).await;
+        // Fill the socket until a frame is cut.
+        let big = Bytes::from(format!("[\"{}\"]", "y".repeat(100_000)));
+        let mut blocked = false;
+        for _ in 0..200 {
+            outbox.push(big.clone()).unwrap();
+            if outbox.write_now() == Written::Blocked {
+                blocked = true;
+                break;
+            }
+        }
+        assert!(blocked);
+        let before = outbox.depth().0;
+        assert!(outbox.close_now(CloseReason::write_stalled(Duration::from_secs(1))));
+        let after = outbox.depth().0;
+        assert!(after <= 1 && after <= before, "only the frame already started stays ({before} → {after})");
+        assert!(!outbox.close_queued());
+
+        let (other, _client2, _read2) = socket_outbox(OutboxBudget::unlimited()).await;
+        let mut pong_and_close = vec![0x8a, 0];
+        pong_and_close.extend_from_slice(&socket::close_frame(1000, ""));
+        other.push_raw(Bytes::from(pong_and_close)).unwrap();
+        assert!(other.close_queued(), "the library answered the peer's close");
+        assert_eq!(other.push(Bytes::from_static(b"[]")), Err(PushError::Closed), "nothing after a close frame");
+        assert_eq!(other.write_now(), Written::All);
+    }
 }
