@@ -326,8 +326,8 @@ struct ServeArgs {
     /// WebSocket read buffer per socket, bytes (tokio-tungstenite's default: 131072) [default: 2048].
     #[arg(long = "ws-read-buffer", env = "WS_READ_BUFFER_BYTES")]
     ws_read_buffer_bytes: Option<usize>,
-    /// WebSocket write buffer per socket: frames are written once this many bytes
-    /// are buffered or the batch ends (tokio-tungstenite's default: 131072) [default: 32768].
+    /// The WebSocket library's write buffer per socket, bytes: used only for its own
+    /// pong and close replies (frames are written from the outbox without it) [default: 32768].
     #[arg(long = "ws-write-buffer", env = "WS_WRITE_BUFFER_BYTES")]
     ws_write_buffer_bytes: Option<usize>,
     /// Data directory of the embedded PostgreSQL (demo mode) [default: .walcast/postgres].

@@ -32,7 +32,8 @@
 //!                                                          the rest) and the filter index,
 //!                                                          serialize once ─▶
 //!                                                          outboxes (one global byte budget;
-//!                                                          full ⇒ the fan-out pauses)
+//!                                                          full ⇒ the fan-out pauses), flushed
+//!                                                          once per batch: one sendmsg per socket
 //!                                                                     │ shared Bytes
 //!                                                                     ▼
 //!                                                    realtime (Phoenix vsn 1/2, JWT) ◀─▶ clients
@@ -78,7 +79,10 @@
 //!   shared disk budget.
 //! - [`hub`]: holds each transaction until its commit, judges each change
 //!   against memberships, rules and bindings; serializes each distinct frame
-//!   once; per-connection outboxes under one global budget.
+//!   once into the connections' outboxes and flushes them once per batch.
+//! - [`outbox`]: per-connection frame queues under one global budget, and
+//!   their writes to the sockets (WebSocket framing, one non-blocking
+//!   `sendmsg` per socket per batch; flusher tasks for large batches).
 //! - [`relay`]: wires replication → change stage → hub with bounded channels.
 //! - [`realtime`]: Supabase Realtime's Phoenix protocol (vsn 1.0.0 and
 //!   2.0.0), JWT verification, per-socket sessions and their writers; rooms

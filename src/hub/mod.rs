@@ -3,7 +3,9 @@
 //! frame once, and queues the shared bytes into per-connection outboxes.
 //!
 //! ```text
-//!  change stage ──Vec<StageEvent> (bounded)──▶ hub task ──Bytes──▶ Outbox per connection ──▶ WebSocket writer
+//!  change stage ──Vec<StageEvent> (bounded)──▶ hub task ──Bytes──▶ Outbox per connection ──flush, once per batch──▶ sockets
+//!                                                   │               (the hub, or flusher tasks for large batches;
+//!                                                   │                a full socket is left to its writer task)
 //!  realtime layer ──Control (bounded)──────────▶    │ (join, leave, re-auth, disconnect)
 //!                                                   └──ack(end_lsn)──▶ replication source
 //! ```

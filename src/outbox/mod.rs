@@ -247,6 +247,9 @@ struct Entry {
     /// Bytes already framed (tungstenite's control replies): written as
     /// they are, no header added.
     raw: bool,
+    /// One of the connection's own replies (counted in `State::replies`
+    /// until written).
+    reply: bool,
 }
 
 #[derive(Debug, Default)]
@@ -254,7 +257,8 @@ struct State {
     queue: VecDeque<Entry>,
     /// Charged bytes queued.
     queued: usize,
-    /// Reply bytes queued since the writer last drained.
+    /// Reply bytes queued and not yet written (with a socket), or queued
+    /// since the writer last drained (without).
     replies: usize,
     /// Charged bytes handed to the writer and not yet written (no socket).
     in_flight: usize,
@@ -407,7 +411,7 @@ impl Outbox {
             state.replies += frame.len();
         }
         state.queued += charge;
-        state.queue.push_back(Entry { at, frame, raw: matches!(push, Push::Raw) });
+        state.queue.push_back(Entry { at, frame, raw: matches!(push, Push::Raw), reply });
         self.budget.charge(charge);
         if matches!(push, Push::Deferred) {
             let list = !state.listed;
@@ -432,9 +436,15 @@ impl Outbox {
             self.notify.notify_one();
             return;
         }
-        if self.write(socket::Via::Direct) != Written::All {
-            // The writer waits for the socket (or sees it failed).
-            self.notify.notify_one();
+        match self.write(socket::Via::Direct) {
+            Written::All => {}
+            // The writer waits for the socket.
+            Written::Blocked => self.notify.notify_one(),
+            // Nothing more can be sent: drop what is queued, so the hub
+            // stops queueing for this socket; its session ends.
+            Written::Failed => {
+                self.close_now(CloseReason { code: 1006, reason: "the socket failed".into() });
+            }
         }
     }
 
@@ -465,9 +475,14 @@ impl Outbox {
             };
             let (done, front_sent) =
                 socket::advance(state.queue.iter().map(|e| socket::wire_len(&e.frame, e.raw)), state.front_sent, sent);
+            let mut replies = 0;
             for entry in state.queue.drain(..done) {
                 released += entry.frame.len() + ENTRY_OVERHEAD;
+                if entry.reply {
+                    replies += entry.frame.len();
+                }
             }
+            state.replies = state.replies.saturating_sub(replies);
             state.front_sent = front_sent;
             if front_sent > 0 {
                 // The socket took part of a frame: its buffer is full.
