@@ -299,6 +299,9 @@ pub struct Outbox {
     /// and [`Outbox::flush`]. Without it (tools, tests), a writer takes
     /// them with [`Outbox::next_batch`].
     socket: Option<OwnedWriteHalf>,
+    /// The socket's descriptor, kept beside the queue's lock: the hub's
+    /// writes then touch no cold per-socket state but the kernel's.
+    fd: Option<std::os::fd::RawFd>,
 }
 
 impl Outbox {
@@ -314,6 +317,7 @@ impl Outbox {
     }
 
     fn build(limits: OutboxLimits, budget: Arc<OutboxBudget>, socket: Option<OwnedWriteHalf>) -> Outbox {
+        let fd = socket.as_ref().map(|half| std::os::fd::AsRawFd::as_raw_fd(half.as_ref()));
         Outbox {
             state: Mutex::new(State::default()),
             notify: Notify::new(),
@@ -321,6 +325,7 @@ impl Outbox {
             limits,
             budget,
             socket,
+            fd,
         }
     }
 
@@ -431,8 +436,8 @@ impl Outbox {
     /// socket is full, is left to the writer task, which is woken); without
     /// one, the writer is woken.
     pub fn flush(&self) {
-        self.lock().listed = false;
         if self.socket.is_none() {
+            self.lock().listed = false;
             self.notify.notify_one();
             return;
         }
@@ -457,8 +462,12 @@ impl Outbox {
     }
 
     fn write(&self, via: socket::Via) -> Written {
-        let Some(socket) = &self.socket else { return Written::All };
+        let (Some(socket), Some(fd)) = (&self.socket, self.fd) else { return Written::All };
         let mut state = self.lock();
+        if via == socket::Via::Direct {
+            // The hub's flush: what it queued is being written now.
+            state.listed = false;
+        }
         let mut released = 0;
         let result = loop {
             if state.queue.is_empty() {
@@ -466,7 +475,7 @@ impl Outbox {
                 break Written::All;
             }
             let frames = state.queue.iter().map(|e| (&e.frame, e.raw));
-            let sent = match socket::write_some(socket, via, frames, state.front_sent) {
+            let sent = match socket::write_some(socket, fd, via, frames, state.front_sent) {
                 Ok(0) => break Written::Failed,
                 Ok(n) => n,
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => break Written::Blocked,

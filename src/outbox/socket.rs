@@ -136,12 +136,14 @@ pub enum Via {
 
 /// One non-blocking `sendmsg` of the frames from the front of the queue (up
 /// to [`BATCH`]), skipping the first `front_sent` bytes already on the
-/// socket. Returns the bytes written (`WouldBlock` when the socket is full).
+/// socket. `fd` is `socket`'s descriptor (for [`Via::Direct`]). Returns the
+/// bytes written (`WouldBlock` when the socket is full).
 ///
 /// # Errors
 /// The socket's error.
 pub fn write_some<'a>(
     socket: &OwnedWriteHalf,
+    fd: std::os::fd::RawFd,
     via: Via,
     frames: impl Iterator<Item = (&'a Bytes, bool)>,
     front_sent: usize,
@@ -175,11 +177,13 @@ pub fn write_some<'a>(
             }
         }
     }
-    let stream: &tokio::net::TcpStream = socket.as_ref();
-    let send = || socket2::SockRef::from(stream).send_vectored_with_flags(&slices[..used], libc::MSG_NOSIGNAL);
+    // SAFETY: `fd` is the descriptor of `socket`, which the caller holds
+    // borrowed for this call: it stays open until we return.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let send = || socket2::SockRef::from(&fd).send_vectored_with_flags(&slices[..used], libc::MSG_NOSIGNAL);
     match via {
         Via::Direct => send(),
-        Via::Tokio => stream.try_io(tokio::io::Interest::WRITABLE, send),
+        Via::Tokio => socket.as_ref().try_io(tokio::io::Interest::WRITABLE, send),
     }
 }
 
@@ -277,7 +281,8 @@ mod tests {
         let (mut done, mut front) = (0, 0);
         while done < frames.len() {
             let via = if done % 2 == 0 { Via::Direct } else { Via::Tokio };
-            match write_some(&write, via, frames[done..].iter().map(|f| (f, false)), front) {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(write.as_ref());
+            match write_some(&write, fd, via, frames[done..].iter().map(|f| (f, false)), front) {
                 Ok(n) => {
                     let (d, f) = advance(frames[done..].iter().map(|f| wire_len(f, false)), front, n);
                     done += d;
@@ -285,7 +290,7 @@ mod tests {
                 }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                     // Readiness is tokio's only after a write through it.
-                    match write_some(&write, Via::Tokio, frames[done..].iter().map(|f| (f, false)), front) {
+                    match write_some(&write, fd, Via::Tokio, frames[done..].iter().map(|f| (f, false)), front) {
                         Ok(n) => {
                             let (d, f) = advance(frames[done..].iter().map(|f| wire_len(f, false)), front, n);
                             done += d;
