@@ -169,3 +169,39 @@ fn broadcast_mode_delivers_every_message_once_to_every_other_member_of_its_room(
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("2 clients per room") || stderr.contains("--idle"), "{stderr}");
 }
+
+/// Every change goes to every one of 300 sockets: each batch is far over
+/// what the hub writes itself, so the flusher tasks write it (on both
+/// worker threads, concurrently with the hub) — and every client must still
+/// get every change once, in commit order.
+#[test]
+fn a_fan_out_to_hundreds_of_sockets_per_change_is_exact() {
+    let server = scratch_server().expect("scratch server");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let json_out = dir.path().join("load.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_walcast"))
+        .current_dir(dir.path())
+        .args(["load", "--database-url", &server.url("postgres")])
+        .args(["--clients", "300", "--users", "30", "--dealerships", "1", "--live-orders", "50"])
+        .args(["--rate", "100", "--batch", "10", "--writers", "2", "--duration", "3", "--drain-timeout", "30"])
+        .arg("--json-out")
+        .arg(&json_out)
+        .output()
+        .expect("walcast load runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "walcast load failed ({}):\n{stdout}\n{stderr}", output.status);
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json_out).expect("the JSON report")).expect("JSON");
+    let results = &report["results"];
+    assert_eq!(report["passed"], true, "{report:#}");
+    for check in ["leaks", "duplicates", "missing", "out_of_order", "protocol_errors", "subscribe_failures"] {
+        assert_eq!(results["checks"][check], 0, "{check}: {:#}", results["checks"]);
+    }
+    assert_eq!(results["clients_subscribed"], 300);
+    let deliveries = &results["deliveries"];
+    // ~300 changes, each to (nearly) every client.
+    assert!(deliveries["expected"].as_u64().unwrap() > 20_000, "{deliveries}");
+    assert_eq!(deliveries["received"], deliveries["expected"]);
+    assert_eq!(deliveries["correct"], deliveries["expected"]);
+}
