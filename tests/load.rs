@@ -8,37 +8,55 @@ use std::process::Command;
 
 use walcast::cluster::scratch_server;
 
-fn run_load(extra: &[&str]) -> serde_json::Value {
+/// Runs `walcast load --database-url <scratch> <args> --json-out …`; it
+/// must exit 0. Returns its stdout, its JSON report, and whether it wrote
+/// the SVG plot beside the report.
+fn load(args: &[&str]) -> (String, serde_json::Value, bool) {
     let server = scratch_server().expect("scratch server");
     let dir = tempfile::tempdir().expect("temp dir");
     let json_out = dir.path().join("load.json");
     let output = Command::new(env!("CARGO_BIN_EXE_walcast"))
         .current_dir(dir.path())
         .args(["load", "--database-url", &server.url("postgres")])
-        .args(["--clients", "40", "--users", "20", "--dealerships", "5", "--live-orders", "50"])
-        .args(if extra.contains(&"--rate") { &[][..] } else { &["--rate", "200"][..] })
-        .args(["--duration", "3", "--churn", "3", "--drain-timeout", "20"])
+        .args(args)
         .arg("--json-out")
         .arg(&json_out)
-        .args(extra)
         .output()
         .expect("walcast load runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "walcast load failed ({}):\n{stdout}\n{stderr}", output.status);
-    assert!(stdout.contains("result: PASS"), "{stdout}");
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&json_out).expect("the JSON report")).expect("JSON");
-    assert!(json_out.with_extension("svg").exists(), "the SVG plot");
+    let svg = json_out.with_extension("svg").exists();
+    (stdout, report, svg)
+}
+
+fn run_load(extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["--clients", "40", "--users", "20", "--dealerships", "5", "--live-orders", "50"];
+    if !extra.contains(&"--rate") {
+        args.extend(["--rate", "200"]);
+    }
+    args.extend(["--duration", "3", "--churn", "3", "--drain-timeout", "20"]);
+    args.extend(extra);
+    let (stdout, report, svg) = load(&args);
+    assert!(stdout.contains("result: PASS"), "{stdout}");
+    assert!(svg, "the SVG plot");
     report
+}
+
+/// The run passed and the oracle found nothing wrong.
+fn assert_checks(report: &serde_json::Value) {
+    assert_eq!(report["passed"], true, "{report:#}");
+    let checks = &report["results"]["checks"];
+    for check in ["leaks", "duplicates", "missing", "out_of_order", "protocol_errors", "subscribe_failures"] {
+        assert_eq!(checks[check], 0, "{check}: {checks:#}");
+    }
 }
 
 fn assert_exact(report: &serde_json::Value) {
     let results = &report["results"];
-    assert_eq!(report["passed"], true, "{report:#}");
-    for check in ["leaks", "duplicates", "missing", "out_of_order", "protocol_errors", "subscribe_failures"] {
-        assert_eq!(results["checks"][check], 0, "{check}: {:#}", results["checks"]);
-    }
+    assert_checks(report);
     let deliveries = &results["deliveries"];
     assert!(deliveries["expected"].as_u64().unwrap() > 100, "{deliveries}");
     assert_eq!(deliveries["received"], deliveries["expected"]);
@@ -103,20 +121,8 @@ fn a_batched_load_in_process_with_vsn_1_over_several_source_addresses_is_exact()
 
 #[test]
 fn idle_mode_reports_memory_per_connection() {
-    let server = scratch_server().expect("scratch server");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let json_out = dir.path().join("idle.json");
-    let output = Command::new(env!("CARGO_BIN_EXE_walcast"))
-        .current_dir(dir.path())
-        .args(["load", "--database-url", &server.url("postgres"), "--idle", "--idle-secs", "1"])
-        .args(["--clients", "30", "--users", "10", "--dealerships", "3"])
-        .arg("--json-out")
-        .arg(&json_out)
-        .output()
-        .expect("walcast load runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json_out).unwrap()).unwrap();
+    let (_, report, _) =
+        load(&["--idle", "--idle-secs", "1", "--clients", "30", "--users", "10", "--dealerships", "3"]);
     assert_eq!(report["results"]["clients_subscribed"], 30);
     assert!(report["results"]["relay_rss_per_connection_bytes"].is_number(), "{report:#}");
 }
@@ -125,24 +131,26 @@ fn idle_mode_reports_memory_per_connection() {
 fn broadcast_mode_delivers_every_message_once_to_every_other_member_of_its_room() {
     // 40 clients in 4 rooms of 10 (half 1.0.0, half 2.0.0), 200 messages:
     // each reaches the 9 other members of its sender's room, nobody else.
-    let server = scratch_server().expect("scratch server");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let json_out = dir.path().join("broadcast.json");
-    let output = Command::new(env!("CARGO_BIN_EXE_walcast"))
-        .current_dir(dir.path())
-        .args(["load", "--broadcast", "--database-url", &server.url("postgres")])
-        .args(["--clients", "40", "--rooms", "4", "--rate", "100", "--duration", "2", "--drain-timeout", "20"])
-        .args(["--users", "10", "--dealerships", "2", "--live-orders", "10"])
-        .arg("--json-out")
-        .arg(&json_out)
-        .output()
-        .expect("walcast load runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "walcast load --broadcast failed ({}):\n{stdout}\n{stderr}", output.status);
+    let (stdout, report, _) = load(&[
+        "--broadcast",
+        "--clients",
+        "40",
+        "--rooms",
+        "4",
+        "--rate",
+        "100",
+        "--duration",
+        "2",
+        "--drain-timeout",
+        "20",
+        "--users",
+        "10",
+        "--dealerships",
+        "2",
+        "--live-orders",
+        "10",
+    ]);
     assert!(stdout.contains("result: PASS"), "{stdout}");
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json_out).expect("the JSON report")).expect("JSON");
     assert_eq!(report["passed"], true, "{report:#}");
     assert_eq!(report["config"]["mode"], "broadcast");
     let results = &report["results"];
@@ -160,6 +168,7 @@ fn broadcast_mode_delivers_every_message_once_to_every_other_member_of_its_room(
     assert!(results["relay_rss_kb"]["peak"].as_u64().unwrap() > 0, "relay RSS measured");
 
     // A mode the broadcast run cannot combine with is refused with a reason.
+    let dir = tempfile::tempdir().expect("temp dir");
     let output = Command::new(env!("CARGO_BIN_EXE_walcast"))
         .current_dir(dir.path())
         .args(["load", "--broadcast", "--idle", "--clients", "3", "--rooms", "2"])
@@ -176,28 +185,28 @@ fn broadcast_mode_delivers_every_message_once_to_every_other_member_of_its_room(
 /// get every change once, in commit order.
 #[test]
 fn a_fan_out_to_hundreds_of_sockets_per_change_is_exact() {
-    let server = scratch_server().expect("scratch server");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let json_out = dir.path().join("load.json");
-    let output = Command::new(env!("CARGO_BIN_EXE_walcast"))
-        .current_dir(dir.path())
-        .args(["load", "--database-url", &server.url("postgres")])
-        .args(["--clients", "300", "--users", "30", "--dealerships", "1", "--live-orders", "50"])
-        .args(["--rate", "100", "--batch", "10", "--writers", "2", "--duration", "3", "--drain-timeout", "30"])
-        .arg("--json-out")
-        .arg(&json_out)
-        .output()
-        .expect("walcast load runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "walcast load failed ({}):\n{stdout}\n{stderr}", output.status);
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json_out).expect("the JSON report")).expect("JSON");
+    let (_, report, _) = load(&[
+        "--clients",
+        "300",
+        "--users",
+        "30",
+        "--dealerships",
+        "1",
+        "--live-orders",
+        "50",
+        "--rate",
+        "100",
+        "--batch",
+        "10",
+        "--writers",
+        "2",
+        "--duration",
+        "3",
+        "--drain-timeout",
+        "30",
+    ]);
     let results = &report["results"];
-    assert_eq!(report["passed"], true, "{report:#}");
-    for check in ["leaks", "duplicates", "missing", "out_of_order", "protocol_errors", "subscribe_failures"] {
-        assert_eq!(results["checks"][check], 0, "{check}: {:#}", results["checks"]);
-    }
+    assert_checks(&report);
     assert_eq!(results["clients_subscribed"], 300);
     let deliveries = &results["deliveries"];
     // ~300 changes, each to (nearly) every client.

@@ -221,6 +221,12 @@ impl CloseReason {
         CloseReason { code: 1013, reason: "this node missed changes the stream no longer holds; reconnect".into() }
     }
 
+    /// 1006: the socket failed (reset, broken pipe). RFC 6455 reserves the
+    /// code for exactly this and forbids sending it: no close frame follows.
+    pub fn socket_failed() -> CloseReason {
+        CloseReason { code: 1006, reason: "the socket failed".into() }
+    }
+
     /// 1001 "going away": the server is shutting down.
     pub fn shutdown() -> CloseReason {
         CloseReason { code: 1001, reason: "server shutting down".into() }
@@ -448,7 +454,7 @@ impl Outbox {
             // Nothing more can be sent: drop what is queued, so the hub
             // stops queueing for this socket; its session ends.
             Written::Failed => {
-                self.close_now(CloseReason { code: 1006, reason: "the socket failed".into() });
+                self.close_now(CloseReason::socket_failed());
             }
         }
     }

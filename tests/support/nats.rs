@@ -36,6 +36,17 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Spawns a nats-server command with its output discarded, killed on drop.
+fn spawn_quiet(command: &mut Command) -> Child {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("nats-server starts")
+}
+
 async fn wait_listening(port: u16) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
@@ -71,14 +82,7 @@ impl NatsServer {
         if let Some(config) = &self.config {
             command.arg("-c").arg(config);
         }
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("nats-server starts");
-        self.child = Some(child);
+        self.child = Some(spawn_quiet(&mut command));
         wait_listening(self.port).await;
     }
 
@@ -114,17 +118,13 @@ impl NatsCluster {
         let route_list = routes.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
         let mut children = Vec::new();
         for i in 0..3 {
-            let child = Command::new(binary())
-                .args(["-a", "127.0.0.1", "-p", &clients[i].to_string(), "-n", &format!("n{i}"), "-js", "-sd"])
-                .arg(dir.path().join(format!("s{i}")))
-                .args(["--cluster_name", "walcast-test", "--cluster", &format!("nats://127.0.0.1:{}", routes[i])])
-                .args(["--routes", &route_list])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .expect("nats-server starts");
+            let child = spawn_quiet(
+                Command::new(binary())
+                    .args(["-a", "127.0.0.1", "-p", &clients[i].to_string(), "-n", &format!("n{i}"), "-js", "-sd"])
+                    .arg(dir.path().join(format!("s{i}")))
+                    .args(["--cluster_name", "walcast-test", "--cluster", &format!("nats://127.0.0.1:{}", routes[i])])
+                    .args(["--routes", &route_list]),
+            );
             children.push(child);
         }
         for port in &clients {

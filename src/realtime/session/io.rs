@@ -58,7 +58,9 @@ impl AsyncWrite for ControlIo {
 
 /// Ends the connection's writing: finishes a frame already partly on the
 /// socket, sends a close frame with `code` and `reason` (unless the library
-/// already answered the peer's close) and shuts the write half down. The
+/// already answered the peer's close, or the code is 1006: the socket
+/// failed, and RFC 6455 forbids sending that code) and shuts the write half
+/// down. The
 /// caller bounds it with the write timeout.
 ///
 /// # Errors
@@ -71,6 +73,9 @@ pub(super) async fn close(outbox: &Outbox, code: u16, reason: &str) -> io::Resul
             Written::Blocked => half.writable().await?,
             Written::Failed => return Err(io::ErrorKind::BrokenPipe.into()),
         }
+    }
+    if code == 1006 {
+        return Err(io::ErrorKind::BrokenPipe.into());
     }
     if !outbox.close_queued() {
         let frame = socket::close_frame(code, reason);
