@@ -548,3 +548,94 @@ async fn a_forged_counter_setting_cannot_duplicate_or_skip_numbers() {
     assert_eq!(counter(&client, d, "sales").await, Some(3));
     assert_eq!(create_order_number(&client, d, u, "sales").await, "FORGE-SALES-000004");
 }
+
+/// The search document (sql/0008) has no SET clause, so PostgreSQL inlines it
+/// into the index expression and into queries; it names everything by schema,
+/// so a hostile `search_path` cannot change what it computes; and a search
+/// with the same call finds the order through `orders_search_idx`.
+#[tokio::test]
+async fn the_search_document_is_inlined_search_path_proof_and_indexed() {
+    let (_db, client) = migrated_db().await;
+    let proconfig: Option<Vec<String>> = client
+        .query_one(
+            "select proconfig from pg_proc where oid = 'public.order_search_document(text, jsonb, jsonb)'::regprocedure",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(proconfig, None, "a SET clause would stop the inlining");
+
+    // Inlined: the plan shows the body, not a call of the function.
+    let plan: Vec<String> = client
+        .query(
+            "explain (verbose, costs off) select public.order_search_document(order_number, customer_info, vehicle_info) from public.orders",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let plan = plan.join("\n");
+    assert!(plan.contains("to_tsvector") && !plan.contains("order_search_document"), "{plan}");
+
+    let user = create_user(&client, "search@example.com").await;
+    let dealership = create_dealership(&client, "SRCH").await;
+    client
+        .execute(
+            "insert into public.orders (dealership_id, type, customer_info, vehicle_info, created_by) \
+             values ($1, 'sales', '{\"name\": \"Ada Lovelace\"}', '{\"vin\": \"WVWZZZ1JZXW000001\"}', $2)",
+            &[&dealership, &user],
+        )
+        .await
+        .unwrap();
+    let expected = search_document(&client).await;
+    for word in ["'ada'", "'lovelace'", "'wvwzzz1jzxw000001'"] {
+        assert!(expected.contains(word), "{word} in {expected}");
+    }
+
+    // A schema ahead of pg_catalog with its own `||` and `->>` on the same
+    // types, and its own text search configuration named `simple`: the
+    // document does not change.
+    client
+        .batch_execute(
+            "create schema hostile; \
+             create function hostile.cat(text, text) returns text language sql immutable as $$ select 'x' $$; \
+             create operator hostile.|| (leftarg = text, rightarg = text, function = hostile.cat); \
+             create function hostile.field(jsonb, text) returns text language sql immutable as $$ select 'y' $$; \
+             create operator hostile.->> (leftarg = jsonb, rightarg = text, function = hostile.field); \
+             create text search configuration hostile.simple (copy = pg_catalog.english); \
+             set search_path = hostile, pg_catalog, public;",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        client.query_one("select 'a' || 'b'", &[]).await.unwrap().get::<_, String>(0),
+        "x",
+        "the hostile operator is live"
+    );
+    assert_eq!(search_document(&client).await, expected);
+    client.batch_execute("reset search_path; set enable_seqscan = off;").await.unwrap();
+
+    // A search with the same call uses the index and finds the order.
+    let search = "select count(*) from public.orders \
+                  where public.order_search_document(order_number, customer_info, vehicle_info) \
+                        @@ websearch_to_tsquery('simple', 'lovelace WVWZZZ1JZXW000001')";
+    let plan: Vec<String> =
+        client.query(&format!("explain (costs off) {search}"), &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    assert!(plan.join("\n").contains("orders_search_idx"), "{plan:?}");
+    assert_eq!(client.query_one(search, &[]).await.unwrap().get::<_, i64>(0), 1);
+}
+
+/// The search document of the only order.
+async fn search_document(client: &Client) -> String {
+    client
+        .query_one(
+            "select public.order_search_document(order_number, customer_info, vehicle_info)::text from public.orders",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}

@@ -1,7 +1,9 @@
-//! The load clients: raw Phoenix WebSocket clients (tokio-tungstenite, 4 KiB
-//! read buffers) that join one channel each, wait for "Subscribed to
-//! PostgreSQL", then record every postgres_changes delivery compactly for the
-//! checker and its latencies into shared histograms.
+//! The load clients: raw Phoenix WebSocket clients (our own wire,
+//! [`super::wire`], 4 KiB read buffers) that join one channel each, wait for
+//! "Subscribed to PostgreSQL", then move to a receiver thread
+//! ([`super::receiver`]) that records every postgres_changes delivery
+//! compactly for the checker and its latencies into shared histograms.
+//! [`open`] (tokio-tungstenite) stays for the Broadcast clients.
 //!
 //! Invariants:
 //! - a frame is decoded into borrowed, typed structs (no `serde_json::Value`
@@ -18,26 +20,25 @@
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use super::ids::{Ids, Tag};
 use super::oracle::{self, Delivery, Event, Table, NO_STATUS, UNKNOWN};
+use super::receiver::Handoff;
 use super::report::Latencies;
+use super::wire::{Conn, Message};
 use crate::hub::Vsn;
 
 /// How often a client sends a Phoenix heartbeat (the relay closes a socket
 /// silent for 60 s).
-const HEARTBEAT: Duration = Duration::from_secs(20);
+pub const HEARTBEAT: Duration = Duration::from_secs(20);
 
 /// The socket type of a client.
 pub type Socket = WebSocketStream<TcpStream>;
@@ -80,7 +81,7 @@ pub struct Shared {
     pub epoch: Instant,
     /// The run's ids.
     pub ids: Ids,
-    /// Latency histograms (locked once per delivery).
+    /// Latency histograms (locked once per receiver poll).
     pub latencies: Mutex<Latencies>,
     /// Deliveries received by all clients.
     pub received: AtomicU64,
@@ -111,17 +112,6 @@ pub struct ClientSpec {
     pub source: Option<IpAddr>,
 }
 
-/// A subscribed client.
-#[derive(Debug)]
-pub struct Subscribed {
-    ws: Socket,
-    vsn: Vsn,
-    topic: String,
-    /// Binding ids from the join reply: orders, memberships.
-    ids: [u32; 2],
-    next_ref: u64,
-}
-
 /// What a client ends with.
 #[derive(Debug, Default)]
 pub struct ClientOutcome {
@@ -138,12 +128,12 @@ pub struct ClientOutcome {
 }
 
 impl ClientOutcome {
-    fn leak(&mut self, what: String) {
+    pub(super) fn leak(&mut self, what: String) {
         self.leaks += 1;
         self.first_leak.get_or_insert(what);
     }
 
-    fn protocol(&mut self, what: String) {
+    pub(super) fn protocol(&mut self, what: String) {
         self.protocol_errors += 1;
         self.first_protocol_error.get_or_insert(what);
     }
@@ -189,7 +179,7 @@ pub async fn open(endpoint: &Endpoint, source: Option<IpAddr>) -> Result<Socket,
 /// `IP_BIND_ADDRESS_NO_PORT`: bind the source address now, pick the port at
 /// connect time from the full 4-tuple (so each source address has its own
 /// ephemeral port range towards the relay).
-fn bind_no_port(socket: &TcpSocket) {
+pub(super) fn bind_no_port(socket: &TcpSocket) {
     use std::os::fd::AsRawFd;
     let one: libc::c_int = 1;
     // SAFETY: a valid socket fd and a pointer to a c_int of the given size.
@@ -203,6 +193,56 @@ fn bind_no_port(socket: &TcpSocket) {
         );
     }
 }
+
+/// What checks a client's frames: its serializer, topic and binding ids.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    vsn: Vsn,
+    topic: String,
+    /// Binding ids from the join reply: orders, memberships.
+    ids: [u32; 2],
+    next_ref: u64,
+}
+
+/// One delivery's latencies for the shared histograms: (second of the run,
+/// commit→receive µs, write-call→receive µs).
+pub type Sample = (usize, Option<u64>, Option<u64>);
+
+/// A receive time: µs since the run's epoch and since the Unix epoch.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    /// µs since [`Shared::epoch`].
+    pub now_us: u64,
+    /// Wall-clock µs since the Unix epoch.
+    pub wall_us: u64,
+}
+
+impl Shared {
+    /// The time now.
+    pub fn clock(&self) -> Clock {
+        Clock { now_us: self.now_us(), wall_us: wall_now_us() }
+    }
+
+    /// Records deliveries' latencies (one lock for the lot) and counts them.
+    pub fn record(&self, samples: &[Sample]) {
+        if let Ok(mut latencies) = self.latencies.lock() {
+            for &(second, commit_us, write_us) in samples {
+                latencies.record(second, commit_us, write_us);
+            }
+        }
+        self.received.fetch_add(samples.len() as u64, Ordering::Relaxed);
+    }
+}
+
+/// A subscribed client, during and right after its join.
+#[derive(Debug)]
+pub struct Subscribed {
+    conn: Conn,
+    listener: Listener,
+}
+
+/// Mask seeds: distinct per connection.
+static SEEDS: AtomicU64 = AtomicU64::new(0x5eed);
 
 impl Subscribed {
     /// Connects, joins `topic` with `bindings` as `token`, and waits (at most
@@ -219,31 +259,31 @@ impl Subscribed {
         wait: Duration,
     ) -> Result<Subscribed, String> {
         let deadline = tokio::time::Instant::now() + wait;
-        let ws = tokio::time::timeout_at(deadline, open(endpoint, source))
+        let seed = SEEDS.fetch_add(1, Ordering::Relaxed) ^ wall_now_us();
+        let conn = tokio::time::timeout_at(deadline, Conn::open(endpoint, source, seed))
             .await
             .map_err(|_| format!("connect timed out after {wait:?}"))??;
-        let mut client = Subscribed { ws, vsn: endpoint.vsn, topic, ids: [0, 0], next_ref: 0 };
+        let mut client = Subscribed { conn, listener: Listener { vsn: endpoint.vsn, topic, ids: [0, 0], next_ref: 0 } };
         let payload = json!({
             "config": {"broadcast": {"ack": false, "self": false}, "presence": {"key": "", "enabled": false},
                        "postgres_changes": bindings, "private": false},
             "access_token": token,
         });
-        let topic = client.topic.clone();
+        let topic = client.listener.topic.clone();
         let join_ref = client.send(true, &topic, "phx_join", payload).await?;
         let mut replied = false;
         loop {
-            let message = tokio::time::timeout_at(deadline, client.ws.next())
+            let message = tokio::time::timeout_at(deadline, client.conn.next_message())
                 .await
-                .map_err(|_| format!("no subscription within {wait:?} (join reply seen: {replied})"))?;
+                .map_err(|_| format!("no subscription within {wait:?} (join reply seen: {replied})"))?
+                .map_err(|e| format!("while joining: {e}"))?;
             let text = match message {
-                Some(Ok(Message::Text(text))) => text,
-                Some(Ok(Message::Close(frame))) => return Err(format!("closed while joining: {frame:?}")),
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Err(format!("while joining: {e}")),
-                None => return Err("closed while joining".into()),
+                Message::Text(text) => text,
+                Message::Closed(why) => return Err(format!("closed while joining: {why}")),
+                Message::Other => continue,
             };
-            let (msg_topic, event, msg_ref, payload) = client.decode_slow(&text)?;
-            if msg_topic != client.topic {
+            let (msg_topic, event, msg_ref, payload) = decode_slow(client.listener.vsn, &text)?;
+            if msg_topic != client.listener.topic {
                 continue;
             }
             match event.as_str() {
@@ -255,7 +295,7 @@ impl Subscribed {
                         .as_array()
                         .map(|list| list.iter().filter_map(|b| b["id"].as_u64()).map(|id| id as u32).collect())
                         .unwrap_or_default();
-                    for (slot, id) in client.ids.iter_mut().zip(ids) {
+                    for (slot, id) in client.listener.ids.iter_mut().zip(ids) {
                         *slot = id;
                     }
                     replied = true;
@@ -283,16 +323,15 @@ impl Subscribed {
     pub async fn wait_for_order(&mut self, ids: &Ids, key: u32, wait: Duration) -> Result<(), String> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let message = tokio::time::timeout_at(deadline, self.ws.next())
+            let message = tokio::time::timeout_at(deadline, self.conn.next_message())
                 .await
-                .map_err(|_| format!("nothing within {wait:?}"))?;
+                .map_err(|_| format!("nothing within {wait:?}"))??;
             let text = match message {
-                Some(Ok(Message::Text(text))) => text,
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Err(e.to_string()),
-                None => return Err("the socket closed".into()),
+                Message::Text(text) => text,
+                Message::Other => continue,
+                Message::Closed(why) => return Err(format!("the socket closed: {why}")),
             };
-            let Ok(frame) = parse_frame(self.vsn, &text) else { continue };
+            let Ok(frame) = parse_frame(self.listener.vsn, &text) else { continue };
             let Some(data) = frame.payload.data.as_ref() else { continue };
             let hit = data.table == "orders"
                 && data.kind == "INSERT"
@@ -320,28 +359,25 @@ impl Subscribed {
                 beat = tokio::time::Instant::now() + HEARTBEAT;
             }
             let wait = idle.min(beat.saturating_duration_since(tokio::time::Instant::now()));
-            let message = match tokio::time::timeout(wait, self.ws.next()).await {
+            let message = match tokio::time::timeout(wait, self.conn.next_message()).await {
                 Ok(message) => message,
                 Err(_) if wait < idle => continue,
                 Err(_) => break,
             };
             match message {
-                Some(Ok(Message::Text(text))) => {
-                    let is_change = parse_frame(self.vsn, &text)
-                        .is_ok_and(|f| f.event == "postgres_changes" && f.topic == self.topic);
+                Ok(Message::Text(text)) => {
+                    let is_change = parse_frame(self.listener.vsn, &text)
+                        .is_ok_and(|f| f.event == "postgres_changes" && f.topic == self.listener.topic);
                     if is_change {
                         count += 1;
                         last = Some(Instant::now());
                     }
                 }
-                Some(Ok(Message::Close(frame))) => {
-                    let why = frame
-                        .map_or_else(|| "no close frame".to_owned(), |f| format!("{} {}", u16::from(f.code), f.reason));
+                Ok(Message::Closed(why)) => {
                     return Err(format!("the relay closed the socket after {count} deliveries: {why}"));
                 }
-                Some(Ok(_)) => {}
-                Some(Err(err)) => return Err(format!("socket error after {count} deliveries: {err}")),
-                None => return Err(format!("the socket closed after {count} deliveries")),
+                Ok(Message::Other) => {}
+                Err(err) => return Err(format!("socket error after {count} deliveries: {err}")),
             }
         }
         Ok((count, last))
@@ -349,10 +385,48 @@ impl Subscribed {
 
     /// The binding ids (orders, memberships) from the join reply.
     pub fn binding_ids(&self) -> [u32; 2] {
-        self.ids
+        self.listener.ids
+    }
+
+    /// Hands the subscribed socket over to a receiver thread as client
+    /// `index`.
+    ///
+    /// # Errors
+    /// Tokio failing to release the socket, as text.
+    pub fn into_handoff(self, index: u32) -> Result<Handoff, String> {
+        let (stream, pending, masks) = self.conn.into_parts()?;
+        Ok(Handoff { index, stream, pending, masks, listener: self.listener })
     }
 
     async fn send(&mut self, join: bool, topic: &str, event: &str, payload: Value) -> Result<String, String> {
+        let (text, msg_ref) = self.listener.frame(join, topic, event, payload);
+        self.conn.send_text(&text).await?;
+        Ok(msg_ref)
+    }
+}
+
+/// (topic, event, ref, payload) of a frame, through `serde_json::Value`
+/// (join time only).
+fn decode_slow(vsn: Vsn, text: &str) -> Result<(String, String, Option<String>, Value), String> {
+    let raw: Value = serde_json::from_str(text).map_err(|e| format!("frame is not JSON: {e}"))?;
+    let s = |v: &Value| v.as_str().map(str::to_owned);
+    match vsn {
+        Vsn::V1 => Ok((
+            s(&raw["topic"]).unwrap_or_default(),
+            s(&raw["event"]).unwrap_or_default(),
+            s(&raw["ref"]),
+            raw["payload"].clone(),
+        )),
+        Vsn::V2 => {
+            let a = raw.as_array().filter(|a| a.len() == 5).ok_or_else(|| format!("not a vsn 2 frame: {text}"))?;
+            Ok((s(&a[2]).unwrap_or_default(), s(&a[3]).unwrap_or_default(), s(&a[1]), a[4].clone()))
+        }
+    }
+}
+
+impl Listener {
+    /// A client frame (text) and its ref.
+    fn frame(&mut self, join: bool, topic: &str, event: &str, payload: Value) -> (String, String) {
         self.next_ref += 1;
         let msg_ref = self.next_ref.to_string();
         let join_ref = join.then(|| msg_ref.clone());
@@ -366,83 +440,25 @@ impl Subscribed {
             }
             Vsn::V2 => json!([join_ref, msg_ref, topic, event, payload]),
         };
-        self.ws.send(Message::Text(frame.to_string().into())).await.map_err(|e| format!("send: {e}"))?;
-        Ok(msg_ref)
+        (frame.to_string(), msg_ref)
     }
 
-    /// (topic, event, ref, payload) of a frame, through `serde_json::Value`
-    /// (join time only).
-    fn decode_slow(&self, text: &str) -> Result<(String, String, Option<String>, Value), String> {
-        let raw: Value = serde_json::from_str(text).map_err(|e| format!("frame is not JSON: {e}"))?;
-        let s = |v: &Value| v.as_str().map(str::to_owned);
-        match self.vsn {
-            Vsn::V1 => Ok((
-                s(&raw["topic"]).unwrap_or_default(),
-                s(&raw["event"]).unwrap_or_default(),
-                s(&raw["ref"]),
-                raw["payload"].clone(),
-            )),
-            Vsn::V2 => {
-                let a = raw.as_array().filter(|a| a.len() == 5).ok_or_else(|| format!("not a vsn 2 frame: {text}"))?;
-                Ok((s(&a[2]).unwrap_or_default(), s(&a[3]).unwrap_or_default(), s(&a[1]), a[4].clone()))
-            }
-        }
+    /// A Phoenix heartbeat frame's text.
+    pub fn heartbeat(&mut self) -> String {
+        self.frame(false, "phoenix", "heartbeat", json!({})).0
     }
 
-    /// Receives until `stop` turns true; returns what was received.
-    ///
-    /// The stop signal and the heartbeat timer are futures made once and
-    /// polled only when no frame is ready: with 10,000 clients, what the
-    /// generator spends per frame counts as much as what the relay does.
-    pub async fn run(mut self, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> ClientOutcome {
-        let mut outcome = ClientOutcome::default();
-        let stopped = async move {
-            while !*stop.borrow_and_update() {
-                if stop.changed().await.is_err() {
-                    return;
-                }
-            }
-        };
-        tokio::pin!(stopped);
-        let beat = tokio::time::sleep(HEARTBEAT);
-        tokio::pin!(beat);
-        loop {
-            tokio::select! {
-                biased;
-                // 1. A frame.
-                message = self.ws.next() => match message {
-                    Some(Ok(Message::Text(text))) => self.handle(text.as_str(), &shared, &mut outcome),
-                    Some(Ok(Message::Close(frame))) => {
-                        let why = frame.map_or_else(|| "no close frame".to_owned(), |f| format!("{} {}", u16::from(f.code), f.reason));
-                        outcome.protocol(format!("the relay closed the socket: {why}"));
-                        break;
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(err)) => {
-                        outcome.protocol(format!("socket error: {err}"));
-                        break;
-                    }
-                    None => {
-                        outcome.protocol("the socket closed".into());
-                        break;
-                    }
-                },
-                // 2. Told to stop (or the sender is gone).
-                () = &mut stopped => break,
-                // 3. Keep the socket alive.
-                () = &mut beat => {
-                    beat.as_mut().reset(tokio::time::Instant::now() + HEARTBEAT);
-                    if let Err(err) = self.send(false, "phoenix", "heartbeat", json!({})).await {
-                        outcome.protocol(format!("heartbeat: {err}"));
-                        break;
-                    }
-                }
-            }
-        }
-        outcome
-    }
-
-    fn handle(&self, text: &str, shared: &Shared, outcome: &mut ClientOutcome) {
+    /// Checks one text frame received at `now`: a delivery goes to
+    /// `outcome` and its latencies to `samples`; anything else wrong is a
+    /// leak or a protocol error.
+    pub fn handle(
+        &self,
+        text: &str,
+        shared: &Shared,
+        now: Clock,
+        outcome: &mut ClientOutcome,
+        samples: &mut Vec<Sample>,
+    ) {
         let frame = match parse_frame(self.vsn, text) {
             Ok(frame) => frame,
             Err(err) => return outcome.protocol(format!("undecodable frame ({err}): {}", clip(text))),
@@ -469,17 +485,13 @@ impl Subscribed {
                 if ids != expected_ids {
                     outcome.protocol(format!("binding ids {ids:?}, expected {expected_ids:?}: {}", clip(text)));
                 }
-                let now_us = shared.now_us();
                 let mut delivery = delivery;
-                delivery.recv_us = u32::try_from(now_us).unwrap_or(u32::MAX);
-                let commit_us = commit_ms.map(|ms| wall_now_us().saturating_sub(ms.saturating_mul(1000)));
-                let write_us = write_t_us.map(|t| now_us.saturating_sub(t));
+                delivery.recv_us = u32::try_from(now.now_us).unwrap_or(u32::MAX);
+                let commit_us = commit_ms.map(|ms| now.wall_us.saturating_sub(ms.saturating_mul(1000)));
+                let write_us = write_t_us.map(|t| now.now_us.saturating_sub(t));
                 let start = shared.writes_start_us.load(Ordering::Relaxed);
-                let second = now_us.saturating_sub(start) / 1_000_000;
-                if let Ok(mut latencies) = shared.latencies.lock() {
-                    latencies.record(second as usize, commit_us, write_us);
-                }
-                shared.received.fetch_add(1, Ordering::Relaxed);
+                let second = now.now_us.saturating_sub(start) / 1_000_000;
+                samples.push((second as usize, commit_us, write_us));
                 outcome.received.push(delivery);
             }
             Reduced::Leak(why) => outcome.leak(format!("{why}: {}", clip(text))),

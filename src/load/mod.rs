@@ -64,12 +64,15 @@ pub mod client;
 pub mod fanout;
 pub mod ids;
 pub mod oracle;
+pub mod receiver;
 pub mod relay;
 pub mod report;
 pub mod schema;
 pub mod seed;
+pub mod wire;
 pub mod writer;
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
@@ -84,6 +87,7 @@ use tokio::sync::{watch, Semaphore};
 use self::client::{ClientOutcome, ClientSpec, Endpoint, Shared, Subscribed};
 use self::ids::{Ids, Rng, Tag};
 use self::oracle::{ClientRecord, Event, Expectations, Table};
+use self::receiver::Receivers;
 use self::relay::{ProcSample, RelayHandle, RelayMode};
 use self::report::{Latencies, Quantiles, Report, Sample};
 use self::seed::{Database, World};
@@ -704,7 +708,12 @@ async fn run_held(
             source: spread.then(|| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i % sources) as u8))),
         })
         .collect();
-    let (stop_tx, stop_rx) = watch::channel(false);
+    // Subscribed sockets move to receiver threads (one per core): see
+    // [`receiver`] for why not a task per client.
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(4);
+    let receivers = Arc::new(
+        Receivers::start(threads, &shared).map_err(|e| LoadError::Io(format!("start the receiver threads: {e}")))?,
+    );
     let subscribed = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let first_failure: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
@@ -715,7 +724,7 @@ async fn run_held(
     let unique_topics = args.unique_topics;
     for spec in specs.iter().cloned() {
         let endpoint = endpoints[spec.index as usize % endpoints.len()].clone();
-        let (shared, stop_rx) = (Arc::clone(&shared), stop_rx.clone());
+        let receivers = Arc::clone(&receivers);
         let (semaphore, subscribed, failed, first_failure) =
             (Arc::clone(&semaphore), Arc::clone(&subscribed), Arc::clone(&failed), Arc::clone(&first_failure));
         tasks.push(tokio::spawn(async move {
@@ -735,17 +744,15 @@ async fn run_held(
                 )
                 .await
             };
-            match connected.await {
-                Ok(sub) => {
+            match connected.await.and_then(|sub| receivers.add(sub.into_handoff(spec.index)?)) {
+                Ok(()) => {
                     subscribed.fetch_add(1, Ordering::Relaxed);
-                    Some(sub.run(shared, stop_rx).await)
                 }
                 Err(err) => {
                     failed.fetch_add(1, Ordering::Relaxed);
                     if let Ok(mut first) = first_failure.lock() {
                         first.get_or_insert_with(|| format!("client {} (user {}): {err}", spec.index, spec.user));
                     }
-                    None
                 }
             }
         }));
@@ -874,13 +881,21 @@ async fn run_held(
 
     // 7. Stop the clients and collect.
     monitor.phase("collecting");
-    let _ = stop_tx.send(true);
-    let mut outcomes: Vec<(ClientSpec, ClientOutcome)> = Vec::new();
-    for (spec, task) in specs.into_iter().zip(tasks) {
-        if let Ok(Ok(Some(outcome))) = tokio::time::timeout(Duration::from_secs(30), task).await {
-            outcomes.push((spec, outcome));
+    // The join tasks ended at their subscription (or its deadline).
+    for mut task in tasks {
+        if tokio::time::timeout(Duration::from_secs(30), &mut task).await.is_err() {
+            task.abort();
+            let _ = task.await;
         }
     }
+    let mut by_index: HashMap<u32, ClientOutcome> = match Arc::into_inner(receivers) {
+        Some(receivers) => tokio::task::spawn_blocking(move || receivers.stop()).await.unwrap_or_default(),
+        None => Vec::new(),
+    }
+    .into_iter()
+    .collect();
+    let mut outcomes: Vec<(ClientSpec, ClientOutcome)> =
+        specs.into_iter().filter_map(|spec| by_index.remove(&spec.index).map(|o| (spec, o))).collect();
     let samples = monitor.stop().await;
 
     // 8. Checks.

@@ -71,6 +71,7 @@ const EMBEDDED: &[(&str, &str)] = embedded![
     "0005_indexes.sql",
     "0006_realtime_publication.sql",
     "0007_order_numbers_bulk.sql",
+    "0008_search_document_inline.sql",
 ];
 
 /// walcast's own migrations (`sql/walcast/`), in order; recorded under
