@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use super::Outbox;
+use super::{Outbox, Releases};
 
 /// Up to this many outboxes are flushed by the hub itself: fewer writes
 /// than a hand-off's wake-up is worth.
@@ -48,8 +48,9 @@ impl Flushers {
             tokio::spawn(tracing::Instrument::instrument(
                 async move {
                     while let Some(share) = rx.recv().await {
+                        let mut releases = Releases::default();
                         for outbox in share {
-                            outbox.flush();
+                            outbox.flush_into(&mut releases);
                         }
                     }
                 },
@@ -67,9 +68,10 @@ impl Flushers {
     /// Writes `list`'s outboxes (and empties it): a short list at once, a
     /// long one shared out between the flushers.
     pub fn flush(&mut self, list: &mut Vec<Arc<Outbox>>) {
+        let mut releases = Releases::default();
         if list.len() <= INLINE_MAX || self.queues.is_empty() {
             for outbox in list.drain(..) {
-                outbox.flush();
+                outbox.flush_into(&mut releases);
             }
             return;
         }
@@ -83,7 +85,7 @@ impl Flushers {
                 Ok(()) => self.handed += 1,
                 Err(mpsc::error::TrySendError::Full(part) | mpsc::error::TrySendError::Closed(part)) => {
                     for outbox in part {
-                        outbox.flush();
+                        outbox.flush_into(&mut releases);
                     }
                 }
             }
@@ -142,6 +144,40 @@ mod tests {
                 assert_eq!(payload, frame.to_vec(), "whole frames, in the order queued");
             }
         }
+        // A flusher returns its share's bytes once, after its last write.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while budget.used() != 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
         assert_eq!(budget.used(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_pass_returns_the_bytes_it_wrote_to_the_budget_once_at_its_end() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let budget = OutboxBudget::new(1 << 20);
+        let mut pairs = Vec::new();
+        for _ in 0..3 {
+            let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+            let (server, _) = listener.accept().await.unwrap();
+            let (_read, write) = server.into_split();
+            let outbox = Arc::new(Outbox::with_socket(OutboxLimits::default(), Arc::clone(&budget), write));
+            outbox.push_deferred(Bytes::from_static(b"[1]"), now_ms()).unwrap();
+            pairs.push((outbox, client));
+        }
+        let charged = budget.used();
+        assert!(charged > 0);
+        let mut releases = Releases::default();
+        for (outbox, _) in &pairs {
+            outbox.flush_into(&mut releases);
+        }
+        assert_eq!(budget.used(), charged, "written, still counted until the pass ends");
+        drop(releases);
+        assert_eq!(budget.used(), 0);
+        for (_, client) in &mut pairs {
+            let mut frame = [0u8; 5];
+            client.read_exact(&mut frame).await.unwrap();
+            assert_eq!(&frame, b"\x81\x03[1]");
+        }
     }
 }

@@ -159,6 +159,44 @@ impl OutboxBudget {
     }
 }
 
+/// Bytes written and not yet returned to their [`OutboxBudget`]: a batch of
+/// flushes returns them once, when this is dropped (or the budget changes).
+/// Until then the budget counts them as held, which errs on the safe side.
+#[derive(Debug, Default)]
+pub struct Releases {
+    budget: Option<Arc<OutboxBudget>>,
+    bytes: usize,
+}
+
+impl Releases {
+    fn add(&mut self, budget: &Arc<OutboxBudget>, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        match &self.budget {
+            Some(held) if Arc::ptr_eq(held, budget) => self.bytes += bytes,
+            _ => {
+                self.settle();
+                self.budget = Some(Arc::clone(budget));
+                self.bytes = bytes;
+            }
+        }
+    }
+
+    /// Returns what is held to its budget now.
+    pub fn settle(&mut self) {
+        if let Some(budget) = &self.budget {
+            budget.release(std::mem::take(&mut self.bytes));
+        }
+    }
+}
+
+impl Drop for Releases {
+    fn drop(&mut self) {
+        self.settle();
+    }
+}
+
 /// Why an outbox was closed; becomes the WebSocket close frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloseReason {
@@ -442,12 +480,20 @@ impl Outbox {
     /// socket is full, is left to the writer task, which is woken); without
     /// one, the writer is woken.
     pub fn flush(&self) {
+        self.flush_into(&mut Releases::default());
+    }
+
+    /// [`flush`](Outbox::flush), the bytes written returned to the budget
+    /// through `releases`: a pass over many outboxes returns them once, so
+    /// the budget's counter is not bounced between the hub's and the
+    /// flushers' cores once per delivery.
+    pub fn flush_into(&self, releases: &mut Releases) {
         if self.socket.is_none() {
             self.lock().listed = false;
             self.notify.notify_one();
             return;
         }
-        match self.write(socket::Via::Direct) {
+        match self.write(socket::Via::Direct, releases) {
             Written::All => {}
             // The writer waits for the socket.
             Written::Blocked => self.notify.notify_one(),
@@ -464,10 +510,10 @@ impl Outbox {
     /// their bytes. Without a socket: [`Written::All`]. For the task that
     /// awaits the socket's `writable()` after [`Written::Blocked`].
     pub fn write_now(&self) -> Written {
-        self.write(socket::Via::Tokio)
+        self.write(socket::Via::Tokio, &mut Releases::default())
     }
 
-    fn write(&self, via: socket::Via) -> Written {
+    fn write(&self, via: socket::Via, releases: &mut Releases) -> Written {
         let (Some(socket), Some(fd)) = (&self.socket, self.fd) else { return Written::All };
         let mut state = self.lock();
         if via == socket::Via::Direct {
@@ -509,7 +555,7 @@ impl Outbox {
             state.queue.shrink_to_fit();
         }
         drop(state);
-        self.budget.release(released);
+        releases.add(&self.budget, released);
         result
     }
 
