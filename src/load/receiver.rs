@@ -16,7 +16,7 @@
 //!   waits for another event;
 //! - a socket that closes, errs or sends a malformed frame is deregistered
 //!   with a protocol error in its outcome; the others go on;
-//! - every wait is bounded: a poll waits at most [`TICK`], and `stop` joins
+//! - every wait is bounded: a poll waits at most 50 ms (`TICK`), and `stop` joins
 //!   the threads after they see the flag.
 
 use std::io::{ErrorKind, Read};
