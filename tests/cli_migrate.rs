@@ -28,12 +28,12 @@ async fn migrate_applies_then_reports_up_to_date() {
     .unwrap();
     assert!(ok, "{out}");
     assert!(out.contains("applied   0001_auth_shim.sql"), "{out}");
-    assert!(out.contains("7 applied now, 0 already applied"), "{out}");
+    assert!(out.contains("8 applied now, 0 already applied"), "{out}");
     let (ok, out) = tokio::task::spawn_blocking(move || walcast(&["migrate", "--database-url", &url])).await.unwrap();
     assert!(ok, "{out}");
-    assert!(out.contains("0 applied now, 7 already applied"), "{out}");
+    assert!(out.contains("0 applied now, 8 already applied"), "{out}");
     let n: i64 = client.query_one("select count(*) from walcast.schema_migrations", &[]).await.unwrap().get(0);
-    assert_eq!(n, 9, "the demo schema and walcast's own objects (trigger, Broadcast from Database)");
+    assert_eq!(n, 10, "the demo schema and walcast's own objects (trigger, Broadcast from Database)");
 }
 
 #[tokio::test]
@@ -61,10 +61,10 @@ async fn migrate_without_a_url_uses_the_embedded_postgres() {
     .unwrap();
     assert!(ok, "{out}");
     assert!(out.contains("embedded PostgreSQL"), "{out}");
-    assert!(out.contains("7 applied now"), "{out}");
+    assert!(out.contains("8 applied now"), "{out}");
     // The data directory is kept and reused.
     let (ok, out) = tokio::task::spawn_blocking(move || walcast(&["migrate", "--data-dir", &data_arg])).await.unwrap();
     assert!(ok, "{out}");
-    assert!(out.contains("0 applied now, 7 already applied"), "{out}");
+    assert!(out.contains("0 applied now, 8 already applied"), "{out}");
     assert!(!data_dir.join("data/postmaster.pid").exists(), "the embedded server is stopped again");
 }

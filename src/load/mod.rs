@@ -888,12 +888,8 @@ async fn run_held(
             let _ = task.await;
         }
     }
-    let mut by_index: HashMap<u32, ClientOutcome> = match Arc::into_inner(receivers) {
-        Some(receivers) => tokio::task::spawn_blocking(move || receivers.stop()).await.unwrap_or_default(),
-        None => Vec::new(),
-    }
-    .into_iter()
-    .collect();
+    let mut by_index: HashMap<u32, ClientOutcome> =
+        tokio::task::spawn_blocking(move || receivers.stop()).await.unwrap_or_default().into_iter().collect();
     let mut outcomes: Vec<(ClientSpec, ClientOutcome)> =
         specs.into_iter().filter_map(|spec| by_index.remove(&spec.index).map(|o| (spec, o))).collect();
     let samples = monitor.stop().await;

@@ -52,11 +52,14 @@ pub struct Handoff {
     pub listener: Listener,
 }
 
+/// A receiver thread: it returns its clients' outcomes.
+type Worker = JoinHandle<Vec<(u32, ClientOutcome)>>;
+
 /// The running receiver threads.
 #[derive(Debug)]
 pub struct Receivers {
     lanes: Vec<(mpsc::Sender<Handoff>, Arc<Waker>)>,
-    threads: Vec<JoinHandle<Vec<(u32, ClientOutcome)>>>,
+    threads: std::sync::Mutex<Vec<Worker>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -81,7 +84,7 @@ impl Receivers {
             );
             lanes.push((tx, waker));
         }
-        Ok(Receivers { lanes, threads: handles, stop })
+        Ok(Receivers { lanes, threads: std::sync::Mutex::new(handles), stop })
     }
 
     /// Hands a subscribed client to a thread (by its index).
@@ -95,14 +98,15 @@ impl Receivers {
     }
 
     /// Stops the threads and returns every client's outcome (blocking; call
-    /// off the async runtime).
-    pub fn stop(self) -> Vec<(u32, ClientOutcome)> {
+    /// off the async runtime). A client handed over after this is never
+    /// read; a second call returns nothing.
+    pub fn stop(&self) -> Vec<(u32, ClientOutcome)> {
         self.stop.store(true, Ordering::Relaxed);
         for (_, waker) in &self.lanes {
             let _ = waker.wake();
         }
-        drop(self.lanes);
-        self.threads.into_iter().flat_map(|t| t.join().unwrap_or_default()).collect()
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        threads.into_iter().flat_map(|t| t.join().unwrap_or_default()).collect()
     }
 }
 
