@@ -8,7 +8,7 @@ use futures::SinkExt;
 use tokio_postgres::{Client, Transaction};
 use uuid::Uuid;
 
-use crate::support::{create_dealership, create_order, create_user, migrated_db, sqlstate};
+use crate::support::{create_dealership, create_order, create_user, migrated_db, sqlstate, texts};
 
 /// Inserts `n` orders of `kind` into `dealership` in one `INSERT … SELECT`;
 /// returns their numbers in insertion order.
@@ -567,17 +567,12 @@ async fn the_search_document_is_inlined_search_path_proof_and_indexed() {
     assert_eq!(proconfig, None, "a SET clause would stop the inlining");
 
     // Inlined: the plan shows the body, not a call of the function.
-    let plan: Vec<String> = client
-        .query(
-            "explain (verbose, costs off) select public.order_search_document(order_number, customer_info, vehicle_info) from public.orders",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let plan = plan.join("\n");
+    let plan = texts(
+        &client,
+        "explain (verbose, costs off) select public.order_search_document(order_number, customer_info, vehicle_info) from public.orders",
+    )
+    .await
+    .join("\n");
     assert!(plan.contains("to_tsvector") && !plan.contains("order_search_document"), "{plan}");
 
     let user = create_user(&client, "search@example.com").await;
@@ -622,8 +617,7 @@ async fn the_search_document_is_inlined_search_path_proof_and_indexed() {
     let search = "select count(*) from public.orders \
                   where public.order_search_document(order_number, customer_info, vehicle_info) \
                         @@ websearch_to_tsquery('simple', 'lovelace WVWZZZ1JZXW000001')";
-    let plan: Vec<String> =
-        client.query(&format!("explain (costs off) {search}"), &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    let plan = texts(&client, &format!("explain (costs off) {search}")).await;
     assert!(plan.join("\n").contains("orders_search_idx"), "{plan:?}");
     assert_eq!(client.query_one(search, &[]).await.unwrap().get::<_, i64>(0), 1);
 }

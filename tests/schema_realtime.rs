@@ -3,22 +3,17 @@
 
 use std::path::Path;
 
-use crate::support::{create_dealership, create_user, migrated_db, query_as, Who};
+use crate::support::{create_dealership, create_user, migrated_db, query_as, texts, Who};
 
 #[tokio::test]
 async fn publication_holds_both_tables_with_full_identity() {
     let (_db, client) = migrated_db().await;
-    let tables: Vec<String> = client
-        .query(
-            "select schemaname || '.' || tablename from pg_publication_tables \
-             where pubname = 'supabase_realtime' order by 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let tables = texts(
+        &client,
+        "select schemaname || '.' || tablename from pg_publication_tables \
+         where pubname = 'supabase_realtime' order by 1",
+    )
+    .await;
     assert_eq!(tables, ["public.dealer_memberships", "public.orders"]);
     let identities: Vec<(String, i8)> = client
         .query(

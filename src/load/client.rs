@@ -153,6 +153,22 @@ pub fn load_bindings(filtered: bool) -> Value {
 /// # Errors
 /// Connect or handshake failures, as text.
 pub async fn open(endpoint: &Endpoint, source: Option<IpAddr>) -> Result<Socket, String> {
+    let stream = connect_tcp(endpoint, source).await?;
+    let url = format!("ws://{}{}", endpoint.addr, endpoint.path);
+    let config = WebSocketConfig::default().read_buffer_size(4 << 10).write_buffer_size(0);
+    let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
+        .await
+        .map_err(|e| format!("websocket handshake: {e}"))?;
+    Ok(ws)
+}
+
+/// A TCP connection to `endpoint` (bound to `source` when given, with the
+/// endpoint's `SO_RCVBUF`), `TCP_NODELAY` set: what both client kinds
+/// ([`open`] and [`super::wire::Conn`]) upgrade.
+///
+/// # Errors
+/// Socket, bind or connect failures, as text.
+pub(super) async fn connect_tcp(endpoint: &Endpoint, source: Option<IpAddr>) -> Result<TcpStream, String> {
     let socket = match endpoint.addr {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
@@ -168,18 +184,13 @@ pub async fn open(endpoint: &Endpoint, source: Option<IpAddr>) -> Result<Socket,
     }
     let stream = socket.connect(endpoint.addr).await.map_err(|e| format!("connect {}: {e}", endpoint.addr))?;
     let _ = stream.set_nodelay(true);
-    let url = format!("ws://{}{}", endpoint.addr, endpoint.path);
-    let config = WebSocketConfig::default().read_buffer_size(4 << 10).write_buffer_size(0);
-    let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
-        .await
-        .map_err(|e| format!("websocket handshake: {e}"))?;
-    Ok(ws)
+    Ok(stream)
 }
 
 /// `IP_BIND_ADDRESS_NO_PORT`: bind the source address now, pick the port at
 /// connect time from the full 4-tuple (so each source address has its own
 /// ephemeral port range towards the relay).
-pub(super) fn bind_no_port(socket: &TcpSocket) {
+fn bind_no_port(socket: &TcpSocket) {
     use std::os::fd::AsRawFd;
     let one: libc::c_int = 1;
     // SAFETY: a valid socket fd and a pointer to a c_int of the given size.

@@ -30,7 +30,7 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::client::{ClientOutcome, Listener, Sample, Shared, HEARTBEAT};
-use super::wire::{self, Masks, Opcode, MAX_FRAME, READ_BUFFER};
+use super::wire::{self, Masks, Opcode, Received, MAX_FRAME, READ_BUFFER};
 
 /// The longest a poll waits (stop and heartbeat checks).
 const TICK: Duration = Duration::from_millis(50);
@@ -259,27 +259,22 @@ impl Slot {
             };
             let at = self.start + header.header_len;
             let payload = &self.buf[at..at + header.payload_len];
-            match (header.fin, header.opcode) {
-                (true, Opcode::Text) => match std::str::from_utf8(payload) {
-                    Ok(text) => {
-                        // One clock reading per read: the frames of one read
-                        // arrived together.
-                        let now = *clock.get_or_insert_with(|| shared.clock());
-                        self.listener.handle(text, shared, now, &mut self.outcome, samples);
-                    }
-                    Err(e) => return self.fail(format!("a text frame that is not UTF-8: {e}")),
-                },
-                (true, Opcode::Close) => {
-                    return self.fail(format!("the relay closed the socket: {}", wire::describe_close(payload)))
+            match wire::classify(&header, payload) {
+                Ok(Received::Text(text)) => {
+                    // One clock reading per read: the frames of one read
+                    // arrived together.
+                    let now = *clock.get_or_insert_with(|| shared.clock());
+                    self.listener.handle(text, shared, now, &mut self.outcome, samples);
                 }
-                (true, Opcode::Ping) => {
+                Ok(Received::Close(why)) => return self.fail(format!("the relay closed the socket: {why}")),
+                Ok(Received::Ping(payload)) => {
                     let pong = self.masks.frame(Opcode::Pong, payload);
                     if let Err(why) = wire::write_frame(&mut self.stream, &pong) {
                         return self.fail(format!("pong: {why}"));
                     }
                 }
-                (true, Opcode::Binary | Opcode::Pong) => {}
-                _ => return self.fail("a fragmented message (the relay never fragments)".into()),
+                Ok(Received::Ignored) => {}
+                Err(why) => return self.fail(why),
             }
             self.start += header.total();
         }

@@ -20,10 +20,10 @@
 //!   the await returns), so it can sit under `tokio::time::timeout`.
 
 use std::io::{Cursor, Write};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Control, Data, OpCode};
@@ -115,6 +115,37 @@ pub fn parse_header(buf: &[u8]) -> Result<Option<Header>, String> {
     Ok(Some(Header { fin: header.is_final, opcode, header_len, payload_len: len as usize }))
 }
 
+/// What a complete server frame means to a load client.
+#[derive(Debug)]
+pub enum Received<'a> {
+    /// A text frame (valid UTF-8).
+    Text(&'a str),
+    /// A close frame, described (`"1000 reason"`).
+    Close(String),
+    /// A ping: answer it with a pong of this payload.
+    Ping(&'a [u8]),
+    /// A binary or pong frame: nothing to do.
+    Ignored,
+}
+
+/// Interprets a complete frame (`header` and its `payload`), the same way on
+/// the join path and the receiver threads.
+///
+/// # Errors
+/// A text frame that is not UTF-8, or a fragmented message (the relay never
+/// fragments), as text.
+pub fn classify<'a>(header: &Header, payload: &'a [u8]) -> Result<Received<'a>, String> {
+    match (header.fin, header.opcode) {
+        (true, Opcode::Text) => {
+            std::str::from_utf8(payload).map(Received::Text).map_err(|e| format!("a text frame that is not UTF-8: {e}"))
+        }
+        (true, Opcode::Close) => Ok(Received::Close(describe_close(payload))),
+        (true, Opcode::Ping) => Ok(Received::Ping(payload)),
+        (true, Opcode::Binary | Opcode::Pong) => Ok(Received::Ignored),
+        _ => Err("a fragmented message (the relay never fragments)".into()),
+    }
+}
+
 /// A close frame's payload, described (`"1000 reason"`).
 pub fn describe_close(payload: &[u8]) -> String {
     match payload {
@@ -201,21 +232,7 @@ impl Conn {
     /// # Errors
     /// Connect or handshake failures, as text.
     pub async fn open(endpoint: &Endpoint, source: Option<IpAddr>, seed: u64) -> Result<Conn, String> {
-        let socket = match endpoint.addr {
-            SocketAddr::V4(_) => TcpSocket::new_v4(),
-            SocketAddr::V6(_) => TcpSocket::new_v6(),
-        }
-        .map_err(|e| format!("socket: {e}"))?;
-        if let Some(bytes) = endpoint.recv_buffer {
-            // Before connect, so the window scale fits it.
-            socket.set_recv_buffer_size(bytes).map_err(|e| format!("SO_RCVBUF: {e}"))?;
-        }
-        if let Some(source) = source {
-            super::client::bind_no_port(&socket);
-            socket.bind(SocketAddr::new(source, 0)).map_err(|e| format!("bind {source}: {e}"))?;
-        }
-        let mut stream = socket.connect(endpoint.addr).await.map_err(|e| format!("connect {}: {e}", endpoint.addr))?;
-        let _ = stream.set_nodelay(true);
+        let mut stream = super::client::connect_tcp(endpoint, source).await?;
         let key = generate_key();
         let request = format!(
             "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n",
@@ -260,14 +277,10 @@ impl Conn {
                 if self.buf.len() - self.start >= header.total() {
                     let at = self.start + header.header_len;
                     let payload = &self.buf[at..at + header.payload_len];
-                    let message = match (header.fin, header.opcode) {
-                        (true, Opcode::Text) => Message::Text(
-                            std::str::from_utf8(payload)
-                                .map_err(|e| format!("a text frame that is not UTF-8: {e}"))?
-                                .to_owned(),
-                        ),
-                        (true, Opcode::Close) => Message::Closed(describe_close(payload)),
-                        (_, Opcode::Ping) => {
+                    let message = match classify(&header, payload)? {
+                        Received::Text(text) => Message::Text(text.to_owned()),
+                        Received::Close(why) => Message::Closed(why),
+                        Received::Ping(payload) => {
                             let pong = self.masks.frame(Opcode::Pong, payload);
                             // A pong that does not fit at once is dropped: the
                             // relay never pings, and a partial frame would
@@ -275,8 +288,7 @@ impl Conn {
                             let _ = self.stream.try_write(&pong);
                             Message::Other
                         }
-                        (_, Opcode::Binary | Opcode::Pong) if header.fin => Message::Other,
-                        _ => return Err("a fragmented message (the relay never fragments)".into()),
+                        Received::Ignored => Message::Other,
                     };
                     self.start += header.total();
                     if self.start == self.buf.len() {

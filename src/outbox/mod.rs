@@ -184,7 +184,7 @@ impl Releases {
     }
 
     /// Returns what is held to its budget now.
-    pub fn settle(&mut self) {
+    fn settle(&mut self) {
         if let Some(budget) = &self.budget {
             budget.release(std::mem::take(&mut self.bytes));
         }

@@ -94,6 +94,11 @@ pub async fn execute_as(
     result
 }
 
+/// The first column of every row of `sql` (no parameters), as text.
+pub async fn texts(client: &Client, sql: &str) -> Vec<String> {
+    client.query(sql, &[]).await.expect(sql).iter().map(|r| r.get(0)).collect()
+}
+
 /// Creates `auth.users` + `profiles` rows for a new user; returns its id.
 pub async fn create_user(client: &Client, email: &str) -> Uuid {
     let id = Uuid::new_v4();
