@@ -25,7 +25,7 @@ flags() {
     *) echo "unknown case $1" >&2; exit 2 ;;
     esac
 }
-printf '%-9s %-10s %-5s %8s %8s %10s %8s %8s %8s %9s %9s %10s %6s %s\n' case binary round writes/s lag99ms deliv/s p50ms p95ms p99ms relayCPU/M relay_vcs/M loadgen/M busy% result
+printf '%-9s %-10s %-5s %8s %8s %10s %8s %8s %8s %8s %9s %9s %10s %6s %s\n' case binary round writes/s lag99ms deliv/s p50ms p95ms p99ms sock99ms relayCPU/M relay_vcs/M loadgen/M busy% result
 for round in $(seq 1 "$ROUNDS"); do
     for case in $CASES; do
         bins=("$A")
@@ -45,11 +45,12 @@ except Exception as e:
     print(f"{case:<9} {name:<10} {rnd:<5} no result ({e})"); sys.exit()
 r = d["results"]
 c = r.get("commit_to_receive", {})
+k = r.get("commit_to_socket", {})
 cpu = r.get("relay_cpu", {})
 br = r.get("cpu_breakdown", {})
 w = r.get("writes", {})
 lag = r.get("schedule_lag", {})
-print(f'{case:<9} {name:<10} {rnd:<5} {w.get("rate_per_sec", 0):>8.0f} {lag.get("p99_ms", 0):>8.1f} {r["deliveries"]["per_sec"]:>10.0f} {c.get("p50_ms", 0):>8.1f} {c.get("p95_ms", 0):>8.1f} {c.get("p99_ms", 0):>8.1f} '
+print(f'{case:<9} {name:<10} {rnd:<5} {w.get("rate_per_sec", 0):>8.0f} {lag.get("p99_ms", 0):>8.1f} {r["deliveries"]["per_sec"]:>10.0f} {c.get("p50_ms", 0):>8.1f} {c.get("p95_ms", 0):>8.1f} {c.get("p99_ms", 0):>8.1f} {k.get("p99_ms", 0):>8.1f} '
       f'{cpu.get("cpu_secs_per_million_deliveries", 0):>9.2f} {cpu.get("voluntary_switches_per_million_deliveries", 0):>9.0f} '
       f'{br.get("load_generator_cpu_secs_per_million_deliveries", 0):>10.2f} {br.get("machine_busy_pct", 0):>6.0f} {"PASS" if d.get("passed") else "FAIL"}')
 EOF

@@ -66,6 +66,19 @@ fn assert_exact(report: &serde_json::Value) {
     assert!(writes["total"].as_u64().unwrap() > 100, "{writes}");
     assert!(writes["grants"].as_u64().unwrap() + writes["revokes"].as_u64().unwrap() > 0, "churn ran: {writes}");
     assert!(results["commit_to_receive"]["count"].as_u64().unwrap() > 0);
+    assert_relay_share(results);
+}
+
+/// commit→socket (the kernel's receive timestamp of each read) was taken,
+/// for deliveries the receiver threads read, and it never exceeds
+/// commit→receive: a frame reaches the socket before it is parsed.
+fn assert_relay_share(results: &serde_json::Value) {
+    let (socket, receive) = (&results["commit_to_socket"], &results["commit_to_receive"]);
+    let count = socket["count"].as_u64().unwrap_or(0);
+    assert!(count > 0, "commit→socket measured: {results:#}");
+    assert!(count <= receive["count"].as_u64().unwrap(), "{socket} vs {receive}");
+    let ms = |v: &serde_json::Value| v["max_ms"].as_f64().unwrap();
+    assert!(ms(socket) <= ms(receive) + 1.0, "socket {socket} after receive {receive}");
 }
 
 #[test]

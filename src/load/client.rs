@@ -215,9 +215,19 @@ pub struct Listener {
     next_ref: u64,
 }
 
-/// One delivery's latencies for the shared histograms: (second of the run,
-/// commit→receive µs, write-call→receive µs).
-pub type Sample = (usize, Option<u64>, Option<u64>);
+/// One delivery's latencies for the shared histograms.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    /// Second of the run (since writes started).
+    pub second: usize,
+    /// commit→receive µs.
+    pub commit_us: Option<u64>,
+    /// write-call→receive µs.
+    pub write_us: Option<u64>,
+    /// commit→socket µs: until the frame reached the client's socket (the
+    /// kernel's receive timestamp), i.e. the relay's share of commit→receive.
+    pub socket_us: Option<u64>,
+}
 
 /// A receive time: µs since the run's epoch and since the Unix epoch.
 #[derive(Debug, Clone, Copy)]
@@ -226,19 +236,25 @@ pub struct Clock {
     pub now_us: u64,
     /// Wall-clock µs since the Unix epoch.
     pub wall_us: u64,
+    /// Wall-clock µs (Unix epoch) at which the read's last bytes reached
+    /// the socket (`SO_TIMESTAMP`), when the kernel gave it.
+    pub socket_wall_us: Option<u64>,
 }
 
 impl Shared {
     /// The time now.
     pub fn clock(&self) -> Clock {
-        Clock { now_us: self.now_us(), wall_us: wall_now_us() }
+        Clock { now_us: self.now_us(), wall_us: wall_now_us(), socket_wall_us: None }
     }
 
     /// Records deliveries' latencies (one lock for the lot) and counts them.
     pub fn record(&self, samples: &[Sample]) {
         if let Ok(mut latencies) = self.latencies.lock() {
-            for &(second, commit_us, write_us) in samples {
-                latencies.record(second, commit_us, write_us);
+            for sample in samples {
+                latencies.record(sample.second, sample.commit_us, sample.write_us);
+                if let Some(us) = sample.socket_us {
+                    latencies.socket.saturating_record(us.max(1));
+                }
             }
         }
         self.received.fetch_add(samples.len() as u64, Ordering::Relaxed);
@@ -499,10 +515,12 @@ impl Listener {
                 let mut delivery = delivery;
                 delivery.recv_us = u32::try_from(now.now_us).unwrap_or(u32::MAX);
                 let commit_us = commit_ms.map(|ms| now.wall_us.saturating_sub(ms.saturating_mul(1000)));
+                let socket_us =
+                    commit_ms.zip(now.socket_wall_us).map(|(ms, at)| at.saturating_sub(ms.saturating_mul(1000)));
                 let write_us = write_t_us.map(|t| now.now_us.saturating_sub(t));
                 let start = shared.writes_start_us.load(Ordering::Relaxed);
                 let second = now.now_us.saturating_sub(start) / 1_000_000;
-                samples.push((second as usize, commit_us, write_us));
+                samples.push(Sample { second: second as usize, commit_us, write_us, socket_us });
                 outcome.received.push(delivery);
             }
             Reduced::Leak(why) => outcome.leak(format!("{why}: {}", clip(text))),

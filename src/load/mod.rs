@@ -978,6 +978,13 @@ async fn run_held(
         if let Ok(latencies) = shared.latencies.lock() {
             report.latency("commit_to_receive", "commit→receive", Quantiles::of(&latencies.commit));
             report.latency("write_to_receive", "write-call→receive", Quantiles::of(&latencies.write));
+            if !latencies.socket.is_empty() {
+                report.latency(
+                    "commit_to_socket",
+                    "commit→socket (the relay's part: until the frame reached the client's socket)",
+                    Quantiles::of(&latencies.socket),
+                );
+            }
             report.set_seconds(&latencies);
         }
         notes.push("commit→receive uses commit_timestamp truncated to the ms: each value is 0–1 ms high".into());

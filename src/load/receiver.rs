@@ -18,8 +18,14 @@
 //!   with a protocol error in its outcome; the others go on;
 //! - every wait is bounded: a poll waits at most 50 ms (`TICK`), and `stop` joins
 //!   the threads after they see the flag.
+//!
+//! Each read also takes the kernel's receive timestamp (`SO_TIMESTAMP`): when
+//! the read's last bytes reached the client's socket, which on loopback is
+//! when the relay wrote them. So commit→receive splits into the relay's part
+//! (commit→socket) and the load generator's (socket→parsed).
 
-use std::io::{ErrorKind, Read};
+use std::io::ErrorKind;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -29,7 +35,7 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use super::client::{ClientOutcome, Listener, Sample, Shared, HEARTBEAT};
+use super::client::{ClientOutcome, Clock, Listener, Sample, Shared, HEARTBEAT};
 use super::wire::{self, Masks, Opcode, Received, MAX_FRAME, READ_BUFFER};
 
 /// The longest a poll waits (stop and heartbeat checks).
@@ -201,7 +207,9 @@ impl Thread {
         // Frames that came with the join's last read.
         slot.consume(&self.shared, samples);
         if slot.open {
-            if let Err(err) = self.poll.registry().register(&mut slot.stream, token, Interest::READABLE) {
+            if let Err(err) = enable_timestamps(&slot.stream) {
+                slot.fail(format!("SO_TIMESTAMP on the client's socket: {err}"));
+            } else if let Err(err) = self.poll.registry().register(&mut slot.stream, token, Interest::READABLE) {
                 slot.fail(format!("register with the receiver's poll: {err}"));
             }
         }
@@ -231,12 +239,12 @@ impl Slot {
                     self.buf.resize(grown, 0);
                 }
             }
-            match self.stream.read(&mut self.buf[self.filled..]) {
-                Ok(0) => return self.fail("the socket closed".into()),
-                Ok(n) => {
+            match recv_stamped(&self.stream, &mut self.buf[self.filled..]) {
+                Ok((0, _)) => return self.fail("the socket closed".into()),
+                Ok((n, stamp)) => {
                     self.filled += n;
                     let drained = self.filled < self.buf.len();
-                    self.consume(shared, samples);
+                    self.consume_stamped(shared, samples, stamp);
                     if drained {
                         return;
                     }
@@ -250,6 +258,12 @@ impl Slot {
 
     /// Checks every complete frame in the buffer.
     fn consume(&mut self, shared: &Shared, samples: &mut Vec<Sample>) {
+        self.consume_stamped(shared, samples, None);
+    }
+
+    /// [`Slot::consume`], with the kernel's receive time of the last read
+    /// (wall µs).
+    fn consume_stamped(&mut self, shared: &Shared, samples: &mut Vec<Sample>, stamp: Option<u64>) {
         let mut clock = None;
         while self.open {
             let header = match wire::parse_header(&self.buf[self.start..self.filled]) {
@@ -263,7 +277,7 @@ impl Slot {
                 Ok(Received::Text(text)) => {
                     // One clock reading per read: the frames of one read
                     // arrived together.
-                    let now = *clock.get_or_insert_with(|| shared.clock());
+                    let now = *clock.get_or_insert_with(|| Clock { socket_wall_us: stamp, ..shared.clock() });
                     self.listener.handle(text, shared, now, &mut self.outcome, samples);
                 }
                 Ok(Received::Close(why)) => return self.fail(format!("the relay closed the socket: {why}")),
@@ -291,4 +305,60 @@ impl Slot {
             self.fail(format!("heartbeat: {why}"));
         }
     }
+}
+
+/// Asks the kernel to timestamp what reaches `stream` (`SO_TIMESTAMP`).
+fn enable_timestamps(stream: &TcpStream) -> std::io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: a valid fd and a pointer to a c_int of the length given.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMP,
+            std::ptr::from_ref(&on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// One non-blocking read into `buf`, with the kernel's receive time of its
+/// last bytes (wall µs since the Unix epoch) when the kernel attached one.
+fn recv_stamped(stream: &TcpStream, buf: &mut [u8]) -> std::io::Result<(usize, Option<u64>)> {
+    // Room for one SCM_TIMESTAMP (a timeval) and its header, aligned.
+    let mut control = [0u64; 8];
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: msghdr is plain old data; zeroed is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: iov points into `buf` (its length), control into `control`;
+    // both outlive the call.
+    let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut stamp = None;
+    // SAFETY: the CMSG_* walk stays within msg_controllen bytes of
+    // `control`, as the kernel filled them.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            let header = &*cmsg;
+            if header.cmsg_level == libc::SOL_SOCKET && header.cmsg_type == libc::SCM_TIMESTAMP {
+                let tv = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::timeval>());
+                stamp =
+                    u64::try_from(tv.tv_sec).ok().zip(u64::try_from(tv.tv_usec).ok()).map(|(s, us)| s * 1_000_000 + us);
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Ok((n as usize, stamp))
 }

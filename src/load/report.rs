@@ -39,13 +39,15 @@ pub struct Latencies {
     pub commit: Histogram<u64>,
     /// write-call→receive (µs).
     pub write: Histogram<u64>,
+    /// commit→socket (µs): until the frame reached the client's socket.
+    pub socket: Histogram<u64>,
     /// Per second since writes started.
     pub seconds: Vec<SecondLatencies>,
 }
 
 impl Default for Latencies {
     fn default() -> Self {
-        Latencies { commit: histogram(3), write: histogram(3), seconds: Vec::new() }
+        Latencies { commit: histogram(3), write: histogram(3), socket: histogram(3), seconds: Vec::new() }
     }
 }
 
