@@ -224,6 +224,13 @@ async fn metrics_parse_and_counters_move_with_a_join_and_an_insert() {
     let within = after.value("walcast_delivery_latency_seconds_bucket", &[("le", "2.5")]);
     assert_eq!(within, count(&after, "walcast_delivery_latency_seconds_count"));
     assert!(count(&after, "walcast_delivery_latency_seconds_sum") >= 0.0);
+    // The database's share and the link's, per transaction read: the insert
+    // (and the memberships before it) were counted, within 2.5 s.
+    for name in ["walcast_walsender_latency_seconds", "walcast_intake_latency_seconds"] {
+        let n = count(&after, &format!("{name}_count"));
+        assert!(n > count(&before, &format!("{name}_count")), "{name} counted the insert");
+        assert_eq!(after.value(&format!("{name}_bucket"), &[("le", "2.5")]), n, "{name} within 2.5 s");
+    }
     // Caught up once the hub acknowledged.
     scrape_until(addr, "no lag", |m| count(m, "walcast_replication_lag_bytes") == 0.0).await;
 

@@ -344,6 +344,14 @@ pub struct HubStats {
     /// commit timestamp (the database's clock) against the wall clock once
     /// its last frame was queued.
     pub delivery_latency: LatencyHistogram,
+    /// Commit → the walsender sent the transaction's Begin (both the
+    /// database's clock: its commit timestamp against the XLogData's send
+    /// time), per transaction the change stage reads: the database's share.
+    pub walsender_latency: LatencyHistogram,
+    /// The walsender sent the transaction's Begin (database clock) → the
+    /// change stage decoded it (wall clock): the link, the source and the
+    /// source queue.
+    pub intake_latency: LatencyHistogram,
     /// The policies and caches were loaded (set by the change stage at the
     /// load, and by the hub when it sees [`StageEvent::Policies`]).
     pub memberships_loaded: AtomicBool,

@@ -627,6 +627,16 @@ impl Monitor {
             "Commit (database clock) to frames queued (walcast clock), per transaction that queued frames.",
             &h.delivery_latency.snapshot(),
         );
+        w.histogram_seconds(
+            "walcast_walsender_latency_seconds",
+            "Commit to the walsender sending the transaction's Begin (both on the database's clock): the database's share of the delivery latency.",
+            &h.walsender_latency.snapshot(),
+        );
+        w.histogram_seconds(
+            "walcast_intake_latency_seconds",
+            "The walsender sending a transaction's Begin (database clock) to walcast's change stage decoding it (walcast clock).",
+            &h.intake_latency.snapshot(),
+        );
         w.gauge("walcast_memberships", "Rows in the membership caches.", h.cache_rows.load(Ordering::Relaxed));
         w.gauge(
             "walcast_membership_cache_bytes",

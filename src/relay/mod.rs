@@ -550,6 +550,21 @@ async fn send_batch(output: &mpsc::Sender<Vec<StageEvent>>, batch: &mut Vec<Stag
     output.send(std::mem::replace(batch, Vec::with_capacity(BATCH))).await.is_ok()
 }
 
+/// Splits a transaction's commit → change-stage time at the walsender's
+/// send (the Begin's XLogData): the database's share and the link's
+/// (a negative span, one clock behind the other, counts as 0).
+fn observe_begin(stats: &HubStats, events: &[TxEvent], send_time: i64) {
+    for event in events {
+        if let TxEvent::Begin(begin) = event {
+            let commit = begin.commit_timestamp.unix_micros();
+            let sent = crate::pgoutput::PgTimestamp(send_time).unix_micros();
+            let now = crate::replication::status::unix_micros_now();
+            stats.walsender_latency.observe_micros(sent.saturating_sub(commit));
+            stats.intake_latency.observe_micros(now.saturating_sub(sent));
+        }
+    }
+}
+
 /// Source events → typed, committed changes in batches, plus the membership
 /// load at the first start.
 ///
@@ -657,8 +672,10 @@ async fn change_stage(
             }
             SourceEvent::Wal(wal_batch) => {
                 for wal in wal_batch {
-                    let WalEvent::XLogData { data, .. } = wal else { continue };
+                    let WalEvent::XLogData { data, send_time, .. } = wal else { continue };
+                    let from = events.len();
                     let mut result = assembler.push(&data, &mut events);
+                    observe_begin(&stats, events.get(from..).unwrap_or_default(), send_time);
                     let mut wait = DISK_WAIT_START;
                     while let Err(err) = result {
                         if !err.is_disk_budget() {
