@@ -55,11 +55,6 @@
 //! Back-pressure runs the other way: a full outbox budget pauses the hub, the
 //! bounded channels fill, the replication source stops reading (while still
 //! answering the walsender's keepalives), and PostgreSQL keeps the WAL.
-//!
-//! Threads: replication, the change stage and the hub run on the pipeline's
-//! own two threads (`walcast-pipeline`); the outbox flushers, the sessions
-//! and HTTP run on the main runtime, so the fan-out's socket writes never
-//! hold up reading and judging the stream.
 
 //! ## Modules
 //!

@@ -437,7 +437,7 @@ pub fn hub(config: HubConfig, ack: AckHandle, spill: Spill) -> (Hub, HubHandle) 
         spill: Arc::clone(spill.stats()),
     };
     let core = Core::new(config, Arc::clone(&handle.policies), ack, stats, budget, spill);
-    (Hub { core, control: control_rx, verdicts: None, preset_flushers: None }, handle)
+    (Hub { core, control: control_rx, verdicts: None }, handle)
 }
 
 /// The hub task's state.
@@ -446,17 +446,9 @@ pub struct Hub {
     core: Core,
     control: mpsc::Receiver<Control>,
     verdicts: Option<mpsc::Receiver<Verdict>>,
-    preset_flushers: Option<crate::outbox::flusher::Flushers>,
 }
 
 impl Hub {
-    /// Flushers started elsewhere (on the runtime that serves the sockets,
-    /// when the hub runs on a thread of its own); by default
-    /// [`Hub::run`] starts one per worker of its own runtime.
-    pub fn use_flushers(&mut self, flushers: crate::outbox::flusher::Flushers) {
-        self.preset_flushers = Some(flushers);
-    }
-
     /// Lets the hub submit checks of database-evaluated tables to
     /// `fallback` and receive their verdicts on `verdicts` (without it,
     /// those tables are withheld).
@@ -478,13 +470,8 @@ impl Hub {
         let budget = Arc::clone(&self.core.budget);
         // One flusher per worker thread: a large batch's writes run on all
         // of them while the hub goes on.
-        self.core.flushers = match self.preset_flushers.take() {
-            Some(flushers) => flushers,
-            None => {
-                let workers = tokio::runtime::Handle::current().metrics().num_workers();
-                crate::outbox::flusher::Flushers::start(if workers > 1 { workers } else { 0 })
-            }
-        };
+        let workers = tokio::runtime::Handle::current().metrics().num_workers();
+        self.core.flushers = crate::outbox::flusher::Flushers::start(if workers > 1 { workers } else { 0 });
         let mut pending = Vec::new().into_iter();
         let mut verdicts = self.verdicts.take();
         let mut tick = tokio::time::interval(READER_CHECK);

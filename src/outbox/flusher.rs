@@ -41,16 +41,11 @@ impl Flushers {
     /// Starts `n` flushers on the current runtime (0: the hub writes
     /// everything itself).
     pub fn start(n: usize) -> Flushers {
-        Flushers::start_on(&tokio::runtime::Handle::current(), n)
-    }
-
-    /// Starts `n` flushers on `runtime`.
-    pub fn start_on(runtime: &tokio::runtime::Handle, n: usize) -> Flushers {
         let mut queues = Vec::with_capacity(n);
         for k in 0..n {
             let (tx, mut rx) = mpsc::channel::<Vec<Arc<Outbox>>>(QUEUE);
             queues.push(tx);
-            runtime.spawn(tracing::Instrument::instrument(
+            tokio::spawn(tracing::Instrument::instrument(
                 async move {
                     while let Some(share) = rx.recv().await {
                         let mut releases = Releases::default();

@@ -34,17 +34,6 @@
 //! commit. Shutdown: stop the source (final standby status), let the hub
 //! close every outbox, then return.
 //!
-//! Threads: the source, the change stage and the hub run on the pipeline's
-//! own runtime (two `walcast-pipeline` threads, see `Intake`); the
-//! hub's flushers, the sessions and the HTTP server run on the caller's
-//! runtime. A flush pass writes hundreds of sockets without yielding, and on
-//! a busy machine the stages queued behind such passes: measured at issue
-//! 20's E4 (docs/benchmarks.md, "Where the latency was"), the walsender's
-//! send → change stage time fell from 10–21 ms to 1–3 ms on average and
-//! commit → queued from 15–38 ms to 5–8 ms. (A relay started with
-//! [`Relay::start_fed`] keeps its feed and hub, and a source node its
-//! publisher, on the caller's runtime.)
-//!
 //! How each task ended goes into the shared
 //! [`crate::replication::ReplicationStatus`] (a stage's
 //! error fails the pipeline for `/ready`); [`RelayQueues`] reads the channel
@@ -160,10 +149,6 @@ pub enum RelayError {
     /// A stage ended unexpectedly.
     #[error("relay stage ended: {0}")]
     Stopped(&'static str),
-    /// The intake thread could not start (definite: the process is out of
-    /// threads or memory; raise its limits).
-    #[error("could not start the intake thread: {0}; raise the process's thread or memory limits")]
-    Thread(std::io::Error),
 }
 
 impl RelayError {
@@ -175,7 +160,7 @@ impl RelayError {
             RelayError::Change(err) => err.is_transient(),
             RelayError::Policy(err) => err.is_transient(),
             RelayError::Spill(err) => err.is_transient(),
-            RelayError::PolicyCatalogBehind { .. } | RelayError::Hub(_) | RelayError::Thread(_) => false,
+            RelayError::PolicyCatalogBehind { .. } | RelayError::Hub(_) => false,
             RelayError::Cluster(_) | RelayError::StartTimeout(_) | RelayError::Stopped(_) => true,
         }
     }
@@ -239,42 +224,6 @@ pub struct Relay {
     ended: CancellationToken,
     /// The stages, in stop order (the source first).
     tasks: Vec<(&'static str, JoinHandle<Result<(), RelayError>>)>,
-    /// The intake's own runtime (source and change stage), when it has one.
-    /// Declared after `tasks`: dropped after them.
-    _intake: Option<Intake>,
-}
-
-/// The runtime the replication source, the change stage and the hub run on:
-/// two workers of their own, so reading the walsender, decoding and judging
-/// never queue behind the fan-out's socket writes (long, non-yielding flush
-/// passes on the caller's runtime). They need a fraction of the CPU but need
-/// it promptly: on a busy machine that queueing was most of commit → queued.
-#[derive(Debug)]
-struct Intake(Option<tokio::runtime::Runtime>);
-
-impl Intake {
-    fn start() -> Result<Intake, RelayError> {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("walcast-pipeline")
-            .enable_all()
-            .build()
-            .map(|rt| Intake(Some(rt)))
-            .map_err(RelayError::Thread)
-    }
-
-    fn handle(&self) -> tokio::runtime::Handle {
-        self.0.as_ref().map(|rt| rt.handle().clone()).unwrap_or_else(tokio::runtime::Handle::current)
-    }
-}
-
-impl Drop for Intake {
-    fn drop(&mut self) {
-        // Dropping a runtime may not block inside another one.
-        if let Some(rt) = self.0.take() {
-            rt.shutdown_background();
-        }
-    }
 }
 
 /// What consumes the change stage's batches instead of the hub (a source
@@ -388,7 +337,6 @@ impl Relay {
             shutdown,
             ended,
             tasks: vec![("stream feed", feed_task), ("hub", hub_task)],
-            _intake: None,
         })
     }
 
@@ -435,15 +383,12 @@ impl Relay {
         let ended = CancellationToken::new();
         let source_config = config.source.clone();
         let (source_ack, source_stop) = (ack.clone(), shutdown.clone());
-        let intake = Intake::start()?;
-        let source = spawn_stage_on(
-            &intake.handle(),
+        let source = spawn_stage(
             &ended,
             async move { run_source(source_config, source_tx, source_ack, source_stop).await.map_err(RelayError::from) }
                 .instrument(tracing::info_span!("replication", slot = %config.source.slot.slot)),
         );
-        let stage = spawn_stage_on(
-            &intake.handle(),
+        let stage = spawn_stage(
             &ended,
             record_end(
                 ack.clone(),
@@ -465,20 +410,9 @@ impl Relay {
         );
         let last = match sink {
             None => {
-                // The hub runs on the pipeline's thread; its flushers write
-                // the sockets on this runtime's workers.
-                let workers = tokio::runtime::Handle::current().metrics().num_workers();
-                hub.use_flushers(crate::outbox::flusher::Flushers::start(workers));
                 let stop = shutdown.clone();
                 let run = async move { hub.run(stage_rx, stop).await.map_err(RelayError::from) };
-                (
-                    "hub",
-                    spawn_stage_on(
-                        &intake.handle(),
-                        &ended,
-                        record_end(ack.clone(), "hub", run).instrument(tracing::info_span!("hub")),
-                    ),
-                )
+                ("hub", spawn_stage(&ended, record_end(ack.clone(), "hub", run).instrument(tracing::info_span!("hub"))))
             }
             Some(sink) => {
                 // The hub is not run: a source node judges nothing.
@@ -494,7 +428,7 @@ impl Relay {
             }
         };
         let tasks = vec![("replication source", source), ("change stage", stage), last];
-        let relay = Relay { hub: handle, ack, queues, shutdown, ended, tasks, _intake: Some(intake) };
+        let relay = Relay { hub: handle, ack, queues, shutdown, ended, tasks };
         match tokio::time::timeout(config.start_timeout, ready_rx).await {
             Ok(Ok(())) => Ok(relay),
             Ok(Err(_)) => Err(relay.stop().await.err().unwrap_or(RelayError::Stopped("change stage"))),
@@ -556,17 +490,8 @@ fn spawn_stage<T: Send + 'static>(
     ended: &CancellationToken,
     stage: impl std::future::Future<Output = T> + Send + 'static,
 ) -> JoinHandle<T> {
-    spawn_stage_on(&tokio::runtime::Handle::current(), ended, stage)
-}
-
-/// [`spawn_stage`] on the given runtime.
-fn spawn_stage_on<T: Send + 'static>(
-    runtime: &tokio::runtime::Handle,
-    ended: &CancellationToken,
-    stage: impl std::future::Future<Output = T> + Send + 'static,
-) -> JoinHandle<T> {
     let guard = ended.clone().drop_guard();
-    runtime.spawn(async move {
+    tokio::spawn(async move {
         let _guard = guard;
         stage.await
     })
