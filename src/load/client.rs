@@ -225,7 +225,8 @@ pub struct Sample {
     /// write-call→receive µs.
     pub write_us: Option<u64>,
     /// commit→socket µs: until the frame reached the client's socket (the
-    /// kernel's receive timestamp), i.e. the relay's share of commit→receive.
+    /// kernel's receive timestamp), i.e. the database's and the relay's
+    /// share of commit→receive.
     pub socket_us: Option<u64>,
 }
 

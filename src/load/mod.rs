@@ -981,7 +981,7 @@ async fn run_held(
             if !latencies.socket.is_empty() {
                 report.latency(
                     "commit_to_socket",
-                    "commit→socket (the relay's part: until the frame reached the client's socket)",
+                    "commit→socket (until the frame reached the client's socket: the database's and the relay's part)",
                     Quantiles::of(&latencies.socket),
                 );
             }

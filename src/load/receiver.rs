@@ -21,8 +21,9 @@
 //!
 //! Each read also takes the kernel's receive timestamp (`SO_TIMESTAMP`): when
 //! the read's last bytes reached the client's socket, which on loopback is
-//! when the relay wrote them. So commit→receive splits into the relay's part
-//! (commit→socket) and the load generator's (socket→parsed).
+//! when the relay wrote them. So commit→receive splits into the database's
+//! and the relay's part (commit→socket) and the load generator's
+//! (socket→parsed).
 
 use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
