@@ -44,15 +44,17 @@ pub struct RelayProcess {
     /// How long it took from spawn to serving.
     pub startup: Duration,
     status: Option<ExitStatus>,
+    /// The two pipe readers: finished once their pipe reached end of file.
+    readers: [std::thread::JoinHandle<()>; 2],
 }
 
-fn pump(pipe: impl Read + Send + 'static, lines: Lines) {
+fn pump(pipe: impl Read + Send + 'static, lines: Lines) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         for line in BufReader::new(pipe).lines() {
             let Ok(line) = line else { break };
             lines.lock().unwrap().push(line);
         }
-    });
+    })
 }
 
 impl RelayProcess {
@@ -82,8 +84,10 @@ impl RelayProcess {
         let mut child = command.spawn().expect("spawn walcast serve");
         let stdout = Lines::default();
         let stderr = Lines::default();
-        pump(child.stdout.take().unwrap(), Arc::clone(&stdout));
-        pump(child.stderr.take().unwrap(), Arc::clone(&stderr));
+        let readers = [
+            pump(child.stdout.take().unwrap(), Arc::clone(&stdout)),
+            pump(child.stderr.take().unwrap(), Arc::clone(&stderr)),
+        ];
         RelayProcess {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -92,6 +96,7 @@ impl RelayProcess {
             spawned,
             startup: Duration::ZERO,
             status: None,
+            readers,
         }
     }
 
@@ -151,10 +156,16 @@ impl RelayProcess {
     }
 
     /// Waits (polling, at most `wait`) for the child to exit.
+    /// Once it has, also waits (at most 5 s) until its last output was read,
+    /// so a final error line is in [`RelayProcess::plain_stderr`].
     pub async fn wait_exit(&mut self, wait: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + wait;
         loop {
             if let Some(status) = self.try_status() {
+                let read = Instant::now() + Duration::from_secs(5);
+                while !self.readers.iter().all(std::thread::JoinHandle::is_finished) && Instant::now() < read {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
                 return Some(status);
             }
             if Instant::now() >= deadline {
