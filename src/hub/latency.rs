@@ -1,11 +1,13 @@
-//! A fixed-bucket latency histogram on atomics. It lives with the hub, its
-//! only writer; [`crate::monitor`] renders it (and re-exports it as
+//! A fixed-bucket latency histogram on atomics. It lives with the hub's
+//! stats; the hub writes the delivery latency, the change stage the
+//! walsender and intake latencies (each histogram has one writer);
+//! [`crate::monitor`] renders them (and re-exports the type as
 //! `monitor::histogram`).
 //!
 //! Invariants:
 //! - [`LatencyHistogram::observe_micros`] never allocates and never locks: a short
-//!   scan of the bucket bounds, then two relaxed `fetch_add`s. It is called on
-//!   the hub's path once per delivering transaction.
+//!   scan of the bucket bounds, then two relaxed `fetch_add`s. It is called
+//!   once per transaction (the hub's path, or the change stage's at a Begin).
 //! - Buckets are stored non-cumulatively (one counter per bucket plus one for
 //!   values above the last bound); [`LatencyHistogram::snapshot`] turns them
 //!   into Prometheus' cumulative `le` form, and the snapshot's count is the

@@ -348,12 +348,15 @@ fn recv_stamped(stream: &TcpStream, buf: &mut [u8]) -> std::io::Result<(usize, O
     }
     let mut stamp = None;
     // SAFETY: the CMSG_* walk stays within msg_controllen bytes of
-    // `control`, as the kernel filled them.
+    // `control`, as the kernel filled them; a timeval is read only from a
+    // message long enough to hold one.
     unsafe {
         let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
         while !cmsg.is_null() {
             let header = &*cmsg;
-            if header.cmsg_level == libc::SOL_SOCKET && header.cmsg_type == libc::SCM_TIMESTAMP {
+            let whole =
+                header.cmsg_len as usize >= libc::CMSG_LEN(std::mem::size_of::<libc::timeval>() as u32) as usize;
+            if whole && header.cmsg_level == libc::SOL_SOCKET && header.cmsg_type == libc::SCM_TIMESTAMP {
                 let tv = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::timeval>());
                 stamp =
                     u64::try_from(tv.tv_sec).ok().zip(u64::try_from(tv.tv_usec).ok()).map(|(s, us)| s * 1_000_000 + us);
